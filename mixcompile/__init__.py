@@ -1,0 +1,21 @@
+"""mixcompile: compile dense PyTorch models into Mixture-of-Experts and Mixture-of-Tokens models."""
+
+from .blocks import MoEBlock, MoTBlock, flop_matched_hidden
+from .errors import ConfigError, MixcompileError, PluginError, ShapeError, UnknownNameError
+from .experts import StackedExperts
+from .ffn import DenseFFN
+from .hookspecs import hookimpl
+from .introspect import aux_loss, sparse_blocks, stats, update_routing_bias
+from .kernels import Kernel
+from .mixing import Mixer, MixPlan
+from .registry import register_plugin, registry, unregister_plugin
+from .routing import Router, RoutingPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DenseFFN", "Kernel", "MixPlan", "MixcompileError", "Mixer", "MoEBlock", "MoTBlock",
+    "PluginError", "Router", "RoutingPlan", "ShapeError", "StackedExperts", "UnknownNameError", "aux_loss",
+    "flop_matched_hidden", "hookimpl", "register_plugin", "registry", "sparse_blocks", "stats",
+    "unregister_plugin", "update_routing_bias",
+]

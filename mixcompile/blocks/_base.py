@@ -1,0 +1,108 @@
+"""What MoE and MoT blocks share: building plugins by name, kernel choice, loading dense weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, PluginError, ShapeError
+from ..experts import StackedExperts
+from ..ffn import DenseFFN
+from ..kernels import Kernel, get_kernel, resolve_kernel
+from ..registry import lookup
+
+
+def build_plugin(kind: str, name: str, base: type, args: tuple, options: Mapping[str, Any] | None) -> nn.Module:
+    """Instantiate a registered router / mixer; errors name it and its plugin."""
+    reg = lookup(kind, name)
+    source = f"{kind} {name!r} (plugin {reg.plugin!r})"
+    try:
+        obj = reg.factory(*args, **dict(options or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    except TypeError as exc:
+        raise ConfigError(f"{source} rejected its options {dict(options or {})}: {exc}") from exc
+    except Exception as exc:
+        raise PluginError(f"{source} failed to build: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, base):
+        raise PluginError(f"{source} built a {type(obj).__name__}, expected a subclass of mixcompile.{base.__name__}.")
+    obj.mixcompile_source = source  # type: ignore[attr-defined]
+    return obj
+
+
+class Block(nn.Module):
+    """Base of the sparse blocks: holds the experts, the kernel choice and first-call validation."""
+
+    kind: str = ""
+    experts: StackedExperts
+
+    def __init__(self, kernel: str) -> None:
+        super().__init__()
+        if kernel != "auto":
+            get_kernel(kernel)  # unknown names fail at construction, with a suggestion
+        self.kernel = kernel
+        self._validated = False
+        self.last_stats: dict[str, Any] = {}
+
+    def kernel_for(self, device: torch.device | str, dtype: torch.dtype) -> str:
+        """The name of the kernel this block runs with on ``device``/``dtype`` (resolves ``auto``)."""
+        return resolve_kernel(self.kernel, self.kind, torch.device(device), dtype)[0]
+
+    def _kernel(self, x: torch.Tensor) -> tuple[str, Kernel]:
+        return resolve_kernel(self.kernel, self.kind, x.device, x.dtype)
+
+    def _check_input(self, x: torch.Tensor, ranks: str, ok_rank: bool) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ShapeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}.")
+        if not ok_rank or x.shape[-1] != self.experts.d_model:
+            raise ShapeError(
+                f"{type(self).__name__} expects inputs of shape {ranks} with d={self.experts.d_model} features, "
+                f"got {tuple(x.shape)}."
+            )
+
+    def _check_output(self, y: object, like: torch.Tensor, source: str) -> torch.Tensor:
+        if not self._validated:
+            if not isinstance(y, torch.Tensor) or y.shape != like.shape or y.dtype != like.dtype:
+                got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+                raise PluginError(f"{source} returned {got}, expected {tuple(like.shape)} {like.dtype}.")
+        return y  # type: ignore[return-value]
+
+    def load_dense(
+        self,
+        dense: DenseFFN,
+        init: str = "upcycle",
+        generator: torch.Generator | None = None,
+        **init_options: Any,
+    ) -> None:
+        """Fill the experts from a dense FFN with the initializer plugin ``init``."""
+        _check_compatible(self.experts, dense)
+        reg = lookup("initializer", init)
+        source = f"initializer {init!r} (plugin {reg.plugin!r})"
+        with torch.no_grad():
+            try:
+                reg.factory(self.experts, dense, generator=generator, **init_options)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
+            except TypeError as exc:
+                raise ConfigError(f"{source} rejected its options {init_options}: {exc}") from exc
+
+
+def _check_compatible(experts: StackedExperts, dense: DenseFFN | None) -> None:
+    if dense is None:
+        return
+    if not isinstance(dense, DenseFFN):
+        raise TypeError(f"dense must be a mixcompile.DenseFFN, got {type(dense).__name__}.")
+    problems = []
+    if dense.d_model != experts.d_model:
+        problems.append(f"d_model {dense.d_model} vs the block's {experts.d_model}")
+    if dense.gated != experts.gated:
+        problems.append(f"gated={dense.gated} vs the block's gated={experts.gated}")
+    if dense.activation != experts.activation:
+        problems.append(f"activation {dense.activation!r} vs the block's {experts.activation!r}")
+    if dense.has_bias and not experts.bias:
+        problems.append("the dense FFN has biases and the block has none (build it with bias=True)")
+    if problems:
+        raise ConfigError("the dense FFN does not fit this block: " + "; ".join(problems) + ".")

@@ -1,0 +1,52 @@
+"""Exceptions raised by mixcompile.
+
+Every error names the offending argument, plugin or module and, where one exists, says how to fix it.
+They subclass the built-in exception a user would catch anyway (``ValueError`` for bad values,
+``TypeError`` for wrong types, ``KeyError``-free lookups), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MixcompileError(Exception):
+    """Base class of every error mixcompile raises on purpose."""
+
+
+class ConfigError(MixcompileError, ValueError):
+    """An argument or option has a value that cannot work."""
+
+
+class ShapeError(MixcompileError, ValueError):
+    """A tensor given to a block has the wrong rank, size or dtype."""
+
+
+class PluginError(MixcompileError):
+    """A plugin raised, or returned something malformed. The message names the plugin."""
+
+
+class UnknownNameError(ConfigError):
+    """A router / mixer / kernel / initializer / pattern name that no plugin registered."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
+        known = sorted(known)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        listing = ", ".join(repr(k) for k in known) or "(none registered)"
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known {kind}s: {listing}.")
+        self.kind, self.name, self.known, self.suggestion = kind, name, known, close[0] if close else None
+
+
+def check_positive_int(name: str, value: object, *, minimum: int = 1, hint: str = "") -> int:
+    """Validate an integer option, naming it in the error (bools are refused: ``True`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).{_sp(hint)}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}.{_sp(hint)}")
+    return value
+
+
+def _sp(hint: str) -> str:
+    return f" {hint}" if hint else ""

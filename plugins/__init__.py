@@ -1,0 +1,9 @@
+"""mixcompile's built-in plugins.
+
+They register through the same hooks (``mixcompile.hookspecs``) a third-party package uses; the only
+difference is that mixcompile always loads them, without an entry point.
+"""
+
+from . import initializers, kernels, mixers, patterns, routers
+
+BUILTIN_PLUGINS = (routers, mixers, kernels, initializers, patterns)

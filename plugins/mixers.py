@@ -1,0 +1,59 @@
+"""Built-in MoT mixer: the paper's per-expert softmax over the group."""
+
+from __future__ import annotations
+
+import torch
+
+from mixcompile.errors import ConfigError
+from mixcompile.hookspecs import Register, hookimpl
+from mixcompile.mixing import Mixer, MixPlan
+
+EMIT_MODES = ("merge", "experts")
+
+
+class SoftmaxMixer(Mixer):
+    """``merge = softmax_G(W_c x / temperature)`` per expert over the group's present members.
+
+    ``emit="merge"`` (the paper) spreads each expert's output back with the merge weights.
+    ``emit="experts"`` uses, per token, a softmax over experts instead; each token's emit weights then sum
+    to 1, so with G = 1 an upcycled block computes exactly the dense FFN.
+    In sparse mode the merge weights become one-hot on each expert's top member (temperature → 0).
+    """
+
+    def __init__(
+        self, d_model: int, num_experts: int, group_size: int, *, temperature: float = 1.0,
+        emit: str = "merge", init_std: float = 0.02,
+    ) -> None:
+        super().__init__(d_model, num_experts, group_size, init_std=init_std)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"temperature must be a number > 0, got {temperature!r}.")
+        if emit not in EMIT_MODES:
+            raise ConfigError(f"emit must be one of {EMIT_MODES}, got {emit!r}.")
+        self.temperature = float(temperature)
+        self.emit = emit
+
+    def forward(self, x_g: torch.Tensor, present: torch.Tensor, *, sparse: bool) -> MixPlan:
+        logits = self.logits(x_g) / self.temperature  # [T, n, G, E]
+        member_mask = present[None, :, :, None]
+        masked = logits.masked_fill(~member_mask, float("-inf"))
+        if sparse:
+            top = masked.argmax(dim=2, keepdim=True)
+            merge = torch.zeros_like(logits).scatter_(2, top, 1.0)
+        else:
+            merge = torch.softmax(masked, dim=2)
+        if self.emit == "merge":
+            emit = merge
+        else:
+            emit = torch.softmax(logits, dim=-1) * member_mask
+            if sparse:
+                emit = emit * merge
+        dtype = x_g.dtype
+        return MixPlan(merge.to(dtype), emit.to(dtype))
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, emit={self.emit!r}"
+
+
+@hookimpl
+def register_mixers(register: Register) -> None:
+    register("softmax", SoftmaxMixer, description="per-expert softmax over the group (Antoniak et al. 2023)")

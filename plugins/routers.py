@@ -1,0 +1,110 @@
+"""Built-in MoE routers: top-k (two orders), Switch top-1, expert choice, hash."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mixcompile.errors import ConfigError
+from mixcompile.hookspecs import Register, hookimpl
+from mixcompile.routing import Router, RoutingPlan
+
+TOPK_ORDERS = ("softmax_topk", "topk_softmax")
+
+
+class TopKRouter(Router):
+    """Token choice (Shazeer 2017). ``order="softmax_topk"``: softmax over all experts, keep the top k,
+    renormalise them to sum to 1 (``renormalize=False`` keeps the raw probabilities).
+    ``order="topk_softmax"``: top k logits, softmax over those k (Mixtral)."""
+
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, *, order: str = "softmax_topk",
+        renormalize: bool = True, **options: object,
+    ) -> None:
+        super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
+        if order not in TOPK_ORDERS:
+            raise ConfigError(f"order must be one of {TOPK_ORDERS}, got {order!r}.")
+        if order == "topk_softmax" and not renormalize:
+            raise ConfigError("renormalize=False only applies to order='softmax_topk'.")
+        self.order = order
+        self.renormalize = renormalize
+
+    def forward(self, x: torch.Tensor) -> RoutingPlan:
+        logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        chosen = self.select(probs if self.order == "softmax_topk" else logits)
+        if self.order == "softmax_topk":
+            weights = probs.gather(-1, chosen)
+            if self.renormalize:
+                weights = weights / weights.sum(-1, keepdim=True)
+        else:
+            weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
+        return self.token_choice_plan(logits, chosen, weights)
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, order={self.order!r}, capacity_factor={self.capacity_factor}"
+
+
+class SwitchRouter(TopKRouter):
+    """Switch Transformer (Fedus 2021): top-1, the output scaled by the expert's probability."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, **options: object) -> None:
+        if top_k != 1:
+            raise ConfigError(f"router 'switch' sends each token to exactly one expert: top_k must be 1, got {top_k}.")
+        super().__init__(d_model, num_experts, 1, renormalize=False, **options)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou 2022): each expert takes its ``ceil(capacity_factor * N * k / E)`` best tokens,
+    weighted by the token's probability for it. Perfectly balanced, but a token's routing depends on the
+    other tokens in the batch, so it is not causal: use it where that is acceptable (encoders)."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, **options: object) -> None:
+        options.setdefault("capacity_factor", 1.0)
+        options.setdefault("balance_loss_weight", 0.0)
+        if options["capacity_factor"] is None:
+            raise ConfigError("router 'expert_choice' needs a capacity_factor (it has no dropless mode).")
+        if options.get("bias_balancing"):
+            raise ConfigError("router 'expert_choice' is balanced by construction; bias_balancing does not apply.")
+        super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> RoutingPlan:
+        logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        n = x.shape[0]
+        capacity = min(n, self.capacity(n) or n)
+        weights, tokens = torch.topk(probs.t(), capacity, dim=-1)  # [E, C]
+        experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(capacity)
+        losses = self.losses(logits, probs, experts)
+        return RoutingPlan(tokens.reshape(-1), experts, weights.reshape(-1), n, self.num_experts, probs, 0, losses)
+
+
+class HashRouter(Router):
+    """Parameter-free routing: a fixed random projection (seeded) of the token features picks its k experts,
+    each weighted 1/k. A content hash, since an FFN sees hidden states, not token ids (cf. Roller 2021)."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, seed: int = 0, **options: object) -> None:
+        for name in ("balance_loss_weight", "z_loss_weight"):
+            options.setdefault(name, 0.0)
+        if options.get("bias_balancing"):
+            raise ConfigError("router 'hash' is not learned; bias_balancing does not apply.")
+        super().__init__(d_model, num_experts, top_k, init_std=0.0, **options)  # type: ignore[arg-type]
+        del self.gate
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(num_experts, d_model, generator=generator) / math.sqrt(d_model)
+        self.register_buffer("projection", projection)
+
+    def forward(self, x: torch.Tensor) -> RoutingPlan:
+        scores = (x @ self.projection.to(x.dtype).t()).float()
+        chosen = torch.topk(scores, self.top_k, dim=-1).indices
+        weights = torch.full(chosen.shape, 1.0 / self.top_k, device=x.device, dtype=torch.float32)
+        return self.token_choice_plan(scores, chosen, weights)
+
+
+@hookimpl
+def register_routers(register: Register) -> None:
+    register("topk", TopKRouter, description="token choice: top-k experts per token (softmax/renormalised)")
+    register("switch", SwitchRouter, description="Switch Transformer top-1")
+    register("expert_choice", ExpertChoiceRouter, description="each expert picks its top tokens (not causal)")
+    register("hash", HashRouter, description="fixed random-projection hash, uniform weights, no parameters")
