@@ -2,7 +2,8 @@
 
 Stacking (instead of a ``ModuleList`` of ``nn.Linear``) lets one kernel launch serve every expert and keeps
 the parameters plain tensors for FSDP and ``state_dict``. Shapes follow ``nn.Linear``:
-``w_in [E, h, d]``, ``w_gate [E, h, d]``, ``w_out [E, d, h]``, ``b_in [E, h]``, ``b_gate [E, h]``, ``b_out [E, d]``.
+``w_in [E, h, d]``, ``w_gate [E, h, d]``, ``w_out [E, d, h]``, ``b_in [E, h]``, ``b_gate [E, h]``,
+``b_out [E, d]``.
 """
 
 from __future__ import annotations

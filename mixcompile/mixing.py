@@ -30,7 +30,9 @@ def validate_mix_plan(plan: object, *, source: str, shape: tuple[int, ...]) -> N
         tensor = getattr(plan, name)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise PluginError(f"{source} returned MixPlan.{name} of shape {got}, expected {shape} [T, n, G, E].")
+            raise PluginError(
+                f"{source} returned MixPlan.{name} of shape {got}, expected {shape} [T, n, G, E]."
+            )
         if not torch.isfinite(tensor).all():
             raise PluginError(f"{source} returned MixPlan.{name} with NaN or inf.")
 

@@ -38,8 +38,10 @@ def validate_plan(plan: object, *, source: str, num_tokens: int, num_experts: in
         fail(f"expected a mixcompile.RoutingPlan, got {type(plan).__name__}")
     assert isinstance(plan, RoutingPlan)
     if plan.num_tokens != num_tokens or plan.num_experts != num_experts:
-        fail(f"it describes {plan.num_tokens} tokens x {plan.num_experts} experts, "
-             f"the block has {num_tokens} x {num_experts}")
+        fail(
+            f"it describes {plan.num_tokens} tokens x {plan.num_experts} experts, "
+            f"the block has {num_tokens} x {num_experts}"
+        )
     fields = {"token_index": plan.token_index, "expert_index": plan.expert_index, "weight": plan.weight}
     for name, tensor in fields.items():
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 1:
@@ -107,13 +109,19 @@ class Router(nn.Module):
             )
         if capacity_factor is not None and not capacity_factor > 0:
             raise ConfigError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}.")
-        for name, value in (("jitter", jitter), ("balance_loss_weight", balance_loss_weight),
-                            ("z_loss_weight", z_loss_weight), ("bias_update_rate", bias_update_rate),
-                            ("init_std", init_std)):
+        for name, value in (
+            ("jitter", jitter),
+            ("balance_loss_weight", balance_loss_weight),
+            ("z_loss_weight", z_loss_weight),
+            ("bias_update_rate", bias_update_rate),
+            ("init_std", init_std),
+        ):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}.")
         if jitter >= 1:
-            raise ConfigError(f"jitter must be < 1 (it scales inputs by U(1-jitter, 1+jitter)), got {jitter}.")
+            raise ConfigError(
+                f"jitter must be < 1 (it scales inputs by U(1-jitter, 1+jitter)), got {jitter}."
+            )
         self.capacity_factor = capacity_factor
         self.jitter = float(jitter)
         self.balance_loss_weight = float(balance_loss_weight)
@@ -144,7 +152,9 @@ class Router(nn.Module):
             scores = scores + self.selection_bias
         return torch.topk(scores, self.top_k, dim=-1).indices
 
-    def token_choice_plan(self, logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> RoutingPlan:
+    def token_choice_plan(
+        self, logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
+    ) -> RoutingPlan:
         """Build a plan from per-token picks ``chosen [N, k]`` and their ``weights [N, k]``."""
         n, k = chosen.shape
         token = torch.arange(n, device=chosen.device).repeat_interleave(k)
@@ -163,7 +173,9 @@ class Router(nn.Module):
             token, expert, weight = token[keep], expert[keep], weight[keep]
         return RoutingPlan(token, expert, weight, n, self.num_experts, probs, dropped, losses)
 
-    def losses(self, logits: torch.Tensor, probs: torch.Tensor, expert: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(
+        self, logits: torch.Tensor, probs: torch.Tensor, expert: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         if self.balance_loss_weight > 0:
             counts = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
@@ -193,7 +205,9 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def _within_capacity(expert: torch.Tensor, priority: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+def _within_capacity(
+    expert: torch.Tensor, priority: torch.Tensor, capacity: int, num_experts: int
+) -> torch.Tensor:
     """Mask of the pairs kept when each expert takes its ``capacity`` highest-priority pairs."""
     by_priority = torch.argsort(priority, descending=True, stable=True)
     by_expert = by_priority[torch.argsort(expert[by_priority], stable=True)]

@@ -20,7 +20,9 @@ SPLIT_METHODS = ("random", "balanced")
 
 def _need_dense(name: str, dense: DenseFFN | None) -> DenseFFN:
     if dense is None:
-        raise ConfigError(f"initializer {name!r} copies a dense FFN, but none was given; use 'random' instead.")
+        raise ConfigError(
+            f"initializer {name!r} copies a dense FFN, but none was given; use 'random' instead."
+        )
     return dense
 
 
@@ -34,7 +36,11 @@ def _copy(param: torch.Tensor | None, value: torch.Tensor | None) -> None:
 
 
 def upcycle(
-    experts: StackedExperts, dense: DenseFFN | None, *, generator: torch.Generator | None = None, noise: float = 0.0
+    experts: StackedExperts,
+    dense: DenseFFN | None,
+    *,
+    generator: torch.Generator | None = None,
+    noise: float = 0.0,
 ) -> None:
     """Sparse upcycling (Komatsuzaki 2022): every expert is a copy of the dense FFN.
 
@@ -44,13 +50,19 @@ def upcycle(
     dense = _need_dense("upcycle", dense)
     if experts.d_hidden != dense.d_hidden:
         raise ConfigError(
-            f"upcycle copies the dense FFN, so the expert hidden size ({experts.d_hidden}) must equal the dense "
-            f"one ({dense.d_hidden}); use init='split' for hidden size h / num_experts."
+            f"upcycle copies the dense FFN, so the expert hidden size ({experts.d_hidden}) must equal "
+            f"the dense one ({dense.d_hidden}); use init='split' for hidden size h / num_experts."
         )
     if noise < 0:
         raise ConfigError(f"noise must be >= 0, got {noise}.")
-    pairs = ((experts.w_in, dense.w_in), (experts.w_gate, dense.w_gate), (experts.w_out, dense.w_out),
-             (experts.b_in, dense.b_in), (experts.b_gate, dense.b_gate), (experts.b_out, dense.b_out))
+    pairs = (
+        (experts.w_in, dense.w_in),
+        (experts.w_gate, dense.w_gate),
+        (experts.w_out, dense.w_out),
+        (experts.b_in, dense.b_in),
+        (experts.b_gate, dense.b_gate),
+        (experts.b_out, dense.b_out),
+    )
     for param, value in pairs:
         _copy(param, None if value is None else value.unsqueeze(0).expand_as(param))
         if param is not None and value is not None and noise > 0 and value.ndim == 2:
@@ -132,8 +144,14 @@ def random_init(
     experts: StackedExperts, dense: DenseFFN | None, *, generator: torch.Generator | None = None
 ) -> None:
     """Fresh ``nn.Linear``-style init for training from scratch; the dense FFN, if any, is ignored."""
-    for name, fan_in in (("w_in", experts.d_model), ("w_gate", experts.d_model), ("w_out", experts.d_hidden),
-                         ("b_in", experts.d_model), ("b_gate", experts.d_model), ("b_out", experts.d_hidden)):
+    for name, fan_in in (
+        ("w_in", experts.d_model),
+        ("w_gate", experts.d_model),
+        ("w_out", experts.d_hidden),
+        ("b_in", experts.d_model),
+        ("b_gate", experts.d_model),
+        ("b_out", experts.d_hidden),
+    ):
         param = getattr(experts, name)
         if param is not None:
             bound = 1.0 / math.sqrt(fan_in)

@@ -21,8 +21,14 @@ class SoftmaxMixer(Mixer):
     """
 
     def __init__(
-        self, d_model: int, num_experts: int, group_size: int, *, temperature: float = 1.0,
-        emit: str = "merge", init_std: float = 0.02,
+        self,
+        d_model: int,
+        num_experts: int,
+        group_size: int,
+        *,
+        temperature: float = 1.0,
+        emit: str = "merge",
+        init_std: float = 0.02,
     ) -> None:
         super().__init__(d_model, num_experts, group_size, init_std=init_std)
         if not isinstance(temperature, (int, float)) or not temperature > 0:

@@ -19,8 +19,14 @@ class TopKRouter(Router):
     ``order="topk_softmax"``: top k logits, softmax over those k (Mixtral)."""
 
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int, *, order: str = "softmax_topk",
-        renormalize: bool = True, **options: object,
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        order: str = "softmax_topk",
+        renormalize: bool = True,
+        **options: object,
     ) -> None:
         super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
         if order not in TOPK_ORDERS:
@@ -51,7 +57,9 @@ class SwitchRouter(TopKRouter):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, **options: object) -> None:
         if top_k != 1:
-            raise ConfigError(f"router 'switch' sends each token to exactly one expert: top_k must be 1, got {top_k}.")
+            raise ConfigError(
+                f"router 'switch' sends each token to exactly one expert: top_k must be 1, got {top_k}."
+            )
         super().__init__(d_model, num_experts, 1, renormalize=False, **options)
 
 
@@ -66,7 +74,9 @@ class ExpertChoiceRouter(Router):
         if options["capacity_factor"] is None:
             raise ConfigError("router 'expert_choice' needs a capacity_factor (it has no dropless mode).")
         if options.get("bias_balancing"):
-            raise ConfigError("router 'expert_choice' is balanced by construction; bias_balancing does not apply.")
+            raise ConfigError(
+                "router 'expert_choice' is balanced by construction; bias_balancing does not apply."
+            )
         super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> RoutingPlan:
@@ -77,14 +87,18 @@ class ExpertChoiceRouter(Router):
         weights, tokens = torch.topk(probs.t(), capacity, dim=-1)  # [E, C]
         experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(capacity)
         losses = self.losses(logits, probs, experts)
-        return RoutingPlan(tokens.reshape(-1), experts, weights.reshape(-1), n, self.num_experts, probs, 0, losses)
+        return RoutingPlan(
+            tokens.reshape(-1), experts, weights.reshape(-1), n, self.num_experts, probs, 0, losses
+        )
 
 
 class HashRouter(Router):
     """Parameter-free routing: a fixed random projection (seeded) of the token features picks its k experts,
     each weighted 1/k. A content hash, since an FFN sees hidden states, not token ids (cf. Roller 2021)."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, *, seed: int = 0, **options: object) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, *, seed: int = 0, **options: object
+    ) -> None:
         for name in ("balance_loss_weight", "z_loss_weight"):
             options.setdefault(name, 0.0)
         if options.get("bias_balancing"):

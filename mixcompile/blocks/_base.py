@@ -15,7 +15,9 @@ from ..kernels import Kernel, get_kernel, resolve_kernel
 from ..registry import lookup
 
 
-def build_plugin(kind: str, name: str, base: type, args: tuple, options: Mapping[str, Any] | None) -> nn.Module:
+def build_plugin(
+    kind: str, name: str, base: type, args: tuple, options: Mapping[str, Any] | None
+) -> nn.Module:
     """Instantiate a registered router / mixer; errors name it and its plugin."""
     reg = lookup(kind, name)
     source = f"{kind} {name!r} (plugin {reg.plugin!r})"
@@ -28,7 +30,9 @@ def build_plugin(kind: str, name: str, base: type, args: tuple, options: Mapping
     except Exception as exc:
         raise PluginError(f"{source} failed to build: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, base):
-        raise PluginError(f"{source} built a {type(obj).__name__}, expected a subclass of mixcompile.{base.__name__}.")
+        raise PluginError(
+            f"{source} built a {type(obj).__name__}, expected a subclass of mixcompile.{base.__name__}."
+        )
     obj.mixcompile_source = source  # type: ignore[attr-defined]
     return obj
 
@@ -59,15 +63,16 @@ class Block(nn.Module):
             raise ShapeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}.")
         if not ok_rank or x.shape[-1] != self.experts.d_model:
             raise ShapeError(
-                f"{type(self).__name__} expects inputs of shape {ranks} with d={self.experts.d_model} features, "
+                f"{type(self).__name__} expects inputs of shape {ranks} "
+                f"with d={self.experts.d_model} features, "
                 f"got {tuple(x.shape)}."
             )
 
     def _check_output(self, y: object, like: torch.Tensor, source: str) -> torch.Tensor:
-        if not self._validated:
-            if not isinstance(y, torch.Tensor) or y.shape != like.shape or y.dtype != like.dtype:
-                got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-                raise PluginError(f"{source} returned {got}, expected {tuple(like.shape)} {like.dtype}.")
+        malformed = not isinstance(y, torch.Tensor) or y.shape != like.shape or y.dtype != like.dtype
+        if malformed and not self._validated:
+            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise PluginError(f"{source} returned {got}, expected {tuple(like.shape)} {like.dtype}.")
         return y  # type: ignore[return-value]
 
     def load_dense(

@@ -67,7 +67,14 @@ class MoTBlock(Block):
         self.small_batch = small_batch
         self.batch_first = bool(batch_first)
         self.experts = StackedExperts(
-            num_experts, d_model, d_hidden, activation=activation, gated=gated, bias=bias, device=device, dtype=dtype
+            num_experts,
+            d_model,
+            d_hidden,
+            activation=activation,
+            gated=gated,
+            bias=bias,
+            device=device,
+            dtype=dtype,
         )
         self.mixer_name = mixer
         self.mixer = build_plugin("mixer", mixer, Mixer, (d_model, num_experts, group_size), mixer_options)
@@ -75,7 +82,11 @@ class MoTBlock(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = "[B, T, d]" if self.batch_first else "[T, B, d]"
-        self._check_input(x, f"{layout} (MoT mixes tokens across sequences)", ok_rank=isinstance(x, torch.Tensor) and x.ndim == 3)
+        self._check_input(
+            x,
+            f"{layout} (MoT mixes tokens across sequences)",
+            ok_rank=isinstance(x, torch.Tensor) and x.ndim == 3,
+        )
         xb = x if self.batch_first else x.transpose(0, 1)
         batch, seq, d = xb.shape
         g = self.group_size

@@ -1,0 +1,285 @@
+import math
+
+import pytest
+import reference as ref
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mixcompile as mc
+from mixcompile.routing import validate_plan
+
+ROUTERS = ["topk", "switch", "expert_choice", "hash"]
+
+
+def dense(d=12, h=20, gated=False, bias=False, act="gelu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    return mc.DenseFFN(
+        w_in=r(h, d),
+        w_out=r(d, h),
+        activation=act,
+        w_gate=r(h, d) if gated else None,
+        b_in=r(h) if bias else None,
+        b_gate=r(h) if bias and gated else None,
+        b_out=r(d) if bias else None,
+    )
+
+
+def dense_ref(x, ffn):
+    return ref.dense_ffn(x, ffn.w_in, ffn.w_out, ffn.activation, ffn.w_gate, ffn.b_in, ffn.b_gate, ffn.b_out)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("act", ["gelu", "silu", "relu", "gelu_tanh"])
+@pytest.mark.parametrize(
+    "router,options",
+    [
+        ("topk", {}),
+        ("topk", {"order": "topk_softmax"}),
+        ("hash", {}),
+        ("topk", {"bias_balancing": True}),
+    ],
+)
+def test_upcycle_equals_dense(gated, bias, act, router, options):
+    ffn = dense(gated=gated, bias=bias, act=act)
+    block = mc.MoEBlock(
+        12, 20, 4, top_k=2, activation=act, gated=gated, bias=bias, router=router, router_options=options
+    )
+    block.load_dense(ffn, init="upcycle")
+    x = torch.randn(3, 7, 12)
+    assert ref.rel_err(block(x), dense_ref(x, ffn)) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("method", ["random", "balanced"])
+def test_split_with_all_experts_equals_dense(gated, method):
+    ffn = dense(h=24, gated=gated, bias=True)
+    experts = 4
+    # A zero router gives every expert weight 1/E; scale=E compensates, so the sum of all experts is dense.
+    block = mc.MoEBlock(12, 6, experts, top_k=experts, gated=gated, bias=True, router_options={"init_std": 0})
+    generator = torch.Generator().manual_seed(1)
+    block.load_dense(ffn, init="split", method=method, scale=experts, generator=generator)
+    x = torch.randn(10, 12)
+    assert ref.rel_err(block(x), dense_ref(x, ffn)) < 1e-5
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_block_matches_per_pair_reference(router, gated):
+    torch.manual_seed(0)
+    top_k = 1 if router == "switch" else 2
+    block = mc.MoEBlock(8, 16, 5, top_k=top_k, gated=gated, bias=True, router=router)
+    x = torch.randn(2, 9, 8)
+    y = block(x)
+    plan = block.router(x.reshape(-1, 8))
+    assert ref.rel_err(y.reshape(-1, 8), ref.moe_from_plan(x.reshape(-1, 8), plan, block.experts)) < 1e-5
+
+
+def test_shared_experts_are_added_with_weight_one():
+    torch.manual_seed(0)
+    block = mc.MoEBlock(8, 16, 4, top_k=2, num_shared_experts=2)
+    x = torch.randn(11, 8)
+    plan = block.router(x)
+    expected = ref.moe_from_plan(x, plan, block.experts)
+    expected += ref.expert(block.shared_experts, 0, x) + ref.expert(block.shared_experts, 1, x)
+    assert ref.rel_err(block(x), expected) < 1e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    router=st.sampled_from(ROUTERS),
+    tokens=st.integers(1, 40),
+    experts=st.integers(1, 9),
+    k_frac=st.floats(0, 1),
+    capacity=st.one_of(st.none(), st.floats(0.1, 3.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_router_plans_are_valid(router, tokens, experts, k_frac, capacity, seed):
+    torch.manual_seed(seed)
+    top_k = 1 if router == "switch" else 1 + int(k_frac * (experts - 1))
+    if router == "expert_choice" and capacity is None:
+        capacity = 1.0
+    r = mc.registry().get("router", router).factory(6, experts, top_k, capacity_factor=capacity)
+    x = torch.randn(tokens, 6)
+    plan = r(x)
+    validate_plan(plan, source=router, num_tokens=tokens, num_experts=experts)  # no pair twice, indices valid
+    assert (plan.weight >= 0).all() and (plan.weight <= 1 + 1e-6).all()
+    load = torch.bincount(plan.expert_index, minlength=experts)
+    if capacity is not None:
+        cap = math.ceil(capacity * tokens * top_k / experts)
+        assert (load <= cap).all()
+    if router == "expert_choice":
+        assert (load == min(tokens, math.ceil(capacity * tokens * top_k / experts))).all()
+        return
+    per_token = torch.bincount(plan.token_index, minlength=tokens)
+    assert (per_token <= top_k).all()
+    assert int(per_token.sum()) + plan.dropped_assignments == tokens * top_k
+    if capacity is None:
+        assert (per_token == top_k).all()
+        sums = torch.zeros(tokens).index_add(0, plan.token_index, plan.weight)
+        if router == "switch":
+            assert torch.allclose(plan.weight, plan.probs.max(-1).values)
+        else:
+            assert torch.allclose(sums, torch.ones(tokens), atol=1e-6)
+
+
+def test_capacity_drops_the_lowest_weighted_tokens():
+    router = mc.registry().get("router", "switch").factory(2, 2, 1, capacity_factor=1.0)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # Every token prefers expert 0; capacity = ceil(1 * 4 * 1 / 2) = 2 keeps the two most confident.
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
+    plan = router(x)
+    assert sorted(plan.token_index.tolist()) == [1, 2]
+    assert plan.expert_index.tolist() == [0, 0]
+    assert plan.dropped_assignments == 2
+
+
+def test_topk_orders_hand_computed():
+    logits = [2.0, 1.0, 0.0, -1.0]
+    x = torch.eye(4)[:1]  # one token whose logits are the gate's first column
+    top2 = math.exp(2) + math.exp(1)
+    # Both orders renormalise over the two kept experts, so they agree on this case.
+    for order, expected in (
+        ("softmax_topk", [math.exp(2) / top2, math.exp(1) / top2]),
+        ("topk_softmax", [math.exp(2) / top2, math.exp(1) / top2]),
+    ):
+        r = mc.registry().get("router", "topk").factory(4, 4, 2, order=order)
+        with torch.no_grad():
+            r.gate.weight.copy_(torch.tensor([logits, [0.0] * 4, [0.0] * 4, [0.0] * 4]).t())
+        plan = r(x)
+        assert plan.expert_index.tolist() == [0, 1]
+        assert plan.weight.tolist() == pytest.approx(expected, rel=1e-6)
+    raw = mc.registry().get("router", "topk").factory(4, 4, 2, renormalize=False)
+    with torch.no_grad():
+        raw.gate.weight.copy_(torch.tensor([logits, [0.0] * 4, [0.0] * 4, [0.0] * 4]).t())
+    z = sum(math.exp(v) for v in logits)
+    assert raw(x).weight.tolist() == pytest.approx([math.exp(2) / z, math.exp(1) / z], rel=1e-6)
+
+
+def test_aux_losses_equal_their_formulas():
+    block = mc.MoEBlock(
+        2, 4, 2, top_k=1, router="switch", router_options={"balance_loss_weight": 0.5, "z_loss_weight": 0.25}
+    )
+    with torch.no_grad():
+        block.router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]])  # logits = x: experts 0, 0, 1
+    block(x)
+    p = [
+        [math.exp(a) / (math.exp(a) + math.exp(b)), math.exp(b) / (math.exp(a) + math.exp(b))]
+        for a, b in x.tolist()
+    ]
+    mean_p = [sum(row[i] for row in p) / 3 for i in range(2)]
+    f = [2 / 3, 1 / 3]
+    balance = 2 * (f[0] * mean_p[0] + f[1] * mean_p[1])
+    z = sum(math.log(math.exp(a) + math.exp(b)) ** 2 for a, b in x.tolist()) / 3
+    assert float(mc.aux_loss(block)) == pytest.approx(0.5 * balance + 0.25 * z, rel=1e-6)
+    stats = mc.stats(block)[""]
+    assert stats["expert_load"].tolist() == [2, 1]
+    assert stats["dropped_tokens"] == 0
+    entropy = -sum(q * math.log(q) for row in p for q in row) / 3
+    assert stats["routing_entropy"] == pytest.approx(entropy, rel=1e-5)
+
+
+def test_bias_balancing_moves_selection_not_weights():
+    block = mc.MoEBlock(2, 4, 2, top_k=1, router_options={"bias_balancing": True, "bias_update_rate": 0.5})
+    with torch.no_grad():
+        block.router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    x = torch.tensor([[1.0, 0.0]] * 4)  # all prefer expert 0 by logit 1 vs 0
+    block.train()
+    block(x)
+    assert block.router(x).expert_index.tolist() == [0, 0, 0, 0]
+    assert mc.update_routing_bias(block) == 1
+    assert block.router.selection_bias.tolist() == [-0.5, 0.5]
+    plan = block.router(x)  # selection scores 0.73-0.5 < 0.27+0.5: the bias now selects expert 1
+    assert plan.expert_index.tolist() == [1, 1, 1, 1]
+    assert plan.weight.tolist() == pytest.approx([1.0] * 4)  # top-1 renormalised, the bias is not in it
+    block(x)
+    assert block.router.selection_bias.tolist() == [-0.5, 0.5]  # no update without the call
+    mc.update_routing_bias(block)  # now expert 1 was over-loaded: the bias swings back
+    assert block.router.selection_bias.tolist() == [0.0, 0.0]
+
+
+def test_jitter_only_in_training():
+    torch.manual_seed(0)
+    block = mc.MoEBlock(8, 8, 4, top_k=1, router_options={"jitter": 0.5})
+    x = torch.randn(64, 8)
+    block.eval()
+    assert torch.equal(block.router.logits(x), block.router.logits(x))
+    block.train()
+    assert not torch.equal(block.router.logits(x), block.router.logits(x))
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
+def test_gradients_reach_every_parameter(router):
+    torch.manual_seed(0)
+    block = mc.MoEBlock(
+        8,
+        16,
+        4,
+        top_k=1 if router == "switch" else 2,
+        gated=True,
+        bias=True,
+        router=router,
+        num_shared_experts=1,
+    )
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    (block(x).square().sum() + mc.aux_loss(block)).backward()
+    for name, param in block.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_capacity_stats_count_dropped_tokens():
+    block = mc.MoEBlock(4, 8, 2, top_k=1, router_options={"capacity_factor": 0.5, "init_std": 0})
+    block(torch.randn(8, 4))  # zero router: all pick expert 0 (ties by index); capacity 2
+    stats = mc.stats(block)[""]
+    assert stats["expert_load"].tolist() == [2, 0]
+    assert stats["dropped_tokens"] == 6 and stats["dropped_assignments"] == 6
+
+
+def test_kernel_auto_resolves_to_torch_on_cpu():
+    block = mc.MoEBlock(4, 8, 2, top_k=1)
+    assert block.kernel_for("cpu", torch.float32) == "torch"
+    block(torch.randn(3, 4))
+    assert mc.stats(block)[""]["kernel"] == "torch"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_experts": 0}, "num_experts must be >= 1"),
+        ({"top_k": 5}, r"top_k \(5\) must be <= num_experts \(4\)"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"router": "top_k"}, "unknown router 'top_k'. Did you mean 'topk'"),
+        ({"kernel": "trition"}, "unknown kernel 'trition'"),
+        ({"activation": "gleu"}, "unknown activation 'gleu'. Did you mean 'gelu'"),
+        ({"router_options": {"capacity": 1.0}}, "router 'topk' .* rejected its options"),
+        ({"router_options": {"capacity_factor": -1}}, "capacity_factor must be > 0"),
+        ({"router": "switch", "top_k": 2}, "top_k must be 1"),
+        ({"num_shared_experts": -1}, "num_shared_experts must be >= 0"),
+    ],
+)
+def test_bad_configuration_names_the_argument(kwargs, match):
+    args = {"d_model": 4, "d_hidden": 8, "num_experts": 4, **kwargs}
+    with pytest.raises(mc.ConfigError, match=match):
+        mc.MoEBlock(**args)
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 5), (2, 3, 5)])
+def test_bad_input_shape_names_the_block(shape):
+    block = mc.MoEBlock(4, 8, 2, top_k=1)
+    with pytest.raises(mc.ShapeError, match=r"MoEBlock expects inputs of shape \[..., d\] with d=4"):
+        block(torch.randn(*shape))
+
+
+def test_load_dense_checks_fit_and_initializer_names():
+    block = mc.MoEBlock(12, 20, 4)
+    with pytest.raises(mc.ConfigError, match="gated=True vs the block's gated=False"):
+        block.load_dense(dense(gated=True))
+    with pytest.raises(mc.ConfigError, match="unknown initializer 'upcycel'. Did you mean 'upcycle'"):
+        block.load_dense(dense(), init="upcycel")
+    with pytest.raises(mc.ConfigError, match="hidden size must be 20 / 4"):
+        block.load_dense(dense(), init="split")
