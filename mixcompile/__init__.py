@@ -8,7 +8,8 @@ from .hookspecs import hookimpl
 from .introspect import aux_loss, sparse_blocks, stats, update_routing_bias
 from .kernels import Kernel
 from .mixing import Mixer, MixPlan
-from .registry import register_plugin, registry, unregister_plugin
+from .registry import register_plugin, unregister_plugin
+from .registry import registry as plugins
 from .routing import Router, RoutingPlan
 
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ __all__ = [
     "flop_matched_hidden",
     "hookimpl",
     "register_plugin",
-    "registry",
+    "plugins",
     "sparse_blocks",
     "stats",
     "unregister_plugin",

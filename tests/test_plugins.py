@@ -1,0 +1,218 @@
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mixcompile as mc
+from mixcompile import registry as reg
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Reload plugins around a test, so entry points and env vars are re-read and nothing leaks."""
+    reg.reset()
+    yield monkeypatch
+    reg.reset()
+
+
+def test_builtins_register_through_the_hooks():
+    names = {(r.kind, r.name): r.plugin for r in mc.plugins().all()}
+    assert names[("router", "topk")] == "mixcompile_plugins.routers"
+    assert names[("mixer", "softmax")] == "mixcompile_plugins.mixers"
+    assert names[("kernel", "torch")] == "mixcompile_plugins.kernels"
+    assert names[("initializer", "split")] == "mixcompile_plugins.initializers"
+    assert {"topk", "switch", "expert_choice", "hash"} <= set(mc.plugins().names("router"))
+
+
+class _Halving(mc.Router):
+    """A router from 'another package': always the first k experts, weights 1/k."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        chosen = torch.arange(self.top_k).expand(n, -1)
+        return self.token_choice_plan(self.logits(x), chosen, torch.full((n, self.top_k), 1.0 / self.top_k))
+
+
+class _InProcessPlugin:
+    @mc.hookimpl
+    def register_routers(self, register):
+        register("first_k", _Halving, description="test router")
+
+
+def test_in_process_plugin_is_usable_by_name(fresh_registry):
+    name = mc.register_plugin(_InProcessPlugin(), name="tests.first_k")
+    assert mc.plugins().get("router", "first_k").plugin == "tests.first_k"
+    block = mc.MoEBlock(4, 8, 3, top_k=2, router="first_k")
+    block(torch.randn(5, 4))
+    assert mc.stats(block)[""]["expert_load"].tolist() == [5, 5, 0]
+    mc.unregister_plugin(name)
+    with pytest.raises(mc.UnknownNameError, match="unknown router 'first_k'"):
+        mc.MoEBlock(4, 8, 3, router="first_k")
+
+
+def _install_distribution(tmp_path, monkeypatch, module_source, entry_name="cosine_test"):
+    """A real (unzipped) distribution on sys.path: metadata plus a `mixcompile` entry point."""
+    pkg = tmp_path / "thirdparty_router.py"
+    pkg.write_text(textwrap.dedent(module_source))
+    info = tmp_path / "thirdparty_router-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-router\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[mixcompile]\n{entry_name} = thirdparty_router\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "thirdparty_router", raising=False)
+
+
+ROUTER_PLUGIN = """
+    import torch
+    import mixcompile as mc
+
+    class Cosine(mc.Router):
+        def forward(self, x):
+            w = torch.nn.functional.normalize(self.gate.weight, dim=1)
+            logits = torch.nn.functional.normalize(x, dim=1) @ w.t() * 10
+            chosen = torch.topk(logits, self.top_k, dim=-1).indices
+            weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
+            return self.token_choice_plan(logits, chosen, weights)
+
+    @mc.hookimpl
+    def register_routers(register):
+        register("cosine", Cosine, description="cosine-similarity router")
+"""
+
+
+def test_entry_point_plugin_is_loaded_and_usable(fresh_registry, tmp_path):
+    _install_distribution(tmp_path, fresh_registry, ROUTER_PLUGIN)
+    entry = mc.plugins().get("router", "cosine")
+    assert entry.plugin == "cosine_test"
+    block = mc.MoEBlock(4, 8, 3, top_k=2, router="cosine")
+    assert block(torch.randn(2, 5, 4)).shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("selection,loaded", [("none", False), ("cosine_test", True), ("all", True)])
+def test_environment_variable_restricts_entry_points(fresh_registry, tmp_path, selection, loaded):
+    _install_distribution(tmp_path, fresh_registry, ROUTER_PLUGIN)
+    fresh_registry.setenv("MIXCOMPILE_PLUGINS", selection)
+    assert ("cosine" in mc.plugins().names("router")) == loaded
+    assert "topk" in mc.plugins().names("router")  # built-ins always load
+
+
+def test_environment_variable_with_unknown_plugin(fresh_registry, tmp_path):
+    _install_distribution(tmp_path, fresh_registry, ROUTER_PLUGIN)
+    fresh_registry.setenv("MIXCOMPILE_PLUGINS", "cosine_tst")
+    with pytest.raises(mc.UnknownNameError, match="Did you mean 'cosine_test'"):
+        mc.plugins()
+
+
+def test_plugin_that_fails_to_import_is_named(fresh_registry, tmp_path):
+    _install_distribution(tmp_path, fresh_registry, "raise RuntimeError('boom')\n", entry_name="broken")
+    with pytest.raises(mc.PluginError, match="plugin 'broken' .* failed to import: RuntimeError: boom"):
+        mc.plugins()
+
+
+class _Raising:
+    @mc.hookimpl
+    def register_kernels(self, register):
+        raise RuntimeError("no GPU here")
+
+
+class _NotCallable:
+    @mc.hookimpl
+    def register_mixers(self, register):
+        register("broken", 42)
+
+
+class _Duplicate:
+    @mc.hookimpl
+    def register_routers(self, register):
+        register("topk", _Halving)
+
+
+class _Misspelt:
+    @mc.hookimpl
+    def register_router(self, register):
+        pass
+
+
+class _WrongArgument:
+    @mc.hookimpl
+    def register_routers(self, add):
+        pass
+
+
+@pytest.mark.parametrize(
+    "plugin,match",
+    [
+        (_Raising(), "plugin 'bad' raised in hook register_kernels: RuntimeError: no GPU here"),
+        (_NotCallable(), "plugin 'bad' registered mixer 'broken' with a non-callable factory"),
+        (
+            _Duplicate(),
+            "plugin 'bad' registered router 'topk', which plugin 'mixcompile_plugins.routers' already",
+        ),
+    ],
+)
+def test_misbehaving_plugin_is_named(fresh_registry, plugin, match):
+    mc.register_plugin(plugin, name="bad")
+    with pytest.raises(mc.PluginError, match=match):
+        mc.plugins()
+
+
+@pytest.mark.parametrize("plugin", [_Misspelt(), _WrongArgument()])
+def test_malformed_plugin_is_refused_at_registration(fresh_registry, plugin):
+    with pytest.raises(mc.PluginError, match="plugin 'bad' is malformed"):
+        mc.register_plugin(plugin, name="bad")
+    assert "topk" in mc.plugins().names("router")  # the manager is still usable
+
+
+class _BadPlanRouter(mc.Router):
+    def forward(self, x):
+        n = x.shape[0]
+        twice = torch.zeros(2 * n, dtype=torch.long)
+        return mc.RoutingPlan(torch.arange(n).repeat(2), twice, torch.ones(2 * n), n, self.num_experts)
+
+
+class _WrongShapeKernel(mc.Kernel):
+    priority = 100
+
+    def supports(self, kind, device, dtype):
+        return True
+
+    def moe(self, x, plan, experts):
+        return x[:-1]
+
+
+class _BadOutputs:
+    @mc.hookimpl
+    def register_routers(self, register):
+        register("twice", _BadPlanRouter)
+
+    @mc.hookimpl
+    def register_kernels(self, register):
+        register("short", _WrongShapeKernel)
+
+
+def test_malformed_outputs_name_the_plugin(fresh_registry):
+    mc.register_plugin(_BadOutputs(), name="sloppy")
+    with pytest.raises(mc.PluginError, match=r"router 'twice' \(plugin 'sloppy'\) .* same expert twice"):
+        mc.MoEBlock(4, 8, 3, top_k=1, router="twice")(torch.randn(3, 4))
+    block = mc.MoEBlock(4, 8, 3, top_k=1)
+    assert block.kernel_for("cpu", torch.float32) == "short"  # auto takes the highest priority
+    with pytest.raises(mc.PluginError, match=r"kernel 'short' returned \(2, 4\)"):
+        block(torch.randn(3, 4))
+
+
+def test_kernel_that_does_not_support_the_input(fresh_registry):
+    class Picky(mc.Kernel):
+        def supports(self, kind, device, dtype):
+            return device.type == "cuda"
+
+    class Plugin:
+        @mc.hookimpl
+        def register_kernels(self, register):
+            register("gpu_only", Picky)
+
+    mc.register_plugin(Plugin(), name="picky")
+    block = mc.MoEBlock(4, 8, 2, top_k=1, kernel="gpu_only")
+    with pytest.raises(mc.ConfigError, match="kernel 'gpu_only' does not support moe blocks on cpu"):
+        block(torch.randn(3, 4))
+    assert mc.MoEBlock(4, 8, 2, top_k=1).kernel_for("cpu", torch.float32) == "torch"
