@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from ..errors import check_positive_int
 from ..experts import StackedExperts
-from ..routing import Router, validate_plan
+from ..kernels import Kernel
+from ..routing import Router, RoutingPlan, validate_plan
 from ._base import Block, build_plugin
+
+ExpertRunner = Callable[[torch.Tensor, RoutingPlan, StackedExperts, Kernel], torch.Tensor]
 
 
 class MoEBlock(Block):
@@ -55,6 +58,8 @@ class MoEBlock(Block):
         self.router = build_plugin("router", router, Router, (d_model, num_experts, top_k), router_options)
         self.router.to(device=device, dtype=dtype)
         self.last_aux_loss: torch.Tensor | None = None
+        # Set by mixcompile.distributed.parallelize: runs the plan on experts sharded over ranks.
+        self.expert_parallel: ExpertRunner | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "[..., d]", ok_rank=isinstance(x, torch.Tensor) and x.ndim >= 2)
@@ -62,9 +67,12 @@ class MoEBlock(Block):
         plan = self.router(flat)
         source = self.router.mixcompile_source
         if not self._validated:
-            validate_plan(plan, source=source, num_tokens=flat.shape[0], num_experts=self.experts.num_experts)
+            validate_plan(plan, source=source, num_tokens=flat.shape[0], num_experts=self.router.num_experts)
         kernel_name, kernel = self._kernel(flat)
-        y = self._check_output(kernel.moe(flat, plan, self.experts), flat, f"kernel {kernel_name!r}")
+        if self.expert_parallel is not None:
+            y = self.expert_parallel(flat, plan, self.experts, kernel)
+        else:
+            y = self._check_output(kernel.moe(flat, plan, self.experts), flat, f"kernel {kernel_name!r}")
         if self.shared_experts is not None:
             shared_in = flat.unsqueeze(0).expand(self.shared_experts.num_experts, -1, -1)
             y = y + self.shared_experts.batched_forward(shared_in).sum(0)
