@@ -1,0 +1,53 @@
+"""A third-party mixcompile plugin: the cosine router of X-MoE (Chi et al. 2022).
+
+Tokens are projected to a small space and compared by cosine similarity with one learned embedding per
+expert, divided by a learned temperature. Normalising both sides keeps the logits bounded, which
+counters the representation collapse of dot-product routers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixcompile as mc
+
+
+class CosineRouter(mc.Router):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        d_route: int = 16,
+        temperature: float = 0.07,
+        **options: object,
+    ) -> None:
+        super().__init__(d_model, num_experts, top_k, **options)  # capacity, losses, jitter, ...
+        if not temperature > 0:
+            raise mc.ConfigError(f"temperature must be > 0, got {temperature!r}.")
+        self.project = nn.Linear(d_model, d_route, bias=False)
+        self.expert_embedding = nn.Parameter(torch.randn(num_experts, d_route) / math.sqrt(d_route))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = F.normalize(self.project(x), dim=-1)
+        experts = F.normalize(self.expert_embedding, dim=-1)
+        temperature = self.log_temperature.exp().clamp(min=0.01)
+        return (tokens @ experts.t() / temperature).float()
+
+    def forward(self, x: torch.Tensor) -> mc.RoutingPlan:
+        logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        chosen = self.select(probs)
+        weights = probs.gather(-1, chosen)
+        return self.token_choice_plan(logits, chosen, weights / weights.sum(-1, keepdim=True))
+
+
+@mc.hookimpl
+def register_routers(register) -> None:
+    register("cosine", CosineRouter, description="cosine similarity with a learned temperature (X-MoE)")

@@ -1,0 +1,64 @@
+"""The example plugin package, pip-installed for real, is usable by name like a built-in router."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixcompile as mc
+from mixcompile import registry
+
+PACKAGE = Path(__file__).resolve().parent.parent / "examples" / "third_party_plugin"
+
+
+@pytest.fixture(scope="module")
+def installed_plugin(tmp_path_factory):
+    """``pip install`` a copy of the example (builds write beside the sources) into a private folder."""
+    source = tmp_path_factory.mktemp("src") / "plugin"
+    shutil.copytree(PACKAGE, source)
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    sys.path.insert(0, str(target))
+    registry.reset()
+    yield target
+    sys.path.remove(str(target))
+    sys.modules.pop("mixcompile_cosine", None)
+    registry.reset()
+
+
+def test_installed_router_is_found_through_its_entry_point(installed_plugin):
+    entry = mc.plugins().get("router", "cosine")
+    assert entry.plugin == "cosine"
+    assert "X-MoE" in entry.description
+
+
+def test_installed_router_routes_and_learns(installed_plugin):
+    torch.manual_seed(0)
+    block = mc.MoEBlock(16, 32, 4, top_k=2, router="cosine", router_options={"temperature": 0.5})
+    x = torch.randn(3, 5, 16)
+    y = block(x)
+    assert y.shape == x.shape
+    assert mc.stats(block)[""]["expert_load"].sum() == 30
+    (y.square().sum() + mc.aux_loss(block)).backward()
+    assert block.router.log_temperature.grad is not None and block.router.log_temperature.grad != 0
+    with pytest.raises(mc.ConfigError, match=r"router 'cosine' \(plugin 'cosine'\): temperature must be > 0"):
+        mc.MoEBlock(16, 32, 4, router="cosine", router_options={"temperature": 0})
