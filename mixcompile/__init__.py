@@ -11,6 +11,8 @@ from .mixing import Mixer, MixPlan
 from .registry import register_plugin, unregister_plugin
 from .registry import registry as plugins
 from .routing import Router, RoutingPlan
+from .compiler import Recipe, convert, inspect  # noqa: E402
+from .serialization import load, save  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,7 +31,12 @@ __all__ = [
     "ShapeError",
     "StackedExperts",
     "UnknownNameError",
+    "Recipe",
     "aux_loss",
+    "convert",
+    "inspect",
+    "load",
+    "save",
     "flop_matched_hidden",
     "hookimpl",
     "register_plugin",

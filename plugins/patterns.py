@@ -1,8 +1,125 @@
-"""Built-in FFN patterns the compiler looks for."""
+"""Built-in FFN patterns the compiler looks for.
 
+- ``mlp``: ``down(act(up(x)))``, optionally with a dropout on the hidden activations (GPT-2, BERT, T5 v1.0,
+  ViT, nanoGPT, ``nn.TransformerEncoderLayer``).
+- ``gated_mlp``: ``down(act(gate(x)) * up(x))`` (LLaMA, Mistral, Qwen2, T5 v1.1 gated-gelu).
+- ``fused_gated_mlp``: one ``gate_up`` projection split with ``chunk(2, dim=-1)`` (Phi-3).
+
+Biases are optional everywhere; activations are whatever the graph view normalised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import networkx as nx
+from torch import fx
+
+from mixcompile.compiler.graph import ACT, CHUNK, DROPOUT, GETITEM, LINEAR, MUL, GraphView
+from mixcompile.compiler.pattern import ANY, INPUT, TemplatePattern, chain, template
+from mixcompile.ffn import DenseFFN
 from mixcompile.hookspecs import Register, hookimpl
+
+
+def _with_optional_dropout(build: Callable[[bool], nx.DiGraph]) -> list[nx.DiGraph]:
+    return [build(False), build(True)]
+
+
+def _ffn(
+    view: GraphView, act: fx.Node, up: tuple, down: fx.Node, gate: tuple | None = None
+) -> DenseFFN | None:
+    """A DenseFFN from ``(weight, bias)`` pairs, or ``None`` when the shapes do not chain."""
+    w_out, b_out = view.linear_weights(down)
+    (w_in, b_in), (w_gate, b_gate) = up, gate or (None, None)
+    h, d = w_in.shape
+    if w_out.shape != (d, h) or (w_gate is not None and w_gate.shape != (h, d)):
+        return None
+    return DenseFFN(w_in, w_out, view.activation(act), w_gate=w_gate, b_in=b_in, b_gate=b_gate, b_out=b_out)
+
+
+class MLP(TemplatePattern):
+    name = "mlp"
+
+    def templates(self) -> list[nx.DiGraph]:
+        def build(dropout: bool) -> nx.DiGraph:
+            middle = [("drop", DROPOUT)] if dropout else []
+            return chain(("up", LINEAR), ("act", ACT), *middle, ("down", LINEAR))
+
+        return _with_optional_dropout(build)
+
+    def to_ffn(self, roles: Mapping[str, fx.Node], view: GraphView) -> DenseFFN | None:
+        return _ffn(view, roles["act"], view.linear_weights(roles["up"]), roles["down"])
+
+
+class GatedMLP(TemplatePattern):
+    name = "gated_mlp"
+
+    def templates(self) -> list[nx.DiGraph]:
+        def build(dropout: bool) -> nx.DiGraph:
+            kinds = {INPUT: ANY, "gate": LINEAR, "up": LINEAR, "act": ACT, "mul": MUL, "down": LINEAR}
+            edges = [(INPUT, "gate"), (INPUT, "up"), ("gate", "act"), ("act", "mul"), ("up", "mul")]
+            if dropout:
+                kinds["drop"] = DROPOUT
+                edges += [("mul", "drop"), ("drop", "down")]
+            else:
+                edges.append(("mul", "down"))
+            return template(*edges, kinds=kinds)
+
+        return _with_optional_dropout(build)
+
+    def to_ffn(self, roles: Mapping[str, fx.Node], view: GraphView) -> DenseFFN | None:
+        gate = view.linear_weights(roles["gate"])
+        return _ffn(view, roles["act"], view.linear_weights(roles["up"]), roles["down"], gate=gate)
+
+
+class FusedGatedMLP(TemplatePattern):
+    name = "fused_gated_mlp"
+
+    def templates(self) -> list[nx.DiGraph]:
+        def build(dropout: bool) -> nx.DiGraph:
+            kinds = {
+                INPUT: ANY,
+                "gate_up": LINEAR,
+                "chunk": CHUNK,
+                "gate_half": GETITEM,
+                "up_half": GETITEM,
+                "act": ACT,
+                "mul": MUL,
+                "down": LINEAR,
+            }
+            edges = [
+                (INPUT, "gate_up"),
+                ("gate_up", "chunk"),
+                ("chunk", "gate_half"),
+                ("chunk", "up_half"),
+                ("gate_half", "act"),
+                ("act", "mul"),
+                ("up_half", "mul"),
+            ]
+            if dropout:
+                kinds["drop"] = DROPOUT
+                edges += [("mul", "drop"), ("drop", "down")]
+            else:
+                edges.append(("mul", "down"))
+            return template(*edges, kinds=kinds)
+
+        return _with_optional_dropout(build)
+
+    def to_ffn(self, roles: Mapping[str, fx.Node], view: GraphView) -> DenseFFN | None:
+        gate_index, up_index = roles["gate_half"].args[1], roles["up_half"].args[1]
+        if {gate_index, up_index} != {0, 1}:
+            return None
+        weight, bias = view.linear_weights(roles["gate_up"])
+        if weight.shape[0] % 2:
+            return None
+        h = weight.shape[0] // 2
+        halves = [(weight[:h], bias[:h] if bias is not None else None)]
+        halves.append((weight[h:], bias[h:] if bias is not None else None))
+        return _ffn(view, roles["act"], halves[up_index], roles["down"], gate=halves[gate_index])
 
 
 @hookimpl
 def register_patterns(register: Register) -> None:
-    pass
+    register("mlp", MLP, description="down(act(up(x))), optional hidden dropout, with or without biases")
+    register("gated_mlp", GatedMLP, description="down(act(gate(x)) * up(x)) (LLaMA, Mistral, Qwen2, T5 v1.1)")
+    register("fused_gated_mlp", FusedGatedMLP, description="gate_up(x).chunk(2, dim=-1), then gated (Phi-3)")

@@ -1,0 +1,277 @@
+"""The ``mixcompile`` command: inspect, convert, plugins, bench, demo.
+
+Exit codes: 0 success, 1 failure (the model or a file is the problem), 2 usage (an argument is).
+Errors are one line on stderr; ``MIXCOMPILE_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .errors import ConfigError, MixcompileError
+from .inputs import read_model
+
+EPILOG = """examples:
+  mixcompile demo
+  mixcompile inspect ./my-llama
+  mixcompile convert ./my-llama -o ./my-llama-moe --strategy moe --experts 8 --top-k 2
+  mixcompile convert ./gpt2 -o ./gpt2-mot --strategy mot --experts 8 --group-size 8 --layers last-half
+  mixcompile convert model.pt -o out --strategy moe --trust-pickle
+  mixcompile plugins --json
+  mixcompile bench ./my-llama-moe --batch 8 --seq 256
+"""
+
+
+class UsageError(MixcompileError):
+    """The command line itself is wrong (exit code 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except (UsageError, ConfigError) as exc:
+        return _fail(exc, 2)
+    except (MixcompileError, OSError, TypeError, ValueError) as exc:
+        return _fail(exc, 1)
+    except KeyboardInterrupt:
+        return _fail(KeyboardInterrupt("interrupted"), 130)
+    except Exception as exc:  # an unexpected failure still gets one line, not a wall of torch internals
+        return _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1)
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    if os.environ.get("MIXCOMPILE_DEBUG"):
+        traceback.print_exception(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"mixcompile: error: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixcompile",
+        description="Compile dense PyTorch models into Mixture-of-Experts / Mixture-of-Tokens.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="build a small GPT, convert it to MoE and MoT, show what changed")
+    demo.set_defaults(handler=_run_demo)
+
+    inspect = commands.add_parser("inspect", help="show the FFN sites a conversion would rewrite")
+    _add_input(inspect)
+    _add_recipe_options(inspect)
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(handler=_run_inspect)
+
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite a saved model's FFNs and save the result",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_input(convert)
+    convert.add_argument(
+        "-o", "--output", required=True, type=Path, help="output directory (never the input)"
+    )
+    convert.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    _add_recipe_options(convert)
+    convert.set_defaults(handler=_run_convert)
+
+    plugins = commands.add_parser("plugins", help="list routers, mixers, kernels, initializers and patterns")
+    plugins.add_argument("--json", action="store_true", help="print as JSON")
+    plugins.set_defaults(handler=_run_plugins)
+
+    bench = commands.add_parser("bench", help="time a converted model's forward/backward against its base")
+    _add_input(bench)
+    _add_recipe_options(bench)
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--steps", type=int, default=10, help="timed iterations (after 2 warm-up ones)")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.set_defaults(handler=_run_bench)
+    return parser
+
+
+def _add_input(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "path",
+        type=Path,
+        help="a mixcompile directory, a Hugging Face model directory, "
+        "a torch.save'd module (.pt, needs --trust-pickle) or a torch.export .pt2 file",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a torch.save'd module (unpickling runs code from the file)",
+    )
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow a manifest to import the function that rebuilds its base model",
+    )
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("recipe (flags override --recipe)")
+    group.add_argument("--recipe", type=Path, help="a recipe JSON file (as written in mixcompile.json)")
+    group.add_argument("--strategy", help="moe or mot")
+    group.add_argument("--experts", type=int, dest="num_experts", help="experts per block")
+    group.add_argument("--top-k", type=int, dest="top_k", help="MoE: experts per token")
+    group.add_argument("--group-size", type=int, dest="group_size", help="MoT: sequences per group")
+    group.add_argument("--router", help="MoE router plugin (see 'mixcompile plugins')")
+    group.add_argument("--mixer", help="MoT mixer plugin")
+    group.add_argument("--kernel", help="kernel plugin, or auto")
+    group.add_argument("--init", help="initializer plugin: upcycle, split, random, ...")
+    group.add_argument("--sizing", help="expert hidden size: same, split or flop (flop-matched)")
+    group.add_argument("--layers", help="which FFNs: all, last-half, every:N, or indices like 0,2,5")
+
+
+RECIPE_FLAGS = (
+    "strategy",
+    "num_experts",
+    "top_k",
+    "group_size",
+    "router",
+    "mixer",
+    "kernel",
+    "init",
+    "sizing",
+)
+
+
+def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
+    """The recipe file (if any) with the flags laid over it; ``None`` when nothing was asked."""
+    from .compiler import Recipe
+
+    data: dict[str, Any] = {}
+    if args.recipe is not None:
+        try:
+            data = json.loads(args.recipe.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--recipe {args.recipe}: cannot read it as JSON ({exc}).") from exc
+        if not isinstance(data, dict):
+            raise UsageError(f"--recipe {args.recipe}: expected a JSON object.")
+    for flag in RECIPE_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    if args.layers is not None:
+        data["sites"] = parse_layers(args.layers)
+    if not data:
+        if required:
+            raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")
+        return None
+    if "strategy" not in data:
+        raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
+    return Recipe.from_dict(data)
+
+
+def parse_layers(text: str) -> str | list[int]:
+    text = text.strip().lower().replace("_", "-")
+    if text in ("all", "last-half") or text.startswith("every:"):
+        return text.replace("-", "_")
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: use all, last-half, every:N or a list like 0,2,5.") from None
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=None, leave=False, file=sys.stderr)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .compiler import inspect
+
+    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+    recipe = recipe_from_args(args, required=False)
+    report = inspect(loaded.model, recipe) if recipe is not None else inspect(loaded.model)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .compiler import convert, inspect
+    from .serialization import save
+
+    source, output = args.path.resolve(), args.output.resolve()
+    if output == source or source in output.parents:
+        raise UsageError(f"the output {args.output} would overwrite or sit inside the input; choose another.")
+    if output.exists() and not args.force:
+        raise UsageError(f"{args.output} exists; choose another output or pass --force to replace it.")
+    recipe = recipe_from_args(args, required=True)
+    with _progress(4, "convert") as bar:
+        loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+        bar.update()
+        report = inspect(loaded.model, recipe)
+        if not report.sites:
+            print(f"nothing to convert: no dense FFN found in {args.path}; no output written.")
+            return 0
+        started = time.perf_counter()
+        model = convert(loaded.model, recipe, inplace=True)
+        bar.update()
+        report = inspect(model)
+        bar.update()
+        save(model, args.output, base=loaded.base, overwrite=args.force)
+        bar.update()
+    print(f"converted {args.path} -> {args.output} in {time.perf_counter() - started:.1f}s")
+    print(report)
+    return 0
+
+
+def _run_plugins(args: argparse.Namespace) -> int:
+    from .registry import registry
+
+    entries = [
+        {"kind": r.kind, "name": r.name, "plugin": r.plugin, "description": r.description}
+        for r in registry().all()
+    ]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    widths = [max(len(e[key]) for e in entries) for key in ("kind", "name", "plugin")]
+    for e in entries:
+        kind, name, plugin = (
+            e[key].ljust(width) for key, width in zip(("kind", "name", "plugin"), widths, strict=True)
+        )
+        print(f"{kind}  {name}  {plugin}  {e['description']}")
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_models
+
+    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+    recipe = recipe_from_args(args, required=False)
+    table = bench_models(loaded, recipe, batch=args.batch, seq=args.seq, steps=args.steps, device=args.device)
+    print(table)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo()
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""``convert`` and ``inspect``: the passes put together.
+
+trace -> find sites -> choose (recipe) -> build blocks -> rewrite -> verify. ``inspect`` stops before
+building real blocks and changes nothing. ``convert`` works on a deep copy unless ``inplace=True``; in
+both cases a failure (an option that does not fit a site, a block that breaks shapes) leaves the model
+as it was: blocks are all built before the first rewrite, and rewrites are undone if verification fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from mixcompile.errors import ConfigError, MixcompileError
+
+from .plan import SitePlan, dense_flops, function_preserving, plan_site
+from .recipe import Recipe, make_recipe, record
+from .report import Report, SiteReport
+from .rewrite import apply, assignments
+from .sites import Scan, find_sites
+from .verify import SiteCheck, capture_inputs, check_site, evaluation, output_error, random_probe, run_model
+
+
+def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, **options: Any) -> Report:
+    """What ``convert`` would do with these options: sites, rewrites, untraced modules, sizes. Changes
+    nothing (blocks are built on the meta device only to count their parameters). A model without dense
+    FFNs (an already converted one, say) gives a report with no sites rather than an error."""
+    _check_model(model)
+    recipe = make_recipe(recipe, options)
+    scan = find_sites(model)
+    selected = recipe.select(scan.sites)
+    plans = [plan_site(site, recipe, meta=True) for site in selected if site.rewrite is not None]
+    before = _count_params(model)
+    after = before - sum(p.params_before for p in plans) + sum(p.params_after for p in plans)
+    return _report(model, recipe, scan, plans, {}, before, after, converted=False)
+
+
+def convert(
+    model: nn.Module,
+    recipe: Recipe | Mapping[str, Any] | None = None,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+    example_inputs: Any = None,
+    **options: Any,
+) -> nn.Module:
+    """Replace the dense FFNs of ``model`` with MoE / MoT blocks; returns the converted model.
+
+    ``convert(model, strategy="mot", num_experts=8)`` or ``convert(model, recipe)`` (keywords override the
+    recipe's fields; see :class:`Recipe`). By default ``model`` is deep-copied and left untouched; with
+    ``inplace=True`` it is modified and returned. ``example_inputs`` (a tensor, tuple of positional
+    arguments or dict of keyword arguments) makes verification use real FFN inputs and compare the whole
+    model's output. Use :func:`convert_with_report` to also get the :class:`Report`.
+    """
+    converted, _ = convert_with_report(
+        model, recipe, inplace=inplace, verify=verify, example_inputs=example_inputs, **options
+    )
+    return converted
+
+
+def convert_with_report(
+    model: nn.Module,
+    recipe: Recipe | Mapping[str, Any] | None = None,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+    example_inputs: Any = None,
+    **options: Any,
+) -> tuple[nn.Module, Report]:
+    """:func:`convert`, also returning the report (with the verification errors per site)."""
+    _check_model(model)
+    recipe = make_recipe(recipe, options)
+    target = model if inplace else copy.deepcopy(model)
+    scan = _scan(target)
+    selected = recipe.select(scan.sites)
+    rewritable = [site for site in selected if site.rewrite is not None]
+    if not rewritable:
+        raise ConfigError(
+            f"none of the {len(selected)} selected FFN sites of {type(model).__name__} can be rewritten: "
+            + "; ".join(f"{site.label}: {site.reason}" for site in selected)
+        )
+    for site in selected:
+        if site.rewrite is None:
+            warnings.warn(
+                f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}", stacklevel=2
+            )
+    plans = [plan_site(site, recipe) for site in rewritable]
+    for plan in plans:
+        plan.block.train(plan.site.unit.module.training)
+    captured, reference = {}, None
+    if verify and example_inputs is not None:
+        captured, reference = capture_inputs(target, plans, example_inputs)
+    before = _count_params(target)
+    restore = apply(target, assignments(target, [(plan.site, plan.block) for plan in plans]))
+    try:
+        checks, model_error = _verify(target, recipe, plans, captured, reference, example_inputs, verify)
+    except BaseException:
+        restore()
+        raise
+    after = _count_params(target)
+    report = _report(target, recipe, scan, plans, checks, before, after, converted=True)
+    report.model_max_error = model_error
+    record(target, recipe, [plan.site.index for plan in plans])
+    return target, report
+
+
+def _verify(
+    model: nn.Module,
+    recipe: Recipe,
+    plans: list[SitePlan],
+    captured: dict[int, Any],
+    reference: Any,
+    example_inputs: Any,
+    verify: bool,
+) -> tuple[dict[int, SiteCheck], float | None]:
+    if not verify:
+        return {}, None
+    preserving = function_preserving(recipe)
+    checks = {}
+    for plan in plans:
+        index = plan.site.index
+        if index in captured:
+            checks[index] = check_site(plan, captured[index], preserving=preserving, source="example_inputs")
+        else:
+            checks[index] = check_site(
+                plan, random_probe(plan, recipe), preserving=preserving, source="random"
+            )
+    if example_inputs is None:
+        return checks, None
+    try:
+        with evaluation(model):
+            after = run_model(model, example_inputs)
+    except Exception as exc:
+        raise MixcompileError(
+            f"the converted {type(model).__name__} failed on example_inputs: {type(exc).__name__}: {exc}"
+        ) from exc
+    return checks, output_error(reference, after) if preserving else None
+
+
+def _check_model(model: object) -> None:
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        hint = f"pass an instance, e.g. convert({model.__name__}(...))"
+    elif isinstance(model, Mapping):
+        hint = "this looks like a state_dict: load it into its model and pass the model"
+    else:
+        hint = "pass the torch.nn.Module to convert"
+    raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}; {hint}.")
+
+
+def _scan(model: nn.Module) -> Scan:
+    scan = find_sites(model)
+    if not scan.sites:
+        untraced = f" {len(scan.trace.failures)} modules could not be traced." if scan.trace.failures else ""
+        raise ConfigError(
+            f"no FFN found in {type(model).__name__}: nothing matched the registered patterns "
+            f"(linear -> activation -> linear, gated, fused gate-up).{untraced} "
+            "Run mixcompile.compiler.trace_hierarchy(model).failures to see why."
+        )
+    return scan
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _report(
+    model: nn.Module,
+    recipe: Recipe,
+    scan: Scan,
+    plans: list[SitePlan],
+    checks: dict[int, SiteCheck],
+    params_before: int,
+    params_after: int,
+    *,
+    converted: bool,
+) -> Report:
+    by_site = {plan.site.index: plan for plan in plans}
+    rows = []
+    for site in scan.sites:
+        plan, check = by_site.get(site.index), checks.get(site.index)
+        if site.rewrite is None:
+            status = "cannot rewrite"
+        elif plan is not None:
+            status = "converted" if converted else "planned"
+        else:
+            status = "not selected"
+        rows.append(
+            SiteReport(
+                index=site.index,
+                path=site.label,
+                pattern=site.pattern,
+                d_model=site.ffn.d_model,
+                d_hidden=site.ffn.d_hidden,
+                gated=site.ffn.gated,
+                bias=site.ffn.has_bias,
+                activation=site.ffn.activation,
+                rewrite=site.rewrite.describe() if site.rewrite else None,
+                status=status,
+                reason=site.reason,
+                expert_hidden=plan.d_hidden if plan else None,
+                kernel=plan.kernel if plan else None,
+                notes=list(site.notes),
+                max_error=check.max_error if check else None,
+                probe=check.source if check else None,
+            )
+        )
+    flops_before = sum(plan.flops_before for plan in plans)
+    unchanged = sum(dense_flops(site.ffn) for site in scan.sites if site.index not in by_site)
+    return Report(
+        model=type(model).__name__,
+        recipe=recipe.to_dict(),
+        sites=rows,
+        untraced=dict(scan.trace.failures),
+        params_before=params_before,
+        params_after=params_after,
+        ffn_flops_before=flops_before + unchanged,
+        ffn_flops_after=sum(plan.flops_after for plan in plans) + unchanged,
+        converted=converted,
+    )

@@ -1,0 +1,176 @@
+"""The recipe: what to turn the dense FFNs into, and which of them.
+
+A recipe is plain data so it can be stored next to a checkpoint and replayed: ``to_dict`` gives JSON-safe
+values and ``from_dict`` reads them back. The one exception is ``filter_fn`` (like torchao's
+``quantize_(model, config, filter_fn)``), a Python callable that is *not* serialised: ``to_dict`` leaves it
+out, so re-apply it by hand after ``from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from mixcompile.errors import ConfigError, check_positive_int
+
+if TYPE_CHECKING:
+    from .sites import FFNSite
+
+STRATEGIES = ("moe", "mot")
+SIZINGS = ("auto", "same", "split", "flop")
+_EVERY = re.compile(r"^every:(\d+)$")
+_RECORD = "_mixcompile_recipe"
+
+
+@dataclass
+class Recipe:
+    """How to convert. Sizing: ``same`` keeps the dense hidden size per expert, ``split`` gives each expert
+    ``hidden / num_experts`` (MoEfication), ``flop`` keeps FLOPs per token equal to dense, ``auto`` is
+    ``split`` for the ``split`` initializer and ``same`` otherwise.
+
+    Sites: ``"all"``, ``"last_half"`` (as in the MoT paper), ``"every:N"`` (the N-th, 2N-th, ... FFN, i.e.
+    indices N-1, 2N-1, ...), or a list of site indices (model order, as ``inspect`` numbers them);
+    ``filter_fn(path, site) -> bool`` then narrows the choice further.
+    """
+
+    strategy: str = "moe"
+    num_experts: int = 8
+    top_k: int = 2
+    group_size: int = 4
+    router: str = "topk"
+    mixer: str = "softmax"
+    kernel: str = "auto"
+    init: str = "upcycle"
+    init_options: dict[str, Any] = field(default_factory=dict)
+    router_options: dict[str, Any] = field(default_factory=dict)
+    mixer_options: dict[str, Any] = field(default_factory=dict)
+    num_shared_experts: int = 0
+    sizing: str = "auto"
+    sites: str | list[int] = "all"
+    seed: int = 0
+    filter_fn: Callable[[str, FFNSite], bool] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+        if self.sizing not in SIZINGS:
+            raise ConfigError(f"sizing must be one of {SIZINGS}, got {self.sizing!r}.")
+        check_positive_int("num_experts", self.num_experts)
+        check_positive_int("top_k", self.top_k)
+        check_positive_int("group_size", self.group_size)
+        check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        for name in ("init_options", "router_options", "mixer_options"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ConfigError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")
+            setattr(self, name, dict(getattr(self, name)))
+        self._check_sites()
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ConfigError(f"filter_fn must be callable as filter_fn(path, site), got {self.filter_fn!r}.")
+
+    def _check_sites(self) -> None:
+        sites = self.sites
+        if isinstance(sites, str):
+            if sites not in ("all", "last_half") and not _EVERY.match(sites):
+                raise ConfigError(
+                    f"sites must be 'all', 'last_half', 'every:N' or a list of indices, got {sites!r}."
+                )
+            if _EVERY.match(sites):
+                check_positive_int("N in sites='every:N'", int(sites.split(":")[1]))
+            return
+        if not isinstance(sites, Sequence) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in sites
+        ):
+            raise ConfigError(
+                f"sites must be 'all', 'last_half', 'every:N' or a list of indices, got {sites!r}."
+            )
+        self.sites = list(sites)
+
+    def resolved_sizing(self) -> str:
+        if self.sizing != "auto":
+            return self.sizing
+        return "split" if self.init == "split" else "same"
+
+    def select(self, sites: list[FFNSite]) -> list[FFNSite]:
+        """The sites this recipe converts, in model order."""
+        count = len(sites)
+        if self.sites == "all":
+            chosen = list(range(count))
+        elif self.sites == "last_half":
+            chosen = list(range(count // 2, count))
+        elif isinstance(self.sites, str):
+            every = int(self.sites.split(":")[1])
+            chosen = list(range(every - 1, count, every))
+        else:
+            bad = [i for i in self.sites if not -count <= i < count]
+            if bad:
+                raise ConfigError(
+                    f"sites {bad} out of range: the model has {count} FFN sites (0..{count - 1})."
+                )
+            chosen = sorted({i % count for i in self.sites})
+        picked = [sites[i] for i in chosen]
+        if self.filter_fn is not None:
+            picked = [site for site in picked if self.filter_fn(site.label, site)]
+        return picked
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe fields; ``filter_fn`` is not serialised."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "filter_fn"}
+        for name in ("init_options", "router_options", "mixer_options"):
+            data[name] = dict(data[name])
+        if isinstance(data["sites"], list):
+            data["sites"] = list(data["sites"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        check_option_names(data, "Recipe.from_dict")
+        return cls(**dict(data))
+
+
+def recipe_of(model: nn.Module) -> Recipe | None:
+    """The recipe ``convert`` applied to ``model`` (``None`` if it did not convert it).
+
+    It is recorded with the converted sites as an explicit index list and no ``filter_fn``, so replaying
+    it on the unconverted model (as ``mixcompile.load`` does) converts exactly the same sites.
+    """
+    recipe = getattr(model, _RECORD, None)
+    return recipe if isinstance(recipe, Recipe) else None
+
+
+def record(model: nn.Module, recipe: Recipe, converted: list[int]) -> None:
+    object.__setattr__(model, _RECORD, dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None))
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Recipe)]
+
+
+def check_option_names(options: Mapping[str, Any], where: str) -> None:
+    """Unknown names fail with the valid ones listed and the closest one suggested."""
+    valid = option_names()
+    for name in options:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown option {name!r}.{hint} Valid options: {', '.join(valid)}.")
+
+
+def make_recipe(recipe: Recipe | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Recipe:
+    """A recipe from ``convert(model, recipe, **options)``: options override the recipe's fields."""
+    check_option_names(options, "convert")
+    if recipe is None:
+        return Recipe(**options)
+    if isinstance(recipe, Mapping):
+        recipe = Recipe.from_dict(recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(
+            f"recipe must be a mixcompile.compiler.Recipe, a dict or None, got {type(recipe).__name__}; "
+            "pass options as keywords, e.g. convert(model, strategy='moe', num_experts=8)."
+        )
+    return dataclasses.replace(recipe, **options) if options else recipe

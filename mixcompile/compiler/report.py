@@ -1,0 +1,88 @@
+"""What ``inspect`` and ``convert`` tell the user: the sites, what happens to each, and what it costs.
+
+A report is plain data (``to_dict`` is JSON-safe) with a readable ``__str__``: one line per FFN site,
+then the sites that cannot be rewritten and why, the modules that could not be traced and why, and
+parameters and FFN FLOPs per token before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SiteReport:
+    index: int
+    path: str
+    pattern: str
+    d_model: int
+    d_hidden: int
+    gated: bool
+    bias: bool
+    activation: str
+    rewrite: str | None
+    status: str  # "converted", "planned", "not selected", "cannot rewrite"
+    reason: str | None = None
+    expert_hidden: int | None = None
+    kernel: str | None = None
+    notes: list[str] = field(default_factory=list)
+    max_error: float | None = None
+    probe: str | None = None  # where the verification input came from
+
+
+@dataclass
+class Report:
+    model: str
+    recipe: dict[str, Any]
+    sites: list[SiteReport]
+    untraced: dict[str, str]
+    params_before: int
+    params_after: int
+    ffn_flops_before: int
+    ffn_flops_after: int
+    converted: bool = False
+    model_max_error: float | None = None
+
+    @property
+    def unrewritable(self) -> list[SiteReport]:
+        return [site for site in self.sites if site.status == "cannot rewrite"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        verb = "converted" if self.converted else "would convert"
+        chosen = [s for s in self.sites if s.status in ("converted", "planned")]
+        lines = [
+            f"mixcompile report for {self.model}: {len(self.sites)} FFN sites, {verb} {len(chosen)} "
+            f"({self.recipe.get('strategy')}, {self.recipe.get('num_experts')} experts)",
+            "",
+            f"{'#':>3}  {'path':<44} {'pattern':<16} {'d x h':<11} {'act':<10} {'status':<15} rewrite",
+        ]
+        for s in self.sites:
+            shape = f"{s.d_model}x{s.d_hidden}" + ("g" if s.gated else "")
+            lines.append(
+                f"{s.index:>3}  {s.path:<44} {s.pattern:<16} {shape:<11} {s.activation:<10} {s.status:<15} "
+                f"{s.rewrite or '-'}"
+            )
+            details = [f"expert hidden {s.expert_hidden}"] if s.expert_hidden is not None else []
+            details += [f"kernel {s.kernel}"] if s.kernel else []
+            details += [f"max error {s.max_error:.3g} ({s.probe} probe)"] if s.max_error is not None else []
+            details += s.notes
+            if details:
+                lines.append(f"{'':>5}{'; '.join(details)}")
+        if self.unrewritable:
+            lines += ["", "Sites that cannot be rewritten:"]
+            lines += [f"  {s.index} {s.path}: {s.reason}" for s in self.unrewritable]
+        if self.untraced:
+            lines += ["", "Modules not traced (their children were traced instead):"]
+            lines += [f"  {path or '<root>'}: {why}" for path, why in self.untraced.items()]
+        lines += [
+            "",
+            f"parameters: {self.params_before:,} -> {self.params_after:,}",
+            f"FFN FLOPs per token: {self.ffn_flops_before:,} -> {self.ffn_flops_after:,}",
+        ]
+        if self.model_max_error is not None:
+            lines.append(f"model output max error vs dense: {self.model_max_error:.3g}")
+        return "\n".join(lines)

@@ -1,0 +1,322 @@
+"""Decide how each FFN site can be replaced, and turn the decisions into attribute assignments.
+
+Three rewrites, preferred in this order:
+
+1. **Module swap**: the FFN is exactly one module (LlamaMLP, GPT2MLP, T5DenseActDense, nanoGPT's MLP) ->
+   the parent gets the block instead. Dropouts the module applies to its output are kept after the block.
+2. **Chain collapse**: the FFN is a straight chain of modules called once (BERT's ``intermediate.dense``
+   -> ``output.dense``, ``TransformerEncoderLayer.linear1 -> activation -> dropout -> linear2``, a slice
+   of an ``nn.Sequential``) -> the first holds the block, the others become identities; everything around
+   them (residuals, norms, other dropouts) is untouched.
+3. **Graph edit**: the FFN is inline code in a (non-root) module's ``forward`` -> that module becomes a
+   ``GraphModule`` where the FFN's nodes are one ``call_module`` to the block.
+
+Every rewrite is a list of :class:`Assignment` s (set attribute ``name`` of module ``path``), so applying
+is uniform and can be undone when verification fails, leaving the model as it was.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import fx, nn
+
+from .graph import GraphView, build_view
+from .pattern import Match
+from .tracing import TracedUnit, trace_module
+
+if TYPE_CHECKING:
+    from .sites import FFNSite
+
+MODULE_SWAP, CHAIN_COLLAPSE, GRAPH_EDIT = "module_swap", "chain_collapse", "graph_edit"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    path: str  # the module whose attribute changes ("" is the model)
+    name: str
+    value: object
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """How a site is replaced. ``target`` is where the block ends up; ``identities`` are emptied."""
+
+    method: str
+    target: str
+    identities: tuple[str, ...] = ()  # module paths (or function attributes) that become identities
+    trailing: tuple[str, ...] = ()  # module swap: dropouts kept after the block
+    guards: tuple[Assignment, ...] = ()  # flags that keep fused fast paths off
+
+    def describe(self) -> str:
+        text = f"{self.method}: {self.target or '<root>'} <- block"
+        if self.trailing:
+            text += f" (then {', '.join(self.trailing)})"
+        if self.identities:
+            text += f"; identity: {', '.join(self.identities)}"
+        return text
+
+
+def plan_rewrite(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> None:
+    """Fill ``site.rewrite`` with the first rewrite that applies, or ``site.reason`` with why none does."""
+    reasons = []
+    for attempt in (_module_swap, _chain_collapse, _graph_edit):
+        outcome = attempt(site, model, owner_units)
+        if isinstance(outcome, Rewrite):
+            site.rewrite = outcome
+            break
+        reasons.append(outcome)
+    else:
+        site.reason = "; ".join(reasons)
+    site.notes.extend(_dropped_dropouts(site))
+
+
+def assignments(model: nn.Module, planned: Iterable[tuple[FFNSite, nn.Module]]) -> list[Assignment]:
+    """The attribute assignments that put each block in place of its site."""
+    result: list[Assignment] = []
+    edits: dict[str, list[tuple[FFNSite, nn.Module]]] = {}
+    for site, block in planned:
+        rewrite = site.rewrite
+        if rewrite is None:
+            continue
+        if rewrite.method == GRAPH_EDIT:
+            edits.setdefault(site.path, []).append((site, block))
+            continue
+        value = block
+        if rewrite.trailing:
+            value = nn.Sequential(block, *(model.get_submodule(path) for path in rewrite.trailing))
+        result.append(Assignment(*_split(rewrite.target), value))
+        result.extend(Assignment(*_split(path), nn.Identity()) for path in rewrite.identities)
+        result.extend(rewrite.guards)
+    for owner, group in edits.items():
+        result.append(Assignment(*_split(owner), _edited_module(model.get_submodule(owner), group)))
+    return result
+
+
+def apply(model: nn.Module, changes: list[Assignment]) -> Callable[[], None]:
+    """Make the assignments; returns a function that restores every attribute as it was."""
+    undo: list[tuple[nn.Module, str, object]] = []
+    for change in changes:
+        owner = model.get_submodule(change.path)
+        undo.append((owner, change.name, getattr(owner, change.name)))
+        setattr(owner, change.name, change.value)
+
+    def restore() -> None:
+        for owner, name, old in reversed(undo):
+            if not isinstance(old, nn.Module):
+                owner._modules.pop(name, None)  # a function attribute that an identity module replaced
+            setattr(owner, name, old)
+
+    return restore
+
+
+# ---- the three checks -----------------------------------------------------------------------------------
+
+
+def _module_swap(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> Rewrite | str:
+    unit, match = site.unit, site.match
+    if unit.method != "forward":
+        return f"no module swap: the FFN is in {unit.method}(), not a whole forward"
+    if not unit.path:
+        return "no module swap: the FFN is the model itself"
+    params = list(inspect.signature(type(unit.module).forward).parameters.values())[1:]
+    if len(params) != 1 or params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return "no module swap: its forward takes arguments besides the FFN input, which a block would not"
+    used = [n for n in unit.graph.nodes if n.op == "placeholder" and n.users]
+    if used != [match.input]:
+        return "no module swap: the module's forward computes more than the FFN from its inputs"
+    tail, trailing = match.output, []
+    while len(tail.users) == 1:
+        user = next(iter(tail.users))
+        if user.op != "call_module" or not isinstance(
+            unit.module.get_submodule(str(user.target)), nn.Dropout
+        ):
+            break
+        trailing.append(user)
+        tail = user
+    computed = {n for n in unit.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
+    output = next(n for n in unit.graph.nodes if n.op == "output")
+    if computed != set(match.nodes) | set(trailing) or output.args[0] is not tail:
+        return "no module swap: the module's forward does more than the FFN"
+    return Rewrite(MODULE_SWAP, unit.path, trailing=tuple(_join(unit.path, str(n.target)) for n in trailing))
+
+
+def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> Rewrite | str:
+    unit, match = site.unit, site.match
+    ordered = [n for n in unit.graph.nodes if n in match.nodes]
+    previous, members = match.input, []
+    for node in ordered:
+        if (
+            not node.args
+            or node.args[0] is not previous
+            or (node is not match.output and len(node.users) != 1)
+        ):
+            return "no chain collapse: the FFN is not a straight chain of calls"
+        member = _chain_member(node, unit)
+        if member is None:
+            return f"no chain collapse: {node.format_node()} is neither a module nor a function attribute"
+        members.append(member)
+        previous = node
+    if ordered[0].op != "call_module":
+        return "no chain collapse: the first projection is not a module"
+    for node in ordered:
+        if node.op == "call_module" and not _called_once(str(node.target), owner_units):
+            return f"no chain collapse: module {node.target!r} is called more than once"
+    modules = [m for m, n in zip(members, ordered, strict=True) if n.op == "call_module"]
+    shared = _shared_members(model, unit.path, modules)
+    if shared:
+        return f"no chain collapse: {shared!r} is also used outside {unit.label}"
+    guards = _fast_path_guards(model, unit)
+    return Rewrite(CHAIN_COLLAPSE, members[0], identities=tuple(members[1:]), guards=guards)
+
+
+def _graph_edit(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> Rewrite | str:
+    unit = site.unit
+    if not unit.path:
+        return "no graph edit: the FFN is inline in the model's own forward (its class would change)"
+    if unit.method != "forward":
+        return f"no graph edit: the FFN is in {unit.method}(), not forward"
+    codes, was_training = [], unit.module.training
+    try:
+        for mode in (True, False):
+            unit.module.train(mode)
+            graph, view = _shallow(unit.module, unit.path)
+            codes.append(graph.python_code("self").src)
+    except Exception as exc:  # noqa: BLE001 - why the exact trace failed is the reason we report
+        return f"no graph edit: its forward does not trace exactly ({type(exc).__name__}: {exc})"
+    finally:
+        unit.module.train(was_training)
+    if codes[0] != codes[1]:
+        return "no graph edit: its forward differs in train and eval mode (a GraphModule would freeze one)"
+    if _rematch(site, view) is None:
+        return "no graph edit: part of the FFN is computed inside a child module's forward"
+    return Rewrite(GRAPH_EDIT, unit.path)
+
+
+def _shallow(owner: nn.Module, path: str) -> tuple[fx.Graph, GraphView]:
+    """The owner traced exactly (no assumed dtypes), with its children as leaves: what a GraphModule runs."""
+    graph, _ = trace_module(owner, set(owner.children()), analysis=False)
+    return graph, build_view(TracedUnit(path, "forward", owner, graph, False))
+
+
+def _rematch(site: FFNSite, view: GraphView) -> Match | None:
+    """The site found again in another graph of the same module (same weights read)."""
+    wanted = build_view(site.unit).weight_keys(site.match.nodes)
+    return next((m for m in site.finder.find(view) if view.weight_keys(m.nodes) == wanted), None)
+
+
+def _edited_module(owner: nn.Module, group: list[tuple[FFNSite, nn.Module]]) -> fx.GraphModule:
+    graph, view = _shallow(owner, group[0][0].path)
+    attrs: dict[str, object] = {}
+    for site, block in group:
+        match = _rematch(site, view)
+        assert match is not None, f"site {site.label} vanished between planning and rewriting"
+        name = _block_name(match, graph, attrs)
+        attrs[name] = block
+        with graph.inserting_before(match.output):
+            replacement = graph.call_module(name, (match.input,))
+        match.output.replace_all_uses_with(replacement)
+        for node in reversed([n for n in graph.nodes if n in match.nodes]):
+            graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in attrs:
+            attrs[str(node.target)] = _fetch(owner, str(node.target))
+    edited = fx.GraphModule(attrs, graph, class_name=type(owner).__name__)
+    edited.train(owner.training)
+    return edited
+
+
+def _block_name(match: Match, graph: fx.Graph, taken: dict[str, object]) -> str:
+    """Name the block after the projection it replaces, unless something outside the FFN still uses it."""
+    first = next(n for n in match.input.users if n in match.nodes)
+    name = str(first.target if first.op == "call_module" else first.args[1].target).replace(".", "_")
+    used = set(taken) | {
+        str(n.target).split(".")[0]
+        for n in graph.nodes
+        if n.op in ("call_module", "get_attr") and n not in match.nodes
+    }
+    while name in used:
+        name += "_moe"
+    return name
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+
+def _chain_member(node: fx.Node, unit: TracedUnit) -> str | None:
+    """The path that can be emptied for ``node``: its module, or the attribute holding its function."""
+    if node.op == "call_module":
+        return _join(unit.path, str(node.target))
+    if node.op != "call_function":
+        return None
+    method = getattr(type(unit.module), unit.method)
+    names = getattr(getattr(method, "__code__", None), "co_names", ())
+    for name, value in vars(unit.module).items():
+        if value is node.target and name in names:
+            return _join(unit.path, name)
+    return None
+
+
+def _called_once(target: str, owner_units: list[TracedUnit]) -> bool:
+    calls = sum(1 for u in owner_units for n in u.graph.nodes if n.op == "call_module" and n.target == target)
+    return calls == 1
+
+
+def _shared_members(model: nn.Module, owner_path: str, members: list[str]) -> str | None:
+    """A member registered in more places than its owner is shared with other code."""
+    counts: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+    owner_count = counts[id(model.get_submodule(owner_path))]
+    for path in members:
+        if counts[id(model.get_submodule(path))] != owner_count:
+            return path
+    return None
+
+
+def _fast_path_guards(model: nn.Module, unit: TracedUnit) -> tuple[Assignment, ...]:
+    """``nn.TransformerEncoderLayer`` (and its encoder) read ``linear1.weight`` in fused eval fast paths.
+
+    Marking the activation as neither relu nor gelu sends the layer down its plain Python path, and turning
+    off nested tensors keeps ``nn.TransformerEncoder`` from reading the layer's weights directly.
+    """
+    guards = []
+    if isinstance(unit.module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+        guards.append(Assignment(unit.path, "activation_relu_or_gelu", 0))
+    parts = unit.path.split(".") if unit.path else []
+    for depth in range(len(parts)):
+        path = ".".join(parts[:depth])
+        if isinstance(model.get_submodule(path), nn.TransformerEncoder):
+            guards.append(Assignment(path, "use_nested_tensor", False))
+    return tuple(guards)
+
+
+def _dropped_dropouts(site: FFNSite) -> list[str]:
+    """Hidden dropouts inside the FFN have no place in a block; say so when they are not no-ops."""
+    notes = []
+    for node in site.match.nodes:
+        module = site.unit.module.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, nn.Dropout) and module.p:
+            notes.append(f"hidden dropout {_join(site.path, str(node.target))} (p={module.p}) is not kept")
+    return notes
+
+
+def _fetch(root: nn.Module, target: str) -> object:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition(".")
+    return parent, name
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,132 @@
+"""Check a rewrite: the blocks take the inputs their FFNs took, return the same shapes, and, when the
+initialisation preserves the function, the same values.
+
+Probe inputs are the real inputs of each FFN when the user gives ``example_inputs`` (captured with forward
+hooks on the unconverted model), otherwise random tensors ``[B, T, d]`` of the FFN's feature size. Checks
+run in eval mode without gradients, and put every module's mode back afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from mixcompile.errors import MixcompileError, ShapeError
+
+from .plan import SitePlan
+from .recipe import Recipe
+
+
+@dataclass
+class SiteCheck:
+    max_error: float | None  # max |block - dense| where the function should be preserved
+    source: str  # "example_inputs" or "random"
+
+
+@contextmanager
+def evaluation(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the duration, each module's own mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def run_model(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def capture_inputs(
+    model: nn.Module, plans: list[SitePlan], example_inputs: Any
+) -> tuple[dict[int, Any], Any]:
+    """Run ``model`` once; return each site's first real FFN input (by site index) and the model output."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for plan in plans:
+        path = plan.site.probe_module()
+        if path is None:
+            continue
+
+        def hook(module: nn.Module, args: tuple, index: int = plan.site.index) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                captured.setdefault(index, args[0].detach().clone())
+
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        with evaluation(model):
+            output = run_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, output
+
+
+def random_probe(plan: SitePlan, recipe: Recipe) -> torch.Tensor:
+    ffn = plan.site.ffn
+    batch = max(2, recipe.group_size) if recipe.strategy == "mot" else 2
+    generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed)
+    return torch.randn(
+        batch, 3, ffn.d_model, generator=generator, device=ffn.w_in.device, dtype=ffn.w_in.dtype
+    )
+
+
+def check_site(plan: SitePlan, x: torch.Tensor, *, preserving: bool, source: str) -> SiteCheck:
+    """Run the block and the dense FFN on ``x``; shapes must agree, values are compared when preserving."""
+    site = plan.site
+    with evaluation(plan.block):
+        try:
+            y = plan.block(x)
+        except Exception as exc:
+            raise MixcompileError(
+                f"FFN site {site.index} at {site.label!r}: the new block failed on a probe of shape "
+                f"{tuple(x.shape)}: {type(exc).__name__}: {exc}"
+            ) from exc
+        reference = site.ffn.forward(x)
+    if not isinstance(y, torch.Tensor) or y.shape != reference.shape:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ShapeError(
+            f"FFN site {site.index} at {site.label!r}: the block returned {got} where the dense FFN "
+            f"returns {tuple(reference.shape)}."
+        )
+    error = float((y - reference).abs().max()) if preserving and y.numel() else None
+    return SiteCheck(error, source)
+
+
+def output_error(before: Any, after: Any) -> float | None:
+    """Max absolute difference over the floating tensors of two model outputs of the same structure."""
+    left, right = _float_leaves(before), _float_leaves(after)
+    if (
+        not left
+        or len(left) != len(right)
+        or any(a.shape != b.shape for a, b in zip(left, right, strict=True))
+    ):
+        return None
+    return max(float((a - b).abs().max()) for a, b in zip(left, right, strict=True))
+
+
+def _float_leaves(output: Any) -> list[torch.Tensor]:
+    leaves = pytree.tree_leaves(_plain(output))
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _plain(output: Any) -> Any:
+    """HF ``ModelOutput`` s are dicts with extra behaviour; compare their tensor fields."""
+    if isinstance(output, Mapping):
+        return {key: _plain(value) for key, value in output.items() if not hasattr(value, "get_seq_length")}
+    if isinstance(output, tuple | list):
+        return [_plain(value) for value in output]
+    return output

@@ -1,0 +1,22 @@
+"""Distributed training of models with sparse blocks.
+
+- :func:`parallelize`: expert parallelism, each rank keeps a slice of every MoE block's experts.
+- :func:`data_parallel` / :func:`rank_local_state`: DDP and FSDP2 over converted (and parallelized) models.
+- :func:`all_reduce_stats`, :func:`update_routing_bias`: routing statistics and aux-loss-free balancing
+  over all ranks' tokens.
+
+MoT blocks need nothing here: their groups are formed within each rank's batch.
+"""
+
+from .data_parallel import data_parallel, rank_local_state
+from .expert_parallel import ExpertParallel, parallelize
+from .stats import all_reduce_stats, update_routing_bias
+
+__all__ = [
+    "ExpertParallel",
+    "all_reduce_stats",
+    "data_parallel",
+    "parallelize",
+    "rank_local_state",
+    "update_routing_bias",
+]

@@ -1,0 +1,45 @@
+"""Data parallelism over models with sparse blocks: what DDP and FSDP must leave to each rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..blocks import MoEBlock
+from ..introspect import sparse_blocks
+from ..routing import Router
+from .expert_parallel import expert_parallel_runner
+
+
+def rank_local_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers whose value differs between ranks by design, by name in ``model``.
+
+    - the expert slices of blocks sharded by :func:`parallelize` (each rank holds different experts);
+    - the ``load_since_update`` counters of bias-balancing routers (each rank counts its own tokens until
+      :func:`update_routing_bias` sums them).
+
+    DDP must neither average nor broadcast them, and FSDP must not shard the expert slices again
+    (``fully_shard(model, ignored_params=...)`` with the parameters among these).
+    """
+    local: dict[str, torch.Tensor] = {}
+    for path, block in sparse_blocks(model).items():
+        prefix = f"{path}." if path else ""
+        if expert_parallel_runner(block) is not None:
+            for name, param in block.experts.named_parameters():
+                local[f"{prefix}experts.{name}"] = param
+        router = getattr(block, "router", None)
+        if isinstance(block, MoEBlock) and isinstance(router, Router) and router.bias_balancing:
+            local[f"{prefix}router.load_since_update"] = router.load_since_update
+    return local
+
+
+def data_parallel(
+    model: nn.Module, group: dist.ProcessGroup | None = None, **ddp_options: Any
+) -> DistributedDataParallel:
+    """``DistributedDataParallel(model)`` leaving :func:`rank_local_state` alone; options pass on to DDP."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(rank_local_state(model)))
+    return DistributedDataParallel(model, process_group=group, **ddp_options)

@@ -1,0 +1,177 @@
+"""Expert parallelism: each rank of a group keeps a slice of every MoE block's experts.
+
+Every rank routes its own tokens with its replicated router; the (token, expert) pairs travel to the rank
+that holds the expert, are computed there, and come back to be combined with their routing weights, so the
+router, shared experts and the rest of the model never see that the experts are elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..blocks import MoEBlock
+from ..errors import ConfigError
+from ..experts import StackedExperts
+from ..introspect import sparse_blocks
+from ..kernels import Kernel
+from ..routing import RoutingPlan
+from .exchange import exchange_counts, exchange_rows
+
+
+class ExpertParallel:
+    """The runner :func:`parallelize` installs as ``MoEBlock.expert_parallel``.
+
+    Rank ``r`` of ``group`` holds global experts ``[r * E/W, (r + 1) * E/W)``. ``grad_scale`` multiplies the
+    gradient reaching the local experts (not the one going back to the tokens).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, num_experts: int, grad_scale: float = 1.0) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.num_experts = num_experts
+        self.experts_per_rank = num_experts // self.world
+        self.grad_scale = grad_scale
+
+    @property
+    def first_expert(self) -> int:
+        """Global index of this rank's first local expert."""
+        return self.rank * self.experts_per_rank
+
+    def __call__(
+        self, x: torch.Tensor, plan: RoutingPlan, experts: StackedExperts, kernel: Kernel
+    ) -> torch.Tensor:
+        """Send each pair's token row to the rank of its expert, compute there, and combine the outputs
+        back here, where the routing weights (and their gradient) live."""
+        dest = plan.expert_index // self.experts_per_rank
+        order = torch.argsort(dest, stable=True)
+        token = plan.token_index[order]
+        local_id = plan.expert_index[order] - dest[order] * self.experts_per_rank
+        send = torch.bincount(dest, minlength=self.world)
+        send_counts = send.tolist()
+        recv_counts = exchange_counts(send, self.group).tolist()
+        rows = exchange_rows(x[token], send_counts, recv_counts, self.group)
+        ids = exchange_rows(local_id, send_counts, recv_counts, self.group)
+        out = self._compute(rows, ids, experts, kernel)
+        back = exchange_rows(out, recv_counts, send_counts, self.group)
+        weight = plan.weight[order].to(x.dtype)
+        return x.new_zeros(x.shape).index_add(0, token, back * weight[:, None])
+
+    def _compute(
+        self, rows: torch.Tensor, ids: torch.Tensor, experts: StackedExperts, kernel: Kernel
+    ) -> torch.Tensor:
+        """The local experts on the received rows, each row one (token, expert) pair with weight 1."""
+        if rows.shape[0] == 0:
+            return _EmptyOutput.apply(rows, *experts.parameters())
+        n = rows.shape[0]
+        index = torch.arange(n, device=rows.device)
+        local = RoutingPlan(index, ids, rows.new_ones(n), n, experts.num_experts)
+        if self.grad_scale == 1.0:
+            return kernel.moe(rows, local, experts)
+        out = kernel.moe(_ScaleGrad.apply(rows, 1.0 / self.grad_scale), local, experts)
+        return _ScaleGrad.apply(out, self.grad_scale)
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpertParallel(rank={self.rank}/{self.world}, experts=[{self.first_expert}, "
+            f"{self.first_expert + self.experts_per_rank}) of {self.num_experts})"
+        )
+
+
+def parallelize(
+    model: nn.Module, ep_group: dist.ProcessGroup | None = None, *, average_grads: bool = True
+) -> nn.Module:
+    """Shard the experts of every :class:`MoEBlock` of ``model`` over ``ep_group``, in place.
+
+    Call it on every rank of the group, with the same model. ``ep_group=None`` creates one new group over
+    all ranks, so the expert exchanges get their own communicator and never interleave with the gradient
+    collectives of DDP or FSDP. Each block's ``experts`` become a copy of the local slice (its
+    ``state_dict`` entries keep their names and hold ``E/W`` experts: rank ``r`` saves experts
+    ``[r*E/W, (r+1)*E/W)``). ``average_grads`` scales the expert gradients by ``1/W``: they are then the
+    gradient of the mean of the ranks' losses, as DDP and FSDP average the replicated parameters'; with
+    ``False`` they are the gradient of the sum. MoT blocks are left alone (they shard over nothing).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConfigError("parallelize needs torch.distributed initialised first (init_process_group).")
+    blocks = {path: b for path, b in sparse_blocks(model).items() if isinstance(b, MoEBlock)}
+    world = dist.get_world_size(ep_group)
+    for path, block in blocks.items():
+        _check_shardable(path, block, world)
+    group = dist.new_group() if ep_group is None else ep_group
+    for block in blocks.values():
+        runner = ExpertParallel(group, block.experts.num_experts, 1.0 / world if average_grads else 1.0)
+        block.experts = _local_slice(block.experts, runner.first_expert, runner.experts_per_rank)
+        block.expert_parallel = runner
+    return model
+
+
+def expert_parallel_runner(block: nn.Module) -> ExpertParallel | None:
+    """The runner of a block sharded by :func:`parallelize`, else ``None``."""
+    runner = getattr(block, "expert_parallel", None)
+    return runner if isinstance(runner, ExpertParallel) else None
+
+
+def _check_shardable(path: str, block: MoEBlock, world: int) -> None:
+    where = f"MoE block {path or '<root>'!r}"
+    if block.expert_parallel is not None:
+        raise ConfigError(f"{where} already runs its experts in parallel; parallelize a model only once.")
+    num_experts = block.experts.num_experts
+    if num_experts % world:
+        raise ConfigError(
+            f"{where} has {num_experts} experts, which {world} expert-parallel ranks cannot share evenly; "
+            f"use a number of experts divisible by {world} or a smaller ep_group."
+        )
+
+
+def _local_slice(experts: StackedExperts, first: int, count: int) -> StackedExperts:
+    """A new StackedExperts holding a copy of experts ``[first, first + count)``."""
+    w = experts.w_in
+    local = StackedExperts(
+        count,
+        experts.d_model,
+        experts.d_hidden,
+        activation=experts.activation,
+        gated=experts.gated,
+        bias=experts.bias,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        for name, param in experts.named_parameters():
+            mine = getattr(local, name)
+            mine.copy_(param[first : first + count])
+            mine.requires_grad_(param.requires_grad)
+    return local
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+class _EmptyOutput(torch.autograd.Function):
+    """The output of a rank that received no rows, kept in the autograd graph like a computed one.
+
+    Every rank must join the backward exchanges; a tensor with no autograd history would skip them here
+    and leave the other ranks waiting.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (grad, *([None] * (len(ctx.needs_input_grad) - 1)))

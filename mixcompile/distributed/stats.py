@@ -1,0 +1,98 @@
+"""Routing statistics and balancing state summed over the ranks of a data-parallel group.
+
+Each rank routes its own tokens, so its statistics and load counters describe only its share of the batch;
+these reductions give the global view, and keep the selection bias identical on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..blocks import MoEBlock
+from ..introspect import sparse_blocks, stats
+from ..introspect import update_routing_bias as update_local_bias
+from ..routing import Router
+
+# Per block kind: counts summed over ranks, and (mean, weight) pairs averaged weighted by a summed count.
+_SUMMED = {"moe": ("tokens", "dropped_tokens", "dropped_assignments"), "mot": ("groups", "missing_members")}
+_AVERAGED = {"moe": ("routing_entropy", "tokens"), "mot": ("merge_entropy", "groups")}
+
+
+def all_reduce_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`mixcompile.stats` of the last forward on every rank of ``group``, combined.
+
+    Counts (``tokens``, ``expert_load``, ``dropped_tokens``, ``dropped_assignments``, ``groups``,
+    ``missing_members``) are summed; entropies are averaged weighted by tokens (MoE) or groups (MoT);
+    ``aux_loss`` is the mean over ranks of each MoE block's weighted router losses (``None`` without
+    losses). A collective: call it on every rank, after a forward of the same model.
+    """
+    local = stats(model)
+    blocks = sparse_blocks(model)
+    world = dist.get_world_size(group)
+    values: list[torch.Tensor] = []
+    keys: list[tuple[str, str]] = []
+    for path, block_stats in local.items():
+        kind = block_stats["kind"]
+        mean_key, weight_key = _AVERAGED[kind]
+        summed = {key: block_stats[key] for key in (*_SUMMED[kind], "expert_load") if key in block_stats}
+        if mean_key in block_stats:
+            summed[mean_key] = block_stats[mean_key] * block_stats[weight_key]
+        loss = getattr(blocks[path], "last_aux_loss", None)
+        if loss is not None:
+            summed["aux_loss"] = loss.detach() / world
+        for key, value in summed.items():
+            values.append(torch.as_tensor(value, dtype=torch.float64, device="cpu").reshape(-1))
+            keys.append((path, key))
+    if not values:
+        return {}
+    flat = torch.cat(values).to(_device(model))
+    dist.all_reduce(flat, group=group)
+    result = {path: dict(block_stats) for path, block_stats in local.items()}
+    for (path, key), chunk in zip(keys, flat.cpu().split([v.numel() for v in values]), strict=True):
+        result[path][key] = chunk
+    for block_stats in result.values():
+        _finish(block_stats)
+    return result
+
+
+def _finish(block_stats: dict[str, Any]) -> None:
+    """Summed float64 chunks back to the types :func:`mixcompile.stats` uses; weighted sums to means."""
+    kind = block_stats["kind"]
+    for key in _SUMMED[kind]:
+        block_stats[key] = round(block_stats[key].item())
+    if "expert_load" in block_stats:
+        block_stats["expert_load"] = block_stats["expert_load"].round().long()
+    mean_key, weight_key = _AVERAGED[kind]
+    if mean_key in block_stats:
+        block_stats[mean_key] = block_stats[mean_key].item() / max(block_stats[weight_key], 1)
+    if kind == "moe":
+        block_stats["aux_loss"] = block_stats["aux_loss"].item() if "aux_loss" in block_stats else None
+
+
+def update_routing_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """:func:`mixcompile.update_routing_bias` on the expert loads summed over ``group``.
+
+    Every rank ends with the same selection bias, as long as all started with the same one. A collective:
+    call it on every rank after each optimiser step. Returns the number of routers updated.
+    """
+    routers = [
+        block.router
+        for block in sparse_blocks(model).values()
+        if isinstance(block, MoEBlock) and isinstance(block.router, Router) and block.router.bias_balancing
+    ]
+    if routers:
+        loads = torch.cat([router.load_since_update for router in routers])
+        dist.all_reduce(loads, group=group)
+        for router, load in zip(routers, loads.split([r.num_experts for r in routers]), strict=True):
+            router.load_since_update.copy_(load)
+    return update_local_bias(model)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where collectives on this model's group take their tensors (CUDA for NCCL)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

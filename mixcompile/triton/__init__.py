@@ -1,0 +1,21 @@
+"""Fused Triton kernels for MoE and MoT blocks.
+
+The submodules import ``triton`` and decide at import time whether kernels are compiled for the GPU or run
+by Triton's CPU interpreter: set ``TRITON_INTERPRET=1`` *before* importing them to run on CPU tensors.
+This package itself imports nothing heavy, so ``mixcompile`` stays importable without Triton.
+
+- ``activations``: the activation epilogues (value and derivative) for every name in
+  :data:`mixcompile.activations.ACTIVATIONS`.
+- ``grouped``: grouped GEMMs over rows sorted by expert, shared by the MoE and MoT kernels.
+- ``moe_kernels`` / ``mot_kernels``: the forward and backward passes built from them.
+- ``ops``: ``torch.library`` custom ops (with fake and autograd registrations) that blocks call.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (read as Triton reads ``TRITON_INTERPRET``)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,100 @@
+"""Activation epilogues for the fused kernels: value and derivative, computed in fp32.
+
+Kernels select the function with a ``constexpr`` code, so each activation compiles to straight-line code.
+Triton has no ``tanh`` that also runs in the CPU interpreter, so it is built from ``exp``. Named constants
+stand to the right of tensors: the interpreter cannot multiply a ``constexpr`` by a tensor.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CODES: dict[str, int] = {
+    "relu": 0,
+    "gelu": 1,
+    "gelu_tanh": 2,
+    "quick_gelu": 3,
+    "silu": 4,
+    "squared_relu": 5,
+    "sigmoid": 6,
+    "tanh": 7,
+    "identity": 8,
+}
+
+_RELU = tl.constexpr(0)
+_GELU = tl.constexpr(1)
+_GELU_TANH = tl.constexpr(2)
+_QUICK_GELU = tl.constexpr(3)
+_SILU = tl.constexpr(4)
+_SQUARED_RELU = tl.constexpr(5)
+_SIGMOID = tl.constexpr(6)
+_TANH = tl.constexpr(7)
+
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_CUBIC = tl.constexpr(0.044715)
+_QUICK_GELU_SCALE = tl.constexpr(1.702)
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def activate(x, ACT: tl.constexpr):
+    """``act(x)`` for fp32 ``x``."""
+    if ACT == _RELU:
+        y = tl.maximum(x, 0.0)
+    elif ACT == _GELU:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_HALF))
+    elif ACT == _GELU_TANH:
+        y = 0.5 * x * (1.0 + _tanh((x + x * x * x * _GELU_CUBIC) * _SQRT_2_OVER_PI))
+    elif ACT == _QUICK_GELU:
+        y = x * tl.sigmoid(x * _QUICK_GELU_SCALE)
+    elif ACT == _SILU:
+        y = x * tl.sigmoid(x)
+    elif ACT == _SQUARED_RELU:
+        r = tl.maximum(x, 0.0)
+        y = r * r
+    elif ACT == _SIGMOID:
+        y = tl.sigmoid(x)
+    elif ACT == _TANH:
+        y = _tanh(x)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def derivative(x, ACT: tl.constexpr):
+    """``act'(x)`` for fp32 ``x`` (0 for ReLU at 0, as autograd)."""
+    if ACT == _RELU:
+        g = tl.where(x > 0, 1.0, 0.0)
+    elif ACT == _GELU:
+        g = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+    elif ACT == _GELU_TANH:
+        t = _tanh((x + x * x * x * _GELU_CUBIC) * _SQRT_2_OVER_PI)
+        inner = (1.0 + x * x * _GELU_CUBIC * 3.0) * _SQRT_2_OVER_PI
+        g = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner
+    elif ACT == _QUICK_GELU:
+        s = tl.sigmoid(x * _QUICK_GELU_SCALE)
+        g = s + x * _QUICK_GELU_SCALE * s * (1.0 - s)
+    elif ACT == _SILU:
+        s = tl.sigmoid(x)
+        g = s * (1.0 + x * (1.0 - s))
+    elif ACT == _SQUARED_RELU:
+        g = 2.0 * tl.maximum(x, 0.0)
+    elif ACT == _SIGMOID:
+        s = tl.sigmoid(x)
+        g = s * (1.0 - s)
+    elif ACT == _TANH:
+        t = _tanh(x)
+        g = 1.0 - t * t
+    else:
+        g = tl.full(x.shape, 1.0, tl.float32)
+    return g

@@ -1,0 +1,159 @@
+"""Bad input and sites that cannot be rewritten: clear errors, reasons, and models left as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import D_FF, D_MODEL, PlainMLP, Residual, build
+
+from mixcompile.blocks import MoEBlock
+from mixcompile.compiler import convert, convert_with_report, find_sites, inspect
+from mixcompile.errors import ConfigError, MixcompileError
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, list]:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return state, [(path, type(m)) for path, m in model.named_modules()]
+
+
+def _same(model: nn.Module, snapshot: tuple[dict, list]) -> bool:
+    state, structure = snapshot
+    now = model.state_dict()
+    return (
+        now.keys() == state.keys()
+        and all(torch.equal(now[k], state[k]) for k in state)
+        and [(path, type(m)) for path, m in model.named_modules()] == structure
+    )
+
+
+def test_model_without_ffn_is_a_clear_error_and_unchanged() -> None:
+    model = nn.Sequential(nn.Linear(D_MODEL, D_MODEL), nn.LayerNorm(D_MODEL), nn.Linear(D_MODEL, D_MODEL))
+    snapshot = _snapshot(model)
+    with pytest.raises(ConfigError, match="no FFN found in Sequential"):
+        convert(model, inplace=True)
+    assert inspect(model).sites == []  # inspect describes; only convert insists on something to do
+    assert _same(model, snapshot)
+
+
+def test_non_module_is_a_type_error_with_a_hint() -> None:
+    with pytest.raises(TypeError, match="state_dict"):
+        convert(build("llama").state_dict())
+    with pytest.raises(TypeError, match="pass an instance"):
+        convert(nn.Linear)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        inspect("llama")
+
+
+def test_top_k_above_num_experts_names_the_site() -> None:
+    model = build("llama")
+    snapshot = _snapshot(model)
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp.*top_k=4 is more than num_experts=2"):
+        convert(model, num_experts=2, top_k=4, inplace=True)
+    assert _same(model, snapshot)
+
+
+def test_split_that_does_not_divide_names_the_site() -> None:
+    with pytest.raises(ConfigError, match=r"transformer\.h\.0\.mlp.*not divisible by num_experts=3"):
+        convert(build("gpt2"), num_experts=3, init="split")
+
+
+def test_flop_sizing_that_does_not_divide_names_the_site() -> None:
+    with pytest.raises(ConfigError, match=r"layers\.0\.ffn.*flop-matched"):
+        convert(build("plain_mlp"), strategy="mot", num_experts=3, group_size=2, sizing="flop", init="random")
+
+
+def test_site_index_out_of_range() -> None:
+    with pytest.raises(ConfigError, match="out of range"):
+        convert(build("llama"), sites=[5])
+
+
+class InlineRoot(nn.Module):
+    """One FFN inline in the model's own forward (a graph edit would change its class), one in a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D_MODEL, D_FF)
+        self.proj = nn.Linear(D_FF, D_MODEL)
+        self.block = Residual(PlainMLP())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.proj(F.gelu(self.fc(x)))
+        return self.block(x)
+
+
+def test_unrewritable_site_is_reported_and_left_whole() -> None:
+    model = InlineRoot()
+    (inline, module) = find_sites(model).sites
+    assert inline.rewrite is None and "model's own forward" in inline.reason
+    assert module.rewrite is not None
+
+    report = inspect(model)
+    assert [s.status for s in report.sites] == ["cannot rewrite", "planned"]
+    assert "Sites that cannot be rewritten" in str(report)
+
+    with pytest.warns(UserWarning, match="left dense"):
+        converted, report = convert_with_report(model, num_experts=4)
+    assert isinstance(converted.fc, nn.Linear) and isinstance(converted.proj, nn.Linear)
+    assert isinstance(converted.block.ffn, MoEBlock)
+    assert report.sites[0].status == "cannot rewrite" and report.sites[1].status == "converted"
+
+
+def test_only_unrewritable_sites_selected_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="can be rewritten"):
+        convert(InlineRoot(), sites=[0])
+
+
+class SharedProjection(nn.Module):
+    """The up projection is also used by another branch: chain collapse would change that branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D_MODEL, D_FF)
+        self.act = nn.ReLU()
+        self.down = nn.Linear(D_FF, D_MODEL)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x))) + self.up(x).mean(-1, keepdim=True)
+
+
+def test_module_called_twice_blocks_chain_collapse_but_allows_graph_edit() -> None:
+    model = nn.Sequential(SharedProjection())
+    (site,) = find_sites(model).sites
+    assert site.rewrite.method == "graph_edit"
+    converted = convert(model, num_experts=2)
+    assert isinstance(converted[0], torch.fx.GraphModule)
+    assert isinstance(converted[0].up, nn.Linear)  # still used by the other branch
+    x = torch.randn(2, 3, D_MODEL)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+class ModeDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D_MODEL, D_FF)
+        self.down = nn.Linear(D_FF, D_MODEL)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.down(F.relu(self.up(x)))
+        return y * 0.5 if self.training else y
+
+
+def test_mode_dependent_forward_is_not_graph_edited() -> None:
+    (site,) = find_sites(nn.Sequential(ModeDependent())).sites
+    assert site.rewrite is None and "train and eval" in site.reason
+
+
+def test_failed_verification_restores_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build("llama")
+    snapshot = _snapshot(model)
+
+    def broken(self: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :-1]
+
+    monkeypatch.setattr(MoEBlock, "forward", broken)
+    with pytest.raises(MixcompileError, match=r"model\.layers\.0\.mlp"):
+        convert(model, inplace=True, num_experts=4)
+    assert _same(model, snapshot)

@@ -1,0 +1,137 @@
+"""Recipes (serialisation, site selection, options) and the inspect report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from zoo import ZOO, build
+
+from mixcompile.blocks import MoEBlock
+from mixcompile.compiler import Recipe, convert, convert_with_report, inspect, recipe_of
+from mixcompile.errors import ConfigError
+
+
+def test_recipe_round_trips_through_json() -> None:
+    recipe = Recipe(
+        strategy="mot",
+        num_experts=16,
+        group_size=8,
+        mixer_options={"temperature": 0.5},
+        init="split",
+        init_options={"method": "balanced"},
+        sizing="flop",
+        sites=[0, 3],
+        seed=3,
+    )
+    data = json.loads(json.dumps(recipe.to_dict()))
+    assert Recipe.from_dict(data) == recipe
+
+
+def test_filter_fn_is_not_serialised() -> None:
+    recipe = Recipe(filter_fn=lambda path, site: "layers.1" in path)
+    assert "filter_fn" not in recipe.to_dict()
+    assert Recipe.from_dict(recipe.to_dict()).filter_fn is None
+
+
+@pytest.mark.parametrize(
+    ("sites", "expected"),
+    [("all", [0, 1, 2, 3]), ("last_half", [2, 3]), ("every:2", [1, 3]), ([0, -1], [0, 3])],
+)
+def test_site_selection(sites: object, expected: list[int]) -> None:
+    report = inspect(build("t5"), sites=sites)
+    assert [s.index for s in report.sites if s.status == "planned"] == expected
+
+
+def test_filter_fn_narrows_the_selection() -> None:
+    report = inspect(build("t5"), filter_fn=lambda path, site: path.startswith("decoder"))
+    assert [s.status for s in report.sites] == ["not selected"] * 2 + ["planned"] * 2
+
+
+def test_only_selected_sites_are_converted() -> None:
+    model = build("llama")
+    converted = convert(model, sites=[1], num_experts=4)
+    assert not isinstance(converted.model.layers[0].mlp, MoEBlock)
+    assert isinstance(converted.model.layers[1].mlp, MoEBlock)
+
+
+def test_recipe_and_keyword_options_combine() -> None:
+    recipe = Recipe(num_experts=4, top_k=1)
+    converted = convert(build("llama"), recipe, top_k=2)
+    assert converted.model.layers[0].mlp.top_k == 2 and converted.model.layers[0].mlp.router.num_experts == 4
+
+
+def test_unknown_option_lists_valid_ones_and_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"unknown option 'num_expert'.*'num_experts'.*Valid options"):
+        convert(build("llama"), num_expert=4)
+
+
+@pytest.mark.parametrize(
+    "options", [{"strategy": "moo"}, {"sizing": "tiny"}, {"sites": "first_half"}, {"num_experts": 0}]
+)
+def test_bad_recipe_values(options: dict) -> None:
+    with pytest.raises(ConfigError):
+        Recipe(**options)
+
+
+def test_sizing_split_and_flop() -> None:
+    split = inspect(build("llama"), num_experts=4, init="split")
+    assert {s.expert_hidden for s in split.sites} == {16}
+    flop = inspect(build("llama"), strategy="mot", num_experts=8, group_size=4, sizing="flop", init="random")
+    assert {s.expert_hidden for s in flop.sites} == {32}
+    assert flop.ffn_flops_after > flop.ffn_flops_before  # mixing adds a little on top of the matched experts
+
+
+def test_inspect_reports_sites_untraced_modules_and_costs_without_changing_anything() -> None:
+    model = build("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = inspect(model, num_experts=4)
+
+    assert [s.status for s in report.sites] == ["planned", "planned"]
+    site = report.sites[0]
+    assert site.path == "encoder.layer.0"
+    assert (site.d_model, site.d_hidden, site.activation) == (32, 64, "gelu")
+    assert site.rewrite.startswith("chain_collapse: encoder.layer.0.intermediate.dense")
+    assert "encoder.layer.0.attention.self" in report.untraced
+    assert report.params_after > report.params_before
+    text = str(report)
+    assert "encoder.layer.0.intermediate.dense" in text and "Modules not traced" in text
+    json.dumps(report.to_dict())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
+
+
+def test_inspect_param_count_matches_conversion() -> None:
+    model = build("gpt2")
+    planned = inspect(model, num_experts=4, num_shared_experts=1)
+    _, report = convert_with_report(model, num_experts=4, num_shared_experts=1)
+    assert planned.params_after == report.params_after
+    assert sum(p.numel() for p in _.parameters()) == report.params_after
+
+
+def test_verification_reports_errors_from_real_inputs() -> None:
+    inputs = ZOO["gpt2"].inputs(2, 5)
+    _, report = convert_with_report(build("gpt2"), num_experts=4, example_inputs=inputs)
+    assert all(s.probe == "example_inputs" and s.max_error < 1e-5 for s in report.sites)
+    assert report.model_max_error is not None and report.model_max_error < 1e-4
+    _, random_probe = convert_with_report(build("gpt2"), num_experts=4)
+    assert all(s.probe == "random" and s.max_error < 1e-5 for s in random_probe.sites)
+    _, mot = convert_with_report(build("gpt2"), strategy="mot", num_experts=4, example_inputs=inputs)
+    assert all(s.max_error is None for s in mot.sites)  # MoT is not function-preserving: nothing to compare
+
+
+def test_inplace_conversion_returns_the_same_object() -> None:
+    model = build("llama")
+    assert convert(model, inplace=True, num_experts=4) is model
+    assert isinstance(model.model.layers[0].mlp, MoEBlock)
+
+
+def test_recorded_recipe_replays_the_same_sites() -> None:
+    model = build("t5")
+    converted = convert(model, num_experts=4, filter_fn=lambda path, site: path.startswith("decoder"))
+    recorded = recipe_of(converted)
+    assert recorded.sites == [2, 3] and recorded.filter_fn is None
+    assert recipe_of(model) is None
+    replayed = convert(build("t5"), Recipe.from_dict(json.loads(json.dumps(recorded.to_dict()))))
+    assert replayed.state_dict().keys() == converted.state_dict().keys()
