@@ -1,6 +1,7 @@
 """mixcompile: compile dense PyTorch models into Mixture-of-Experts and Mixture-of-Tokens models."""
 
 from .blocks import MoEBlock, MoTBlock, flop_matched_hidden
+from .compiler import Recipe, convert, inspect  # noqa: E402
 from .errors import ConfigError, MixcompileError, PluginError, ShapeError, UnknownNameError
 from .experts import StackedExperts
 from .ffn import DenseFFN
@@ -11,7 +12,6 @@ from .mixing import Mixer, MixPlan
 from .registry import register_plugin, unregister_plugin
 from .registry import registry as plugins
 from .routing import Router, RoutingPlan
-from .compiler import Recipe, convert, inspect  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __version__ = "0.1.0"
