@@ -38,6 +38,9 @@ class UsageError(MixcompileError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1") if not sys.stderr.isatty() else None
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

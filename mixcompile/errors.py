@@ -30,7 +30,11 @@ class PluginError(MixcompileError):
 class UnknownNameError(ConfigError):
     """A router / mixer / kernel / initializer / pattern name that no plugin registered."""
 
-    def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
+    def __init__(self, kind: str, name: str | None = None, known: Iterable[str] = ()) -> None:
+        if name is None:  # re-raised with a prefixed message: keep it as given
+            super().__init__(kind)
+            self.kind, self.name, self.known, self.suggestion = "", "", [], None
+            return
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
