@@ -1,7 +1,7 @@
 """mixcompile: compile dense PyTorch models into Mixture-of-Experts and Mixture-of-Tokens models."""
 
 from .blocks import MoEBlock, MoTBlock, flop_matched_hidden
-from .compiler import Recipe, convert, inspect  # noqa: E402
+from .compiler import Recipe, convert, convert_with_report, inspect  # noqa: E402
 from .errors import ConfigError, MixcompileError, PluginError, ShapeError, UnknownNameError
 from .experts import StackedExperts
 from .ffn import DenseFFN
@@ -34,6 +34,7 @@ __all__ = [
     "Recipe",
     "aux_loss",
     "convert",
+    "convert_with_report",
     "inspect",
     "load",
     "save",

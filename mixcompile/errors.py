@@ -39,7 +39,7 @@ class UnknownNameError(ConfigError):
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         listing = ", ".join(repr(k) for k in known) or "(none registered)"
-        super().__init__(f"unknown {kind} {name!r}.{hint} Known {kind}s: {listing}.")
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known: {listing}.")
         self.kind, self.name, self.known, self.suggestion = kind, name, known, close[0] if close else None
 
 

@@ -77,5 +77,8 @@ class TinyGPT(nn.Module):
 
 
 def build_tiny_gpt(**kwargs: int) -> TinyGPT:
-    """The builder a saved manifest names, so ``mixcompile.load`` can rebuild the base without code."""
-    return TinyGPT(**kwargs)
+    """A TinyGPT that remembers how it was built, so ``mixcompile.save`` can name this builder in the
+    manifest and ``mixcompile.load`` rebuild the base without being handed code."""
+    model = TinyGPT(**kwargs)
+    model.mixcompile_base = {"kind": "import", "target": "mixcompile.toy:build_tiny_gpt", "kwargs": kwargs}
+    return model

@@ -192,7 +192,9 @@ def test_bad_inputs_get_one_line_and_a_nonzero_code(tmp_path, saved_dir, hf_llam
     assert_one_line_error(run("inspect", truncated), 1, "corrupt or truncated")
 
     out = tmp_path / "out"
-    assert_one_line_error(run("convert", source, "-o", out, "--strategy", "mox"), 2, "strategy", "'moe'")
+    assert_one_line_error(
+        run("convert", source, "-o", out, "--strategy", "mox"), 2, "strategy", "Did you mean 'mot'"
+    )
     assert_one_line_error(
         run("convert", source, "-o", out, "--strategy", "moe", "--router", "topp"),
         2,

@@ -75,6 +75,14 @@ def test_bad_recipe_values(options: dict) -> None:
         Recipe(**options)
 
 
+@pytest.mark.parametrize(
+    ("field", "typo", "suggestion"), [("strategy", "mox", "mot"), ("sizing", "flops", "flop")]
+)
+def test_misspelt_strategy_or_sizing_suggests_the_closest(field: str, typo: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown {field} '{typo}'. Did you mean '{suggestion}'"):
+        Recipe(**{field: typo})
+
+
 def test_sizing_split_and_flop() -> None:
     split = inspect(build("llama"), num_experts=4, init="split")
     assert {s.expert_hidden for s in split.sites} == {16}

@@ -160,7 +160,8 @@ def _scan(model: nn.Module) -> Scan:
         raise ConfigError(
             f"no FFN found in {type(model).__name__}: nothing matched the registered patterns "
             f"(linear -> activation -> linear, gated, fused gate-up).{untraced} "
-            "Run mixcompile.compiler.trace_hierarchy(model).failures to see why."
+            "print(mixcompile.inspect(model)) lists the modules that could not be traced and why; a custom "
+            "FFN shape can be taught with a pattern plugin."
         )
     return scan
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
 
 if TYPE_CHECKING:
     from .sites import FFNSite
@@ -58,9 +58,9 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+            raise UnknownNameError("strategy", str(self.strategy), STRATEGIES)
         if self.sizing not in SIZINGS:
-            raise ConfigError(f"sizing must be one of {SIZINGS}, got {self.sizing!r}.")
+            raise UnknownNameError("sizing", str(self.sizing), SIZINGS)
         check_positive_int("num_experts", self.num_experts)
         check_positive_int("top_k", self.top_k)
         check_positive_int("group_size", self.group_size)
