@@ -17,14 +17,26 @@ from .probe import example_inputs, output_tensor
 from .serialization import _build_base
 
 
-def bench_models(loaded: LoadedModel, recipe: Any, *, batch: int, seq: int, steps: int, device: str) -> str:
-    """A table of forward and forward+backward times, base vs converted, measured in the same run."""
+def bench_models(
+    loaded: LoadedModel,
+    recipe: Any,
+    *,
+    batch: int,
+    seq: int,
+    steps: int,
+    device: str,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+) -> str:
+    """A table of forward and forward+backward times, base vs converted, measured in the same run.
+
+    Rebuilding a saved model's base obeys the same trust flags as reading the model did."""
     from .compiler import convert
 
     if loaded.kind == "mixcompile":
         if recipe is not None:
             raise ConfigError("this model is converted already; bench it without recipe options.")
-        base = _build_base(loaded.base, None, trust_pickle=True, trust_code=True)
+        base = _build_base(loaded.base, None, trust_pickle=trust_pickle, trust_code=trust_code)
         converted = loaded.model
     else:
         if recipe is None:
@@ -41,7 +53,8 @@ def bench_models(loaded: LoadedModel, recipe: Any, *, batch: int, seq: int, step
         rows.append((name, params, fwd, train))
     base_row = rows[0]
     lines = [
-        f"device: {device}, batch {batch}, sequence {seq}, median of {steps} steps",
+        f"device: {device}, batch {batch}, sequence {seq}, median of {steps} steps; "
+        "ratios are time / base time (below 1 is faster)",
         f"{'model':<10} {'params':>12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd ratio':>10} "
         f"{'train ratio':>12}",
     ]

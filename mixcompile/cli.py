@@ -264,7 +264,16 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     recipe = recipe_from_args(args, required=False)
-    table = bench_models(loaded, recipe, batch=args.batch, seq=args.seq, steps=args.steps, device=args.device)
+    table = bench_models(
+        loaded,
+        recipe,
+        batch=args.batch,
+        seq=args.seq,
+        steps=args.steps,
+        device=args.device,
+        trust_pickle=args.trust_pickle,
+        trust_code=args.trust_code,
+    )
     print(table)
     return 0
 

@@ -230,6 +230,18 @@ def test_model_without_ffn_converts_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_times_a_saved_model_against_its_base(saved_dir):
+    result = run("bench", saved_dir, "--batch", "2", "--seq", "8", "--steps", "1", check_code=0)
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"base", "converted"}
+    assert float(rows["base"][-1]) == 1.0 and float(rows["converted"][-1]) > 0
+    assert int(rows["converted"][1].replace(",", "")) > int(rows["base"][1].replace(",", ""))
+
+
+def test_bench_of_an_unconverted_model_needs_a_strategy(hf_llama):
+    assert_one_line_error(run("bench", hf_llama[0]), 2, "--strategy")
+
+
 def test_help_and_usage():
     assert "examples:" in run("--help", check_code=0).stdout
     assert "--strategy" in run("convert", "--help", check_code=0).stdout
