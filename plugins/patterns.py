@@ -37,6 +37,16 @@ def _ffn(
     return DenseFFN(w_in, w_out, view.activation(act), w_gate=w_gate, b_in=b_in, b_gate=b_gate, b_out=b_out)
 
 
+def _into_down(kinds: dict[str, str], edges: list[tuple[str, str]], dropout: bool) -> nx.DiGraph:
+    """Close a gated template: the product feeds the down projection, through a dropout or not."""
+    if dropout:
+        kinds = {**kinds, "drop": DROPOUT}
+        edges = [*edges, ("mul", "drop"), ("drop", "down")]
+    else:
+        edges = [*edges, ("mul", "down")]
+    return template(*edges, kinds=kinds)
+
+
 class MLP(TemplatePattern):
     name = "mlp"
 
@@ -58,12 +68,7 @@ class GatedMLP(TemplatePattern):
         def build(dropout: bool) -> nx.DiGraph:
             kinds = {INPUT: ANY, "gate": LINEAR, "up": LINEAR, "act": ACT, "mul": MUL, "down": LINEAR}
             edges = [(INPUT, "gate"), (INPUT, "up"), ("gate", "act"), ("act", "mul"), ("up", "mul")]
-            if dropout:
-                kinds["drop"] = DROPOUT
-                edges += [("mul", "drop"), ("drop", "down")]
-            else:
-                edges.append(("mul", "down"))
-            return template(*edges, kinds=kinds)
+            return _into_down(kinds, edges, dropout)
 
         return _with_optional_dropout(build)
 
@@ -96,12 +101,7 @@ class FusedGatedMLP(TemplatePattern):
                 ("act", "mul"),
                 ("up_half", "mul"),
             ]
-            if dropout:
-                kinds["drop"] = DROPOUT
-                edges += [("mul", "drop"), ("drop", "down")]
-            else:
-                edges.append(("mul", "down"))
-            return template(*edges, kinds=kinds)
+            return _into_down(kinds, edges, dropout)
 
         return _with_optional_dropout(build)
 
