@@ -40,6 +40,7 @@ def stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     MoE: ``expert_load`` (tokens per expert), ``dropped_tokens`` (tokens no expert processed),
     ``dropped_assignments`` (picks over capacity), ``routing_entropy`` (mean, nats).
     MoT: ``groups``, ``missing_members`` (masked slots of an incomplete last group), ``merge_entropy``.
+    Blocks keep them as device tensors (no sync, no ``torch.compile`` graph break); this reads them back.
     """
     return {path: dict(block.last_stats) for path, block in sparse_blocks(model).items() if block.last_stats}
 

@@ -28,8 +28,22 @@ class RoutingPlan:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already scaled by their weights
 
 
+def fixed_bincount(index: torch.Tensor, length: int) -> torch.Tensor:
+    """``torch.bincount(index, minlength=length)`` for indices below ``length``, always ``[length]`` long.
+
+    bincount's length depends on the largest index, so ``torch.compile`` cannot trace it; this can.
+    """
+    return torch.zeros(length, dtype=torch.long, device=index.device).index_add(
+        0, index, torch.ones_like(index, dtype=torch.long)
+    )
+
+
 def validate_plan(plan: object, *, source: str, num_tokens: int, num_experts: int) -> None:
-    """Check a plan a router plugin returned; errors name ``source`` (the router and its plugin)."""
+    """Check a plan a router plugin returned; errors name ``source`` (the router and its plugin).
+
+    Under ``torch.compile`` only what tracing sees (types, shapes, dtypes) is checked: the value checks
+    read tensors back to the host, a graph break. Blocks therefore validate again in their next eager forward.
+    """
 
     def fail(what: str) -> None:
         raise PluginError(f"{source} returned a malformed RoutingPlan: {what}.")
@@ -46,14 +60,14 @@ def validate_plan(plan: object, *, source: str, num_tokens: int, num_experts: in
     for name, tensor in fields.items():
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 1:
             fail(f"{name} must be a 1-D tensor")
-    if len({t.shape[0] for t in fields.values()}) != 1:
+    if not plan.token_index.shape[0] == plan.expert_index.shape[0] == plan.weight.shape[0]:
         fail("token_index, expert_index and weight differ in length")
     for name in ("token_index", "expert_index"):
         if fields[name].dtype != torch.int64:
             fail(f"{name} must be int64, got {fields[name].dtype}")
     if not plan.weight.is_floating_point():
         fail(f"weight must be floating point, got {plan.weight.dtype}")
-    if plan.token_index.numel() == 0:
+    if torch.compiler.is_compiling() or plan.token_index.numel() == 0:
         return
     if plan.token_index.min() < 0 or plan.token_index.max() >= num_tokens:
         fail(f"token_index out of range [0, {num_tokens})")
@@ -164,13 +178,14 @@ class Router(nn.Module):
         losses = self.losses(logits, probs, expert)
         if self.bias_balancing and self.training:
             with torch.no_grad():
-                self.load_since_update += torch.bincount(expert, minlength=self.num_experts).float()
+                self.load_since_update += fixed_bincount(expert, self.num_experts).float()
         dropped = 0
         capacity = self.capacity(n)
         if capacity is not None:
             keep = _within_capacity(expert, weight.detach(), capacity, self.num_experts)
-            dropped = int(keep.numel() - keep.sum())
-            token, expert, weight = token[keep], expert[keep], weight[keep]
+            kept = keep.nonzero().squeeze(1)  # the one data-dependent size (a graph break under compile)
+            dropped = keep.numel() - kept.numel()
+            token, expert, weight = token[kept], expert[kept], weight[kept]
         return RoutingPlan(token, expert, weight, n, self.num_experts, probs, dropped, losses)
 
     def losses(
@@ -178,7 +193,7 @@ class Router(nn.Module):
     ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         if self.balance_loss_weight > 0:
-            counts = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
+            counts = fixed_bincount(expert, self.num_experts).to(probs.dtype)
             fraction = counts / counts.sum().clamp_min(1)
             losses["balance"] = self.balance_loss_weight * switch_balance_loss(fraction, probs)
         if self.z_loss_weight > 0:
@@ -211,7 +226,7 @@ def _within_capacity(
     """Mask of the pairs kept when each expert takes its ``capacity`` highest-priority pairs."""
     by_priority = torch.argsort(priority, descending=True, stable=True)
     by_expert = by_priority[torch.argsort(expert[by_priority], stable=True)]
-    counts = torch.bincount(expert, minlength=num_experts)
+    counts = fixed_bincount(expert, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(expert.numel(), device=expert.device) - starts[expert[by_expert]]
     keep = torch.zeros_like(expert, dtype=torch.bool)

@@ -1,6 +1,8 @@
 """The reference kernel: plain PyTorch, autograd-native, any device and dtype.
 
-It is the correctness oracle for every fused kernel, so it favours clarity over speed.
+It is the correctness oracle for every fused kernel, so it favours clarity over speed. Its MoE path loops
+over experts in Python with sizes read from the routing, so ``torch.compile`` runs it eagerly (one graph
+break per block); its MoT path has static shapes and compiles whole.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class TorchKernel(Kernel):
     def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
         return kind in BLOCK_KINDS and dtype.is_floating_point
 
+    # Sizes read from the routing drive a Python loop: traced, it would recompile for every expert load.
+    @torch.compiler.disable
     def moe(self, x: torch.Tensor, plan: RoutingPlan, experts: StackedExperts) -> torch.Tensor:
         order = torch.argsort(plan.expert_index, stable=True)
         tokens = plan.token_index[order]

@@ -38,7 +38,7 @@ def build_plugin(
 
 
 class Block(nn.Module):
-    """Base of the sparse blocks: holds the experts, the kernel choice and first-call validation."""
+    """Base of the sparse blocks: holds the experts, the kernel choice, first-call validation and stats."""
 
     kind: str = ""
     experts: StackedExperts
@@ -49,7 +49,29 @@ class Block(nn.Module):
             get_kernel(kernel)  # unknown names fail at construction, with a suggestion
         self.kernel = kernel
         self._validated = False
-        self.last_stats: dict[str, Any] = {}
+        self._stats: dict[str, Any] = {}
+
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        """Statistics of the last forward as Python numbers (``expert_load`` a CPU tensor).
+
+        The forward keeps them as tensors where it computed them, so it neither waits for the device nor
+        breaks a ``torch.compile`` graph; they are read back here, when asked for.
+        """
+        return {key: _to_host(value) for key, value in self._stats.items()}
+
+    def _validating(self) -> bool:
+        """Whether to check plugin outputs: in eager forwards until one passed, and whenever tracing.
+
+        Tracing checks only what it sees (types, shapes, dtypes), which costs the compiled graph nothing;
+        reading no flag then spares the graph a guard that the next eager forward would flip.
+        """
+        return torch.compiler.is_compiling() or not self._validated
+
+    def _validation_done(self) -> None:
+        """After a checked eager forward; a traced one did not check values, so it leaves the flag."""
+        if not torch.compiler.is_compiling():
+            self._validated = True
 
     def kernel_for(self, device: torch.device | str, dtype: torch.dtype) -> str:
         """The name of the kernel this block runs with on ``device``/``dtype`` (resolves ``auto``)."""
@@ -70,7 +92,7 @@ class Block(nn.Module):
 
     def _check_output(self, y: object, like: torch.Tensor, source: str) -> torch.Tensor:
         malformed = not isinstance(y, torch.Tensor) or y.shape != like.shape or y.dtype != like.dtype
-        if malformed and not self._validated:
+        if malformed and self._validating():
             got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise PluginError(f"{source} returned {got}, expected {tuple(like.shape)} {like.dtype}.")
         return y  # type: ignore[return-value]
@@ -93,6 +115,13 @@ class Block(nn.Module):
                 raise ConfigError(f"{source}: {exc}") from exc
             except TypeError as exc:
                 raise ConfigError(f"{source} rejected its options {init_options}: {exc}") from exc
+
+
+def _to_host(value: Any) -> Any:
+    """A statistic as :func:`mixcompile.stats` gives it: scalars as Python numbers, vectors on the CPU."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.item() if value.ndim == 0 else value.cpu()
 
 
 def _check_compatible(experts: StackedExperts, dense: DenseFFN | None) -> None:

@@ -10,7 +10,7 @@ import torch
 from ..errors import check_positive_int
 from ..experts import StackedExperts
 from ..kernels import Kernel
-from ..routing import Router, RoutingPlan, validate_plan
+from ..routing import Router, RoutingPlan, fixed_bincount, validate_plan
 from ._base import Block, build_plugin
 
 ExpertRunner = Callable[[torch.Tensor, RoutingPlan, StackedExperts, Kernel], torch.Tensor]
@@ -66,7 +66,7 @@ class MoEBlock(Block):
         flat = x.reshape(-1, x.shape[-1])
         plan = self.router(flat)
         source = self.router.mixcompile_source
-        if not self._validated:
+        if self._validating():
             validate_plan(plan, source=source, num_tokens=flat.shape[0], num_experts=self.router.num_experts)
         kernel_name, kernel = self._kernel(flat)
         if self.expert_parallel is not None:
@@ -76,9 +76,9 @@ class MoEBlock(Block):
         if self.shared_experts is not None:
             shared_in = flat.unsqueeze(0).expand(self.shared_experts.num_experts, -1, -1)
             y = y + self.shared_experts.batched_forward(shared_in).sum(0)
-        self._validated = True
+        self._validation_done()
         self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
-        self.last_stats = _routing_stats(plan, kernel_name)
+        self._stats = _routing_stats(plan, kernel_name)
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -87,17 +87,17 @@ class MoEBlock(Block):
 
 @torch.no_grad()
 def _routing_stats(plan: Any, kernel_name: str) -> dict[str, Any]:
-    load = torch.bincount(plan.expert_index, minlength=plan.num_experts)
-    routed = torch.bincount(plan.token_index, minlength=plan.num_tokens)
+    """Tensors on the plan's device; :attr:`Block.last_stats` reads them back."""
+    routed = fixed_bincount(plan.token_index, plan.num_tokens)
     stats: dict[str, Any] = {
         "kind": "moe",
         "kernel": kernel_name,
         "tokens": plan.num_tokens,
-        "expert_load": load.cpu(),
-        "dropped_tokens": int((routed == 0).sum()),
-        "dropped_assignments": int(plan.dropped_assignments),
+        "expert_load": fixed_bincount(plan.expert_index, plan.num_experts),
+        "dropped_tokens": (routed == 0).sum(),
+        "dropped_assignments": plan.dropped_assignments,
     }
     if plan.probs is not None:
         p = plan.probs.float()
-        stats["routing_entropy"] = float(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean())
+        stats["routing_entropy"] = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
     return stats

@@ -98,14 +98,14 @@ class MoTBlock(Block):
         present = (torch.arange(groups * g, device=x.device) < batch).reshape(groups, g)
         sparse = self.mode == "sparse" or (not self.training and batch < g and self.small_batch == "sparse")
         plan = self.mixer(x_g, present, sparse=sparse)
-        if not self._validated:
+        if self._validating():
             shape = (seq, groups, g, self.experts.num_experts)
             validate_mix_plan(plan, source=self.mixer.mixcompile_source, shape=shape)
         kernel_name, kernel = self._kernel(x_g)
         y_g = self._check_output(kernel.mot(x_g, plan, self.experts), x_g, f"kernel {kernel_name!r}")
-        self._validated = True
+        self._validation_done()
         y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)[:batch]
-        self.last_stats = _mixing_stats(plan, present, kernel_name, sparse)
+        self._stats = _mixing_stats(plan, groups, missing, kernel_name, sparse)
         return y if self.batch_first else y.transpose(0, 1)
 
     def extra_repr(self) -> str:
@@ -116,14 +116,15 @@ class MoTBlock(Block):
 
 
 @torch.no_grad()
-def _mixing_stats(plan: Any, present: torch.Tensor, kernel_name: str, sparse: bool) -> dict[str, Any]:
+def _mixing_stats(plan: Any, groups: int, missing: int, kernel_name: str, sparse: bool) -> dict[str, Any]:
+    """The entropy as a tensor on the plan's device; :attr:`Block.last_stats` reads it back."""
     merge = plan.merge.float()
     entropy = -(merge * torch.log(merge.clamp_min(1e-30))).sum(dim=2)  # [T, n, E], over group members
     return {
         "kind": "mot",
         "kernel": kernel_name,
         "sparse": sparse,
-        "groups": present.shape[0],
-        "missing_members": int((~present).sum()),
-        "merge_entropy": float(entropy.mean()),
+        "groups": groups,
+        "missing_members": missing,
+        "merge_entropy": entropy.mean(),
     }

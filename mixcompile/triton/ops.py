@@ -8,6 +8,7 @@ Ops cannot return optional tensors, so absent ones travel as empty tensors.
 import contextlib
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..experts import StackedExperts
 from ..mixing import MixPlan
@@ -138,7 +139,9 @@ def _moe_setup(ctx, inputs, output) -> None:
 
 def _moe_backward(ctx, dy, _d_pre, _d_pre_gate):
     x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate = ctx.saved_tensors
-    if pre.numel() == 0 and x.shape[0] and token_index.numel():
+    # Traced with a data-dependent number of pairs (capacity limits), the sizes are unknown: skip the check.
+    unsaved = statically_known_true(pre.numel() == 0) and statically_known_true(token_index.numel() != 0)
+    if unsaved and x.shape[0]:
         raise RuntimeError("mixcompile::moe_forward ran without save=True; its inputs did not require grad.")
     dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = moe_backward_op(
         dy, x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, ctx.activation

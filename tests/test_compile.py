@@ -1,0 +1,264 @@
+"""``torch.compile`` on MoE / MoT blocks: whole graphs wherever routing has static shapes, and compiled
+outputs, gradients and statistics equal to eager ones (fresh random inputs).
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter. As in ``test_triton_kernels.py``, this
+module imports ``triton`` with ``TRITON_INTERPRET=1`` set, then restores the environment; the ``triton_env``
+fixture sets it again only while this module's tests run. ``torch._dynamo.testing`` imports ``triton`` too,
+so it is imported only inside tests. The ``aot_eager`` backend runs Dynamo and AOTAutograd (what decides
+graph breaks and traces the backward) without Inductor's C++ compile time.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any
+
+import pytest
+import torch
+from reference import rel_err
+
+import mixcompile as mc
+from mixcompile.toy import build_tiny_gpt
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5  # fp32, relative
+
+
+def _import_triton() -> str | None:
+    """Import Triton and the kernels (interpreter mode without a GPU); why Triton tests skip, if they must."""
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE == "cpu":
+            mp.setenv("TRITON_INTERPRET", "1")
+        try:
+            triton = importlib.import_module("triton")
+        except ImportError:
+            return "triton is not installed"
+        importlib.import_module("mixcompile.triton.ops")
+    if DEVICE == "cpu" and type(triton.language.cdiv).__name__ != "InterpretedFunction":
+        return (
+            "triton was imported before this module could set TRITON_INTERPRET=1; "
+            "run it on its own: python -m pytest tests/test_compile.py"
+        )
+    return None
+
+
+NO_TRITON = _import_triton()
+needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+KERNELS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_env():
+    """``kernel="triton"`` supports CPU tensors only while ``TRITON_INTERPRET`` is set."""
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE == "cpu":
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch (compile counts are per test)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def counted_compile(module: torch.nn.Module, **options) -> tuple[torch.nn.Module, Any]:
+    """``torch.compile`` with ``aot_eager``, and the counter of the graphs it compiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(module, backend=counter, **options), counter
+
+
+def run(module, x):
+    """Output, input and parameter gradients (aux loss included), buffers and stats of ``module`` (compiled or
+    not) on ``x``; names as in the eager module."""
+    base = getattr(module, "_orig_mod", module)
+    x = x.clone().requires_grad_(x.is_floating_point())
+    y = module(x)
+    cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y)
+    loss = (y * cotangent).sum() + mc.aux_loss(base)
+    names, params = zip(*base.named_parameters(), strict=True)
+    if x.requires_grad:
+        names, params = ("x", *names), (x, *params)
+    grads = dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True), strict=True))
+    buffers = {name: b.clone() for name, b in base.named_buffers()}
+    return y.detach(), grads, buffers, mc.stats(base)
+
+
+def assert_same(got, want, what=""):
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), what
+        for key in want:
+            assert_same(got[key], want[key], f"{what}/{key}")
+    elif isinstance(want, tuple):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same(g, w, f"{what}[{i}]")
+    elif want is None:
+        assert got is None, what
+    elif isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype, what
+        if want.is_floating_point():
+            assert rel_err(got, want) < TOL, f"{what}: relative error {rel_err(got, want):.2e}"
+        else:
+            assert torch.equal(got, want), what
+    elif isinstance(want, float):
+        assert type(got) is float and got == pytest.approx(want, rel=TOL, abs=1e-7), what
+    else:
+        assert type(got) is type(want) and got == want, what
+
+
+def check_against_eager(module, inputs, fullgraph=True, **options):
+    """Compiled vs an eager copy on each input; what the first input compiled serves all the others."""
+    eager = copy.deepcopy(module)
+    compiled, counter = counted_compile(module, fullgraph=fullgraph, **options)
+    first, *others = inputs
+    assert_same(run(compiled, first), run(eager, first))
+    graphs = counter.frame_count
+    for x in others:
+        assert_same(run(compiled, x), run(eager, x))
+    assert counter.frame_count == graphs, "recompiled"
+    return module
+
+
+SHARP = {"init_std": 0.5}  # a router far from uniform, so routing changes with every input
+MOE_CASES = {
+    "topk": {"top_k": 2, "router_options": SHARP},
+    "topk_gated_bias_shared": {
+        "top_k": 2, "gated": True, "bias": True, "num_shared_experts": 1, "router_options": SHARP,
+    },
+    "topk_softmax_bias_balancing": {
+        "top_k": 2, "router_options": {"order": "topk_softmax", "bias_balancing": True, **SHARP},
+    },
+    "expert_choice": {"top_k": 2, "router": "expert_choice", "gated": True, "router_options": SHARP},
+    "hash_top1": {"top_k": 1, "router": "hash", "activation": "silu"},
+}  # fmt: skip
+
+
+def moe_block(kernel: str, case: dict) -> mc.MoEBlock:
+    torch.manual_seed(0)
+    return mc.MoEBlock(16, 32, 4, kernel=kernel, device=DEVICE, **case)
+
+
+def inputs(*shape: int, count: int = 2) -> list[torch.Tensor]:
+    return [torch.randn(*shape, device=DEVICE) for _ in range(count)]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_moe_block_compiles_whole_with_triton(case):
+    block = check_against_eager(moe_block("triton", MOE_CASES[case]), inputs(2, 5, 16))
+    assert block.last_stats["kernel"] == "triton"
+
+
+MOT_CASES = {
+    "soft_incomplete_group": ({"group_size": 2}, (3, 5, 16)),
+    "gated_bias_emit_experts": (
+        {"group_size": 3, "gated": True, "bias": True, "mixer_options": {"emit": "experts"}},
+        (6, 4, 16),
+    ),
+    "sparse_sequence_first": ({"group_size": 2, "mode": "sparse", "batch_first": False}, (5, 4, 16)),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", MOT_CASES)
+def test_mot_block_compiles_whole(kernel, case):
+    options, shape = MOT_CASES[case]
+    torch.manual_seed(0)
+    options = {**options, "mixer_options": {**SHARP, **options.get("mixer_options", {})}}
+    block = mc.MoTBlock(16, 32, 4, kernel=kernel, device=DEVICE, **options)
+    check_against_eager(block, inputs(*shape))
+
+
+@pytest.mark.parametrize(
+    "kind", [pytest.param("moe", marks=needs_triton), pytest.param("mot", marks=needs_triton), "mot_torch"]
+)
+def test_dynamic_shapes_compile_once(kind):
+    """Batch and sequence sizes symbolic: one graph for every size."""
+    if kind == "moe":
+        block, shapes = moe_block("triton", MOE_CASES["topk_gated_bias_shared"]), [(2, 5, 16), (3, 7, 16)]
+    else:
+        torch.manual_seed(0)
+        kernel = "torch" if kind == "mot_torch" else "triton"
+        block = mc.MoTBlock(16, 32, 4, group_size=2, kernel=kernel, device=DEVICE)
+        shapes = [(3, 5, 16), (5, 3, 16)]  # both with an incomplete group: the padding is one more branch
+    check_against_eager(block, [torch.randn(*s, device=DEVICE) for s in shapes], dynamic=True)
+
+
+@needs_triton
+def test_capacity_limits_compile_whole_with_dynamic_output_shapes():
+    """Dropped pairs make the plan's length data-dependent: whole graphs once Dynamo may trace such shapes."""
+    block = moe_block("triton", {"top_k": 2, "router_options": {"capacity_factor": 0.75, **SHARP}})
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        check_against_eager(block, inputs(2, 8, 16))
+    assert block.last_stats["dropped_assignments"] > 0
+
+
+def test_torch_kernel_moe_breaks_once_and_never_recompiles():
+    """The reference kernel's per-expert loop runs eagerly; the router and statistics around it compile."""
+    block = moe_block("torch", MOE_CASES["topk_gated_bias_shared"])
+    breaks = torch._dynamo.explain(copy.deepcopy(block))(torch.randn(2, 5, 16, device=DEVICE)).break_reasons
+    assert len(breaks) == 1 and "torch.compiler.disable" in breaks[0].reason
+    check_against_eager(block, inputs(2, 5, 16, count=3), fullgraph=False)  # other expert loads each time
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_converted_model_compiles_whole(kernel):
+    """A converted tiny GPT; the torch kernel leaves one graph break per MoE block."""
+    torch.manual_seed(0)
+    model = build_tiny_gpt(d_model=32, n_layer=2, n_head=2, d_ff=64, max_seq=16).to(DEVICE)
+    model = mc.convert(model, strategy="moe", num_experts=4, top_k=2, kernel=kernel)
+    tokens = [torch.randint(0, 256, (2, 8), device=DEVICE) for _ in range(2)]
+    if kernel == "triton":
+        check_against_eager(model, tokens)
+    else:
+        breaks = torch._dynamo.explain(copy.deepcopy(model))(tokens[0]).break_reasons
+        assert len(breaks) == 2
+        check_against_eager(model, tokens, fullgraph=False)
+
+
+class _NoisyRouter(mc.Router):
+    """Token choice with NaN weights (a value error) or int32 token indices (a type error)."""
+
+    def __init__(self, *args, fault: str, **options) -> None:
+        super().__init__(*args, **options)
+        self.fault = fault
+
+    def forward(self, x):
+        logits = self.logits(x)
+        chosen = torch.topk(logits, self.top_k, dim=-1).indices
+        weights = torch.full(chosen.shape, float("nan") if self.fault == "nan" else 0.5, device=x.device)
+        plan = self.token_choice_plan(logits, chosen, weights)
+        if self.fault == "int32":
+            plan.token_index = plan.token_index.int()
+        return plan
+
+
+class _FaultyPlugin:
+    @mc.hookimpl
+    def register_routers(self, register):
+        register("noisy", _NoisyRouter)
+
+
+@pytest.fixture
+def faulty_router():
+    name = mc.register_plugin(_FaultyPlugin(), name="faulty")
+    yield
+    mc.unregister_plugin(name)
+
+
+def test_plugin_outputs_are_still_validated(faulty_router):
+    """Tracing checks types and shapes; value checks (host syncs) wait for the next eager forward."""
+    x = torch.randn(3, 4, device=DEVICE)
+    source = r"router 'noisy' \(plugin 'faulty'\) returned a malformed RoutingPlan"
+    block = mc.MoEBlock(4, 8, 3, router="noisy", router_options={"fault": "nan"}, kernel="torch")
+    assert torch.compile(block, backend="aot_eager")(x).isnan().all()
+    with pytest.raises(mc.PluginError, match=f"{source}: weight has NaN or inf"):
+        block(x)
+    block = mc.MoEBlock(4, 8, 3, router="noisy", router_options={"fault": "int32"}, kernel="torch")
+    with pytest.raises(mc.PluginError, match=f"{source}: token_index must be int64"):
+        torch.compile(block, backend="aot_eager")(x)
