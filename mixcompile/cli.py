@@ -134,7 +134,9 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe (flags override --recipe)")
-    group.add_argument("--recipe", type=Path, help="a recipe JSON file (as written in mixcompile.json)")
+    group.add_argument(
+        "--recipe", type=Path, help="a recipe JSON file (like an entry of 'recipes' in mixcompile.json)"
+    )
     group.add_argument("--strategy", help="moe or mot")
     group.add_argument("--experts", type=int, dest="num_experts", help="experts per block")
     group.add_argument("--top-k", type=int, dest="top_k", help="MoE: experts per token")
@@ -212,7 +214,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .compiler import convert, inspect
+    from .compiler import convert_with_report, inspect
     from .serialization import save
 
     source, output = args.path.resolve(), args.output.resolve()
@@ -229,10 +231,8 @@ def _run_convert(args: argparse.Namespace) -> int:
             print(f"nothing to convert: no dense FFN found in {args.path}; no output written.")
             return 0
         started = time.perf_counter()
-        model = convert(loaded.model, recipe, inplace=True)
-        bar.update()
-        report = inspect(model)
-        bar.update()
+        model, report = convert_with_report(loaded.model, recipe, inplace=True)
+        bar.update(2)
         save(model, args.output, base=loaded.base, overwrite=args.force)
         bar.update()
     print(f"converted {args.path} -> {args.output} in {time.perf_counter() - started:.1f}s")

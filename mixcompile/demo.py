@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compiler import convert, inspect
+from .compiler import convert_with_report, inspect
 from .introspect import aux_loss, stats
 from .toy import build_tiny_gpt
 
@@ -23,17 +23,21 @@ def run_demo() -> None:
     print(inspect(model, strategy="moe", num_experts=4, top_k=2))
 
     print("\n== MoE: 4 experts, top-2, upcycled (every expert a copy of the dense FFN) ==")
-    moe = convert(model, strategy="moe", num_experts=4, top_k=2, init="upcycle", example_inputs=(tokens,))
-    print(inspect(moe))
+    moe, report = convert_with_report(
+        model, strategy="moe", num_experts=4, top_k=2, init="upcycle", example_inputs=(tokens,)
+    )
+    print(report)
     with torch.no_grad():
         error = (moe(tokens) - model(tokens)).abs().max().item()
     print(f"max |MoE - dense| on a batch: {error:.2e}  (upcycling preserves the function at step 0)")
     print(f"still a {type(moe).__name__}; greedy continuation:", moe.generate(tokens[:1, :4], 4)[0].tolist())
 
     print("\n== MoT: flop-matched, groups of 4 sequences, 8 experts, in the last half of the layers ==")
-    mot = convert(
+    mot, report = convert_with_report(
         model, strategy="mot", num_experts=8, group_size=4, sizing="flop", init="random", sites="last_half"
     )
+    print(report)
+    print("\n== what inspect says about the converted MoT model ==")
     print(inspect(mot))
 
     print("\n== one training step each ==")

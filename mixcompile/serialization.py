@@ -2,12 +2,12 @@
 
 A saved model is a directory::
 
-    mixcompile.json      manifest: mixcompile version, the recipe, how to rebuild the base model
+    mixcompile.json      manifest: mixcompile version, the recipes applied, how to rebuild the base model
     model.safetensors    every weight of the converted model
     config.json          (Hugging Face bases only) the base config, so the folder reads as an HF model folder
 
-Loading rebuilds the base model, re-applies the recipe (conversion is deterministic in structure) and
-loads the weights. Directories are written to a temporary sibling and renamed, so a failure leaves nothing
+Loading rebuilds the base model, re-applies the recipes in order (conversion is deterministic in structure)
+and loads the weights. Directories are written to a temporary sibling and renamed, so a failure leaves nothing
 half-written.
 """
 
@@ -51,12 +51,12 @@ def save(
     ``base`` says how to rebuild the unconverted model; by default it is taken from what ``convert`` or
     ``load`` recorded, or from the model's Hugging Face config.
     """
-    from .compiler import recipe_of
+    from .compiler import recipes_of
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}.")
-    recipe = recipe_of(model)
-    if recipe is None:
+    recipes = recipes_of(model)
+    if not recipes:
         raise ConfigError(
             "this model was not converted by mixcompile (no recipe recorded); convert it first."
         )
@@ -64,7 +64,7 @@ def save(
         "format": "mixcompile",
         "format_version": FORMAT_VERSION,
         "mixcompile_version": _version(),
-        "recipe": recipe.to_dict(),
+        "recipes": [recipe.to_dict() for recipe in recipes],
         "base": base or base_spec_of(model),
         "weights": WEIGHTS,
     }
@@ -90,8 +90,8 @@ def load(
     directory = Path(path)
     manifest = read_manifest(directory)
     model = _build_base(manifest["base"], base, trust_pickle=trust_pickle, trust_code=trust_code)
-    recipe = Recipe.from_dict(manifest["recipe"])
-    model = convert(model, recipe, inplace=True, verify=False)
+    for recipe in manifest["recipes"]:
+        model = convert(model, Recipe.from_dict(recipe), inplace=True, verify=False)
     model.mixcompile_base = manifest["base"]
     weights = directory / manifest.get("weights", WEIGHTS)
     load_weights(model, weights)
@@ -113,9 +113,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{file} has format_version {manifest.get('format_version')!r}; this mixcompile "
             f"reads version {FORMAT_VERSION}. Upgrade mixcompile."
         )
-    for key in ("recipe", "base"):
-        if not isinstance(manifest.get(key), dict):
-            raise LoadError(f"{file} has no {key!r} section.")
+    if not isinstance(manifest.get("base"), dict):
+        raise LoadError(f"{file} has no 'base' section.")
+    recipes = manifest.get("recipes")
+    if not isinstance(recipes, list) or not recipes or not all(isinstance(r, dict) for r in recipes):
+        raise LoadError(f"{file} has no 'recipes' section (a list of the recipes applied, oldest first).")
     return manifest
 
 
@@ -250,7 +252,9 @@ def read_transformers_dir(directory: Path) -> nn.Module:
 def atomic_directory(path: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` and move it into place only if the body succeeds."""
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another output or allow overwriting (--force).")
+        raise FileExistsError(
+            f"{path} exists; choose another path or allow overwriting (overwrite=True; CLI: --force)."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from zoo import ZOO, build
 
-from mixcompile.blocks import MoEBlock
-from mixcompile.compiler import Recipe, convert, convert_with_report, inspect, recipe_of
+from mixcompile.blocks import MoEBlock, MoTBlock
+from mixcompile.compiler import Recipe, convert, convert_with_report, inspect, recipes_of
 from mixcompile.errors import ConfigError
 
 
@@ -138,8 +138,21 @@ def test_inplace_conversion_returns_the_same_object() -> None:
 def test_recorded_recipe_replays_the_same_sites() -> None:
     model = build("t5")
     converted = convert(model, num_experts=4, filter_fn=lambda path, site: path.startswith("decoder"))
-    recorded = recipe_of(converted)
+    [recorded] = recipes_of(converted)
     assert recorded.sites == [2, 3] and recorded.filter_fn is None
-    assert recipe_of(model) is None
+    assert recipes_of(model) == []
     replayed = convert(build("t5"), Recipe.from_dict(json.loads(json.dumps(recorded.to_dict()))))
     assert replayed.state_dict().keys() == converted.state_dict().keys()
+
+
+def test_a_second_conversion_is_recorded_after_the_first() -> None:
+    moe = convert(build("t5"), num_experts=4, sites=[0, 1])
+    hybrid = convert(moe, strategy="mot", num_experts=4, group_size=2, init="random", sites="last_half")
+    first, second = recipes_of(hybrid)
+    assert (first.strategy, first.sites) == ("moe", [0, 1]) and (second.strategy, second.sites) == (
+        "mot",
+        [1],
+    )
+    assert len(recipes_of(moe)) == 1  # converting a copy leaves the first model's record alone
+    kinds = sorted(type(m).__name__ for m in hybrid.modules() if isinstance(m, MoEBlock | MoTBlock))
+    assert kinds == ["MoEBlock", "MoEBlock", "MoTBlock"]

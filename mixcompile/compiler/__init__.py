@@ -8,7 +8,7 @@
 from .convert import convert, convert_with_report, inspect
 from .graph import GraphView
 from .pattern import Match, Pattern, TemplatePattern
-from .recipe import Recipe, recipe_of
+from .recipe import Recipe, recipes_of
 from .report import Report, SiteReport
 from .sites import FFNSite, find_sites
 from .tracing import TraceResult, trace_hierarchy
@@ -27,6 +27,6 @@ __all__ = [
     "convert_with_report",
     "find_sites",
     "inspect",
-    "recipe_of",
+    "recipes_of",
     "trace_hierarchy",
 ]

@@ -15,11 +15,13 @@ from typing import Any
 
 from torch import nn
 
+from mixcompile.blocks import MoEBlock, MoTBlock
 from mixcompile.errors import ConfigError, MixcompileError
+from mixcompile.introspect import sparse_blocks
 
-from .plan import SitePlan, dense_flops, function_preserving, plan_site
+from .plan import SitePlan, dense_flops, existing_block_flops, function_preserving, plan_site
 from .recipe import Recipe, make_recipe, record
-from .report import Report, SiteReport
+from .report import BlockReport, Report, SiteReport
 from .rewrite import apply, assignments
 from .sites import Scan, find_sites
 from .verify import SiteCheck, capture_inputs, check_site, evaluation, output_error, random_probe, run_model
@@ -36,7 +38,7 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
     plans = [plan_site(site, recipe, meta=True) for site in selected if site.rewrite is not None]
     before = _count_params(model)
     after = before - sum(p.params_before for p in plans) + sum(p.params_after for p in plans)
-    return _report(model, recipe, scan, plans, {}, before, after, converted=False)
+    return _report(model, recipe, scan, plans, {}, before, after, _describe_blocks(model), converted=False)
 
 
 def convert(
@@ -95,6 +97,7 @@ def convert_with_report(
     if verify and example_inputs is not None:
         captured, reference = capture_inputs(target, plans, example_inputs)
     before = _count_params(target)
+    existing = _describe_blocks(target)
     restore = apply(target, assignments(target, [(plan.site, plan.block) for plan in plans]))
     try:
         checks, model_error = _verify(target, recipe, plans, captured, reference, example_inputs, verify)
@@ -102,7 +105,7 @@ def convert_with_report(
         restore()
         raise
     after = _count_params(target)
-    report = _report(target, recipe, scan, plans, checks, before, after, converted=True)
+    report = _report(target, recipe, scan, plans, checks, before, after, existing, converted=True)
     report.model_max_error = model_error
     record(target, recipe, [plan.site.index for plan in plans])
     return target, report
@@ -166,6 +169,29 @@ def _scan(model: nn.Module) -> Scan:
     return scan
 
 
+def _describe_blocks(model: nn.Module) -> list[tuple[BlockReport, int]]:
+    """The sparse blocks ``model`` already has, each with its FLOPs per token."""
+    described = []
+    for path, block in sparse_blocks(model).items():
+        if not isinstance(block, MoEBlock | MoTBlock):
+            continue
+        experts = block.experts
+        report = BlockReport(
+            path=path,
+            kind=block.kind,
+            d_model=experts.d_model,
+            expert_hidden=experts.d_hidden,
+            num_experts=experts.num_experts,
+            gated=experts.gated,
+            activation=experts.activation,
+            kernel=block.kernel_for(experts.w_in.device, experts.w_in.dtype),
+            top_k=block.top_k if isinstance(block, MoEBlock) else None,
+            group_size=block.group_size if isinstance(block, MoTBlock) else None,
+        )
+        described.append((report, existing_block_flops(block)))
+    return described
+
+
 def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -178,6 +204,7 @@ def _report(
     checks: dict[int, SiteCheck],
     params_before: int,
     params_after: int,
+    existing: list[tuple[BlockReport, int]],
     *,
     converted: bool,
 ) -> Report:
@@ -213,6 +240,7 @@ def _report(
         )
     flops_before = sum(plan.flops_before for plan in plans)
     unchanged = sum(dense_flops(site.ffn) for site in scan.sites if site.index not in by_site)
+    unchanged += sum(flops for _, flops in existing)
     return Report(
         model=type(model).__name__,
         recipe=recipe.to_dict(),
@@ -223,4 +251,5 @@ def _report(
         ffn_flops_before=flops_before + unchanged,
         ffn_flops_after=sum(plan.flops_after for plan in plans) + unchanged,
         converted=converted,
+        sparse_blocks=[block for block, _ in existing],
     )

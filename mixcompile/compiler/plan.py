@@ -140,10 +140,44 @@ def dense_flops(ffn: DenseFFN) -> int:
 
 
 def block_flops(ffn: DenseFFN, d_hidden: int, recipe: Recipe) -> int:
-    """FLOPs per token of the block: MoE runs top_k (+ shared) experts and a router; MoT mixes each group
-    of G tokens into one token per expert, runs every expert once per group, and unmixes."""
-    d, e = ffn.d_model, recipe.num_experts
-    expert = 2 * d * d_hidden * (3 if ffn.gated else 2)
-    if recipe.strategy == "moe":
-        return 2 * d * e + (recipe.top_k + recipe.num_shared_experts) * expert
-    return 2 * d * e + 2 * (2 * e * d) + e * expert // recipe.group_size
+    """FLOPs per token of the block ``recipe`` builds for ``ffn``."""
+    return sparse_flops(
+        recipe.strategy,
+        ffn.d_model,
+        d_hidden,
+        gated=ffn.gated,
+        num_experts=recipe.num_experts,
+        top_k=recipe.top_k + recipe.num_shared_experts,
+        group_size=recipe.group_size,
+    )
+
+
+def existing_block_flops(block: MoEBlock | MoTBlock) -> int:
+    """FLOPs per token of a sparse block already in the model."""
+    experts = block.experts
+    if isinstance(block, MoEBlock):
+        shared = block.shared_experts.num_experts if block.shared_experts is not None else 0
+        top_k, group_size = block.top_k + shared, 1
+    else:
+        top_k, group_size = 0, block.group_size
+    return sparse_flops(
+        block.kind,
+        experts.d_model,
+        experts.d_hidden,
+        gated=experts.gated,
+        num_experts=experts.num_experts,
+        top_k=top_k,
+        group_size=group_size,
+    )
+
+
+def sparse_flops(
+    strategy: str, d: int, d_hidden: int, *, gated: bool, num_experts: int, top_k: int, group_size: int
+) -> int:
+    """MoE runs ``top_k`` experts (shared ones included) and a router; MoT mixes each group of G tokens
+    into one token per expert, runs every expert once per group, and unmixes."""
+    e = num_experts
+    expert = 2 * d * d_hidden * (3 if gated else 2)
+    if strategy == "moe":
+        return 2 * d * e + top_k * expert
+    return 2 * d * e + 2 * (2 * e * d) + e * expert // group_size

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
 _EVERY = re.compile(r"^every:(\d+)$")
-_RECORD = "_mixcompile_recipe"
+_RECORD = "_mixcompile_recipes"
 
 
 @dataclass
@@ -133,18 +133,20 @@ class Recipe:
         return cls(**dict(data))
 
 
-def recipe_of(model: nn.Module) -> Recipe | None:
-    """The recipe ``convert`` applied to ``model`` (``None`` if it did not convert it).
+def recipes_of(model: nn.Module) -> list[Recipe]:
+    """The recipes ``convert`` applied to ``model``, oldest first (empty if it converted nothing).
 
-    It is recorded with the converted sites as an explicit index list and no ``filter_fn``, so replaying
-    it on the unconverted model (as ``mixcompile.load`` does) converts exactly the same sites.
+    Each is recorded with its converted sites as an explicit index list and no ``filter_fn``, so replaying
+    them in order on the unconverted model (as ``mixcompile.load`` does) converts exactly the same sites,
+    also when a model was converted twice (MoE in some layers, then MoT in others).
     """
-    recipe = getattr(model, _RECORD, None)
-    return recipe if isinstance(recipe, Recipe) else None
+    recipes = getattr(model, _RECORD, [])
+    return list(recipes) if isinstance(recipes, list) else []
 
 
 def record(model: nn.Module, recipe: Recipe, converted: list[int]) -> None:
-    object.__setattr__(model, _RECORD, dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None))
+    replayable = dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None)
+    object.__setattr__(model, _RECORD, [*recipes_of(model), replayable])
 
 
 def option_names() -> list[str]:

@@ -32,6 +32,22 @@ class SiteReport:
 
 
 @dataclass
+class BlockReport:
+    """A sparse block the model already had when it was inspected or converted."""
+
+    path: str
+    kind: str  # "moe" or "mot"
+    d_model: int
+    expert_hidden: int
+    num_experts: int
+    gated: bool
+    activation: str
+    kernel: str
+    top_k: int | None = None  # MoE
+    group_size: int | None = None  # MoT
+
+
+@dataclass
 class Report:
     model: str
     recipe: dict[str, Any]
@@ -43,6 +59,7 @@ class Report:
     ffn_flops_after: int
     converted: bool = False
     model_max_error: float | None = None
+    sparse_blocks: list[BlockReport] = field(default_factory=list)
 
     @property
     def unrewritable(self) -> list[SiteReport]:
@@ -54,12 +71,16 @@ class Report:
     def __str__(self) -> str:
         verb = "converted" if self.converted else "would convert"
         chosen = [s for s in self.sites if s.status in ("converted", "planned")]
-        lines = [
-            f"mixcompile report for {self.model}: {len(self.sites)} FFN sites, {verb} {len(chosen)} "
-            f"({self.recipe.get('strategy')}, {self.recipe.get('num_experts')} experts)",
-            "",
-            f"{'#':>3}  {'path':<44} {'pattern':<16} {'d x h':<11} {'act':<10} {'status':<15} rewrite",
-        ]
+        already = f"; already sparse: {len(self.sparse_blocks)} blocks" if self.sparse_blocks else ""
+        if not self.sites:
+            lines = [f"mixcompile report for {self.model}: no dense FFN sites{already}"]
+        else:
+            lines = [
+                f"mixcompile report for {self.model}: {len(self.sites)} FFN sites, {verb} {len(chosen)} "
+                f"({self.recipe.get('strategy')}, {self.recipe.get('num_experts')} experts){already}",
+                "",
+                f"{'#':>3}  {'path':<44} {'pattern':<16} {'d x h':<11} {'act':<10} {'status':<15} rewrite",
+            ]
         for s in self.sites:
             shape = f"{s.d_model}x{s.d_hidden}" + ("g" if s.gated else "")
             lines.append(
@@ -72,6 +93,15 @@ class Report:
             details += s.notes
             if details:
                 lines.append(f"{'':>5}{'; '.join(details)}")
+        if self.sparse_blocks:
+            lines += ["", "Sparse blocks already in the model:"]
+            for b in self.sparse_blocks:
+                shape = f"{b.d_model}x{b.expert_hidden}" + ("g" if b.gated else "")
+                routing = f"top-{b.top_k}" if b.kind == "moe" else f"groups of {b.group_size}"
+                lines.append(
+                    f"  {b.path:<44} {b.kind:<4} {b.num_experts} experts {shape}, {routing}, {b.activation}, "
+                    f"kernel {b.kernel}"
+                )
         if self.unrewritable:
             lines += ["", "Sites that cannot be rewritten:"]
             lines += [f"  {s.index} {s.path}: {s.reason}" for s in self.unrewritable]

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from mixcompile.blocks import Block
+
 from .activation_names import module_activation
 from .linears import is_linear_like
 
@@ -134,6 +136,9 @@ def trace_hierarchy(model: nn.Module) -> TraceResult:
         if module in seen or is_primitive(module):
             return
         seen.add(module)
+        if isinstance(module, Block):  # already sparse: a leaf for its parents, nothing to find inside
+            opaque.add(module)
+            return
         for name, child in module.named_children():
             visit(f"{path}.{name}" if path else name, child)
         if isinstance(module, _CONTAINERS):

@@ -1,0 +1,122 @@
+"""``mixcompile.save`` / ``mixcompile.load`` as a library: exact round trips, models converted twice, and
+refusals that leave the files as they were."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mixcompile as mc
+from mixcompile.serialization import LoadError
+from mixcompile.toy import build_tiny_gpt
+
+TINY = {"d_model": 32, "n_layer": 4, "n_head": 2, "d_ff": 64, "max_seq": 16}
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (4, 12))
+
+
+def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_round_trip_rebuilds_the_recorded_base(tmp_path: Path) -> None:
+    model = mc.convert(
+        build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=2, init_options={"noise": 0.1}
+    )
+    with torch.no_grad():  # weights that differ from any fresh conversion
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    mc.save(model, tmp_path / "moe")
+    assert_same_outputs(model, mc.load(tmp_path / "moe"), tokens())
+
+
+def test_a_model_converted_twice_round_trips(tmp_path: Path) -> None:
+    moe = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=1, sites=[0, 1])
+    hybrid = mc.convert(moe, strategy="mot", num_experts=4, group_size=2, init="random", sites="all")
+    mc.save(hybrid, tmp_path / "hybrid")
+    manifest = json.loads((tmp_path / "hybrid" / "mixcompile.json").read_text())
+    assert [r["strategy"] for r in manifest["recipes"]] == ["moe", "mot"]
+    loaded = mc.load(tmp_path / "hybrid")
+    kinds = [type(b).__name__ for b in mc.sparse_blocks(loaded).values()]
+    assert kinds == ["MoEBlock", "MoEBlock", "MoTBlock", "MoTBlock"]
+    assert_same_outputs(hybrid, loaded, tokens())
+
+
+def test_inspect_describes_the_blocks_a_model_already_has() -> None:
+    moe = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=1, sites=[0, 1])
+    report = mc.inspect(moe)
+    assert [b.path for b in report.sparse_blocks] == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert {(b.kind, b.num_experts, b.top_k, b.kernel) for b in report.sparse_blocks} == {
+        ("moe", 4, 1, "torch")
+    }
+    assert not [path for path in report.untraced if path.startswith("blocks.0.mlp")]
+    assert [s.path for s in report.sites] == ["blocks.2.mlp", "blocks.3.mlp"]
+    dense_ffn = 2 * 32 * 64 * 2
+    moe_block = 2 * 32 * 4 + dense_ffn  # router + one expert of the same size
+    assert report.ffn_flops_before == 2 * moe_block + 2 * dense_ffn
+    assert "Sparse blocks already in the model" in str(report)
+    fully = mc.inspect(mc.convert(moe, strategy="moe", num_experts=4))
+    assert fully.sites == [] and len(fully.sparse_blocks) == 4
+    assert str(fully).startswith(
+        "mixcompile report for TinyGPT: no dense FFN sites; already sparse: 4 blocks"
+    )
+
+
+def test_a_model_built_in_python_needs_its_base(tmp_path: Path) -> None:
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+    torch.manual_seed(0)
+    model = mc.convert(build(), strategy="moe", num_experts=2, top_k=1)
+    mc.save(model, tmp_path / "mine")
+    with pytest.raises(LoadError, match=r"base=build_my_model"):
+        mc.load(tmp_path / "mine")
+    assert_same_outputs(model, mc.load(tmp_path / "mine", base=build), torch.randn(5, 8))
+    with pytest.raises(TypeError, match="base must be an nn.Module"):
+        mc.load(tmp_path / "mine", base=lambda: "not a model")
+
+
+def test_an_imported_builder_outside_mixcompile_needs_trust_code(tmp_path: Path) -> None:
+    model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1)
+    mc.save(model, tmp_path / "m", base={"kind": "import", "target": "zoo:plain_mlp", "kwargs": {}})
+    with pytest.raises(LoadError, match="trust_code=True"):
+        mc.load(tmp_path / "m")
+
+
+def test_existing_directory_is_refused_and_left_intact(tmp_path: Path) -> None:
+    model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        mc.save(model, target)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    mc.save(model, target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["mixcompile.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directories left behind
+
+
+def test_an_unconverted_model_is_not_saved(tmp_path: Path) -> None:
+    with pytest.raises(mc.ConfigError, match="convert it first"):
+        mc.save(build_tiny_gpt(**TINY), tmp_path / "dense")
+    assert not (tmp_path / "dense").exists()
+    with pytest.raises(TypeError, match="nn.Module"):
+        mc.save({"w": torch.zeros(1)}, tmp_path / "dict")
+
+
+def test_a_manifest_without_recipes_is_a_clear_error(tmp_path: Path) -> None:
+    mc.save(mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1), tmp_path / "m")
+    manifest_file = tmp_path / "m" / "mixcompile.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["recipes"]
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(LoadError, match="no 'recipes' section"):
+        mc.load(tmp_path / "m")
