@@ -77,8 +77,13 @@ def test_hugging_face_directory_round_trip(hf_llama, tmp_path):
     with torch.no_grad():
         expected, got = original(ids).logits, loaded(ids).logits
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5  # upcycled: still the dense function
-    report = run("inspect", out, "--json", check_code=0)
-    assert json.loads(report.stdout)["sites"] == []  # nothing dense is left
+    report = json.loads(run("inspect", out, "--json", check_code=0).stdout)
+    assert report["sites"] == []  # nothing dense is left
+    assert [(b["path"], b["kind"], b["num_experts"]) for b in report["sparse_blocks"]] == [
+        ("model.layers.0.mlp", "moe", 4),
+        ("model.layers.1.mlp", "moe", 4),
+    ]
+    assert not any(path.startswith("model.layers.0.mlp") for path in report["untraced"])
     assert loaded.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, 10)
 
 
@@ -94,8 +99,8 @@ def test_mixcompile_directory_round_trip(tmp_path):
     loaded = mc.load(tmp_path / "saved")
     with torch.no_grad():
         assert torch.equal(loaded.eval()(tokens()), model.eval()(tokens()))
-    inspected = run("inspect", tmp_path / "saved", check_code=0)
-    assert "mixcompile report" in inspected.stdout
+    inspected = run("inspect", tmp_path / "saved", check_code=0).stdout
+    assert inspected.startswith("mixcompile report for TinyGPT: no dense FFN sites; already sparse: 2 blocks")
 
 
 def test_pickled_module_round_trip(tmp_path):
