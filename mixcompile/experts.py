@@ -64,39 +64,29 @@ class StackedExperts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x [n, d]``: the plain-PyTorch definition every kernel must match."""
-        act = activation_fn(self.activation)
-        up = x @ self.w_in[e].t()
-        if self.b_in is not None:
-            up = up + self.b_in[e]
-        if self.w_gate is not None:
-            gate = x @ self.w_gate[e].t()
-            if self.b_gate is not None:
-                gate = gate + self.b_gate[e]
-            hidden = act(gate) * up
-        else:
-            hidden = act(up)
-        out = hidden @ self.w_out[e].t()
-        if self.b_out is not None:
-            out = out + self.b_out[e]
-        return out
+        weights = (self.w_in[e], None if self.w_gate is None else self.w_gate[e], self.w_out[e])
+        biases = (None if b is None else b[e] for b in (self.b_in, self.b_gate, self.b_out))
+        return self._ffn(x, *weights, *biases)
 
     def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own rows at once: ``x [E, n, d] -> [E, n, d]``."""
+        biases = (None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out))
+        return self._ffn(x, self.w_in, self.w_gate, self.w_out, *biases)
+
+    def _ffn(
+        self,
+        x: torch.Tensor,
+        w_in: torch.Tensor,
+        w_gate: torch.Tensor | None,
+        w_out: torch.Tensor,
+        b_in: torch.Tensor | None,
+        b_gate: torch.Tensor | None,
+        b_out: torch.Tensor | None,
+    ) -> torch.Tensor:
         act = activation_fn(self.activation)
-        up = torch.bmm(x, self.w_in.transpose(1, 2))
-        if self.b_in is not None:
-            up = up + self.b_in.unsqueeze(1)
-        if self.w_gate is not None:
-            gate = torch.bmm(x, self.w_gate.transpose(1, 2))
-            if self.b_gate is not None:
-                gate = gate + self.b_gate.unsqueeze(1)
-            hidden = act(gate) * up
-        else:
-            hidden = act(up)
-        out = torch.bmm(hidden, self.w_out.transpose(1, 2))
-        if self.b_out is not None:
-            out = out + self.b_out.unsqueeze(1)
-        return out
+        up = _plus_bias(x @ w_in.mT, b_in)
+        hidden = act(up) if w_gate is None else act(_plus_bias(x @ w_gate.mT, b_gate)) * up
+        return _plus_bias(hidden @ w_out.mT, b_out)
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "plain"
@@ -104,3 +94,9 @@ class StackedExperts(nn.Module):
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"{kind}, activation={self.activation!r}, bias={self.bias}"
         )
+
+
+def _plus_bias(t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``t + bias`` in ``t``'s dtype, as ``nn.Linear`` adds its bias under autocast (a float32 bias would
+    otherwise promote an autocast product back to float32)."""
+    return t if bias is None else t + bias.to(t.dtype)

@@ -230,8 +230,8 @@ def mot_blocks(group, gated, bias, **kwargs):
     return block, fused
 
 
-def check_mot(block, fused, x, tol=TOL):
-    """Output and all gradients; the controller's only where it has one (soft mode, groups of 2+)."""
+def check_block(block, fused, x, tol=TOL):
+    """A block against its fused copy: output and all gradients (a MoT controller's only where it has one)."""
     outs = []
     for b in (block, fused):
         xi = x.clone().requires_grad_()
@@ -262,14 +262,14 @@ def check_mot(block, fused, x, tol=TOL):
 )
 def test_mot_block_end_to_end(batch, group, gated, bias, emit):
     block, fused = mot_blocks(group, gated, bias, mixer_options={"emit": emit, "init_std": 0.5})
-    grads = check_mot(block, fused, torch.randn(batch, 6, 24, device=DEVICE))
+    grads = check_block(block, fused, torch.randn(batch, 6, 24, device=DEVICE))
     assert (grads["mixer.controller.weight"].abs().sum() > 0) == (min(batch, group) > 1)
 
 
 def test_mot_sparse_mode_and_sequence_first():
     options = {"mode": "sparse", "batch_first": False, "mixer_options": {"init_std": 0.5}}
     block, fused = mot_blocks(4, True, True, **options)
-    check_mot(block, fused, torch.randn(5, 6, 24, device=DEVICE))
+    check_block(block, fused, torch.randn(5, 6, 24, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -279,7 +279,20 @@ def test_half_precision(dtype):
     x = torch.randn(37, 24, device=DEVICE, dtype=dtype)
     check_moe(x, topk_plan(37, 4, 2), experts, tol=3e-2)
     block, fused = mot_blocks(4, False, True, dtype=dtype, mixer_options={"init_std": 0.5})
-    check_mot(block, fused, torch.randn(6, 5, 24, device=DEVICE, dtype=dtype), tol=3e-2)
+    check_block(block, fused, torch.randn(6, 5, 24, device=DEVICE, dtype=dtype), tol=3e-2)
+
+
+def test_blocks_under_autocast():
+    """Autocast hands the kernel bfloat16 rows and float32 expert weights; it must compute in bfloat16."""
+    torch.manual_seed(0)
+    moe = mc.MoEBlock(24, 40, 4, top_k=2, gated=True, bias=True, kernel="torch", device=DEVICE)
+    fused_moe = copy.deepcopy(moe)
+    fused_moe.kernel = "triton"
+    mot, fused_mot = mot_blocks(2, True, True, mixer_options={"init_std": 0.5})
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        check_block(moe, fused_moe, torch.randn(3, 7, 24, device=DEVICE), tol=3e-2)
+        check_block(mot, fused_mot, torch.randn(5, 6, 24, device=DEVICE), tol=3e-2)
+        assert fused_mot(torch.randn(2, 3, 24, device=DEVICE)).dtype == torch.bfloat16
 
 
 def test_kernel_selection(monkeypatch):

@@ -77,6 +77,15 @@ class Block(nn.Module):
         """The name of the kernel this block runs with on ``device``/``dtype`` (resolves ``auto``)."""
         return resolve_kernel(self.kernel, self.kind, torch.device(device), dtype)[0]
 
+    @staticmethod
+    def _compute_input(x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the autocast dtype when autocast is on: the block then computes in, and returns, the
+        dtype the dense FFN's linears would have, and its kernel sees one dtype for inputs and weights."""
+        device_type = x.device.type
+        if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+            return x.to(torch.get_autocast_dtype(device_type))
+        return x
+
     def _kernel(self, x: torch.Tensor) -> tuple[str, Kernel]:
         return resolve_kernel(self.kernel, self.kind, x.device, x.dtype)
 

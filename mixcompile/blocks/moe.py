@@ -63,7 +63,7 @@ class MoEBlock(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "[..., d]", ok_rank=isinstance(x, torch.Tensor) and x.ndim >= 2)
-        flat = x.reshape(-1, x.shape[-1])
+        flat = self._compute_input(x.reshape(-1, x.shape[-1]))
         plan = self.router(flat)
         source = self.router.mixcompile_source
         if self._validating():
@@ -79,7 +79,7 @@ class MoEBlock(Block):
         self._validation_done()
         self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
         self._stats = _routing_stats(plan, kernel_name)
-        return y.reshape(x.shape)
+        return y.reshape(x.shape)  # in flat's dtype
 
     def extra_repr(self) -> str:
         return f"router={self.router_name!r}, top_k={self.top_k}, kernel={self.kernel!r}"

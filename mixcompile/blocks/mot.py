@@ -87,7 +87,7 @@ class MoTBlock(Block):
             f"{layout} (MoT mixes tokens across sequences)",
             ok_rank=isinstance(x, torch.Tensor) and x.ndim == 3,
         )
-        xb = x if self.batch_first else x.transpose(0, 1)
+        xb = self._compute_input(x if self.batch_first else x.transpose(0, 1))
         batch, seq, d = xb.shape
         g = self.group_size
         groups = math.ceil(batch / g)
