@@ -163,7 +163,10 @@ def evaluate(model: torch.nn.Module, corpus: Corpus, cfg: Config, device: str, b
 
 
 def _loss(model: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
-    logits = model(chunk[:, :-1])
+    """Next-byte cross-entropy; on a GPU under bfloat16 autocast, as models are trained there (all three
+    models alike: the dense linears and the sparse blocks' kernels then all compute in bfloat16)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=chunk.is_cuda):
+        logits = model(chunk[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1))
 
 
