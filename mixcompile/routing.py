@@ -167,14 +167,20 @@ class Router(nn.Module):
         return torch.topk(scores, self.top_k, dim=-1).indices
 
     def token_choice_plan(
-        self, logits: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        chosen: torch.Tensor,
+        weights: torch.Tensor,
+        probs: torch.Tensor | None = None,
     ) -> RoutingPlan:
-        """Build a plan from per-token picks ``chosen [N, k]`` and their ``weights [N, k]``."""
+        """Build a plan from per-token picks ``chosen [N, k]`` and their ``weights [N, k]``; ``probs`` is
+        ``softmax(logits)`` where the router has it already."""
         n, k = chosen.shape
         token = torch.arange(n, device=chosen.device).repeat_interleave(k)
         expert = chosen.reshape(-1)
         weight = weights.reshape(-1)
-        probs = torch.softmax(logits, dim=-1)
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1)
         losses = self.losses(logits, probs, expert)
         if self.bias_balancing and self.training:
             with torch.no_grad():

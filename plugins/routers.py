@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -9,6 +10,9 @@ import torch
 from mixcompile.errors import ConfigError
 from mixcompile.hookspecs import Register, hookimpl
 from mixcompile.routing import Router, RoutingPlan
+from mixcompile.triton import MAX_ROUTED_EXPERTS, interpreting
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")
 
@@ -38,6 +42,12 @@ class TopKRouter(Router):
 
     def forward(self, x: torch.Tensor) -> RoutingPlan:
         logits = self.logits(x)
+        if self.order == "softmax_topk" and _fused_routing_runs(logits):
+            from mixcompile.triton.ops import topk_route_op
+
+            bias = self.selection_bias if self.bias_balancing else None
+            probs, chosen, weights = topk_route_op(logits, bias, self.top_k, self.renormalize)
+            return self.token_choice_plan(logits, chosen, weights, probs)
         probs = torch.softmax(logits, dim=-1)
         chosen = self.select(probs if self.order == "softmax_topk" else logits)
         if self.order == "softmax_topk":
@@ -46,10 +56,19 @@ class TopKRouter(Router):
                 weights = weights / weights.sum(-1, keepdim=True)
         else:
             weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
-        return self.token_choice_plan(logits, chosen, weights)
+        return self.token_choice_plan(logits, chosen, weights, probs)
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, order={self.order!r}, capacity_factor={self.capacity_factor}"
+
+
+def _fused_routing_runs(logits: torch.Tensor) -> bool:
+    """Whether the fused Triton routing step can run on these logits: on CUDA (or in Triton's interpreter
+    on the CPU, as the tests run it), for up to ``MAX_ROUTED_EXPERTS`` experts."""
+    device_ok = logits.is_cuda or (logits.device.type == "cpu" and interpreting())
+    return (
+        _HAS_TRITON and device_ok and logits.dtype == torch.float32 and logits.shape[-1] <= MAX_ROUTED_EXPERTS
+    )
 
 
 class SwitchRouter(TopKRouter):

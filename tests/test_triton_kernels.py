@@ -334,6 +334,74 @@ def test_opcheck_mot():
     torch.library.opcheck(ops.mot_forward_op, (x_g, merge, emit, *tensors, "silu", True))
 
 
+ROUTE_CASES = {  # (tokens, experts, k, renormalize, selection bias)
+    "topk": (37, 8, 2, True, False),
+    "ragged_experts": (70, 12, 4, True, True),
+    "switch": (19, 6, 1, False, False),
+    "raw_weights_with_bias": (5, 5, 3, False, True),
+    "one_token_all_experts": (1, 4, 4, True, False),
+}
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES)
+def test_fused_routing_matches_float64(case):
+    """softmax -> (+ bias for selection) -> top-k -> renormalise, and the logits' gradient through both
+    outputs the router uses (the probabilities feed the aux losses, the weights the combine)."""
+    from mixcompile.triton import ops
+
+    n, e, k, renormalize, with_bias = ROUTE_CASES[case]
+    logits = torch.randn(n, e, device=DEVICE, dtype=torch.float64)
+    bias = torch.randn(e, device=DEVICE) * 0.1 if with_bias else None
+    fused_logits = logits.float().requires_grad_()
+    probs, chosen, weights = ops.topk_route_op(fused_logits, bias, k, renormalize)
+
+    exact_logits = logits.clone().requires_grad_()
+    exact_probs = torch.softmax(exact_logits, dim=-1)
+    exact_chosen = torch.topk(exact_probs + (0 if bias is None else bias.double()), k, dim=-1).indices
+    exact_weights = exact_probs.gather(-1, exact_chosen)
+    if renormalize:
+        exact_weights = exact_weights / exact_weights.sum(-1, keepdim=True)
+
+    assert torch.equal(chosen, exact_chosen)
+    assert_close(probs, exact_probs, what="probs")
+    assert_close(weights, exact_weights, what="weights")
+    d_probs, d_weights = torch.randn(n, e, device=DEVICE), torch.randn(n, k, device=DEVICE)
+    ((probs * d_probs).sum() + (weights * d_weights).sum()).backward()
+    ((exact_probs * d_probs).sum() + (exact_weights * d_weights).sum()).backward()
+    assert_close(fused_logits.grad, exact_logits.grad, what="grad logits")
+
+
+def test_opcheck_routing():
+    from mixcompile.triton import ops
+
+    logits = torch.randn(9, 6, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.topk_route_op, (logits, torch.randn(6, device=DEVICE), 2, True))
+
+
+@pytest.mark.parametrize(
+    ("router", "options", "fused"),
+    [
+        ("topk", {"router_options": {"bias_balancing": True}}, True),
+        ("switch", {"top_k": 1}, True),
+        ("topk", {"router_options": {"order": "topk_softmax"}}, False),  # Mixtral's order: not this step
+    ],
+)
+def test_routers_take_the_fused_step_where_it_applies(monkeypatch, router, options, fused):
+    from mixcompile_plugins import routers
+
+    from mixcompile.triton import ops
+
+    real, calls = ops.topk_route_op, []
+    monkeypatch.setattr(ops, "topk_route_op", lambda *args: calls.append(args) or real(*args))
+    torch.manual_seed(0)
+    block = mc.MoEBlock(24, 40, 4, router=router, kernel="triton", device=DEVICE, **options)
+    x = torch.randn(9, 24, device=DEVICE)
+    y = block(x)
+    assert bool(calls) == fused
+    monkeypatch.setattr(routers, "_fused_routing_runs", lambda logits: False)
+    assert_close(y, block(x), what="fused vs PyTorch routing")
+
+
 def test_torch_compile_has_no_graph_breaks():
     from mixcompile.triton import ops
 

@@ -8,12 +8,15 @@ This package itself imports nothing heavy, so ``mixcompile`` stays importable wi
   :data:`mixcompile.activations.ACTIVATIONS`.
 - ``grouped``: grouped GEMMs over rows sorted by expert, shared by the MoE and MoT kernels.
 - ``moe_kernels`` / ``mot_kernels``: the forward and backward passes built from them.
+- ``routing_kernels``: the fused top-k routing step (softmax, selection bias, top-k, renormalisation).
 - ``ops``: ``torch.library`` custom ops (with fake and autograd registrations) that blocks call.
 """
 
 from __future__ import annotations
 
 import os
+
+MAX_ROUTED_EXPERTS = 4096  # the fused routing step holds a row of logits in registers
 
 
 def interpreting() -> bool:

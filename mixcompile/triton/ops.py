@@ -15,6 +15,7 @@ from ..mixing import MixPlan
 from ..routing import RoutingPlan
 from .moe_kernels import moe_backward, moe_forward, route
 from .mot_kernels import mot_backward, mot_forward
+from .routing_kernels import topk_route, topk_route_backward
 
 Tensor = torch.Tensor
 
@@ -285,3 +286,38 @@ def mot(x_g: Tensor, plan: MixPlan, experts: StackedExperts) -> Tensor:
         x_g, plan.merge.to(x_g.dtype), plan.emit.to(x_g.dtype), *params, experts.activation, save
     )
     return y
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+
+@torch.library.custom_op("mixcompile::topk_route", mutates_args=())
+def topk_route_op(
+    logits: Tensor, bias: Tensor | None, k: int, renormalize: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(probs [N, E], chosen [N, k], weights [N, k])``: softmax, bias for selection, top-k, renormalise."""
+    with _device(logits):
+        return topk_route(logits, bias, k, renormalize)
+
+
+@topk_route_op.register_fake
+def _(logits, bias, k, renormalize):
+    n, e = logits.shape
+    return (
+        logits.new_empty(n, e, dtype=torch.float32),
+        logits.new_empty(n, k, dtype=torch.int64),
+        logits.new_empty(n, k, dtype=torch.float32),
+    )
+
+
+def _route_setup(ctx, inputs, output) -> None:
+    ctx.renormalize = inputs[3]
+    ctx.save_for_backward(*output)
+
+
+def _route_backward(ctx, d_probs, _d_chosen, d_weights):
+    probs, chosen, weights = ctx.saved_tensors
+    return topk_route_backward(d_probs, d_weights, probs, chosen, weights, ctx.renormalize), None, None, None
+
+
+topk_route_op.register_autograd(_route_backward, setup_context=_route_setup)
