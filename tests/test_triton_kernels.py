@@ -446,7 +446,7 @@ COMPILE_CHECK = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from mixcompile.triton import grouped, moe_kernels, mot_kernels
+    from mixcompile.triton import grouped, moe_kernels, mot_kernels, routing_kernels
 
     def compile_for_hopper(kernel, pointers, ints, options, num_warps=8, num_stages=3):
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -457,7 +457,7 @@ COMPILE_CHECK = textwrap.dedent(
         src = ASTSource(fn, signature, constexprs=options, attrs=attrs)
         launch = {"num_warps": num_warps, "num_stages": num_stages}
         ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch).asm["ttgir"]
-        small = ("_combine_kernel", "_mix_kernel", "_unmix_kernel")
+        small = ("_combine_kernel", "_mix_kernel", "_unmix_kernel", "_topk_route_kernel")
         assert "warp_group_dot" in ttgir or fn.__name__ in small, fn.__name__
 
     bf16 = lambda *names, **typed: {**{n: "*bf16" for n in names}, **typed}
@@ -510,6 +510,13 @@ COMPILE_CHECK = textwrap.dedent(
         bf16("v_ptr", "w_ptr", "y_ptr", "other_ptr", "dw_ptr"),
         ("R", "NG", "G", "E", "D", "y_t", "y_n", "y_g", "o_t", "o_n", "o_g"),
         dict(y_d=1, o_d=1, **mix),
+        num_warps=4,
+    )
+    compile_for_hopper(
+        routing_kernels._topk_route_kernel,
+        dict(logits_ptr="*fp32", bias_ptr="*fp32", probs_ptr="*fp32", chosen_ptr="*i64", weights_ptr="*fp32"),
+        ("N", "E"),
+        dict(K=8, K_POW2=8, HAS_BIAS=True, RENORMALIZE=True, BLOCK_N=32, BLOCK_E=64),
         num_warps=4,
     )
     """
