@@ -2,9 +2,10 @@
 
 On a GPU: first checks the Triton kernel against the torch reference at every benchmarked size (output and
 gradients), then prints one table (bf16, 16,384 tokens, d=1024) of time, TFLOP/s, the ratio to the Triton
-kernel and peak memory, all measured in this run. MoE rows include routing (gate, softmax, top-k); MoT rows
-include the controller. ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter, to check that the
-script works; without a GPU and without ``--smoke`` it says so and exits.
+kernel and peak memory, all measured in this run. MoE rows include routing (gate, softmax, top-k: the fused
+routing step for the Triton kernel, as the block runs it); MoT rows include the controller. ``--smoke`` runs
+tiny sizes, on CPU through Triton's interpreter, to check that the script works; without a GPU and without
+``--smoke`` it says so and exits.
 
     python benchmarks/bench_kernels.py           # on a GPU
     python benchmarks/bench_kernels.py --smoke   # anywhere
@@ -103,22 +104,31 @@ class MoEProblem:
         self.dy = torch.randn(self.x.shape, generator=g).to(device, sizes.dtype)
         self.params = [self.x, self.gate.weight, *self.experts.parameters()]
 
-    def plan(self):
+    def plan(self, fused: bool):
+        """Top-k routing as the block does it: the fused Triton step for the Triton kernel, else PyTorch."""
         from mixcompile.routing import RoutingPlan
 
-        probs = torch.softmax(self.gate(self.x).float(), dim=-1)
-        weight, chosen = torch.topk(probs, self.top_k, dim=-1)
-        weight = weight / weight.sum(-1, keepdim=True)
+        logits = self.gate(self.x).float()
+        if fused:
+            from mixcompile.triton.ops import topk_route_op
+
+            _, chosen, weight = topk_route_op(logits, None, self.top_k, True)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            weight, chosen = torch.topk(probs, self.top_k, dim=-1)
+            weight = weight / weight.sum(-1, keepdim=True)
         n, e = self.x.shape[0], self.experts.num_experts
         tokens = torch.arange(n, device=self.x.device).repeat_interleave(self.top_k)
         return RoutingPlan(tokens, chosen.reshape(-1), weight.reshape(-1), n, e)
 
-    def run(self, impl: Callable, backward: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    def run(
+        self, impl: Callable, backward: bool, fused_routing: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Forward (under ``no_grad`` unless ``backward``), or forward and backward."""
         for p in self.params:
             p.grad = None
         with torch.set_grad_enabled(backward):
-            y = impl(self.x, self.plan(), self.experts)
+            y = impl(self.x, self.plan(fused_routing), self.experts)
         if backward:
             y.backward(self.dy)
         return y, [p.grad for p in self.params]
@@ -155,7 +165,7 @@ def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
         problem = MoEProblem(sizes, experts, top_k, hidden, device)
         name = f"MoE E={experts} top-{top_k} h={hidden}"
         y_ref, g_ref = problem.run(impls["torch"], backward=True)
-        y, g = problem.run(impls["triton"], backward=True)
+        y, g = problem.run(impls["triton"], backward=True, fused_routing=True)
         errors = [rel_err(y, y_ref)] + [rel_err(a, b) for a, b in zip(g, g_ref, strict=True)]
         print(f"check {name}: max relative error (output, grads) {max(errors):.1e}", flush=True)
         if max(errors) > (2e-2 if sizes.dtype != torch.float32 else 1e-4):
@@ -164,7 +174,7 @@ def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
         dense = dense_ffn(sizes.d, top_k * hidden, device, sizes.dtype)
         for mode, backward, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
             for impl_name, impl in impls.items():
-                ms, peak = timed(partial(problem.run, impl, backward), device)
+                ms, peak = timed(partial(problem.run, impl, backward, impl_name == "triton"), device)
                 rows.append(Row(name, mode, impl_name, ms, flops, peak))
 
             ms, peak = timed(partial(dense_step, dense, problem, backward), device)
