@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .inputs import LoadedModel
+from .io.bases import build_base
+from .io.reading import LoadedModel
 from .probe import example_inputs, output_tensor
-from .serialization import _build_base
 
 
 def bench_models(
@@ -36,7 +36,8 @@ def bench_models(
     if loaded.kind == "mixcompile":
         if recipe is not None:
             raise ConfigError("this model is converted already; bench it without recipe options.")
-        base = _build_base(loaded.base, None, trust_pickle=trust_pickle, trust_code=trust_code)
+        base = build_base(loaded.base, trust_pickle=trust_pickle, trust_code=trust_code)
+        assert base is not None  # only a meta build gives None
         converted = loaded.model
     else:
         if recipe is None:

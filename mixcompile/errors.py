@@ -27,6 +27,10 @@ class PluginError(MixcompileError):
     """A plugin raised, or returned something malformed. The message names the plugin."""
 
 
+class LoadError(MixcompileError):
+    """A path that cannot be read as a model, or a saved model that is refused: names the file and why."""
+
+
 class UnknownNameError(ConfigError):
     """A router / mixer / kernel / initializer / pattern name that no plugin registered."""
 
@@ -43,14 +47,24 @@ class UnknownNameError(ConfigError):
         self.kind, self.name, self.known, self.suggestion = kind, name, known, close[0] if close else None
 
 
-def check_positive_int(name: str, value: object, *, minimum: int = 1, hint: str = "") -> int:
+def check_positive_int(
+    name: str, value: object, *, minimum: int = 1, maximum: int | None = None, hint: str = ""
+) -> int:
     """Validate an integer option, naming it in the error (bools are refused: ``True`` is not a count)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).{_sp(hint)}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}.{_sp(hint)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}.{_sp(hint)}")
     return value
 
 
 def _sp(hint: str) -> str:
     return f" {hint}" if hint else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type): enough for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

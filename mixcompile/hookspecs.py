@@ -17,6 +17,9 @@ What each ``factory`` must return:
 - initializer: ``factory(experts, dense, *, generator, **options) -> None``: fills a
   :class:`~mixcompile.experts.StackedExperts` in place, from a :class:`~mixcompile.ffn.DenseFFN` or ``None``.
 - pattern: ``factory() -> mixcompile.compiler.Pattern`` (an FFN shape the compiler can find).
+- builder: ``factory(**kwargs) -> nn.Module``: builds a base model from JSON scalars, so a saved model
+  can name it in its manifest and be loaded without trusting code. It must validate its arguments
+  (types and sizes: a manifest is untrusted input) and raise ``ConfigError`` for bad ones.
 """
 
 from __future__ import annotations
@@ -60,3 +63,8 @@ def register_initializers(register: Register) -> None:
 @hookspec
 def register_patterns(register: Register) -> None:
     """Register FFN shapes the compiler looks for in traced graphs."""
+
+
+@hookspec
+def register_builders(register: Register) -> None:
+    """Register base-model builders that a saved manifest may name (``{"kind": "builder", ...}``)."""

@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "kernel": "register_kernels",
     "initializer": "register_initializers",
     "pattern": "register_patterns",
+    "builder": "register_builders",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError, check_positive_int
+
 
 class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int) -> None:
@@ -76,9 +78,49 @@ class TinyGPT(nn.Module):
         return tokens
 
 
-def build_tiny_gpt(**kwargs: int) -> TinyGPT:
-    """A TinyGPT that remembers how it was built, so ``mixcompile.save`` can name this builder in the
-    manifest and ``mixcompile.load`` rebuild the base without being handed code."""
+TINY_GPT_LIMITS = {
+    "vocab_size": 1 << 20,
+    "d_model": 1 << 14,
+    "n_layer": 256,
+    "n_head": 256,
+    "d_ff": 1 << 16,
+    "max_seq": 1 << 16,
+}
+MAX_TINY_GPT_PARAMS = 1 << 31
+
+
+def build_tiny_gpt(
+    vocab_size: int = 256,
+    d_model: int = 64,
+    n_layer: int = 4,
+    n_head: int = 4,
+    d_ff: int = 256,
+    max_seq: int = 128,
+) -> TinyGPT:
+    """A TinyGPT that remembers how it was built, so ``mixcompile.save`` names this builder (registered as
+    ``tiny_gpt``) in the manifest and ``mixcompile.load`` rebuilds the base without being handed code.
+
+    Its arguments may come from an untrusted manifest, so they are checked before anything is allocated."""
+    kwargs = {
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "d_ff": d_ff,
+        "max_seq": max_seq,
+    }
+    for name, value in kwargs.items():
+        check_positive_int(name, value)
+        if value > TINY_GPT_LIMITS[name]:
+            raise ConfigError(f"{name}={value} is larger than a TinyGPT allows ({TINY_GPT_LIMITS[name]}).")
+    if d_model % n_head:
+        raise ConfigError(f"d_model={d_model} must be divisible by n_head={n_head}.")
+    params = (vocab_size + max_seq) * d_model * 2 + n_layer * (4 * d_model * d_model + 2 * d_model * d_ff)
+    if params > MAX_TINY_GPT_PARAMS:
+        raise ConfigError(
+            f"these sizes make a TinyGPT of about {params:,} parameters; the limit is "
+            f"{MAX_TINY_GPT_PARAMS:,}."
+        )
     model = TinyGPT(**kwargs)
-    model.mixcompile_base = {"kind": "import", "target": "mixcompile.toy:build_tiny_gpt", "kwargs": kwargs}
+    model.mixcompile_base = {"kind": "builder", "name": "tiny_gpt", "kwargs": kwargs}
     return model

@@ -4,6 +4,6 @@ They register through the same hooks (``mixcompile.hookspecs``) a third-party pa
 difference is that mixcompile always loads them, without an entry point.
 """
 
-from . import initializers, kernels, mixers, patterns, routers, triton_kernels
+from . import builders, initializers, kernels, mixers, patterns, routers, triton_kernels
 
-BUILTIN_PLUGINS = (routers, mixers, kernels, initializers, patterns, triton_kernels)
+BUILTIN_PLUGINS = (routers, mixers, kernels, initializers, patterns, triton_kernels, builders)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import mixcompile as mc
-from mixcompile.serialization import LoadError
+from mixcompile import LoadError
 from mixcompile.toy import build_tiny_gpt
 
 TINY = {"d_model": 32, "n_layer": 4, "n_head": 2, "d_ff": 64, "max_seq": 16}
@@ -98,8 +98,12 @@ def test_existing_directory_is_refused_and_left_intact(tmp_path: Path) -> None:
     (target / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         mc.save(model, target)
+    with pytest.raises(FileExistsError, match="not a model directory"):  # overwrite replaces only models
+        mc.save(model, target, overwrite=True)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    mc.save(model, target, overwrite=True)
+    (target / "keep.txt").unlink()
+    mc.save(model, target, overwrite=True)  # an empty directory has nothing to lose
+    mc.save(model, target, overwrite=True)  # and a model directory is replaced
     assert sorted(p.name for p in target.iterdir()) == ["mixcompile.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directories left behind
 

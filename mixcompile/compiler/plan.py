@@ -39,7 +39,7 @@ def plan_site(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> SitePlan:
     try:
         d_hidden = expert_hidden(ffn.d_hidden, recipe)
         block = build_block(site, recipe, d_hidden, device="meta" if meta else ffn.w_in.device)
-        if not meta:
+        if not meta and ffn.w_in.device.type != "meta":
             generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed + site.index)
             block.load_dense(ffn, init=recipe.init, generator=generator, **recipe.init_options)
         kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
+MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo or a tampered file
+MAX_GROUP_SIZE = 1 << 16
 _EVERY = re.compile(r"^every:(\d+)$")
 _RECORD = "_mixcompile_recipes"
 
@@ -61,10 +63,11 @@ class Recipe:
             raise UnknownNameError("strategy", str(self.strategy), STRATEGIES)
         if self.sizing not in SIZINGS:
             raise UnknownNameError("sizing", str(self.sizing), SIZINGS)
-        check_positive_int("num_experts", self.num_experts)
-        check_positive_int("top_k", self.top_k)
-        check_positive_int("group_size", self.group_size)
-        check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        check_positive_int("num_experts", self.num_experts, maximum=MAX_EXPERTS)
+        check_positive_int("top_k", self.top_k, maximum=MAX_EXPERTS)
+        check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
+        check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0, maximum=MAX_EXPERTS)
+        check_positive_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         for name in ("init_options", "router_options", "mixer_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")

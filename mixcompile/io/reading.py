@@ -1,0 +1,130 @@
+"""Reading whatever the CLI is pointed at as a model, with a one-line reason when it cannot.
+
+Accepted: a mixcompile directory, a Hugging Face model directory, a ``torch.save``'d module
+(``trust_pickle``). Every file is checked before it is opened (a FIFO or a device would hang a reader) and
+every weights file must cover its model exactly: nothing is ever silently left randomly initialised.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import LoadError, first_line
+from .bases import base_spec_of, check_transformers_config, read_pickle, sha256, transformers_module
+from .files import check_regular_file, read_json_object
+from .loading import load_manifest
+from .manifest import MANIFEST, read_manifest
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
+HF_INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    base: dict[str, Any]  # how to rebuild the unconverted model (goes into a saved manifest)
+    kind: str  # "mixcompile", "transformers" or "pickle"
+
+
+def read_model(path: Path, *, trust_pickle: bool = False, trust_code: bool = False) -> LoadedModel:
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        raise LoadError(f"{path} does not exist.")
+    if path.is_dir():
+        if (path / MANIFEST).exists() or (path / MANIFEST).is_symlink():
+            manifest = read_manifest(path)
+            model = load_manifest(manifest, trust_pickle=trust_pickle, trust_code=trust_code)
+            return LoadedModel(model, manifest.base, "mixcompile")
+        if (path / "config.json").exists() or (path / "config.json").is_symlink():
+            model = read_transformers_dir(path, trust_code=trust_code)
+            return LoadedModel(model, base_spec_of(model), "transformers")
+        raise LoadError(f"{path} is not a model directory: it has neither {MANIFEST} nor config.json.")
+    check_regular_file(path, "model file")
+    if path.suffix == ".pt2":
+        raise LoadError(
+            f"{path} is a torch.export program, which is not supported: export flattens the model to ATen "
+            "operations, leaving no FFN modules to swap. Convert the nn.Module, then export the result."
+        )
+    if path.suffix == ".safetensors":
+        raise LoadError(f"{path} holds weights but no architecture; point at its folder with config.json.")
+    if path.suffix in PICKLE_SUFFIXES or _looks_pickled(path):
+        model = read_pickle(path, trust_pickle=trust_pickle)
+        spec = {"kind": "pickle", "path": str(path.resolve()), "sha256": sha256(path)}
+        return LoadedModel(model, spec, "pickle")
+    raise LoadError(
+        f"{path} is not a model: expected a mixcompile or Hugging Face directory, or a torch.save'd module."
+    )
+
+
+def read_transformers_dir(directory: Path, *, trust_code: bool = False) -> nn.Module:
+    """A Hugging Face model folder (config.json + weights), read offline; its weights must cover the model."""
+    transformers = transformers_module()
+    config_file = directory / "config.json"
+    config = read_json_object(config_file, "Hugging Face config")
+    check_transformers_config(config, trust_code=trust_code, where=str(config_file))
+    names = config.get("architectures") or []
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise LoadError(f"{config_file}: 'architectures' must be a list of class names, got {names!r}.")
+    cls = getattr(transformers, names[0], None) if names else transformers.AutoModel
+    if cls is not transformers.AutoModel and not (
+        isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    ):
+        raise LoadError(f"{config_file}: transformers has no model class {names[0]!r}.")
+    _check_weight_files(directory)
+    try:
+        model, info = cls.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=trust_code, output_loading_info=True
+        )
+    except Exception as exc:  # noqa: BLE001 - transformers raises anything for a bad folder
+        raise LoadError(f"{directory} could not be loaded by transformers: {first_line(exc)}") from exc
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    mismatched = info.get("mismatched_keys") or []
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label} {len(names)}, first {sorted(names)[0]!r}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("misshapen", mismatched))
+            if names
+        ]
+        hint = ""
+        if any(".experts." in str(name) or "router" in str(name) for name in [*unexpected, *mismatched]):
+            hint = (
+                " It looks like a converted model saved with save_pretrained: read it with mixcompile.load."
+            )
+        raise LoadError(
+            f"the weights in {directory} do not cover {type(model).__name__} exactly ({'; '.join(parts)}); "
+            f"refused rather than left randomly initialised.{hint}"
+        )
+    return model
+
+
+def _check_weight_files(directory: Path) -> None:
+    """Weight files are regular files (symlinks allowed: the Hub cache uses them); a sharded index names
+    only plain files inside the directory."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).exists() or (directory / name).is_symlink():
+            check_regular_file(directory / name, "weights file")
+    index = directory / HF_INDEX
+    if index.exists() or index.is_symlink():
+        weight_map = read_json_object(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index}: 'weight_map' must be an object of tensor names to files.")
+        for shard in sorted(set(weight_map.values()), key=str):
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in (".", ".."):
+                raise LoadError(f"{index} names {shard!r}, not a file inside {directory}; refused.")
+            check_regular_file(directory / shard, "weights shard")
+
+
+def _looks_pickled(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return head[:1] == b"\x80" or (zipfile.is_zipfile(path) and _zip_has_pickle(path))
+
+
+def _zip_has_pickle(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("data.pkl") for name in archive.namelist())

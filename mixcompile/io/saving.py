@@ -1,0 +1,73 @@
+"""``mixcompile.save``: a converted model as a directory, without pickles.
+
+::
+
+    mixcompile.json      manifest: mixcompile version, the recipes applied, how to rebuild the base model
+    model.safetensors    every weight of the converted model
+    config.json          (Hugging Face bases only) the base config, so the folder reads as an HF model folder
+    base.pt              (pickled bases only) the pickled unconverted module; loading it needs trust_pickle
+
+The directory is written beside its destination and moved into place when complete (see
+:func:`mixcompile.io.files.output_directory`): a failure or an interrupt leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_model
+from torch import nn
+
+from ..errors import ConfigError
+from .bases import KINDS, base_spec_of, stored_spec
+from .files import output_directory
+from .manifest import MANIFEST, WEIGHTS, manifest_data
+
+
+def save(
+    model: nn.Module, path: str | os.PathLike, *, base: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """Write a converted ``model`` to the directory ``path``.
+
+    An existing ``path`` is refused, unless ``overwrite`` and it is a model directory (one mixcompile or
+    ``save_pretrained`` wrote); its old content goes only once the new one is complete. ``base`` says how to
+    rebuild the unconverted model (see :mod:`mixcompile.io.bases`); by default it is what a builder,
+    ``convert`` or ``load`` recorded, or the model's Hugging Face config.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}.")
+    spec = base or base_spec_of(model)
+    if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+        raise ConfigError(f"base must be a base spec with a 'kind' in {KINDS}, got {spec!r}.")
+    _recipes(model)  # refuse before touching the file system
+    with output_directory(Path(path), overwrite=overwrite) as out:
+        write_model(model, out.path, spec)
+        out.commit()
+    return Path(path)
+
+
+def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None:
+    """Fill the (new, empty) ``directory`` with ``model``'s weights and manifest."""
+    from .. import __version__
+
+    recipes = _recipes(model)
+    stored = stored_spec(base, directory)
+    save_model(model, str(directory / WEIGHTS))
+    if stored["kind"] == "transformers":
+        model.config.to_json_file(str(directory / "config.json"))
+    manifest = manifest_data(recipes, stored, __version__)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _recipes(model: nn.Module) -> list[Any]:
+    from ..compiler import recipes_of
+
+    recipes = recipes_of(model)
+    if not recipes:
+        raise ConfigError(
+            "this model was not converted by mixcompile (no recipe recorded); convert it first."
+        )
+    return recipes

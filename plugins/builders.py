@@ -1,0 +1,11 @@
+"""Built-in base-model builders: what a saved manifest may name to rebuild its base without trust flags."""
+
+from __future__ import annotations
+
+from mixcompile.hookspecs import Register, hookimpl
+from mixcompile.toy import build_tiny_gpt
+
+
+@hookimpl
+def register_builders(register: Register) -> None:
+    register("tiny_gpt", build_tiny_gpt, description="mixcompile's demo byte-level GPT (mixcompile.toy)")
