@@ -19,8 +19,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .errors import ConfigError, MixcompileError
-from .inputs import read_model
+from .compiler.recipe import MAX_EXPERTS, MAX_GROUP_SIZE
+from .errors import ConfigError, LoadError, MixcompileError
+from .io.files import (
+    Terminated,
+    check_not_overlapping,
+    check_output,
+    input_paths,
+    output_directory,
+    read_json_object,
+)
+from .io.reading import read_model
 
 EPILOG = """examples:
   mixcompile demo
@@ -33,8 +42,57 @@ EPILOG = """examples:
 """
 
 
+MAX_BATCH = 1 << 16
+MAX_SEQ = 1 << 20
+MAX_STEPS = 100_000
+
+
 class UsageError(MixcompileError):
     """The command line itself is wrong (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with mixcompile's one-line errors (``mixcompile: error: ...``, exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"mixcompile: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def bounded_int(low: int, high: int) -> Any:
+    """An argparse type: an integer in ``[low, high]``; the error names the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from {low} to {high}, got {text!r}"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device that exists on this machine."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: the bench runs on cpu or cuda")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MixcompileError, OSError, TypeError, ValueError) as exc:
         return _fail(exc, 1)
     except KeyboardInterrupt:
-        return _fail(KeyboardInterrupt("interrupted"), 130)
+        return _fail(KeyboardInterrupt("interrupted; nothing was written"), 130)
+    except Terminated as exc:
+        return _fail(RuntimeError(f"{exc}; nothing was written"), 128 + exc.signum)
     except Exception as exc:  # an unexpected failure still gets one line, not a wall of torch internals
         return _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1)
 
@@ -67,7 +127,7 @@ def _fail(exc: BaseException, code: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mixcompile",
         description="Compile dense PyTorch models into Mixture-of-Experts / Mixture-of-Tokens.",
         epilog=EPILOG,
@@ -94,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "-o", "--output", required=True, type=Path, help="output directory (never the input)"
     )
-    convert.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    convert.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT if it is a model directory (the old one goes once the new one is complete)",
+    )
     _add_recipe_options(convert)
     convert.set_defaults(handler=_run_convert)
 
@@ -105,10 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time a converted model's forward/backward against its base")
     _add_input(bench)
     _add_recipe_options(bench)
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--seq", type=int, default=128)
-    bench.add_argument("--steps", type=int, default=10, help="timed iterations (after 2 warm-up ones)")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--batch", type=bounded_int(1, MAX_BATCH), default=8, help="sequences per step")
+    bench.add_argument(
+        "--seq", type=bounded_int(1, MAX_SEQ), default=128, help="tokens per sequence (at most the model's)"
+    )
+    bench.add_argument(
+        "--steps",
+        type=bounded_int(1, MAX_STEPS),
+        default=10,
+        help="timed iterations (after 2 warm-up ones)",
+    )
+    bench.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     bench.set_defaults(handler=_run_bench)
     return parser
 
@@ -138,9 +209,21 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         "--recipe", type=Path, help="a recipe JSON file (like an entry of 'recipes' in mixcompile.json)"
     )
     group.add_argument("--strategy", help="moe or mot")
-    group.add_argument("--experts", type=int, dest="num_experts", help="experts per block")
-    group.add_argument("--top-k", type=int, dest="top_k", help="MoE: experts per token")
-    group.add_argument("--group-size", type=int, dest="group_size", help="MoT: sequences per group")
+    group.add_argument(
+        "--experts", type=bounded_int(1, MAX_EXPERTS), dest="num_experts", help="experts per block"
+    )
+    group.add_argument(
+        "--top-k", type=bounded_int(1, MAX_EXPERTS), dest="top_k", help="MoE: experts per token"
+    )
+    group.add_argument(
+        "--group-size",
+        type=bounded_int(1, MAX_GROUP_SIZE),
+        dest="group_size",
+        help="MoT: sequences per group",
+    )
+    group.add_argument(
+        "--seed", type=bounded_int(0, 2**63 - 1), help="seed of every random choice of the conversion"
+    )
     group.add_argument("--router", help="MoE router plugin (see 'mixcompile plugins')")
     group.add_argument("--mixer", help="MoT mixer plugin")
     group.add_argument("--kernel", help="kernel plugin, or auto")
@@ -159,6 +242,7 @@ RECIPE_FLAGS = (
     "kernel",
     "init",
     "sizing",
+    "seed",
 )
 
 
@@ -169,11 +253,9 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
     data: dict[str, Any] = {}
     if args.recipe is not None:
         try:
-            data = json.loads(args.recipe.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"--recipe {args.recipe}: cannot read it as JSON ({exc}).") from exc
-        if not isinstance(data, dict):
-            raise UsageError(f"--recipe {args.recipe}: expected a JSON object.")
+            data = read_json_object(args.recipe, "recipe file")
+        except LoadError as exc:
+            raise UsageError(f"--recipe: {exc}") from None
     for flag in RECIPE_FLAGS:
         value = getattr(args, flag)
         if value is not None:
@@ -186,7 +268,13 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
         return None
     if "strategy" not in data:
         raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
-    return Recipe.from_dict(data)
+    recipe = Recipe.from_dict(data)
+    if recipe.strategy == "moe" and recipe.top_k > recipe.num_experts:
+        raise UsageError(
+            f"--top-k {recipe.top_k} is more than --experts {recipe.num_experts} (top_k must be <= "
+            "num_experts: a token cannot use an expert twice)."
+        )
+    return recipe
 
 
 def parse_layers(text: str) -> str | list[int]:
@@ -206,8 +294,8 @@ def _progress(total: int, desc: str) -> tqdm:
 def _run_inspect(args: argparse.Namespace) -> int:
     from .compiler import inspect
 
-    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     recipe = recipe_from_args(args, required=False)
+    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     report = inspect(loaded.model, recipe) if recipe is not None else inspect(loaded.model)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
     return 0
@@ -215,15 +303,21 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .compiler import convert_with_report, inspect
-    from .serialization import save
+    from .io.saving import write_model
 
-    source, output = args.path.resolve(), args.output.resolve()
-    if output == source or source in output.parents:
-        raise UsageError(f"the output {args.output} would overwrite or sit inside the input; choose another.")
-    if output.exists() and not args.force:
-        raise UsageError(f"{args.output} exists; choose another output or pass --force to replace it.")
     recipe = recipe_from_args(args, required=True)
-    with _progress(4, "convert") as bar:
+    if not (args.path.exists() or args.path.is_symlink()):
+        raise LoadError(f"{args.path} does not exist.")
+    try:
+        check_not_overlapping(args.output, input_paths(args.path), flag="the output")
+        check_output(args.output, overwrite=args.force, flag="--force")
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    # Reserved before any work: a second writer fails now, and an existing output is judged up front.
+    with (
+        output_directory(args.output, overwrite=args.force, flag="--force") as out,
+        _progress(4, "convert") as bar,
+    ):
         loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
         bar.update()
         report = inspect(loaded.model, recipe)
@@ -233,7 +327,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         model, report = convert_with_report(loaded.model, recipe, inplace=True)
         bar.update(2)
-        save(model, args.output, base=loaded.base, overwrite=args.force)
+        write_model(model, out.path, loaded.base)
+        out.commit()
         bar.update()
     print(f"converted {args.path} -> {args.output} in {time.perf_counter() - started:.1f}s")
     print(report)
@@ -261,9 +356,13 @@ def _run_plugins(args: argparse.Namespace) -> int:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from .bench import bench_models
+    from .probe import max_sequence_length
 
-    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     recipe = recipe_from_args(args, required=False)
+    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+    limit = max_sequence_length(loaded.model)
+    if limit is not None and args.seq > limit:
+        raise UsageError(f"--seq {args.seq} is longer than {type(loaded.model).__name__} allows ({limit}).")
     table = bench_models(
         loaded,
         recipe,

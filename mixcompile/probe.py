@@ -40,6 +40,21 @@ def example_inputs(
     return inputs
 
 
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx", "max_sequence_length")
+
+
+def max_sequence_length(model: nn.Module) -> int | None:
+    """The longest input ``model`` takes (``None`` when it does not say, e.g. relative positions)."""
+    if isinstance(model, TinyGPT):
+        return model.max_seq
+    config = getattr(model, "config", None)
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def output_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model's output (logits, last hidden state, or the tensor itself)."""
     if isinstance(output, torch.Tensor):

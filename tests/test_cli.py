@@ -91,11 +91,7 @@ def test_mixcompile_directory_round_trip(tmp_path):
     torch.manual_seed(0)
     base = build_tiny_gpt(**TINY)
     model = mc.convert(base, strategy="mot", num_experts=4, group_size=2, init="random")
-    mc.save(
-        model,
-        tmp_path / "saved",
-        base={"kind": "import", "target": "mixcompile.toy:build_tiny_gpt", "kwargs": TINY},
-    )
+    mc.save(model, tmp_path / "saved")  # build_tiny_gpt records its registered builder
     loaded = mc.load(tmp_path / "saved")
     with torch.no_grad():
         assert torch.equal(loaded.eval()(tokens()), model.eval()(tokens()))
@@ -122,6 +118,9 @@ def test_pickled_module_round_trip(tmp_path):
         "--trust-pickle",
         check_code=0,
     )
+    base = json.loads((tmp_path / "out" / "mixcompile.json").read_text())["base"]
+    assert base["kind"] == "pickle" and base["file"] == "base.pt"  # stored inside, never named by path
+    (tmp_path / "model.pt").unlink()
     loaded = mc.load(tmp_path / "out", trust_pickle=True).eval()
     with torch.no_grad():
         expected = original(tokens())
@@ -174,7 +173,7 @@ def saved_dir(tmp_path):
     base = build_tiny_gpt(**TINY)
     model = mc.convert(base, strategy="moe", num_experts=2, top_k=1)
     path = tmp_path / "saved"
-    mc.save(model, path, base={"kind": "import", "target": "mixcompile.toy:build_tiny_gpt", "kwargs": TINY})
+    mc.save(model, path)
     return path
 
 
