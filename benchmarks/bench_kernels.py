@@ -90,7 +90,7 @@ class MoEProblem:
     """A top-k router and stacked experts; ``step(impl, backward)`` routes then runs one implementation."""
 
     def __init__(self, sizes: Sizes, experts: int, top_k: int, hidden: int, device: torch.device) -> None:
-        from mixcompile.experts import StackedExperts
+        from mixcompile.runtime.experts import StackedExperts
 
         g = torch.Generator(device="cpu").manual_seed(0)
         self.top_k = top_k
@@ -106,11 +106,11 @@ class MoEProblem:
 
     def plan(self, fused: bool):
         """Top-k routing as the block does it: the fused Triton step for the Triton kernel, else PyTorch."""
-        from mixcompile.routing import RoutingPlan
+        from mixcompile.runtime.routing import RoutingPlan
 
         logits = self.gate(self.x).float()
         if fused:
-            from mixcompile.triton.ops import topk_route_op
+            from mixcompile_plugins.triton.ops import topk_route_op
 
             _, chosen, weight = topk_route_op(logits, None, self.top_k, True)
         else:
@@ -200,8 +200,8 @@ class MoTProblem:
     def __init__(
         self, sizes: Sizes, group: int, experts: int, hidden: int, batch: int, seq: int, device
     ) -> None:
-        from mixcompile.experts import StackedExperts
-        from mixcompile.registry import lookup
+        from mixcompile.plugins.manager import lookup
+        from mixcompile.runtime.experts import StackedExperts
 
         g = torch.Generator(device="cpu").manual_seed(1)
         self.group = group
@@ -289,12 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cuda:  # before Triton is first imported: it reads the variable when kernels are decorated
         os.environ["TRITON_INTERPRET"] = "1"
-    from mixcompile.kernels import get_kernel
-    from mixcompile.registry import registry
+    from mixcompile.plugins.manager import registry
+    from mixcompile.runtime.kernels import get_kernel
 
     if "triton" not in registry().names("kernel"):
-        import mixcompile_plugins.triton_kernels
-
+        import mixcompile_plugins.triton.plugin
         from mixcompile import register_plugin
 
         register_plugin(mixcompile_plugins.triton_kernels)

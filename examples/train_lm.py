@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import mixcompile
-from mixcompile.toy import TinyGPT
+from mixcompile import TinyGPT
 
 
 @dataclass(frozen=True)

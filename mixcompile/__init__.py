@@ -1,22 +1,34 @@
-"""mixcompile: compile dense PyTorch models into Mixture-of-Experts and Mixture-of-Tokens models."""
+"""mixcompile: compile dense PyTorch models into Mixture-of-Experts and Mixture-of-Tokens models.
 
-from .blocks import MoEBlock, MoTBlock, flop_matched_hidden
-from .compiler import Recipe, convert, convert_with_report, inspect  # noqa: E402
-from .errors import ConfigError, LoadError, MixcompileError, PluginError, ShapeError, UnknownNameError
-from .experts import StackedExperts
-from .ffn import DenseFFN
-from .hookspecs import hookimpl
-from .introspect import aux_loss, sparse_blocks, stats, update_routing_bias
-from .io import load, save  # noqa: E402
-from .kernels import Kernel
-from .mixing import Mixer, MixPlan
-from .registry import register_plugin, unregister_plugin
-from .registry import registry as plugins
-from .routing import Router, RoutingPlan
+The public face. Everything a user or a plugin author needs is importable from here (and patterns from
+:mod:`mixcompile.compiler`); the modules behind it are organised by pipeline stage (see the README's
+"How it works").
+"""
+
+from mixcompile.cli.tiny_gpt import TinyGPT, build_tiny_gpt
+from mixcompile.compiler import Recipe, convert, convert_with_report, inspect
+from mixcompile.errors import (
+    ConfigError,
+    LoadError,
+    MixcompileError,
+    PluginError,
+    ShapeError,
+    UnknownNameError,
+)
+from mixcompile.io import load, save
+from mixcompile.plugins import Register, hookimpl, register_plugin, registry, unregister_plugin
+from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock, flop_matched_hidden
+from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.ffn import DenseFFN
+from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update_routing_bias
+from mixcompile.runtime.kernels import Kernel
+from mixcompile.runtime.mixing import Mixer, MixPlan
+from mixcompile.runtime.routing import Router, RoutingPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Block",
     "ConfigError",
     "DenseFFN",
     "Kernel",
@@ -27,22 +39,25 @@ __all__ = [
     "MoEBlock",
     "MoTBlock",
     "PluginError",
+    "Recipe",
+    "Register",
     "Router",
     "RoutingPlan",
     "ShapeError",
     "StackedExperts",
+    "TinyGPT",
     "UnknownNameError",
-    "Recipe",
     "aux_loss",
+    "build_tiny_gpt",
     "convert",
     "convert_with_report",
-    "inspect",
-    "load",
-    "save",
     "flop_matched_hidden",
     "hookimpl",
+    "inspect",
+    "load",
     "register_plugin",
-    "plugins",
+    "registry",
+    "save",
     "sparse_blocks",
     "stats",
     "unregister_plugin",

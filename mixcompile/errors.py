@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import TypeVar
+
+_E = TypeVar("_E", bound="MixcompileError")
 
 
 class MixcompileError(Exception):
     """Base class of every error mixcompile raises on purpose."""
+
+    def prefixed(self: _E, context: str) -> _E:
+        """The same error (same type, same fields) with ``context: `` in front of its message, for
+        re-raising with where it happened (a site, a plugin) without losing what it was."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.args = (f"{context}: {self}",)
+        return clone
 
 
 class ConfigError(MixcompileError, ValueError):
@@ -34,11 +45,7 @@ class LoadError(MixcompileError):
 class UnknownNameError(ConfigError):
     """A router / mixer / kernel / initializer / pattern name that no plugin registered."""
 
-    def __init__(self, kind: str, name: str | None = None, known: Iterable[str] = ()) -> None:
-        if name is None:  # re-raised with a prefixed message: keep it as given
-            super().__init__(kind)
-            self.kind, self.name, self.known, self.suggestion = "", "", [], None
-            return
+    def __init__(self, kind: str, name: str, known: Iterable[str] = ()) -> None:
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from mixcompile.hookspecs import Register, hookimpl
-from mixcompile.toy import build_tiny_gpt
+from mixcompile import Register, build_tiny_gpt, hookimpl
 
 
 @hookimpl
 def register_builders(register: Register) -> None:
-    register("tiny_gpt", build_tiny_gpt, description="mixcompile's demo byte-level GPT (mixcompile.toy)")
+    register("tiny_gpt", build_tiny_gpt, description="mixcompile's demo byte-level GPT (mixcompile.TinyGPT)")

@@ -1,7 +1,7 @@
 """Built-in initializers: fill stacked experts from a dense FFN (or from scratch).
 
-Each receives the :class:`~mixcompile.experts.StackedExperts` to fill (in place, under ``no_grad``) and the
-canonical :class:`~mixcompile.ffn.DenseFFN` view, whatever the FFN looked like in the model.
+Each receives the :class:`~mixcompile.StackedExperts` to fill (in place, under ``no_grad``) and the
+canonical :class:`~mixcompile.DenseFFN` view, whatever the FFN looked like in the model.
 """
 
 from __future__ import annotations
@@ -10,10 +10,7 @@ import math
 
 import torch
 
-from mixcompile.errors import ConfigError
-from mixcompile.experts import StackedExperts
-from mixcompile.ffn import DenseFFN
-from mixcompile.hookspecs import Register, hookimpl
+from mixcompile import ConfigError, DenseFFN, Register, StackedExperts, hookimpl
 
 SPLIT_METHODS = ("random", "balanced")
 

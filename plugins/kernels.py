@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from mixcompile.experts import StackedExperts
-from mixcompile.hookspecs import Register, hookimpl
-from mixcompile.kernels import BLOCK_KINDS, Kernel
-from mixcompile.mixing import MixPlan
-from mixcompile.routing import RoutingPlan
+from mixcompile import Kernel, MixPlan, Register, RoutingPlan, StackedExperts, hookimpl
 
 
 class TorchKernel(Kernel):
     priority = 0
 
     def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
-        return kind in BLOCK_KINDS and dtype.is_floating_point
+        return kind in ("moe", "mot") and dtype.is_floating_point
 
     # Sizes read from the routing drive a Python loop: traced, it would recompile for every expert load.
     @torch.compiler.disable

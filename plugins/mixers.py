@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mixcompile.errors import ConfigError
-from mixcompile.hookspecs import Register, hookimpl
-from mixcompile.mixing import Mixer, MixPlan
+from mixcompile import ConfigError, Mixer, MixPlan, Register, hookimpl
 
 EMIT_MODES = ("merge", "experts")
 

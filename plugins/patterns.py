@@ -15,10 +15,21 @@ from collections.abc import Callable, Mapping
 import networkx as nx
 from torch import fx
 
-from mixcompile.compiler.graph import ACT, CHUNK, DROPOUT, GETITEM, LINEAR, MUL, GraphView
-from mixcompile.compiler.pattern import ANY, INPUT, TemplatePattern, chain, template
-from mixcompile.ffn import DenseFFN
-from mixcompile.hookspecs import Register, hookimpl
+from mixcompile import DenseFFN, Register, hookimpl
+from mixcompile.compiler import (
+    ACT,
+    ANY,
+    CHUNK,
+    DROPOUT,
+    GETITEM,
+    INPUT,
+    LINEAR,
+    MUL,
+    GraphView,
+    TemplatePattern,
+    chain,
+    template,
+)
 
 
 def _with_optional_dropout(build: Callable[[bool], nx.DiGraph]) -> list[nx.DiGraph]:

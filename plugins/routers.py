@@ -7,10 +7,8 @@ import math
 
 import torch
 
-from mixcompile.errors import ConfigError
-from mixcompile.hookspecs import Register, hookimpl
-from mixcompile.routing import Router, RoutingPlan
-from mixcompile.triton import MAX_ROUTED_EXPERTS, interpreting
+from mixcompile import ConfigError, Register, Router, RoutingPlan, hookimpl
+from mixcompile_plugins.triton import MAX_ROUTED_EXPERTS, interpreting
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -43,7 +41,7 @@ class TopKRouter(Router):
     def forward(self, x: torch.Tensor) -> RoutingPlan:
         logits = self.logits(x)
         if self.order == "softmax_topk" and _fused_routing_runs(logits):
-            from mixcompile.triton.ops import topk_route_op
+            from mixcompile_plugins.triton.ops import topk_route_op
 
             bias = self.selection_bias if self.bias_balancing else None
             probs, chosen, weights = topk_route_op(logits, bias, self.top_k, self.renormalize)

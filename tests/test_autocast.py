@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from reference import rel_err
 
 import mixcompile as mc
-from mixcompile.toy import build_tiny_gpt
+from mixcompile import build_tiny_gpt
 
 BF16_TOL = 3e-2
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mixcompile as mc
-from mixcompile.toy import build_tiny_gpt
+from mixcompile import build_tiny_gpt
 
 TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "d_ff": 64, "max_seq": 16}
 PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "third_party_plugin"

@@ -19,7 +19,7 @@ import torch
 from reference import rel_err
 
 import mixcompile as mc
-from mixcompile.toy import build_tiny_gpt
+from mixcompile import build_tiny_gpt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5  # fp32, relative
@@ -34,7 +34,7 @@ def _import_triton() -> str | None:
             triton = importlib.import_module("triton")
         except ImportError:
             return "triton is not installed"
-        importlib.import_module("mixcompile.triton.ops")
+        importlib.import_module("mixcompile_plugins.triton.ops")
     if DEVICE == "cpu" and type(triton.language.cdiv).__name__ != "InterpretedFunction":
         return (
             "triton was imported before this module could set TRITON_INTERPRET=1; "

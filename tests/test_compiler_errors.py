@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from zoo import D_FF, D_MODEL, PlainMLP, Residual, build
 
-from mixcompile.blocks import MoEBlock
 from mixcompile.compiler import convert, convert_with_report, find_sites, inspect
 from mixcompile.errors import ConfigError, MixcompileError
+from mixcompile.runtime.blocks import MoEBlock
 
 
 def _snapshot(model: nn.Module) -> tuple[dict, list]:

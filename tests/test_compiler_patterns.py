@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from zoo import D_FF, D_MODEL, build
 
-from mixcompile import registry
+import mixcompile.plugins.manager as registry
 from mixcompile.compiler import GraphView, Match, convert, find_sites
 from mixcompile.compiler.pattern import INPUT
-from mixcompile.hookspecs import hookimpl
+from mixcompile.plugins.hookspecs import hookimpl
 
 
 def _check_canonical(site_ffn: object, module: nn.Module) -> None:
@@ -106,7 +106,7 @@ class SquaredReLUPattern:
             if view.kind(up) == view.kind(down) == "linear" and view.activation(relu) == "relu":
                 w_in, b_in = view.linear_weights(up)
                 w_out, b_out = view.linear_weights(down)
-                from mixcompile.ffn import DenseFFN
+                from mixcompile.runtime.ffn import DenseFFN
 
                 ffn = DenseFFN(w_in, w_out, "squared_relu", b_in=b_in, b_out=b_out)
                 x = view.data_input(up)

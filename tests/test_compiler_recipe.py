@@ -8,9 +8,9 @@ import pytest
 import torch
 from zoo import ZOO, build
 
-from mixcompile.blocks import MoEBlock, MoTBlock
 from mixcompile.compiler import Recipe, convert, convert_with_report, inspect, recipes_of
 from mixcompile.errors import ConfigError
+from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 
 
 def test_recipe_round_trips_through_json() -> None:

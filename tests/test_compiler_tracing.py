@@ -11,7 +11,7 @@ from zoo import D_FF, D_MODEL, build
 from mixcompile.compiler import trace_hierarchy
 from mixcompile.compiler.activation_names import module_activation, node_activation
 from mixcompile.compiler.linears import is_linear_like, linear_weights
-from mixcompile.compiler.tracing import helper_methods, trace_module
+from mixcompile.compiler.trace import helper_methods, trace_module
 
 
 class Untraceable(nn.Module):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from zoo import ZOO, build
 
-from mixcompile.blocks import MoEBlock, MoTBlock
 from mixcompile.compiler import convert, find_sites
 from mixcompile.errors import MixcompileError
+from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*nested tensors:UserWarning")
 

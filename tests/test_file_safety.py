@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import mixcompile as mc
+from mixcompile import build_tiny_gpt
 from mixcompile.cli import main
 from mixcompile.io.files import STAGING_SUFFIX, check_not_overlapping, output_directory
-from mixcompile.toy import build_tiny_gpt
 
 TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "d_ff": 64, "max_seq": 16}
 

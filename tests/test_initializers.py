@@ -24,7 +24,7 @@ def experts_for(dense, num_experts, hidden):
 
 def initialize(name, experts, dense, **options):
     with torch.no_grad():
-        mc.plugins().get("initializer", name).factory(experts, dense, **options)
+        mc.registry().get("initializer", name).factory(experts, dense, **options)
 
 
 def test_upcycle_copies_every_expert_and_noise_breaks_symmetry():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixcompile as mc
-from mixcompile.routing import validate_plan
+from mixcompile.runtime.routing import validate_plan
 
 ROUTERS = ["topk", "switch", "expert_choice", "hash"]
 
@@ -101,7 +101,7 @@ def test_router_plans_are_valid(router, tokens, experts, k_frac, capacity, seed)
     top_k = 1 if router == "switch" else 1 + int(k_frac * (experts - 1))
     if router == "expert_choice" and capacity is None:
         capacity = 1.0
-    r = mc.plugins().get("router", router).factory(6, experts, top_k, capacity_factor=capacity)
+    r = mc.registry().get("router", router).factory(6, experts, top_k, capacity_factor=capacity)
     x = torch.randn(tokens, 6)
     plan = r(x)
     validate_plan(plan, source=router, num_tokens=tokens, num_experts=experts)  # no pair twice, indices valid
@@ -126,7 +126,7 @@ def test_router_plans_are_valid(router, tokens, experts, k_frac, capacity, seed)
 
 
 def test_capacity_drops_the_lowest_weighted_tokens():
-    router = mc.plugins().get("router", "switch").factory(2, 2, 1, capacity_factor=1.0)
+    router = mc.registry().get("router", "switch").factory(2, 2, 1, capacity_factor=1.0)
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     # Every token prefers expert 0; capacity = ceil(1 * 4 * 1 / 2) = 2 keeps the two most confident.
@@ -146,13 +146,13 @@ def test_topk_orders_hand_computed():
         ("softmax_topk", [math.exp(2) / top2, math.exp(1) / top2]),
         ("topk_softmax", [math.exp(2) / top2, math.exp(1) / top2]),
     ):
-        r = mc.plugins().get("router", "topk").factory(4, 4, 2, order=order)
+        r = mc.registry().get("router", "topk").factory(4, 4, 2, order=order)
         with torch.no_grad():
             r.gate.weight.copy_(torch.tensor([logits, [0.0] * 4, [0.0] * 4, [0.0] * 4]).t())
         plan = r(x)
         assert plan.expert_index.tolist() == [0, 1]
         assert plan.weight.tolist() == pytest.approx(expected, rel=1e-6)
-    raw = mc.plugins().get("router", "topk").factory(4, 4, 2, renormalize=False)
+    raw = mc.registry().get("router", "topk").factory(4, 4, 2, renormalize=False)
     with torch.no_grad():
         raw.gate.weight.copy_(torch.tensor([logits, [0.0] * 4, [0.0] * 4, [0.0] * 4]).t())
     z = sum(math.exp(v) for v in logits)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mixcompile as mc
-from mixcompile import registry as reg
+import mixcompile.plugins.manager as reg
 
 
 @pytest.fixture
@@ -17,12 +17,12 @@ def fresh_registry(monkeypatch):
 
 
 def test_builtins_register_through_the_hooks():
-    names = {(r.kind, r.name): r.plugin for r in mc.plugins().all()}
+    names = {(r.kind, r.name): r.plugin for r in mc.registry().all()}
     assert names[("router", "topk")] == "mixcompile_plugins.routers"
     assert names[("mixer", "softmax")] == "mixcompile_plugins.mixers"
     assert names[("kernel", "torch")] == "mixcompile_plugins.kernels"
     assert names[("initializer", "split")] == "mixcompile_plugins.initializers"
-    assert {"topk", "switch", "expert_choice", "hash"} <= set(mc.plugins().names("router"))
+    assert {"topk", "switch", "expert_choice", "hash"} <= set(mc.registry().names("router"))
 
 
 class _Halving(mc.Router):
@@ -42,7 +42,7 @@ class _InProcessPlugin:
 
 def test_in_process_plugin_is_usable_by_name(fresh_registry):
     name = mc.register_plugin(_InProcessPlugin(), name="tests.first_k")
-    assert mc.plugins().get("router", "first_k").plugin == "tests.first_k"
+    assert mc.registry().get("router", "first_k").plugin == "tests.first_k"
     block = mc.MoEBlock(4, 8, 3, top_k=2, router="first_k")
     block(torch.randn(5, 4))
     assert mc.stats(block)[""]["expert_load"].tolist() == [5, 5, 0]
@@ -66,7 +66,6 @@ def _install_distribution(tmp_path, monkeypatch, module_source, entry_name="cosi
 ROUTER_PLUGIN = """
     import torch
     import mixcompile as mc
-
     class Cosine(mc.Router):
         def forward(self, x):
             w = torch.nn.functional.normalize(self.gate.weight, dim=1)
@@ -83,7 +82,7 @@ ROUTER_PLUGIN = """
 
 def test_entry_point_plugin_is_loaded_and_usable(fresh_registry, tmp_path):
     _install_distribution(tmp_path, fresh_registry, ROUTER_PLUGIN)
-    entry = mc.plugins().get("router", "cosine")
+    entry = mc.registry().get("router", "cosine")
     assert entry.plugin == "cosine_test"
     block = mc.MoEBlock(4, 8, 3, top_k=2, router="cosine")
     assert block(torch.randn(2, 5, 4)).shape == (2, 5, 4)
@@ -93,21 +92,21 @@ def test_entry_point_plugin_is_loaded_and_usable(fresh_registry, tmp_path):
 def test_environment_variable_restricts_entry_points(fresh_registry, tmp_path, selection, loaded):
     _install_distribution(tmp_path, fresh_registry, ROUTER_PLUGIN)
     fresh_registry.setenv("MIXCOMPILE_PLUGINS", selection)
-    assert ("cosine" in mc.plugins().names("router")) == loaded
-    assert "topk" in mc.plugins().names("router")  # built-ins always load
+    assert ("cosine" in mc.registry().names("router")) == loaded
+    assert "topk" in mc.registry().names("router")  # built-ins always load
 
 
 def test_environment_variable_with_unknown_plugin(fresh_registry, tmp_path):
     _install_distribution(tmp_path, fresh_registry, ROUTER_PLUGIN)
     fresh_registry.setenv("MIXCOMPILE_PLUGINS", "cosine_tst")
     with pytest.raises(mc.UnknownNameError, match="Did you mean 'cosine_test'"):
-        mc.plugins()
+        mc.registry()
 
 
 def test_plugin_that_fails_to_import_is_named(fresh_registry, tmp_path):
     _install_distribution(tmp_path, fresh_registry, "raise RuntimeError('boom')\n", entry_name="broken")
     with pytest.raises(mc.PluginError, match="plugin 'broken' .* failed to import: RuntimeError: boom"):
-        mc.plugins()
+        mc.registry()
 
 
 class _Raising:
@@ -154,14 +153,14 @@ class _WrongArgument:
 def test_misbehaving_plugin_is_named(fresh_registry, plugin, match):
     mc.register_plugin(plugin, name="bad")
     with pytest.raises(mc.PluginError, match=match):
-        mc.plugins()
+        mc.registry()
 
 
 @pytest.mark.parametrize("plugin", [_Misspelt(), _WrongArgument()])
 def test_malformed_plugin_is_refused_at_registration(fresh_registry, plugin):
     with pytest.raises(mc.PluginError, match="plugin 'bad' is malformed"):
         mc.register_plugin(plugin, name="bad")
-    assert "topk" in mc.plugins().names("router")  # the manager is still usable
+    assert "topk" in mc.registry().names("router")  # the manager is still usable
 
 
 class _BadPlanRouter(mc.Router):

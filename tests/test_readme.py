@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mixcompile import registry
+import mixcompile.plugins.manager as registry
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)

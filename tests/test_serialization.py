@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import mixcompile as mc
-from mixcompile import LoadError
-from mixcompile.toy import build_tiny_gpt
+from mixcompile import LoadError, build_tiny_gpt
 
 TINY = {"d_model": 32, "n_layer": 4, "n_head": 2, "d_ff": 64, "max_seq": 16}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mixcompile as mc
-from mixcompile import registry
+import mixcompile.plugins.manager as registry
 
 PACKAGE = Path(__file__).resolve().parent.parent / "examples" / "third_party_plugin"
 
@@ -46,7 +46,7 @@ def installed_plugin(tmp_path_factory):
 
 
 def test_installed_router_is_found_through_its_entry_point(installed_plugin):
-    entry = mc.plugins().get("router", "cosine")
+    entry = mc.registry().get("router", "cosine")
     assert entry.plugin == "cosine"
     assert "X-MoE" in entry.description
 

@@ -1,9 +1,10 @@
 """The Triton kernel against the torch reference kernel: outputs and every gradient, fresh random inputs.
 
 Without a GPU the kernels run in Triton's CPU interpreter. Triton reads ``TRITON_INTERPRET`` when a
-function is decorated (its own ``tl.cdiv`` / ``tl.sum`` included), so this module imports ``triton`` and
-``mixcompile.triton`` with the variable set, then restores the environment; the ``triton_env`` fixture sets
-it again only while this module's tests run, so other modules keep ``kernel="auto"`` on the torch kernel.
+function is decorated (its own ``tl.cdiv`` / ``tl.sum`` included), so this module imports ``triton``
+and ``mixcompile_plugins.triton`` with the variable set, then restores the environment; the
+``triton_env`` fixture sets it again only while this module's tests run, so other modules keep
+``kernel="auto"`` on the torch kernel.
 Uninitialised memory is filled with NaN (``torch.utils.deterministic.fill_uninitialized_memory``), so any
 output element a kernel forgets to write shows up as a mismatch. One test compiles the kernels for Hopper
 (sm_90) with Triton's real compiler, which needs no GPU.
@@ -23,11 +24,11 @@ import reference as ref
 import torch
 
 import mixcompile as mc
-from mixcompile.activations import ACTIVATIONS
-from mixcompile.kernels import get_kernel, resolve_kernel
-from mixcompile.mixing import MixPlan
-from mixcompile.registry import registry
-from mixcompile.routing import RoutingPlan
+from mixcompile.plugins.manager import registry
+from mixcompile.runtime.activations import ACTIVATIONS
+from mixcompile.runtime.kernels import get_kernel, resolve_kernel
+from mixcompile.runtime.mixing import MixPlan
+from mixcompile.runtime.routing import RoutingPlan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4  # fp32, relative (norm of the difference over the norm of the reference)
@@ -39,7 +40,7 @@ def _import_triton() -> None:
         if DEVICE == "cpu":
             mp.setenv("TRITON_INTERPRET", "1")
         triton = pytest.importorskip("triton")
-        importlib.import_module("mixcompile.triton.ops")
+        importlib.import_module("mixcompile_plugins.triton.ops")
     if DEVICE == "cpu" and type(triton.language.cdiv).__name__ != "InterpretedFunction":
         pytest.skip(
             "triton was imported before this module could set TRITON_INTERPRET=1; "
@@ -316,7 +317,7 @@ def moe_op_args(gated=True, bias=True, n=11):
 
 
 def test_opcheck_moe():
-    from mixcompile.triton import ops
+    from mixcompile_plugins.triton import ops
 
     x, plan, experts, tensors = moe_op_args()
     args = (x, plan.token_index, plan.expert_index, plan.weight, *tensors, "gelu", True)
@@ -324,7 +325,7 @@ def test_opcheck_moe():
 
 
 def test_opcheck_mot():
-    from mixcompile.triton import ops
+    from mixcompile_plugins.triton import ops
 
     experts = make_experts(e=3, gated=False, bias=True)
     x_g = torch.randn(4, 2, 3, 24, device=DEVICE).permute(0, 2, 1, 3).requires_grad_()  # a strided view
@@ -347,7 +348,7 @@ ROUTE_CASES = {  # (tokens, experts, k, renormalize, selection bias)
 def test_fused_routing_matches_float64(case):
     """softmax -> (+ bias for selection) -> top-k -> renormalise, and the logits' gradient through both
     outputs the router uses (the probabilities feed the aux losses, the weights the combine)."""
-    from mixcompile.triton import ops
+    from mixcompile_plugins.triton import ops
 
     n, e, k, renormalize, with_bias = ROUTE_CASES[case]
     logits = torch.randn(n, e, device=DEVICE, dtype=torch.float64)
@@ -372,7 +373,7 @@ def test_fused_routing_matches_float64(case):
 
 
 def test_opcheck_routing():
-    from mixcompile.triton import ops
+    from mixcompile_plugins.triton import ops
 
     logits = torch.randn(9, 6, device=DEVICE, requires_grad=True)
     torch.library.opcheck(ops.topk_route_op, (logits, torch.randn(6, device=DEVICE), 2, True))
@@ -388,8 +389,7 @@ def test_opcheck_routing():
 )
 def test_routers_take_the_fused_step_where_it_applies(monkeypatch, router, options, fused):
     from mixcompile_plugins import routers
-
-    from mixcompile.triton import ops
+    from mixcompile_plugins.triton import ops
 
     real, calls = ops.topk_route_op, []
     monkeypatch.setattr(ops, "topk_route_op", lambda *args: calls.append(args) or real(*args))
@@ -403,7 +403,7 @@ def test_routers_take_the_fused_step_where_it_applies(monkeypatch, router, optio
 
 
 def test_torch_compile_has_no_graph_breaks():
-    from mixcompile.triton import ops
+    from mixcompile_plugins.triton import ops
 
     x, plan, experts, _ = moe_op_args(n=13)
 
@@ -431,7 +431,7 @@ def test_torch_compile_has_no_graph_breaks():
 def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mixcompile.triton import ops
+    from mixcompile_plugins.triton import ops
 
     x, plan, experts, tensors = moe_op_args(gated=False, bias=False)
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -446,7 +446,7 @@ COMPILE_CHECK = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from mixcompile.triton import grouped, moe_kernels, mot_kernels, routing_kernels
+    from mixcompile_plugins.triton import grouped, moe_kernels, mot_kernels, routing_kernels
 
     def compile_for_hopper(kernel, pointers, ints, options, num_warps=8, num_stages=3):
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel

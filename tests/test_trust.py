@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import mixcompile as mc
+from mixcompile import build_tiny_gpt
 from mixcompile.cli import main
-from mixcompile.toy import build_tiny_gpt
 
 TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "d_ff": 64, "max_seq": 16}
 
@@ -149,7 +149,7 @@ TAMPERED = {
         _base(
             {"kind": "import", "target": "mixcompile.toy:build_tiny_gpt", "kwargs": {"trust_pickle": True}}
         ),
-        "does not take the arguments",
+        "no option 'trust_pickle'",
     ),
     "builder-nested-kwargs": (
         _base({"kind": "builder", "name": "tiny_gpt", "kwargs": {"d_model": {"__class__": "os.system"}}}),

@@ -2,18 +2,31 @@
 
 ``inspect(model, ...)`` shows what would happen; ``convert(model, ...)`` does it (on a copy unless
 ``inplace=True``). Passes: :func:`trace_hierarchy` -> :func:`find_sites` -> :class:`Recipe` selection
--> rewrite -> verification. FFN shapes are :class:`Pattern` plugins (``register_patterns`` hook).
+-> rewrite -> verification. FFN shapes are :class:`Pattern` plugins (``register_patterns`` hook); a
+pattern is written with what this module exports (:class:`TemplatePattern`, :func:`template`, the node
+kinds), as the built-in ones are.
 """
 
-from .convert import convert, convert_with_report, inspect
-from .graph import GraphView
-from .pattern import Match, Pattern, TemplatePattern
-from .recipe import Recipe, recipes_of
-from .report import Report, SiteReport
-from .sites import FFNSite, find_sites
-from .tracing import TraceResult, trace_hierarchy
+from mixcompile.compiler.convert import convert, convert_with_report, inspect
+from mixcompile.compiler.find import FFNSite, find_sites
+from mixcompile.compiler.pattern import ANY, INPUT, Match, Pattern, TemplatePattern, chain, template
+from mixcompile.compiler.recipe import Recipe, recipes_of
+from mixcompile.compiler.report import Report, SiteReport
+from mixcompile.compiler.trace import TraceResult, trace_hierarchy
+from mixcompile.compiler.view import ACT, CHUNK, DROPOUT, GETITEM, LINEAR, MUL, OTHER, GraphView
 
 __all__ = [
+    "ACT",
+    "ANY",
+    "CHUNK",
+    "DROPOUT",
+    "GETITEM",
+    "INPUT",
+    "LINEAR",
+    "MUL",
+    "OTHER",
+    "chain",
+    "template",
     "FFNSite",
     "GraphView",
     "Match",

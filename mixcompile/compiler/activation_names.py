@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from mixcompile.activations import ACTIVATIONS
+from mixcompile.runtime.activations import ACTIVATIONS
 
 _FUNCTIONS: dict[Callable[..., Any], str] = {
     F.relu: "relu",

@@ -15,16 +15,29 @@ from typing import Any
 
 from torch import nn
 
-from mixcompile.blocks import MoEBlock, MoTBlock
+from mixcompile.compiler.build import (
+    SitePlan,
+    dense_flops,
+    existing_block_flops,
+    function_preserving,
+    plan_site,
+)
+from mixcompile.compiler.find import Scan, find_sites
+from mixcompile.compiler.recipe import Recipe, make_recipe, record
+from mixcompile.compiler.report import BlockReport, Report, SiteReport
+from mixcompile.compiler.rewrite import apply, assignments
+from mixcompile.compiler.verify import (
+    SiteCheck,
+    capture_inputs,
+    check_site,
+    evaluation,
+    output_error,
+    random_probe,
+    run_model,
+)
 from mixcompile.errors import ConfigError, MixcompileError
-from mixcompile.introspect import sparse_blocks
-
-from .plan import SitePlan, dense_flops, existing_block_flops, function_preserving, plan_site
-from .recipe import Recipe, make_recipe, record
-from .report import BlockReport, Report, SiteReport
-from .rewrite import apply, assignments
-from .sites import Scan, find_sites
-from .verify import SiteCheck, capture_inputs, check_site, evaluation, output_error, random_probe, run_model
+from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.introspect import sparse_blocks
 
 
 def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, **options: Any) -> Report:

@@ -18,9 +18,8 @@ import networkx as nx
 from networkx.algorithms import isomorphism
 from torch import fx
 
-from mixcompile.ffn import DenseFFN
-
-from .graph import GraphView
+from mixcompile.compiler.view import GraphView
+from mixcompile.runtime.ffn import DenseFFN
 
 ANY = "any"  # template kind matching every node (the FFN input)
 INPUT = "x"  # the template role of the FFN input

@@ -20,7 +20,7 @@ from torch import nn
 from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
 
 if TYPE_CHECKING:
-    from .sites import FFNSite
+    from mixcompile.compiler.find import FFNSite
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")

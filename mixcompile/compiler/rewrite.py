@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
-from .graph import GraphView, build_view
-from .pattern import Match
-from .tracing import TracedUnit, trace_module
+from mixcompile.compiler.pattern import Match
+from mixcompile.compiler.trace import TracedUnit, trace_module
+from mixcompile.compiler.view import GraphView, build_view
 
 if TYPE_CHECKING:
-    from .sites import FFNSite
+    from mixcompile.compiler.find import FFNSite
 
 MODULE_SWAP, CHAIN_COLLAPSE, GRAPH_EDIT = "module_swap", "chain_collapse", "graph_edit"
 

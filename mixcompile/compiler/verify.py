@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from mixcompile.compiler.build import SitePlan
+from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import MixcompileError, ShapeError
-
-from .plan import SitePlan
-from .recipe import Recipe
 
 
 @dataclass

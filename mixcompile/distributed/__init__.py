@@ -8,9 +8,9 @@
 MoT blocks need nothing here: their groups are formed within each rank's batch.
 """
 
-from .data_parallel import data_parallel, rank_local_state
-from .expert_parallel import ExpertParallel, parallelize
-from .stats import all_reduce_stats, update_routing_bias
+from mixcompile.distributed.data_parallel import data_parallel, rank_local_state
+from mixcompile.distributed.expert_parallel import ExpertParallel, parallelize
+from mixcompile.distributed.stats import all_reduce_stats, update_routing_bias
 
 __all__ = [
     "ExpertParallel",

@@ -9,10 +9,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..blocks import MoEBlock
-from ..introspect import sparse_blocks
-from ..routing import Router
-from .expert_parallel import expert_parallel_runner
+from mixcompile.distributed.expert_parallel import expert_parallel_runner
+from mixcompile.runtime.blocks import MoEBlock
+from mixcompile.runtime.introspect import sparse_blocks
+from mixcompile.runtime.routing import Router
 
 
 def rank_local_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..blocks import MoEBlock
-from ..errors import ConfigError
-from ..experts import StackedExperts
-from ..introspect import sparse_blocks
-from ..kernels import Kernel
-from ..routing import RoutingPlan
-from .exchange import exchange_counts, exchange_rows
+from mixcompile.distributed.exchange import exchange_counts, exchange_rows
+from mixcompile.errors import ConfigError
+from mixcompile.runtime.blocks import MoEBlock
+from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.introspect import sparse_blocks
+from mixcompile.runtime.kernels import Kernel
+from mixcompile.runtime.routing import RoutingPlan
 
 
 class ExpertParallel:

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..blocks import MoEBlock
-from ..introspect import sparse_blocks, stats
-from ..introspect import update_routing_bias as update_local_bias
-from ..routing import Router
+from mixcompile.runtime.blocks import MoEBlock
+from mixcompile.runtime.introspect import sparse_blocks, stats
+from mixcompile.runtime.introspect import update_routing_bias as update_local_bias
+from mixcompile.runtime.routing import Router
 
 # Per block kind: counts summed over ranks, and (mean, weight) pairs averaged weighted by a summed count.
 _SUMMED = {"moe": ("tokens", "dropped_tokens", "dropped_assignments"), "mot": ("groups", "missing_members")}

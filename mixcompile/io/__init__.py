@@ -5,9 +5,9 @@ needs anything else (an importable function, a pickle, a config that loads code)
 caller passes ``trust_code`` / ``trust_pickle``.
 """
 
-from .files import output_directory
-from .loading import load
-from .reading import LoadedModel, read_model
-from .saving import save
+from mixcompile.io.files import output_directory
+from mixcompile.io.loading import load
+from mixcompile.io.reading import LoadedModel, read_model
+from mixcompile.io.saving import save
 
 __all__ = ["LoadedModel", "load", "output_directory", "read_model", "save"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import inspect
 import re
 import shutil
 from collections.abc import Callable
@@ -33,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LoadError, MixcompileError, UnknownNameError, first_line
-from .files import check_regular_file, confined_file
+from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, first_line
+from mixcompile.io.files import check_regular_file, confined_file
+from mixcompile.plugins.build import build_plugin
 
 PICKLED_BASE = "base.pt"
 KINDS = ("builder", "transformers", "pickle", "import", "external")
@@ -132,25 +132,14 @@ def build_base(
 
 
 def call_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    from ..registry import lookup
-
     try:
-        registration = lookup("builder", name)
+        model = build_plugin("builder", name, options=kwargs, expected=nn.Module)
     except UnknownNameError as exc:
         raise LoadError(
             f"the base builder {name!r} is not registered ({exc}); install the plugin that provides it."
         ) from None
-    source = f"base builder {name!r} (plugin {registration.plugin!r})"
-    try:
-        inspect.signature(registration.factory).bind(**kwargs)
-    except TypeError as exc:
-        raise LoadError(f"{source} does not take the arguments {sorted(kwargs)}: {exc}.") from None
-    try:
-        model = registration.factory(**kwargs)
-    except (MixcompileError, TypeError, ValueError) as exc:
-        raise LoadError(f"{source} refused its arguments: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise LoadError(f"{source} returned a {type(model).__name__}, not an nn.Module.")
+    except MixcompileError as exc:
+        raise LoadError(f"the base model could not be rebuilt: {exc}") from None
     return model
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ..errors import LoadError, first_line
+from mixcompile.errors import LoadError, first_line
 
 MAX_JSON_BYTES = 16 << 20  # manifests and configs are small; anything larger is not one of ours
 STAGING_SUFFIX = ".mixcompile-staging"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import LoadError, MixcompileError
-from .bases import build_base, meta_copy
-from .manifest import Manifest, read_manifest
-from .weights import check_fits, load_weights, read_shapes
+from mixcompile.errors import LoadError, MixcompileError
+from mixcompile.io.bases import build_base, meta_copy
+from mixcompile.io.manifest import Manifest, read_manifest
+from mixcompile.io.weights import check_fits, load_weights, read_shapes
 
 Base = nn.Module | Callable[[], nn.Module]
 
@@ -59,7 +59,7 @@ def load_manifest(
 
 
 def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
-    from ..compiler import convert
+    from mixcompile.compiler import convert
 
     for number, recipe in enumerate(manifest.recipes):
         try:

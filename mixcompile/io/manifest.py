@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoadError, MixcompileError
-from .bases import check_base_spec
-from .files import confined_file, read_json_object
+from mixcompile.errors import LoadError, MixcompileError
+from mixcompile.io.bases import check_base_spec
+from mixcompile.io.files import confined_file, read_json_object
 
 MANIFEST = "mixcompile.json"
 WEIGHTS = "model.safetensors"
@@ -29,7 +29,7 @@ class Manifest:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    from ..compiler import Recipe
+    from mixcompile.compiler import Recipe
 
     directory = Path(directory)
     file = directory / MANIFEST

@@ -14,11 +14,17 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import LoadError, first_line
-from .bases import base_spec_of, check_transformers_config, read_pickle, sha256, transformers_module
-from .files import check_regular_file, read_json_object
-from .loading import load_manifest
-from .manifest import MANIFEST, read_manifest
+from mixcompile.errors import LoadError, first_line
+from mixcompile.io.bases import (
+    base_spec_of,
+    check_transformers_config,
+    read_pickle,
+    sha256,
+    transformers_module,
+)
+from mixcompile.io.files import check_regular_file, read_json_object
+from mixcompile.io.loading import load_manifest
+from mixcompile.io.manifest import MANIFEST, read_manifest
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 HF_INDEX = "model.safetensors.index.json"

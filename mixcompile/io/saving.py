@@ -21,10 +21,10 @@ from typing import Any
 from safetensors.torch import save_model
 from torch import nn
 
-from ..errors import ConfigError
-from .bases import KINDS, base_spec_of, stored_spec
-from .files import output_directory
-from .manifest import MANIFEST, WEIGHTS, manifest_data
+from mixcompile.errors import ConfigError
+from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
+from mixcompile.io.files import output_directory
+from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
 
 
 def save(
@@ -51,7 +51,7 @@ def save(
 
 def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None:
     """Fill the (new, empty) ``directory`` with ``model``'s weights and manifest."""
-    from .. import __version__
+    from mixcompile import __version__
 
     recipes = _recipes(model)
     stored = stored_spec(base, directory)
@@ -63,7 +63,7 @@ def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None
 
 
 def _recipes(model: nn.Module) -> list[Any]:
-    from ..compiler import recipes_of
+    from mixcompile.compiler import recipes_of
 
     recipes = recipes_of(model)
     if not recipes:

@@ -8,8 +8,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 from torch import nn
 
-from ..errors import LoadError, first_line
-from .files import check_regular_file
+from mixcompile.errors import LoadError, first_line
+from mixcompile.io.files import check_regular_file
 
 Shapes = dict[str, tuple[int, ...]]
 

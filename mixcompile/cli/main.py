@@ -1,0 +1,388 @@
+"""The ``mixcompile`` command: inspect, convert, plugins, bench, demo.
+
+Exit codes: 0 success, 1 failure (the model or a file is the problem), 2 usage (an argument is).
+Errors are one line on stderr; ``MIXCOMPILE_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mixcompile.compiler.recipe import MAX_EXPERTS, MAX_GROUP_SIZE
+from mixcompile.errors import ConfigError, LoadError, MixcompileError
+from mixcompile.io.files import (
+    Terminated,
+    check_not_overlapping,
+    check_output,
+    input_paths,
+    output_directory,
+    read_json_object,
+)
+from mixcompile.io.reading import read_model
+
+EPILOG = """examples:
+  mixcompile demo
+  mixcompile inspect ./my-llama
+  mixcompile convert ./my-llama -o ./my-llama-moe --strategy moe --experts 8 --top-k 2
+  mixcompile convert ./gpt2 -o ./gpt2-mot --strategy mot --experts 8 --group-size 8 --layers last-half
+  mixcompile convert model.pt -o out --strategy moe --trust-pickle
+  mixcompile plugins --json
+  mixcompile bench ./my-llama-moe --batch 8 --seq 256
+"""
+
+
+MAX_BATCH = 1 << 16
+MAX_SEQ = 1 << 20
+MAX_STEPS = 100_000
+
+
+class UsageError(MixcompileError):
+    """The command line itself is wrong (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with mixcompile's one-line errors (``mixcompile: error: ...``, exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"mixcompile: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def bounded_int(low: int, high: int) -> Any:
+    """An argparse type: an integer in ``[low, high]``; the error names the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from {low} to {high}, got {text!r}"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device that exists on this machine."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: the bench runs on cpu or cuda")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1") if not sys.stderr.isatty() else None
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except (UsageError, ConfigError) as exc:
+        return _fail(exc, 2)
+    except (MixcompileError, OSError, TypeError, ValueError) as exc:
+        return _fail(exc, 1)
+    except KeyboardInterrupt:
+        return _fail(KeyboardInterrupt("interrupted; nothing was written"), 130)
+    except Terminated as exc:
+        return _fail(RuntimeError(f"{exc}; nothing was written"), 128 + exc.signum)
+    except Exception as exc:  # an unexpected failure still gets one line, not a wall of torch internals
+        return _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1)
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    if os.environ.get("MIXCOMPILE_DEBUG"):
+        traceback.print_exception(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"mixcompile: error: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="mixcompile",
+        description="Compile dense PyTorch models into Mixture-of-Experts / Mixture-of-Tokens.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="build a small GPT, convert it to MoE and MoT, show what changed")
+    demo.set_defaults(handler=_run_demo)
+
+    inspect = commands.add_parser("inspect", help="show the FFN sites a conversion would rewrite")
+    _add_input(inspect)
+    _add_recipe_options(inspect)
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(handler=_run_inspect)
+
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite a saved model's FFNs and save the result",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_input(convert)
+    convert.add_argument(
+        "-o", "--output", required=True, type=Path, help="output directory (never the input)"
+    )
+    convert.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT if it is a model directory (the old one goes once the new one is complete)",
+    )
+    _add_recipe_options(convert)
+    convert.set_defaults(handler=_run_convert)
+
+    plugins = commands.add_parser("plugins", help="list routers, mixers, kernels, initializers and patterns")
+    plugins.add_argument("--json", action="store_true", help="print as JSON")
+    plugins.set_defaults(handler=_run_plugins)
+
+    bench = commands.add_parser("bench", help="time a converted model's forward/backward against its base")
+    _add_input(bench)
+    _add_recipe_options(bench)
+    bench.add_argument("--batch", type=bounded_int(1, MAX_BATCH), default=8, help="sequences per step")
+    bench.add_argument(
+        "--seq", type=bounded_int(1, MAX_SEQ), default=128, help="tokens per sequence (at most the model's)"
+    )
+    bench.add_argument(
+        "--steps",
+        type=bounded_int(1, MAX_STEPS),
+        default=10,
+        help="timed iterations (after 2 warm-up ones)",
+    )
+    bench.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.set_defaults(handler=_run_bench)
+    return parser
+
+
+def _add_input(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "path",
+        type=Path,
+        help="a mixcompile directory, a Hugging Face model directory, "
+        "a torch.save'd module (.pt, needs --trust-pickle) or a torch.export .pt2 file",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a torch.save'd module (unpickling runs code from the file)",
+    )
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow a manifest to import the function that rebuilds its base model",
+    )
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("recipe (flags override --recipe)")
+    group.add_argument(
+        "--recipe", type=Path, help="a recipe JSON file (like an entry of 'recipes' in mixcompile.json)"
+    )
+    group.add_argument("--strategy", help="moe or mot")
+    group.add_argument(
+        "--experts", type=bounded_int(1, MAX_EXPERTS), dest="num_experts", help="experts per block"
+    )
+    group.add_argument(
+        "--top-k", type=bounded_int(1, MAX_EXPERTS), dest="top_k", help="MoE: experts per token"
+    )
+    group.add_argument(
+        "--group-size",
+        type=bounded_int(1, MAX_GROUP_SIZE),
+        dest="group_size",
+        help="MoT: sequences per group",
+    )
+    group.add_argument(
+        "--seed", type=bounded_int(0, 2**63 - 1), help="seed of every random choice of the conversion"
+    )
+    group.add_argument("--router", help="MoE router plugin (see 'mixcompile plugins')")
+    group.add_argument("--mixer", help="MoT mixer plugin")
+    group.add_argument("--kernel", help="kernel plugin, or auto")
+    group.add_argument("--init", help="initializer plugin: upcycle, split, random, ...")
+    group.add_argument("--sizing", help="expert hidden size: same, split or flop (flop-matched)")
+    group.add_argument("--layers", help="which FFNs: all, last-half, every:N, or indices like 0,2,5")
+
+
+RECIPE_FLAGS = (
+    "strategy",
+    "num_experts",
+    "top_k",
+    "group_size",
+    "router",
+    "mixer",
+    "kernel",
+    "init",
+    "sizing",
+    "seed",
+)
+
+
+def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
+    """The recipe file (if any) with the flags laid over it; ``None`` when nothing was asked."""
+    from mixcompile.compiler import Recipe
+
+    data: dict[str, Any] = {}
+    if args.recipe is not None:
+        try:
+            data = read_json_object(args.recipe, "recipe file")
+        except LoadError as exc:
+            raise UsageError(f"--recipe: {exc}") from None
+    for flag in RECIPE_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    if args.layers is not None:
+        data["sites"] = parse_layers(args.layers)
+    if not data:
+        if required:
+            raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")
+        return None
+    if "strategy" not in data:
+        raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
+    recipe = Recipe.from_dict(data)
+    if recipe.strategy == "moe" and recipe.top_k > recipe.num_experts:
+        raise UsageError(
+            f"--top-k {recipe.top_k} is more than --experts {recipe.num_experts} (top_k must be <= "
+            "num_experts: a token cannot use an expert twice)."
+        )
+    return recipe
+
+
+def parse_layers(text: str) -> str | list[int]:
+    text = text.strip().lower().replace("_", "-")
+    if text in ("all", "last-half") or text.startswith("every:"):
+        return text.replace("-", "_")
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: use all, last-half, every:N or a list like 0,2,5.") from None
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=None, leave=False, file=sys.stderr)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from mixcompile.compiler import inspect
+
+    recipe = recipe_from_args(args, required=False)
+    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+    report = inspect(loaded.model, recipe) if recipe is not None else inspect(loaded.model)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from mixcompile.compiler import convert_with_report, inspect
+    from mixcompile.io.saving import write_model
+
+    recipe = recipe_from_args(args, required=True)
+    if not (args.path.exists() or args.path.is_symlink()):
+        raise LoadError(f"{args.path} does not exist.")
+    try:
+        check_not_overlapping(args.output, input_paths(args.path), flag="the output")
+        check_output(args.output, overwrite=args.force, flag="--force")
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    # Reserved before any work: a second writer fails now, and an existing output is judged up front.
+    with (
+        output_directory(args.output, overwrite=args.force, flag="--force") as out,
+        _progress(4, "convert") as bar,
+    ):
+        loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+        bar.update()
+        report = inspect(loaded.model, recipe)
+        if not report.sites:
+            print(f"nothing to convert: no dense FFN found in {args.path}; no output written.")
+            return 0
+        started = time.perf_counter()
+        model, report = convert_with_report(loaded.model, recipe, inplace=True)
+        bar.update(2)
+        write_model(model, out.path, loaded.base)
+        out.commit()
+        bar.update()
+    print(f"converted {args.path} -> {args.output} in {time.perf_counter() - started:.1f}s")
+    print(report)
+    return 0
+
+
+def _run_plugins(args: argparse.Namespace) -> int:
+    from mixcompile.plugins.manager import registry
+
+    entries = [
+        {"kind": r.kind, "name": r.name, "plugin": r.plugin, "description": r.description}
+        for r in registry().all()
+    ]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    widths = [max(len(e[key]) for e in entries) for key in ("kind", "name", "plugin")]
+    for e in entries:
+        kind, name, plugin = (
+            e[key].ljust(width) for key, width in zip(("kind", "name", "plugin"), widths, strict=True)
+        )
+        print(f"{kind}  {name}  {plugin}  {e['description']}")
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from mixcompile.cli.bench import bench_models
+    from mixcompile.cli.probe import max_sequence_length
+
+    recipe = recipe_from_args(args, required=False)
+    loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+    limit = max_sequence_length(loaded.model)
+    if limit is not None and args.seq > limit:
+        raise UsageError(f"--seq {args.seq} is longer than {type(loaded.model).__name__} allows ({limit}).")
+    table = bench_models(
+        loaded,
+        recipe,
+        batch=args.batch,
+        seq=args.seq,
+        steps=args.steps,
+        device=args.device,
+        trust_pickle=args.trust_pickle,
+        trust_code=args.trust_code,
+    )
+    print(table)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from mixcompile.cli.demo import run_demo
+
+    run_demo()
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Size and build the block for each chosen site; count its parameters and FLOPs per token.
+
+All blocks are built (and filled from the dense weights) before the model is touched, so an option that
+does not fit one site (``top_k > num_experts``, a hidden size ``split`` cannot divide) fails with that
+site's path and leaves the model as it was. ``inspect`` builds the same blocks on the meta device: exact
+parameter counts, no memory, no weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixcompile.compiler.find import FFNSite
+from mixcompile.compiler.recipe import Recipe
+from mixcompile.errors import ConfigError, MixcompileError
+from mixcompile.runtime.blocks import MoEBlock, MoTBlock, flop_matched_hidden
+from mixcompile.runtime.ffn import DenseFFN
+
+
+@dataclass
+class SitePlan:
+    site: FFNSite
+    d_hidden: int
+    block: nn.Module
+    kernel: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+
+
+def plan_site(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> SitePlan:
+    """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site."""
+    ffn = site.ffn
+    try:
+        d_hidden = expert_hidden(ffn.d_hidden, recipe)
+        block = build_block(site, recipe, d_hidden, device="meta" if meta else ffn.w_in.device)
+        if not meta and ffn.w_in.device.type != "meta":
+            generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed + site.index)
+            block.load_dense(ffn, init=recipe.init, generator=generator, **recipe.init_options)
+        kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
+    except MixcompileError as exc:
+        raise exc.prefixed(f"FFN site {site.index} at {site.label!r}") from exc
+    return SitePlan(
+        site,
+        d_hidden,
+        block,
+        kernel,
+        params_before=dense_params(ffn),
+        params_after=sum(p.numel() for p in block.parameters()),
+        flops_before=dense_flops(ffn),
+        flops_after=block_flops(ffn, d_hidden, recipe),
+    )
+
+
+def expert_hidden(d_ff: int, recipe: Recipe) -> int:
+    sizing = recipe.resolved_sizing()
+    if sizing == "same":
+        return d_ff
+    if sizing == "split":
+        if d_ff % recipe.num_experts:
+            raise ConfigError(
+                f"sizing 'split' gives each expert hidden / num_experts, but the hidden size {d_ff} is not "
+                f"divisible by num_experts={recipe.num_experts}."
+            )
+        return d_ff // recipe.num_experts
+    return flop_matched_hidden(
+        recipe.strategy,
+        d_ff,
+        num_experts=recipe.num_experts,
+        top_k=recipe.top_k,
+        group_size=recipe.group_size,
+    )
+
+
+def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.device | str) -> nn.Module:
+    ffn = site.ffn
+    shape = {
+        "activation": ffn.activation,
+        "gated": ffn.gated,
+        "bias": ffn.has_bias,
+        "kernel": recipe.kernel,
+        "site": site.label,
+        "device": device,
+        "dtype": ffn.w_in.dtype,
+    }
+    if recipe.strategy == "moe":
+        if recipe.top_k > recipe.num_experts:
+            raise ConfigError(f"top_k={recipe.top_k} is more than num_experts={recipe.num_experts}.")
+        block: nn.Module = MoEBlock(
+            ffn.d_model,
+            d_hidden,
+            recipe.num_experts,
+            top_k=recipe.top_k,
+            router=recipe.router,
+            router_options=recipe.router_options,
+            num_shared_experts=recipe.num_shared_experts,
+            **shape,
+        )
+    else:
+        block = MoTBlock(
+            ffn.d_model,
+            d_hidden,
+            recipe.num_experts,
+            group_size=recipe.group_size,
+            mixer=recipe.mixer,
+            mixer_options=recipe.mixer_options,
+            batch_first=site.batch_first,
+            **shape,
+        )
+    return block
+
+
+def function_preserving(recipe: Recipe) -> bool:
+    """Whether the converted model should equal the dense one at step 0 (upcycled experts, weights summing
+    to 1 per token, nothing dropped, no extra shared experts)."""
+    options = recipe.router_options
+    return (
+        recipe.strategy == "moe"
+        and recipe.init == "upcycle"
+        and not recipe.init_options.get("noise")
+        and recipe.num_shared_experts == 0
+        and recipe.router in ("topk", "hash")
+        and options.get("capacity_factor") is None
+        and options.get("renormalize", True)
+    )
+
+
+def dense_params(ffn: DenseFFN) -> int:
+    tensors = (ffn.w_in, ffn.w_gate, ffn.w_out, ffn.b_in, ffn.b_gate, ffn.b_out)
+    return sum(t.numel() for t in tensors if t is not None)
+
+
+def dense_flops(ffn: DenseFFN) -> int:
+    """FLOPs per token (a multiply-add is 2) of the dense FFN's matrix products."""
+    return 2 * ffn.d_model * ffn.d_hidden * (3 if ffn.gated else 2)
+
+
+def block_flops(ffn: DenseFFN, d_hidden: int, recipe: Recipe) -> int:
+    """FLOPs per token of the block ``recipe`` builds for ``ffn``."""
+    return sparse_flops(
+        recipe.strategy,
+        ffn.d_model,
+        d_hidden,
+        gated=ffn.gated,
+        num_experts=recipe.num_experts,
+        top_k=recipe.top_k + recipe.num_shared_experts,
+        group_size=recipe.group_size,
+    )
+
+
+def existing_block_flops(block: MoEBlock | MoTBlock) -> int:
+    """FLOPs per token of a sparse block already in the model."""
+    experts = block.experts
+    if isinstance(block, MoEBlock):
+        shared = block.shared_experts.num_experts if block.shared_experts is not None else 0
+        top_k, group_size = block.top_k + shared, 1
+    else:
+        top_k, group_size = 0, block.group_size
+    return sparse_flops(
+        block.kind,
+        experts.d_model,
+        experts.d_hidden,
+        gated=experts.gated,
+        num_experts=experts.num_experts,
+        top_k=top_k,
+        group_size=group_size,
+    )
+
+
+def sparse_flops(
+    strategy: str, d: int, d_hidden: int, *, gated: bool, num_experts: int, top_k: int, group_size: int
+) -> int:
+    """MoE runs ``top_k`` experts (shared ones included) and a router; MoT mixes each group of G tokens
+    into one token per expert, runs every expert once per group, and unmixes."""
+    e = num_experts
+    expert = 2 * d * d_hidden * (3 if gated else 2)
+    if strategy == "moe":
+        return 2 * d * e + top_k * expert
+    return 2 * d * e + 2 * (2 * e * d) + e * expert // group_size

@@ -1,0 +1,110 @@
+"""Find the FFN sites of a model: trace it, match every registered pattern, keep each FFN once.
+
+The same FFN shows up in the graph of its module and of every traceable ancestor; the deepest graph wins
+(sites are claimed by the identity of their weight tensors), because the deepest owner gives the smallest
+rewrite. Each site then gets the rewrite it admits, or the reasons it admits none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from mixcompile.compiler.pattern import Match, Pattern
+from mixcompile.compiler.rewrite import Rewrite, plan_rewrite
+from mixcompile.compiler.trace import TracedUnit, TraceResult, trace_hierarchy
+from mixcompile.compiler.view import build_view
+from mixcompile.plugins.build import build_plugin
+from mixcompile.plugins.manager import registry
+from mixcompile.runtime.ffn import DenseFFN
+
+
+@dataclass
+class FFNSite:
+    """One dense FFN: where it lives, its canonical weights, and how it can be replaced."""
+
+    index: int
+    unit: TracedUnit
+    match: Match
+    finder: Pattern = field(repr=False)
+    members: tuple[str, ...]  # paths of the modules the FFN calls, in data order
+    batch_first: bool
+    rewrite: Rewrite | None = None
+    reason: str | None = None  # why no rewrite applies
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        """The module that owns the FFN's graph (``""`` is the model itself)."""
+        return self.unit.path
+
+    @property
+    def label(self) -> str:
+        return self.unit.label
+
+    @property
+    def pattern(self) -> str:
+        return self.match.pattern
+
+    @property
+    def ffn(self) -> DenseFFN:
+        return self.match.ffn
+
+    def probe_module(self) -> str | None:
+        """Path of a module whose input is the FFN input (to capture real inputs), if any."""
+        users = [node for node in self.match.input.users if node in self.match.nodes]
+        for node in users:
+            if node.op == "call_module":
+                return _join(self.path, str(node.target))
+        return None
+
+
+@dataclass
+class Scan:
+    sites: list[FFNSite]
+    trace: TraceResult
+
+
+def load_patterns() -> list[Pattern]:
+    """Every registered pattern, built; a factory returning something else names its plugin."""
+    return [build_plugin("pattern", name, expected=Pattern) for name in registry().names("pattern")]
+
+
+def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
+    """Trace ``model`` and return its FFN sites in model order, each with its rewrite or reason."""
+    patterns = load_patterns() if patterns is None else patterns
+    trace = trace_hierarchy(model)
+    order = {path: i for i, (path, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    claimed: set[int] = set()
+    found: list[tuple[tuple[int, int], FFNSite]] = []
+    for unit in trace.units:
+        view = build_view(unit)
+        positions = {node: i for i, node in enumerate(unit.graph.nodes)}
+        for pattern in patterns:
+            for match in pattern.find(view):
+                keys = view.weight_keys(match.nodes)
+                if keys & claimed:
+                    continue
+                claimed |= keys
+                site = _site(unit, match, pattern)
+                first = min((order.get(m, len(order)) for m in site.members), default=order.get(unit.path, 0))
+                found.append(((first, positions[match.output]), site))
+    sites = [site for _, site in sorted(found, key=lambda item: item[0])]
+    for index, site in enumerate(sites):
+        site.index = index
+        plan_rewrite(site, model, [u for u in trace.units if u.module is site.unit.module])
+    return Scan(sites, trace)
+
+
+def _site(unit: TracedUnit, match: Match, pattern: Pattern) -> FFNSite:
+    ordered = [node for node in unit.graph.nodes if node in match.nodes]
+    members = tuple(_join(unit.path, str(node.target)) for node in ordered if node.op == "call_module")
+    batch_first = True
+    if isinstance(unit.module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+        batch_first = bool(unit.module.self_attn.batch_first)
+    return FFNSite(-1, unit, match, pattern, members, batch_first)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,140 @@
+"""The one way a registered plugin is built or called, and how its faults are reported.
+
+Three kinds of fault are told apart, because each has a different fix:
+
+- **wrong options**: a name the factory does not take (with the closest one suggested), or a value it
+  refuses with ``ConfigError``: a :class:`~mixcompile.ConfigError` naming the plugin (fix the call);
+- **a crash inside the plugin's own code**: a :class:`~mixcompile.PluginError` naming the plugin and the
+  site (a bug to report to the plugin's author);
+- **a malformed result**: a :class:`~mixcompile.PluginError` saying what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar
+
+from mixcompile.errors import ConfigError, MixcompileError, PluginError
+from mixcompile.plugins.manager import lookup
+
+PluginKind = Literal["router", "mixer", "kernel", "initializer", "pattern", "builder"]
+T = TypeVar("T")
+
+
+def plugin_source(kind: str, name: str, plugin: str, where: str = "") -> str:
+    """How errors name a plugin: ``router 'topk' (plugin 'mixcompile_plugins.routers') at model.mlp``."""
+    return f"{kind} {name!r} (plugin {plugin!r})" + (f" at {where}" if where else "")
+
+
+def build_plugin(
+    kind: PluginKind,
+    name: str,
+    *args: Any,
+    options: Mapping[str, Any] | None = None,
+    expected: type | tuple[type, ...] | None = None,
+    where: str = "",
+) -> Any:
+    """Build the plugin registered as ``name``: ``factory(*args, **options)``, checked to be ``expected``;
+    errors name it, its plugin and ``where`` it is built (a site)."""
+    source = describe_plugin(kind, name, where)
+    built = call_factory(lookup(kind, name).factory, source, args, dict(options or {}))
+    if expected is not None and not isinstance(built, expected):
+        wanted = " and ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        raise PluginError(f"{source} built a {type(built).__name__}, expected a {wanted}.")
+    return built
+
+
+def describe_plugin(kind: PluginKind, name: str, where: str = "") -> str:
+    """The name errors give the plugin registered as ``name`` (see :func:`plugin_source`)."""
+    return plugin_source(kind, name, lookup(kind, name).plugin, where)
+
+
+def call_factory(factory: Callable[..., T], source: str, args: tuple[Any, ...], options: dict[str, Any]) -> T:
+    """``factory(*args, **options)`` with its faults told apart (see the module docstring)."""
+    _check_options(factory, source, args, options)
+    try:
+        return factory(*args, **options)
+    except ConfigError as exc:
+        raise exc.prefixed(source) from exc
+    except MixcompileError:
+        raise
+    except TypeError as exc:
+        if any(f"argument '{name}'" in str(exc) for name in options):
+            raise ConfigError(f"{source} rejected its options {options}: {exc}") from exc
+        raise _crash(source, "while being built", exc) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises is reported as its bug
+        raise _crash(source, "while being built", exc) from exc
+
+
+def call_plugin(source: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call a plugin's code at run time (a forward, a kernel); a crash inside it names the plugin.
+
+    An exception costs nothing until raised, so this wraps every call.
+    """
+    try:
+        return function(*args, **kwargs)
+    except MixcompileError as exc:
+        if source in str(exc):
+            raise
+        raise exc.prefixed(source) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises is reported as its bug
+        raise _crash(source, "", exc) from exc
+
+
+def accepted_options(factory: Callable[..., Any]) -> set[str] | None:
+    """The keyword names ``factory`` takes, following ``**kwargs`` up a class's ``__init__`` chain;
+    ``None`` when it takes any name."""
+    if isinstance(factory, type):
+        callables = [vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c)]
+    else:
+        callables = [factory]
+    names: set[str] = set()
+    for function in callables:
+        try:
+            params = list(inspect.signature(function).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
+
+
+def _check_options(
+    factory: Callable[..., Any], source: str, args: tuple[Any, ...], options: dict[str, Any]
+) -> None:
+    known = accepted_options(factory)
+    if known is not None:
+        known -= set(_positional_names(factory)[: len(args)])
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                listing = ", ".join(sorted(known)) or "(none)"
+                raise ConfigError(
+                    f"{source} rejected its options: no option {name!r}.{hint} Its options: {listing}."
+                )
+    try:
+        inspect.signature(factory).bind(*args, **options)
+    except TypeError as exc:
+        raise ConfigError(f"{source} rejected its options {options}: {exc}.") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call itself will tell
+
+
+def _positional_names(factory: Callable[..., Any]) -> list[str]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _crash(source: str, when: str, exc: BaseException) -> PluginError:
+    when = f" {when}" if when else ""
+    return PluginError(
+        f"{source} crashed{when}: {type(exc).__name__}: {exc}. This is a bug in the plugin; report it to its "
+        "author (MIXCOMPILE_DEBUG=1 shows the traceback)."
+    )

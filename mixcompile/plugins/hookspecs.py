@@ -1,0 +1,70 @@
+"""The hooks a mixcompile plugin implements.
+
+Each hook receives a ``register(name, factory, *, description="")`` callback, so one plugin can add many
+named things. The built-ins in ``mixcompile_plugins`` use exactly these hooks; a third-party package
+exposes a module implementing them under the ``mixcompile`` entry-point group::
+
+    [project.entry-points.mixcompile]
+    cosine = "my_package.plugin"
+
+What each ``factory`` must return:
+
+- router: ``factory(d_model, num_experts, top_k, **options) -> mixcompile.Router`` (an ``nn.Module``
+  returning a :class:`~mixcompile.RoutingPlan`).
+- mixer: ``factory(d_model, num_experts, group_size, **options) -> mixcompile.Mixer`` (an ``nn.Module``
+  returning a :class:`~mixcompile.MixPlan`).
+- kernel: ``factory() -> mixcompile.Kernel``.
+- initializer: ``factory(experts, dense, *, generator, **options) -> None``: fills a
+  :class:`~mixcompile.StackedExperts` in place, from a :class:`~mixcompile.DenseFFN` or ``None``.
+- pattern: ``factory() -> mixcompile.compiler.Pattern`` (an FFN shape the compiler can find).
+- builder: ``factory(**kwargs) -> nn.Module``: builds a base model from JSON scalars, so a saved model
+  can name it in its manifest and be loaded without trusting code. It must validate its arguments
+  (types and sizes: a manifest is untrusted input) and raise ``ConfigError`` for bad ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import pluggy
+
+PROJECT = "mixcompile"
+ENTRY_POINT_GROUP = "mixcompile"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Register(Protocol):
+    def __call__(self, name: str, factory: Callable[..., object], *, description: str = "") -> None: ...
+
+
+@hookspec
+def register_routers(register: Register) -> None:
+    """Register MoE routers: ``register("topk", TopKRouter, description=...)``."""
+
+
+@hookspec
+def register_mixers(register: Register) -> None:
+    """Register MoT mixers (the controller that weighs a group's tokens per expert)."""
+
+
+@hookspec
+def register_kernels(register: Register) -> None:
+    """Register kernels that run the experts of MoE / MoT blocks."""
+
+
+@hookspec
+def register_initializers(register: Register) -> None:
+    """Register ways to fill expert weights (from a dense FFN, or from scratch)."""
+
+
+@hookspec
+def register_patterns(register: Register) -> None:
+    """Register FFN shapes the compiler looks for in traced graphs."""
+
+
+@hookspec
+def register_builders(register: Register) -> None:
+    """Register base-model builders that a saved manifest may name (``{"kind": "builder", ...}``)."""

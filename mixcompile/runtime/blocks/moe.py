@@ -1,0 +1,108 @@
+"""The Mixture-of-Experts block: a router picks experts per token, a kernel runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from mixcompile.errors import check_positive_int
+from mixcompile.plugins.build import build_plugin, describe_plugin
+from mixcompile.runtime.blocks.base import Block
+from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.kernels import Kernel
+from mixcompile.runtime.routing import Router, RoutingPlan, fixed_bincount, validate_plan
+
+ExpertRunner = Callable[[torch.Tensor, RoutingPlan, StackedExperts, Kernel], torch.Tensor]
+
+
+class MoEBlock(Block):
+    """``[..., d] -> [..., d]``: ``y = sum_e w_e(x) * expert_e(x) + sum_s shared_s(x)``.
+
+    ``router_options`` go to the router plugin (``capacity_factor``, ``jitter``, loss weights, ... see
+    :class:`mixcompile.Router`). ``num_shared_experts`` always-on experts (DeepSeekMoE) are added to every
+    token with weight 1. After a forward, ``last_aux_loss`` holds the weighted router losses and
+    ``last_stats`` the expert load, dropped tokens and routing entropy.
+    """
+
+    kind = "moe"
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        *,
+        top_k: int = 2,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = False,
+        router: str = "topk",
+        router_options: Mapping[str, Any] | None = None,
+        num_shared_experts: int = 0,
+        kernel: str = "auto",
+        site: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(kernel, site)
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("top_k", top_k)
+        check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
+        self.top_k = top_k
+        spec = {"activation": activation, "gated": gated, "bias": bias, "device": device, "dtype": dtype}
+        self.experts = StackedExperts(num_experts, d_model, d_hidden, **spec)
+        self.shared_experts = (
+            StackedExperts(num_shared_experts, d_model, d_hidden, **spec) if num_shared_experts else None
+        )
+        self.router_name = router
+        self.router = build_plugin(
+            "router", router, d_model, num_experts, top_k, options=router_options, expected=Router, where=site
+        )
+        self._router_source = describe_plugin("router", router, site)
+        self.router.to(device=device, dtype=dtype)
+        self.last_aux_loss: torch.Tensor | None = None
+        # Set by mixcompile.distributed.parallelize: runs the plan on experts sharded over ranks.
+        self.expert_parallel: ExpertRunner | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, "[..., d]", ok_rank=isinstance(x, torch.Tensor) and x.ndim >= 2)
+        flat = self._compute_input(x.reshape(-1, x.shape[-1]))
+        plan = self.router(flat)
+        source = self._router_source
+        if self._validating():
+            validate_plan(plan, source=source, num_tokens=flat.shape[0], num_experts=self.router.num_experts)
+        kernel_name, kernel = self._kernel(flat)
+        if self.expert_parallel is not None:
+            y = self.expert_parallel(flat, plan, self.experts, kernel)
+        else:
+            y = self._check_output(kernel.moe(flat, plan, self.experts), flat, f"kernel {kernel_name!r}")
+        if self.shared_experts is not None:
+            shared_in = flat.unsqueeze(0).expand(self.shared_experts.num_experts, -1, -1)
+            y = y + self.shared_experts.batched_forward(shared_in).sum(0)
+        self._validation_done()
+        self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
+        self._stats = _routing_stats(plan, kernel_name)
+        return y.reshape(x.shape)  # in flat's dtype
+
+    def extra_repr(self) -> str:
+        return f"router={self.router_name!r}, top_k={self.top_k}, kernel={self.kernel!r}"
+
+
+@torch.no_grad()
+def _routing_stats(plan: Any, kernel_name: str) -> dict[str, Any]:
+    """Tensors on the plan's device; :attr:`Block.last_stats` reads them back."""
+    routed = fixed_bincount(plan.token_index, plan.num_tokens)
+    stats: dict[str, Any] = {
+        "kind": "moe",
+        "kernel": kernel_name,
+        "tokens": plan.num_tokens,
+        "expert_load": fixed_bincount(plan.expert_index, plan.num_experts),
+        "dropped_tokens": (routed == 0).sum(),
+        "dropped_assignments": plan.dropped_assignments,
+    }
+    if plan.probs is not None:
+        p = plan.probs.float()
+        stats["routing_entropy"] = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+    return stats

@@ -1,0 +1,142 @@
+"""The Mixture-of-Tokens block (Antoniak et al. 2023, arXiv 2310.15961).
+
+Sequences ``b`` of a batch are grouped ``G`` at a time (``b // G`` is the group, ``b % G`` the member);
+tokens at the same position in one group are mixed per expert, processed, and spread back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.plugins.build import build_plugin, describe_plugin
+from mixcompile.runtime.blocks.base import Block
+from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.mixing import Mixer, validate_mix_plan
+
+MODES = ("soft", "sparse")
+SMALL_BATCH_POLICIES = ("group", "sparse")
+
+
+class MoTBlock(Block):
+    """``[B, T, d] -> [B, T, d]`` (``[T, B, d]`` with ``batch_first=False``).
+
+    - ``mode="soft"`` (the paper): every expert sees a softmax-weighted mix of its group.
+      ``mode="sparse"``: each expert keeps only its top-weighted member (the tau → 0 limit, i.e. expert
+      choice within the group); used for the transition to batch-size-independent inference.
+    - A batch not divisible by ``G`` leaves the last group incomplete: its missing members are masked out
+      of the softmax (a lone sequence gets weight 1), never padded into it.
+    - ``small_batch`` is the policy in eval mode when ``B < G``: ``"group"`` mixes the sequences there are
+      (a smaller group), ``"sparse"`` switches to sparse mode.
+    """
+
+    kind = "mot"
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        *,
+        group_size: int,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = False,
+        mixer: str = "softmax",
+        mixer_options: Mapping[str, Any] | None = None,
+        mode: str = "soft",
+        small_batch: str = "group",
+        batch_first: bool = True,
+        kernel: str = "auto",
+        site: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(kernel, site)
+        check_positive_int("num_experts", num_experts)
+        self.group_size = check_positive_int(
+            "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
+        )
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
+        if small_batch not in SMALL_BATCH_POLICIES:
+            raise ConfigError(f"small_batch must be one of {SMALL_BATCH_POLICIES}, got {small_batch!r}.")
+        self.mode = mode
+        self.small_batch = small_batch
+        self.batch_first = bool(batch_first)
+        self.experts = StackedExperts(
+            num_experts,
+            d_model,
+            d_hidden,
+            activation=activation,
+            gated=gated,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+        self.mixer_name = mixer
+        self.mixer = build_plugin(
+            "mixer",
+            mixer,
+            d_model,
+            num_experts,
+            group_size,
+            options=mixer_options,
+            expected=Mixer,
+            where=site,
+        )
+        self._mixer_source = describe_plugin("mixer", mixer, site)
+        self.mixer.to(device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = "[B, T, d]" if self.batch_first else "[T, B, d]"
+        self._check_input(
+            x,
+            f"{layout} (MoT mixes tokens across sequences)",
+            ok_rank=isinstance(x, torch.Tensor) and x.ndim == 3,
+        )
+        xb = self._compute_input(x if self.batch_first else x.transpose(0, 1))
+        batch, seq, d = xb.shape
+        g = self.group_size
+        groups = math.ceil(batch / g)
+        missing = groups * g - batch
+        if missing:
+            xb = torch.cat([xb, xb.new_zeros(missing, seq, d)])
+        x_g = xb.reshape(groups, g, seq, d).permute(2, 0, 1, 3)  # [T, n, G, d]
+        present = (torch.arange(groups * g, device=x.device) < batch).reshape(groups, g)
+        sparse = self.mode == "sparse" or (not self.training and batch < g and self.small_batch == "sparse")
+        plan = self.mixer(x_g, present, sparse=sparse)
+        if self._validating():
+            shape = (seq, groups, g, self.experts.num_experts)
+            validate_mix_plan(plan, source=self._mixer_source, shape=shape)
+        kernel_name, kernel = self._kernel(x_g)
+        y_g = self._check_output(kernel.mot(x_g, plan, self.experts), x_g, f"kernel {kernel_name!r}")
+        self._validation_done()
+        y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)[:batch]
+        self._stats = _mixing_stats(plan, groups, missing, kernel_name, sparse)
+        return y if self.batch_first else y.transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"group_size={self.group_size}, mixer={self.mixer_name!r}, mode={self.mode!r}, "
+            f"small_batch={self.small_batch!r}, kernel={self.kernel!r}"
+        )
+
+
+@torch.no_grad()
+def _mixing_stats(plan: Any, groups: int, missing: int, kernel_name: str, sparse: bool) -> dict[str, Any]:
+    """The entropy as a tensor on the plan's device; :attr:`Block.last_stats` reads it back."""
+    merge = plan.merge.float()
+    entropy = -(merge * torch.log(merge.clamp_min(1e-30))).sum(dim=2)  # [T, n, E], over group members
+    return {
+        "kind": "mot",
+        "kernel": kernel_name,
+        "sparse": sparse,
+        "groups": groups,
+        "missing_members": missing,
+        "merge_entropy": entropy.mean(),
+    }

@@ -1,0 +1,102 @@
+"""Expert weights stacked as ``[E, ...]`` tensors.
+
+Stacking (instead of a ``ModuleList`` of ``nn.Linear``) lets one kernel launch serve every expert and keeps
+the parameters plain tensors for FSDP and ``state_dict``. Shapes follow ``nn.Linear``:
+``w_in [E, h, d]``, ``w_gate [E, h, d]``, ``w_out [E, d, h]``, ``b_in [E, h]``, ``b_gate [E, h]``,
+``b_out [E, d]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mixcompile.errors import check_positive_int
+from mixcompile.runtime.activations import activation_fn
+
+
+class StackedExperts(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        *,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.d_hidden = check_positive_int("d_hidden", d_hidden)
+        activation_fn(activation)
+        self.activation = activation
+        self.gated = bool(gated)
+        self.bias = bool(bias)
+        factory = {"device": device, "dtype": dtype}
+        e, d, h = num_experts, d_model, d_hidden
+        self.w_in = nn.Parameter(torch.empty(e, h, d, **factory))
+        self.w_gate = nn.Parameter(torch.empty(e, h, d, **factory)) if gated else None
+        self.w_out = nn.Parameter(torch.empty(e, d, h, **factory))
+        self.b_in = nn.Parameter(torch.empty(e, h, **factory)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(e, h, **factory)) if bias and gated else None
+        self.b_out = nn.Parameter(torch.empty(e, d, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default init, per expert."""
+        for name, fan_in in (("w_in", self.d_model), ("w_gate", self.d_model), ("w_out", self.d_hidden)):
+            self._uniform(name, fan_in)
+        for name, fan_in in (("b_in", self.d_model), ("b_gate", self.d_model), ("b_out", self.d_hidden)):
+            self._uniform(name, fan_in)
+
+    def _uniform(self, name: str, fan_in: int) -> None:
+        param = getattr(self, name)
+        if param is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            with torch.no_grad():
+                param.uniform_(-bound, bound)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x [n, d]``: the plain-PyTorch definition every kernel must match."""
+        weights = (self.w_in[e], None if self.w_gate is None else self.w_gate[e], self.w_out[e])
+        biases = (None if b is None else b[e] for b in (self.b_in, self.b_gate, self.b_out))
+        return self._ffn(x, *weights, *biases)
+
+    def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own rows at once: ``x [E, n, d] -> [E, n, d]``."""
+        biases = (None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out))
+        return self._ffn(x, self.w_in, self.w_gate, self.w_out, *biases)
+
+    def _ffn(
+        self,
+        x: torch.Tensor,
+        w_in: torch.Tensor,
+        w_gate: torch.Tensor | None,
+        w_out: torch.Tensor,
+        b_in: torch.Tensor | None,
+        b_gate: torch.Tensor | None,
+        b_out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        act = activation_fn(self.activation)
+        up = _plus_bias(x @ w_in.mT, b_in)
+        hidden = act(up) if w_gate is None else act(_plus_bias(x @ w_gate.mT, b_gate)) * up
+        return _plus_bias(hidden @ w_out.mT, b_out)
+
+    def extra_repr(self) -> str:
+        kind = "gated" if self.gated else "plain"
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
+            f"{kind}, activation={self.activation!r}, bias={self.bias}"
+        )
+
+
+def _plus_bias(t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``t + bias`` in ``t``'s dtype, as ``nn.Linear`` adds its bias under autocast (a float32 bias would
+    otherwise promote an autocast product back to float32)."""
+    return t if bias is None else t + bias.to(t.dtype)

@@ -1,0 +1,73 @@
+"""The kernel interface and kernel selection.
+
+A kernel runs the experts of a block given the plan its router / mixer made. Kernels declare what they
+support, so ``kernel="auto"`` can pick the best one for the input's device and dtype; the choice is
+visible through :meth:`MoEBlock.kernel_for` and in ``inspect`` reports.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from mixcompile.errors import ConfigError
+from mixcompile.plugins.build import build_plugin
+from mixcompile.plugins.manager import lookup, registry
+from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.mixing import MixPlan
+from mixcompile.runtime.routing import RoutingPlan
+
+BLOCK_KINDS = ("moe", "mot")
+
+
+class Kernel(ABC):
+    """Runs experts. ``priority`` orders kernels for ``auto`` (higher wins among those that support)."""
+
+    priority: int = 0
+
+    @abstractmethod
+    def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this kernel can run a ``kind`` ("moe" or "mot") block on this device and dtype."""
+
+    def moe(self, x: torch.Tensor, plan: RoutingPlan, experts: StackedExperts) -> torch.Tensor:
+        """``x [N, d]`` → ``[N, d]``: ``y[t] = sum over pairs (t, e, w) of w * expert_e(x[t])``."""
+        raise NotImplementedError
+
+    def mot(self, x_g: torch.Tensor, plan: MixPlan, experts: StackedExperts) -> torch.Tensor:
+        """``x_g [T, n, G, d]`` → same shape: merge per expert, run experts, emit back."""
+        raise NotImplementedError
+
+
+_instances: dict[str, Kernel] = {}
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel registered as ``name`` (one instance per process)."""
+    registration = lookup("kernel", name)
+    kernel = _instances.get(name)
+    if kernel is None or type(kernel) is not registration.factory:
+        kernel = build_plugin("kernel", name, expected=Kernel)
+        _instances[name] = kernel
+    return kernel
+
+
+def resolve_kernel(name: str, kind: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Kernel]:
+    """Pick the kernel for a block: by name (checked to support the input), or the best for ``auto``."""
+    if name != "auto":
+        kernel = get_kernel(name)
+        if not kernel.supports(kind, device, dtype):
+            raise ConfigError(
+                f"kernel {name!r} does not support {kind} blocks on {device.type} with {dtype}; "
+                "use kernel='auto' to pick a kernel that does."
+            )
+        return name, kernel
+    candidates = []
+    for reg_name in registry().names("kernel"):
+        kernel = get_kernel(reg_name)
+        if kernel.supports(kind, device, dtype):
+            candidates.append((-kernel.priority, reg_name, kernel))
+    if not candidates:
+        raise ConfigError(f"no registered kernel supports {kind} blocks on {device.type} with {dtype}.")
+    _, chosen, kernel = min(candidates, key=lambda c: (c[0], c[1]))
+    return chosen, kernel

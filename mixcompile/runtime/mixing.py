@@ -1,0 +1,65 @@
+"""Mixing plans and the base class of MoT mixers (the controller).
+
+A group is G tokens at the same position in G different sequences. For each expert, the mixer gives
+weights over the group members (``merge``) that build the one token that expert processes, and the weights
+(``emit``) with which the expert's output is spread back to the members. Only same-position tokens are
+mixed, so a causal model stays causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixcompile.errors import PluginError, check_positive_int
+
+
+@dataclass
+class MixPlan:
+    merge: torch.Tensor  # [T, n, G, E]: for each expert, weights over the G members (0 for missing members)
+    emit: torch.Tensor  # [T, n, G, E]: weight of expert e's output in member g's result
+
+
+def validate_mix_plan(plan: object, *, source: str, shape: tuple[int, ...]) -> None:
+    """Check a plan a mixer plugin returned; errors name ``source``.
+
+    Under ``torch.compile`` the finiteness check, which reads the tensors back to the host (a graph break),
+    is left to the block's next eager forward.
+    """
+    if not isinstance(plan, MixPlan):
+        raise PluginError(f"{source} returned {type(plan).__name__}, expected a mixcompile.MixPlan.")
+    for name in ("merge", "emit"):
+        tensor = getattr(plan, name)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise PluginError(
+                f"{source} returned MixPlan.{name} of shape {got}, expected {shape} [T, n, G, E]."
+            )
+        if not torch.compiler.is_compiling() and not torch.isfinite(tensor).all():
+            raise PluginError(f"{source} returned MixPlan.{name} with NaN or inf.")
+
+
+class Mixer(nn.Module):
+    """Base of MoT mixers: a controller ``W_c [d, E]`` scoring every token for every expert.
+
+    Subclasses implement ``forward(x_g [T, n, G, d], present [n, G] bool, *, sparse: bool) -> MixPlan``.
+    ``present`` is False for the missing members of an incomplete last group; they must get weight 0
+    and must not take part in any normalisation. ``sparse=True`` asks for the transition mode in which each
+    expert keeps only its top-weighted member.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, group_size: int, *, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.group_size = check_positive_int(
+            "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
+        )
+        self.controller = nn.Linear(d_model, num_experts, bias=False)
+        with torch.no_grad():
+            self.controller.weight.normal_(0.0, init_std) if init_std > 0 else self.controller.weight.zero_()
+
+    def logits(self, x_g: torch.Tensor) -> torch.Tensor:
+        return self.controller(x_g).float()

@@ -1,0 +1,433 @@
+"""Grouped GEMMs over rows sorted by expert: the building blocks of the MoE and MoT kernels.
+
+Expert ``e`` owns the sorted rows ``offsets[e]:offsets[e+1]``; ``rows[s]`` names the source row of sorted row
+``s`` in the left operand, so the gather happens in the load and no permuted copy of the activations is
+written. Each program finds its expert from ``offsets`` itself (a prefix sum over E), so the row block size
+stays autotunable and the grid needs no host sync: it has room for ``cdiv(P, BLOCK_M) + E`` row blocks and
+the unused programs return at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mixcompile_plugins.triton import interpreting
+from mixcompile_plugins.triton.activations import CODES, activate, derivative
+
+
+def _configs(interpreted: dict[str, int]) -> list[triton.Config]:
+    """Tile shapes to autotune over; a single one in the interpreter, which would time every candidate."""
+    if interpreting():
+        return [triton.Config(interpreted, num_warps=4, num_stages=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+# Triton 3.9's interpreter multiplies bfloat16 bit patterns as integers in ``tl.dot``; it gets fp32 operands.
+_UPCAST_DOT = tl.constexpr(interpreting())
+_MM_CONFIGS = _configs({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})
+_WGRAD_CONFIGS = _configs({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _MM_CONFIGS)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands use TF32 only where torch would (``torch.set_float32_matmul_precision``)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Rows sorted by expert: ``offsets [E+1]`` int32 and ``rows [P]`` int32 source rows (None: identity)."""
+
+    offsets: torch.Tensor
+    rows: torch.Tensor | None
+    num_rows: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def rows_hint(self) -> int:
+        """A coarse rows-per-expert for the autotuning key (exact counts change every step)."""
+        return triton.next_power_of_2(max(1, self.num_rows // self.num_experts))
+
+    def grid(self, columns: int) -> Callable[[dict], tuple[int]]:
+        """Row blocks (with room for one partial block per expert) times column tiles, as one axis."""
+        e = self.num_experts
+        return lambda meta: (
+            (triton.cdiv(self.num_rows, meta["BLOCK_M"]) + e) * triton.cdiv(columns, meta["BLOCK_N"]),
+        )
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b``, fp32 accumulation."""
+    if _UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _find_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """(expert, first row, end row) of row block ``pid_m``; expert >= E past the last block."""
+    ids = tl.arange(0, E_POW2)
+    lo = tl.load(offsets_ptr + ids, mask=ids < E, other=0)
+    hi = tl.load(offsets_ptr + ids + 1, mask=ids < E, other=0)
+    blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(blocks, 0)
+    expert = tl.sum((ends <= pid_m).to(tl.int32), 0)
+    mine = ids == expert
+    first_block = tl.sum(tl.where(mine, ends - blocks, 0), 0)
+    start = tl.sum(tl.where(mine, lo, 0), 0) + (pid_m - first_block) * BLOCK_M
+    end = tl.sum(tl.where(mine, hi, 0), 0)
+    return expert, start, end
+
+
+@triton.jit
+def _tile(offsets_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr):
+    """This program's (expert, first row, end row, column tile).
+
+    Column tiles vary fastest, so the programs running together share one block of (gathered) rows in L2
+    and walk one expert's weights.
+    """
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    expert, start, end = _find_block(pid // num_n, offsets_ptr, E, BLOCK_M, E_POW2)
+    return expert, start, end, pid % num_n
+
+
+@triton.jit
+def _source_rows(rows_ptr, offs_m, m_mask, GATHER: tl.constexpr):
+    src = tl.load(rows_ptr + offs_m, mask=m_mask, other=0) if GATHER else offs_m
+    return src.to(tl.int64)
+
+
+@triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "ROWS_HINT"])
+@triton.jit
+def _up_kernel(
+    a_ptr, rows_ptr, offsets_ptr, w_ptr, wg_ptr, b_ptr, bg_ptr, hidden_ptr, pre_ptr, pre_g_ptr,
+    E, N, K, ROWS_HINT,
+    GATHER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """hidden = act(A W^T + b), or act(A Wg^T + bg) * (A W^T + b); weights [E, N, K], A rows gathered."""
+    expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
+    if expert >= E:
+        return
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    src = _source_rows(rows_ptr, offs_m, m_mask, GATHER)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_base = expert.to(tl.int64) * N * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(
+            a_ptr + src[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        w_off = w_base + offs_n[None, :] * K + offs_k[:, None]
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
+        if GATED:
+            wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
+            acc_g = mma(a, wg, acc_g, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_g += tl.load(bg_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    hidden = activate(acc_g, ACT) * acc if GATED else activate(acc, ACT)
+    out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(hidden_ptr + out, hidden.to(hidden_ptr.dtype.element_ty), mask=out_mask)
+    if SAVE_PRE:
+        tl.store(pre_ptr + out, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        if GATED:
+            tl.store(pre_g_ptr + out, acc_g.to(pre_g_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "ROWS_HINT"])
+@triton.jit
+def _mm_kernel(
+    a_ptr, a2_ptr, offsets_ptr, w_ptr, w2_ptr, b_ptr, c_ptr,
+    E, N, K, ROWS_HINT, stride_wk, stride_wn,
+    SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """C = A W[e] (+ A2 W2[e]) (+ b[e]) on sorted rows; W[e] is [K, N] through its strides."""
+    expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
+    if expert >= E:
+        return
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_base = expert.to(tl.int64) * N * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a_off = rows[:, None] * K + offs_k[None, :]
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        w_off = w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
+        acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
+        if SECOND:
+            a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
+            acc = mma(a2, tl.load(w2_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = rows[:, None] * N + offs_n[None, :]
+    tl.store(c_ptr + out, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# The partial sums of the routing-weight gradient are written per column tile, so a config with wider tiles
+# leaves rows of a narrower one untouched: autotuning re-zeroes them after each trial and before the real run.
+@triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "ROWS_HINT"], reset_to_zero=["dscale_ptr"])
+@triton.jit
+def _up_backward_kernel(
+    dy_ptr, rows_ptr, scale_ptr, offsets_ptr, w_ptr, pre_ptr, pre_g_ptr,
+    hidden_ptr, d_pre_ptr, d_pre_g_ptr, dscale_ptr,
+    E, N, K, P, ROWS_HINT,
+    GATHER: tl.constexpr, SCALE: tl.constexpr, DSCALE: tl.constexpr, GATED: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Back through the down projection and the activation, from the saved pre-activations.
+
+    ``G = dY[rows] W_out[e]`` (W_out [E, K, N]); the epilogue recomputes ``hidden`` (stored for the weight
+    gradient), writes this column tile's share of ``<G, hidden>`` (the routing-weight gradient) to
+    ``dscale[pid_n]``, and stores the pre-activation gradients of ``scale * G``.
+    """
+    expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
+    if expert >= E:
+        return
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    src = _source_rows(rows_ptr, offs_m, m_mask, GATHER)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_base = expert.to(tl.int64) * N * K
+    g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(
+            dy_ptr + src[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        w = tl.load(
+            w_ptr + w_base + offs_k[:, None] * N + offs_n[None, :],
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        g = mma(a, w, g, PRECISION)
+    out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    up = tl.load(pre_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
+    if GATED:
+        gate = tl.load(pre_g_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
+        act_gate = activate(gate, ACT)
+        hidden = act_gate * up
+    else:
+        hidden = activate(up, ACT)
+    if DSCALE:
+        tl.store(dscale_ptr + pid_n * P + offs_m, tl.sum(g * hidden, 1), mask=m_mask)
+    if SCALE:
+        g = g * tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(hidden_ptr + out, hidden.to(hidden_ptr.dtype.element_ty), mask=out_mask)
+    if GATED:
+        tl.store(d_pre_ptr + out, (g * act_gate).to(d_pre_ptr.dtype.element_ty), mask=out_mask)
+        d_gate = g * up * derivative(gate, ACT)
+        tl.store(d_pre_g_ptr + out, d_gate.to(d_pre_g_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(d_pre_ptr + out, (g * derivative(up, ACT)).to(d_pre_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "ROWS_HINT"])
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, b_ptr, rows_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr,
+    M, N, ROWS_HINT,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dW[e] = sum over e's sorted rows s of (scale[s] A[s])^T B[s] ([E, M, N]); db[e] = sum of scale[s] A[s].
+
+    One program owns one output tile of one expert and walks that expert's rows in order: no atomics, and
+    an expert without rows writes zeros.
+    """
+    expert = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    start = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    col = tl.zeros((BLOCK_M,), tl.float32)
+    for s0 in range(start, end, BLOCK_K):
+        offs_s = s0 + tl.arange(0, BLOCK_K)
+        s_mask = offs_s < end
+        ra = _source_rows(rows_ptr, offs_s, s_mask, GATHER_A)
+        rb = _source_rows(rows_ptr, offs_s, s_mask, GATHER_B)
+        a = tl.load(
+            a_ptr + ra[None, :] * M + offs_m[:, None], mask=s_mask[None, :] & m_mask[:, None], other=0.0
+        )
+        if SCALE:
+            w = tl.load(scale_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
+        b = tl.load(
+            b_ptr + rb[:, None] * N + offs_n[None, :], mask=s_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        acc = mma(a, b, acc, PRECISION)
+        if HAS_BIAS:
+            col += tl.sum(a.to(tl.float32), 1)
+    out = expert.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if HAS_BIAS:  # noqa: SIM102 (a compile-time test, then a runtime one)
+        if pid_n == 0:
+            tl.store(db_ptr + expert * M + offs_m, col.to(db_ptr.dtype.element_ty), mask=m_mask)
+
+
+def _or(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an operand the kernel's flags compile away."""
+    return fallback if t is None else t
+
+
+def up(
+    a: torch.Tensor,
+    groups: Groups,
+    w: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    b: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    activation: str,
+    save_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(hidden, pre, pre_gate)`` ``[P, h]`` for rows ``a[groups.rows]``; pre-activations only if saved."""
+    e, n, k = w.shape
+    p = groups.num_rows
+    hidden = a.new_empty(p, n)
+    pre = a.new_empty(p, n) if save_pre else None
+    pre_g = a.new_empty(p, n) if save_pre and w_gate is not None else None
+    _up_kernel[groups.grid(n)](
+        a, _or(groups.rows, groups.offsets), groups.offsets, w, _or(w_gate, w), _or(b, w), _or(b_gate, w),
+        hidden, _or(pre, hidden), _or(pre_g, hidden),
+        e, n, k, groups.rows_hint,
+        GATHER=groups.rows is not None, GATED=w_gate is not None, HAS_BIAS=b is not None, SAVE_PRE=save_pre,
+        ACT=CODES[activation], PRECISION=dot_precision(a.dtype), E_POW2=triton.next_power_of_2(e),
+    )  # fmt: skip
+    return hidden, pre, pre_g
+
+
+def matmul(
+    a: torch.Tensor,
+    groups: Groups,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    *,
+    transposed: bool,
+    second: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``a[s] @ W[e]`` (+ ``a2[s] @ W2[e]``) (+ ``b[e]``) on sorted rows.
+
+    ``W`` is ``[E, N, K]`` used as its transpose (``transposed``, like ``nn.Linear``) or ``[E, K, N]``.
+    """
+    e = w.shape[0]
+    n, k = (w.shape[1], w.shape[2]) if transposed else (w.shape[2], w.shape[1])
+    stride_wk, stride_wn = (1, k) if transposed else (n, 1)
+    c = a.new_empty(groups.num_rows, n)
+    a2, w2 = second if second is not None else (a, w)
+    _mm_kernel[groups.grid(n)](
+        a, a2, groups.offsets, w, w2, _or(b, w), c,
+        e, n, k, groups.rows_hint, stride_wk, stride_wn,
+        SECOND=second is not None, HAS_BIAS=b is not None, PRECISION=dot_precision(a.dtype),
+        E_POW2=triton.next_power_of_2(e),
+    )  # fmt: skip
+    return c
+
+
+def up_backward(
+    dy: torch.Tensor,
+    groups: Groups,
+    w_out: torch.Tensor,
+    pre: torch.Tensor,
+    pre_gate: torch.Tensor | None,
+    activation: str,
+    scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(hidden, d_pre, d_pre_gate, dscale)`` from rows ``dy[groups.rows]`` through ``w_out [E, d, h]``.
+
+    ``dscale[s] = <dy[row s] W_out[e], hidden[s]>`` in fp32 (only with a ``scale``): the gradient of a
+    per-row output weight, less its bias term.
+    """
+    e, k, n = w_out.shape
+    p = groups.num_rows
+    hidden = torch.empty_like(pre)
+    d_pre = torch.empty_like(pre)
+    d_pre_g = torch.empty_like(pre) if pre_gate is not None else None
+    # One row of partial sums per column tile (sized for the narrowest tile), summed in a fixed order; a
+    # dedicated placeholder otherwise, as autotuning zeroes whatever tensor is passed here.
+    shape = (triton.cdiv(n, _MIN_BLOCK_N), p) if scale is not None else (1,)
+    partial = torch.zeros(shape, device=dy.device)
+    _up_backward_kernel[groups.grid(n)](
+        dy, _or(groups.rows, groups.offsets), _or(scale, pre), groups.offsets, w_out, pre, _or(pre_gate, pre),
+        hidden, d_pre, _or(d_pre_g, d_pre), partial,
+        e, n, k, p, groups.rows_hint,
+        GATHER=groups.rows is not None, SCALE=scale is not None, DSCALE=scale is not None,
+        GATED=pre_gate is not None, ACT=CODES[activation], PRECISION=dot_precision(dy.dtype),
+        E_POW2=triton.next_power_of_2(e),
+    )  # fmt: skip
+    return hidden, d_pre, d_pre_g, None if scale is None else partial.sum(0)
+
+
+def weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    groups: Groups,
+    *,
+    gather_a: bool,
+    gather_b: bool,
+    scale: torch.Tensor | None,
+    bias: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dW [E, M, N]`` (and ``db [E, M]``) summing ``(scale * a)^T b`` over each expert's rows.
+
+    ``gather_a`` / ``gather_b`` read that operand's rows through ``groups.rows``; others are in sorted order.
+    """
+    e = groups.num_experts
+    i, j = a.shape[1], b.shape[1]
+    dw = torch.empty(e, i, j, device=a.device, dtype=dtype)
+    db = torch.empty(e, i, device=a.device, dtype=dtype) if bias else None
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(i, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]), e
+
+    _wgrad_kernel[grid](
+        a, b, _or(groups.rows, groups.offsets), _or(scale, a), groups.offsets, dw, _or(db, dw),
+        i, j, groups.rows_hint,
+        GATHER_A=gather_a, GATHER_B=gather_b, SCALE=scale is not None, HAS_BIAS=bias,
+        PRECISION=dot_precision(a.dtype),
+    )  # fmt: skip
+    return dw, db

@@ -1,0 +1,162 @@
+"""The MoE forward and backward passes from the grouped GEMMs.
+
+Forward: gather-GEMM-activation (``grouped.up``), the down projection into one row per pair, and a combine
+that sums each token's pairs, weighted, in a fixed order (no atomics, so results are deterministic).
+Backward reuses the saved pre-activations: one grouped GEMM gives the hidden gradient, the recomputed
+hidden and the routing-weight gradient together; grouped ``A^T B`` kernels give the weight gradients;
+the input gradient is a grouped GEMM plus the same combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mixcompile_plugins.triton.grouped import Groups, matmul, up, up_backward, weight_grad
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A plan's pairs sorted by expert, with each token's pairs listed in a fixed order for the combine."""
+
+    groups: Groups  # sorted pairs; groups.rows is each pair's token
+    order: torch.Tensor  # [P] int64: the plan's pair index of each sorted pair
+    expert: torch.Tensor  # [P] int64: expert of each sorted pair
+    weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
+    by_token: torch.Tensor  # [P] int32: sorted pairs, token by token
+    token_offsets: torch.Tensor  # [N + 1] int32: token t's pairs are by_token[offsets[t]:offsets[t + 1]]
+
+
+def _segment_starts(sorted_keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """``[num_keys + 1]`` int32 start of each key's run in ``sorted_keys`` (no host sync, unlike bincount)."""
+    keys = torch.arange(num_keys + 1, device=sorted_keys.device, dtype=sorted_keys.dtype)
+    return torch.searchsorted(sorted_keys, keys).to(torch.int32)
+
+
+def route(
+    token_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    weight: torch.Tensor,
+    num_tokens: int,
+    num_experts: int,
+) -> Routing:
+    """Sort the pairs by expert (stable, so the order is reproducible in backward)."""
+    order = torch.argsort(expert_index, stable=True)
+    tokens = token_index[order]
+    expert = expert_index[order]
+    by_token = torch.argsort(tokens, stable=True)
+    return Routing(
+        groups=Groups(_segment_starts(expert, num_experts), tokens.to(torch.int32), order.numel()),
+        order=order,
+        expert=expert,
+        weight=weight[order].float(),
+        by_token=by_token.to(torch.int32),
+        token_offsets=_segment_starts(tokens[by_token], num_tokens),
+    )
+
+
+@triton.jit
+def _combine_kernel(
+    src_ptr, weight_ptr, by_token_ptr, token_offsets_ptr, out_ptr, D,
+    WEIGHTED: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """out[t] = the (weighted) sum of token t's pair rows, in list order; zeros for a token without pairs."""
+    t = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    start = tl.load(token_offsets_ptr + t)
+    end = tl.load(token_offsets_ptr + t + 1)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for j in range(start, end):
+        s = tl.load(by_token_ptr + j).to(tl.int64)
+        row = tl.load(src_ptr + s * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            row = row * tl.load(weight_ptr + s)
+        acc += row
+    tl.store(out_ptr + t.to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def combine(src: torch.Tensor, routing: Routing, num_tokens: int, *, weighted: bool) -> torch.Tensor:
+    """``[P, d]`` rows in sorted order → ``[N, d]``: each token's (weighted) sum over its pairs."""
+    d = src.shape[1]
+    out = src.new_empty(num_tokens, d)
+    block_d = min(triton.next_power_of_2(d), 1024)
+    _combine_kernel[(num_tokens, triton.cdiv(d, block_d))](
+        src, routing.weight, routing.by_token, routing.token_offsets, out, d,
+        WEIGHTED=weighted, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+def moe_forward(
+    x: torch.Tensor,
+    routing: Routing,
+    w_in: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    activation: str,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(y [N, d], pre, pre_gate)``; the pre-activations ``[P, h]`` (sorted order) only when ``save``."""
+    hidden, pre, pre_gate = up(x, routing.groups, w_in, w_gate, b_in, b_gate, activation, save)
+    out = matmul(hidden, routing.groups, w_out, b_out, transposed=True)
+    return combine(out, routing, x.shape[0], weighted=True), pre, pre_gate
+
+
+@dataclass(frozen=True)
+class MoEGrads:
+    """Gradients of the MoE inputs; None for the expert tensors a block does not have."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    w_in: torch.Tensor
+    w_gate: torch.Tensor | None
+    w_out: torch.Tensor
+    b_in: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_out: torch.Tensor | None
+
+
+def moe_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    routing: Routing,
+    weight_dtype: torch.dtype,
+    w_in: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor | None,
+    pre: torch.Tensor,
+    pre_gate: torch.Tensor | None,
+    activation: str,
+) -> MoEGrads:
+    """Every gradient of :func:`moe_forward` from ``dy [N, d]`` and the saved pre-activations."""
+    groups = routing.groups
+    hidden, d_pre, d_pre_gate, dweight_sorted = up_backward(
+        dy, groups, w_out, pre, pre_gate, activation, routing.weight
+    )
+    if b_out is not None:  # <dy[t], b_out[e]>: the bias part of <dy[t], expert_e(x[t])>
+        dweight_sorted = dweight_sorted + (dy.float() @ b_out.float().t())[groups.rows.long(), routing.expert]
+    dweight = torch.empty_like(dweight_sorted)
+    dweight[routing.order] = dweight_sorted
+    wdt = w_in.dtype
+    has_bias = b_out is not None
+    dw_out, db_out = weight_grad(
+        dy, hidden, groups, gather_a=True, gather_b=False, scale=routing.weight, bias=has_bias, dtype=wdt
+    )
+    by_input = {"gather_a": False, "gather_b": True, "scale": None, "bias": has_bias, "dtype": wdt}
+    dw_in, db_in = weight_grad(d_pre, x, groups, **by_input)
+    dw_gate = db_gate = None
+    second = None
+    if pre_gate is not None:
+        dw_gate, db_gate = weight_grad(d_pre_gate, x, groups, **by_input)
+        second = (d_pre_gate, w_gate)
+    dx_pairs = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
+    dx = combine(dx_pairs, routing, x.shape[0], weighted=False)
+    return MoEGrads(dx, dweight.to(weight_dtype), dw_in, dw_gate, dw_out, db_in, db_gate, db_out)

@@ -1,0 +1,226 @@
+"""The MoT forward and backward passes: mix, expert GEMMs (the grouped kernels), unmix.
+
+Mixing is a reduction over the G members of a group, batched over groups; the expert GEMMs are batched over
+experts. Folding the mix into the up-projection's prologue would redo it on CUDA cores once per column
+tile (about ``15·G/BLOCK_N`` times the tensor-core time of the GEMM itself), so the mixed tokens are written
+once, in the input dtype, by a kernel that reads each group once and mixes it for all experts with one small
+``tl.dot``; unmixing is the mirror image. The gradients of the merge / emit weights (``<x, d_mixed>`` and
+``<dy, out>``) come out of those same passes, so no ``[.., E, d]`` tensor is read twice.
+
+Rows of the ``[T, n, G, d]`` tensors are addressed through their strides (the block hands over a permuted
+view), and the output keeps the input's memory layout so the block's permute back is free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mixcompile_plugins.triton.grouped import Groups, dot_precision, matmul, mma, up, up_backward, weight_grad
+
+
+@triton.jit
+def _mix_kernel(
+    src_ptr, w_ptr, dst_ptr, other_ptr, dw_ptr,
+    R, NG, G, E, D, s_t, s_n, s_g, s_d,
+    HAS_DW: tl.constexpr, PRECISION: tl.constexpr,
+    G_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dst[e, r] = sum_g w[r, g, e] src[r, g]; with HAS_DW also dw[r, g, e] = <src[r, g], other[e, r]>.
+
+    ``src`` is ``[T, NG, G, D]`` through its strides (r = t * NG + n); ``w`` ``[R, G, E]`` and ``dst`` /
+    ``other`` ``[E, R, D]`` are contiguous.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    src_base = (r // NG) * s_t + (r % NG) * s_n
+    gs = tl.arange(0, G_POW2)
+    es = tl.arange(0, E_POW2)
+    ge_mask = (gs < G)[:, None] & (es < E)[None, :]
+    ge_off = r * G * E + gs[:, None] * E + es[None, :]
+    w = tl.load(w_ptr + ge_off, mask=ge_mask, other=0.0)
+    dw = tl.zeros((G_POW2, E_POW2), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        s = tl.load(
+            src_ptr + src_base + gs[:, None] * s_g + ds[None, :] * s_d,
+            mask=(gs < G)[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        mixed = mma(tl.trans(w.to(s.dtype)), s, tl.zeros((E_POW2, BLOCK_D), tl.float32), PRECISION)
+        ed_off = es[:, None] * R * D + r * D + ds[None, :]
+        ed_mask = (es < E)[:, None] & d_mask[None, :]
+        tl.store(dst_ptr + ed_off, mixed.to(dst_ptr.dtype.element_ty), mask=ed_mask)
+        if HAS_DW:
+            o = tl.load(other_ptr + ed_off, mask=ed_mask, other=0.0)
+            dw = mma(s, tl.trans(o), dw, PRECISION)
+    if HAS_DW:
+        tl.store(dw_ptr + ge_off, dw.to(dw_ptr.dtype.element_ty), mask=ge_mask)
+
+
+@triton.jit
+def _unmix_kernel(
+    v_ptr, w_ptr, y_ptr, other_ptr, dw_ptr,
+    R, NG, G, E, D, y_t, y_n, y_g, y_d, o_t, o_n, o_g, o_d,
+    HAS_DW: tl.constexpr, PRECISION: tl.constexpr,
+    G_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """y[r, g] = sum_e w[r, g, e] v[e, r]; with HAS_DW also dw[r, g, e] = <other[r, g], v[e, r]>.
+
+    ``v`` ``[E, R, D]`` and ``w`` ``[R, G, E]`` are contiguous; ``y`` and ``other`` are ``[T, NG, G, D]``
+    through their strides.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    y_base = (r // NG) * y_t + (r % NG) * y_n
+    o_base = (r // NG) * o_t + (r % NG) * o_n
+    gs = tl.arange(0, G_POW2)
+    es = tl.arange(0, E_POW2)
+    ge_mask = (gs < G)[:, None] & (es < E)[None, :]
+    ge_off = r * G * E + gs[:, None] * E + es[None, :]
+    w = tl.load(w_ptr + ge_off, mask=ge_mask, other=0.0)
+    dw = tl.zeros((G_POW2, E_POW2), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        gd_mask = (gs < G)[:, None] & d_mask[None, :]
+        v_off = es[:, None] * R * D + r * D + ds[None, :]
+        v = tl.load(v_ptr + v_off, mask=(es < E)[:, None] & d_mask[None, :], other=0.0)
+        y = mma(w.to(v.dtype), v, tl.zeros((G_POW2, BLOCK_D), tl.float32), PRECISION)
+        y_off = y_base + gs[:, None] * y_g + ds[None, :] * y_d
+        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=gd_mask)
+        if HAS_DW:
+            o = tl.load(other_ptr + o_base + gs[:, None] * o_g + ds[None, :] * o_d, mask=gd_mask, other=0.0)
+            dw = mma(o, tl.trans(v), dw, PRECISION)
+    if HAS_DW:
+        tl.store(dw_ptr + ge_off, dw.to(dw_ptr.dtype.element_ty), mask=ge_mask)
+
+
+def _tile_sizes(g: int, e: int, d: int) -> tuple[int, int, int]:
+    """Padded G and E and a d tile that keeps the ``[E, d]`` tile near 4K values (``tl.dot`` needs 16+)."""
+    g_pow2 = max(16, triton.next_power_of_2(g))
+    e_pow2 = max(16, triton.next_power_of_2(e))
+    block_d = max(16, min(triton.next_power_of_2(d), 4096 // max(g_pow2, e_pow2)))
+    return g_pow2, e_pow2, block_d
+
+
+def mix(
+    src: torch.Tensor, w: torch.Tensor, other: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``src [T, n, G, d]``, ``w [T, n, G, E]`` → ``[E·T·n, d]`` per-expert mixes (and ``<src, other>``)."""
+    t, n, g, d = src.shape
+    e = w.shape[-1]
+    r = t * n
+    dst = src.new_empty(e * r, d)
+    dw = torch.empty_like(w) if other is not None else None
+    if r == 0:  # an empty batch or sequence
+        return dst, dw
+    g_pow2, e_pow2, block_d = _tile_sizes(g, e, d)
+    _mix_kernel[(r,)](
+        src, w, dst, dst if other is None else other, w if dw is None else dw,
+        r, n, g, e, d, *src.stride(),
+        HAS_DW=other is not None, PRECISION=dot_precision(src.dtype),
+        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d,
+    )  # fmt: skip
+    return dst, dw
+
+
+def unmix(
+    v: torch.Tensor, w: torch.Tensor, like: torch.Tensor, other: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``v [E·T·n, d]``, ``w [T, n, G, E]`` → ``[T, n, G, d]`` laid out like ``like`` (and ``<other, v>``)."""
+    t, n, g, d = like.shape
+    e = w.shape[-1]
+    y = torch.empty_like(like)
+    dw = torch.empty_like(w) if other is not None else None
+    o = y if other is None else other
+    if t * n == 0:
+        return y, dw
+    g_pow2, e_pow2, block_d = _tile_sizes(g, e, d)
+    _unmix_kernel[(t * n,)](
+        v, w, y, o, w if dw is None else dw,
+        t * n, n, g, e, d, *y.stride(), *o.stride(),
+        HAS_DW=other is not None, PRECISION=dot_precision(v.dtype),
+        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d,
+    )  # fmt: skip
+    return y, dw
+
+
+def expert_groups(num_experts: int, rows: int, device: torch.device) -> Groups:
+    """Every expert owns ``rows`` consecutive rows (the MoT layout ``[E, T·n, d]``)."""
+    offsets = torch.arange(num_experts + 1, device=device, dtype=torch.int32) * rows
+    return Groups(offsets, None, num_experts * rows)
+
+
+def mot_forward(
+    x_g: torch.Tensor,
+    merge: torch.Tensor,
+    emit: torch.Tensor,
+    w_in: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_gate: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    activation: str,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(y, pre, pre_gate, out)``: the output and, when ``save``, what backward needs."""
+    t, n = x_g.shape[:2]
+    groups = expert_groups(w_in.shape[0], t * n, x_g.device)
+    mixed, _ = mix(x_g, merge)
+    hidden, pre, pre_gate = up(mixed, groups, w_in, w_gate, b_in, b_gate, activation, save)
+    out = matmul(hidden, groups, w_out, b_out, transposed=True)
+    y, _ = unmix(out, emit, x_g)
+    return y, pre, pre_gate, out if save else None
+
+
+@dataclass(frozen=True)
+class MoTGrads:
+    """Gradients of :func:`mot_forward`'s inputs; None for the expert tensors a block does not have."""
+
+    x_g: torch.Tensor
+    merge: torch.Tensor
+    emit: torch.Tensor
+    w_in: torch.Tensor
+    w_gate: torch.Tensor | None
+    w_out: torch.Tensor
+    b_in: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_out: torch.Tensor | None
+
+
+def mot_backward(
+    dy: torch.Tensor,
+    x_g: torch.Tensor,
+    merge: torch.Tensor,
+    emit: torch.Tensor,
+    w_in: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_out: torch.Tensor,
+    pre: torch.Tensor,
+    pre_gate: torch.Tensor | None,
+    out: torch.Tensor,
+    activation: str,
+    has_bias: bool,
+) -> MoTGrads:
+    """Every gradient of :func:`mot_forward`; the mixed tokens and the hidden layer are recomputed."""
+    t, n = x_g.shape[:2]
+    groups = expert_groups(w_in.shape[0], t * n, x_g.device)
+    wdt = w_in.dtype
+    d_out, d_emit = mix(dy, emit, other=out)
+    hidden, d_pre, d_pre_gate, _ = up_backward(d_out, groups, w_out, pre, pre_gate, activation, None)
+    sorted_rows = {"gather_a": False, "gather_b": False, "scale": None, "bias": has_bias, "dtype": wdt}
+    dw_out, db_out = weight_grad(d_out, hidden, groups, **sorted_rows)
+    mixed, _ = mix(x_g, merge)
+    dw_in, db_in = weight_grad(d_pre, mixed, groups, **sorted_rows)
+    dw_gate = db_gate = None
+    second = None
+    if pre_gate is not None:
+        dw_gate, db_gate = weight_grad(d_pre_gate, mixed, groups, **sorted_rows)
+        second = (d_pre_gate, w_gate)
+    d_mixed = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
+    dx, d_merge = unmix(d_mixed, merge, x_g, other=x_g)
+    return MoTGrads(dx, d_merge, d_emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)

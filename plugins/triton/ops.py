@@ -1,0 +1,323 @@
+"""``torch.library`` custom ops around the fused kernels, so ``torch.compile`` sees one opaque node per call.
+
+Each block call is a forward op that also returns what its backward needs (pre-activations, and for MoT the
+experts' outputs), and a backward op; ``register_autograd`` links them and ``register_fake`` gives shapes.
+Ops cannot return optional tensors, so absent ones travel as empty tensors.
+"""
+
+import contextlib
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.mixing import MixPlan
+from mixcompile.runtime.routing import RoutingPlan
+from mixcompile_plugins.triton.moe_kernels import moe_backward, moe_forward, route
+from mixcompile_plugins.triton.mot_kernels import mot_backward, mot_forward
+from mixcompile_plugins.triton.routing_kernels import topk_route, topk_route_backward
+
+Tensor = torch.Tensor
+
+
+def _device(x: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _present(t: Tensor | None) -> Tensor | None:
+    return None if t is None or t.numel() == 0 else t
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------- MoE
+
+
+@torch.library.custom_op("mixcompile::moe_forward", mutates_args=())
+def moe_forward_op(
+    x: Tensor,
+    token_index: Tensor,
+    expert_index: Tensor,
+    weight: Tensor,
+    w_in: Tensor,
+    w_gate: Tensor | None,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_gate: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y [N, d], pre [P, h], pre_gate [P, h])``; the pre-activations are empty unless ``save``."""
+    if x.shape[0] == 0:
+        return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0)
+    with _device(x):
+        routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0])
+        y, pre, pre_gate = moe_forward(
+            x.contiguous(), routing, *map(_contiguous, (w_in, w_gate, w_out, b_in, b_gate, b_out)),
+            activation, save,
+        )  # fmt: skip
+    return y, _or_empty(pre, x), _or_empty(pre_gate, x)
+
+
+@moe_forward_op.register_fake
+def _(x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, save):
+    pairs, hidden = token_index.shape[0], w_in.shape[1]
+    pre = x.new_empty(pairs, hidden) if save and x.shape[0] else x.new_empty(0)
+    pre_gate = x.new_empty(pairs, hidden) if save and w_gate is not None and x.shape[0] else x.new_empty(0)
+    return x.new_empty(x.shape), pre, pre_gate
+
+
+@torch.library.custom_op("mixcompile::moe_backward", mutates_args=())
+def moe_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    token_index: Tensor,
+    expert_index: Tensor,
+    weight: Tensor,
+    w_in: Tensor,
+    w_gate: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    pre: Tensor,
+    pre_gate: Tensor,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)``; absent ones empty."""
+    if x.shape[0] == 0:
+        return _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out)
+    with _device(x):
+        routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0])
+        g = moe_backward(
+            dy.contiguous(), x.contiguous(), routing, weight.dtype, w_in.contiguous(), _contiguous(w_gate),
+            w_out.contiguous(), _contiguous(b_out), pre, _present(pre_gate), activation,
+        )  # fmt: skip
+    return (
+        g.x, g.weight, g.w_in, _or_empty(g.w_gate, x), g.w_out,
+        _or_empty(g.b_in, x), _or_empty(g.b_gate, x), _or_empty(g.b_out, x),
+    )  # fmt: skip
+
+
+def _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out) -> tuple[Tensor, ...]:
+    """The gradients of an empty batch: zeros shaped like the inputs (empties where absent)."""
+    e, h = w_in.shape[:2]
+    bias = b_out is not None
+    return (
+        torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(w_in),
+        torch.zeros_like(w_in) if w_gate is not None else x.new_empty(0), torch.zeros_like(w_out),
+        w_in.new_zeros(e, h) if bias else x.new_empty(0),
+        w_in.new_zeros(e, h) if bias and w_gate is not None else x.new_empty(0),
+        torch.zeros_like(b_out) if bias else x.new_empty(0),
+    )  # fmt: skip
+
+
+@moe_backward_op.register_fake
+def _(dy, x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activation):
+    e, h = w_in.shape[:2]
+    bias = b_out is not None
+    return (
+        torch.empty_like(x), torch.empty_like(weight), torch.empty_like(w_in),
+        torch.empty_like(w_in) if w_gate is not None else x.new_empty(0), torch.empty_like(w_out),
+        w_in.new_empty(e, h) if bias else x.new_empty(0),
+        w_in.new_empty(e, h) if bias and w_gate is not None else x.new_empty(0),
+        torch.empty_like(b_out) if bias else x.new_empty(0),
+    )  # fmt: skip
+
+
+def _moe_setup(ctx, inputs, output) -> None:
+    x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, _ = inputs
+    ctx.activation = activation
+    ctx.optional = (w_gate is not None, b_in is not None, b_gate is not None)
+    ctx.save_for_backward(x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, *output[1:])
+
+
+def _moe_backward(ctx, dy, _d_pre, _d_pre_gate):
+    x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate = ctx.saved_tensors
+    # Traced with a data-dependent number of pairs (capacity limits), the sizes are unknown: skip the check.
+    unsaved = statically_known_true(pre.numel() == 0) and statically_known_true(token_index.numel() != 0)
+    if unsaved and x.shape[0]:
+        raise RuntimeError("mixcompile::moe_forward ran without save=True; its inputs did not require grad.")
+    dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = moe_backward_op(
+        dy, x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, ctx.activation
+    )
+    has_gate, has_b_in, has_b_gate = ctx.optional
+    return (
+        dx, None, None, dweight, dw_in, dw_gate if has_gate else None, dw_out,
+        db_in if has_b_in else None, db_gate if has_b_gate else None, db_out if b_out is not None else None,
+        None, None,
+    )  # fmt: skip
+
+
+moe_forward_op.register_autograd(_moe_backward, setup_context=_moe_setup)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _expert_tensors(experts: StackedExperts, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+    """The expert tensors in the input's dtype (as autocast would give the reference kernel's matmuls)."""
+    tensors = (experts.w_in, experts.w_gate, experts.w_out, experts.b_in, experts.b_gate, experts.b_out)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def moe(x: Tensor, plan: RoutingPlan, experts: StackedExperts) -> Tensor:
+    """The fused MoE kernel: ``y[t] = sum over pairs (t, e, w) of w * expert_e(x[t])``."""
+    params = _expert_tensors(experts, x.dtype)
+    save = _needs_grad(x, plan.weight, *params)
+    routing = (plan.token_index, plan.expert_index, plan.weight)
+    y, _, _ = moe_forward_op(x, *routing, *params, experts.activation, save)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------- MoT
+
+
+@torch.library.custom_op("mixcompile::mot_forward", mutates_args=())
+def mot_forward_op(
+    x_g: Tensor,
+    merge: Tensor,
+    emit: Tensor,
+    w_in: Tensor,
+    w_gate: Tensor | None,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_gate: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y [T, n, G, d], pre [E·T·n, h], pre_gate, out [E·T·n, d])``; all but ``y`` empty unless ``save``."""
+    with _device(x_g):
+        y, pre, pre_gate, out = mot_forward(
+            x_g, merge.contiguous(), emit.contiguous(),
+            *map(_contiguous, (w_in, w_gate, w_out, b_in, b_gate, b_out)), activation, save,
+        )  # fmt: skip
+    return y, _or_empty(pre, x_g), _or_empty(pre_gate, x_g), _or_empty(out, x_g)
+
+
+@mot_forward_op.register_fake
+def _(x_g, merge, emit, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, save):
+    t, n, _, d = x_g.shape
+    rows, hidden = w_in.shape[0] * t * n, w_in.shape[1]
+    pre = x_g.new_empty(rows, hidden) if save else x_g.new_empty(0)
+    pre_gate = x_g.new_empty(rows, hidden) if save and w_gate is not None else x_g.new_empty(0)
+    out = x_g.new_empty(rows, d) if save else x_g.new_empty(0)
+    return torch.empty_like(x_g), pre, pre_gate, out
+
+
+@torch.library.custom_op("mixcompile::mot_backward", mutates_args=())
+def mot_backward_op(
+    dy: Tensor,
+    x_g: Tensor,
+    merge: Tensor,
+    emit: Tensor,
+    w_in: Tensor,
+    w_gate: Tensor | None,
+    w_out: Tensor,
+    pre: Tensor,
+    pre_gate: Tensor,
+    out: Tensor,
+    activation: str,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx_g, d_merge, d_emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)``; absent ones empty."""
+    with _device(x_g):
+        g = mot_backward(
+            dy, x_g, merge.contiguous(), emit.contiguous(), w_in.contiguous(), _contiguous(w_gate),
+            w_out.contiguous(), pre, _present(pre_gate), out, activation, has_bias,
+        )  # fmt: skip
+    return (
+        g.x_g, g.merge, g.emit, g.w_in, _or_empty(g.w_gate, x_g), g.w_out,
+        _or_empty(g.b_in, x_g), _or_empty(g.b_gate, x_g), _or_empty(g.b_out, x_g),
+    )  # fmt: skip
+
+
+@mot_backward_op.register_fake
+def _(dy, x_g, merge, emit, w_in, w_gate, w_out, pre, pre_gate, out, activation, has_bias):
+    e, h, d = w_in.shape
+    return (
+        torch.empty_like(x_g), torch.empty_like(merge, memory_format=torch.contiguous_format),
+        torch.empty_like(emit, memory_format=torch.contiguous_format), torch.empty_like(w_in),
+        torch.empty_like(w_in) if w_gate is not None else x_g.new_empty(0), torch.empty_like(w_out),
+        w_in.new_empty(e, h) if has_bias else x_g.new_empty(0),
+        w_in.new_empty(e, h) if has_bias and w_gate is not None else x_g.new_empty(0),
+        w_in.new_empty(e, d) if has_bias else x_g.new_empty(0),
+    )  # fmt: skip
+
+
+def _mot_setup(ctx, inputs, output) -> None:
+    x_g, merge, emit, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, _ = inputs
+    ctx.activation = activation
+    ctx.optional = (w_gate is not None, b_in is not None, b_gate is not None, b_out is not None)
+    ctx.save_for_backward(x_g, merge, emit, w_in, w_gate, w_out, *output[1:])
+
+
+def _mot_backward(ctx, dy, _d_pre, _d_pre_gate, _d_out):
+    x_g, merge, emit, w_in, w_gate, w_out, pre, pre_gate, out = ctx.saved_tensors
+    if out.numel() == 0 and x_g.numel():
+        raise RuntimeError("mixcompile::mot_forward ran without save=True; its inputs did not require grad.")
+    has_gate, has_b_in, has_b_gate, has_b_out = ctx.optional
+    dx, d_merge, d_emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = mot_backward_op(
+        dy, x_g, merge, emit, w_in, w_gate, w_out, pre, pre_gate, out, ctx.activation, has_b_out
+    )
+    return (
+        dx, d_merge, d_emit, dw_in, dw_gate if has_gate else None, dw_out,
+        db_in if has_b_in else None, db_gate if has_b_gate else None, db_out if has_b_out else None,
+        None, None,
+    )  # fmt: skip
+
+
+mot_forward_op.register_autograd(_mot_backward, setup_context=_mot_setup)
+
+
+def mot(x_g: Tensor, plan: MixPlan, experts: StackedExperts) -> Tensor:
+    """The fused MoT kernel: ``x_g [T, n, G, d]`` → merge per expert, run experts, emit back."""
+    params = _expert_tensors(experts, x_g.dtype)
+    save = _needs_grad(x_g, plan.merge, plan.emit, *params)
+    y, _, _, _ = mot_forward_op(
+        x_g, plan.merge.to(x_g.dtype), plan.emit.to(x_g.dtype), *params, experts.activation, save
+    )
+    return y
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+
+@torch.library.custom_op("mixcompile::topk_route", mutates_args=())
+def topk_route_op(
+    logits: Tensor, bias: Tensor | None, k: int, renormalize: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(probs [N, E], chosen [N, k], weights [N, k])``: softmax, bias for selection, top-k, renormalise."""
+    with _device(logits):
+        return topk_route(logits, bias, k, renormalize)
+
+
+@topk_route_op.register_fake
+def _(logits, bias, k, renormalize):
+    n, e = logits.shape
+    return (
+        logits.new_empty(n, e, dtype=torch.float32),
+        logits.new_empty(n, k, dtype=torch.int64),
+        logits.new_empty(n, k, dtype=torch.float32),
+    )
+
+
+def _route_setup(ctx, inputs, output) -> None:
+    ctx.renormalize = inputs[3]
+    ctx.save_for_backward(*output)
+
+
+def _route_backward(ctx, d_probs, _d_chosen, d_weights):
+    probs, chosen, weights = ctx.saved_tensors
+    return topk_route_backward(d_probs, d_weights, probs, chosen, weights, ctx.renormalize), None, None, None
+
+
+topk_route_op.register_autograd(_route_backward, setup_context=_route_setup)
