@@ -18,16 +18,22 @@ from mixcompile.errors import (
 from mixcompile.io import load, save
 from mixcompile.plugins import Register, hookimpl, register_plugin, registry, unregister_plugin
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock, flop_matched_hidden
+from mixcompile.runtime.checks import debug_checks
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update_routing_bias
 from mixcompile.runtime.kernels import Kernel
-from mixcompile.runtime.mixing import Mixer, MixPlan
-from mixcompile.runtime.routing import Router, RoutingPlan
+from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
+from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "topk_routing",
+    "debug_checks",
+    "RouterBase",
+    "LearnedRouter",
+    "ControllerMixer",
     "Block",
     "ConfigError",
     "DenseFFN",

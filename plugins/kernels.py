@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from mixcompile import Kernel, MixPlan, Register, RoutingPlan, StackedExperts, hookimpl
+from mixcompile import MixPlan, Register, RoutingPlan, StackedExperts, hookimpl, topk_routing
 
 
-class TorchKernel(Kernel):
+class TorchKernel:
+    """Implements :class:`mixcompile.Kernel` in plain PyTorch."""
+
     priority = 0
 
     def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -36,6 +38,11 @@ class TorchKernel(Kernel):
         if outputs:
             y = y.index_add(0, tokens, torch.cat(outputs))
         return y
+
+    def topk_routing(
+        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
 
     def mot(self, x_g: torch.Tensor, plan: MixPlan, experts: StackedExperts) -> torch.Tensor:
         t, n, g, d = x_g.shape

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from mixcompile import ConfigError, Mixer, MixPlan, Register, hookimpl
+from mixcompile import ConfigError, ControllerMixer, MixPlan, Register, hookimpl
 
 EMIT_MODES = ("merge", "experts")
 
 
-class SoftmaxMixer(Mixer):
+class SoftmaxMixer(ControllerMixer):
     """``merge = softmax_G(W_c x / temperature)`` per expert over the group's present members.
 
     ``emit="merge"`` (the paper) spreads each expert's output back with the merge weights.

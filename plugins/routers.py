@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
-from mixcompile import ConfigError, Register, Router, RoutingPlan, hookimpl
-from mixcompile_plugins.triton import MAX_ROUTED_EXPERTS, interpreting
-
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+from mixcompile import ConfigError, Kernel, LearnedRouter, Register, RouterBase, RoutingPlan, hookimpl
 
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")
 
 
-class TopKRouter(Router):
+class TopKRouter(LearnedRouter):
     """Token choice (Shazeer 2017). ``order="softmax_topk"``: softmax over all experts, keep the top k,
     renormalise them to sum to 1 (``renormalize=False`` keeps the raw probabilities).
     ``order="topk_softmax"``: top k logits, softmax over those k (Mixtral)."""
@@ -38,35 +34,19 @@ class TopKRouter(Router):
         self.order = order
         self.renormalize = renormalize
 
-    def forward(self, x: torch.Tensor) -> RoutingPlan:
+    def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         logits = self.logits(x)
-        if self.order == "softmax_topk" and _fused_routing_runs(logits):
-            from mixcompile_plugins.triton.ops import topk_route_op
-
-            bias = self.selection_bias if self.bias_balancing else None
-            probs, chosen, weights = topk_route_op(logits, bias, self.top_k, self.renormalize)
-            return self.token_choice_plan(logits, chosen, weights, probs)
-        probs = torch.softmax(logits, dim=-1)
-        chosen = self.select(probs if self.order == "softmax_topk" else logits)
         if self.order == "softmax_topk":
-            weights = probs.gather(-1, chosen)
-            if self.renormalize:
-                weights = weights / weights.sum(-1, keepdim=True)
-        else:
-            weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
-        return self.token_choice_plan(logits, chosen, weights, probs)
+            probs, chosen, weights = kernel.topk_routing(
+                logits, self.top_k, bias=self.balancing_bias, renormalize=self.renormalize
+            )
+            return self.token_choice_plan(logits, chosen, weights, probs)
+        chosen = self.select(logits)
+        weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
+        return self.token_choice_plan(logits, chosen, weights)
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, order={self.order!r}, capacity_factor={self.capacity_factor}"
-
-
-def _fused_routing_runs(logits: torch.Tensor) -> bool:
-    """Whether the fused Triton routing step can run on these logits: on CUDA (or in Triton's interpreter
-    on the CPU, as the tests run it), for up to ``MAX_ROUTED_EXPERTS`` experts."""
-    device_ok = logits.is_cuda or (logits.device.type == "cpu" and interpreting())
-    return (
-        _HAS_TRITON and device_ok and logits.dtype == torch.float32 and logits.shape[-1] <= MAX_ROUTED_EXPERTS
-    )
 
 
 class SwitchRouter(TopKRouter):
@@ -80,7 +60,7 @@ class SwitchRouter(TopKRouter):
         super().__init__(d_model, num_experts, 1, renormalize=False, **options)
 
 
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LearnedRouter):
     """Expert choice (Zhou 2022): each expert takes its ``ceil(capacity_factor * N * k / E)`` best tokens,
     weighted by the token's probability for it. Perfectly balanced, but a token's routing depends on the
     other tokens in the batch, so it is not causal: use it where that is acceptable (encoders)."""
@@ -96,7 +76,7 @@ class ExpertChoiceRouter(Router):
             )
         super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
 
-    def forward(self, x: torch.Tensor) -> RoutingPlan:
+    def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         logits = self.logits(x)
         probs = torch.softmax(logits, dim=-1)
         n = x.shape[0]
@@ -109,7 +89,7 @@ class ExpertChoiceRouter(Router):
         )
 
 
-class HashRouter(Router):
+class HashRouter(RouterBase):
     """Parameter-free routing: a fixed random projection (seeded) of the token features picks its k experts,
     each weighted 1/k. A content hash, since an FFN sees hidden states, not token ids (cf. Roller 2021)."""
 
@@ -118,15 +98,12 @@ class HashRouter(Router):
     ) -> None:
         for name in ("balance_loss_weight", "z_loss_weight"):
             options.setdefault(name, 0.0)
-        if options.get("bias_balancing"):
-            raise ConfigError("router 'hash' is not learned; bias_balancing does not apply.")
-        super().__init__(d_model, num_experts, top_k, init_std=0.0, **options)  # type: ignore[arg-type]
-        del self.gate
+        super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(seed)
         projection = torch.randn(num_experts, d_model, generator=generator) / math.sqrt(d_model)
         self.register_buffer("projection", projection)
 
-    def forward(self, x: torch.Tensor) -> RoutingPlan:
+    def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         scores = (x @ self.projection.to(x.dtype).t()).float()
         chosen = torch.topk(scores, self.top_k, dim=-1).indices
         weights = torch.full(chosen.shape, 1.0 / self.top_k, device=x.device, dtype=torch.float32)

@@ -116,7 +116,7 @@ def train(model: nn.Module, forward: nn.Module, rank: int, steps: int, micro: in
         opt.step()
         opt.zero_grad()
         counted.append(model.moe.router.load_since_update.clone())
-        mcd.update_routing_bias(model)
+        mc.update_routing_bias(model, group=dist.group.WORLD)
     return counted
 
 

@@ -30,7 +30,7 @@ def test_recipe_round_trips_through_json() -> None:
 
 
 def test_filter_fn_is_not_serialised() -> None:
-    recipe = Recipe(filter_fn=lambda path, site: "layers.1" in path)
+    recipe = Recipe(filter_fn=lambda module, fqn: "layers.1" in fqn)
     assert "filter_fn" not in recipe.to_dict()
     assert Recipe.from_dict(recipe.to_dict()).filter_fn is None
 
@@ -45,7 +45,7 @@ def test_site_selection(sites: object, expected: list[int]) -> None:
 
 
 def test_filter_fn_narrows_the_selection() -> None:
-    report = inspect(build("t5"), filter_fn=lambda path, site: path.startswith("decoder"))
+    report = inspect(build("t5"), filter_fn=lambda module, fqn: fqn.startswith("decoder"))
     assert [s.status for s in report.sites] == ["not selected"] * 2 + ["planned"] * 2
 
 
@@ -137,7 +137,7 @@ def test_inplace_conversion_returns_the_same_object() -> None:
 
 def test_recorded_recipe_replays_the_same_sites() -> None:
     model = build("t5")
-    converted = convert(model, num_experts=4, filter_fn=lambda path, site: path.startswith("decoder"))
+    converted = convert(model, num_experts=4, filter_fn=lambda module, fqn: fqn.startswith("decoder"))
     [recorded] = recipes_of(converted)
     assert recorded.sites == [2, 3] and recorded.filter_fn is None
     assert recipes_of(model) == []

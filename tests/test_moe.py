@@ -7,7 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixcompile as mc
-from mixcompile.runtime.routing import validate_plan
+from mixcompile.runtime.checks import check_routing_plan
+from mixcompile.runtime.kernels import get_kernel
+
+TORCH = get_kernel("torch")  # routers run their top-k step through the block's kernel
 
 ROUTERS = ["topk", "switch", "expert_choice", "hash"]
 
@@ -73,7 +76,7 @@ def test_block_matches_per_pair_reference(router, gated):
     block = mc.MoEBlock(8, 16, 5, top_k=top_k, gated=gated, bias=True, router=router)
     x = torch.randn(2, 9, 8)
     y = block(x)
-    plan = block.router(x.reshape(-1, 8))
+    plan = block.router(x.reshape(-1, 8), TORCH)
     assert ref.rel_err(y.reshape(-1, 8), ref.moe_from_plan(x.reshape(-1, 8), plan, block.experts)) < 1e-5
 
 
@@ -81,7 +84,7 @@ def test_shared_experts_are_added_with_weight_one():
     torch.manual_seed(0)
     block = mc.MoEBlock(8, 16, 4, top_k=2, num_shared_experts=2)
     x = torch.randn(11, 8)
-    plan = block.router(x)
+    plan = block.router(x, TORCH)
     expected = ref.moe_from_plan(x, plan, block.experts)
     expected += ref.expert(block.shared_experts, 0, x) + ref.expert(block.shared_experts, 1, x)
     assert ref.rel_err(block(x), expected) < 1e-5
@@ -103,8 +106,9 @@ def test_router_plans_are_valid(router, tokens, experts, k_frac, capacity, seed)
         capacity = 1.0
     r = mc.registry().get("router", router).factory(6, experts, top_k, capacity_factor=capacity)
     x = torch.randn(tokens, 6)
-    plan = r(x)
-    validate_plan(plan, source=router, num_tokens=tokens, num_experts=experts)  # no pair twice, indices valid
+    plan = r(x, TORCH)
+    with mc.debug_checks():  # no pair twice, indices valid
+        check_routing_plan(plan, source=router, num_tokens=tokens, num_experts=experts)
     assert (plan.weight >= 0).all() and (plan.weight <= 1 + 1e-6).all()
     load = torch.bincount(plan.expert_index, minlength=experts)
     if capacity is not None:
@@ -131,7 +135,7 @@ def test_capacity_drops_the_lowest_weighted_tokens():
         router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     # Every token prefers expert 0; capacity = ceil(1 * 4 * 1 / 2) = 2 keeps the two most confident.
     x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
-    plan = router(x)
+    plan = router(x, TORCH)
     assert sorted(plan.token_index.tolist()) == [1, 2]
     assert plan.expert_index.tolist() == [0, 0]
     assert plan.dropped_assignments == 2
@@ -149,14 +153,14 @@ def test_topk_orders_hand_computed():
         r = mc.registry().get("router", "topk").factory(4, 4, 2, order=order)
         with torch.no_grad():
             r.gate.weight.copy_(torch.tensor([logits, [0.0] * 4, [0.0] * 4, [0.0] * 4]).t())
-        plan = r(x)
+        plan = r(x, TORCH)
         assert plan.expert_index.tolist() == [0, 1]
         assert plan.weight.tolist() == pytest.approx(expected, rel=1e-6)
     raw = mc.registry().get("router", "topk").factory(4, 4, 2, renormalize=False)
     with torch.no_grad():
         raw.gate.weight.copy_(torch.tensor([logits, [0.0] * 4, [0.0] * 4, [0.0] * 4]).t())
     z = sum(math.exp(v) for v in logits)
-    assert raw(x).weight.tolist() == pytest.approx([math.exp(2) / z, math.exp(1) / z], rel=1e-6)
+    assert raw(x, TORCH).weight.tolist() == pytest.approx([math.exp(2) / z, math.exp(1) / z], rel=1e-6)
 
 
 def test_aux_losses_equal_their_formulas():
@@ -190,10 +194,10 @@ def test_bias_balancing_moves_selection_not_weights():
     x = torch.tensor([[1.0, 0.0]] * 4)  # all prefer expert 0 by logit 1 vs 0
     block.train()
     block(x)
-    assert block.router(x).expert_index.tolist() == [0, 0, 0, 0]
+    assert block.router(x, TORCH).expert_index.tolist() == [0, 0, 0, 0]
     assert mc.update_routing_bias(block) == 1
     assert block.router.selection_bias.tolist() == [-0.5, 0.5]
-    plan = block.router(x)  # selection scores 0.73-0.5 < 0.27+0.5: the bias now selects expert 1
+    plan = block.router(x, TORCH)  # selection scores 0.73-0.5 < 0.27+0.5: the bias now selects expert 1
     assert plan.expert_index.tolist() == [1, 1, 1, 1]
     assert plan.weight.tolist() == pytest.approx([1.0] * 4)  # top-1 renormalised, the bias is not in it
     block(x)

@@ -16,12 +16,13 @@ from torch import nn
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError, MixcompileError
-from mixcompile.runtime.blocks import MoEBlock, MoTBlock, flop_matched_hidden
+from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.blocks.sizing import expert_hidden, sparse_flops
 from mixcompile.runtime.ffn import DenseFFN
 
 
 @dataclass
-class SitePlan:
+class Replacement:
     site: FFNSite
     d_hidden: int
     block: nn.Module
@@ -32,11 +33,11 @@ class SitePlan:
     flops_after: int
 
 
-def plan_site(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> SitePlan:
+def build_replacement(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> Replacement:
     """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site."""
     ffn = site.ffn
     try:
-        d_hidden = expert_hidden(ffn.d_hidden, recipe)
+        d_hidden = _expert_hidden(ffn.d_hidden, recipe)
         block = build_block(site, recipe, d_hidden, device="meta" if meta else ffn.w_in.device)
         if not meta and ffn.w_in.device.type != "meta":
             generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed + site.index)
@@ -44,7 +45,7 @@ def plan_site(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> SitePlan:
         kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
     except MixcompileError as exc:
         raise exc.prefixed(f"FFN site {site.index} at {site.label!r}") from exc
-    return SitePlan(
+    return Replacement(
         site,
         d_hidden,
         block,
@@ -56,20 +57,11 @@ def plan_site(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> SitePlan:
     )
 
 
-def expert_hidden(d_ff: int, recipe: Recipe) -> int:
-    sizing = recipe.resolved_sizing()
-    if sizing == "same":
-        return d_ff
-    if sizing == "split":
-        if d_ff % recipe.num_experts:
-            raise ConfigError(
-                f"sizing 'split' gives each expert hidden / num_experts, but the hidden size {d_ff} is not "
-                f"divisible by num_experts={recipe.num_experts}."
-            )
-        return d_ff // recipe.num_experts
-    return flop_matched_hidden(
+def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
+    return expert_hidden(
         recipe.strategy,
         d_ff,
+        sizing=recipe.resolved_sizing(),
         num_experts=recipe.num_experts,
         top_k=recipe.top_k,
         group_size=recipe.group_size,
@@ -169,15 +161,3 @@ def existing_block_flops(block: MoEBlock | MoTBlock) -> int:
         top_k=top_k,
         group_size=group_size,
     )
-
-
-def sparse_flops(
-    strategy: str, d: int, d_hidden: int, *, gated: bool, num_experts: int, top_k: int, group_size: int
-) -> int:
-    """MoE runs ``top_k`` experts (shared ones included) and a router; MoT mixes each group of G tokens
-    into one token per expert, runs every expert once per group, and unmixes."""
-    e = num_experts
-    expert = 2 * d * d_hidden * (3 if gated else 2)
-    if strategy == "moe":
-        return 2 * d * e + top_k * expert
-    return 2 * d * e + 2 * (2 * e * d) + e * expert // group_size

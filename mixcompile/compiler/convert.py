@@ -16,16 +16,18 @@ from typing import Any
 from torch import nn
 
 from mixcompile.compiler.build import (
-    SitePlan,
+    Replacement,
+    build_replacement,
     dense_flops,
     existing_block_flops,
     function_preserving,
-    plan_site,
 )
-from mixcompile.compiler.find import Scan, find_sites
+from mixcompile.compiler.choose import select_sites
+from mixcompile.compiler.find import Scan, find_ffns
+from mixcompile.compiler.pattern import Pattern
 from mixcompile.compiler.recipe import Recipe, make_recipe, record
 from mixcompile.compiler.report import BlockReport, Report, SiteReport
-from mixcompile.compiler.rewrite import apply, assignments
+from mixcompile.compiler.rewrite import apply, assignments, choose_rewrites
 from mixcompile.compiler.verify import (
     SiteCheck,
     capture_inputs,
@@ -40,6 +42,14 @@ from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.introspect import sparse_blocks
 
 
+def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
+    """Trace ``model`` and return its FFN sites in model order, each with its rewrite or the reasons it
+    has none: the find and rewrite-choosing passes together."""
+    scan = find_ffns(model, patterns)
+    choose_rewrites(scan, model)
+    return scan
+
+
 def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, **options: Any) -> Report:
     """What ``convert`` would do with these options: sites, rewrites, untraced modules, sizes. Changes
     nothing (blocks are built on the meta device only to count their parameters). A model without dense
@@ -47,8 +57,8 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
     _check_model(model)
     recipe = make_recipe(recipe, options)
     scan = find_sites(model)
-    selected = recipe.select(scan.sites)
-    plans = [plan_site(site, recipe, meta=True) for site in selected if site.rewrite is not None]
+    selected = select_sites(recipe, scan.sites)
+    plans = [build_replacement(site, recipe, meta=True) for site in selected if site.rewrite is not None]
     before = _count_params(model)
     after = before - sum(p.params_before for p in plans) + sum(p.params_after for p in plans)
     return _report(model, recipe, scan, plans, {}, before, after, _describe_blocks(model), converted=False)
@@ -91,7 +101,7 @@ def convert_with_report(
     recipe = make_recipe(recipe, options)
     target = model if inplace else copy.deepcopy(model)
     scan = _scan(target)
-    selected = recipe.select(scan.sites)
+    selected = select_sites(recipe, scan.sites)
     rewritable = [site for site in selected if site.rewrite is not None]
     if not rewritable:
         raise ConfigError(
@@ -103,7 +113,7 @@ def convert_with_report(
             warnings.warn(
                 f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}", stacklevel=2
             )
-    plans = [plan_site(site, recipe) for site in rewritable]
+    plans = [build_replacement(site, recipe) for site in rewritable]
     for plan in plans:
         plan.block.train(plan.site.unit.module.training)
     captured, reference = {}, None
@@ -127,7 +137,7 @@ def convert_with_report(
 def _verify(
     model: nn.Module,
     recipe: Recipe,
-    plans: list[SitePlan],
+    plans: list[Replacement],
     captured: dict[int, Any],
     reference: Any,
     example_inputs: Any,
@@ -213,7 +223,7 @@ def _report(
     model: nn.Module,
     recipe: Recipe,
     scan: Scan,
-    plans: list[SitePlan],
+    plans: list[Replacement],
     checks: dict[int, SiteCheck],
     params_before: int,
     params_after: int,

@@ -2,22 +2,25 @@
 
 The same FFN shows up in the graph of its module and of every traceable ancestor; the deepest graph wins
 (sites are claimed by the identity of their weight tensors), because the deepest owner gives the smallest
-rewrite. Each site then gets the rewrite it admits, or the reasons it admits none.
+rewrite. Which rewrite a site admits is the next pass's question (:mod:`mixcompile.compiler.rewrite`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from mixcompile.compiler.pattern import Match, Pattern
-from mixcompile.compiler.rewrite import Rewrite, plan_rewrite
 from mixcompile.compiler.trace import TracedUnit, TraceResult, trace_hierarchy
 from mixcompile.compiler.view import build_view
 from mixcompile.plugins.build import build_plugin
 from mixcompile.plugins.manager import registry
 from mixcompile.runtime.ffn import DenseFFN
+
+if TYPE_CHECKING:
+    from mixcompile.compiler.rewrite import Rewrite
 
 
 @dataclass
@@ -71,8 +74,9 @@ def load_patterns() -> list[Pattern]:
     return [build_plugin("pattern", name, expected=Pattern) for name in registry().names("pattern")]
 
 
-def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
-    """Trace ``model`` and return its FFN sites in model order, each with its rewrite or reason."""
+def find_ffns(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
+    """Trace ``model`` and return its FFN sites in model order (how each can be rewritten is decided
+    next, by :func:`mixcompile.compiler.rewrite.choose_rewrites`)."""
     patterns = load_patterns() if patterns is None else patterns
     trace = trace_hierarchy(model)
     order = {path: i for i, (path, _) in enumerate(model.named_modules(remove_duplicate=False))}
@@ -93,7 +97,6 @@ def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
     sites = [site for _, site in sorted(found, key=lambda item: item[0])]
     for index, site in enumerate(sites):
         site.index = index
-        plan_rewrite(site, model, [u for u in trace.units if u.module is site.unit.module])
     return Scan(sites, trace)
 
 

@@ -13,14 +13,11 @@ import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
-
-if TYPE_CHECKING:
-    from mixcompile.compiler.find import FFNSite
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
@@ -38,7 +35,8 @@ class Recipe:
 
     Sites: ``"all"``, ``"last_half"`` (as in the MoT paper), ``"every:N"`` (the N-th, 2N-th, ... FFN, i.e.
     indices N-1, 2N-1, ...), or a list of site indices (model order, as ``inspect`` numbers them);
-    ``filter_fn(path, site) -> bool`` then narrows the choice further.
+    ``filter_fn(module, fqn) -> bool`` then narrows the choice further, called as torchao's ``quantize_``
+    calls it: with the module that holds the FFN and its fully qualified name.
     """
 
     strategy: str = "moe"
@@ -56,7 +54,7 @@ class Recipe:
     sizing: str = "auto"
     sites: str | list[int] = "all"
     seed: int = 0
-    filter_fn: Callable[[str, FFNSite], bool] | None = field(default=None, compare=False, repr=False)
+    filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -74,7 +72,9 @@ class Recipe:
             setattr(self, name, dict(getattr(self, name)))
         self._check_sites()
         if self.filter_fn is not None and not callable(self.filter_fn):
-            raise ConfigError(f"filter_fn must be callable as filter_fn(path, site), got {self.filter_fn!r}.")
+            raise ConfigError(
+                f"filter_fn must be callable as filter_fn(module, fqn), got {self.filter_fn!r}."
+            )
 
     def _check_sites(self) -> None:
         sites = self.sites
@@ -98,28 +98,6 @@ class Recipe:
         if self.sizing != "auto":
             return self.sizing
         return "split" if self.init == "split" else "same"
-
-    def select(self, sites: list[FFNSite]) -> list[FFNSite]:
-        """The sites this recipe converts, in model order."""
-        count = len(sites)
-        if self.sites == "all":
-            chosen = list(range(count))
-        elif self.sites == "last_half":
-            chosen = list(range(count // 2, count))
-        elif isinstance(self.sites, str):
-            every = int(self.sites.split(":")[1])
-            chosen = list(range(every - 1, count, every))
-        else:
-            bad = [i for i in self.sites if not -count <= i < count]
-            if bad:
-                raise ConfigError(
-                    f"sites {bad} out of range: the model has {count} FFN sites (0..{count - 1})."
-                )
-            chosen = sorted({i % count for i in self.sites})
-        picked = [sites[i] for i in chosen]
-        if self.filter_fn is not None:
-            picked = [site for site in picked if self.filter_fn(site.label, site)]
-        return picked
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe fields; ``filter_fn`` is not serialised."""

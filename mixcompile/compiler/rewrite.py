@@ -29,7 +29,7 @@ from mixcompile.compiler.trace import TracedUnit, trace_module
 from mixcompile.compiler.view import GraphView, build_view
 
 if TYPE_CHECKING:
-    from mixcompile.compiler.find import FFNSite
+    from mixcompile.compiler.find import FFNSite, Scan
 
 MODULE_SWAP, CHAIN_COLLAPSE, GRAPH_EDIT = "module_swap", "chain_collapse", "graph_edit"
 
@@ -60,7 +60,14 @@ class Rewrite:
         return text
 
 
-def plan_rewrite(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> None:
+def choose_rewrites(scan: Scan, model: nn.Module) -> None:
+    """Give every site of ``scan`` the first rewrite it admits, or the reasons it admits none."""
+    for site in scan.sites:
+        owners = [unit for unit in scan.trace.units if unit.module is site.unit.module]
+        choose_rewrite(site, model, owners)
+
+
+def choose_rewrite(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> None:
     """Fill ``site.rewrite`` with the first rewrite that applies, or ``site.reason`` with why none does."""
     reasons = []
     for attempt in (_module_swap, _chain_collapse, _graph_edit):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from mixcompile.compiler.build import SitePlan
+from mixcompile.compiler.build import Replacement
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import MixcompileError, ShapeError
 
@@ -50,7 +50,7 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def capture_inputs(
-    model: nn.Module, plans: list[SitePlan], example_inputs: Any
+    model: nn.Module, plans: list[Replacement], example_inputs: Any
 ) -> tuple[dict[int, Any], Any]:
     """Run ``model`` once; return each site's first real FFN input (by site index) and the model output."""
     captured: dict[int, torch.Tensor] = {}
@@ -74,7 +74,7 @@ def capture_inputs(
     return captured, output
 
 
-def random_probe(plan: SitePlan, recipe: Recipe) -> torch.Tensor:
+def random_probe(plan: Replacement, recipe: Recipe) -> torch.Tensor:
     ffn = plan.site.ffn
     batch = max(2, recipe.group_size) if recipe.strategy == "mot" else 2
     generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed)
@@ -83,7 +83,7 @@ def random_probe(plan: SitePlan, recipe: Recipe) -> torch.Tensor:
     )
 
 
-def check_site(plan: SitePlan, x: torch.Tensor, *, preserving: bool, source: str) -> SiteCheck:
+def check_site(plan: Replacement, x: torch.Tensor, *, preserving: bool, source: str) -> SiteCheck:
     """Run the block and the dense FFN on ``x``; shapes must agree, values are compared when preserving."""
     site = plan.site
     with evaluation(plan.block):

@@ -2,7 +2,8 @@
 
 - :func:`parallelize`: expert parallelism, each rank keeps a slice of every MoE block's experts.
 - :func:`data_parallel` / :func:`rank_local_state`: DDP and FSDP2 over converted (and parallelized) models.
-- :func:`all_reduce_stats`, :func:`update_routing_bias`: routing statistics and aux-loss-free balancing
+- :func:`all_reduce_stats`: routing statistics summed over ranks (aux-loss-free balancing over ranks is
+  :func:`mixcompile.update_routing_bias` with ``group=``)
   over all ranks' tokens.
 
 MoT blocks need nothing here: their groups are formed within each rank's batch.
@@ -10,7 +11,7 @@ MoT blocks need nothing here: their groups are formed within each rank's batch.
 
 from mixcompile.distributed.data_parallel import data_parallel, rank_local_state
 from mixcompile.distributed.expert_parallel import ExpertParallel, parallelize
-from mixcompile.distributed.stats import all_reduce_stats, update_routing_bias
+from mixcompile.distributed.stats import all_reduce_stats
 
 __all__ = [
     "ExpertParallel",
@@ -18,5 +19,4 @@ __all__ = [
     "data_parallel",
     "parallelize",
     "rank_local_state",
-    "update_routing_bias",
 ]

@@ -10,9 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mixcompile.distributed.expert_parallel import expert_parallel_runner
-from mixcompile.runtime.blocks import MoEBlock
-from mixcompile.runtime.introspect import sparse_blocks
-from mixcompile.runtime.routing import Router
+from mixcompile.runtime.introspect import balancing_routers, sparse_blocks
 
 
 def rank_local_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -20,7 +18,7 @@ def rank_local_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
     - the expert slices of blocks sharded by :func:`parallelize` (each rank holds different experts);
     - the ``load_since_update`` counters of bias-balancing routers (each rank counts its own tokens until
-      :func:`update_routing_bias` sums them).
+      :func:`mixcompile.update_routing_bias` with ``group=`` sums them).
 
     DDP must neither average nor broadcast them, and FSDP must not shard the expert slices again
     (``fully_shard(model, ignored_params=...)`` with the parameters among these).
@@ -31,9 +29,10 @@ def rank_local_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if expert_parallel_runner(block) is not None:
             for name, param in block.experts.named_parameters():
                 local[f"{prefix}experts.{name}"] = param
-        router = getattr(block, "router", None)
-        if isinstance(block, MoEBlock) and isinstance(router, Router) and router.bias_balancing:
-            local[f"{prefix}router.load_since_update"] = router.load_since_update
+    for path, router in balancing_routers(model).items():
+        local[f"{path}.router.load_since_update" if path else "router.load_since_update"] = (
+            router.load_since_update
+        )
     return local
 
 

@@ -12,10 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mixcompile.runtime.blocks import MoEBlock
 from mixcompile.runtime.introspect import sparse_blocks, stats
-from mixcompile.runtime.introspect import update_routing_bias as update_local_bias
-from mixcompile.runtime.routing import Router
 
 # Per block kind: counts summed over ranks, and (mean, weight) pairs averaged weighted by a summed count.
 _SUMMED = {"moe": ("tokens", "dropped_tokens", "dropped_assignments"), "mot": ("groups", "missing_members")}
@@ -71,25 +68,6 @@ def _finish(block_stats: dict[str, Any]) -> None:
         block_stats[mean_key] = block_stats[mean_key].item() / max(block_stats[weight_key], 1)
     if kind == "moe":
         block_stats["aux_loss"] = block_stats["aux_loss"].item() if "aux_loss" in block_stats else None
-
-
-def update_routing_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
-    """:func:`mixcompile.update_routing_bias` on the expert loads summed over ``group``.
-
-    Every rank ends with the same selection bias, as long as all started with the same one. A collective:
-    call it on every rank after each optimiser step. Returns the number of routers updated.
-    """
-    routers = [
-        block.router
-        for block in sparse_blocks(model).values()
-        if isinstance(block, MoEBlock) and isinstance(block.router, Router) and block.router.bias_balancing
-    ]
-    if routers:
-        loads = torch.cat([router.load_since_update for router in routers])
-        dist.all_reduce(loads, group=group)
-        for router, load in zip(routers, loads.split([r.num_experts for r in routers]), strict=True):
-            router.load_since_update.copy_(load)
-    return update_local_bias(model)
 
 
 def _device(model: nn.Module) -> torch.device:

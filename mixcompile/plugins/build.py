@@ -16,11 +16,20 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
+import torch
+
 from mixcompile.errors import ConfigError, MixcompileError, PluginError
 from mixcompile.plugins.manager import lookup
 
 PluginKind = Literal["router", "mixer", "kernel", "initializer", "pattern", "builder"]
+# How an error names a plugin: the text, or a function giving it, so a compiled forward never reads the
+# per-block text (each block's own string would be a guard, and every block a recompile).
+Source = str | Callable[[], str]
 T = TypeVar("T")
+
+
+def source_text(source: Source) -> str:
+    return source if isinstance(source, str) else source()
 
 
 def plugin_source(kind: str, name: str, plugin: str, where: str = "") -> str:
@@ -36,12 +45,14 @@ def build_plugin(
     expected: type | tuple[type, ...] | None = None,
     where: str = "",
 ) -> Any:
-    """Build the plugin registered as ``name``: ``factory(*args, **options)``, checked to be ``expected``;
-    errors name it, its plugin and ``where`` it is built (a site)."""
+    """Build the plugin registered as ``name``: ``factory(*args, **options)``, checked to be an instance of
+    ``expected`` (of every type of a tuple: a protocol and ``nn.Module``, say); errors name it, its plugin and
+    ``where`` it is built (a site)."""
     source = describe_plugin(kind, name, where)
     built = call_factory(lookup(kind, name).factory, source, args, dict(options or {}))
-    if expected is not None and not isinstance(built, expected):
-        wanted = " and ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+    kinds = expected if isinstance(expected, tuple) else () if expected is None else (expected,)
+    if not all(isinstance(built, kind) for kind in kinds):
+        wanted = " and a ".join(_public_name(kind) for kind in kinds)
         raise PluginError(f"{source} built a {type(built).__name__}, expected a {wanted}.")
     return built
 
@@ -68,19 +79,23 @@ def call_factory(factory: Callable[..., T], source: str, args: tuple[Any, ...], 
         raise _crash(source, "while being built", exc) from exc
 
 
-def call_plugin(source: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def call_plugin(source: Source, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call a plugin's code at run time (a forward, a kernel); a crash inside it names the plugin.
 
-    An exception costs nothing until raised, so this wraps every call.
+    An exception costs nothing until raised, so this wraps every eager call. While ``torch.compile``
+    traces, the call is made plainly: a graph break inside a ``try`` block would split the caller's graph.
     """
+    if torch.compiler.is_compiling():
+        return function(*args, **kwargs)
     try:
         return function(*args, **kwargs)
     except MixcompileError as exc:
-        if source in str(exc):
+        text = source_text(source)
+        if text in str(exc):
             raise
-        raise exc.prefixed(source) from exc
+        raise exc.prefixed(text) from exc
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises is reported as its bug
-        raise _crash(source, "", exc) from exc
+        raise _crash(source_text(source), "", exc) from exc
 
 
 def accepted_options(factory: Callable[..., Any]) -> set[str] | None:
@@ -122,6 +137,11 @@ def _check_options(
         raise ConfigError(f"{source} rejected its options {options}: {exc}.") from None
     except ValueError:
         pass  # no signature to check (a builtin): the call itself will tell
+
+
+def _public_name(kind: type) -> str:
+    top = kind.__module__.split(".")[0]
+    return f"{top}.nn.{kind.__name__}" if top == "torch" else f"{top}.{kind.__name__}"
 
 
 def _positional_names(factory: Callable[..., Any]) -> list[str]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mixcompile.runtime.blocks import Block, MoEBlock
-from mixcompile.runtime.routing import Router
+from mixcompile.runtime.routing import LearnedRouter
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 def sparse_blocks(model: nn.Module) -> dict[str, Block]:
@@ -45,15 +48,32 @@ def stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {path: dict(block.last_stats) for path, block in sparse_blocks(model).items() if block.last_stats}
 
 
-def update_routing_bias(model: nn.Module) -> int:
+def balancing_routers(model: nn.Module) -> dict[str, LearnedRouter]:
+    """The routers that use aux-loss-free balancing, by the path of their block."""
+    return {
+        path: block.router
+        for path, block in sparse_blocks(model).items()
+        if isinstance(block, MoEBlock)
+        and isinstance(block.router, LearnedRouter)
+        and block.router.bias_balancing
+    }
+
+
+def update_routing_bias(model: nn.Module, *, group: ProcessGroup | None = None) -> int:
     """Apply one auxiliary-loss-free balancing update (DeepSeek-V3) to every router that uses it.
 
-    Call it after each optimiser step. Returns the number of routers updated.
+    Call it after each optimiser step. Under data or expert parallelism pass the process ``group``: the
+    expert loads are then summed over it first (a collective: call it on every rank), so every rank ends
+    with the same bias. Returns the number of routers updated.
     """
-    updated = 0
-    for block in sparse_blocks(model).values():
-        router = getattr(block, "router", None)
-        if isinstance(block, MoEBlock) and isinstance(router, Router) and router.bias_balancing:
-            router.update_bias()
-            updated += 1
-    return updated
+    routers = list(balancing_routers(model).values())
+    if group is not None and routers:
+        import torch.distributed as dist
+
+        loads = torch.cat([router.load_since_update for router in routers])
+        dist.all_reduce(loads, group=group)
+        for router, load in zip(routers, loads.split([r.num_experts for r in routers]), strict=True):
+            router.load_since_update.copy_(load)
+    for router in routers:
+        router.update_bias()
+    return len(routers)

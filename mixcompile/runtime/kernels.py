@@ -7,7 +7,7 @@ visible through :meth:`MoEBlock.kernel_for` and in ``inspect`` reports.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -16,27 +16,40 @@ from mixcompile.plugins.build import build_plugin
 from mixcompile.plugins.manager import lookup, registry
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import MixPlan
-from mixcompile.runtime.routing import RoutingPlan
+from mixcompile.runtime.routing import RoutingPlan, topk_routing
 
-BLOCK_KINDS = ("moe", "mot")
+BlockKind = Literal["moe", "mot"]
 
 
-class Kernel(ABC):
-    """Runs experts. ``priority`` orders kernels for ``auto`` (higher wins among those that support)."""
+@runtime_checkable
+class Kernel(Protocol):
+    """Runs what a block does on its device: the experts, and the routing step of the routers that use it.
+
+    ``priority`` orders kernels for ``kernel="auto"`` (higher wins among those that support the input).
+    A kernel is one object per process, so it holds no per-block state. Implement the protocol
+    structurally, or subclass it to inherit the defaults (priority 0, the plain-PyTorch routing step).
+    """
 
     priority: int = 0
 
-    @abstractmethod
-    def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether this kernel can run a ``kind`` ("moe" or "mot") block on this device and dtype."""
+    def supports(self, kind: BlockKind, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this kernel can run a ``kind`` block on this device and dtype."""
+        ...
 
     def moe(self, x: torch.Tensor, plan: RoutingPlan, experts: StackedExperts) -> torch.Tensor:
         """``x [N, d]`` → ``[N, d]``: ``y[t] = sum over pairs (t, e, w) of w * expert_e(x[t])``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not run MoE blocks.")
 
     def mot(self, x_g: torch.Tensor, plan: MixPlan, experts: StackedExperts) -> torch.Tensor:
         """``x_g [T, n, G, d]`` → same shape: merge per expert, run experts, emit back."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not run MoT blocks.")
+
+    def topk_routing(
+        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`mixcompile.topk_routing` on this kernel's device; a class that subclasses ``Kernel``
+        inherits the plain-PyTorch step."""
+        return topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
 
 
 _instances: dict[str, Kernel] = {}

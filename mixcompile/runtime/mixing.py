@@ -9,11 +9,12 @@ mixed, so a causal model stays causal.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from mixcompile.errors import PluginError, check_positive_int
+from mixcompile.errors import check_positive_int
 
 
 @dataclass
@@ -22,33 +23,25 @@ class MixPlan:
     emit: torch.Tensor  # [T, n, G, E]: weight of expert e's output in member g's result
 
 
-def validate_mix_plan(plan: object, *, source: str, shape: tuple[int, ...]) -> None:
-    """Check a plan a mixer plugin returned; errors name ``source``.
+@runtime_checkable
+class Mixer(Protocol):
+    """What a MoT block needs of a mixer plugin (which must also be an ``nn.Module``):
+    ``mixer(x_g [T, n, G, d], present [n, G] bool, *, sparse: bool) -> MixPlan``.
 
-    Under ``torch.compile`` the finiteness check, which reads the tensors back to the host (a graph break),
-    is left to the block's next eager forward.
-    """
-    if not isinstance(plan, MixPlan):
-        raise PluginError(f"{source} returned {type(plan).__name__}, expected a mixcompile.MixPlan.")
-    for name in ("merge", "emit"):
-        tensor = getattr(plan, name)
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
-            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise PluginError(
-                f"{source} returned MixPlan.{name} of shape {got}, expected {shape} [T, n, G, E]."
-            )
-        if not torch.compiler.is_compiling() and not torch.isfinite(tensor).all():
-            raise PluginError(f"{source} returned MixPlan.{name} with NaN or inf.")
-
-
-class Mixer(nn.Module):
-    """Base of MoT mixers: a controller ``W_c [d, E]`` scoring every token for every expert.
-
-    Subclasses implement ``forward(x_g [T, n, G, d], present [n, G] bool, *, sparse: bool) -> MixPlan``.
-    ``present`` is False for the missing members of an incomplete last group; they must get weight 0
-    and must not take part in any normalisation. ``sparse=True`` asks for the transition mode in which each
+    ``present`` is False for the missing members of an incomplete last group; they must get weight 0 and
+    must not take part in any normalisation. ``sparse=True`` asks for the transition mode in which each
     expert keeps only its top-weighted member.
     """
+
+    num_experts: int
+    group_size: int
+
+    def __call__(self, x_g: torch.Tensor, present: torch.Tensor, *, sparse: bool) -> MixPlan: ...
+
+
+class ControllerMixer(nn.Module):
+    """Base of mixers with a learned controller ``W_c [d, E]`` scoring every token for every expert;
+    subclasses implement the :class:`Mixer` call as ``forward``."""
 
     def __init__(self, d_model: int, num_experts: int, group_size: int, *, init_std: float = 0.02) -> None:
         super().__init__()

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, PluginError, check_positive_int
+from mixcompile.errors import ConfigError, check_positive_int
+
+if TYPE_CHECKING:
+    from mixcompile.runtime.kernels import Kernel
 
 
 @dataclass
@@ -38,66 +42,31 @@ def fixed_bincount(index: torch.Tensor, length: int) -> torch.Tensor:
     )
 
 
-def validate_plan(plan: object, *, source: str, num_tokens: int, num_experts: int) -> None:
-    """Check a plan a router plugin returned; errors name ``source`` (the router and its plugin).
+@runtime_checkable
+class Router(Protocol):
+    """What a MoE block needs of a router plugin (which must also be an ``nn.Module``, so its parameters
+    train with the model): ``router(x [N, d], kernel) -> RoutingPlan``. The kernel is the block's, so a
+    router runs its device work (the top-k step) through it: ``kernel.topk_routing(...)``."""
 
-    Under ``torch.compile`` only what tracing sees (types, shapes, dtypes) is checked: the value checks
-    read tensors back to the host, a graph break. Blocks therefore validate again in their next eager forward.
-    """
+    num_experts: int
+    top_k: int
 
-    def fail(what: str) -> None:
-        raise PluginError(f"{source} returned a malformed RoutingPlan: {what}.")
-
-    if not isinstance(plan, RoutingPlan):
-        fail(f"expected a mixcompile.RoutingPlan, got {type(plan).__name__}")
-    assert isinstance(plan, RoutingPlan)
-    if plan.num_tokens != num_tokens or plan.num_experts != num_experts:
-        fail(
-            f"it describes {plan.num_tokens} tokens x {plan.num_experts} experts, "
-            f"the block has {num_tokens} x {num_experts}"
-        )
-    fields = {"token_index": plan.token_index, "expert_index": plan.expert_index, "weight": plan.weight}
-    for name, tensor in fields.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 1:
-            fail(f"{name} must be a 1-D tensor")
-    if not plan.token_index.shape[0] == plan.expert_index.shape[0] == plan.weight.shape[0]:
-        fail("token_index, expert_index and weight differ in length")
-    for name in ("token_index", "expert_index"):
-        if fields[name].dtype != torch.int64:
-            fail(f"{name} must be int64, got {fields[name].dtype}")
-    if not plan.weight.is_floating_point():
-        fail(f"weight must be floating point, got {plan.weight.dtype}")
-    if torch.compiler.is_compiling() or plan.token_index.numel() == 0:
-        return
-    if plan.token_index.min() < 0 or plan.token_index.max() >= num_tokens:
-        fail(f"token_index out of range [0, {num_tokens})")
-    if plan.expert_index.min() < 0 or plan.expert_index.max() >= num_experts:
-        fail(f"expert_index out of range [0, {num_experts})")
-    if not torch.isfinite(plan.weight).all():
-        fail("weight has NaN or inf")
-    pairs = plan.token_index * num_experts + plan.expert_index
-    if torch.unique(pairs).numel() != pairs.numel():
-        fail("a token is routed to the same expert twice")
+    def __call__(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan: ...
 
 
-class Router(nn.Module):
-    """Shared machinery of learned routers: gate, jitter, capacity, losses, bias balancing.
+class RouterBase(nn.Module):
+    """Shared machinery of routers: capacity, the plan from per-token picks, the auxiliary losses.
 
-    Options (all routers accept them; a router may refuse the ones it cannot honour):
+    Options (every router built on it accepts them; a router may refuse the ones it cannot honour):
 
     - ``capacity_factor``: ``None`` is dropless; otherwise each expert takes at most
       ``ceil(capacity_factor * N * top_k / E)`` tokens, the highest-weighted first, the rest are dropped.
-    - ``jitter``: multiplicative uniform noise ``x * U(1-jitter, 1+jitter)`` on the router input in training
-      (Switch Transformer).
     - ``balance_loss_weight``: Switch load-balancing loss ``E * sum_i f_i * P_i`` (``f_i`` the fraction of
       top-k picks going to expert i, ``P_i`` its mean probability), times this weight.
     - ``z_loss_weight``: ST-MoE router z-loss ``mean(logsumexp(logits)^2)``, times this weight.
-    - ``bias_balancing``: DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to the scores
-      for *selection only*; :func:`mixcompile.update_routing_bias` nudges it by ``bias_update_rate`` toward
-      balance after each optimiser step.
-    - ``init_std``: the gate's initial weights are ``N(0, init_std)``; 0 gives a zero router (uniform
-      weights; ties broken by expert index).
     """
+
+    bias_balancing = False  # LearnedRouter may turn it on
 
     def __init__(
         self,
@@ -106,12 +75,8 @@ class Router(nn.Module):
         top_k: int,
         *,
         capacity_factor: float | None = None,
-        jitter: float = 0.0,
         balance_loss_weight: float = 0.01,
         z_loss_weight: float = 0.001,
-        bias_balancing: bool = False,
-        bias_update_rate: float = 1e-3,
-        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -121,50 +86,21 @@ class Router(nn.Module):
             raise ConfigError(
                 f"top_k ({top_k}) must be <= num_experts ({num_experts}): a token cannot use an expert twice."
             )
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ConfigError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}.")
-        for name, value in (
-            ("jitter", jitter),
-            ("balance_loss_weight", balance_loss_weight),
-            ("z_loss_weight", z_loss_weight),
-            ("bias_update_rate", bias_update_rate),
-            ("init_std", init_std),
+        if capacity_factor is not None and not (
+            isinstance(capacity_factor, int | float)
+            and not isinstance(capacity_factor, bool)
+            and capacity_factor > 0
         ):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}.")
-        if jitter >= 1:
-            raise ConfigError(
-                f"jitter must be < 1 (it scales inputs by U(1-jitter, 1+jitter)), got {jitter}."
-            )
+            raise ConfigError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}.")
+        _check_non_negative(balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
         self.capacity_factor = capacity_factor
-        self.jitter = float(jitter)
         self.balance_loss_weight = float(balance_loss_weight)
         self.z_loss_weight = float(z_loss_weight)
-        self.bias_update_rate = float(bias_update_rate)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        with torch.no_grad():
-            self.gate.weight.normal_(0.0, init_std) if init_std > 0 else self.gate.weight.zero_()
-        self.bias_balancing = bool(bias_balancing)
-        if self.bias_balancing:
-            self.register_buffer("selection_bias", torch.zeros(num_experts))
-            self.register_buffer("load_since_update", torch.zeros(num_experts))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.jitter > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            x = x * noise
-        return self.gate(x).float()
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
             return None
         return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
-
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Top-k expert indices ``[N, k]`` from scores, with the balancing bias added for selection only."""
-        if self.bias_balancing:
-            scores = scores + self.selection_bias
-        return torch.topk(scores, self.top_k, dim=-1).indices
 
     def token_choice_plan(
         self,
@@ -206,6 +142,75 @@ class Router(nn.Module):
             losses["z"] = self.z_loss_weight * router_z_loss(logits)
         return losses
 
+
+class LearnedRouter(RouterBase):
+    """A router with a learned gate ``W_g [d, E]``: the base of the built-in token-choice routers.
+
+    Options besides :class:`RouterBase`'s:
+
+    - ``jitter``: multiplicative uniform noise ``x * U(1-jitter, 1+jitter)`` on the router input in training
+      (Switch Transformer).
+    - ``bias_balancing``: DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to the scores
+      for *selection only*; :func:`mixcompile.update_routing_bias` nudges it by ``bias_update_rate`` toward
+      balance after each optimiser step.
+    - ``init_std``: the gate's initial weights are ``N(0, init_std)``; 0 gives a zero router (uniform
+      weights; ties broken by expert index).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        jitter: float = 0.0,
+        bias_balancing: bool = False,
+        bias_update_rate: float = 1e-3,
+        init_std: float = 0.02,
+        capacity_factor: float | None = None,
+        balance_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+    ) -> None:
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            capacity_factor=capacity_factor,
+            balance_loss_weight=balance_loss_weight,
+            z_loss_weight=z_loss_weight,
+        )
+        _check_non_negative(jitter=jitter, bias_update_rate=bias_update_rate, init_std=init_std)
+        if jitter >= 1:
+            raise ConfigError(
+                f"jitter must be < 1 (it scales inputs by U(1-jitter, 1+jitter)), got {jitter}."
+            )
+        self.jitter = float(jitter)
+        self.bias_update_rate = float(bias_update_rate)
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        with torch.no_grad():
+            self.gate.weight.normal_(0.0, init_std) if init_std > 0 else self.gate.weight.zero_()
+        self.bias_balancing = bool(bias_balancing)
+        if self.bias_balancing:
+            self.register_buffer("selection_bias", torch.zeros(num_experts))
+            self.register_buffer("load_since_update", torch.zeros(num_experts))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x = x * noise
+        return self.gate(x).float()
+
+    @property
+    def balancing_bias(self) -> torch.Tensor | None:
+        """The selection bias of aux-loss-free balancing, or ``None`` when it is off."""
+        return self.selection_bias if self.bias_balancing else None
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k expert indices ``[N, k]`` from scores, with the balancing bias added for selection only."""
+        if self.bias_balancing:
+            scores = scores + self.selection_bias
+        return torch.topk(scores, self.top_k, dim=-1).indices
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """One DeepSeek-V3 step: raise the bias of under-loaded experts, lower over-loaded ones."""
@@ -238,3 +243,27 @@ def _within_capacity(
     keep = torch.zeros_like(expert, dtype=torch.bool)
     keep[by_expert] = rank < capacity
     return keep
+
+
+def topk_routing(
+    logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None = None, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k routing step in plain PyTorch: ``(probs [N, E], chosen [N, k], weights [N, k])``.
+
+    Softmax over all experts, pick the top ``k`` of ``probs + bias`` (the bias, for aux-loss-free balancing,
+    steers selection only), keep their probabilities, renormalised to sum to 1 unless ``renormalize=False``.
+    A fused kernel's ``topk_routing`` must compute exactly this.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    scores = probs if bias is None else probs + bias
+    chosen = torch.topk(scores, top_k, dim=-1).indices
+    weights = probs.gather(-1, chosen)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return probs, chosen, weights
+
+
+def _check_non_negative(**values: object) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{name} must be a number >= 0, got {value!r}.")

@@ -1,7 +1,7 @@
 """The fused Triton kernel: grouped GEMMs for MoE, fused mix / experts / unmix for MoT.
 
 It runs on CUDA; on CPU only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks it
-against the torch reference. the kernel modules are imported on first use, so neither Triton nor the op
+against the torch reference. The kernel modules are imported on first use, so neither Triton nor the op
 registrations are loaded by ``import mixcompile``.
 """
 
@@ -11,14 +11,16 @@ import importlib.util
 
 import torch
 
-from mixcompile import Kernel, MixPlan, Register, RoutingPlan, StackedExperts, hookimpl
-from mixcompile_plugins.triton import interpreting
+from mixcompile import MixPlan, Register, RoutingPlan, StackedExperts, hookimpl, topk_routing
+from mixcompile_plugins.triton import MAX_ROUTED_EXPERTS, interpreting
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class TritonKernel(Kernel):
+class TritonKernel:
+    """Implements :class:`mixcompile.Kernel` with fused Triton kernels; Triton is imported on first use."""
+
     priority = 10
 
     def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -30,6 +32,17 @@ class TritonKernel(Kernel):
         from mixcompile_plugins.triton import ops
 
         return ops.moe(x, plan, experts)
+
+    def topk_routing(
+        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused step (softmax, selection bias, top-k, renormalisation) for float32 logits of up to
+        ``MAX_ROUTED_EXPERTS`` experts; the plain-PyTorch step otherwise."""
+        if logits.dtype != torch.float32 or logits.shape[-1] > MAX_ROUTED_EXPERTS:
+            return topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
+        from mixcompile_plugins.triton.ops import topk_route_op
+
+        return topk_route_op(logits, bias, top_k, renormalize)
 
     def mot(self, x_g: torch.Tensor, plan: MixPlan, experts: StackedExperts) -> torch.Tensor:
         from mixcompile_plugins.triton import ops

@@ -16,7 +16,7 @@ from torch import nn
 import mixcompile as mc
 
 
-class CosineRouter(mc.Router):
+class CosineRouter(mc.LearnedRouter):
     def __init__(
         self,
         d_model: int,
@@ -40,12 +40,13 @@ class CosineRouter(mc.Router):
         temperature = self.log_temperature.exp().clamp(min=0.01)
         return (tokens @ experts.t() / temperature).float()
 
-    def forward(self, x: torch.Tensor) -> mc.RoutingPlan:
+    def forward(self, x: torch.Tensor, kernel: mc.Kernel) -> mc.RoutingPlan:
         logits = self.logits(x)
-        probs = torch.softmax(logits, dim=-1)
-        chosen = self.select(probs)
-        weights = probs.gather(-1, chosen)
-        return self.token_choice_plan(logits, chosen, weights / weights.sum(-1, keepdim=True))
+        # The block's kernel runs the top-k step (fused on GPUs), with the balancing bias if it is on.
+        probs, chosen, weights = kernel.topk_routing(
+            logits, self.top_k, bias=self.balancing_bias, renormalize=True
+        )
+        return self.token_choice_plan(logits, chosen, weights, probs)
 
 
 @mc.hookimpl

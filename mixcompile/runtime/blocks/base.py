@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, PluginError, ShapeError
-from mixcompile.plugins.build import call_factory, plugin_source
+from mixcompile.errors import ConfigError, ShapeError
+from mixcompile.plugins.build import PluginKind, Source, call_factory, describe_plugin, plugin_source
 from mixcompile.plugins.manager import lookup
+from mixcompile.runtime.checks import check_input
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel, get_kernel, resolve_kernel
@@ -27,7 +28,6 @@ class Block(nn.Module):
         if kernel != "auto":
             get_kernel(kernel)  # unknown names fail at construction, with a suggestion
         self.kernel = kernel
-        self._validated = False
         self._stats: dict[str, Any] = {}
 
     @property
@@ -38,19 +38,6 @@ class Block(nn.Module):
         breaks a ``torch.compile`` graph; they are read back here, when asked for.
         """
         return {key: _to_host(value) for key, value in self._stats.items()}
-
-    def _validating(self) -> bool:
-        """Whether to check plugin outputs: in eager forwards until one passed, and whenever tracing.
-
-        Tracing checks only what it sees (types, shapes, dtypes), which costs the compiled graph nothing;
-        reading no flag then spares the graph a guard that the next eager forward would flip.
-        """
-        return torch.compiler.is_compiling() or not self._validated
-
-    def _validation_done(self) -> None:
-        """After a checked eager forward; a traced one did not check values, so it leaves the flag."""
-        if not torch.compiler.is_compiling():
-            self._validated = True
 
     def kernel_for(self, device: torch.device | str, dtype: torch.dtype) -> str:
         """The name of the kernel this block runs with on ``device``/``dtype`` (resolves ``auto``)."""
@@ -68,22 +55,22 @@ class Block(nn.Module):
     def _kernel(self, x: torch.Tensor) -> tuple[str, Kernel]:
         return resolve_kernel(self.kernel, self.kind, x.device, x.dtype)
 
+    def _source(self, kind: PluginKind, name: str) -> Source:
+        """How errors name this block's plugin, computed only when one is raised (see ``Source``)."""
+        return lambda: describe_plugin(kind, name, self.site)
+
     def _check_input(self, x: torch.Tensor, ranks: str, ok_rank: bool) -> None:
         if not isinstance(x, torch.Tensor):
-            raise ShapeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}.")
+            raise ShapeError(f"{self._name()} expects a tensor, got {type(x).__name__}.")
         if not ok_rank or x.shape[-1] != self.experts.d_model:
             raise ShapeError(
-                f"{type(self).__name__} expects inputs of shape {ranks} "
-                f"with d={self.experts.d_model} features, "
+                f"{self._name()} expects inputs of shape {ranks} with d={self.experts.d_model} features, "
                 f"got {tuple(x.shape)}."
             )
+        check_input(x, lambda: f"the block at {self.site}" if self.site else type(self).__name__)
 
-    def _check_output(self, y: object, like: torch.Tensor, source: str) -> torch.Tensor:
-        malformed = not isinstance(y, torch.Tensor) or y.shape != like.shape or y.dtype != like.dtype
-        if malformed and self._validating():
-            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise PluginError(f"{source} returned {got}, expected {tuple(like.shape)} {like.dtype}.")
-        return y  # type: ignore[return-value]
+    def _name(self) -> str:
+        return f"{type(self).__name__} at {self.site}" if self.site else type(self).__name__
 
     def load_dense(
         self,

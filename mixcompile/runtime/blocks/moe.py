@@ -6,13 +6,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from mixcompile.errors import check_positive_int
-from mixcompile.plugins.build import build_plugin, describe_plugin
+from mixcompile.plugins.build import build_plugin, call_plugin
 from mixcompile.runtime.blocks.base import Block
+from mixcompile.runtime.checks import check_output, check_routing_plan
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.kernels import Kernel
-from mixcompile.runtime.routing import Router, RoutingPlan, fixed_bincount, validate_plan
+from mixcompile.runtime.routing import Router, RoutingPlan, fixed_bincount
 
 ExpertRunner = Callable[[torch.Tensor, RoutingPlan, StackedExperts, Kernel], torch.Tensor]
 
@@ -58,9 +60,15 @@ class MoEBlock(Block):
         )
         self.router_name = router
         self.router = build_plugin(
-            "router", router, d_model, num_experts, top_k, options=router_options, expected=Router, where=site
+            "router",
+            router,
+            d_model,
+            num_experts,
+            top_k,
+            options=router_options,
+            expected=(nn.Module, Router),
+            where=site,
         )
-        self._router_source = describe_plugin("router", router, site)
         self.router.to(device=device, dtype=dtype)
         self.last_aux_loss: torch.Tensor | None = None
         # Set by mixcompile.distributed.parallelize: runs the plan on experts sharded over ranks.
@@ -69,19 +77,24 @@ class MoEBlock(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "[..., d]", ok_rank=isinstance(x, torch.Tensor) and x.ndim >= 2)
         flat = self._compute_input(x.reshape(-1, x.shape[-1]))
-        plan = self.router(flat)
-        source = self._router_source
-        if self._validating():
-            validate_plan(plan, source=source, num_tokens=flat.shape[0], num_experts=self.router.num_experts)
         kernel_name, kernel = self._kernel(flat)
+        router_source, kernel_source = (
+            self._source("router", self.router_name),
+            self._source("kernel", kernel_name),
+        )
+        plan = call_plugin(router_source, self.router, flat, kernel)
+        check_routing_plan(
+            plan, source=router_source, num_tokens=flat.shape[0], num_experts=self.router.num_experts
+        )
         if self.expert_parallel is not None:
             y = self.expert_parallel(flat, plan, self.experts, kernel)
         else:
-            y = self._check_output(kernel.moe(flat, plan, self.experts), flat, f"kernel {kernel_name!r}")
+            y = check_output(
+                call_plugin(kernel_source, kernel.moe, flat, plan, self.experts), flat, kernel_source
+            )
         if self.shared_experts is not None:
             shared_in = flat.unsqueeze(0).expand(self.shared_experts.num_experts, -1, -1)
             y = y + self.shared_experts.batched_forward(shared_in).sum(0)
-        self._validation_done()
         self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
         self._stats = _routing_stats(plan, kernel_name)
         return y.reshape(x.shape)  # in flat's dtype

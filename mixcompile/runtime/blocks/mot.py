@@ -11,12 +11,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from mixcompile.errors import ConfigError, check_positive_int
-from mixcompile.plugins.build import build_plugin, describe_plugin
+from mixcompile.plugins.build import build_plugin, call_plugin
 from mixcompile.runtime.blocks.base import Block
+from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
-from mixcompile.runtime.mixing import Mixer, validate_mix_plan
+from mixcompile.runtime.mixing import Mixer
 
 MODES = ("soft", "sparse")
 SMALL_BATCH_POLICIES = ("group", "sparse")
@@ -86,10 +88,9 @@ class MoTBlock(Block):
             num_experts,
             group_size,
             options=mixer_options,
-            expected=Mixer,
+            expected=(nn.Module, Mixer),
             where=site,
         )
-        self._mixer_source = describe_plugin("mixer", mixer, site)
         self.mixer.to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,13 +110,14 @@ class MoTBlock(Block):
         x_g = xb.reshape(groups, g, seq, d).permute(2, 0, 1, 3)  # [T, n, G, d]
         present = (torch.arange(groups * g, device=x.device) < batch).reshape(groups, g)
         sparse = self.mode == "sparse" or (not self.training and batch < g and self.small_batch == "sparse")
-        plan = self.mixer(x_g, present, sparse=sparse)
-        if self._validating():
-            shape = (seq, groups, g, self.experts.num_experts)
-            validate_mix_plan(plan, source=self._mixer_source, shape=shape)
+        mixer_source = self._source("mixer", self.mixer_name)
+        plan = call_plugin(mixer_source, self.mixer, x_g, present, sparse=sparse)
+        check_mix_plan(plan, source=mixer_source, shape=(seq, groups, g, self.experts.num_experts))
         kernel_name, kernel = self._kernel(x_g)
-        y_g = self._check_output(kernel.mot(x_g, plan, self.experts), x_g, f"kernel {kernel_name!r}")
-        self._validation_done()
+        kernel_source = self._source("kernel", kernel_name)
+        y_g = check_output(
+            call_plugin(kernel_source, kernel.mot, x_g, plan, self.experts), x_g, kernel_source
+        )
         y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)[:batch]
         self._stats = _mixing_stats(plan, groups, missing, kernel_name, sparse)
         return y if self.batch_first else y.transpose(0, 1)

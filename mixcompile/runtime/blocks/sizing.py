@@ -1,4 +1,4 @@
-"""Expert hidden sizes that keep the FFN FLOPs per token equal to the dense model's."""
+"""Expert sizes and FLOPs per token: the one place sizing is computed, for blocks and the compiler."""
 
 from __future__ import annotations
 
@@ -25,3 +25,37 @@ def flop_matched_hidden(
     if numerator % denominator:
         raise ConfigError(f"flop-matched expert size {formula} is not an integer; choose sizes that divide.")
     return numerator // denominator
+
+
+def expert_hidden(
+    strategy: str, d_ff: int, *, sizing: str, num_experts: int, top_k: int, group_size: int
+) -> int:
+    """The hidden size of each expert replacing a dense FFN of width ``d_ff``: ``same`` keeps it, ``split``
+    divides it among the experts (MoEfication), ``flop`` keeps FLOPs per token equal to dense."""
+    if sizing == "same":
+        return d_ff
+    if sizing == "split":
+        if d_ff % num_experts:
+            raise ConfigError(
+                f"sizing 'split' gives each expert hidden / num_experts, but the hidden size {d_ff} is not "
+                f"divisible by num_experts={num_experts}."
+            )
+        return d_ff // num_experts
+    if sizing == "flop":
+        return flop_matched_hidden(
+            strategy, d_ff, num_experts=num_experts, top_k=top_k, group_size=group_size
+        )
+    raise ConfigError(f"sizing must be 'same', 'split' or 'flop', got {sizing!r}.")
+
+
+def sparse_flops(
+    strategy: str, d: int, d_hidden: int, *, gated: bool, num_experts: int, top_k: int, group_size: int
+) -> int:
+    """FLOPs per token (a multiply-add is 2). MoE runs ``top_k`` experts (shared ones included) and a
+    router; MoT mixes each group of G tokens into one token per expert, runs every expert once per group,
+    and unmixes."""
+    e = num_experts
+    expert = 2 * d * d_hidden * (3 if gated else 2)
+    if strategy == "moe":
+        return 2 * d * e + top_k * expert
+    return 2 * d * e + 2 * (2 * e * d) + e * expert // group_size

@@ -1,0 +1,125 @@
+"""What the per-call checks of plugin outputs cost, next to the block forward they guard.
+
+Blocks check every router plan and kernel output on every call (structure always; routing index ranges in
+eager forwards, one read back to the host), and NaN / duplicate pairs under ``mc.debug_checks()``. This
+times the checks themselves on the plans and outputs of a real forward, and the forward, in the same run.
+
+    python benchmarks/bench_checks.py                   # CPU sizes (or --device cuda)
+    python benchmarks/bench_checks.py --smoke           # tiny sizes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import mixcompile as mc
+from mixcompile.runtime.checks import check_mix_plan, check_output, check_routing_plan
+
+
+def median_ms(step: Callable[[], object], repeats: int, device: torch.device) -> float:
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def moe_row(
+    tokens: int, d: int, h: int, experts: int, top_k: int, device: torch.device, repeats: int
+) -> dict:
+    block = mc.MoEBlock(d, h, experts, top_k=top_k, device=device).eval()
+    x = torch.randn(tokens, d, device=device)
+    _, kernel = block._kernel(x)
+    plan = block.router(x, kernel)
+    y = kernel.moe(x, plan, block.experts)
+
+    def checks() -> None:
+        check_routing_plan(plan, source="router", num_tokens=tokens, num_experts=experts)
+        check_output(y, x, "kernel")
+
+    def debug() -> None:
+        with mc.debug_checks():
+            checks()
+
+    with torch.no_grad():
+        forward = median_ms(lambda: block(x), repeats, device)
+    return {
+        "block": f"MoE N={tokens} d={d} h={h} E={experts} k={top_k}",
+        "forward_ms": forward,
+        "checks_ms": median_ms(checks, repeats, device),
+        "debug_ms": median_ms(debug, repeats, device),
+    }
+
+
+def mot_row(
+    batch: int, seq: int, d: int, h: int, experts: int, group: int, device: torch.device, repeats: int
+) -> dict:
+    block = mc.MoTBlock(d, h, experts, group_size=group, device=device).eval()
+    x = torch.randn(batch, seq, d, device=device)
+    x_g = x.reshape(batch // group, group, seq, d).permute(2, 0, 1, 3)
+    present = torch.ones(batch // group, group, dtype=torch.bool, device=device)
+    plan = block.mixer(x_g, present, sparse=False)
+    shape = (seq, batch // group, group, experts)
+
+    def checks() -> None:
+        check_mix_plan(plan, source="mixer", shape=shape)
+        check_output(x_g, x_g, "kernel")
+
+    def debug() -> None:
+        with mc.debug_checks():
+            checks()
+
+    with torch.no_grad():
+        forward = median_ms(lambda: block(x), repeats, device)
+    return {
+        "block": f"MoT B={batch} T={seq} d={d} h={h} E={experts} G={group}",
+        "forward_ms": forward,
+        "checks_ms": median_ms(checks, repeats, device),
+        "debug_ms": median_ms(debug, repeats, device),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    repeats = 5 if args.smoke else 20
+    if args.smoke:
+        rows = [moe_row(64, 32, 64, 4, 2, device, repeats), mot_row(8, 16, 32, 32, 4, 4, device, repeats)]
+    else:
+        scale = 8 if device.type == "cuda" else 1
+        rows = [
+            moe_row(2048 * scale, 256 * scale, 1024 * scale, 8, 2, device, repeats),
+            moe_row(2048 * scale, 256 * scale, 128 * scale, 64, 8, device, repeats),
+            mot_row(16 * scale, 128, 256 * scale, 256 * scale, 32, 16, device, repeats),
+        ]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; median of {repeats}; per-call checks vs the block forward they guard")
+    print(f"{'block':<44} {'forward ms':>11} {'checks ms':>10} {'share':>7} {'debug ms':>9} {'share':>7}")
+    for row in rows:
+        share, debug_share = (100 * row[key] / row["forward_ms"] for key in ("checks_ms", "debug_ms"))
+        print(
+            f"{row['block']:<44} {row['forward_ms']:>11.3f} {row['checks_ms']:>10.3f} {share:>6.1f}% "
+            f"{row['debug_ms']:>9.3f} {debug_share:>6.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()

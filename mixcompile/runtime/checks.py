@@ -1,0 +1,124 @@
+"""Checks of what plugins return, made on every call, so a bad plan or output names its plugin and site
+instead of surfacing later as a torch error deep inside a kernel.
+
+Three levels, by cost:
+
+- **structure** (types, shapes, dtypes): read from tensor metadata, free; every call, compiled or not.
+- **ranges** (routing indices within the block's tokens and experts): one reduction and one read back to
+  the host per call; every eager call (a compiled graph skips it: reading back would break the graph).
+  ``benchmarks/bench_checks.py`` measures what it costs.
+- **values** (NaN / inf in inputs, plans and outputs; a token routed to an expert twice): a full pass over
+  each tensor and a sort, so only under the debug switch: ``MIXCOMPILE_DEBUG_CHECKS=1`` or
+  :func:`mixcompile.debug_checks`. A NaN in a block's *input* is then reported as coming from upstream,
+  not blamed on the router that received it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from mixcompile.errors import PluginError, ShapeError
+from mixcompile.plugins.build import Source, source_text
+from mixcompile.runtime.mixing import MixPlan
+from mixcompile.runtime.routing import RoutingPlan
+
+_debug = os.environ.get("MIXCOMPILE_DEBUG_CHECKS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def debug_checks(enabled: bool = True) -> Iterator[None]:
+    """Turn the value checks (NaN / inf, duplicate routing pairs) on for the body (or off)."""
+    global _debug
+    previous, _debug = _debug, enabled
+    try:
+        yield
+    finally:
+        _debug = previous
+
+
+def debug_checks_enabled() -> bool:
+    return _debug and not torch.compiler.is_compiling()
+
+
+def check_input(x: torch.Tensor, where: Source) -> None:
+    """Debug switch: a non-finite block input is upstream's fault, said before any plugin sees it."""
+    if debug_checks_enabled() and not torch.isfinite(x).all():
+        raise ShapeError(
+            f"the input of {source_text(where)} has NaN or inf: it comes from the layers before the block, "
+            "not from the block's plugins."
+        )
+
+
+def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_experts: int) -> RoutingPlan:
+    """A router's plan: structure always, index ranges in eager forwards, values under the debug switch."""
+
+    def fail(what: str) -> PluginError:
+        return PluginError(f"{source_text(source)} returned a malformed RoutingPlan: {what}.")
+
+    if not isinstance(plan, RoutingPlan):
+        raise fail(f"expected a mixcompile.RoutingPlan, got {type(plan).__name__}")
+    if plan.num_tokens != num_tokens or plan.num_experts != num_experts:
+        raise fail(
+            f"it describes {plan.num_tokens} tokens x {plan.num_experts} experts, "
+            f"the block has {num_tokens} x {num_experts}"
+        )
+    fields = {"token_index": plan.token_index, "expert_index": plan.expert_index, "weight": plan.weight}
+    for name, tensor in fields.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 1:
+            raise fail(f"{name} must be a 1-D tensor")
+    if not plan.token_index.shape[0] == plan.expert_index.shape[0] == plan.weight.shape[0]:
+        raise fail("token_index, expert_index and weight differ in length")
+    for name in ("token_index", "expert_index"):
+        if fields[name].dtype != torch.int64:
+            raise fail(f"{name} must be int64, got {fields[name].dtype}")
+    if not plan.weight.is_floating_point():
+        raise fail(f"weight must be floating point, got {plan.weight.dtype}")
+    if torch.compiler.is_compiling() or plan.token_index.numel() == 0:
+        return plan
+    tokens, experts = plan.token_index, plan.expert_index
+    out_of_range = (tokens.min() < 0) | (tokens.max() >= num_tokens) | (experts.min() < 0)
+    if bool(out_of_range | (experts.max() >= num_experts)):  # the one read back per call
+        raise fail(f"token_index outside [0, {num_tokens}) or expert_index outside [0, {num_experts})")
+    if debug_checks_enabled():
+        if not torch.isfinite(plan.weight).all():
+            raise fail("weight has NaN or inf")
+        pairs = tokens * num_experts + experts
+        if torch.unique(pairs).numel() != pairs.numel():
+            raise fail("a token is routed to the same expert twice")
+    return plan
+
+
+def check_mix_plan(plan: object, *, source: Source, shape: tuple[int, ...]) -> MixPlan:
+    """A mixer's plan: shapes always, values under the debug switch."""
+    if not isinstance(plan, MixPlan):
+        raise PluginError(
+            f"{source_text(source)} returned {type(plan).__name__}, expected a mixcompile.MixPlan."
+        )
+    for name in ("merge", "emit"):
+        tensor = getattr(plan, name)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise PluginError(
+                f"{source} returned MixPlan.{name} of shape {got}, expected {shape} [T, n, G, E]."
+            )
+        if not tensor.is_floating_point():
+            raise PluginError(
+                f"{source} returned MixPlan.{name} of dtype {tensor.dtype}, expected floating point."
+            )
+        if debug_checks_enabled() and not torch.isfinite(tensor).all():
+            raise PluginError(f"{source_text(source)} returned MixPlan.{name} with NaN or inf.")
+    return plan
+
+
+def check_output(y: object, like: torch.Tensor, source: Source) -> torch.Tensor:
+    """A kernel's output: shape and dtype of ``like`` always, finite under the debug switch."""
+    if not isinstance(y, torch.Tensor) or y.shape != like.shape or y.dtype != like.dtype:
+        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise PluginError(f"{source_text(source)} returned {got}, expected {tuple(like.shape)} {like.dtype}.")
+    if debug_checks_enabled() and not torch.isfinite(y).all():
+        raise PluginError(f"{source_text(source)} returned NaN or inf from finite inputs.")
+    return y

@@ -1,0 +1,217 @@
+"""Every plugin fault gets a PluginError or ConfigError naming the plugin and the site, on every call:
+wrong options, a crash inside the plugin's own code, a malformed output; NaN under the debug switch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixcompile as mc
+import mixcompile.errors
+from mixcompile.plugins.build import accepted_options
+
+
+class _Router(mc.LearnedRouter):
+    """Top-k routing that misbehaves on demand: ``fault`` set after construction picks how."""
+
+    def __init__(self, *args, explode_in_init: bool = False, **options) -> None:
+        super().__init__(*args, **options)
+        if explode_in_init:
+            raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")  # a bug, not an option
+        self.fault = ""
+
+    def forward(self, x, kernel):
+        logits = self.logits(x)
+        probs, chosen, weights = kernel.topk_routing(logits, self.top_k, bias=None, renormalize=True)
+        if self.fault == "crash":
+            raise IndexError("index 7 is out of bounds")
+        if self.fault == "nan":
+            weights = weights * float("nan")
+        plan = self.token_choice_plan(logits, chosen, weights, probs)
+        if self.fault == "range":
+            plan.expert_index = plan.expert_index + self.num_experts
+        return plan
+
+
+class _Kernel(mc.Kernel):
+    priority = -1
+    fault = ""
+
+    def supports(self, kind, device, dtype):
+        return True
+
+    def moe(self, x, plan, experts):
+        if self.fault == "crash":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        y = mc.registry().get("kernel", "torch").factory().moe(x, plan, experts)
+        return y * float("nan") if self.fault == "nan" else y
+
+
+def _initializer(experts, dense, *, generator=None, scale: float = 1.0) -> None:
+    if scale < 0:
+        raise mc.ConfigError(f"scale must be >= 0, got {scale}")
+    experts.w_in.fill_(1 / scale)  # scale=0 divides by zero: a bug inside the plugin
+
+
+class _Plugin:
+    @mc.hookimpl
+    def register_routers(self, register):
+        register("flaky", _Router)
+
+    @mc.hookimpl
+    def register_kernels(self, register):
+        register("flaky", _Kernel)
+
+    @mc.hookimpl
+    def register_initializers(self, register):
+        register("flaky", _initializer)
+
+
+@pytest.fixture
+def flaky():
+    mc.register_plugin(_Plugin(), name="flaky_plugin")
+    yield
+    mc.unregister_plugin("flaky_plugin")
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def _site_model(**recipe):
+    return mc.convert(_Net(), strategy="moe", num_experts=4, top_k=2, **recipe)
+
+
+def test_a_misspelt_option_names_the_plugin_and_suggests(flaky) -> None:
+    with pytest.raises(
+        mc.ConfigError,
+        match=r"router 'topk' \(plugin 'mixcompile_plugins.routers'\).*"
+        r"no option 'capacity'\. Did you mean 'capacity_factor'\?",
+    ):
+        mc.MoEBlock(8, 16, 4, router_options={"capacity": 1.0})
+    with pytest.raises(mc.ConfigError, match=r"mixer 'softmax'.*no option 'temprature'.*'temperature'"):
+        mc.MoTBlock(8, 16, 4, group_size=2, mixer_options={"temprature": 1.0})
+    with pytest.raises(
+        mc.ConfigError, match=r"initializer 'flaky' \(plugin 'flaky_plugin'\).*no option 'scal'"
+    ):
+        _site_model(init="flaky", init_options={"scal": 2.0})
+
+
+def test_a_bad_option_value_keeps_the_plugins_own_message(flaky) -> None:
+    with pytest.raises(mc.ConfigError, match=r"FFN site 0 at 'mlp'.*initializer 'flaky'.*scale must be >= 0"):
+        _site_model(init="flaky", init_options={"scale": -1.0})
+
+
+def test_a_crash_inside_a_plugin_is_its_bug_not_a_wrong_option(flaky) -> None:
+    with pytest.raises(
+        mc.PluginError,
+        match=r"router 'flaky' \(plugin 'flaky_plugin'\) crashed while being built: "
+        r"TypeError: unsupported operand.*bug in the plugin",
+    ):
+        mc.MoEBlock(8, 16, 4, router="flaky", router_options={"explode_in_init": True})
+    with pytest.raises(mc.PluginError, match=r"initializer 'flaky' .* crashed.*ZeroDivisionError"):
+        _site_model(init="flaky", init_options={"scale": 0.0})
+
+
+def _block(router: str = "flaky", kernel: str = "torch") -> mc.MoEBlock:
+    return _site_model(router=router, kernel=kernel, init="random").mlp
+
+
+@pytest.mark.parametrize(
+    "fault, error, fragment",
+    [
+        ("crash", mc.PluginError, r" crashed: IndexError: index 7"),
+        ("range", mc.PluginError, r" returned a malformed RoutingPlan: .*expert_index outside \[0, 4\)"),
+    ],
+)
+def test_router_faults_name_the_plugin_and_site_on_every_call(flaky, fault, error, fragment) -> None:
+    block = _block()
+    x = torch.randn(5, 8)
+    block(x)  # a good first call: the checks must not stop after it
+    block.router.fault = fault
+    for _ in range(2):
+        with pytest.raises(error, match=r"router 'flaky' \(plugin 'flaky_plugin'\) at mlp" + fragment):
+            block(x)
+
+
+def test_kernel_faults_name_the_kernel_and_site(flaky) -> None:
+    block = _block(router="topk", kernel="flaky")
+    x = torch.randn(5, 8)
+    block(x)
+    _Kernel.fault = "crash"
+    try:
+        with pytest.raises(
+            mc.PluginError,
+            match=r"kernel 'flaky' \(plugin 'flaky_plugin'\) at mlp crashed: "
+            r"RuntimeError: CUDA error",
+        ):
+            block(x)
+        _Kernel.fault = "nan"
+        block(x)  # NaN is only looked for under the debug switch (a full pass over the output)
+        with mc.debug_checks(), pytest.raises(mc.PluginError, match=r"kernel 'flaky'.* at mlp returned NaN"):
+            block(x)
+    finally:
+        _Kernel.fault = ""
+
+
+def test_nan_from_a_router_is_found_under_the_debug_switch(flaky) -> None:
+    block = _block()
+    block.router.fault = "nan"
+    assert block(torch.randn(5, 8)).isnan().all()  # off: NaN flows on, as through any torch layer
+    with mc.debug_checks(), pytest.raises(mc.PluginError, match=r"router 'flaky'.* at mlp .*weight has NaN"):
+        block(torch.randn(5, 8))
+
+
+def test_a_nan_input_is_blamed_on_upstream_not_the_router() -> None:
+    block = _block(router="topk")
+    x = torch.randn(5, 8)
+    x[2, 3] = float("nan")
+    with (
+        mc.debug_checks(),
+        pytest.raises(mc.ShapeError, match=r"input of the block at mlp has NaN.*before the block"),
+    ):
+        block(x)
+
+
+def test_errors_keep_their_type_and_fields_when_given_context() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    with pytest.raises(mc.UnknownNameError) as raised:
+        mc.convert(model, strategy="moe", router="topp")
+    error = raised.value
+    assert (error.kind, error.name, error.suggestion) == ("router", "topp", "topk")
+    assert "topk" in error.known and "FFN site 0" in str(error)
+
+
+def test_every_public_exception_is_exported() -> None:
+    errors = {
+        name
+        for name, value in vars(mixcompile.errors).items()
+        if isinstance(value, type) and issubclass(value, Exception) and not name.startswith("_")
+    }
+    assert errors <= set(mc.__all__), errors - set(mc.__all__)
+
+
+def test_accepted_options_follow_kwargs_up_the_class_chain() -> None:
+    topk = mc.registry().get("router", "topk").factory
+    assert {"order", "capacity_factor", "jitter", "balance_loss_weight"} <= accepted_options(topk)
+    assert accepted_options(lambda **anything: None) is None
+
+
+def test_the_check_cost_benchmark_runs() -> None:
+    """``benchmarks/bench_checks.py`` measures what these checks cost; its smoke run keeps working."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_checks.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("MoE", "MoT"))]
+    assert len(rows) == 2 and all(line.count("%") == 2 for line in rows), done.stdout
