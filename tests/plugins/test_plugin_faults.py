@@ -208,7 +208,7 @@ def test_accepted_options_follow_kwargs_up_the_class_chain() -> None:
 
 def test_the_check_cost_benchmark_runs() -> None:
     """``benchmarks/bench_checks.py`` measures what these checks cost; its smoke run keeps working."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_checks.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_checks.py"
     done = subprocess.run(
         [sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300
     )

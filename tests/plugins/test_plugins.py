@@ -5,15 +5,6 @@ import pytest
 import torch
 
 import mixcompile as mc
-import mixcompile.plugins.manager as reg
-
-
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    """Reload plugins around a test, so entry points and env vars are re-read and nothing leaks."""
-    reg.reset()
-    yield monkeypatch
-    reg.reset()
 
 
 def test_builtins_register_through_the_hooks():

@@ -15,7 +15,7 @@ import mixcompile as mc
 from mixcompile import build_tiny_gpt
 
 TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "d_ff": 64, "max_seq": 16}
-PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "third_party_plugin"
+PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "third_party_plugin"
 
 
 def run(*args, env=None, check_code=None):

@@ -11,7 +11,7 @@ import torch
 import mixcompile as mc
 import mixcompile.plugins.manager as registry
 
-PACKAGE = Path(__file__).resolve().parent.parent / "examples" / "third_party_plugin"
+PACKAGE = Path(__file__).resolve().parents[2] / "examples" / "third_party_plugin"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # One thread: at these sizes a second gains nothing, and on a busy 2-core machine its spin-waiting makes
 # the runs several times slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
