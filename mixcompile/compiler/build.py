@@ -18,6 +18,7 @@ from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.blocks.sizing import expert_hidden, sparse_flops
+from mixcompile.runtime.experts import StackedExperts, deferred_init
 from mixcompile.runtime.ffn import DenseFFN
 
 
@@ -36,12 +37,10 @@ class Replacement:
 def build_replacement(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> Replacement:
     """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site."""
     ffn = site.ffn
+    device = torch.device("meta") if meta else ffn.w_in.device
     try:
         d_hidden = _expert_hidden(ffn.d_hidden, recipe)
-        block = build_block(site, recipe, d_hidden, device="meta" if meta else ffn.w_in.device)
-        if not meta and ffn.w_in.device.type != "meta":
-            generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed + site.index)
-            block.load_dense(ffn, init=recipe.init, generator=generator, **recipe.init_options)
+        block = seeded_block(site, recipe, d_hidden, device)
         kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
     except MixcompileError as exc:
         raise exc.prefixed(f"FFN site {site.index} at {site.label!r}") from exc
@@ -55,6 +54,30 @@ def build_replacement(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> R
         flops_before=dense_flops(ffn),
         flops_after=block_flops(ffn, d_hidden, recipe),
     )
+
+
+def seeded_block(site: FFNSite, recipe: Recipe, d_hidden: int, device: torch.device) -> nn.Module:
+    """The block for ``site``, every random choice drawn from ``recipe.seed`` and the site's index.
+
+    Routers and mixers are built on the CPU under a forked, seeded RNG (the same weights on every device,
+    whatever the global RNG); the experts are allocated on ``device`` uninitialised and filled by the
+    initializer, with a seeded CPU generator for its random draws. On the meta device nothing is filled.
+    """
+    seed = recipe.seed + site.index
+    with torch.random.fork_rng(devices=[]), deferred_init():
+        torch.manual_seed(seed)
+        block = build_block(site, recipe, d_hidden, device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    for experts in block.modules():
+        if isinstance(experts, StackedExperts):
+            experts.to_empty(device=device)
+    block.to(device)
+    if device.type == "meta":
+        return block
+    if isinstance(block, MoEBlock) and block.shared_experts is not None:
+        block.shared_experts.reset_parameters(generator)
+    block.load_dense(site.ffn, init=recipe.init, generator=generator, **recipe.init_options)
+    return block
 
 
 def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
@@ -100,6 +123,8 @@ def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.d
             group_size=recipe.group_size,
             mixer=recipe.mixer,
             mixer_options=recipe.mixer_options,
+            mode=recipe.mode,
+            small_batch=recipe.small_batch,
             batch_first=site.batch_first,
             **shape,
         )

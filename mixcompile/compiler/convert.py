@@ -13,7 +13,9 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
+from tqdm import tqdm
 
 from mixcompile.compiler.build import (
     Replacement,
@@ -113,7 +115,8 @@ def convert_with_report(
             warnings.warn(
                 f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}", stacklevel=2
             )
-    plans = [build_replacement(site, recipe) for site in rewritable]
+    progress = tqdm(rewritable, desc="building blocks", unit="site", disable=None, leave=False)  # TTY only
+    plans = [build_replacement(site, recipe) for site in progress]
     for plan in plans:
         plan.block.train(plan.site.unit.module.training)
     captured, reference = {}, None
@@ -131,6 +134,9 @@ def convert_with_report(
     report = _report(target, recipe, scan, plans, checks, before, after, existing, converted=True)
     report.model_max_error = model_error
     record(target, recipe, [plan.site.index for plan in plans])
+    from mixcompile.io.hf import install_save_pretrained  # io depends on the compiler, not the reverse
+
+    install_save_pretrained(target)  # so save_pretrained writes a directory nothing reads as the dense model
     return target, report
 
 
@@ -143,8 +149,8 @@ def _verify(
     example_inputs: Any,
     verify: bool,
 ) -> tuple[dict[int, SiteCheck], float | None]:
-    if not verify:
-        return {}, None
+    if not verify or any(plan.site.ffn.w_in.is_meta for plan in plans):
+        return {}, None  # a model on the meta device has structure, no values: nothing to run
     preserving = function_preserving(recipe)
     checks = {}
     for plan in plans:
@@ -168,8 +174,25 @@ def _verify(
 
 
 def _check_model(model: object) -> None:
+    """An ``nn.Module`` that ``torch.fx`` can trace, or a ``TypeError`` saying what to pass instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{type(model).__name__} is a TorchScript module: scripting compiled its FFNs into a TorchScript "
+            "graph with no nn.Linear modules left to swap. Convert the Python nn.Module, then script the "
+            "result."
+        )
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "this is a torch.compile wrapper: convert the model it wraps (model._orig_mod), then compile the "
+            "converted model."
+        )
     if isinstance(model, nn.Module):
         return
+    if isinstance(model, torch.export.ExportedProgram):
+        raise TypeError(
+            "this is a torch.export program: export flattens the model to ATen operations, leaving no FFN "
+            "modules to swap. Convert the nn.Module, then export the converted model."
+        )
     if isinstance(model, type) and issubclass(model, nn.Module):
         hint = f"pass an instance, e.g. convert({model.__name__}(...))"
     elif isinstance(model, Mapping):

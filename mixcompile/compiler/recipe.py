@@ -21,6 +21,8 @@ from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
+MOT_MODES = ("soft", "sparse")  # MoTBlock's, first the default
+SMALL_BATCH_POLICIES = ("group", "sparse")
 MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo or a tampered file
 MAX_GROUP_SIZE = 1 << 16
 _EVERY = re.compile(r"^every:(\d+)$")
@@ -29,9 +31,11 @@ _RECORD = "_mixcompile_recipes"
 
 @dataclass
 class Recipe:
-    """How to convert. Sizing: ``same`` keeps the dense hidden size per expert, ``split`` gives each expert
-    ``hidden / num_experts`` (MoEfication), ``flop`` keeps FLOPs per token equal to dense, ``auto`` is
-    ``split`` for the ``split`` initializer and ``same`` otherwise.
+    """How to convert. MoT blocks take ``mode`` (``"soft"``, the paper; ``"sparse"``: each expert keeps its
+    top group member) and ``small_batch`` (``"group"`` or ``"sparse"`` at inference with fewer than G
+    sequences); see :class:`mixcompile.MoTBlock`. Sizing: ``same`` keeps the dense hidden size per expert,
+    ``split`` gives each expert ``hidden / num_experts`` (MoEfication), ``flop`` keeps FLOPs per token
+    equal to dense, ``auto`` is ``split`` for the ``split`` initializer and ``same`` otherwise.
 
     Sites: ``"all"``, ``"last_half"`` (as in the MoT paper), ``"every:N"`` (the N-th, 2N-th, ... FFN, i.e.
     indices N-1, 2N-1, ...), or a list of site indices (model order, as ``inspect`` numbers them);
@@ -51,6 +55,8 @@ class Recipe:
     router_options: dict[str, Any] = field(default_factory=dict)
     mixer_options: dict[str, Any] = field(default_factory=dict)
     num_shared_experts: int = 0
+    mode: str = "soft"
+    small_batch: str = "group"
     sizing: str = "auto"
     sites: str | list[int] = "all"
     seed: int = 0
@@ -66,6 +72,14 @@ class Recipe:
         check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
         check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0, maximum=MAX_EXPERTS)
         check_positive_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        for name, choices in (("mode", MOT_MODES), ("small_batch", SMALL_BATCH_POLICIES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise UnknownNameError(name, str(value), choices)
+            if self.strategy == "moe" and value != choices[0]:
+                raise ConfigError(
+                    f"{name}={value!r} is a MoT option; a MoE recipe leaves it at {choices[0]!r}."
+                )
         for name in ("init_options", "router_options", "mixer_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")

@@ -8,13 +8,30 @@ the parameters plain tensors for FSDP and ``state_dict``. Shapes follow ``nn.Lin
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from mixcompile.errors import check_positive_int
 from mixcompile.runtime.activations import activation_fn
+
+_deferred = False
+
+
+@contextlib.contextmanager
+def deferred_init() -> Iterator[None]:
+    """Experts built in the body get their weights on the meta device, uninitialised: the compiler builds
+    a block, then allocates the experts where the model lives and lets an initializer fill them, instead
+    of drawing random weights an upcycle would overwrite (most of a conversion's time, otherwise)."""
+    global _deferred
+    previous, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = previous
 
 
 class StackedExperts(nn.Module):
@@ -38,6 +55,8 @@ class StackedExperts(nn.Module):
         self.activation = activation
         self.gated = bool(gated)
         self.bias = bool(bias)
+        if _deferred:  # see deferred_init: allocated and filled later, where the model lives
+            device = "meta"
         factory = {"device": device, "dtype": dtype}
         e, d, h = num_experts, d_model, d_hidden
         self.w_in = nn.Parameter(torch.empty(e, h, d, **factory))
@@ -46,21 +65,27 @@ class StackedExperts(nn.Module):
         self.b_in = nn.Parameter(torch.empty(e, h, **factory)) if bias else None
         self.b_gate = nn.Parameter(torch.empty(e, h, **factory)) if bias and gated else None
         self.b_out = nn.Parameter(torch.empty(e, d, **factory)) if bias else None
-        self.reset_parameters()
+        if not _deferred:
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s default init, per expert."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """``nn.Linear``'s default init, per expert. With a (CPU) ``generator`` the values are drawn on the
+        CPU and copied, so a seed gives the same experts on every device."""
         for name, fan_in in (("w_in", self.d_model), ("w_gate", self.d_model), ("w_out", self.d_hidden)):
-            self._uniform(name, fan_in)
+            self._uniform(name, fan_in, generator)
         for name, fan_in in (("b_in", self.d_model), ("b_gate", self.d_model), ("b_out", self.d_hidden)):
-            self._uniform(name, fan_in)
+            self._uniform(name, fan_in, generator)
 
-    def _uniform(self, name: str, fan_in: int) -> None:
+    def _uniform(self, name: str, fan_in: int, generator: torch.Generator | None) -> None:
         param = getattr(self, name)
-        if param is not None:
-            bound = 1.0 / math.sqrt(fan_in)
-            with torch.no_grad():
+        if param is None:
+            return
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            if generator is None:
                 param.uniform_(-bound, bound)
+            else:
+                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x [n, d]``: the plain-PyTorch definition every kernel must match."""

@@ -17,7 +17,7 @@ from mixcompile.runtime.kernels import Kernel, get_kernel, resolve_kernel
 
 
 class Block(nn.Module):
-    """Base of the sparse blocks: holds the experts, the kernel choice, first-call validation and stats."""
+    """Base of the sparse blocks: holds the experts, the kernel choice, checks of plugin outputs, stats."""
 
     kind: str = ""
     experts: StackedExperts
@@ -29,6 +29,15 @@ class Block(nn.Module):
             get_kernel(kernel)  # unknown names fail at construction, with a suggestion
         self.kernel = kernel
         self._stats: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        """The block's settings that can change after it is built (JSON-safe), for a save to keep."""
+        return {}
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        """Restore :meth:`settings` (as a load does); unknown names and bad values raise ``ConfigError``."""
+        if settings:
+            raise ConfigError(f"{type(self).__name__} has no settings {sorted(settings)}.")
 
     @property
     def last_stats(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ tokens at the same position in one group are mixed per expert, processed, and sp
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -63,10 +64,8 @@ class MoTBlock(Block):
         self.group_size = check_positive_int(
             "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
         )
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
-        if small_batch not in SMALL_BATCH_POLICIES:
-            raise ConfigError(f"small_batch must be one of {SMALL_BATCH_POLICIES}, got {small_batch!r}.")
+        _check_choice("mode", mode, MODES)
+        _check_choice("small_batch", small_batch, SMALL_BATCH_POLICIES)
         self.mode = mode
         self.small_batch = small_batch
         self.batch_first = bool(batch_first)
@@ -122,6 +121,31 @@ class MoTBlock(Block):
         self._stats = _mixing_stats(plan, groups, missing, kernel_name, sparse)
         return y if self.batch_first else y.transpose(0, 1)
 
+    def settings(self) -> dict[str, Any]:
+        """Mode, small-batch policy and the mixer's temperature: what transition tuning and inference
+        set on a trained block, which a save must keep."""
+        settings: dict[str, Any] = {"mode": self.mode, "small_batch": self.small_batch}
+        temperature = getattr(self.mixer, "temperature", None)
+        if isinstance(temperature, float):
+            settings["temperature"] = temperature
+        return settings
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        unknown = sorted(set(settings) - {"mode", "small_batch", "temperature"})
+        if unknown:
+            raise ConfigError(f"MoTBlock has no settings {unknown}; it has mode, small_batch, temperature.")
+        if "mode" in settings:
+            self.mode = _check_choice("mode", settings["mode"], MODES)
+        if "small_batch" in settings:
+            self.small_batch = _check_choice("small_batch", settings["small_batch"], SMALL_BATCH_POLICIES)
+        if "temperature" in settings:
+            temperature = settings["temperature"]
+            if not isinstance(getattr(self.mixer, "temperature", None), float):
+                raise ConfigError(f"mixer {self.mixer_name!r} has no temperature to set.")
+            if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
+                raise ConfigError(f"temperature must be a number > 0, got {temperature!r}.")
+            self.mixer.temperature = float(temperature)
+
     def extra_repr(self) -> str:
         return (
             f"group_size={self.group_size}, mixer={self.mixer_name!r}, mode={self.mode!r}, "
@@ -142,3 +166,11 @@ def _mixing_stats(plan: Any, groups: int, missing: int, kernel_name: str, sparse
         "missing_members": missing,
         "merge_entropy": entropy.mean(),
     }
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}.{hint}")
+    return str(value)
