@@ -9,12 +9,29 @@ the parameters plain tensors for FSDP and ``state_dict``. Shapes follow ``nn.Lin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .activations import activation_fn
 from .errors import check_positive_int
+
+
+class ExpertTensors(NamedTuple):
+    """The stacked tensors as one value (None for those a block does not have), for kernels to pass around."""
+
+    w_in: torch.Tensor
+    w_gate: torch.Tensor | None
+    w_out: torch.Tensor
+    b_in: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_out: torch.Tensor | None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExpertTensors:
+        """``fn`` applied to each present tensor."""
+        return ExpertTensors(*(None if t is None else fn(t) for t in self))
 
 
 class StackedExperts(nn.Module):
@@ -61,6 +78,10 @@ class StackedExperts(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             with torch.no_grad():
                 param.uniform_(-bound, bound)
+
+    @property
+    def tensors(self) -> ExpertTensors:
+        return ExpertTensors(self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x [n, d]``: the plain-PyTorch definition every kernel must match."""
