@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = dense_rows(sizes, device) + moe_rows(sizes, device, moe_impls)
     rows += mot_rows(sizes, device, mot_impls) + decode_rows(sizes, device, moe_impls)
-    if not args.smoke:  # fp32 at "highest" (three-product TF32 dots) against cuBLAS: is it worth picking?
+    if not args.smoke:  # fp32 at "highest": three-product TF32 dots against cuBLAS's fp32
         fp32 = replace(sizes, moe=sizes.moe[:1], dtype=torch.float32)
         rows += moe_rows(fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}, "fp32 ")
     print()

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
 SMOKE=${SMOKE:-0}
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}  # the GPU image's python3 holds PyTorch; pass PYTHON= for another
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 STAGES="$OUT/stages.tsv"

@@ -28,11 +28,7 @@ class TritonKernel(Kernel):
     def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
         if kind not in BLOCK_KINDS or dtype not in _DTYPES or not _HAS_TRITON:
             return False
-        if device.type == "cuda":
-            # float32 only where torch allows TF32 (set_float32_matmul_precision "high" or "medium"): at
-            # "highest" the kernels use three TF32 products per dot, not yet measured against cuBLAS.
-            return dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
-        return device.type == "cpu" and interpreting()
+        return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
     def moe(self, x: torch.Tensor, plan: RoutingPlan, experts: StackedExperts) -> torch.Tensor:
         from mixcompile.triton import ops

@@ -1,8 +1,9 @@
 """``torch.library`` custom ops around the fused kernels, so ``torch.compile`` sees one opaque node per call.
 
-Each block call is a forward op that also returns what its backward needs (pre-activations, and for MoT the
-experts' outputs), and a backward op; ``register_autograd`` links them and ``register_fake`` gives shapes.
-Ops cannot return optional tensors, so absent ones travel as empty tensors.
+Each block call is a forward op that also returns what its backward needs (pre-activations; for MoE the
+pairs sorted by expert, so backward does not sort again; for MoT the experts' outputs), and a backward op;
+``register_autograd`` links them and ``register_fake`` gives shapes. Ops cannot return optional tensors, so
+absent ones travel as empty tensors. Below the op boundary the expert tensors travel as one ``ExpertTensors``.
 """
 
 import contextlib
