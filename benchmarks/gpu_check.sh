@@ -5,13 +5,13 @@
 #      torch.compile(fullgraph=True) with inductor; CUDA-graph capture and replay.
 #   2. benchmarks/bench_kernels.py: its correctness pre-check at every benchmarked size, then the table (bf16,
 #      16,384 tokens, d=1024: dense FFN h=4096, MoE E8 k2 h4096 and E64 k8 h512 with torch._grouped_mm,
-#      MoT G16 / G32 E32 h512 against the einsum reference, decode rows at 1/8/64/512 tokens).
-#   3. tests/test_triton_kernels.py on the GPU (every activation, ragged plans, autocast...), one autotune
-#      config per launch to bound compile time, in what time is left.
+#      MoT G16 / G32 E32 h512 against the einsum reference, decode rows at 1/8/64/512 tokens, an fp32 row).
 # Exits non-zero if a test or a correctness check fails, or a stage runs out of its time.
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU; OUT defaults to ./gpu_out
 #   SMOKE=1 bash benchmarks/gpu_check.sh          # or --smoke: tiny sizes on the CPU, Triton's interpreter
+# (about 2 minutes on an idle machine; its stages get 15 minutes each, for busy CI machines)
+# tests/test_triton_kernels.py (every activation, ragged plans, autocast) runs on a GPU as it is, separately.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
@@ -41,16 +41,14 @@ stage() {  # name, seconds allowed, command...: runs it, records its exit status
 status=0
 if [[ $SMOKE == 1 ]]; then
     echo "gpu_check: smoke run on the CPU (Triton interpreter, tiny sizes)"
-    stage tests_gpu 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernel_gpu.py \
+    stage tests_gpu 900 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernel_gpu.py \
         --junitxml="$OUT/tests_gpu.xml" || status=1
-    stage bench 300 "$PYTHON" benchmarks/bench_kernels.py --smoke --json "$OUT/bench.json" || status=1
+    stage bench 900 "$PYTHON" benchmarks/bench_kernels.py --smoke --json "$OUT/bench.json" || status=1
 else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    stage tests_gpu 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernel_gpu.py \
+    stage tests_gpu 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernel_gpu.py \
         --junitxml="$OUT/tests_gpu.xml" || status=1
-    stage bench 190 "$PYTHON" benchmarks/bench_kernels.py --json "$OUT/bench.json" || status=1
-    stage tests_variants 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-        --junitxml="$OUT/tests_variants.xml" || status=1
+    stage bench 260 "$PYTHON" benchmarks/bench_kernels.py --json "$OUT/bench.json" || status=1
 fi
 
 "$PYTHON" - "$OUT" "$SMOKE" "$status" <<'EOF'

@@ -1,6 +1,7 @@
 """The Triton kernels at real sizes on a GPU (tiny sizes under Triton's CPU interpreter elsewhere), against a
 float64 plain-PyTorch reference: the output with and without grad and every gradient, in fp32 (torch's
 "highest" and "high" matmul precisions) and bf16; ``torch.compile(fullgraph=True)``; CUDA-graph capture.
+On a GPU each launch runs the first autotune config that fits (the benchmark tunes, and checks what wins).
 
 Outputs are poisoned: every ``torch.empty`` is NaN-filled while the kernels run, so an element a kernel does
 not write fails the comparison (``torch.testing.assert_close`` fails on NaN). ``benchmarks/gpu_check.sh``
@@ -62,6 +63,12 @@ def kernel_env(request):
         if "triton" not in registry().names("kernel"):
             plugin = mc.register_plugin(importlib.import_module("mixcompile_plugins.triton_kernels"))
         mp.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+        if CUDA:  # one config per launch (the first that fits): compiling every candidate would take minutes
+            from mixcompile.triton import grouped, tuning
+
+            for tuner in (k for k in vars(grouped).values() if isinstance(k, tuning.Autotuner)):
+                first = lambda kwargs, prune=tuner.prune_configs: prune(kwargs)[:1]  # noqa: E731
+                mp.setattr(tuner, "prune_configs", first)
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
         old = torch.get_float32_matmul_precision()
