@@ -19,7 +19,7 @@ from mixcompile.io import load, save
 from mixcompile.plugins import Register, hookimpl, register_plugin, registry, unregister_plugin
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock, flop_matched_hidden
 from mixcompile.runtime.checks import debug_checks
-from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.experts import ExpertTensors, StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update_routing_bias
 from mixcompile.runtime.kernels import Kernel
@@ -29,6 +29,7 @@ from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, Routin
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertTensors",
     "topk_routing",
     "debug_checks",
     "RouterBase",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,6 +33,21 @@ def deferred_init() -> Iterator[None]:
         yield
     finally:
         _deferred = previous
+
+
+class ExpertTensors(NamedTuple):
+    """The stacked tensors as one value (None for those a block does not have), for kernels to pass around."""
+
+    w_in: torch.Tensor
+    w_gate: torch.Tensor | None
+    w_out: torch.Tensor
+    b_in: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_out: torch.Tensor | None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExpertTensors:
+        """``fn`` applied to each present tensor."""
+        return ExpertTensors(*(None if t is None else fn(t) for t in self))
 
 
 class StackedExperts(nn.Module):
@@ -86,6 +102,10 @@ class StackedExperts(nn.Module):
                 param.uniform_(-bound, bound)
             else:
                 param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
+
+    @property
+    def tensors(self) -> ExpertTensors:
+        return ExpertTensors(self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x [n, d]``: the plain-PyTorch definition every kernel must match."""
