@@ -34,11 +34,13 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
     the same experts, with the MoT controller as its router; returns the paths replaced.
 
     ``top_k`` defaults to ``E / G``: a MoT group of ``G`` tokens runs all ``E`` experts once, so ``E / G``
-    experts per token keep the FFN FLOPs per token unchanged (and the same parameters). A token's MoT
-    output weights (its share of each expert's mix) sum to ``E / G`` on average, the top-k router's to 1,
-    so the experts' output weights are scaled by ``top_k`` to keep the output's scale. The router is the
-    built-in ``topk`` with its default balancing and z losses (add ``mixcompile.aux_loss`` to the loss).
-    The result no longer mixes sequences, so its output for a sequence does not depend on the batch.
+    experts per token keep the FFN FLOPs per token unchanged (and the same parameters). Keep ``E >= 2G``:
+    a top-1 router's renormalised weight is 1, so its gate would learn from the balancing loss alone. The
+    router is the built-in ``topk`` with its default balancing and z losses (add ``mixcompile.aux_loss`` to
+    the loss). Expert weights are copied unscaled: on a trained model (``cpu-long`` in
+    ``examples/train_lm.py``) scaling the outputs by ``top_k``, to match a token's MoT weights (which sum
+    to ``E / G`` on average), started further from the MoT loss. The result no longer mixes sequences, so
+    its output for a sequence does not depend on the batch.
 
     The model's recorded recipes still describe MoT: ``mixcompile.save`` of the result is not supported
     (``mixcompile.load`` would refuse the weights).
@@ -82,9 +84,6 @@ def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
     )
     with torch.no_grad():
         moe.experts.load_state_dict(experts.state_dict())
-        moe.experts.w_out.mul_(k)
-        if moe.experts.b_out is not None:
-            moe.experts.b_out.mul_(k)
         moe.router.gate.weight.copy_(mot.mixer.controller.weight)
     return moe.train(mot.training)
 
