@@ -25,6 +25,7 @@ from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
 from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
+from mixcompile.runtime.transition import set_mot_temperature, temperature_schedule, to_token_choice
 
 __version__ = "0.1.0"
 
@@ -65,8 +66,11 @@ __all__ = [
     "register_plugin",
     "registry",
     "save",
+    "set_mot_temperature",
     "sparse_blocks",
     "stats",
+    "temperature_schedule",
+    "to_token_choice",
     "unregister_plugin",
     "update_routing_bias",
 ]
