@@ -218,8 +218,9 @@ def grouped_mm_moe(x: torch.Tensor, plan, experts) -> torch.Tensor:
 
 
 def dense_ffn(d: int, hidden: int, device: torch.device, dtype: torch.dtype) -> Callable:
-    w_in = torch.randn(hidden, d, device=device, dtype=dtype, requires_grad=True) / math.sqrt(d)
-    w_out = torch.randn(d, hidden, device=device, dtype=dtype, requires_grad=True) / math.sqrt(hidden)
+    # Leaves: a weight computed from a leaf would carry a graph that the first backward frees.
+    w_in = (torch.randn(hidden, d, device=device, dtype=dtype) / math.sqrt(d)).requires_grad_()
+    w_out = (torch.randn(d, hidden, device=device, dtype=dtype) / math.sqrt(hidden)).requires_grad_()
     return lambda x: F.linear(F.gelu(F.linear(x, w_in)), w_out)
 
 

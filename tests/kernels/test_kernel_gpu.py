@@ -55,7 +55,8 @@ _import_triton()
 @pytest.fixture(autouse=True)
 def kernel_env(request):
     """Interpreter mode on CPU, the Triton kernel registered, NaN-filled allocations, the precision asked."""
-    precision = PRECISIONS[request.node.callspec.params.get("precision", "fp32")][1]
+    params = getattr(request.node, "callspec", None)  # a test that is not parametrized has none
+    precision = PRECISIONS[params.params.get("precision", "fp32") if params else "fp32"][1]
     with pytest.MonkeyPatch.context() as mp:
         if not CUDA:
             mp.setenv("TRITON_INTERPRET", "1")
