@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -781,6 +782,58 @@ def test_torch_kernel_is_a_graph_break() -> None:
     with pytest.raises(Exception, match="(?i)disable|skip"):
         torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_names_the_experts_modules_and_their_implementation() -> None:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    model = tiny_mixtral(experts_implementation="mixcompile_torch")
+    report = mc.inspect(model)
+    rows = report.to_dict()["hf_experts"]
+    assert [r["path"] for r in rows] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert {
+        (r["module_class"], r["implementation"], r["mixcompile_supported"], r["kernel"]) for r in rows
+    } == {("MixtralExperts", "mixcompile_torch", True, "torch")}
+    assert (
+        "model.layers.*.mlp.experts MixtralExperts x2, 4 experts, implementation 'mixcompile_torch'"
+        in str(report)
+    )
+    oss = GptOssForCausalLM(
+        GptOssConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=12,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )  # fmt: skip
+    )
+    (row,) = mc.inspect(oss).to_dict()["hf_experts"]
+    assert row["implementation"] == "grouped_mm" and not row["mixcompile_supported"]
+    assert "own `_apply_gate`" in row["reason"] and row["kernel"] is None
+    assert "mixcompile not supported: its own `_apply_gate`" in str(mc.inspect(oss))
+
+
+def test_cli_inspect_reports_a_saved_hf_moe_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mixcompile.cli.main import main
+
+    tiny_mixtral().save_pretrained(tmp_path / "mixtral")
+    assert main(["inspect", str(tmp_path / "mixtral"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["hf_experts"]
+    assert len(rows) == 2 and all(
+        r["implementation"] == "grouped_mm" and r["mixcompile_supported"] for r in rows
+    )
+    assert main(["inspect", str(tmp_path / "mixtral")]) == 0
+    assert (
+        "MixtralExperts x2, 4 experts, implementation 'grouped_mm'; mixcompile supported"
+        in capsys.readouterr().out
+    )
 
 
 # ------------------------------------------------------------------------------------------------ table

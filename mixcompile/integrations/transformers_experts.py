@@ -384,3 +384,37 @@ def register_transformers_experts(name: str = IMPLEMENTATION, *, kernel: str = "
         ) from exc
     ExpertsInterface.register(name, _make_forward(kernel))
     return name
+
+
+# ------------------------------------------------------------------------------------------------- inspect
+
+
+def describe_experts_module(module: nn.Module) -> dict[str, Any]:
+    """What ``inspect`` says about a transformers experts module: its implementation now, whether
+    mixcompile can run it (else why not), and the mixcompile kernel it runs with (or would, under
+    ``experts_implementation="mixcompile"``)."""
+    implementation = implementation_of(module)
+    try:
+        layout = experts_layout(module)
+    except ConfigError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        return {"implementation": implementation, "supported": False, "reason": reason, "kernel": None}
+    weight = module.gate_up_proj if layout.gated else module.up_proj
+    pinned = getattr(_registered().get(implementation or ""), "mixcompile_kernel", None)
+    try:
+        kernel = resolve_kernel(pinned or "auto", "moe", weight.device, weight.dtype)[0]
+    except ConfigError as exc:
+        kernel = f"none ({exc})"
+    return {
+        "implementation": implementation,
+        "supported": True,
+        "reason": None,
+        "kernel": kernel,
+        "layout": layout.to_dict(),
+    }
+
+
+def _registered() -> dict[str, Any]:
+    """transformers' registered experts implementations (empty where its experts interface is not loaded)."""
+    moe = sys.modules.get(_MOE_MODULE)
+    return dict(moe.ExpertsInterface._global_mapping) if moe is not None else {}
