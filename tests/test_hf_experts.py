@@ -836,6 +836,39 @@ def test_cli_inspect_reports_a_saved_hf_moe_model(tmp_path: Path, capsys: pytest
     )
 
 
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_smoke_run(tmp_path: Path) -> None:
+    """``bench_hf_experts.py --smoke``: every row at tiny sizes on the CPU (Triton in its interpreter), its
+    correctness checks against grouped_mm passing, and the JSON it writes."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets it itself
+    out = tmp_path / "smoke.json"
+    script = ROOT / "benchmarks" / "bench_hf_experts.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["smoke"] and not result["timings_meaningful"]
+    implementations = {"mixcompile", "mixcompile (pre-split)", "grouped_mm", "batched_mm"}
+    sizes = {(r["shape"], r["tokens"]) for r in result["rows"]}
+    assert sizes == {(s, t) for s in ("Mixtral-tiny", "Qwen3-tiny") for t in (16, 1)}
+    for size in sizes:
+        rows = [r for r in result["rows"] if (r["shape"], r["tokens"]) == size]
+        assert {r["implementation"] for r in rows} == implementations
+        assert all(r["error"] is None and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows), rows
+    for checked in result["checks"]:
+        errors = checked["max_rel_error_vs_grouped_mm"]
+        assert set(errors) == {"mixcompile", "batched_mm"} and max(errors.values()) < TOL, checked
+    assert "x = grouped_mm time / this time" in done.stdout
+
+
 # ------------------------------------------------------------------------------------------------ table
 
 
