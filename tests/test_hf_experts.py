@@ -118,7 +118,7 @@ SHRINK: dict[str, Any] = {
     "linear_num_value_heads": 2, "linear_head_dim": 8, "linear_num_heads": 2, "swa_num_attention_heads": 4,
     "swa_head_dim": 8, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8, "mamba_num_heads": 4,
     "mamba_head_dim": 8, "ssm_state_size": 8, "mamba_chunk_size": 16, "chunk_size": 16, "n_groups": 1,
-    "n_shared_experts": 1, "moe_topk": 2,
+    "n_shared_experts": 1, "moe_topk": 2, "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 8,
 }  # fmt: skip
 # What a family needs beyond SHRINK to build small with at least one MoE layer.
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -225,7 +225,7 @@ def is_experts_class(cls: type) -> bool:
 
 
 def tiny_config(family: str, cls: type[PretrainedConfig]) -> PretrainedConfig:
-    """``cls`` shrunk: SHRINK where the config has the key; per-layer lists (layer types) shortened to one
+    """``cls`` shrunk: SHRINK where the config has the key; per-layer lists of layer kinds shortened to one
     layer of each kind; then the family's OVERRIDES."""
     default = cls().to_dict()
     options = {key: value for key, value in SHRINK.items() if key in default}
@@ -234,8 +234,9 @@ def tiny_config(family: str, cls: type[PretrainedConfig]) -> PretrainedConfig:
     for key, value in default.items():
         if key in options or not isinstance(layers, int) or layers <= 2 or not isinstance(value, (list, str)):
             continue
-        if len(value) == layers:
-            per_layer[key] = (list(dict.fromkeys(value)), type(value))
+        kinds = list(dict.fromkeys(value))
+        if len(value) == layers and len(kinds) <= 4:  # layer kinds; per-layer indices are left to the config
+            per_layer[key] = (kinds, type(value))
     n = max([2] + [len(kinds) for kinds, _ in per_layer.values()])
     if "num_hidden_layers" in options:
         options["num_hidden_layers"] = n
@@ -600,6 +601,20 @@ def test_leading_dims_and_empty_batches() -> None:
     assert empty.shape == (0, D)
     with pytest.raises(mc.ShapeError, match="ToyExperts"):
         experts_forward(module, x[0], index, weights[:, :1], kernel="torch")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_autocast_computes_in_the_autocast_dtype(kernel: str) -> None:
+    module = toy_experts(gate=True, concatenated=True, transposed=True, bias=True)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    index, weights = routing(6, E, 2, seed=9)
+    outputs = {}
+    for implementation in ("eager", impl(kernel)):
+        module.config._experts_implementation = implementation
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            outputs[implementation] = module(x, index, weights)
+    assert outputs[impl(kernel)].dtype == x.dtype
+    torch.testing.assert_close(outputs[impl(kernel)], outputs["eager"], rtol=3e-2, atol=3e-2)
 
 
 # --------------------------------------------------------------------------------------------- refusals

@@ -337,6 +337,10 @@ def experts_forward(
             f"{tuple(top_k_weights.shape)}."
         )
     x = hidden_states.reshape(-1, d)
+    if torch.is_autocast_enabled(
+        x.device.type
+    ):  # compute in the autocast dtype, as the module's matmuls would
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     k = top_k_index.shape[-1]
     if top_k_index.numel() != x.shape[0] * k:
         raise ShapeError(
