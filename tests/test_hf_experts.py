@@ -894,14 +894,16 @@ def family_table() -> list[tuple[str, str, str]]:
     for name in FAMILIES:
         classes = ", ".join(c.__name__ for c in family(name).experts)
         status, reason = EXPECTED.get(name, ("ok", ""))
-        if name in UNBUILDABLE:
-            fam = family(name)
-            built = [c for c in fam.experts if not isinstance(fam.config[c], str)]
-            module = "experts module checked alone" if built else "experts module does not build either"
-            label = status if status != "ok" else "checked"
-            status = f"{label}; whole model not built ({module}): {fam.model_error}"
-        elif status == "refused":
-            status = f"refused: {reason}"
+        fam = family(name)
+        built = [c for c in fam.experts if not isinstance(fam.config[c], str)]
+        if status == "refused":
+            status = f"refused by mixcompile: {reason}"
+        elif name not in UNBUILDABLE:
+            status = "checked: whole tiny model (logits, all grads, generate) and experts module vs eager"
+        elif built:
+            status = f"experts module checked vs eager; whole model not built: {fam.model_error}"
+        else:
+            status = f"not checked: the experts class does not build from a tiny config: {fam.model_error}"
         rows.append((name, classes, status[:220]))
     rows += [(name, "-", f"not on the experts interface: {why}") for name, why in NOT_ON_INTERFACE.items()]
     return rows
