@@ -15,6 +15,7 @@ from mixcompile.errors import (
     ShapeError,
     UnknownNameError,
 )
+from mixcompile.integrations.transformers_experts import register_transformers_experts
 from mixcompile.io import load, save
 from mixcompile.plugins import Register, hookimpl, register_plugin, registry, unregister_plugin
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock, flop_matched_hidden
@@ -64,6 +65,7 @@ __all__ = [
     "inspect",
     "load",
     "register_plugin",
+    "register_transformers_experts",
     "registry",
     "save",
     "set_mot_temperature",

@@ -28,7 +28,7 @@ from mixcompile.compiler.choose import select_sites
 from mixcompile.compiler.find import Scan, find_ffns
 from mixcompile.compiler.pattern import Pattern
 from mixcompile.compiler.recipe import Recipe, make_recipe, record
-from mixcompile.compiler.report import BlockReport, Report, SiteReport
+from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
 from mixcompile.compiler.rewrite import apply, assignments, choose_rewrites
 from mixcompile.compiler.verify import (
     SiteCheck,
@@ -238,6 +238,27 @@ def _describe_blocks(model: nn.Module) -> list[tuple[BlockReport, int]]:
     return described
 
 
+def _describe_hf_experts(model: nn.Module) -> list[ExpertsModuleReport]:
+    """The Hugging Face experts modules of ``model`` and the experts implementation each uses."""
+    from mixcompile.integrations.transformers_experts import describe_experts_module, experts_modules
+
+    reports = []
+    for path, module in experts_modules(model):
+        info = describe_experts_module(module)
+        reports.append(
+            ExpertsModuleReport(
+                path=path,
+                module_class=type(module).__name__,
+                num_experts=getattr(module, "num_experts", None),
+                implementation=info["implementation"],
+                mixcompile_supported=info["supported"],
+                reason=info["reason"],
+                kernel=info["kernel"],
+            )
+        )
+    return reports
+
+
 def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -298,4 +319,5 @@ def _report(
         ffn_flops_after=sum(plan.flops_after for plan in plans) + unchanged,
         converted=converted,
         sparse_blocks=[block for block, _ in existing],
+        hf_experts=_describe_hf_experts(model),
     )
