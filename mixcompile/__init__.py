@@ -25,6 +25,7 @@ from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
 from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
+from mixcompile.types import BlockKind, MoTMode, PluginKind, Sites, Sizing, SmallBatchPolicy, Strategy
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "LearnedRouter",
     "ControllerMixer",
     "Block",
+    "BlockKind",
     "ConfigError",
     "DenseFFN",
     "Kernel",
@@ -44,13 +46,19 @@ __all__ = [
     "Mixer",
     "MoEBlock",
     "MoTBlock",
+    "MoTMode",
     "PluginError",
+    "PluginKind",
     "Recipe",
     "Register",
     "Router",
     "RoutingPlan",
     "ShapeError",
+    "Sites",
+    "Sizing",
+    "SmallBatchPolicy",
     "StackedExperts",
+    "Strategy",
     "TinyGPT",
     "UnknownNameError",
     "aux_loss",
