@@ -38,14 +38,13 @@ class StackedExperts(nn.Module):
         self.activation = activation
         self.gated = bool(gated)
         self.bias = bool(bias)
-        factory = {"device": device, "dtype": dtype}
         e, d, h = num_experts, d_model, d_hidden
-        self.w_in = nn.Parameter(torch.empty(e, h, d, **factory))
-        self.w_gate = nn.Parameter(torch.empty(e, h, d, **factory)) if gated else None
-        self.w_out = nn.Parameter(torch.empty(e, d, h, **factory))
-        self.b_in = nn.Parameter(torch.empty(e, h, **factory)) if bias else None
-        self.b_gate = nn.Parameter(torch.empty(e, h, **factory)) if bias and gated else None
-        self.b_out = nn.Parameter(torch.empty(e, d, **factory)) if bias else None
+        self.w_in = nn.Parameter(torch.empty(e, h, d, device=device, dtype=dtype))
+        self.w_gate = nn.Parameter(torch.empty(e, h, d, device=device, dtype=dtype)) if gated else None
+        self.w_out = nn.Parameter(torch.empty(e, d, h, device=device, dtype=dtype))
+        self.b_in = nn.Parameter(torch.empty(e, h, device=device, dtype=dtype)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(e, h, device=device, dtype=dtype)) if bias and gated else None
+        self.b_out = nn.Parameter(torch.empty(e, d, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
