@@ -116,7 +116,8 @@ def convert_with_report(
     plans = [build_replacement(site, recipe) for site in rewritable]
     for plan in plans:
         plan.block.train(plan.site.unit.module.training)
-    captured, reference = {}, None
+    captured: dict[int, Any] = {}
+    reference: Any = None
     if verify and example_inputs is not None:
         captured, reference = capture_inputs(target, plans, example_inputs)
     before = _count_params(target)
