@@ -22,7 +22,11 @@ Base = nn.Module | Callable[[], nn.Module]
 
 
 def load(
-    path: str | os.PathLike, *, base: Base | None = None, trust_pickle: bool = False, trust_code: bool = False
+    path: str | os.PathLike[str],
+    *,
+    base: Base | None = None,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild a model written by :func:`mixcompile.save`; its outputs equal the saved model's.
 
@@ -53,7 +57,7 @@ def load_manifest(
     if skeleton is None:  # a pickled or user-given base: check its structure before allocating experts
         check_fits(_replay(meta_copy(model), manifest), shapes, manifest.weights)
     model = _replay(model, manifest)
-    model.mixcompile_base = manifest.base
+    model.mixcompile_base = manifest.base  # type: ignore[assignment]  # torch types __setattr__'s value too narrowly
     load_weights(model, manifest.weights)
     return model
 

@@ -28,7 +28,11 @@ from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
 
 
 def save(
-    model: nn.Module, path: str | os.PathLike, *, base: dict[str, Any] | None = None, overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    base: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a converted ``model`` to the directory ``path``.
 
@@ -57,7 +61,8 @@ def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None
     stored = stored_spec(base, directory)
     save_model(model, str(directory / WEIGHTS))
     if stored["kind"] == "transformers":
-        model.config.to_json_file(str(directory / "config.json"))
+        config: Any = model.config  # a transformers PretrainedConfig (nn.Module types attributes as tensors)
+        config.to_json_file(str(directory / "config.json"))
     manifest = manifest_data(recipes, stored, __version__)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
