@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -41,6 +41,8 @@ from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.introspect import sparse_blocks
 
+ModelT = TypeVar("ModelT", bound=nn.Module)  # convert returns the model's own class
+
 
 def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
     """Trace ``model`` and return its FFN sites in model order, each with its rewrite or the reasons it
@@ -65,14 +67,14 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
 
 
 def convert(
-    model: nn.Module,
+    model: ModelT,
     recipe: Recipe | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
     verify: bool = True,
     example_inputs: Any = None,
     **options: Any,
-) -> nn.Module:
+) -> ModelT:
     """Replace the dense FFNs of ``model`` with MoE / MoT blocks; returns the converted model.
 
     ``convert(model, strategy="mot", num_experts=8)`` or ``convert(model, recipe)`` (keywords override the
@@ -88,14 +90,14 @@ def convert(
 
 
 def convert_with_report(
-    model: nn.Module,
+    model: ModelT,
     recipe: Recipe | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
     verify: bool = True,
     example_inputs: Any = None,
     **options: Any,
-) -> tuple[nn.Module, Report]:
+) -> tuple[ModelT, Report]:
     """:func:`convert`, also returning the report (with the verification errors per site)."""
     _check_model(model)
     recipe = make_recipe(recipe, options)
