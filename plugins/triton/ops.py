@@ -61,8 +61,8 @@ def moe_forward_op(
     with _device(x):
         routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0])
         y, pre, pre_gate = moe_forward(
-            x.contiguous(), routing, *map(_contiguous, (w_in, w_gate, w_out, b_in, b_gate, b_out)),
-            activation, save,
+            x.contiguous(), routing, w_in.contiguous(), _contiguous(w_gate), w_out.contiguous(),
+            _contiguous(b_in), _contiguous(b_gate), _contiguous(b_out), activation, save,
         )  # fmt: skip
     return y, _or_empty(pre, x), _or_empty(pre_gate, x)
 
@@ -105,7 +105,9 @@ def moe_backward_op(
     )  # fmt: skip
 
 
-def _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out) -> tuple[Tensor, ...]:
+def _zero_moe_grads(
+    x, weight, w_in, w_gate, w_out, b_out
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of an empty batch: zeros shaped like the inputs (empties where absent)."""
     e, h = w_in.shape[:2]
     bias = b_out is not None
@@ -197,8 +199,8 @@ def mot_forward_op(
     """``(y [T, n, G, d], pre [E·T·n, h], pre_gate, out [E·T·n, d])``; all but ``y`` empty unless ``save``."""
     with _device(x_g):
         y, pre, pre_gate, out = mot_forward(
-            x_g, merge.contiguous(), emit.contiguous(),
-            *map(_contiguous, (w_in, w_gate, w_out, b_in, b_gate, b_out)), activation, save,
+            x_g, merge.contiguous(), emit.contiguous(), w_in.contiguous(), _contiguous(w_gate),
+            w_out.contiguous(), _contiguous(b_in), _contiguous(b_gate), _contiguous(b_out), activation, save,
         )  # fmt: skip
     return y, _or_empty(pre, x_g), _or_empty(pre_gate, x_g), _or_empty(out, x_g)
 
