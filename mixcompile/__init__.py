@@ -27,6 +27,7 @@ from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
 from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
 from mixcompile.runtime.transition import set_mot_temperature, temperature_schedule, to_token_choice
+from mixcompile.types import BlockKind, MoTMode, PluginKind, Sites, Sizing, SmallBatchPolicy, Strategy
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "LearnedRouter",
     "ControllerMixer",
     "Block",
+    "BlockKind",
     "ConfigError",
     "DenseFFN",
     "Kernel",
@@ -47,13 +49,19 @@ __all__ = [
     "Mixer",
     "MoEBlock",
     "MoTBlock",
+    "MoTMode",
     "PluginError",
+    "PluginKind",
     "Recipe",
     "Register",
     "Router",
     "RoutingPlan",
     "ShapeError",
+    "Sites",
+    "Sizing",
+    "SmallBatchPolicy",
     "StackedExperts",
+    "Strategy",
     "TinyGPT",
     "UnknownNameError",
     "aux_loss",

@@ -9,6 +9,7 @@ parameter counts, no memory, no weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError, MixcompileError
-from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock
 from mixcompile.runtime.blocks.sizing import expert_hidden, sparse_flops
 from mixcompile.runtime.experts import StackedExperts, deferred_init
 from mixcompile.runtime.ffn import DenseFFN
@@ -91,9 +92,9 @@ def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
     )
 
 
-def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.device | str) -> nn.Module:
+def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.device | str) -> Block:
     ffn = site.ffn
-    shape = {
+    shape: dict[str, Any] = {
         "activation": ffn.activation,
         "gated": ffn.gated,
         "bias": ffn.has_bias,
@@ -105,7 +106,7 @@ def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.d
     if recipe.strategy == "moe":
         if recipe.top_k > recipe.num_experts:
             raise ConfigError(f"top_k={recipe.top_k} is more than num_experts={recipe.num_experts}.")
-        block: nn.Module = MoEBlock(
+        block: Block = MoEBlock(
             ffn.d_model,
             d_hidden,
             recipe.num_experts,

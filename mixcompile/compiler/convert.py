@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -43,6 +43,8 @@ from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.introspect import sparse_blocks
 
+ModelT = TypeVar("ModelT", bound=nn.Module)  # convert returns the model's own class
+
 
 def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
     """Trace ``model`` and return its FFN sites in model order, each with its rewrite or the reasons it
@@ -67,14 +69,14 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
 
 
 def convert(
-    model: nn.Module,
+    model: ModelT,
     recipe: Recipe | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
     verify: bool = True,
     example_inputs: Any = None,
     **options: Any,
-) -> nn.Module:
+) -> ModelT:
     """Replace the dense FFNs of ``model`` with MoE / MoT blocks; returns the converted model.
 
     ``convert(model, strategy="mot", num_experts=8)`` or ``convert(model, recipe)`` (keywords override the
@@ -90,14 +92,14 @@ def convert(
 
 
 def convert_with_report(
-    model: nn.Module,
+    model: ModelT,
     recipe: Recipe | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
     verify: bool = True,
     example_inputs: Any = None,
     **options: Any,
-) -> tuple[nn.Module, Report]:
+) -> tuple[ModelT, Report]:
     """:func:`convert`, also returning the report (with the verification errors per site)."""
     _check_model(model)
     recipe = make_recipe(recipe, options)
@@ -119,7 +121,8 @@ def convert_with_report(
     plans = [build_replacement(site, recipe) for site in progress]
     for plan in plans:
         plan.block.train(plan.site.unit.module.training)
-    captured, reference = {}, None
+    captured: dict[int, Any] = {}
+    reference: Any = None
     if verify and example_inputs is not None:
         captured, reference = capture_inputs(target, plans, example_inputs)
     before = _count_params(target)

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
+from mixcompile.types import MoTMode, Sites, Sizing, SmallBatchPolicy, Strategy
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
@@ -43,7 +44,7 @@ class Recipe:
     calls it: with the module that holds the FFN and its fully qualified name.
     """
 
-    strategy: str = "moe"
+    strategy: Strategy = "moe"
     num_experts: int = 8
     top_k: int = 2
     group_size: int = 4
@@ -55,10 +56,10 @@ class Recipe:
     router_options: dict[str, Any] = field(default_factory=dict)
     mixer_options: dict[str, Any] = field(default_factory=dict)
     num_shared_experts: int = 0
-    mode: str = "soft"
-    small_batch: str = "group"
-    sizing: str = "auto"
-    sites: str | list[int] = "all"
+    mode: MoTMode = "soft"
+    small_batch: SmallBatchPolicy = "group"
+    sizing: Sizing = "auto"
+    sites: Sites = "all"
     seed: int = 0
     filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False, repr=False)
 
@@ -91,7 +92,7 @@ class Recipe:
             )
 
     def _check_sites(self) -> None:
-        sites = self.sites
+        sites: object = self.sites  # whatever the caller passed (from_dict reads untrusted files)
         if isinstance(sites, str):
             if sites not in ("all", "last_half") and not _EVERY.match(sites):
                 raise ConfigError(
@@ -108,7 +109,7 @@ class Recipe:
             )
         self.sites = list(sites)
 
-    def resolved_sizing(self) -> str:
+    def resolved_sizing(self) -> Sizing:
         if self.sizing != "auto":
             return self.sizing
         return "split" if self.init == "split" else "same"

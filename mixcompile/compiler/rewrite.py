@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from torch import fx, nn
 
@@ -241,7 +241,9 @@ def _edited_module(owner: nn.Module, group: list[tuple[FFNSite, nn.Module]]) -> 
 def _block_name(match: Match, graph: fx.Graph, taken: dict[str, object]) -> str:
     """Name the block after the projection it replaces, unless something outside the FFN still uses it."""
     first = next(n for n in match.input.users if n in match.nodes)
-    name = str(first.target if first.op == "call_module" else first.args[1].target).replace(".", "_")
+    # A functional linear's weight is a get_attr node (view._classify checked it).
+    target = first.target if first.op == "call_module" else cast(fx.Node, first.args[1]).target
+    name = str(target).replace(".", "_")
     used = set(taken) | {
         str(n.target).split(".")[0]
         for n in graph.nodes

@@ -60,7 +60,7 @@ def capture_inputs(
         if path is None:
             continue
 
-        def hook(module: nn.Module, args: tuple, index: int = plan.site.index) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], index: int = plan.site.index) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 captured.setdefault(index, args[0].detach().clone())
 

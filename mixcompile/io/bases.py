@@ -135,7 +135,7 @@ def build_base(
 
 def call_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        model = build_plugin("builder", name, options=kwargs, expected=nn.Module)
+        model: nn.Module = build_plugin("builder", name, options=kwargs, expected=nn.Module)
     except UnknownNameError as exc:
         raise LoadError(
             f"the base builder {name!r} is not registered ({exc}); install the plugin that provides it."
@@ -151,8 +151,10 @@ def build_transformers(class_name: str, config: dict[str, Any], trust_code: bool
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise LoadError(f"transformers has no model class {class_name!r}; is transformers up to date?")
     check_transformers_config(config, trust_code=trust_code, where=f"the config of {class_name}")
+    model_class: Any = cls  # a PreTrainedModel subclass; transformers is imported lazily, so untyped here
     try:
-        return cls(cls.config_class.from_dict(dict(config)))
+        model: nn.Module = model_class(model_class.config_class.from_dict(dict(config)))
+        return model
     except Exception as exc:  # noqa: BLE001 - a hostile config can make transformers raise anything
         raise LoadError(
             f"transformers cannot build {class_name} from the saved config: {first_line(exc)}"

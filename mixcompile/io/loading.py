@@ -24,7 +24,11 @@ Base = nn.Module | Callable[[], nn.Module]
 
 
 def load(
-    path: str | os.PathLike, *, base: Base | None = None, trust_pickle: bool = False, trust_code: bool = False
+    path: str | os.PathLike[str],
+    *,
+    base: Base | None = None,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild a model written by :func:`mixcompile.save`; its outputs equal the saved model's.
 

@@ -88,6 +88,7 @@ def read_transformers_dir(directory: Path, *, trust_code: bool = False) -> nn.Mo
     ):
         raise LoadError(f"{config_file}: transformers has no model class {names[0]!r}.")
     _check_weight_files(directory)
+    model: nn.Module  # from_pretrained's (transformers is imported lazily, so untyped here)
     try:
         model, info = cls.from_pretrained(
             str(directory),

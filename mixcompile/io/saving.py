@@ -30,7 +30,11 @@ from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
 
 
 def save(
-    model: nn.Module, path: str | os.PathLike, *, base: dict[str, Any] | None = None, overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    base: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a converted ``model`` to the directory ``path``.
 

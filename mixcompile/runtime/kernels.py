@@ -7,7 +7,7 @@ visible through :meth:`MoEBlock.kernel_for` and in ``inspect`` reports.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -17,8 +17,7 @@ from mixcompile.plugins.manager import lookup, registry
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import MixPlan
 from mixcompile.runtime.routing import RoutingPlan, topk_routing
-
-BlockKind = Literal["moe", "mot"]
+from mixcompile.types import BlockKind
 
 
 @runtime_checkable
@@ -65,7 +64,9 @@ def get_kernel(name: str) -> Kernel:
     return kernel
 
 
-def resolve_kernel(name: str, kind: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Kernel]:
+def resolve_kernel(
+    name: str, kind: BlockKind, device: torch.device, dtype: torch.dtype
+) -> tuple[str, Kernel]:
     """Pick the kernel for a block: by name (checked to support the input), or the best for ``auto``."""
     if name != "auto":
         kernel = get_kernel(name)

@@ -10,6 +10,7 @@ the input gradient is a grouped GEMM plus the same combine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -149,6 +150,7 @@ def moe_backward(
     hidden, d_pre, d_pre_gate, dweight_sorted = up_backward(
         dy, groups, w_out, pre, pre_gate, activation, routing.weight
     )
+    assert groups.rows is not None and dweight_sorted is not None  # MoE pairs gather rows; scaled by weight
     if b_out is not None:  # <dy[t], b_out[e]>: the bias part of <dy[t], expert_e(x[t])>
         dweight_sorted = dweight_sorted + (dy.float() @ b_out.float().t())[groups.rows.long(), routing.expert]
     dweight = torch.empty_like(dweight_sorted)
@@ -158,11 +160,18 @@ def moe_backward(
     dw_out, db_out = weight_grad(
         dy, hidden, groups, gather_a=True, gather_b=False, scale=routing.weight, bias=has_bias, dtype=wdt
     )
-    by_input = {"gather_a": False, "gather_b": True, "scale": None, "bias": has_bias, "dtype": wdt}
+    by_input: dict[str, Any] = {
+        "gather_a": False,
+        "gather_b": True,
+        "scale": None,
+        "bias": has_bias,
+        "dtype": wdt,
+    }
     dw_in, db_in = weight_grad(d_pre, x, groups, **by_input)
     dw_gate = db_gate = None
     second = None
     if pre_gate is not None:
+        assert d_pre_gate is not None and w_gate is not None  # a gated block's
         dw_gate, db_gate = weight_grad(d_pre_gate, x, groups, **by_input)
         second = (d_pre_gate, w_gate)
     dx_pairs = matmul(d_pre, groups, w_in, None, transposed=False, second=second)

@@ -14,6 +14,7 @@ view), and the output keeps the input's memory layout so the block's permute bac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -233,14 +234,22 @@ def mot_backward(
     groups = expert_groups(w_in.shape[0], t * n, x_g.device)
     wdt = w_in.dtype
     d_out, d_emit = mix(dy, emit, other=out)
+    assert d_emit is not None  # given other=
     hidden, d_pre, d_pre_gate, _ = up_backward(d_out, groups, w_out, pre, pre_gate, activation, None)
-    sorted_rows = {"gather_a": False, "gather_b": False, "scale": None, "bias": has_bias, "dtype": wdt}
+    sorted_rows: dict[str, Any] = {
+        "gather_a": False,
+        "gather_b": False,
+        "scale": None,
+        "bias": has_bias,
+        "dtype": wdt,
+    }
     dw_out, db_out = weight_grad(d_out, hidden, groups, **sorted_rows)
     mixed, _ = mix(x_g, merge)
     dw_in, db_in = weight_grad(d_pre, mixed, groups, **sorted_rows)
     dw_gate = db_gate = None
     second = None
     if pre_gate is not None:
+        assert d_pre_gate is not None and w_gate is not None  # a gated block's
         dw_gate, db_gate = weight_grad(d_pre_gate, mixed, groups, **sorted_rows)
         second = (d_pre_gate, w_gate)
     d_mixed = matmul(d_pre, groups, w_in, None, transposed=False, second=second)

@@ -112,7 +112,9 @@ def moe_backward_op(
     return g.x, g.weight, *_returned(g.experts, x)
 
 
-def _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out) -> tuple[Tensor, ...]:
+def _zero_moe_grads(
+    x, weight, w_in, w_gate, w_out, b_out
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of an empty batch: zeros shaped like the inputs (empties where absent)."""
     e, h = w_in.shape[:2]
     bias = b_out is not None

@@ -14,12 +14,13 @@ from mixcompile.runtime.checks import check_input
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel, get_kernel, resolve_kernel
+from mixcompile.types import BlockKind
 
 
 class Block(nn.Module):
     """Base of the sparse blocks: holds the experts, the kernel choice, checks of plugin outputs, stats."""
 
-    kind: str = ""
+    kind: BlockKind = ""  # type: ignore[assignment]  # the base has no kind; MoEBlock and MoTBlock set theirs
     experts: StackedExperts
 
     def __init__(self, kernel: str, site: str = "") -> None:

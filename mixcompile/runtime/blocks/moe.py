@@ -53,7 +53,13 @@ class MoEBlock(Block):
         check_positive_int("top_k", top_k)
         check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
         self.top_k = top_k
-        spec = {"activation": activation, "gated": gated, "bias": bias, "device": device, "dtype": dtype}
+        spec: dict[str, Any] = {
+            "activation": activation,
+            "gated": gated,
+            "bias": bias,
+            "device": device,
+            "dtype": dtype,
+        }
         self.experts = StackedExperts(num_experts, d_model, d_hidden, **spec)
         self.shared_experts = (
             StackedExperts(num_shared_experts, d_model, d_hidden, **spec) if num_shared_experts else None

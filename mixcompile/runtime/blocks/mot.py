@@ -20,6 +20,7 @@ from mixcompile.runtime.blocks.base import Block
 from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import Mixer
+from mixcompile.types import MoTMode, SmallBatchPolicy
 
 MODES = ("soft", "sparse")
 SMALL_BATCH_POLICIES = ("group", "sparse")
@@ -51,8 +52,8 @@ class MoTBlock(Block):
         bias: bool = False,
         mixer: str = "softmax",
         mixer_options: Mapping[str, Any] | None = None,
-        mode: str = "soft",
-        small_batch: str = "group",
+        mode: MoTMode = "soft",
+        small_batch: SmallBatchPolicy = "group",
         batch_first: bool = True,
         kernel: str = "auto",
         site: str = "",
