@@ -57,7 +57,7 @@ def build_replacement(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> R
     )
 
 
-def seeded_block(site: FFNSite, recipe: Recipe, d_hidden: int, device: torch.device) -> nn.Module:
+def seeded_block(site: FFNSite, recipe: Recipe, d_hidden: int, device: torch.device) -> Block:
     """The block for ``site``, every random choice drawn from ``recipe.seed`` and the site's index.
 
     Routers and mixers are built on the CPU under a forked, seeded RNG (the same weights on every device,

@@ -138,7 +138,7 @@ class Report:
 
 def _experts_lines(modules: list[ExpertsModuleReport]) -> list[str]:
     """One line per kind of experts module (layers differ only in their index: ``layers.*``)."""
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple[Any, ...], list[str]] = {}
     for m in modules:
         key = (re.sub(r"\.\d+\.", ".*.", m.path), m.module_class, m.num_experts, m.implementation,
                m.mixcompile_supported, m.reason, m.kernel)  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -266,7 +266,16 @@ class ExpertsView:
         biases = (None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out))
         return self._ffn(x, self.w_in, self.w_gate, self.w_out, *biases)
 
-    def _ffn(self, x, w_in, w_gate, w_out, b_in, b_gate, b_out) -> torch.Tensor:  # noqa: ANN001
+    def _ffn(
+        self,
+        x: torch.Tensor,
+        w_in: torch.Tensor,
+        w_gate: torch.Tensor | None,
+        w_out: torch.Tensor,
+        b_in: torch.Tensor | None,
+        b_gate: torch.Tensor | None,
+        b_out: torch.Tensor | None,
+    ) -> torch.Tensor:
         act = activation_fn(self.activation)
         up = _plus_bias(x @ w_in.mT, b_in)
         hidden = act(up) if w_gate is None else act(_plus_bias(x @ w_gate.mT, b_gate)) * up
@@ -282,11 +291,11 @@ def experts_view(module: nn.Module, layout: ExpertsLayout | None = None) -> Expe
     layout = experts_layout(module) if layout is None else layout
     h = layout.d_hidden
     up_name = "gate_up_proj" if layout.gated else "up_proj"
-    w_up, w_out = getattr(module, up_name), module.down_proj
+    w_up, w_out = cast(torch.Tensor, getattr(module, up_name)), cast(torch.Tensor, module.down_proj)
     if layout.transposed:
         w_up, w_out = w_up.mT, w_out.mT
     b_up = getattr(module, f"{up_name}_bias") if layout.bias else None
-    b_out = module.down_proj_bias if layout.bias else None
+    b_out = cast(torch.Tensor, module.down_proj_bias) if layout.bias else None
     w_gate = b_gate = None
     w_in, b_in = w_up, b_up
     if layout.gated:
@@ -403,7 +412,7 @@ def describe_experts_module(module: nn.Module) -> dict[str, Any]:
     except ConfigError as exc:
         reason = str(exc).split(": ", 1)[-1]
         return {"implementation": implementation, "supported": False, "reason": reason, "kernel": None}
-    weight = module.gate_up_proj if layout.gated else module.up_proj
+    weight = cast(torch.Tensor, module.gate_up_proj if layout.gated else module.up_proj)
     pinned = getattr(_registered().get(implementation or ""), "mixcompile_kernel", None)
     try:
         kernel = resolve_kernel(pinned or "auto", "moe", weight.device, weight.dtype)[0]

@@ -59,10 +59,12 @@ def install_save_pretrained(model: nn.Module) -> None:
     ``push_to_hub``) does the rest.
     """
     if is_transformers_model(model):
-        model.save_pretrained = types.MethodType(_save_pretrained, model)  # type: ignore[method-assign]
+        object.__setattr__(model, "save_pretrained", types.MethodType(_save_pretrained, model))
 
 
-def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+def _save_pretrained(
+    model: nn.Module, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
+) -> Any:
     from mixcompile import __version__
     from mixcompile.compiler import recipes_of
     from mixcompile.io.bases import base_spec_of
@@ -73,7 +75,8 @@ def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args:
             "a converted model is saved with safetensors (safe_serialization=True); pickled weights would be "
             "loaded as code."
         )
-    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    model_class: Any = type(model)  # a transformers PreTrainedModel (checked when installed)
+    result = model_class.save_pretrained(model, save_directory, *args, **kwargs)
     base = base_spec_of(model)
     manifest = manifest_data(recipes_of(model), base, __version__, block_settings(model))
     del manifest["weights"]  # transformers names its own weight files (one file, or shards and an index)

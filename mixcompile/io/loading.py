@@ -58,7 +58,7 @@ def load_manifest(
         model = _replay(model, manifest)
     load_weights(model, manifest.weights)  # checks the fit (on a skeleton: before any weight is read)
     _apply_block_settings(model, manifest)
-    model.mixcompile_base = manifest.base
+    model.mixcompile_base = manifest.base  # type: ignore[assignment]  # torch types __setattr__'s value too narrowly
     install_save_pretrained(model)
     return model
 

@@ -47,7 +47,9 @@ class ExpertTensors(NamedTuple):
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExpertTensors:
         """``fn`` applied to each present tensor."""
-        return ExpertTensors(*(None if t is None else fn(t) for t in self))
+        w_in, w_gate, w_out, b_in, b_gate, b_out = (None if t is None else fn(t) for t in self)
+        assert w_in is not None and w_out is not None  # always present
+        return ExpertTensors(w_in, w_gate, w_out, b_in, b_gate, b_out)
 
 
 class StackedExperts(nn.Module):
@@ -73,14 +75,13 @@ class StackedExperts(nn.Module):
         self.bias = bool(bias)
         if _deferred:  # see deferred_init: allocated and filled later, where the model lives
             device = "meta"
-        factory = {"device": device, "dtype": dtype}
         e, d, h = num_experts, d_model, d_hidden
-        self.w_in = nn.Parameter(torch.empty(e, h, d, **factory))
-        self.w_gate = nn.Parameter(torch.empty(e, h, d, **factory)) if gated else None
-        self.w_out = nn.Parameter(torch.empty(e, d, h, **factory))
-        self.b_in = nn.Parameter(torch.empty(e, h, **factory)) if bias else None
-        self.b_gate = nn.Parameter(torch.empty(e, h, **factory)) if bias and gated else None
-        self.b_out = nn.Parameter(torch.empty(e, d, **factory)) if bias else None
+        self.w_in = nn.Parameter(torch.empty(e, h, d, device=device, dtype=dtype))
+        self.w_gate = nn.Parameter(torch.empty(e, h, d, device=device, dtype=dtype)) if gated else None
+        self.w_out = nn.Parameter(torch.empty(e, d, h, device=device, dtype=dtype))
+        self.b_in = nn.Parameter(torch.empty(e, h, device=device, dtype=dtype)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(e, h, device=device, dtype=dtype)) if bias and gated else None
+        self.b_out = nn.Parameter(torch.empty(e, d, device=device, dtype=dtype)) if bias else None
         if not _deferred:
             self.reset_parameters()
 

@@ -9,7 +9,7 @@ the unused programs return at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from mixcompile_plugins.triton.activations import CODES, activate, derivative
 from mixcompile_plugins.triton.tuning import autotune
 
 
-def _configs(interpreted: dict[str, int], shapes: list[tuple[int, ...]]) -> list[triton.Config]:
+def _configs(interpreted: dict[str, int], shapes: Sequence[tuple[int, ...]]) -> list[triton.Config]:
     """Tile shapes to autotune over, in order of preference; one in the interpreter, which would time each."""
     if interpreting():
         return [triton.Config(interpreted, num_warps=4, num_stages=1)]

@@ -35,6 +35,7 @@ class Routing:
         """The index tensors as one int32 tensor ``[4P + E + N + 2]``: the forward saves it for backward,
         which then does not sort again."""
         g = self.groups
+        assert g.rows is not None  # a routing's groups always gather rows
         parts = (self.order, g.rows, self.expert, self.by_token, g.offsets, self.token_offsets)
         return torch.cat([t.to(torch.int32) for t in parts])
 

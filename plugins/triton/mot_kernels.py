@@ -254,4 +254,5 @@ def mot_backward(
         second = (d_pre_gate, w_gate)
     d_mixed = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
     dx, d_merge = unmix(d_mixed, merge, x_g, other=x_g)
+    assert d_merge is not None  # given other=
     return MoTGrads(dx, d_merge, d_emit, ExpertTensors(dw_in, dw_gate, dw_out, db_in, db_gate, db_out))

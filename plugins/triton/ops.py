@@ -32,9 +32,16 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-def _packed(*tensors: Tensor | None) -> ExpertTensors:
+def _packed(
+    w_in: Tensor,
+    w_gate: Tensor | None,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_gate: Tensor | None,
+    b_out: Tensor | None,
+) -> ExpertTensors:
     """The op's expert tensors as the one value the kernels take, contiguous."""
-    return ExpertTensors(*tensors).map(Tensor.contiguous)
+    return ExpertTensors(w_in, w_gate, w_out, b_in, b_gate, b_out).map(Tensor.contiguous)
 
 
 def _returned(grads: ExpertTensors, like: Tensor) -> tuple[Tensor, ...]:
@@ -105,11 +112,12 @@ def moe_backward_op(
     if x.shape[0] == 0:
         return _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out)
     with _device(x):
-        routing = unpack(routing, weight, x.shape[0], w_in.shape[0])
+        unpacked = unpack(routing, weight, x.shape[0], w_in.shape[0])
         experts = _packed(w_in, w_gate, w_out, None, None, b_out)
         dy, x = dy.contiguous(), x.contiguous()
-        g = moe_backward(dy, x, routing, weight.dtype, experts, pre, _present(pre_gate), activation)
-    return g.x, g.weight, *_returned(g.experts, x)
+        g = moe_backward(dy, x, unpacked, weight.dtype, experts, pre, _present(pre_gate), activation)
+    dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _returned(g.experts, x)
+    return g.x, g.weight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out
 
 
 def _zero_moe_grads(
@@ -243,7 +251,8 @@ def mot_backward_op(
             dy, x_g, merge.contiguous(), emit.contiguous(), experts, pre, _present(pre_gate), out, activation,
             has_bias,
         )  # fmt: skip
-    return g.x_g, g.merge, g.emit, *_returned(g.experts, x_g)
+    dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _returned(g.experts, x_g)
+    return g.x_g, g.merge, g.emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out
 
 
 @mot_backward_op.register_fake

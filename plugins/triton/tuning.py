@@ -43,7 +43,8 @@ Estimate = Callable[[triton.Config, dict], int]
 def shared_memory_limit(device: torch.device) -> int:
     """What one block may use on ``device``: the GPU's figure, or the table's for Triton's current target."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        properties = torch.cuda.get_device_properties(device)
+        return int(properties.shared_memory_per_block_optin)  # type: ignore[attr-defined]  # not in torch's stubs
     arch = driver.active.get_current_target().arch
     return SHARED_MEMORY_PER_BLOCK.get(arch, min(SHARED_MEMORY_PER_BLOCK.values()))
 
@@ -56,7 +57,7 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-class Autotuner(triton.runtime.Autotuner):
+class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships no types
     """Triton's autotuner, pruning by ``shared_memory(config, args)`` (bytes) and
     ``live_values(config, args)`` (fp32 values per thread), keeping one config per ``BLOCK_M x BLOCK_N``
     shape (the first in the list that fits: more warps or fewer stages come later as fallbacks) and at most
@@ -101,7 +102,7 @@ class Autotuner(triton.runtime.Autotuner):
         if config is None:
             self.nargs = dict(zip(self.arg_names, args, strict=False))
             config = self.prune_configs(kwargs)[0]
-            self.nargs = None
+            self.nargs = None  # type: ignore[assignment]  # Triton's own attribute, reset as it does
         return self.fn.run(*args, **kwargs, **config.all_kwargs())
 
 

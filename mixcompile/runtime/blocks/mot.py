@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -136,9 +136,10 @@ class MoTBlock(Block):
         if unknown:
             raise ConfigError(f"MoTBlock has no settings {unknown}; it has mode, small_batch, temperature.")
         if "mode" in settings:
-            self.mode = _check_choice("mode", settings["mode"], MODES)
+            self.mode = cast(MoTMode, _check_choice("mode", settings["mode"], MODES))
         if "small_batch" in settings:
-            self.small_batch = _check_choice("small_batch", settings["small_batch"], SMALL_BATCH_POLICIES)
+            policy = _check_choice("small_batch", settings["small_batch"], SMALL_BATCH_POLICIES)
+            self.small_batch = cast(SmallBatchPolicy, policy)
         if "temperature" in settings:
             temperature = settings["temperature"]
             if not isinstance(getattr(self.mixer, "temperature", None), float):
