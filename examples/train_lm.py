@@ -559,17 +559,22 @@ def main(argv: list[str] | None = None) -> None:
         for name, model in models.items():
             results[name] = train(name, model.to(args.device), corpus, cfg, args.device, log)
             results[name]["flops"] = flops[name]
-            if name == "mot":
-                rows = small_batch_rows(model, held_out(corpus, cfg), cfg, args.device)
-                rows += transition_phases(model, corpus, cfg, args.device, log)
-                print(f"\n{small_batch_table(rows, rows[0][2])}\n", flush=True)
-            model.cpu()
-    plot(results, args.out / "curves.png")
+            if name != "mot":
+                model.cpu()
+        # The comparison first: a run cut short by a time limit still has its table and curves.
+        plot(results, args.out / "curves.png")
+        table = results_table(results, cfg, args.device)
+        (args.out / "summary.txt").write_text(f"{cfg}\n\n{table}\n")
+        print(f"\n{table}\n", flush=True)
+        mot = models["mot"]
+        rows = small_batch_rows(mot, held_out(corpus, cfg), cfg, args.device)
+        rows += transition_phases(mot, corpus, cfg, args.device, log)
+        mot.cpu()
     with open(args.out / "small_batch.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["evaluation", "batch", "val_loss"])
         writer.writerows((what, batch, f"{loss:.4f}") for what, batch, loss in rows)
-    summary = f"{results_table(results, cfg, args.device)}\n\n{small_batch_table(rows, rows[0][2])}"
+    summary = f"{table}\n\n{small_batch_table(rows, rows[0][2])}"
     (args.out / "summary.txt").write_text(f"{cfg}\n\n{summary}\n")
     print(f"\n{summary}\n\nwrote log.csv, curves.png, small_batch.csv and summary.txt under {args.out}")
 
