@@ -28,7 +28,7 @@ from torch import nn
 
 from mixcompile.compiler.activation_names import function_activation, module_activation
 from mixcompile.errors import ConfigError, ShapeError
-from mixcompile.runtime.activations import activation_fn
+from mixcompile.runtime.experts import ExpertMath
 from mixcompile.runtime.kernels import get_kernel, resolve_kernel
 from mixcompile.runtime.routing import RoutingPlan
 
@@ -229,7 +229,7 @@ def _activation(module: nn.Module) -> str:
 # ------------------------------------------------------------------------------------------------ the view
 
 
-class ExpertsView:
+class ExpertsView(ExpertMath):
     """A transformers experts module's parameters seen as :class:`mixcompile.StackedExperts`.
 
     Holds views (slices, transposes) of the module's own tensors, so nothing is copied and autograd
@@ -254,36 +254,6 @@ class ExpertsView:
         self.activation = activation
         self.gated = w_gate is not None
         self.bias = b_out is not None
-
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on rows ``x [n, d]``."""
-        biases = (None if b is None else b[e] for b in (self.b_in, self.b_gate, self.b_out))
-        w_gate = None if self.w_gate is None else self.w_gate[e]
-        return self._ffn(x, self.w_in[e], w_gate, self.w_out[e], *biases)
-
-    def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on its own rows: ``x [E, n, d] -> [E, n, d]``."""
-        biases = (None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out))
-        return self._ffn(x, self.w_in, self.w_gate, self.w_out, *biases)
-
-    def _ffn(
-        self,
-        x: torch.Tensor,
-        w_in: torch.Tensor,
-        w_gate: torch.Tensor | None,
-        w_out: torch.Tensor,
-        b_in: torch.Tensor | None,
-        b_gate: torch.Tensor | None,
-        b_out: torch.Tensor | None,
-    ) -> torch.Tensor:
-        act = activation_fn(self.activation)
-        up = _plus_bias(x @ w_in.mT, b_in)
-        hidden = act(up) if w_gate is None else act(_plus_bias(x @ w_gate.mT, b_gate)) * up
-        return _plus_bias(hidden @ w_out.mT, b_out)
-
-
-def _plus_bias(t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return t if bias is None else t + bias.to(t.dtype)
 
 
 def experts_view(module: nn.Module, layout: ExpertsLayout | None = None) -> ExpertsView:

@@ -52,7 +52,52 @@ class ExpertTensors(NamedTuple):
         return ExpertTensors(w_in, w_gate, w_out, b_in, b_gate, b_out)
 
 
-class StackedExperts(nn.Module):
+class ExpertMath:
+    """The plain-PyTorch definition of stacked experts every kernel must match, for any object holding
+    ``w_in``, ``w_gate``, ``w_out``, the three biases and ``activation`` (:class:`StackedExperts`, or a view
+    of another model's expert tensors)."""
+
+    w_in: torch.Tensor
+    w_gate: torch.Tensor | None
+    w_out: torch.Tensor
+    b_in: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_out: torch.Tensor | None
+    activation: str
+
+    @property
+    def tensors(self) -> ExpertTensors:
+        """The stacked tensors as one value, as kernels take them."""
+        return ExpertTensors(self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x [n, d]``."""
+        weights = (self.w_in[e], None if self.w_gate is None else self.w_gate[e], self.w_out[e])
+        biases = (None if b is None else b[e] for b in (self.b_in, self.b_gate, self.b_out))
+        return self._ffn(x, *weights, *biases)
+
+    def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own rows at once: ``x [E, n, d] -> [E, n, d]``."""
+        biases = (None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out))
+        return self._ffn(x, self.w_in, self.w_gate, self.w_out, *biases)
+
+    def _ffn(
+        self,
+        x: torch.Tensor,
+        w_in: torch.Tensor,
+        w_gate: torch.Tensor | None,
+        w_out: torch.Tensor,
+        b_in: torch.Tensor | None,
+        b_gate: torch.Tensor | None,
+        b_out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        act = activation_fn(self.activation)
+        up = _plus_bias(x @ w_in.mT, b_in)
+        hidden = act(up) if w_gate is None else act(_plus_bias(x @ w_gate.mT, b_gate)) * up
+        return _plus_bias(hidden @ w_out.mT, b_out)
+
+
+class StackedExperts(ExpertMath, nn.Module):
     def __init__(
         self,
         num_experts: int,
@@ -103,36 +148,6 @@ class StackedExperts(nn.Module):
                 param.uniform_(-bound, bound)
             else:
                 param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
-
-    @property
-    def tensors(self) -> ExpertTensors:
-        return ExpertTensors(self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
-
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on rows ``x [n, d]``: the plain-PyTorch definition every kernel must match."""
-        weights = (self.w_in[e], None if self.w_gate is None else self.w_gate[e], self.w_out[e])
-        biases = (None if b is None else b[e] for b in (self.b_in, self.b_gate, self.b_out))
-        return self._ffn(x, *weights, *biases)
-
-    def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on its own rows at once: ``x [E, n, d] -> [E, n, d]``."""
-        biases = (None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out))
-        return self._ffn(x, self.w_in, self.w_gate, self.w_out, *biases)
-
-    def _ffn(
-        self,
-        x: torch.Tensor,
-        w_in: torch.Tensor,
-        w_gate: torch.Tensor | None,
-        w_out: torch.Tensor,
-        b_in: torch.Tensor | None,
-        b_gate: torch.Tensor | None,
-        b_out: torch.Tensor | None,
-    ) -> torch.Tensor:
-        act = activation_fn(self.activation)
-        up = _plus_bias(x @ w_in.mT, b_in)
-        hidden = act(up) if w_gate is None else act(_plus_bias(x @ w_gate.mT, b_gate)) * up
-        return _plus_bias(hidden @ w_out.mT, b_out)
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "plain"
