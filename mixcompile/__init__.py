@@ -25,6 +25,7 @@ from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
 from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
+from mixcompile.runtime.tokens import token_mask
 
 __version__ = "0.1.0"
 
@@ -66,6 +67,7 @@ __all__ = [
     "save",
     "sparse_blocks",
     "stats",
+    "token_mask",
     "unregister_plugin",
     "update_routing_bias",
 ]
