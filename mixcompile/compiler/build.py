@@ -33,12 +33,16 @@ class Replacement:
     flops_after: int
 
 
-def build_replacement(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> Replacement:
-    """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site."""
+def build_replacement(
+    site: FFNSite, recipe: Recipe, *, meta: bool = False, layout: str | None = None
+) -> Replacement:
+    """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site.
+    ``layout`` is the MoT token layout :mod:`mixcompile.compiler.layout` decided for the site."""
     ffn = site.ffn
     try:
         d_hidden = _expert_hidden(ffn.d_hidden, recipe)
-        block = build_block(site, recipe, d_hidden, device="meta" if meta else ffn.w_in.device)
+        device = "meta" if meta else ffn.w_in.device
+        block = build_block(site, recipe, d_hidden, device=device, layout=layout)
         if not meta and ffn.w_in.device.type != "meta":
             generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed + site.index)
             block.load_dense(ffn, init=recipe.init, generator=generator, **recipe.init_options)
@@ -68,12 +72,15 @@ def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
     )
 
 
-def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.device | str) -> nn.Module:
+def build_block(
+    site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.device | str, layout: str | None = None
+) -> nn.Module:
     ffn = site.ffn
     shape = {
         "activation": ffn.activation,
         "gated": ffn.gated,
         "bias": ffn.has_bias,
+        "hidden_dropout": site.hidden_dropout,
         "kernel": recipe.kernel,
         "site": site.label,
         "device": device,
@@ -100,7 +107,7 @@ def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.d
             group_size=recipe.group_size,
             mixer=recipe.mixer,
             mixer_options=recipe.mixer_options,
-            batch_first=site.batch_first,
+            layout=layout or site.layout or "batch_first",
             **shape,
         )
     return block

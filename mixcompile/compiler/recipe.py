@@ -21,6 +21,7 @@ from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
+LAYOUTS = ("auto", "batch_first", "seq_first", "flat")
 MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo or a tampered file
 MAX_GROUP_SIZE = 1 << 16
 _EVERY = re.compile(r"^every:(\d+)$")
@@ -37,6 +38,10 @@ class Recipe:
     indices N-1, 2N-1, ...), or a list of site indices (model order, as ``inspect`` numbers them);
     ``filter_fn(module, fqn) -> bool`` then narrows the choice further, called as torchao's ``quantize_``
     calls it: with the module that holds the FFN and its fully qualified name.
+
+    ``layout`` (MoT): the token layout of the FFN inputs, ``[B, T, d]`` (``"batch_first"``), ``[T, B, d]``
+    (``"seq_first"``) or ``[B*T, d]`` (``"flat"``). ``"auto"`` takes it from the model (a forward of its
+    inputs, ``batch_first`` flags, the graph); a stated layout the model contradicts is an error.
     """
 
     strategy: str = "moe"
@@ -53,6 +58,7 @@ class Recipe:
     num_shared_experts: int = 0
     sizing: str = "auto"
     sites: str | list[int] = "all"
+    layout: str = "auto"
     seed: int = 0
     filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False, repr=False)
 
@@ -61,6 +67,8 @@ class Recipe:
             raise UnknownNameError("strategy", str(self.strategy), STRATEGIES)
         if self.sizing not in SIZINGS:
             raise UnknownNameError("sizing", str(self.sizing), SIZINGS)
+        if self.layout not in LAYOUTS:
+            raise UnknownNameError("layout", str(self.layout), LAYOUTS)
         check_positive_int("num_experts", self.num_experts, maximum=MAX_EXPERTS)
         check_positive_int("top_k", self.top_k, maximum=MAX_EXPERTS)
         check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
@@ -125,8 +133,11 @@ def recipes_of(model: nn.Module) -> list[Recipe]:
     return list(recipes) if isinstance(recipes, list) else []
 
 
-def record(model: nn.Module, recipe: Recipe, converted: list[int]) -> None:
-    replayable = dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None)
+def record(model: nn.Module, recipe: Recipe, converted: list[int], layouts: Sequence[str] = ()) -> None:
+    """Remember ``recipe`` as replayable: its converted sites as indices, and the MoT layout it found when
+    every converted site has the same one (so a replay without inputs builds the same blocks)."""
+    layout = layouts[0] if len(set(layouts)) == 1 else recipe.layout
+    replayable = dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None, layout=layout)
     object.__setattr__(model, _RECORD, [*recipes_of(model), replayable])
 
 

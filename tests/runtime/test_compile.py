@@ -279,3 +279,65 @@ def test_plugin_outputs_are_still_validated(faulty_router):
     block = mc.MoEBlock(4, 8, 3, router="noisy", router_options={"fault": "int32"}, kernel="torch")
     with pytest.raises(mc.PluginError, match=f"{source}: token_index must be int64"):
         torch.compile(block, backend="aot_eager")(x)
+
+
+# ---- converted Hugging Face models, whole ----------------------------------------------------------------
+
+HF_VARIANTS = {
+    "topk": {"strategy": "moe", "top_k": 2},
+    "switch": {"strategy": "moe", "router": "switch", "top_k": 1},
+    "expert_choice": {"strategy": "moe", "router": "expert_choice", "top_k": 2},
+    "hash": {"strategy": "moe", "router": "hash", "top_k": 2},
+    "mot": {"strategy": "mot", "group_size": 2, "mixer": "softmax"},
+}
+HF_MODELS = ("llama", "gpt2", "bert", "t5")
+# The default run covers every router and the mixer on the torch kernel and both strategies on Triton;
+# `pytest -m zoo_full` runs every model with every variant on both kernels.
+HF_DEFAULT = {
+    ("torch", "llama", "topk"),
+    ("torch", "gpt2", "switch"),
+    ("torch", "bert", "expert_choice"),
+    ("torch", "t5", "hash"),
+    ("torch", "gpt2", "mot"),
+    ("torch", "bert", "mot"),
+    ("triton", "llama", "topk"),
+    ("triton", "t5", "mot"),
+}
+
+
+class _Logits(torch.nn.Module):
+    """A Hugging Face model as ``ids -> logits``, called with a right-padded attention mask (and decoder
+    ids for T5), so MoT blocks see padding through the model's own hooks."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        extra = {"decoder_input_ids": ids.flip(-1)} if self.model.config.is_encoder_decoder else {}
+        output = self.model(input_ids=ids, attention_mask=mask, **extra)
+        return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def _hf_cases():
+    for kernel in ("torch", "triton"):
+        for model in HF_MODELS:
+            for variant in HF_VARIANTS:
+                marks = [needs_triton] if kernel == "triton" else []
+                if (kernel, model, variant) not in HF_DEFAULT:
+                    marks.append(pytest.mark.zoo_full)
+                yield pytest.param(kernel, model, variant, marks=marks, id=f"{kernel}-{model}-{variant}")
+
+
+@pytest.mark.parametrize("kernel,name,variant", list(_hf_cases()))
+def test_converted_hugging_face_model_compiles_whole(kernel, name, variant):
+    """``fullgraph=True`` with default options: outputs, gradients, buffers and statistics equal eager."""
+    from zoo import build
+
+    torch.manual_seed(0)
+    converted = mc.convert(build(name), num_experts=4, kernel=kernel, **HF_VARIANTS[variant])
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 100, (4, 6), generator=generator).to(DEVICE) for _ in range(2)]
+    check_against_eager(_Logits(converted.to(DEVICE)).train(), ids)
