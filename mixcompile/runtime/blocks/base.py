@@ -59,11 +59,22 @@ class Block(nn.Module):
     def __init__(self, kernel: str, site: str = "") -> None:
         super().__init__()
         self.site = site  # where the block sits in its model (convert sets it): errors name it
-        if kernel != "auto":
-            get_kernel(kernel)  # unknown names fail at construction, with a suggestion
+        self._kernels: dict[tuple[str, torch.dtype, bool], KernelChoice] = {}
         self.kernel = kernel
         self._stats: dict[str, Any] = {}
-        self._kernels: dict[tuple[str, torch.dtype, bool], KernelChoice] = {}
+
+    @property
+    def kernel(self) -> str:
+        """The kernel name asked for (``"auto"`` or a registered name); setting it chooses again."""
+        return self._kernel_name
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name != "auto":
+            get_kernel(name)  # unknown names fail at once, with a suggestion
+        self._kernel_name = name
+        if "experts" in self._modules:
+            self._choose_kernels()
 
     @property
     def last_stats(self) -> dict[str, Any]:
