@@ -1,25 +1,29 @@
 """Benchmark the fused Triton kernels against the torch reference, a dense FFN and ``torch._grouped_mm``.
 
-On a GPU: first checks the Triton kernel against the torch reference at every benchmarked size (output and
-gradients), then prints one table (bf16, 16,384 tokens, d=1024) of time, TFLOP/s, the ratio to the Triton
-kernel and peak memory, all measured in this run. MoE rows include routing (gate, softmax, top-k: the fused
-routing step for the Triton kernel, as the block runs it); MoT rows include the controller. ``--smoke`` runs
-tiny sizes, on CPU through Triton's interpreter, to check that the script works; without a GPU and without
-``--smoke`` it says so and exits.
+On a GPU: first checks the Triton kernel against the torch reference at every benchmarked size (the output
+with and without grad, and every gradient, with outputs poisoned with NaN so an unwritten element fails),
+then prints one table (bf16, 16,384 tokens, d=1024) of time, TFLOP/s, the ratio to the Triton kernel and peak
+memory, all measured in this run: a dense FFN (h=4096), the MoE and MoT workloads, decode-sized MoE forwards
+(1 to 512 tokens), and one MoE workload in fp32 at torch's default "highest" matmul precision. MoE rows
+include routing (gate, softmax, top-k: the fused routing step for the Triton kernel, as the block runs it);
+MoT rows include the controller. ``--json`` writes every figure and check to a file. Exits 1 if a check
+fails. ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter, to check that the script works;
+without a GPU and without ``--smoke`` it says so and exits.
 
-    python benchmarks/bench_kernels.py           # on a GPU
-    python benchmarks/bench_kernels.py --smoke   # anywhere
+    python benchmarks/bench_kernels.py --json out.json   # on a GPU
+    python benchmarks/bench_kernels.py --smoke           # anywhere
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -30,19 +34,28 @@ import torch.nn.functional as F
 class Sizes:
     tokens: int
     d: int
+    dense_hidden: int
     moe: tuple[tuple[int, int, int], ...]  # (experts, top_k, hidden)
     mot: tuple[tuple[int, int, int, int, int], ...]  # (group, experts, hidden, batch, seq)
+    decode: tuple[int, ...]  # token counts of the inference-only MoE rows
     dtype: torch.dtype
+
+    @property
+    def tol(self) -> float:
+        """Relative error allowed against the torch reference in the same dtype."""
+        return 2e-2 if self.dtype != torch.float32 else 1e-4
 
 
 FULL = Sizes(
     16384,
     1024,
+    4096,
     ((8, 2, 4096), (64, 8, 512)),
     ((16, 32, 512, 16, 1024), (32, 32, 512, 16, 1024)),
+    (1, 8, 64, 512),
     torch.bfloat16,
 )
-SMOKE = Sizes(48, 32, ((4, 2, 48),), ((2, 4, 32, 5, 6),), torch.float32)
+SMOKE = Sizes(48, 32, 64, ((4, 2, 48),), ((2, 4, 32, 5, 6),), (1, 8), torch.float32)
 
 
 @dataclass
@@ -54,6 +67,58 @@ class Row:
     flops: float
     peak_gib: float | None
     note: str = ""
+
+
+@dataclass
+class Check:
+    """One tensor of the Triton kernel against the torch reference: relative error of the norm."""
+
+    workload: str
+    tensor: str
+    rel_err: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.tol  # False for NaN
+
+
+CHECKS: list[Check] = []
+
+
+def check(workload: str, got: list, want: list, names: list[str], tol: float) -> float:
+    """Record one check per tensor (an absent gradient must be absent in both); the largest error.
+
+    A non-finite value anywhere in ``got`` makes the error NaN, which fails (``NaN <= tol`` is False).
+    """
+    worst = 0.0
+    for name, a, b in zip(names, got, want, strict=True):
+        if a is None or b is None:
+            err = 0.0 if a is None and b is None else math.nan
+        else:
+            a, b = a.detach().double(), b.detach().double()
+            finite = bool(torch.isfinite(a).all())
+            err = float((a - b).norm() / b.norm().clamp_min(1e-30)) if finite else math.nan
+        CHECKS.append(Check(workload, name, err, tol))
+        worst = err if math.isnan(err) or math.isnan(worst) else max(worst, err)
+    return worst
+
+
+@contextlib.contextmanager
+def poisoned() -> Iterator[None]:
+    """Fill every ``torch.empty`` with NaN (the kernels' outputs are allocated so), so any element a kernel
+    fails to write makes its check fail."""
+    import torch.utils.deterministic
+
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
@@ -78,31 +143,37 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     return ms, peak
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
+    """``measure``, or no figure where an implementation cannot run here (``_grouped_mm`` before Hopper)."""
+    try:
+        return measure(fn, device)
+    except (RuntimeError, NotImplementedError) as exc:
+        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+        return None, None
 
 
 # ------------------------------------------------------------------------------------------------- MoE
 
 
 class MoEProblem:
-    """A top-k router and stacked experts; ``step(impl, backward)`` routes then runs one implementation."""
+    """A top-k router and stacked experts; ``run(impl, backward)`` routes then runs one implementation."""
 
-    def __init__(self, sizes: Sizes, experts: int, top_k: int, hidden: int, device: torch.device) -> None:
+    def __init__(
+        self, sizes: Sizes, tokens: int, experts: int, top_k: int, hidden: int, device: torch.device
+    ) -> None:
         from mixcompile.runtime.experts import StackedExperts
 
         g = torch.Generator(device="cpu").manual_seed(0)
         self.top_k = top_k
-        self.x = (
-            (torch.randn(sizes.tokens, sizes.d, generator=g) * 0.5).to(device, sizes.dtype).requires_grad_()
-        )
+        self.x = (torch.randn(tokens, sizes.d, generator=g) * 0.5).to(device, sizes.dtype).requires_grad_()
         self.gate = torch.nn.Linear(sizes.d, experts, bias=False, device=device, dtype=sizes.dtype)
         self.experts = StackedExperts(
             experts, sizes.d, hidden, activation="gelu", device=device, dtype=sizes.dtype
         )
         self.dy = torch.randn(self.x.shape, generator=g).to(device, sizes.dtype)
         self.params = [self.x, self.gate.weight, *self.experts.parameters()]
+        experts_grads = [f"grad {n}" for n, _ in self.experts.named_parameters()]
+        self.names = ["output", "grad x", "grad gate", *experts_grads]
 
     def plan(self, fused: bool):
         """Top-k routing as the block does it: the fused Triton step for the Triton kernel, else PyTorch."""
@@ -147,48 +218,72 @@ def grouped_mm_moe(x: torch.Tensor, plan, experts) -> torch.Tensor:
 
 
 def dense_ffn(d: int, hidden: int, device: torch.device, dtype: torch.dtype) -> Callable:
-    w_in = torch.randn(hidden, d, device=device, dtype=dtype, requires_grad=True) / math.sqrt(d)
-    w_out = torch.randn(d, hidden, device=device, dtype=dtype, requires_grad=True) / math.sqrt(hidden)
+    # Leaves: a weight computed from a leaf would carry a graph that the first backward frees.
+    w_in = (torch.randn(hidden, d, device=device, dtype=dtype) / math.sqrt(d)).requires_grad_()
+    w_out = (torch.randn(d, hidden, device=device, dtype=dtype) / math.sqrt(hidden)).requires_grad_()
     return lambda x: F.linear(F.gelu(F.linear(x, w_in)), w_out)
 
 
-def dense_step(dense: Callable, problem: MoEProblem, backward: bool) -> None:
+def dense_step(dense: Callable, x: torch.Tensor, dy: torch.Tensor, backward: bool) -> None:
     with torch.set_grad_enabled(backward):
-        y = dense(problem.x)
+        y = dense(x)
     if backward:
-        y.backward(problem.dy)
+        y.backward(dy)
 
 
-def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> list[Row]:
+def dense_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    """The dense FFN the MoE workloads are measured against (its TFLOP/s is the reference rate)."""
+    x = torch.randn(sizes.tokens, sizes.d, device=device, dtype=sizes.dtype, requires_grad=True)
+    dense = dense_ffn(sizes.d, sizes.dense_hidden, device, sizes.dtype)
+    fwd_flops = 4.0 * sizes.tokens * sizes.d * sizes.dense_hidden
+    rows = []
+    for mode, backward, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
+        ms, peak = timed(partial(dense_step, dense, x, torch.randn_like(x), backward), device)
+        rows.append(Row(f"dense FFN h={sizes.dense_hidden}", mode, "torch", ms, flops, peak))
+    return rows
+
+
+def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable], prefix: str = "") -> list[Row]:
     rows = []
     for experts, top_k, hidden in sizes.moe:
-        problem = MoEProblem(sizes, experts, top_k, hidden, device)
-        name = f"MoE E={experts} top-{top_k} h={hidden}"
-        y_ref, g_ref = problem.run(impls["torch"], backward=True)
-        y, g = problem.run(impls["triton"], backward=True, fused_routing=True)
-        errors = [rel_err(y, y_ref)] + [rel_err(a, b) for a, b in zip(g, g_ref, strict=True)]
-        print(f"check {name}: max relative error (output, grads) {max(errors):.1e}", flush=True)
-        if max(errors) > (2e-2 if sizes.dtype != torch.float32 else 1e-4):
-            sys.exit(f"{name}: the Triton kernel does not match the torch reference")
+        problem = MoEProblem(sizes, sizes.tokens, experts, top_k, hidden, device)
+        name = f"{prefix}MoE E={experts} top-{top_k} h={hidden}"
+        with poisoned():
+            y_ref, g_ref = problem.run(impls["torch"], backward=True)
+            y, g = problem.run(impls["triton"], backward=True, fused_routing=True)
+            worst = check(name, [y, *g], [y_ref, *g_ref], problem.names, sizes.tol)
+            y_infer, _ = problem.run(impls["triton"], backward=False, fused_routing=True)
+            check(name, [y_infer], [y_ref], ["output without grad"], sizes.tol)
+        print(f"check {name}: max relative error (output, grads) {worst:.1e}", flush=True)
         fwd_flops = 4.0 * sizes.tokens * top_k * sizes.d * hidden
         dense = dense_ffn(sizes.d, top_k * hidden, device, sizes.dtype)
         for mode, backward, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
             for impl_name, impl in impls.items():
                 ms, peak = timed(partial(problem.run, impl, backward, impl_name == "triton"), device)
                 rows.append(Row(name, mode, impl_name, ms, flops, peak))
-
-            ms, peak = timed(partial(dense_step, dense, problem, backward), device)
+            step = partial(dense_step, dense, problem.x, problem.dy, backward)
+            ms, peak = timed(step, device)
             rows.append(Row(name, mode, f"dense h={top_k * hidden}", ms, flops, peak, "no routing"))
     return rows
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
-    """``measure``, or no figure where an implementation cannot run here (``_grouped_mm`` before Hopper)."""
-    try:
-        return measure(fn, device)
-    except (RuntimeError, NotImplementedError) as exc:
-        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
-        return None, None
+def decode_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> list[Row]:
+    """Inference at decode sizes: where launch count and per-launch overhead, not FLOPs, set the time."""
+    rows = []
+    for experts, top_k, hidden in sizes.moe:
+        for tokens in sizes.decode:
+            problem = MoEProblem(sizes, tokens, experts, top_k, hidden, device)
+            name = f"decode E={experts} top-{top_k} h={hidden}, {tokens} tok"
+            with poisoned():
+                y_ref, _ = problem.run(impls["torch"], backward=False)
+                y, _ = problem.run(impls["triton"], backward=False, fused_routing=True)
+                worst = check(name, [y], [y_ref], ["output without grad"], sizes.tol)
+            print(f"check {name}: relative error (output) {worst:.1e}", flush=True)
+            flops = 4.0 * tokens * top_k * sizes.d * hidden
+            for impl_name, impl in impls.items():
+                ms, peak = timed(partial(problem.run, impl, False, impl_name == "triton"), device)
+                rows.append(Row(name, "fwd", impl_name, ms, flops, peak))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------- MoT
@@ -214,6 +309,10 @@ class MoTProblem:
         )
         self.dy = torch.randn(self.x.shape, generator=g).to(device, sizes.dtype)
         self.params = [self.x, *self.mixer.parameters(), *self.experts.parameters()]
+        self.names = [
+            "output", "grad x", *(f"grad mixer.{n}" for n, _ in self.mixer.named_parameters()),
+            *(f"grad {n}" for n, _ in self.experts.named_parameters()),
+        ]  # fmt: skip
 
     def run(self, impl: Callable, backward: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         for p in self.params:
@@ -238,12 +337,13 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
     for group, experts, hidden, batch, seq in sizes.mot:
         problem = MoTProblem(sizes, group, experts, hidden, batch, seq, device)
         name = f"MoT G={group} E={experts} h={hidden} (B={batch}, T={seq})"
-        y_ref, g_ref = problem.run(impls["torch"], backward=True)
-        y, g = problem.run(impls["triton"], backward=True)
-        errors = [rel_err(y, y_ref)] + [rel_err(a, b) for a, b in zip(g, g_ref, strict=True)]
-        print(f"check {name}: max relative error (output, grads) {max(errors):.1e}", flush=True)
-        if max(errors) > (2e-2 if sizes.dtype != torch.float32 else 1e-4):
-            sys.exit(f"{name}: the Triton kernel does not match the torch reference")
+        with poisoned():
+            y_ref, g_ref = problem.run(impls["torch"], backward=True)
+            y, g = problem.run(impls["triton"], backward=True)
+            worst = check(name, [y, *g], [y_ref, *g_ref], problem.names, sizes.tol)
+            y_infer, _ = problem.run(impls["triton"], backward=False)
+            check(name, [y_infer], [y_ref], ["output without grad"], sizes.tol)
+        print(f"check {name}: max relative error (output, grads) {worst:.1e}", flush=True)
         rows_per_expert = seq * math.ceil(batch / group)
         flops = 3 * (
             4.0 * experts * rows_per_expert * sizes.d * hidden + 4.0 * batch * seq * experts * sizes.d
@@ -259,22 +359,43 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
 # ----------------------------------------------------------------------------------------------- report
 
 
+def ratios(rows: list[Row]) -> dict[int, float | None]:
+    """Each row's time over the Triton kernel's in the same workload and pass (>1: Triton faster)."""
+    triton_ms = {(r.workload, r.mode): r.ms for r in rows if r.impl == "triton"}
+    out = {}
+    for i, r in enumerate(rows):
+        base = triton_ms.get((r.workload, r.mode))
+        out[i] = r.ms / base if r.ms and base else None
+    return out
+
+
 def print_table(rows: list[Row]) -> None:
     """One table; ``x triton`` is each implementation's time over the Triton kernel's (>1: Triton faster)."""
-    triton_ms = {(r.workload, r.mode): r.ms for r in rows if r.impl == "triton"}
     columns = ("workload", 40), ("pass", 8), ("implementation", 18)
     figures = ("ms", "TFLOP/s", "x triton", "peak GiB")
     header = " ".join(f"{c:{w}}" for c, w in columns) + "".join(f"{f:>10}" for f in figures)
     print(header)
     print("-" * len(header))
-    for r in rows:
-        base = triton_ms.get((r.workload, r.mode))
+    ratio = ratios(rows)
+    for i, r in enumerate(rows):
         ms = f"{r.ms:10.3f}" if r.ms is not None else f"{'n/a':>10}"
         tflops = f"{r.flops / r.ms / 1e9:10.1f}" if r.ms else f"{'n/a':>10}"
-        ratio = f"{r.ms / base:10.2f}" if r.ms and base else f"{'n/a':>10}"
+        x = f"{ratio[i]:10.2f}" if ratio[i] else f"{'n/a':>10}"
         peak = f"{r.peak_gib:10.2f}" if r.peak_gib is not None else f"{'n/a':>10}"
         note = f"  ({r.note})" if r.note else ""
-        print(f"{r.workload:40} {r.mode:8} {r.impl:18}{ms}{tflops}{ratio}{peak}{note}")
+        print(f"{r.workload:40} {r.mode:8} {r.impl:18}{ms}{tflops}{x}{peak}{note}")
+
+
+def write_json(path: str, header: dict, rows: list[Row]) -> None:
+    ratio = ratios(rows)
+    table = [
+        {**asdict(r), "tflops": r.flops / r.ms / 1e9 if r.ms else None, "x_triton": ratio[i]}
+        for i, r in enumerate(rows)
+    ]
+    checks = [{**asdict(c), "ok": c.ok} for c in CHECKS]
+    doc = {**header, "ok": all(c.ok for c in CHECKS), "checks": checks, "rows": table}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes; on CPU through the Triton interpreter"
     )
+    parser.add_argument("--json", help="write every figure and check to this file")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -289,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cuda:  # before Triton is first imported: it reads the variable when kernels are decorated
         os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
     from mixcompile.plugins.manager import registry
     from mixcompile.runtime.kernels import get_kernel
 
@@ -304,14 +428,31 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(torch, "_grouped_mm") and cuda:
         moe_impls["torch._grouped_mm"] = grouped_mm_moe
     mot_impls = {"triton": triton_kernel.mot, "torch": torch_kernel.mot}
+    header = {
+        "device": torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": str(sizes.dtype),
+        "tokens": sizes.tokens,
+        "d": sizes.d,
+    }
     print(
-        f"{torch.cuda.get_device_name() if cuda else 'CPU (Triton interpreter)'}, torch {torch.__version__}, "
-        f"{sizes.dtype}, {sizes.tokens} tokens, d={sizes.d}; fwd rows run under no_grad"
+        f"{header['device']}, torch {torch.__version__}, triton {triton.__version__}, {sizes.dtype}, "
+        f"{sizes.tokens} tokens, d={sizes.d}; fwd rows run under no_grad"
     )
-    rows = moe_rows(sizes, device, moe_impls) + mot_rows(sizes, device, mot_impls)
+    rows = dense_rows(sizes, device) + moe_rows(sizes, device, moe_impls)
+    rows += mot_rows(sizes, device, mot_impls) + decode_rows(sizes, device, moe_impls)
+    if not args.smoke:  # fp32 at "highest": three-product TF32 dots against cuBLAS's fp32
+        fp32 = replace(sizes, moe=sizes.moe[:1], dtype=torch.float32)
+        rows += moe_rows(fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}, "fp32 ")
     print()
     print_table(rows)
-    return 0
+    if args.json:
+        write_json(args.json, header, rows)
+    failed = [c for c in CHECKS if not c.ok]
+    for c in failed:
+        print(f"FAILED: {c.workload}: {c.tensor}: relative error {c.rel_err:.2e} (allowed {c.tol:.0e})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

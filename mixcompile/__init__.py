@@ -15,44 +15,67 @@ from mixcompile.errors import (
     ShapeError,
     UnknownNameError,
 )
+from mixcompile.integrations.transformers_experts import register_transformers_experts
 from mixcompile.io import load, save
 from mixcompile.plugins import Register, hookimpl, register_plugin, registry, unregister_plugin
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock, flop_matched_hidden
 from mixcompile.runtime.checks import debug_checks
-from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.experts import ExpertTensors, StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update_routing_bias
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
 from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
 from mixcompile.runtime.tokens import token_mask
+from mixcompile.runtime.transition import set_mot_temperature, temperature_schedule, to_token_choice
+from mixcompile.types import (
+    BlockKind,
+    Layout,
+    MoTMode,
+    PluginKind,
+    Sites,
+    Sizing,
+    SmallBatchPolicy,
+    Strategy,
+    TokenLayout,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertTensors",
     "topk_routing",
     "debug_checks",
     "RouterBase",
     "LearnedRouter",
     "ControllerMixer",
     "Block",
+    "BlockKind",
     "ConfigError",
     "DenseFFN",
     "Kernel",
+    "Layout",
     "LoadError",
     "MixPlan",
     "MixcompileError",
     "Mixer",
     "MoEBlock",
     "MoTBlock",
+    "MoTMode",
     "PluginError",
+    "PluginKind",
     "Recipe",
     "Register",
     "Router",
     "RoutingPlan",
     "ShapeError",
+    "Sites",
+    "Sizing",
+    "SmallBatchPolicy",
     "StackedExperts",
+    "Strategy",
     "TinyGPT",
+    "TokenLayout",
     "UnknownNameError",
     "aux_loss",
     "build_tiny_gpt",
@@ -63,10 +86,14 @@ __all__ = [
     "inspect",
     "load",
     "register_plugin",
+    "register_transformers_experts",
     "registry",
     "save",
+    "set_mot_temperature",
     "sparse_blocks",
     "stats",
+    "temperature_schedule",
+    "to_token_choice",
     "token_mask",
     "unregister_plugin",
     "update_routing_bias",

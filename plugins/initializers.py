@@ -7,11 +7,13 @@ canonical :class:`~mixcompile.DenseFFN` view, whatever the FFN looked like in th
 from __future__ import annotations
 
 import math
+from typing import Literal, TypeAlias
 
 import torch
 
 from mixcompile import ConfigError, DenseFFN, Register, StackedExperts, hookimpl
 
+SplitMethod: TypeAlias = Literal["random", "balanced"]
 SPLIT_METHODS = ("random", "balanced")
 
 
@@ -61,8 +63,10 @@ def upcycle(
         (experts.b_out, dense.b_out),
     )
     for param, value in pairs:
+        if param is None:
+            continue  # a weight the experts lack, and so does the dense FFN (load_dense checks they fit)
         _copy(param, None if value is None else value.unsqueeze(0).expand_as(param))
-        if param is not None and value is not None and noise > 0 and value.ndim == 2:
+        if value is not None and noise > 0 and value.ndim == 2:
             scale = noise * value.float().std()
             param.add_((torch.randn(param.shape, generator=generator) * scale).to(param))
 
@@ -72,7 +76,7 @@ def split(
     dense: DenseFFN | None,
     *,
     generator: torch.Generator | None = None,
-    method: str = "random",
+    method: SplitMethod = "random",
     scale: float = 1.0,
 ) -> None:
     """Neuron splitting (MoEfication, LLaMA-MoE): partition the h hidden neurons into E experts of h / E.

@@ -14,6 +14,8 @@ accepts bfloat16 only), hence the op. The MoT path is dense batched ``einsum`` s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mixcompile import MixPlan, Register, RoutingPlan, StackedExperts, hookimpl, topk_routing
@@ -66,7 +68,8 @@ class TorchKernel:
 
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     """``a [P, K]`` rows grouped by ``offsets [E]`` (cumulative ends, int32) times ``b [E, K, N]``."""
-    return _grouped_mm_op(a, b, offsets)
+    out: Tensor = _grouped_mm_op(a, b, offsets)  # a CustomOpDef's call is unannotated
+    return out
 
 
 @torch.library.custom_op("mixcompile_torch::grouped_mm", mutates_args=())
@@ -100,12 +103,12 @@ def _(a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
     return a.new_empty(offsets.shape[0], a.shape[1], grad.shape[1])
 
 
-def _setup(ctx, inputs, output) -> None:
+def _setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
     a, b, offsets = inputs
     ctx.save_for_backward(a, b, offsets)
 
 
-def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     a, b, offsets = ctx.saved_tensors
     grad = grad.contiguous()
     grad_a = _grouped_mm_op(grad, b.mT.contiguous(), offsets) if ctx.needs_input_grad[0] else None
@@ -123,9 +126,21 @@ def _ranges(offsets: Tensor) -> list[tuple[int, int]]:
 
 def _native(a: Tensor, b: Tensor) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands: a dtype and device it runs on (probed once), and
-    rows whose strides are multiples of 16 bytes."""
+    matrices stored row- or column-major with rows whose strides are multiples of 16 bytes (views of
+    another model's experts, e.g. every other row of a fused gate-up weight, are neither: they take the
+    loop)."""
     aligned = all(size * a.element_size() % 16 == 0 for size in (a.shape[-1], b.shape[-1]))
-    return aligned and a.dtype == b.dtype and _grouped_mm_available(a.device, a.dtype)
+    strided = _dense_layout(a) and _dense_layout(b)
+    return aligned and strided and a.dtype == b.dtype and _grouped_mm_available(a.device, a.dtype)
+
+
+def _dense_layout(t: Tensor) -> bool:
+    """Row- or column-major in its last two dimensions, every other stride a multiple of 16 bytes."""
+    inner = (t.stride(-1), t.stride(-2))
+    if 1 not in inner:
+        return False
+    others = [inner[1] if inner[0] == 1 else inner[0], *t.stride()[:-2]]
+    return all(stride * t.element_size() % 16 == 0 for stride in others)
 
 
 def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias
+
 import torch
 
 from mixcompile import ConfigError, ControllerMixer, MixPlan, Register, hookimpl
 
+EmitMode: TypeAlias = Literal["merge", "experts"]
 EMIT_MODES = ("merge", "experts")
 
 
@@ -27,7 +30,7 @@ class SoftmaxMixer(ControllerMixer):
         group_size: int,
         *,
         temperature: float = 1.0,
-        emit: str = "merge",
+        emit: EmitMode = "merge",
         init_std: float = 0.02,
     ) -> None:
         super().__init__(d_model, num_experts, group_size, init_std=init_std)

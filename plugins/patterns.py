@@ -12,8 +12,10 @@ Biases are optional everywhere; activations are whatever the graph view normalis
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeAlias, cast
 
 import networkx as nx
+import torch
 from torch import fx
 
 from mixcompile import DenseFFN, Register, hookimpl
@@ -32,6 +34,8 @@ from mixcompile.compiler import (
     template,
 )
 
+LinearWeights: TypeAlias = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias or None)
+
 
 def _with_optional_dropout(build: Callable[[int], nx.DiGraph]) -> list[nx.DiGraph]:
     """Templates with 0, 1 and 2 dropout-kind nodes (dropouts, identities) between the projections."""
@@ -39,7 +43,7 @@ def _with_optional_dropout(build: Callable[[int], nx.DiGraph]) -> list[nx.DiGrap
 
 
 def _ffn(
-    view: GraphView, act: fx.Node, up: tuple, down: fx.Node, gate: tuple | None = None
+    view: GraphView, act: fx.Node, up: LinearWeights, down: fx.Node, gate: LinearWeights | None = None
 ) -> DenseFFN | None:
     """A DenseFFN from ``(weight, bias)`` pairs, or ``None`` when the shapes do not chain."""
     w_out, b_out = view.linear_weights(down)
@@ -47,7 +51,8 @@ def _ffn(
     h, d = w_in.shape
     if w_out.shape != (d, h) or (w_gate is not None and w_gate.shape != (h, d)):
         return None
-    return DenseFFN(w_in, w_out, view.activation(act), w_gate=w_gate, b_in=b_in, b_gate=b_gate, b_out=b_out)
+    activation = cast(str, view.activation(act))  # an activation node always has its activation's name
+    return DenseFFN(w_in, w_out, activation, w_gate=w_gate, b_in=b_in, b_gate=b_gate, b_out=b_out)
 
 
 def _into_down(kinds: dict[str, str], edges: list[tuple[str, str]], dropouts: int) -> nx.DiGraph:
@@ -126,7 +131,8 @@ class FusedGatedMLP(TemplatePattern):
         h = weight.shape[0] // 2
         halves = [(weight[:h], bias[:h] if bias is not None else None)]
         halves.append((weight[h:], bias[h:] if bias is not None else None))
-        return _ffn(view, roles["act"], halves[up_index], roles["down"], gate=halves[gate_index])
+        up, gate = halves[cast(int, up_index)], halves[cast(int, gate_index)]  # 0 and 1, checked above
+        return _ffn(view, roles["act"], up, roles["down"], gate=gate)
 
 
 @hookimpl

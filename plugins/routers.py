@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Literal, TypeAlias
 
 import torch
 
 from mixcompile import ConfigError, Kernel, LearnedRouter, Register, RouterBase, RoutingPlan, hookimpl
 
+TopKOrder: TypeAlias = Literal["softmax_topk", "topk_softmax"]
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")
 
 
@@ -22,11 +24,11 @@ class TopKRouter(LearnedRouter):
         num_experts: int,
         top_k: int,
         *,
-        order: str = "softmax_topk",
+        order: TopKOrder = "softmax_topk",
         renormalize: bool = True,
-        **options: object,
+        **options: Any,
     ) -> None:
-        super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
+        super().__init__(d_model, num_experts, top_k, **options)
         if order not in TOPK_ORDERS:
             raise ConfigError(f"order must be one of {TOPK_ORDERS}, got {order!r}.")
         if order == "topk_softmax" and not renormalize:
@@ -52,7 +54,7 @@ class TopKRouter(LearnedRouter):
 class SwitchRouter(TopKRouter):
     """Switch Transformer (Fedus 2021): top-1, the output scaled by the expert's probability."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, **options: object) -> None:
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, **options: Any) -> None:
         if top_k != 1:
             raise ConfigError(
                 f"router 'switch' sends each token to exactly one expert: top_k must be 1, got {top_k}."
@@ -65,7 +67,7 @@ class ExpertChoiceRouter(LearnedRouter):
     weighted by the token's probability for it. Perfectly balanced, but a token's routing depends on the
     other tokens in the batch, so it is not causal: use it where that is acceptable (encoders)."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, **options: object) -> None:
+    def __init__(self, d_model: int, num_experts: int, top_k: int, **options: Any) -> None:
         options.setdefault("capacity_factor", 1.0)
         options.setdefault("balance_loss_weight", 0.0)
         if options["capacity_factor"] is None:
@@ -74,7 +76,7 @@ class ExpertChoiceRouter(LearnedRouter):
             raise ConfigError(
                 "router 'expert_choice' is balanced by construction; bias_balancing does not apply."
             )
-        super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
+        super().__init__(d_model, num_experts, top_k, **options)
 
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         logits = self.logits(x)
@@ -93,12 +95,12 @@ class HashRouter(RouterBase):
     """Parameter-free routing: a fixed random projection (seeded) of the token features picks its k experts,
     each weighted 1/k. A content hash, since an FFN sees hidden states, not token ids (cf. Roller 2021)."""
 
-    def __init__(
-        self, d_model: int, num_experts: int, top_k: int, *, seed: int = 0, **options: object
-    ) -> None:
+    projection: torch.Tensor  # [E, d] buffer
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, seed: int = 0, **options: Any) -> None:
         for name in ("balance_loss_weight", "z_loss_weight"):
             options.setdefault(name, 0.0)
-        super().__init__(d_model, num_experts, top_k, **options)  # type: ignore[arg-type]
+        super().__init__(d_model, num_experts, top_k, **options)
         generator = torch.Generator().manual_seed(seed)
         projection = torch.randn(num_experts, d_model, generator=generator) / math.sqrt(d_model)
         self.register_buffer("projection", projection)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -49,8 +50,8 @@ def bench_models(
         model = model.to(device)
         inputs = example_inputs(model, batch=batch, seq=seq, device=device)
         params = sum(p.numel() for p in model.parameters())
-        fwd = _median_ms(lambda m=model, i=inputs: _forward(m, i), steps, device)
-        train = _median_ms(lambda m=model, i=inputs: _train_step(m, i), steps, device)
+        fwd = _median_ms(functools.partial(_forward, model, inputs), steps, device)
+        train = _median_ms(functools.partial(_train_step, model, inputs), steps, device)
         rows.append((name, params, fwd, train))
     base_row = rows[0]
     lines = [

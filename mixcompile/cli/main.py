@@ -77,6 +77,19 @@ def bounded_int(low: int, high: int) -> Any:
     return parse
 
 
+def key_value(text: str) -> tuple[str, Any]:
+    """An argparse type: ``KEY=VALUE``, the value read as JSON when it parses (``1.25``, ``true``, ``null``)
+    and as a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
 def device_name(text: str) -> str:
     """An argparse type: a torch device that exists on this machine."""
     try:
@@ -230,6 +243,29 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--init", help="initializer plugin: upcycle, split, random, ...")
     group.add_argument("--sizing", help="expert hidden size: same, split or flop (flop-matched)")
     group.add_argument("--layers", help="which FFNs: all, last-half, every:N, or indices like 0,2,5")
+    group.add_argument(
+        "--shared-experts",
+        type=bounded_int(0, MAX_EXPERTS),
+        dest="num_shared_experts",
+        help="MoE: always-on experts (DeepSeekMoE)",
+    )
+    group.add_argument("--mode", help="MoT: soft (the paper) or sparse (each expert keeps its top member)")
+    group.add_argument(
+        "--small-batch", dest="small_batch", help="MoT with fewer than G sequences: group or sparse"
+    )
+    for kind, example in (
+        ("router", "capacity_factor=1.25"),
+        ("mixer", "temperature=0.5"),
+        ("init", "noise=0.1"),
+    ):
+        group.add_argument(
+            f"--{kind}-option",
+            dest=f"{kind}_options",
+            action="append",
+            type=key_value,
+            metavar="KEY=VALUE",
+            help=f"an option of the {kind} plugin, repeatable (e.g. {example}; VALUE read as JSON if it can)",
+        )
 
 
 RECIPE_FLAGS = (
@@ -243,6 +279,9 @@ RECIPE_FLAGS = (
     "init",
     "sizing",
     "seed",
+    "num_shared_experts",
+    "mode",
+    "small_batch",
 )
 
 
@@ -262,6 +301,11 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
             data[flag] = value
     if args.layers is not None:
         data["sites"] = parse_layers(args.layers)
+    for kind in ("router", "mixer", "init"):
+        pairs = getattr(args, f"{kind}_options")
+        if pairs:
+            options = data.get(f"{kind}_options")
+            data[f"{kind}_options"] = {**(options if isinstance(options, dict) else {}), **dict(pairs)}
     if not data:
         if required:
             raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")

@@ -20,7 +20,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        y: torch.Tensor = self.c_proj(self.gelu(self.c_fc(x)))
+        return y
 
 
 class Block(nn.Module):
@@ -39,7 +40,8 @@ class Block(nn.Module):
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.ln_2(x))
+        y: torch.Tensor = x + self.mlp(self.ln_2(x))
+        return y
 
 
 class TinyGPT(nn.Module):
@@ -67,7 +69,8 @@ class TinyGPT(nn.Module):
         x = self.wte(tokens) + self.wpe(positions)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        logits: torch.Tensor = self.lm_head(self.ln_f(x))
+        return logits
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -122,5 +125,5 @@ def build_tiny_gpt(
             f"{MAX_TINY_GPT_PARAMS:,}."
         )
     model = TinyGPT(**kwargs)
-    model.mixcompile_base = {"kind": "builder", "name": "tiny_gpt", "kwargs": kwargs}
+    model.mixcompile_base = {"kind": "builder", "name": "tiny_gpt", "kwargs": kwargs}  # type: ignore[assignment]
     return model

@@ -48,7 +48,7 @@ def module_activation(module: nn.Module) -> str | None:
 def function_activation(function: object, kwargs: dict[str, Any]) -> str | None:
     """The normalised name of an activation function call (``F.gelu(x, approximate="tanh")`` included)."""
     try:
-        name = _FUNCTIONS.get(function)  # type: ignore[call-overload]
+        name: str | None = _FUNCTIONS.get(function)  # type: ignore[call-overload]
     except TypeError:  # unhashable callables are never activations we know
         return None
     if name == "gelu" and kwargs.get("approximate", "none") == "tanh":

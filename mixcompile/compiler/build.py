@@ -9,6 +9,7 @@ parameter counts, no memory, no weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,9 +17,11 @@ from torch import nn
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError, MixcompileError
-from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock
 from mixcompile.runtime.blocks.sizing import expert_hidden, sparse_flops
+from mixcompile.runtime.experts import StackedExperts, deferred_init
 from mixcompile.runtime.ffn import DenseFFN
+from mixcompile.types import TokenLayout
 
 
 @dataclass
@@ -34,18 +37,15 @@ class Replacement:
 
 
 def build_replacement(
-    site: FFNSite, recipe: Recipe, *, meta: bool = False, layout: str | None = None
+    site: FFNSite, recipe: Recipe, *, meta: bool = False, layout: TokenLayout | None = None
 ) -> Replacement:
     """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site.
     ``layout`` is the MoT token layout :mod:`mixcompile.compiler.layout` decided for the site."""
     ffn = site.ffn
+    device = torch.device("meta") if meta else ffn.w_in.device
     try:
         d_hidden = _expert_hidden(ffn.d_hidden, recipe)
-        device = "meta" if meta else ffn.w_in.device
-        block = build_block(site, recipe, d_hidden, device=device, layout=layout)
-        if not meta and ffn.w_in.device.type != "meta":
-            generator = torch.Generator(device=ffn.w_in.device).manual_seed(recipe.seed + site.index)
-            block.load_dense(ffn, init=recipe.init, generator=generator, **recipe.init_options)
+        block = seeded_block(site, recipe, d_hidden, device, layout=layout)
         kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
     except MixcompileError as exc:
         raise exc.prefixed(f"FFN site {site.index} at {site.label!r}") from exc
@@ -61,6 +61,38 @@ def build_replacement(
     )
 
 
+def seeded_block(
+    site: FFNSite,
+    recipe: Recipe,
+    d_hidden: int,
+    device: torch.device,
+    *,
+    layout: TokenLayout | None = None,
+) -> Block:
+    """The block for ``site``, every random choice drawn from ``recipe.seed`` and the site's index
+    (``layout``: the MoT token layout :mod:`mixcompile.compiler.layout` decided for it).
+
+    Routers and mixers are built on the CPU under a forked, seeded RNG (the same weights on every device,
+    whatever the global RNG); the experts are allocated on ``device`` uninitialised and filled by the
+    initializer, with a seeded CPU generator for its random draws. On the meta device nothing is filled.
+    """
+    seed = recipe.seed + site.index
+    with torch.random.fork_rng(devices=[]), deferred_init():
+        torch.manual_seed(seed)
+        block = build_block(site, recipe, d_hidden, device="cpu", layout=layout)
+    generator = torch.Generator().manual_seed(seed)
+    for experts in block.modules():
+        if isinstance(experts, StackedExperts):
+            experts.to_empty(device=device)
+    block.to(device)
+    if device.type == "meta":
+        return block
+    if isinstance(block, MoEBlock) and block.shared_experts is not None:
+        block.shared_experts.reset_parameters(generator)
+    block.load_dense(site.ffn, init=recipe.init, generator=generator, **recipe.init_options)
+    return block
+
+
 def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
     return expert_hidden(
         recipe.strategy,
@@ -73,10 +105,15 @@ def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
 
 
 def build_block(
-    site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.device | str, layout: str | None = None
-) -> nn.Module:
+    site: FFNSite,
+    recipe: Recipe,
+    d_hidden: int,
+    *,
+    device: torch.device | str,
+    layout: TokenLayout | None = None,
+) -> Block:
     ffn = site.ffn
-    shape = {
+    shape: dict[str, Any] = {
         "activation": ffn.activation,
         "gated": ffn.gated,
         "bias": ffn.has_bias,
@@ -89,7 +126,7 @@ def build_block(
     if recipe.strategy == "moe":
         if recipe.top_k > recipe.num_experts:
             raise ConfigError(f"top_k={recipe.top_k} is more than num_experts={recipe.num_experts}.")
-        block: nn.Module = MoEBlock(
+        block: Block = MoEBlock(
             ffn.d_model,
             d_hidden,
             recipe.num_experts,
@@ -107,6 +144,8 @@ def build_block(
             group_size=recipe.group_size,
             mixer=recipe.mixer,
             mixer_options=recipe.mixer_options,
+            mode=recipe.mode,
+            small_batch=recipe.small_batch,
             layout=layout or site.layout or "batch_first",
             **shape,
         )

@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
+from tqdm import tqdm
 
 from mixcompile.compiler.build import (
     Replacement,
@@ -30,7 +32,7 @@ from mixcompile.compiler.find import FFNSite, Scan, find_ffns
 from mixcompile.compiler.layout import auto_inputs, batch_size, decide_layout, observed_layout
 from mixcompile.compiler.pattern import Pattern
 from mixcompile.compiler.recipe import Recipe, make_recipe, record
-from mixcompile.compiler.report import BlockReport, Report, SiteReport
+from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
 from mixcompile.compiler.rewrite import apply, assignments, choose_rewrites
 from mixcompile.compiler.verify import (
     SiteCheck,
@@ -45,6 +47,9 @@ from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.introspect import sparse_blocks
 from mixcompile.runtime.tokens import install_token_hooks
+from mixcompile.types import TokenLayout
+
+ModelT = TypeVar("ModelT", bound=nn.Module)  # convert returns the model's own class
 
 
 def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
@@ -70,14 +75,14 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
 
 
 def convert(
-    model: nn.Module,
+    model: ModelT,
     recipe: Recipe | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
     verify: bool = True,
     example_inputs: Any = None,
     **options: Any,
-) -> nn.Module:
+) -> ModelT:
     """Replace the dense FFNs of ``model`` with MoE / MoT blocks; returns the converted model.
 
     ``convert(model, strategy="mot", num_experts=8)`` or ``convert(model, recipe)`` (keywords override the
@@ -94,14 +99,14 @@ def convert(
 
 
 def convert_with_report(
-    model: nn.Module,
+    model: ModelT,
     recipe: Recipe | Mapping[str, Any] | None = None,
     *,
     inplace: bool = False,
     verify: bool = True,
     example_inputs: Any = None,
     **options: Any,
-) -> tuple[nn.Module, Report]:
+) -> tuple[ModelT, Report]:
     """:func:`convert`, also returning the report (with the verification errors per site)."""
     _check_model(model)
     recipe = make_recipe(recipe, options)
@@ -120,13 +125,15 @@ def convert_with_report(
                 f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}", stacklevel=2
             )
     mot = recipe.strategy == "mot"
-    probe = _Probe(target, rewritable, example_inputs, needed=verify or mot)
-    layouts = {}
+    # A replay with verification off and the layout recorded (mixcompile.load) needs no probe forward.
+    probe = _Probe(target, rewritable, example_inputs, needed=verify or (mot and recipe.layout == "auto"))
+    layouts: dict[int, TokenLayout] = {}
     if mot:
         for site in rewritable:
             observed = probe.layout(site)
             layouts[site.index] = decide_layout(site, recipe, observed, target)
-    plans = [build_replacement(site, recipe, layout=layouts.get(site.index)) for site in rewritable]
+    progress = tqdm(rewritable, desc="building blocks", unit="site", disable=None, leave=False)  # TTY only
+    plans = [build_replacement(site, recipe, layout=layouts.get(site.index)) for site in progress]
     for plan in plans:
         plan.block.train(plan.site.unit.module.training)
     before = _count_params(target)
@@ -146,6 +153,9 @@ def convert_with_report(
     report.model_max_error = model_error
     report.notes.extend(probe.notes)
     record(target, recipe, [plan.site.index for plan in plans], [layouts[i] for i in sorted(layouts)])
+    from mixcompile.io.hf import install_save_pretrained  # io depends on the compiler, not the reverse
+
+    install_save_pretrained(target)  # so save_pretrained writes a directory nothing reads as the dense model
     return target, report
 
 
@@ -180,7 +190,7 @@ class _Probe:
             self.inputs = None
         self.batch = batch_size(self.inputs)
 
-    def layout(self, site: FFNSite) -> str | None:
+    def layout(self, site: FFNSite) -> TokenLayout | None:
         captured = self.captured.get(site.index)
         return None if captured is None else observed_layout(tuple(captured.shape), self.batch)
 
@@ -188,8 +198,8 @@ class _Probe:
 def _verify(
     model: nn.Module, recipe: Recipe, plans: list[Replacement], probe: _Probe, verify: bool
 ) -> tuple[dict[int, SiteCheck], float | None]:
-    if not verify:
-        return {}, None
+    if not verify or any(plan.site.ffn.w_in.is_meta for plan in plans):
+        return {}, None  # a model on the meta device has structure, no values: nothing to run
     preserving = function_preserving(recipe)
     checks = {}
     for plan in plans:
@@ -215,8 +225,25 @@ def _verify(
 
 
 def _check_model(model: object) -> None:
+    """An ``nn.Module`` that ``torch.fx`` can trace, or a ``TypeError`` saying what to pass instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{type(model).__name__} is a TorchScript module: scripting compiled its FFNs into a TorchScript "
+            "graph with no nn.Linear modules left to swap. Convert the Python nn.Module, then script the "
+            "result."
+        )
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "this is a torch.compile wrapper: convert the model it wraps (model._orig_mod), then compile the "
+            "converted model."
+        )
     if isinstance(model, nn.Module):
         return
+    if isinstance(model, torch.export.ExportedProgram):
+        raise TypeError(
+            "this is a torch.export program: export flattens the model to ATen operations, leaving no FFN "
+            "modules to swap. Convert the nn.Module, then export the converted model."
+        )
     if isinstance(model, type) and issubclass(model, nn.Module):
         hint = f"pass an instance, e.g. convert({model.__name__}(...))"
     elif isinstance(model, Mapping):
@@ -260,6 +287,27 @@ def _describe_blocks(model: nn.Module) -> list[tuple[BlockReport, int]]:
         )
         described.append((report, existing_block_flops(block)))
     return described
+
+
+def _describe_hf_experts(model: nn.Module) -> list[ExpertsModuleReport]:
+    """The Hugging Face experts modules of ``model`` and the experts implementation each uses."""
+    from mixcompile.integrations.transformers_experts import describe_experts_module, experts_modules
+
+    reports = []
+    for path, module in experts_modules(model):
+        info = describe_experts_module(module)
+        reports.append(
+            ExpertsModuleReport(
+                path=path,
+                module_class=type(module).__name__,
+                num_experts=getattr(module, "num_experts", None),
+                implementation=info["implementation"],
+                mixcompile_supported=info["supported"],
+                reason=info["reason"],
+                kernel=info["kernel"],
+            )
+        )
+    return reports
 
 
 def _count_params(model: nn.Module) -> int:
@@ -324,4 +372,5 @@ def _report(
         ffn_flops_after=sum(plan.flops_after for plan in plans) + unchanged,
         converted=converted,
         sparse_blocks=[block for block, _ in existing],
+        hf_experts=_describe_hf_experts(model),
     )

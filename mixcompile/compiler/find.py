@@ -19,6 +19,7 @@ from mixcompile.compiler.view import DROPOUT, GraphView, build_view
 from mixcompile.plugins.build import build_plugin
 from mixcompile.plugins.manager import registry
 from mixcompile.runtime.ffn import DenseFFN
+from mixcompile.types import TokenLayout
 
 if TYPE_CHECKING:
     from mixcompile.compiler.rewrite import Rewrite
@@ -33,7 +34,7 @@ class FFNSite:
     match: Match
     finder: Pattern = field(repr=False)
     members: tuple[str, ...]  # paths of the modules the FFN calls, in data order
-    layout: str | None  # what the graph says of the FFN input's token layout (None: it does not say)
+    layout: TokenLayout | None  # what the graph says of the FFN input's token layout (None: it does not say)
     hidden_dropout: float = 0.0  # the dropout between the projections, which the block applies
     dropouts: tuple[tuple[fx.Node, float, str | None], ...] = ()  # (node, p, attribute holding p)
     rewrite: Rewrite | None = None
@@ -115,7 +116,7 @@ _FLATTEN_METHODS = ("reshape", "view")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.Dropout, nn.Identity)
 
 
-def static_layout(unit: TracedUnit, match: Match) -> str | None:
+def static_layout(unit: TracedUnit, match: Match) -> TokenLayout | None:
     """The FFN input's token layout where the graph says it: ``nn.Transformer*`` layers declare
     ``batch_first``; an input that is ``x.reshape(-1, d)`` / ``x.view(-1, d)`` / ``x.flatten(0, 1)`` (seen
     through norms and dropouts, OPT's shape) is ``flat``. ``None`` where the graph does not say."""
@@ -124,8 +125,8 @@ def static_layout(unit: TracedUnit, match: Match) -> str | None:
     node = match.input
     for _ in range(4):
         if node.op == "call_method" and node.target in _FLATTEN_METHODS:
-            shape = node.args[1:]
-            shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+            args = node.args[1:]
+            shape = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args
             return "flat" if len(shape) == 2 else None
         if (node.op == "call_method" and node.target == "flatten") or (
             node.op == "call_function" and node.target is torch.flatten

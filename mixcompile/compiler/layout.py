@@ -28,6 +28,7 @@ from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError
 from mixcompile.runtime.tokens import covered_by_token_hooks
+from mixcompile.types import TokenLayout
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "pixel_values", "decoder_input_ids")
 AUTO_BATCH, AUTO_SEQ = 3, 5  # different sizes, so [B, T, d] and [T, B, d] tell themselves apart
@@ -63,7 +64,7 @@ def batch_size(inputs: Any) -> int | None:
     return None
 
 
-def observed_layout(shape: tuple[int, ...], batch: int | None) -> str | None:
+def observed_layout(shape: tuple[int, ...], batch: int | None) -> TokenLayout | None:
     """The layout an FFN input of ``shape`` shows in a forward of ``batch`` sequences (``None``: unclear)."""
     if len(shape) == 2:
         return "flat"
@@ -76,7 +77,9 @@ def observed_layout(shape: tuple[int, ...], batch: int | None) -> str | None:
     return None
 
 
-def decide_layout(site: FFNSite, recipe: Recipe, observed: str | None, model: nn.Module) -> str:
+def decide_layout(
+    site: FFNSite, recipe: Recipe, observed: TokenLayout | None, model: nn.Module
+) -> TokenLayout:
     """The layout of ``site``'s MoT block; a contradiction, or flattened tokens whose batch size nothing in
     the model's forward records, is a :class:`ConfigError` naming the site."""
     stated = None if recipe.layout == "auto" else recipe.layout

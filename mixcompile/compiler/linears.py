@@ -7,6 +7,8 @@ want one layout, ``weight [out, in]``, so this is the only place that knows the 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -28,8 +30,9 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight [out, in], bias [out] or None)`` of a linear-like module: detached views of its params."""
-    weight = module.weight.detach()
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    # Tensors in a linear-like module (nn.Module's __getattr__ is typed Tensor | Module).
+    weight = cast(torch.Tensor, module.weight).detach()
+    bias = cast(torch.Tensor, module.bias).detach() if getattr(module, "bias", None) is not None else None
     if _is_conv1d(module):
         weight = weight.t()
     return weight, bias

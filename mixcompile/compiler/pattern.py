@@ -95,7 +95,7 @@ def chain(*roles: tuple[str, str]) -> nx.DiGraph:
     return template(*zip(names, names[1:], strict=False), kinds=kinds)
 
 
-def _same_kind(graph_attrs: dict, template_attrs: dict) -> bool:
+def _same_kind(graph_attrs: Mapping[str, object], template_attrs: Mapping[str, object]) -> bool:
     return template_attrs["kind"] == ANY or graph_attrs["kind"] == template_attrs["kind"]
 
 

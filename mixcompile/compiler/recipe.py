@@ -18,10 +18,13 @@ from typing import Any
 from torch import nn
 
 from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
+from mixcompile.types import Layout, MoTMode, Sites, Sizing, SmallBatchPolicy, Strategy, TokenLayout
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
 LAYOUTS = ("auto", "batch_first", "seq_first", "flat")
+MOT_MODES = ("soft", "sparse")  # MoTBlock's, first the default
+SMALL_BATCH_POLICIES = ("group", "sparse")
 MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo or a tampered file
 MAX_GROUP_SIZE = 1 << 16
 _EVERY = re.compile(r"^every:(\d+)$")
@@ -30,9 +33,11 @@ _RECORD = "_mixcompile_recipes"
 
 @dataclass
 class Recipe:
-    """How to convert. Sizing: ``same`` keeps the dense hidden size per expert, ``split`` gives each expert
-    ``hidden / num_experts`` (MoEfication), ``flop`` keeps FLOPs per token equal to dense, ``auto`` is
-    ``split`` for the ``split`` initializer and ``same`` otherwise.
+    """How to convert. MoT blocks take ``mode`` (``"soft"``, the paper; ``"sparse"``: each expert keeps its
+    top group member) and ``small_batch`` (``"group"`` or ``"sparse"`` at inference with fewer than G
+    sequences); see :class:`mixcompile.MoTBlock`. Sizing: ``same`` keeps the dense hidden size per expert,
+    ``split`` gives each expert ``hidden / num_experts`` (MoEfication), ``flop`` keeps FLOPs per token
+    equal to dense, ``auto`` is ``split`` for the ``split`` initializer and ``same`` otherwise.
 
     Sites: ``"all"``, ``"last_half"`` (as in the MoT paper), ``"every:N"`` (the N-th, 2N-th, ... FFN, i.e.
     indices N-1, 2N-1, ...), or a list of site indices (model order, as ``inspect`` numbers them);
@@ -44,7 +49,7 @@ class Recipe:
     inputs, ``batch_first`` flags, the graph); a stated layout the model contradicts is an error.
     """
 
-    strategy: str = "moe"
+    strategy: Strategy = "moe"
     num_experts: int = 8
     top_k: int = 2
     group_size: int = 4
@@ -56,9 +61,11 @@ class Recipe:
     router_options: dict[str, Any] = field(default_factory=dict)
     mixer_options: dict[str, Any] = field(default_factory=dict)
     num_shared_experts: int = 0
-    sizing: str = "auto"
-    sites: str | list[int] = "all"
-    layout: str = "auto"
+    mode: MoTMode = "soft"
+    small_batch: SmallBatchPolicy = "group"
+    sizing: Sizing = "auto"
+    sites: Sites = "all"
+    layout: Layout = "auto"
     seed: int = 0
     filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False, repr=False)
 
@@ -74,6 +81,14 @@ class Recipe:
         check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
         check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0, maximum=MAX_EXPERTS)
         check_positive_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        for name, choices in (("mode", MOT_MODES), ("small_batch", SMALL_BATCH_POLICIES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise UnknownNameError(name, str(value), choices)
+            if self.strategy == "moe" and value != choices[0]:
+                raise ConfigError(
+                    f"{name}={value!r} is a MoT option; a MoE recipe leaves it at {choices[0]!r}."
+                )
         for name in ("init_options", "router_options", "mixer_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")
@@ -85,7 +100,7 @@ class Recipe:
             )
 
     def _check_sites(self) -> None:
-        sites = self.sites
+        sites: object = self.sites  # whatever the caller passed (from_dict reads untrusted files)
         if isinstance(sites, str):
             if sites not in ("all", "last_half") and not _EVERY.match(sites):
                 raise ConfigError(
@@ -102,7 +117,7 @@ class Recipe:
             )
         self.sites = list(sites)
 
-    def resolved_sizing(self) -> str:
+    def resolved_sizing(self) -> Sizing:
         if self.sizing != "auto":
             return self.sizing
         return "split" if self.init == "split" else "same"
@@ -133,10 +148,12 @@ def recipes_of(model: nn.Module) -> list[Recipe]:
     return list(recipes) if isinstance(recipes, list) else []
 
 
-def record(model: nn.Module, recipe: Recipe, converted: list[int], layouts: Sequence[str] = ()) -> None:
+def record(
+    model: nn.Module, recipe: Recipe, converted: list[int], layouts: Sequence[TokenLayout] = ()
+) -> None:
     """Remember ``recipe`` as replayable: its converted sites as indices, and the MoT layout it found when
     every converted site has the same one (so a replay without inputs builds the same blocks)."""
-    layout = layouts[0] if len(set(layouts)) == 1 else recipe.layout
+    layout: Layout = layouts[0] if len(set(layouts)) == 1 else recipe.layout
     replayable = dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None, layout=layout)
     object.__setattr__(model, _RECORD, [*recipes_of(model), replayable])
 

@@ -7,6 +7,7 @@ parameters and FFN FLOPs per token before and after.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +51,19 @@ class BlockReport:
 
 
 @dataclass
+class ExpertsModuleReport:
+    """A Hugging Face experts module (transformers' experts interface) in the model."""
+
+    path: str
+    module_class: str
+    num_experts: int | None
+    implementation: str | None  # config._experts_implementation: "grouped_mm", "eager", "mixcompile", ...
+    mixcompile_supported: bool  # whether experts_implementation="mixcompile" can run it
+    reason: str | None = None  # why not
+    kernel: str | None = None  # the mixcompile kernel it runs (or would run) with on its device and dtype
+
+
+@dataclass
 class Report:
     model: str
     recipe: dict[str, Any]
@@ -63,6 +77,7 @@ class Report:
     model_max_error: float | None = None
     sparse_blocks: list[BlockReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # about the conversion as a whole (verification, hooks)
+    hf_experts: list[ExpertsModuleReport] = field(default_factory=list)
 
     @property
     def unrewritable(self) -> list[SiteReport]:
@@ -107,6 +122,9 @@ class Report:
                     f"  {b.path:<44} {b.kind:<4} {b.num_experts} experts {shape}, {routing}, {b.activation}, "
                     f"kernel {b.kernel}"
                 )
+        if self.hf_experts:
+            lines += ["", "Hugging Face experts modules (experts_implementation):"]
+            lines += [f"  {line}" for line in _experts_lines(self.hf_experts)]
         if self.unrewritable:
             lines += ["", "Sites that cannot be rewritten:"]
             lines += [f"  {s.index} {s.path}: {s.reason}" for s in self.unrewritable]
@@ -122,3 +140,20 @@ class Report:
             lines.append(f"model output max error vs dense: {self.model_max_error:.3g}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def _experts_lines(modules: list[ExpertsModuleReport]) -> list[str]:
+    """One line per kind of experts module (layers differ only in their index: ``layers.*``)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for m in modules:
+        key = (re.sub(r"\.\d+\.", ".*.", m.path), m.module_class, m.num_experts, m.implementation,
+               m.mixcompile_supported, m.reason, m.kernel)  # fmt: skip
+        groups.setdefault(key, []).append(m.path)
+    lines = []
+    for (pattern, cls, experts, implementation, supported, reason, kernel), paths in groups.items():
+        where = pattern if len(paths) > 1 else paths[0]
+        count = f" x{len(paths)}" if len(paths) > 1 else ""
+        verdict = f"supported (kernel {kernel})" if supported else f"not supported: {reason}"
+        where = f"{where} {cls}{count}, {experts} experts"
+        lines.append(f"{where}, implementation {implementation!r}; mixcompile {verdict}")
+    return lines

@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from torch import fx, nn
 
@@ -160,7 +160,9 @@ def _module_swap(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit])
 def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> Rewrite | str:
     unit, match = site.unit, site.match
     ordered = [n for n in unit.graph.nodes if n in match.nodes]
-    previous, members, turned_off = match.input, [], []
+    previous = match.input
+    members: list[str] = []
+    turned_off: list[Assignment] = []
     dropouts = {node: (p, attr) for node, p, attr in site.dropouts}
     for node in ordered:
         if (
@@ -320,7 +322,9 @@ def _edited_module(owner: nn.Module, group: list[tuple[FFNSite, nn.Module]]) -> 
 def _block_name(match: Match, graph: fx.Graph, taken: dict[str, object]) -> str:
     """Name the block after the projection it replaces, unless something outside the FFN still uses it."""
     first = next(n for n in match.input.users if n in match.nodes)
-    name = str(first.target if first.op == "call_module" else first.args[1].target).replace(".", "_")
+    # A functional linear's weight is a get_attr node (view._classify checked it).
+    target = first.target if first.op == "call_module" else cast(fx.Node, first.args[1]).target
+    name = str(target).replace(".", "_")
     used = set(taken) | {
         str(n.target).split(".")[0]
         for n in graph.nodes

@@ -65,7 +65,7 @@ class LeafTracer(fx.Tracer):
         return super().trace(root, concrete_args)
 
     def create_args_for_root(
-        self, root_fn: Any, is_module: bool, concrete_args: dict[str, Any] | None = None
+        self, root_fn: Any, is_module: bool, concrete_args: dict[str, Any] | tuple[Any, ...] | None = None
     ) -> tuple[Any, list[Any]]:
         """Analysis traces give placeholders to required positional parameters only; the rest keep their
         defaults (``**kwargs`` stays empty), which is how most callers call a layer anyway."""

@@ -61,7 +61,7 @@ def capture_inputs(model: nn.Module, sites: list[FFNSite], example_inputs: Any) 
         if path is None:
             continue
 
-        def hook(module: nn.Module, args: tuple, index: int = site.index) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], index: int = site.index) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 captured.setdefault(index, args[0].detach().clone())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import networkx as nx
 import torch
@@ -44,10 +45,12 @@ class GraphView:
     modules: dict[str, nn.Module] = field(repr=False)
 
     def kind(self, node: fx.Node) -> str:
-        return self.graph.nodes[node]["kind"]
+        kind: str = self.graph.nodes[node]["kind"]
+        return kind
 
     def activation(self, node: fx.Node) -> str | None:
-        return self.graph.nodes[node].get("activation")
+        activation: str | None = self.graph.nodes[node].get("activation")
+        return activation
 
     def dropout(self, node: fx.Node) -> tuple[float, str | None]:
         """A dropout node's probability, and the float attribute of the traced module it was read from
@@ -61,7 +64,8 @@ class GraphView:
     def weight_param(self, node: fx.Node) -> torch.Tensor:
         """The weight tensor a linear node reads, as stored (its identity tells FFNs apart)."""
         module = self.module(node)
-        return module.weight if module is not None else attr_value(self.unit.module, node.args[1])
+        weight = module.weight if module is not None else attr_value(self.unit.module, node.args[1])
+        return cast(torch.Tensor, weight)  # a linear node's: its module's, or the get_attr _classify checked
 
     def weight_keys(self, nodes: Iterable[fx.Node]) -> frozenset[int]:
         """Identities of the weights the linear ``nodes`` read: one FFN in two graphs has the same keys."""
@@ -72,7 +76,7 @@ class GraphView:
         module = self.module(node)
         if module is not None:
             return linear_weights(module)
-        weight = attr_value(self.unit.module, node.args[1]).detach()
+        weight = cast(torch.Tensor, attr_value(self.unit.module, node.args[1])).detach()  # _classify checked
         bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         bias = attr_value(self.unit.module, bias_arg) if bias_arg is not None else None
         return weight, bias.detach() if bias is not None else None
@@ -141,7 +145,7 @@ def _is_chunk(node: fx.Node) -> bool:
     if not is_call or len(node.args) < 2 or node.args[1] != 2:
         return False
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    return dim == -1
+    return bool(dim == -1)
 
 
 def _has_param_weight(node: fx.Node, root: nn.Module) -> bool:

@@ -24,7 +24,8 @@ def exchange_rows(
 ) -> torch.Tensor:
     """Send consecutive blocks of ``rows`` (``send_counts[j]`` rows to rank ``j``); receive blocks in rank
     order. Gradients, if ``rows`` needs them, come back through the reverse exchange."""
-    return _AllToAll.apply(rows, send_counts, recv_counts, group)
+    received: torch.Tensor = _AllToAll.apply(rows, send_counts, recv_counts, group)
+    return received
 
 
 def _all_to_all(

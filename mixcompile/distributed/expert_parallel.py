@@ -66,14 +66,16 @@ class ExpertParallel:
     ) -> torch.Tensor:
         """The local experts on the received rows, each row one (token, expert) pair with weight 1."""
         if rows.shape[0] == 0:
-            return _EmptyOutput.apply(rows, *experts.parameters())
+            empty: torch.Tensor = _EmptyOutput.apply(rows, *experts.parameters())
+            return empty
         n = rows.shape[0]
         index = torch.arange(n, device=rows.device)
         local = RoutingPlan(index, ids, rows.new_ones(n), n, experts.num_experts)
         if self.grad_scale == 1.0:
             return kernel.moe(rows, local, experts)
         out = kernel.moe(_ScaleGrad.apply(rows, 1.0 / self.grad_scale), local, experts)
-        return _ScaleGrad.apply(out, self.grad_scale)
+        scaled: torch.Tensor = _ScaleGrad.apply(out, self.grad_scale)
+        return scaled
 
     def __repr__(self) -> str:
         return (

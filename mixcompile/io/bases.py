@@ -20,12 +20,13 @@ In memory (``model.mixcompile_base``) a pickle spec holds the absolute ``path`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,9 @@ def stored_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
 def build_base(
     spec: dict[str, Any], *, trust_pickle: bool, trust_code: bool, meta: bool = False
 ) -> nn.Module | None:
-    """The base model ``spec`` describes. ``meta=True`` builds it on the meta device (no memory), or gives
-    ``None`` for kinds that cannot be built so (a pickle, a model built in Python)."""
+    """The base model ``spec`` describes. ``meta=True`` builds a skeleton (parameters on the meta device,
+    see :func:`parameters_on_meta`), or gives ``None`` for kinds that cannot be built so (a pickle, a model
+    built in Python)."""
     kind = spec["kind"]
     if kind == "builder":
         return _on_device(meta, lambda: call_builder(spec["name"], spec.get("kwargs", {})))
@@ -133,7 +135,7 @@ def build_base(
 
 def call_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        model = build_plugin("builder", name, options=kwargs, expected=nn.Module)
+        model: nn.Module = build_plugin("builder", name, options=kwargs, expected=nn.Module)
     except UnknownNameError as exc:
         raise LoadError(
             f"the base builder {name!r} is not registered ({exc}); install the plugin that provides it."
@@ -149,8 +151,10 @@ def build_transformers(class_name: str, config: dict[str, Any], trust_code: bool
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise LoadError(f"transformers has no model class {class_name!r}; is transformers up to date?")
     check_transformers_config(config, trust_code=trust_code, where=f"the config of {class_name}")
+    model_class: Any = cls  # a PreTrainedModel subclass; transformers is imported lazily, so untyped here
     try:
-        return cls(cls.config_class.from_dict(dict(config)))
+        model: nn.Module = model_class(model_class.config_class.from_dict(dict(config)))
+        return model
     except Exception as exc:  # noqa: BLE001 - a hostile config can make transformers raise anything
         raise LoadError(
             f"transformers cannot build {class_name} from the saved config: {first_line(exc)}"
@@ -258,8 +262,27 @@ def _call_imported(target: str, kwargs: dict[str, Any]) -> nn.Module:
 def _on_device(meta: bool, build: Callable[[], nn.Module]) -> nn.Module:
     if not meta:
         return build()
-    with torch.device("meta"):
+    with parameters_on_meta():
         return build()
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built in the body keep their parameters on the meta device (no memory, no init) and their
+    buffers real: a skeleton that loading fills by assignment, with the buffers a checkpoint does not hold
+    (rotary frequencies, position ids) computed as the model computes them."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def _check_kwargs(kwargs: object, where: str) -> None:

@@ -1,8 +1,9 @@
 """``mixcompile.load``: rebuild a directory :func:`mixcompile.save` wrote, refusing anything it did not.
 
-The manifest is validated field by field; the base is first built on the meta device (no memory) and the
-recipes replayed on it, so a manifest that would build something other than what the weights file holds
-(tampered sizes, another recipe) is refused before anything large is allocated or any weight is read.
+The manifest is validated field by field; the base is built as a skeleton (parameters on the meta device)
+and the recipes replayed on it, so a manifest that would build something other than what the weights hold
+(tampered sizes, another recipe) is refused before anything large is allocated or any weight is read. The
+saved tensors then become the model's parameters by assignment: each read once, in its saved dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from mixcompile.errors import LoadError, MixcompileError
 from mixcompile.io.bases import build_base, meta_copy
+from mixcompile.io.hf import install_save_pretrained
 from mixcompile.io.manifest import Manifest, read_manifest
 from mixcompile.io.weights import check_fits, load_weights, read_shapes
 
@@ -22,7 +24,11 @@ Base = nn.Module | Callable[[], nn.Module]
 
 
 def load(
-    path: str | os.PathLike, *, base: Base | None = None, trust_pickle: bool = False, trust_code: bool = False
+    path: str | os.PathLike[str],
+    *,
+    base: Base | None = None,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild a model written by :func:`mixcompile.save`; its outputs equal the saved model's.
 
@@ -39,23 +45,35 @@ def load_manifest(
     manifest: Manifest, *, base: Base | None = None, trust_pickle: bool = False, trust_code: bool = False
 ) -> nn.Module:
     shapes = read_shapes(manifest.weights)
-    skeleton = None
     if base is None:
-        skeleton = build_base(manifest.base, trust_pickle=trust_pickle, trust_code=trust_code, meta=True)
-    if skeleton is not None:
-        check_fits(_replay(skeleton, manifest), shapes, manifest.weights)
-    model = (
-        _user_base(base)
-        if base is not None
-        else build_base(manifest.base, trust_pickle=trust_pickle, trust_code=trust_code)
-    )
-    assert model is not None  # build_base gives None only for meta=True
-    if skeleton is None:  # a pickled or user-given base: check its structure before allocating experts
-        check_fits(_replay(meta_copy(model), manifest), shapes, manifest.weights)
-    model = _replay(model, manifest)
-    model.mixcompile_base = manifest.base
-    load_weights(model, manifest.weights)
+        model = build_base(manifest.base, trust_pickle=trust_pickle, trust_code=trust_code, meta=True)
+        if model is None:  # a pickled base: unpickled for real (trust_pickle), checked on a meta copy
+            model = build_base(manifest.base, trust_pickle=trust_pickle, trust_code=trust_code)
+            assert model is not None
+            check_fits(_replay(meta_copy(model), manifest), shapes, manifest.directory)
+        model = _replay(model, manifest)  # on a skeleton, the blocks are skeletons too: nothing is filled
+    else:
+        model = _user_base(base)
+        check_fits(_replay(meta_copy(model), manifest), shapes, manifest.directory)
+        model = _replay(model, manifest)
+    load_weights(model, manifest.weights)  # checks the fit (on a skeleton: before any weight is read)
+    _apply_block_settings(model, manifest)
+    model.mixcompile_base = manifest.base  # type: ignore[assignment]  # torch types __setattr__'s value too narrowly
+    install_save_pretrained(model)
     return model
+
+
+def _apply_block_settings(model: nn.Module, manifest: Manifest) -> None:
+    from mixcompile.runtime.introspect import sparse_blocks
+
+    blocks = sparse_blocks(model)
+    for path, settings in manifest.blocks.items():
+        if path not in blocks:
+            raise LoadError(f"{manifest.directory}: the manifest sets block {path!r}, which the model lacks.")
+        try:
+            blocks[path].apply_settings(settings)
+        except MixcompileError as exc:
+            raise LoadError(f"{manifest.directory}: the settings of block {path!r}: {exc}") from None
 
 
 def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:

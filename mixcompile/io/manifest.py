@@ -1,12 +1,15 @@
-"""``mixcompile.json``: what a saved directory says about itself, read as hostile input.
+"""What a saved directory says about itself, read as hostile input.
 
-Every field is type-checked; file names are confined to the directory; the recipes are parsed by
-:class:`~mixcompile.compiler.Recipe` (which validates names and bounds) before anything is built.
+Two places hold the same manifest: ``mixcompile.json`` (written by :func:`mixcompile.save`) and, for
+Hugging Face models, the ``"mixcompile"`` section of ``config.json`` (written by both ``save`` and the
+converted model's own ``save_pretrained``; see :mod:`mixcompile.io.hf`). Every field is type-checked; file
+names are confined to the directory; recipes are parsed by :class:`~mixcompile.compiler.Recipe` (which
+validates names and bounds) before anything is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,12 @@ from mixcompile.io.files import confined_file, read_json_object
 
 MANIFEST = "mixcompile.json"
 WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+HF_INDEX = "model.safetensors.index.json"
+HF_MODEL_TYPE = "mixcompile"  # the model_type of a converted model's config.json (see mixcompile.io.hf)
 FORMAT_VERSION = 1
-_FIELDS = {"format", "format_version", "mixcompile_version", "recipes", "base", "weights"}
+_FIELDS = {"format", "format_version", "mixcompile_version", "recipes", "base", "weights", "blocks"}
+_BLOCK_SETTINGS = {"mode": str, "small_batch": str, "temperature": float}
 
 
 @dataclass(frozen=True)
@@ -25,52 +32,115 @@ class Manifest:
     directory: Path
     recipes: list[Any]  # mixcompile.compiler.Recipe, oldest first
     base: dict[str, Any]  # how to rebuild the unconverted model (see mixcompile.io.bases)
-    weights: Path
+    weights: list[Path]
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings changed after conversion
+
+
+def is_saved_model(directory: Path) -> bool:
+    """Whether ``directory`` holds a converted model (a manifest, or a converted model's config.json)."""
+    if (directory / MANIFEST).exists() or (directory / MANIFEST).is_symlink():
+        return True
+    config = directory / HF_CONFIG
+    if not config.is_file() or config.is_symlink() and config.resolve().parent != directory.resolve():
+        return False
+    try:
+        return read_json_object(config, "Hugging Face config").get("model_type") == HF_MODEL_TYPE
+    except LoadError:
+        return False
 
 
 def read_manifest(directory: Path) -> Manifest:
-    from mixcompile.compiler import Recipe
-
     directory = Path(directory)
     file = directory / MANIFEST
-    if not (file.exists() or file.is_symlink()):
-        raise LoadError(f"{directory} is not a mixcompile directory: {MANIFEST} is missing.")
-    confined_file(directory, MANIFEST, MANIFEST)
-    data = read_json_object(file, "mixcompile manifest")
+    if file.exists() or file.is_symlink():
+        confined_file(directory, MANIFEST, MANIFEST)
+        data = read_json_object(file, "mixcompile manifest")
+        weights = [confined_file(directory, data.get("weights", WEIGHTS), f"{file}: 'weights'")]
+        return parse_manifest(data, directory, str(file), weights)
+    config_file = directory / HF_CONFIG
+    if config_file.exists() or config_file.is_symlink():
+        confined_file(directory, HF_CONFIG, HF_CONFIG)
+        config = read_json_object(config_file, "Hugging Face config")
+        if config.get("model_type") == HF_MODEL_TYPE:
+            section = config.get("mixcompile")
+            where = f"{config_file}: 'mixcompile'"
+            if not isinstance(section, dict):
+                raise LoadError(f"{where} must be an object (the manifest of the converted model).")
+            return parse_manifest(section, directory, where, hf_weight_files(directory))
+    raise LoadError(f"{directory} is not a mixcompile directory: {MANIFEST} is missing.")
+
+
+def hf_weight_files(directory: Path) -> list[Path]:
+    """``model.safetensors``, or the shards a ``save_pretrained`` index names (plain names inside)."""
+    index = directory / HF_INDEX
+    if index.exists() or index.is_symlink():
+        confined_file(directory, HF_INDEX, HF_INDEX)
+        weight_map = read_json_object(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LoadError(f"{index}: 'weight_map' must be an object of tensor names to files.")
+        names = sorted({str(name) for name in weight_map.values()})
+        return [confined_file(directory, name, f"{index}: weight_map") for name in names]
+    if not (directory / WEIGHTS).exists() and (directory / "pytorch_model.bin").exists():
+        raise LoadError(
+            f"{directory} holds pickled weights (pytorch_model.bin); save with safetensors "
+            "(save_pretrained's default) to load it with mixcompile."
+        )
+    return [confined_file(directory, WEIGHTS, "weights")]
+
+
+def parse_manifest(data: dict[str, Any], directory: Path, where: str, weights: list[Path]) -> Manifest:
+    from mixcompile.compiler import Recipe
+
     if data.get("format") != "mixcompile":
-        raise LoadError(f"{file} is not a mixcompile manifest (its 'format' is {data.get('format')!r}).")
+        raise LoadError(f"{where} is not a mixcompile manifest (its 'format' is {data.get('format')!r}).")
     version = data.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise LoadError(
-            f"{file} has format_version {version!r}; this mixcompile reads version {FORMAT_VERSION}. "
+            f"{where} has format_version {version!r}; this mixcompile reads version {FORMAT_VERSION}. "
             "Upgrade mixcompile."
         )
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
-        raise LoadError(f"{file} has unknown fields {unknown}; it was not written by this mixcompile.")
+        raise LoadError(f"{where} has unknown fields {unknown}; it was not written by this mixcompile.")
     if not isinstance(data.get("mixcompile_version", ""), str):
-        raise LoadError(f"{file}: 'mixcompile_version' must be a string.")
+        raise LoadError(f"{where}: 'mixcompile_version' must be a string.")
     recipes = data.get("recipes")
     if not isinstance(recipes, list) or not recipes or not all(isinstance(r, dict) for r in recipes):
-        raise LoadError(f"{file} has no 'recipes' section (a list of the recipes applied, oldest first).")
+        raise LoadError(f"{where} has no 'recipes' section (a list of the recipes applied, oldest first).")
     parsed = []
     for number, recipe in enumerate(recipes):
         if "filter_fn" in recipe:
-            raise LoadError(f"{file}: recipe {number} has a 'filter_fn', which is code and never stored.")
+            raise LoadError(f"{where}: recipe {number} has a 'filter_fn', which is code and never stored.")
         try:
             parsed.append(Recipe.from_dict(recipe))
         except (MixcompileError, TypeError, ValueError) as exc:
-            raise LoadError(f"{file}: recipe {number} is invalid: {exc}") from None
+            raise LoadError(f"{where}: recipe {number} is invalid: {exc}") from None
     if not isinstance(data.get("base"), dict):
-        raise LoadError(f"{file} has no 'base' section.")
-    base = check_base_spec(data["base"], directory, where=f"{file}: base")
-    weights = confined_file(directory, data.get("weights", WEIGHTS), f"{file}: 'weights'")
-    return Manifest(directory, parsed, base, weights)
+        raise LoadError(f"{where} has no 'base' section.")
+    base = check_base_spec(data["base"], directory, where=f"{where}: base")
+    return Manifest(directory, parsed, base, weights, _check_blocks(data.get("blocks", {}), where))
 
 
-def manifest_data(recipes: list[Any], base: dict[str, Any], version: str) -> dict[str, Any]:
+def _check_blocks(blocks: object, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(blocks, dict):
+        raise LoadError(f"{where}: 'blocks' must be an object of block paths to settings.")
+    for path, settings in blocks.items():
+        if not isinstance(settings, dict):
+            raise LoadError(f"{where}: blocks[{path!r}] must be an object of settings.")
+        for name, value in settings.items():
+            kind = _BLOCK_SETTINGS.get(name)
+            if kind is None:
+                raise LoadError(f"{where}: blocks[{path!r}] has an unknown setting {name!r}.")
+            if isinstance(value, bool) or not isinstance(value, kind | int if kind is float else kind):
+                raise LoadError(f"{where}: blocks[{path!r}].{name} must be a {kind.__name__}, got {value!r}.")
+    return blocks
+
+
+def manifest_data(
+    recipes: list[Any], base: dict[str, Any], version: str, blocks: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The JSON a save writes (``base`` in its stored form, see :func:`mixcompile.io.bases.stored_spec`)."""
-    return {
+    data = {
         "format": "mixcompile",
         "format_version": FORMAT_VERSION,
         "mixcompile_version": version,
@@ -78,3 +148,6 @@ def manifest_data(recipes: list[Any], base: dict[str, Any], version: str) -> dic
         "base": base,
         "weights": WEIGHTS,
     }
+    if blocks:
+        data["blocks"] = blocks
+    return data

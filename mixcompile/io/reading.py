@@ -24,7 +24,7 @@ from mixcompile.io.bases import (
 )
 from mixcompile.io.files import check_regular_file, read_json_object
 from mixcompile.io.loading import load_manifest
-from mixcompile.io.manifest import MANIFEST, read_manifest
+from mixcompile.io.manifest import MANIFEST, is_saved_model, read_manifest
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 HF_INDEX = "model.safetensors.index.json"
@@ -42,7 +42,7 @@ def read_model(path: Path, *, trust_pickle: bool = False, trust_code: bool = Fal
     if not (path.exists() or path.is_symlink()):
         raise LoadError(f"{path} does not exist.")
     if path.is_dir():
-        if (path / MANIFEST).exists() or (path / MANIFEST).is_symlink():
+        if is_saved_model(path):  # mixcompile.save, or a converted model's save_pretrained
             manifest = read_manifest(path)
             model = load_manifest(manifest, trust_pickle=trust_pickle, trust_code=trust_code)
             return LoadedModel(model, manifest.base, "mixcompile")
@@ -58,6 +58,12 @@ def read_model(path: Path, *, trust_pickle: bool = False, trust_code: bool = Fal
         )
     if path.suffix == ".safetensors":
         raise LoadError(f"{path} holds weights but no architecture; point at its folder with config.json.")
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        raise LoadError(
+            f"{path} is a TorchScript archive (torch.jit.save): scripting compiled the FFNs into a graph "
+            "with no modules left to swap. Convert the Python nn.Module (torch.save it, or save_pretrained), "
+            "then script the result."
+        )
     if path.suffix in PICKLE_SUFFIXES or _looks_pickled(path):
         model = read_pickle(path, trust_pickle=trust_pickle)
         spec = {"kind": "pickle", "path": str(path.resolve()), "sha256": sha256(path)}
@@ -82,9 +88,14 @@ def read_transformers_dir(directory: Path, *, trust_code: bool = False) -> nn.Mo
     ):
         raise LoadError(f"{config_file}: transformers has no model class {names[0]!r}.")
     _check_weight_files(directory)
+    model: nn.Module  # from_pretrained's (transformers is imported lazily, so untyped here)
     try:
         model, info = cls.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=trust_code, output_loading_info=True
+            str(directory),
+            local_files_only=True,
+            trust_remote_code=trust_code,
+            output_loading_info=True,
+            **{_dtype_keyword(transformers): "auto"},  # the saved dtype, not float32
         )
     except Exception as exc:  # noqa: BLE001 - transformers raises anything for a bad folder
         raise LoadError(f"{directory} could not be loaded by transformers: {first_line(exc)}") from exc
@@ -131,6 +142,17 @@ def _looks_pickled(path: Path) -> bool:
     return head[:1] == b"\x80" or (zipfile.is_zipfile(path) and _zip_has_pickle(path))
 
 
+def _is_torchscript(path: Path) -> bool:
+    """``torch.jit.save`` archives carry compiled code (``<name>/code/...``); ``torch.save`` ones do not."""
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
 def _zip_has_pickle(path: Path) -> bool:
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("data.pkl") for name in archive.namelist())
+
+
+def _dtype_keyword(transformers: Any) -> str:
+    """transformers 5 calls it ``dtype``; 4.x ``torch_dtype``."""
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"

@@ -4,7 +4,8 @@
 
     mixcompile.json      manifest: mixcompile version, the recipes applied, how to rebuild the base model
     model.safetensors    every weight of the converted model
-    config.json          (Hugging Face bases only) the base config, so the folder reads as an HF model folder
+    config.json          (Hugging Face bases only) the same manifest as transformers reads it (see
+                         mixcompile.io.hf), and mixcompile_hf.py, the loader it names
     base.pt              (pickled bases only) the pickled unconverted module; loading it needs trust_pickle
 
 The directory is written beside its destination and moved into place when complete (see
@@ -24,11 +25,16 @@ from torch import nn
 from mixcompile.errors import ConfigError
 from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
 from mixcompile.io.files import output_directory
+from mixcompile.io.hf import write_hf_files
 from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
 
 
 def save(
-    model: nn.Module, path: str | os.PathLike, *, base: dict[str, Any] | None = None, overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    base: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a converted ``model`` to the directory ``path``.
 
@@ -56,10 +62,18 @@ def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None
     recipes = _recipes(model)
     stored = stored_spec(base, directory)
     save_model(model, str(directory / WEIGHTS))
-    if stored["kind"] == "transformers":
-        model.config.to_json_file(str(directory / "config.json"))
-    manifest = manifest_data(recipes, stored, __version__)
+    manifest = manifest_data(recipes, stored, __version__, block_settings(model))
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    if stored["kind"] == "transformers":
+        write_hf_files(directory, manifest)
+
+
+def block_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each sparse block's settings that may have changed since conversion (MoT mode, temperature)."""
+    from mixcompile.runtime.introspect import sparse_blocks
+
+    settings = {path: block.settings() for path, block in sparse_blocks(model).items()}
+    return {path: values for path, values in settings.items() if values}
 
 
 def _recipes(model: nn.Module) -> list[Any]:

@@ -1,11 +1,12 @@
-"""Weights files: checked against the model they must fill before anything large is built or read."""
+"""Weights files: checked against the model they must fill before anything large is read, then loaded
+into it by assignment (each tensor read once, in its saved dtype; no second copy of the model)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model
 from torch import nn
 
 from mixcompile.errors import LoadError, first_line
@@ -14,25 +15,28 @@ from mixcompile.io.files import check_regular_file
 Shapes = dict[str, tuple[int, ...]]
 
 
-def read_shapes(file: Path) -> Shapes:
-    """Tensor names and shapes from a safetensors header (memory-mapped; no tensor is read)."""
-    check_regular_file(file, "weights file")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoadError(f"{file} is corrupt or truncated: {first_line(exc)}") from None
+def read_shapes(files: list[Path]) -> Shapes:
+    """Tensor names and shapes from safetensors headers (memory-mapped; no tensor is read)."""
+    shapes: Shapes = {}
+    for file in files:
+        check_regular_file(file, "weights file")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+                    if name in shapes:
+                        raise LoadError(f"{file} holds {name!r} again (it is in another weights file too).")
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise LoadError(f"{file} is corrupt or truncated: {first_line(exc)}") from None
+    return shapes
 
 
-def check_fits(model: nn.Module, shapes: Shapes, file: Path) -> None:
-    """The weights in ``file`` (``shapes``) cover ``model`` exactly: no missing, unexpected or misshapen
-    tensor. Tied tensors need only one of their names (safetensors stores a shared tensor once)."""
-    groups: dict[int, list[str]] = {}
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-        expected[name] = tuple(tensor.shape)
-    missing = [names[0] for names in groups.values() if not any(n in shapes for n in names)]
+def check_fits(model: nn.Module, shapes: Shapes, where: Path) -> None:
+    """The weights (``shapes``) cover ``model`` exactly: no missing, unexpected or misshapen tensor. Tied
+    tensors need only one of their names (safetensors stores a shared tensor once)."""
+    groups = _tied_groups(model)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    missing = [names[0] for names in groups if not any(n in shapes for n in names)]
     unexpected = [name for name in shapes if name not in expected]
     misshapen = [
         f"{name} {shapes[name]} (the model has {expected[name]})"
@@ -48,22 +52,64 @@ def check_fits(model: nn.Module, shapes: Shapes, file: Path) -> None:
         if misshapen:
             parts.append(f"{len(misshapen)} of another shape, first {misshapen[0]}")
         raise LoadError(
-            f"{file} does not fit the model its manifest describes: {'; '.join(parts)} "
+            f"the weights in {where} do not fit the model its manifest describes: {'; '.join(parts)} "
             "(was it saved by another recipe or base, or edited?)."
         )
 
 
-def load_weights(model: nn.Module, file: Path) -> None:
-    """Load safetensors weights strictly; corrupt, truncated or mismatched files get a one-line error."""
-    check_fits(model, read_shapes(file), file)
-    try:
-        missing, unexpected = load_model(model, str(file), strict=False)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoadError(f"{file} is corrupt or truncated: {first_line(exc)}") from None
-    except RuntimeError as exc:
-        raise LoadError(f"{file} does not fit the rebuilt model: {first_line(exc)}") from None
-    if missing or unexpected:
+def load_weights(model: nn.Module, files: list[Path]) -> None:
+    """Put the saved tensors into ``model`` by assignment, keeping their dtypes and the model's ties.
+
+    ``model`` may hold its parameters on the meta device (a skeleton): every one is replaced; any tensor
+    still on meta afterwards is one the files do not hold, and is refused by name.
+    """
+    check_fits(model, read_shapes(files), files[0].parent)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+                    tensors[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise LoadError(f"{file} is corrupt or truncated: {first_line(exc)}") from None
+    ties = _tied_groups(model)
+    for names in ties:  # a tied tensor is stored once: give every name the stored one
+        stored = next(tensors[n] for n in names if n in tensors)
+        for name in names:
+            tensors.setdefault(name, stored)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    _retie(model, ties)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
         raise LoadError(
-            f"{file} does not fit the rebuilt model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}."
+            f"the weights in {files[0].parent} leave {left[0]!r} (and {len(left) - 1} more) unset."
         )
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they share (one name per group for untied tensors)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """After assignment each name holds its own parameter object; make tied names share one again, as
+    the model had them (an optimizer must see a tied weight once)."""
+    for names in groups:
+        if len(names) < 2:
+            continue
+        first_owner, first_attr = _owner(model, names[0])
+        shared = getattr(first_owner, first_attr)
+        for name in names[1:]:
+            owner, attr = _owner(model, name)
+            if attr in owner._parameters:
+                owner._parameters[attr] = shared
+            else:
+                owner._buffers[attr] = shared
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return model.get_submodule(path), attr

@@ -14,17 +14,17 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import torch
 
 from mixcompile.errors import ConfigError, MixcompileError, PluginError
 from mixcompile.plugins.manager import lookup
+from mixcompile.types import PluginKind as PluginKind  # re-exported: blocks name their plugins' kinds
 
-PluginKind = Literal["router", "mixer", "kernel", "initializer", "pattern", "builder"]
 # How an error names a plugin: the text, or a function giving it, so a compiled forward never reads the
 # per-block text (each block's own string would be a guard, and every block a recompile).
-Source = str | Callable[[], str]
+Source: TypeAlias = str | Callable[[], str]
 T = TypeVar("T")
 
 

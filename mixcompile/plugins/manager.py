@@ -16,14 +16,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import cast
 
 import pluggy
 
 from mixcompile.errors import PluginError, UnknownNameError
 from mixcompile.plugins import hookspecs
+from mixcompile.types import PluginKind
 
 ENV_VAR = "MIXCOMPILE_PLUGINS"
-KINDS: dict[str, str] = {
+KINDS: dict[PluginKind, str] = {
     "router": "register_routers",
     "mixer": "register_mixers",
     "kernel": "register_kernels",
@@ -36,7 +38,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 @dataclass(frozen=True)
 class Registration:
-    kind: str
+    kind: PluginKind
     name: str
     factory: Callable[..., object]
     plugin: str
@@ -47,12 +49,12 @@ class Registry:
     """Everything the loaded plugins registered, by kind and name."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
-        self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        self._entries: dict[PluginKind, dict[str, Registration]] = {kind: {} for kind in KINDS}
         for kind, hook_name in KINDS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 self._collect(kind, hook_name, impl)
 
-    def _collect(self, kind: str, hook_name: str, impl: pluggy.HookImpl) -> None:
+    def _collect(self, kind: PluginKind, hook_name: str, impl: pluggy.HookImpl) -> None:
         plugin = impl.plugin_name
 
         def register(name: str, factory: Callable[..., object], *, description: str = "") -> None:
@@ -86,13 +88,13 @@ class Registry:
                 f"Fix the plugin, or leave it out with {ENV_VAR}."
             ) from exc
 
-    def get(self, kind: str, name: str) -> Registration:
+    def get(self, kind: PluginKind, name: str) -> Registration:
         try:
             return self._entries[kind][name]
         except KeyError:
             raise UnknownNameError(kind, str(name), self._entries[kind]) from None
 
-    def names(self, kind: str) -> list[str]:
+    def names(self, kind: PluginKind) -> list[str]:
         return sorted(self._entries[kind])
 
     def all(self) -> list[Registration]:
@@ -146,7 +148,7 @@ def reset() -> None:
     _registry = None
 
 
-def lookup(kind: str, name: str) -> Registration:
+def lookup(kind: PluginKind, name: str) -> Registration:
     return registry().get(kind, name)
 
 
@@ -188,7 +190,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 
 def _checked_register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str:
     """Register and validate at once, so a misspelt hook or argument names its plugin."""
-    label = name or getattr(plugin, "__name__", repr(plugin))
+    label = name or cast(str, getattr(plugin, "__name__", repr(plugin)))  # a module's or class's name
     try:
         registered = pm.register(plugin, name=name)
         pm.check_pending()

@@ -5,7 +5,8 @@ Three levels, by cost:
 
 - **structure** (types, shapes, dtypes): read from tensor metadata, free; every call, compiled or not.
 - **ranges** (routing indices within the block's tokens and experts): one reduction and one read back to
-  the host per call; every eager call (a compiled graph skips it: reading back would break the graph).
+  the host per call; every eager call (a compiled graph or a CUDA-graph capture skips it: reading back
+  would break the graph, or the capture).
   ``benchmarks/bench_checks.py`` measures what it costs.
 - **values** (NaN / inf in inputs, plans and outputs; a token routed to an expert twice): a full pass over
   each tensor and a sort, so only under the debug switch: ``MIXCOMPILE_DEBUG_CHECKS=1`` or
@@ -41,7 +42,18 @@ def debug_checks(enabled: bool = True) -> Iterator[None]:
 
 
 def debug_checks_enabled() -> bool:
-    return _debug and not torch.compiler.is_compiling()
+    return _debug and not torch.compiler.is_compiling() and not _capturing()
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured, where reading a value back to the host is not allowed (the
+    H100 run of the CUDA-graph test found the range check doing just that)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _can_read_back() -> bool:
+    """Value checks read back to the host: not while tracing (a graph break) nor capturing a CUDA graph."""
+    return not torch.compiler.is_compiling() and not _capturing()
 
 
 def check_input(x: torch.Tensor, where: Source) -> None:
@@ -77,7 +89,7 @@ def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_exp
             raise fail(f"{name} must be int64, got {fields[name].dtype}")
     if not plan.weight.is_floating_point():
         raise fail(f"weight must be floating point, got {plan.weight.dtype}")
-    if torch.compiler.is_compiling() or plan.token_index.numel() == 0:
+    if not _can_read_back() or plan.token_index.numel() == 0:
         return plan
     tokens, experts = plan.token_index, plan.expert_index
     out_of_range = (tokens.min() < 0) | (tokens.max() >= num_tokens) | (experts.min() < 0)

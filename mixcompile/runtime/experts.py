@@ -9,7 +9,10 @@ every expert's hidden activations in training (as the dense model applied it to 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,60 +21,62 @@ from torch import nn
 from mixcompile.errors import ConfigError, check_positive_int
 from mixcompile.runtime.activations import activation_fn
 
+_deferred = False
 
-class StackedExperts(nn.Module):
-    def __init__(
-        self,
-        num_experts: int,
-        d_model: int,
-        d_hidden: int,
-        *,
-        activation: str = "gelu",
-        gated: bool = False,
-        bias: bool = False,
-        hidden_dropout: float = 0.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        if isinstance(hidden_dropout, bool) or not isinstance(hidden_dropout, int | float):
-            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
-        if not 0 <= hidden_dropout <= 1:
-            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
-        self.hidden_dropout = float(hidden_dropout)
-        self.num_experts = check_positive_int("num_experts", num_experts)
-        self.d_model = check_positive_int("d_model", d_model)
-        self.d_hidden = check_positive_int("d_hidden", d_hidden)
-        activation_fn(activation)
-        self.activation = activation
-        self.gated = bool(gated)
-        self.bias = bool(bias)
-        factory = {"device": device, "dtype": dtype}
-        e, d, h = num_experts, d_model, d_hidden
-        self.w_in = nn.Parameter(torch.empty(e, h, d, **factory))
-        self.w_gate = nn.Parameter(torch.empty(e, h, d, **factory)) if gated else None
-        self.w_out = nn.Parameter(torch.empty(e, d, h, **factory))
-        self.b_in = nn.Parameter(torch.empty(e, h, **factory)) if bias else None
-        self.b_gate = nn.Parameter(torch.empty(e, h, **factory)) if bias and gated else None
-        self.b_out = nn.Parameter(torch.empty(e, d, **factory)) if bias else None
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s default init, per expert."""
-        for name, fan_in in (("w_in", self.d_model), ("w_gate", self.d_model), ("w_out", self.d_hidden)):
-            self._uniform(name, fan_in)
-        for name, fan_in in (("b_in", self.d_model), ("b_gate", self.d_model), ("b_out", self.d_hidden)):
-            self._uniform(name, fan_in)
+@contextlib.contextmanager
+def deferred_init() -> Iterator[None]:
+    """Experts built in the body get their weights on the meta device, uninitialised: the compiler builds
+    a block, then allocates the experts where the model lives and lets an initializer fill them, instead
+    of drawing random weights an upcycle would overwrite (most of a conversion's time, otherwise)."""
+    global _deferred
+    previous, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = previous
 
-    def _uniform(self, name: str, fan_in: int) -> None:
-        param = getattr(self, name)
-        if param is not None:
-            bound = 1.0 / math.sqrt(fan_in)
-            with torch.no_grad():
-                param.uniform_(-bound, bound)
+
+class ExpertTensors(NamedTuple):
+    """The stacked tensors as one value (None for those a block does not have), for kernels to pass around."""
+
+    w_in: torch.Tensor
+    w_gate: torch.Tensor | None
+    w_out: torch.Tensor
+    b_in: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_out: torch.Tensor | None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExpertTensors:
+        """``fn`` applied to each present tensor."""
+        w_in, w_gate, w_out, b_in, b_gate, b_out = (None if t is None else fn(t) for t in self)
+        assert w_in is not None and w_out is not None  # always present
+        return ExpertTensors(w_in, w_gate, w_out, b_in, b_gate, b_out)
+
+
+class ExpertMath:
+    """The plain-PyTorch definition of stacked experts every kernel must match, for any object holding
+    ``w_in``, ``w_gate``, ``w_out``, the three biases and ``activation`` (:class:`StackedExperts`, or a view
+    of another model's expert tensors)."""
+
+    w_in: torch.Tensor
+    w_gate: torch.Tensor | None
+    w_out: torch.Tensor
+    b_in: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_out: torch.Tensor | None
+    activation: str
+    #: Dropout on the hidden activations in training (the dense FFN's dropout between its two linears).
+    hidden_dropout: float = 0.0
+    training: bool
+
+    @property
+    def tensors(self) -> ExpertTensors:
+        """The stacked tensors as one value, as kernels take them."""
+        return ExpertTensors(self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on rows ``x [n, d]``: the plain-PyTorch definition every kernel must match."""
+        """Expert ``e`` on rows ``x [n, d]``."""
         weights = (self.w_in[e], None if self.w_gate is None else self.w_gate[e], self.w_out[e])
         biases = (None if b is None else b[e] for b in (self.b_in, self.b_gate, self.b_out))
         return self._ffn(x, *weights, *biases)
@@ -100,9 +105,68 @@ class StackedExperts(nn.Module):
         hidden dropout in training. Kernels that compute the projections themselves call this."""
         act = activation_fn(self.activation)
         hidden = act(up) if gate is None else act(gate) * up
-        if self.training and self.hidden_dropout > 0:
+        if self.hidden_dropout > 0 and self.training:
             hidden = F.dropout(hidden, self.hidden_dropout, training=True)
         return hidden
+
+
+class StackedExperts(ExpertMath, nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        *,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = False,
+        hidden_dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(hidden_dropout, bool) or not isinstance(hidden_dropout, int | float):
+            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
+        if not 0 <= hidden_dropout <= 1:
+            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
+        self.hidden_dropout = float(hidden_dropout)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.d_hidden = check_positive_int("d_hidden", d_hidden)
+        activation_fn(activation)
+        self.activation = activation
+        self.gated = bool(gated)
+        self.bias = bool(bias)
+        if _deferred:  # see deferred_init: allocated and filled later, where the model lives
+            device = "meta"
+        e, d, h = num_experts, d_model, d_hidden
+        self.w_in = nn.Parameter(torch.empty(e, h, d, device=device, dtype=dtype))
+        self.w_gate = nn.Parameter(torch.empty(e, h, d, device=device, dtype=dtype)) if gated else None
+        self.w_out = nn.Parameter(torch.empty(e, d, h, device=device, dtype=dtype))
+        self.b_in = nn.Parameter(torch.empty(e, h, device=device, dtype=dtype)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(e, h, device=device, dtype=dtype)) if bias and gated else None
+        self.b_out = nn.Parameter(torch.empty(e, d, device=device, dtype=dtype)) if bias else None
+        if not _deferred:
+            self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """``nn.Linear``'s default init, per expert. With a (CPU) ``generator`` the values are drawn on the
+        CPU and copied, so a seed gives the same experts on every device."""
+        for name, fan_in in (("w_in", self.d_model), ("w_gate", self.d_model), ("w_out", self.d_hidden)):
+            self._uniform(name, fan_in, generator)
+        for name, fan_in in (("b_in", self.d_model), ("b_gate", self.d_model), ("b_out", self.d_hidden)):
+            self._uniform(name, fan_in, generator)
+
+    def _uniform(self, name: str, fan_in: int, generator: torch.Generator | None) -> None:
+        param = getattr(self, name)
+        if param is None:
+            return
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            if generator is None:
+                param.uniform_(-bound, bound)
+            else:
+                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "plain"

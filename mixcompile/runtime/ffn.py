@@ -61,7 +61,7 @@ class DenseFFN:
 
     @property
     def has_bias(self) -> bool:
-        return self.b_in is not None or self.b_out is not None
+        return self.b_in is not None or self.b_gate is not None or self.b_out is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dense function itself: the reference an upcycled block must reproduce."""

@@ -72,7 +72,7 @@ def update_routing_bias(model: nn.Module, *, group: ProcessGroup | None = None) 
 
         loads = torch.cat([router.load_since_update for router in routers])
         dist.all_reduce(loads, group=group)
-        for router, load in zip(routers, loads.split([r.num_experts for r in routers]), strict=True):
+        for router, load in zip(routers, torch.split(loads, [r.num_experts for r in routers]), strict=True):
             router.load_since_update.copy_(load)
     for router in routers:
         router.update_bias()

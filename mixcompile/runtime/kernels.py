@@ -8,7 +8,7 @@ moved (:meth:`Block._apply`), never inside a forward, so ``torch.compile`` trace
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -18,8 +18,7 @@ from mixcompile.plugins.manager import lookup, registry
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import MixPlan
 from mixcompile.runtime.routing import RoutingPlan, topk_routing
-
-BlockKind = Literal["moe", "mot"]
+from mixcompile.types import BlockKind
 
 
 @runtime_checkable
@@ -72,7 +71,7 @@ def get_kernel(name: str) -> Kernel:
 
 
 def resolve_kernel(
-    name: str, kind: str, device: torch.device, dtype: torch.dtype, *, hidden_dropout: float = 0.0
+    name: str, kind: BlockKind, device: torch.device, dtype: torch.dtype, *, hidden_dropout: float = 0.0
 ) -> tuple[str, Kernel]:
     """Pick the kernel for a block: by name (checked to support the input), or the best for ``auto``.
 

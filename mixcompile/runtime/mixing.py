@@ -56,4 +56,5 @@ class ControllerMixer(nn.Module):
             self.controller.weight.normal_(0.0, init_std) if init_std > 0 else self.controller.weight.zero_()
 
     def logits(self, x_g: torch.Tensor) -> torch.Tensor:
-        return self.controller(x_g).float()
+        logits: torch.Tensor = self.controller(x_g)
+        return logits.float()

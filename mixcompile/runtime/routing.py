@@ -67,6 +67,7 @@ class RouterBase(nn.Module):
     """
 
     bias_balancing = False  # LearnedRouter may turn it on
+    load_since_update: torch.Tensor  # [E] buffer, registered when bias_balancing is on
 
     def __init__(
         self,
@@ -157,6 +158,8 @@ class LearnedRouter(RouterBase):
       weights; ties broken by expert index).
     """
 
+    selection_bias: torch.Tensor  # [E] buffer, registered when bias_balancing is on
+
     def __init__(
         self,
         d_model: int,
@@ -198,7 +201,8 @@ class LearnedRouter(RouterBase):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x = x * noise
-        return self.gate(x).float()
+        logits: torch.Tensor = self.gate(x)
+        return logits.float()
 
     @property
     def balancing_bias(self) -> torch.Tensor | None:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mixcompile.runtime.blocks.mot import MoTBlock
 
 # A block's context stack holds (mask [B, T] bool or None, batch size) entries; the last one applies.
 TokenContext = tuple[torch.Tensor | None, int]
@@ -60,19 +63,19 @@ class TokenContextHook:
     pickles; the argument positions are read from the signature once, so the hook traces under
     ``torch.compile``."""
 
-    def __init__(self, module: nn.Module, spec: _Spec, blocks: list[nn.Module]) -> None:
+    def __init__(self, module: nn.Module, spec: _Spec, blocks: Sequence[MoTBlock]) -> None:
         names = list(inspect.signature(type(module).forward).parameters)[1:]
         self.spec = spec
         self.positions = {name: names.index(name) for name, _ in spec.batch_args if name in names}
-        self.blocks = blocks
+        self.blocks = list(blocks)
 
-    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+    def _argument(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
             return kwargs[name]
         position = self.positions.get(name)
         return args[position] if position is not None and position < len(args) else None
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = self._argument(self.spec.mask, args, kwargs)
         batch = None
         for name, axis in self.spec.batch_args:
@@ -91,7 +94,7 @@ class TokenContextHook:
         for block in self.blocks:
             block.token_context.append((mask, batch))
 
-    def done(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def done(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         for block in self.blocks:
             block.token_context.pop()
 

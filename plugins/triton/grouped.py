@@ -9,22 +9,23 @@ the unused programs return at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from mixcompile import ExpertTensors
 from mixcompile_plugins.triton import interpreting
 from mixcompile_plugins.triton.activations import CODES, activate, derivative
+from mixcompile_plugins.triton.tuning import autotune
 
 
-def _configs(interpreted: dict[str, int]) -> list[triton.Config]:
-    """Tile shapes to autotune over; a single one in the interpreter, which would time every candidate."""
+def _configs(interpreted: dict[str, int], shapes: Sequence[tuple[int, ...]]) -> list[triton.Config]:
+    """Tile shapes to autotune over, in order of preference; one in the interpreter, which would time each."""
     if interpreting():
         return [triton.Config(interpreted, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes
@@ -33,15 +34,44 @@ def _configs(interpreted: dict[str, int]) -> list[triton.Config]:
 
 # Triton 3.9's interpreter multiplies bfloat16 bit patterns as integers in ``tl.dot``; it gets fp32 operands.
 _UPCAST_DOT = tl.constexpr(interpreting())
-_MM_CONFIGS = _configs({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})
-_WGRAD_CONFIGS = _configs({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the pruner keeps what fits the GPU and the kernel's variant.
+_SHAPES = [
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 128, 64, 8, 4),
+    (128, 64, 64, 8, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 64, 8, 4),
+    (32, 64, 32, 4, 2),
+    (32, 64, 32, 8, 2),
+]
+_MM_CONFIGS = _configs({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, _SHAPES)
+_WGRAD_CONFIGS = _configs({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, _SHAPES)
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _MM_CONFIGS)
 
 
+def _staged(config: triton.Config, a_tiles: int, b_tiles: int, args: dict, operand: str) -> int:
+    """Shared memory of a pipelined main loop: ``num_stages`` copies of its ``[M, K]``, ``[K, N]`` tiles of
+    ``args[operand]``'s dtype, and for three-product fp32 dots one more stage (their split operands)."""
+    m, n, k = (config.kwargs[f"BLOCK_{x}"] for x in "MNK")
+    stages = config.num_stages + (args["PRECISION"] == "tf32x3")
+    return stages * (a_tiles * m * k + b_tiles * k * n) * args[operand].element_size()
+
+
+def _live(config: triton.Config, tiles: int, precision: str) -> int:
+    """fp32 values per thread in ``tiles`` ``[M, N]`` tiles; twice that for three-product fp32 dots, whose
+    split operands take about as many registers as the accumulators (measured on sm_90)."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return (1 + (precision == "tf32x3")) * tiles * m * n // (32 * config.num_warps)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands use TF32 only where torch would (``torch.set_float32_matmul_precision``)."""
+    """fp32 operands use TF32 only where torch would (``torch.set_float32_matmul_precision``); at "highest"
+    they use three TF32 products (hi·hi + hi·lo + lo·hi), about fp32's accuracy on tensor cores, where IEEE
+    dots would be FMA loops on CUDA cores (slow, and too many live registers to avoid spills)."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
@@ -109,12 +139,39 @@ def _tile(offsets_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW
 
 
 @triton.jit
+def _tile_offsets(N, offs_n, BLOCK_M: tl.constexpr):
+    """int32 offsets of a row block's ``[BLOCK_M, BLOCK_N]`` tile in a row-major ``[.., N]`` tensor, from its
+    first row (the caller adds the block's row offset once, in int64)."""
+    return tl.arange(0, BLOCK_M)[:, None] * N + offs_n[None, :]
+
+
+@triton.jit
+def _partial_offsets(pid_n, P, offs_m):
+    """Where column tile ``pid_n`` writes row partial sums in ``[tiles, P]``: int64, as ``tiles·P`` passes
+    2^31 at about 9.6M routed pairs with h=7168 (224 tiles of 32 columns)."""
+    return pid_n.to(tl.int64) * P + offs_m
+
+
+@triton.jit
 def _source_rows(rows_ptr, offs_m, m_mask, GATHER: tl.constexpr):
     src = tl.load(rows_ptr + offs_m, mask=m_mask, other=0) if GATHER else offs_m
     return src.to(tl.int64)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "ROWS_HINT"])
+def _up_smem(config: triton.Config, args: dict) -> int:
+    return _staged(config, 1, 1 + args["GATED"], args, "a_ptr")
+
+
+def _up_live(config: triton.Config, args: dict) -> int:
+    return _live(config, 1 + args["GATED"], args["PRECISION"])
+
+
+@autotune(
+    _MM_CONFIGS,
+    ["N", "K", "ROWS_HINT", "GATHER", "GATED", "HAS_BIAS", "SAVE_PRE", "ACT", "PRECISION", "E_POW2"],
+    _up_smem,
+    _up_live,
+)
 @triton.jit
 def _up_kernel(
     a_ptr, rows_ptr, offsets_ptr, w_ptr, wg_ptr, b_ptr, bg_ptr, hidden_ptr, pre_ptr, pre_g_ptr,
@@ -161,15 +218,29 @@ def _up_kernel(
             tl.store(pre_g_ptr + out, acc_g.to(pre_g_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "ROWS_HINT"])
+def _mm_smem(config: triton.Config, args: dict) -> int:
+    return _staged(config, 1 + args["SECOND"], 1 + args["SECOND"], args, "a_ptr")
+
+
+def _one_tile(config: triton.Config, args: dict) -> int:
+    return _live(config, 1, args["PRECISION"])
+
+
+@autotune(
+    _MM_CONFIGS,
+    ["N", "K", "ROWS_HINT", "TRANSPOSED", "SECOND", "HAS_BIAS", "PRECISION", "E_POW2"],
+    _mm_smem,
+    _one_tile,
+)
 @triton.jit
 def _mm_kernel(
     a_ptr, a2_ptr, offsets_ptr, w_ptr, w2_ptr, b_ptr, c_ptr,
-    E, N, K, ROWS_HINT, stride_wk, stride_wn,
-    SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, E_POW2: tl.constexpr,
+    E, N, K, ROWS_HINT,
+    TRANSPOSED: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """C = A W[e] (+ A2 W2[e]) (+ b[e]) on sorted rows; W[e] is [K, N] through its strides."""
+    """C = A W[e] (+ A2 W2[e]) (+ b[e]) on sorted rows; W[e] is [K, N], or [N, K] used transposed."""
     expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= E:
         return
@@ -185,7 +256,10 @@ def _mm_kernel(
         k_mask = offs_k < K
         a_off = rows[:, None] * K + offs_k[None, :]
         a_mask = m_mask[:, None] & k_mask[None, :]
-        w_off = w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        if TRANSPOSED:
+            w_off = w_base + offs_k[:, None] + offs_n[None, :] * K
+        else:
+            w_off = w_base + offs_k[:, None] * N + offs_n[None, :]
         w_mask = k_mask[:, None] & n_mask[None, :]
         a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
@@ -200,7 +274,22 @@ def _mm_kernel(
 
 # The partial sums of the routing-weight gradient are written per column tile, so a config with wider tiles
 # leaves rows of a narrower one untouched: autotuning re-zeroes them after each trial and before the real run.
-@triton.autotune(configs=_MM_CONFIGS, key=["N", "K", "ROWS_HINT"], reset_to_zero=["dscale_ptr"])
+def _up_backward_smem(config: triton.Config, args: dict) -> int:
+    return _staged(config, 1, 1, args, "dy_ptr")
+
+
+def _up_backward_live(config: triton.Config, args: dict) -> int:
+    """The accumulator and the loaded pre-activation; for gated experts the gate's and its activation too."""
+    return _live(config, 2 + 2 * args["GATED"], args["PRECISION"])
+
+
+@autotune(
+    _MM_CONFIGS,
+    ["N", "K", "ROWS_HINT", "GATHER", "SCALE", "DSCALE", "GATED", "ACT", "PRECISION", "E_POW2"],
+    _up_backward_smem,
+    _up_backward_live,
+    reset_to_zero=["dscale_ptr"],
+)
 @triton.jit
 def _up_backward_kernel(
     dy_ptr, rows_ptr, scale_ptr, offsets_ptr, w_ptr, pre_ptr, pre_g_ptr,
@@ -238,7 +327,7 @@ def _up_backward_kernel(
             other=0.0,
         )
         g = mma(a, w, g, PRECISION)
-    out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    out = start.to(tl.int64) * N + _tile_offsets(N, offs_n, BLOCK_M)
     out_mask = m_mask[:, None] & n_mask[None, :]
     up = tl.load(pre_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
     if GATED:
@@ -247,20 +336,31 @@ def _up_backward_kernel(
         hidden = act_gate * up
     else:
         hidden = activate(up, ACT)
-    if DSCALE:
-        tl.store(dscale_ptr + pid_n * P + offs_m, tl.sum(g * hidden, 1), mask=m_mask)
-    if SCALE:
-        g = g * tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
     tl.store(hidden_ptr + out, hidden.to(hidden_ptr.dtype.element_ty), mask=out_mask)
+    d_hidden = g
+    if SCALE:
+        d_hidden = g * tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
     if GATED:
-        tl.store(d_pre_ptr + out, (g * act_gate).to(d_pre_ptr.dtype.element_ty), mask=out_mask)
-        d_gate = g * up * derivative(gate, ACT)
+        tl.store(d_pre_ptr + out, (d_hidden * act_gate).to(d_pre_ptr.dtype.element_ty), mask=out_mask)
+        d_gate = d_hidden * up * derivative(gate, ACT)
         tl.store(d_pre_g_ptr + out, d_gate.to(d_pre_g_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(d_pre_ptr + out, (g * derivative(up, ACT)).to(d_pre_ptr.dtype.element_ty), mask=out_mask)
+        d_pre = d_hidden * derivative(up, ACT)
+        tl.store(d_pre_ptr + out, d_pre.to(d_pre_ptr.dtype.element_ty), mask=out_mask)
+    if DSCALE:  # last: the row sum crosses warps, and values still needed then would stay live through it
+        tl.store(dscale_ptr + _partial_offsets(pid_n, P, offs_m), tl.sum(g * hidden, 1), mask=m_mask)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "ROWS_HINT"])
+def _wgrad_smem(config: triton.Config, args: dict) -> int:
+    return _staged(config, 1, 1, args, "a_ptr")
+
+
+@autotune(
+    _WGRAD_CONFIGS,
+    ["M", "N", "ROWS_HINT", "GATHER_A", "GATHER_B", "SCALE", "HAS_BIAS", "PRECISION"],
+    _wgrad_smem,
+    _one_tile,
+)
 @triton.jit
 def _wgrad_kernel(
     a_ptr, b_ptr, rows_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr,
@@ -315,16 +415,11 @@ def _or(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
 
 
 def up(
-    a: torch.Tensor,
-    groups: Groups,
-    w: torch.Tensor,
-    w_gate: torch.Tensor | None,
-    b: torch.Tensor | None,
-    b_gate: torch.Tensor | None,
-    activation: str,
-    save_pre: bool,
+    a: torch.Tensor, groups: Groups, experts: ExpertTensors, activation: str, save_pre: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(hidden, pre, pre_gate)`` ``[P, h]`` for rows ``a[groups.rows]``; pre-activations only if saved."""
+    """``(hidden, pre, pre_gate)`` ``[P, h]`` for rows ``a[groups.rows]`` through the experts' up projections
+    (and gates); pre-activations only if saved."""
+    w, w_gate, b, b_gate = experts.w_in, experts.w_gate, experts.b_in, experts.b_gate
     e, n, k = w.shape
     p = groups.num_rows
     hidden = a.new_empty(p, n)
@@ -355,13 +450,13 @@ def matmul(
     """
     e = w.shape[0]
     n, k = (w.shape[1], w.shape[2]) if transposed else (w.shape[2], w.shape[1])
-    stride_wk, stride_wn = (1, k) if transposed else (n, 1)
     c = a.new_empty(groups.num_rows, n)
     a2, w2 = second if second is not None else (a, w)
     _mm_kernel[groups.grid(n)](
         a, a2, groups.offsets, w, w2, _or(b, w), c,
-        e, n, k, groups.rows_hint, stride_wk, stride_wn,
-        SECOND=second is not None, HAS_BIAS=b is not None, PRECISION=dot_precision(a.dtype),
+        e, n, k, groups.rows_hint,
+        TRANSPOSED=transposed, SECOND=second is not None, HAS_BIAS=b is not None,
+        PRECISION=dot_precision(a.dtype),
         E_POW2=triton.next_power_of_2(e),
     )  # fmt: skip
     return c

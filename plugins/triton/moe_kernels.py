@@ -10,11 +10,13 @@ the input gradient is a grouped GEMM plus the same combine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from mixcompile import ExpertTensors
 from mixcompile_plugins.triton.grouped import Groups, matmul, up, up_backward, weight_grad
 
 
@@ -28,6 +30,29 @@ class Routing:
     weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
     by_token: torch.Tensor  # [P] int32: sorted pairs, token by token
     token_offsets: torch.Tensor  # [N + 1] int32: token t's pairs are by_token[offsets[t]:offsets[t + 1]]
+
+    def packed(self) -> torch.Tensor:
+        """The index tensors as one int32 tensor ``[4P + E + N + 2]``: the forward saves it for backward,
+        which then does not sort again."""
+        g = self.groups
+        assert g.rows is not None  # a routing's groups always gather rows
+        parts = (self.order, g.rows, self.expert, self.by_token, g.offsets, self.token_offsets)
+        return torch.cat([t.to(torch.int32) for t in parts])
+
+
+def packed_size(pairs: int, num_tokens: int, num_experts: int) -> int:
+    return 4 * pairs + num_experts + num_tokens + 2
+
+
+def unpack(packed: torch.Tensor, weight: torch.Tensor, num_tokens: int, num_experts: int) -> Routing:
+    """:meth:`Routing.packed` back, with the routing weights of the plan's pairs."""
+    p = weight.numel()
+    order, rows, expert, by_token, offsets, token_offsets = packed.split(
+        [p, p, p, p, num_experts + 1, num_tokens + 1]
+    )
+    order = order.long()
+    groups = Groups(offsets, rows, p)
+    return Routing(groups, order, expert.long(), weight[order].float(), by_token, token_offsets)
 
 
 def _segment_starts(sorted_keys: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -92,20 +117,11 @@ def combine(src: torch.Tensor, routing: Routing, num_tokens: int, *, weighted: b
 
 
 def moe_forward(
-    x: torch.Tensor,
-    routing: Routing,
-    w_in: torch.Tensor,
-    w_gate: torch.Tensor | None,
-    w_out: torch.Tensor,
-    b_in: torch.Tensor | None,
-    b_gate: torch.Tensor | None,
-    b_out: torch.Tensor | None,
-    activation: str,
-    save: bool,
+    x: torch.Tensor, routing: Routing, experts: ExpertTensors, activation: str, save: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(y [N, d], pre, pre_gate)``; the pre-activations ``[P, h]`` (sorted order) only when ``save``."""
-    hidden, pre, pre_gate = up(x, routing.groups, w_in, w_gate, b_in, b_gate, activation, save)
-    out = matmul(hidden, routing.groups, w_out, b_out, transposed=True)
+    hidden, pre, pre_gate = up(x, routing.groups, experts, activation, save)
+    out = matmul(hidden, routing.groups, experts.w_out, experts.b_out, transposed=True)
     return combine(out, routing, x.shape[0], weighted=True), pre, pre_gate
 
 
@@ -115,12 +131,7 @@ class MoEGrads:
 
     x: torch.Tensor
     weight: torch.Tensor
-    w_in: torch.Tensor
-    w_gate: torch.Tensor | None
-    w_out: torch.Tensor
-    b_in: torch.Tensor | None
-    b_gate: torch.Tensor | None
-    b_out: torch.Tensor | None
+    experts: ExpertTensors
 
 
 def moe_backward(
@@ -128,19 +139,19 @@ def moe_backward(
     x: torch.Tensor,
     routing: Routing,
     weight_dtype: torch.dtype,
-    w_in: torch.Tensor,
-    w_gate: torch.Tensor | None,
-    w_out: torch.Tensor,
-    b_out: torch.Tensor | None,
+    experts: ExpertTensors,
     pre: torch.Tensor,
     pre_gate: torch.Tensor | None,
     activation: str,
 ) -> MoEGrads:
-    """Every gradient of :func:`moe_forward` from ``dy [N, d]`` and the saved pre-activations."""
+    """Every gradient of :func:`moe_forward` from ``dy [N, d]`` and the saved pre-activations (the input
+    biases are not needed)."""
+    w_in, w_gate, w_out, b_out = experts.w_in, experts.w_gate, experts.w_out, experts.b_out
     groups = routing.groups
     hidden, d_pre, d_pre_gate, dweight_sorted = up_backward(
         dy, groups, w_out, pre, pre_gate, activation, routing.weight
     )
+    assert groups.rows is not None and dweight_sorted is not None  # MoE pairs gather rows; scaled by weight
     if b_out is not None:  # <dy[t], b_out[e]>: the bias part of <dy[t], expert_e(x[t])>
         dweight_sorted = dweight_sorted + (dy.float() @ b_out.float().t())[groups.rows.long(), routing.expert]
     dweight = torch.empty_like(dweight_sorted)
@@ -150,13 +161,21 @@ def moe_backward(
     dw_out, db_out = weight_grad(
         dy, hidden, groups, gather_a=True, gather_b=False, scale=routing.weight, bias=has_bias, dtype=wdt
     )
-    by_input = {"gather_a": False, "gather_b": True, "scale": None, "bias": has_bias, "dtype": wdt}
+    by_input: dict[str, Any] = {
+        "gather_a": False,
+        "gather_b": True,
+        "scale": None,
+        "bias": has_bias,
+        "dtype": wdt,
+    }
     dw_in, db_in = weight_grad(d_pre, x, groups, **by_input)
     dw_gate = db_gate = None
     second = None
     if pre_gate is not None:
+        assert d_pre_gate is not None and w_gate is not None  # a gated block's
         dw_gate, db_gate = weight_grad(d_pre_gate, x, groups, **by_input)
         second = (d_pre_gate, w_gate)
     dx_pairs = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
     dx = combine(dx_pairs, routing, x.shape[0], weighted=False)
-    return MoEGrads(dx, dweight.to(weight_dtype), dw_in, dw_gate, dw_out, db_in, db_gate, db_out)
+    grads = ExpertTensors(dw_in, dw_gate, dw_out, db_in, db_gate, db_out)
+    return MoEGrads(dx, dweight.to(weight_dtype), grads)

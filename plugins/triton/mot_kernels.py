@@ -14,12 +14,29 @@ view), and the output keeps the input's memory layout so the block's permute bac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from mixcompile import ExpertTensors
 from mixcompile_plugins.triton.grouped import Groups, dot_precision, matmul, mma, up, up_backward, weight_grad
+from mixcompile_plugins.triton.tuning import MAX_LIVE_VALUES
+
+
+@triton.jit
+def _expert_rows(es, r, R, D):
+    """Offsets of row ``r`` of each expert ``es`` in an ``[E, R, D]`` tensor, in int64: ``E·R·D`` passes 2^31
+    at real sizes (E=64, d=4096, 16k tokens with G=2)."""
+    return (es.to(tl.int64) * R + r) * D
+
+
+@triton.jit
+def _members(base, gs, s_g):
+    """Offsets of group members ``gs`` through the member stride, in int64 (a strided view's stride can be
+    the whole batch)."""
+    return base + gs.to(tl.int64) * s_g
 
 
 @triton.jit
@@ -46,12 +63,12 @@ def _mix_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
         s = tl.load(
-            src_ptr + src_base + gs[:, None] * s_g + ds[None, :] * s_d,
+            src_ptr + _members(src_base, gs, s_g)[:, None] + ds[None, :] * s_d,
             mask=(gs < G)[:, None] & d_mask[None, :],
             other=0.0,
         )
         mixed = mma(tl.trans(w.to(s.dtype)), s, tl.zeros((E_POW2, BLOCK_D), tl.float32), PRECISION)
-        ed_off = es[:, None] * R * D + r * D + ds[None, :]
+        ed_off = _expert_rows(es, r, R, D)[:, None] + ds[None, :]
         ed_mask = (es < E)[:, None] & d_mask[None, :]
         tl.store(dst_ptr + ed_off, mixed.to(dst_ptr.dtype.element_ty), mask=ed_mask)
         if HAS_DW:
@@ -86,24 +103,38 @@ def _unmix_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
         gd_mask = (gs < G)[:, None] & d_mask[None, :]
-        v_off = es[:, None] * R * D + r * D + ds[None, :]
+        v_off = _expert_rows(es, r, R, D)[:, None] + ds[None, :]
         v = tl.load(v_ptr + v_off, mask=(es < E)[:, None] & d_mask[None, :], other=0.0)
         y = mma(w.to(v.dtype), v, tl.zeros((G_POW2, BLOCK_D), tl.float32), PRECISION)
-        y_off = y_base + gs[:, None] * y_g + ds[None, :] * y_d
+        y_off = _members(y_base, gs, y_g)[:, None] + ds[None, :] * y_d
         tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=gd_mask)
         if HAS_DW:
-            o = tl.load(other_ptr + o_base + gs[:, None] * o_g + ds[None, :] * o_d, mask=gd_mask, other=0.0)
+            o_off = _members(o_base, gs, o_g)[:, None] + ds[None, :] * o_d
+            o = tl.load(other_ptr + o_off, mask=gd_mask, other=0.0)
             dw = mma(o, tl.trans(v), dw, PRECISION)
     if HAS_DW:
         tl.store(dw_ptr + ge_off, dw.to(dw_ptr.dtype.element_ty), mask=ge_mask)
 
 
-def _tile_sizes(g: int, e: int, d: int) -> tuple[int, int, int]:
-    """Padded G and E and a d tile that keeps the ``[E, d]`` tile near 4K values (``tl.dot`` needs 16+)."""
+def _tile_sizes(g: int, e: int, d: int, has_dw: bool, precision: str) -> tuple[int, int, int, int]:
+    """Padded G and E (``tl.dot`` needs 16+), the widest d tile (up to 128) and then the fewest warps that
+    keep the live tiles (weights ``[G, E]``, the group ``[G, d]``, the mixes ``[E, d]``; the weight gradient
+    and the other operand with ``has_dw``; twice as many for three-product fp32 dots) within
+    ``MAX_LIVE_VALUES`` per thread, as far as 8 warps and a d tile of 16 allow (G=32 with E=256)."""
     g_pow2 = max(16, triton.next_power_of_2(g))
     e_pow2 = max(16, triton.next_power_of_2(e))
-    block_d = max(16, min(triton.next_power_of_2(d), 4096 // max(g_pow2, e_pow2)))
-    return g_pow2, e_pow2, block_d
+
+    def live(block_d: int, warps: int) -> int:
+        values = (1 + has_dw) * (g_pow2 * e_pow2 + e_pow2 * block_d) + g_pow2 * block_d
+        return (1 + (precision == "tf32x3")) * values // (32 * warps)
+
+    for warps in (4, 8):  # 16 warps cap a thread at 128 registers: they spilled where 8 did not
+        block_d = min(triton.next_power_of_2(d), 128)
+        while block_d > 16 and live(block_d, warps) > MAX_LIVE_VALUES:
+            block_d //= 2
+        if live(block_d, warps) <= MAX_LIVE_VALUES:
+            break
+    return g_pow2, e_pow2, block_d, warps
 
 
 def mix(
@@ -117,12 +148,13 @@ def mix(
     dw = torch.empty_like(w) if other is not None else None
     if r == 0:  # an empty batch or sequence
         return dst, dw
-    g_pow2, e_pow2, block_d = _tile_sizes(g, e, d)
+    precision = dot_precision(src.dtype)
+    g_pow2, e_pow2, block_d, warps = _tile_sizes(g, e, d, other is not None, precision)
     _mix_kernel[(r,)](
         src, w, dst, dst if other is None else other, w if dw is None else dw,
         r, n, g, e, d, *src.stride(),
-        HAS_DW=other is not None, PRECISION=dot_precision(src.dtype),
-        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d,
+        HAS_DW=other is not None, PRECISION=precision,
+        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return dst, dw
 
@@ -138,12 +170,13 @@ def unmix(
     o = y if other is None else other
     if t * n == 0:
         return y, dw
-    g_pow2, e_pow2, block_d = _tile_sizes(g, e, d)
+    precision = dot_precision(v.dtype)
+    g_pow2, e_pow2, block_d, warps = _tile_sizes(g, e, d, other is not None, precision)
     _unmix_kernel[(t * n,)](
         v, w, y, o, w if dw is None else dw,
         t * n, n, g, e, d, *y.stride(), *o.stride(),
-        HAS_DW=other is not None, PRECISION=dot_precision(v.dtype),
-        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d,
+        HAS_DW=other is not None, PRECISION=precision,
+        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return y, dw
 
@@ -158,21 +191,16 @@ def mot_forward(
     x_g: torch.Tensor,
     merge: torch.Tensor,
     emit: torch.Tensor,
-    w_in: torch.Tensor,
-    w_gate: torch.Tensor | None,
-    w_out: torch.Tensor,
-    b_in: torch.Tensor | None,
-    b_gate: torch.Tensor | None,
-    b_out: torch.Tensor | None,
+    experts: ExpertTensors,
     activation: str,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(y, pre, pre_gate, out)``: the output and, when ``save``, what backward needs."""
     t, n = x_g.shape[:2]
-    groups = expert_groups(w_in.shape[0], t * n, x_g.device)
+    groups = expert_groups(experts.w_in.shape[0], t * n, x_g.device)
     mixed, _ = mix(x_g, merge)
-    hidden, pre, pre_gate = up(mixed, groups, w_in, w_gate, b_in, b_gate, activation, save)
-    out = matmul(hidden, groups, w_out, b_out, transposed=True)
+    hidden, pre, pre_gate = up(mixed, groups, experts, activation, save)
+    out = matmul(hidden, groups, experts.w_out, experts.b_out, transposed=True)
     y, _ = unmix(out, emit, x_g)
     return y, pre, pre_gate, out if save else None
 
@@ -184,12 +212,7 @@ class MoTGrads:
     x_g: torch.Tensor
     merge: torch.Tensor
     emit: torch.Tensor
-    w_in: torch.Tensor
-    w_gate: torch.Tensor | None
-    w_out: torch.Tensor
-    b_in: torch.Tensor | None
-    b_gate: torch.Tensor | None
-    b_out: torch.Tensor | None
+    experts: ExpertTensors
 
 
 def mot_backward(
@@ -197,30 +220,39 @@ def mot_backward(
     x_g: torch.Tensor,
     merge: torch.Tensor,
     emit: torch.Tensor,
-    w_in: torch.Tensor,
-    w_gate: torch.Tensor | None,
-    w_out: torch.Tensor,
+    experts: ExpertTensors,
     pre: torch.Tensor,
     pre_gate: torch.Tensor | None,
     out: torch.Tensor,
     activation: str,
     has_bias: bool,
 ) -> MoTGrads:
-    """Every gradient of :func:`mot_forward`; the mixed tokens and the hidden layer are recomputed."""
+    """Every gradient of :func:`mot_forward`; the mixed tokens and the hidden layer are recomputed (the
+    biases are not needed: ``has_bias`` says whether to return theirs)."""
+    w_in, w_gate, w_out = experts.w_in, experts.w_gate, experts.w_out
     t, n = x_g.shape[:2]
     groups = expert_groups(w_in.shape[0], t * n, x_g.device)
     wdt = w_in.dtype
     d_out, d_emit = mix(dy, emit, other=out)
+    assert d_emit is not None  # given other=
     hidden, d_pre, d_pre_gate, _ = up_backward(d_out, groups, w_out, pre, pre_gate, activation, None)
-    sorted_rows = {"gather_a": False, "gather_b": False, "scale": None, "bias": has_bias, "dtype": wdt}
+    sorted_rows: dict[str, Any] = {
+        "gather_a": False,
+        "gather_b": False,
+        "scale": None,
+        "bias": has_bias,
+        "dtype": wdt,
+    }
     dw_out, db_out = weight_grad(d_out, hidden, groups, **sorted_rows)
     mixed, _ = mix(x_g, merge)
     dw_in, db_in = weight_grad(d_pre, mixed, groups, **sorted_rows)
     dw_gate = db_gate = None
     second = None
     if pre_gate is not None:
+        assert d_pre_gate is not None and w_gate is not None  # a gated block's
         dw_gate, db_gate = weight_grad(d_pre_gate, mixed, groups, **sorted_rows)
         second = (d_pre_gate, w_gate)
     d_mixed = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
     dx, d_merge = unmix(d_mixed, merge, x_g, other=x_g)
-    return MoTGrads(dx, d_merge, d_emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)
+    assert d_merge is not None  # given other=
+    return MoTGrads(dx, d_merge, d_emit, ExpertTensors(dw_in, dw_gate, dw_out, db_in, db_gate, db_out))

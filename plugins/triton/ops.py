@@ -1,8 +1,9 @@
 """``torch.library`` custom ops around the fused kernels, so ``torch.compile`` sees one opaque node per call.
 
-Each block call is a forward op that also returns what its backward needs (pre-activations, and for MoT the
-experts' outputs), and a backward op; ``register_autograd`` links them and ``register_fake`` gives shapes.
-Ops cannot return optional tensors, so absent ones travel as empty tensors.
+Each block call is a forward op that also returns what its backward needs (pre-activations; for MoE the
+pairs sorted by expert, so backward does not sort again; for MoT the experts' outputs), and a backward op;
+``register_autograd`` links them and ``register_fake`` gives shapes. Ops cannot return optional tensors, so
+absent ones travel as empty tensors. Below the op boundary the expert tensors travel as one ``ExpertTensors``.
 """
 
 import contextlib
@@ -10,10 +11,8 @@ import contextlib
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from mixcompile.runtime.experts import StackedExperts
-from mixcompile.runtime.mixing import MixPlan
-from mixcompile.runtime.routing import RoutingPlan
-from mixcompile_plugins.triton.moe_kernels import moe_backward, moe_forward, route
+from mixcompile import ExpertTensors, MixPlan, RoutingPlan, StackedExperts
+from mixcompile_plugins.triton.moe_kernels import moe_backward, moe_forward, packed_size, route, unpack
 from mixcompile_plugins.triton.mot_kernels import mot_backward, mot_forward
 from mixcompile_plugins.triton.routing_kernels import topk_route, topk_route_backward
 
@@ -33,8 +32,21 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
+def _packed(
+    w_in: Tensor,
+    w_gate: Tensor | None,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_gate: Tensor | None,
+    b_out: Tensor | None,
+) -> ExpertTensors:
+    """The op's expert tensors as the one value the kernels take, contiguous."""
+    return ExpertTensors(w_in, w_gate, w_out, b_in, b_gate, b_out).map(Tensor.contiguous)
+
+
+def _returned(grads: ExpertTensors, like: Tensor) -> tuple[Tensor, ...]:
+    """Expert gradients as an op returns them: empty where a block has no such tensor."""
+    return tuple(_or_empty(g, like) for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------------- MoE
@@ -54,33 +66,38 @@ def moe_forward_op(
     b_out: Tensor | None,
     activation: str,
     save: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y [N, d], pre [P, h], pre_gate [P, h])``; the pre-activations are empty unless ``save``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y [N, d], pre [P, h], pre_gate [P, h], routing)``; the pre-activations and the sorted routing
+    (:meth:`Routing.packed`) are empty unless ``save``."""
     if x.shape[0] == 0:
-        return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0)
+        return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0), _no_routing(x)
     with _device(x):
         routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0])
-        y, pre, pre_gate = moe_forward(
-            x.contiguous(), routing, *map(_contiguous, (w_in, w_gate, w_out, b_in, b_gate, b_out)),
-            activation, save,
-        )  # fmt: skip
-    return y, _or_empty(pre, x), _or_empty(pre_gate, x)
+        experts = _packed(w_in, w_gate, w_out, b_in, b_gate, b_out)
+        y, pre, pre_gate = moe_forward(x.contiguous(), routing, experts, activation, save)
+    return y, _or_empty(pre, x), _or_empty(pre_gate, x), routing.packed() if save else _no_routing(x)
+
+
+def _no_routing(x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.int32)
 
 
 @moe_forward_op.register_fake
 def _(x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, save):
     pairs, hidden = token_index.shape[0], w_in.shape[1]
-    pre = x.new_empty(pairs, hidden) if save and x.shape[0] else x.new_empty(0)
-    pre_gate = x.new_empty(pairs, hidden) if save and w_gate is not None and x.shape[0] else x.new_empty(0)
-    return x.new_empty(x.shape), pre, pre_gate
+    saved = save and x.shape[0]
+    pre = x.new_empty(pairs, hidden) if saved else x.new_empty(0)
+    pre_gate = x.new_empty(pairs, hidden) if saved and w_gate is not None else x.new_empty(0)
+    size = packed_size(pairs, x.shape[0], w_in.shape[0])
+    routing = x.new_empty(size, dtype=torch.int32) if saved else _no_routing(x)
+    return x.new_empty(x.shape), pre, pre_gate, routing
 
 
 @torch.library.custom_op("mixcompile::moe_backward", mutates_args=())
 def moe_backward_op(
     dy: Tensor,
     x: Tensor,
-    token_index: Tensor,
-    expert_index: Tensor,
+    routing: Tensor,
     weight: Tensor,
     w_in: Tensor,
     w_gate: Tensor | None,
@@ -90,22 +107,22 @@ def moe_backward_op(
     pre_gate: Tensor,
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)``; absent ones empty."""
+    """``(dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)``; absent ones empty. ``routing`` is
+    what the forward op returned."""
     if x.shape[0] == 0:
         return _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out)
     with _device(x):
-        routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0])
-        g = moe_backward(
-            dy.contiguous(), x.contiguous(), routing, weight.dtype, w_in.contiguous(), _contiguous(w_gate),
-            w_out.contiguous(), _contiguous(b_out), pre, _present(pre_gate), activation,
-        )  # fmt: skip
-    return (
-        g.x, g.weight, g.w_in, _or_empty(g.w_gate, x), g.w_out,
-        _or_empty(g.b_in, x), _or_empty(g.b_gate, x), _or_empty(g.b_out, x),
-    )  # fmt: skip
+        unpacked = unpack(routing, weight, x.shape[0], w_in.shape[0])
+        experts = _packed(w_in, w_gate, w_out, None, None, b_out)
+        dy, x = dy.contiguous(), x.contiguous()
+        g = moe_backward(dy, x, unpacked, weight.dtype, experts, pre, _present(pre_gate), activation)
+    dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _returned(g.experts, x)
+    return g.x, g.weight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out
 
 
-def _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out) -> tuple[Tensor, ...]:
+def _zero_moe_grads(
+    x, weight, w_in, w_gate, w_out, b_out
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of an empty batch: zeros shaped like the inputs (empties where absent)."""
     e, h = w_in.shape[:2]
     bias = b_out is not None
@@ -119,7 +136,7 @@ def _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out) -> tuple[Tensor, ...]
 
 
 @moe_backward_op.register_fake
-def _(dy, x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activation):
+def _(dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activation):
     e, h = w_in.shape[:2]
     bias = b_out is not None
     return (
@@ -135,17 +152,17 @@ def _moe_setup(ctx, inputs, output) -> None:
     x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, _ = inputs
     ctx.activation = activation
     ctx.optional = (w_gate is not None, b_in is not None, b_gate is not None)
-    ctx.save_for_backward(x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, *output[1:])
+    ctx.save_for_backward(x, weight, w_in, w_gate, w_out, b_out, *output[1:])
 
 
-def _moe_backward(ctx, dy, _d_pre, _d_pre_gate):
-    x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate = ctx.saved_tensors
+def _moe_backward(ctx, dy, _d_pre, _d_pre_gate, _d_routing):
+    x, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, routing = ctx.saved_tensors
     # Traced with a data-dependent number of pairs (capacity limits), the sizes are unknown: skip the check.
-    unsaved = statically_known_true(pre.numel() == 0) and statically_known_true(token_index.numel() != 0)
+    unsaved = statically_known_true(routing.numel() == 0) and statically_known_true(weight.numel() != 0)
     if unsaved and x.shape[0]:
         raise RuntimeError("mixcompile::moe_forward ran without save=True; its inputs did not require grad.")
     dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = moe_backward_op(
-        dy, x, token_index, expert_index, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, ctx.activation
+        dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, ctx.activation
     )
     has_gate, has_b_in, has_b_gate = ctx.optional
     return (
@@ -162,18 +179,17 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _expert_tensors(experts: StackedExperts, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+def _in_dtype(experts: StackedExperts, dtype: torch.dtype) -> ExpertTensors:
     """The expert tensors in the input's dtype (as autocast would give the reference kernel's matmuls)."""
-    tensors = (experts.w_in, experts.w_gate, experts.w_out, experts.b_in, experts.b_gate, experts.b_out)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+    return experts.tensors.map(lambda t: t.to(dtype))
 
 
 def moe(x: Tensor, plan: RoutingPlan, experts: StackedExperts) -> Tensor:
     """The fused MoE kernel: ``y[t] = sum over pairs (t, e, w) of w * expert_e(x[t])``."""
-    params = _expert_tensors(experts, x.dtype)
-    save = _needs_grad(x, plan.weight, *params)
+    tensors = _in_dtype(experts, x.dtype)
+    save = _needs_grad(x, plan.weight, *tensors)
     routing = (plan.token_index, plan.expert_index, plan.weight)
-    y, _, _ = moe_forward_op(x, *routing, *params, experts.activation, save)
+    y, _, _, _ = moe_forward_op(x, *routing, *tensors, experts.activation, save)  # the op takes tensors
     return y
 
 
@@ -196,10 +212,10 @@ def mot_forward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y [T, n, G, d], pre [E·T·n, h], pre_gate, out [E·T·n, d])``; all but ``y`` empty unless ``save``."""
     with _device(x_g):
+        experts = _packed(w_in, w_gate, w_out, b_in, b_gate, b_out)
         y, pre, pre_gate, out = mot_forward(
-            x_g, merge.contiguous(), emit.contiguous(),
-            *map(_contiguous, (w_in, w_gate, w_out, b_in, b_gate, b_out)), activation, save,
-        )  # fmt: skip
+            x_g, merge.contiguous(), emit.contiguous(), experts, activation, save
+        )
     return y, _or_empty(pre, x_g), _or_empty(pre_gate, x_g), _or_empty(out, x_g)
 
 
@@ -230,14 +246,13 @@ def mot_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx_g, d_merge, d_emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)``; absent ones empty."""
     with _device(x_g):
+        experts = _packed(w_in, w_gate, w_out, None, None, None)
         g = mot_backward(
-            dy, x_g, merge.contiguous(), emit.contiguous(), w_in.contiguous(), _contiguous(w_gate),
-            w_out.contiguous(), pre, _present(pre_gate), out, activation, has_bias,
+            dy, x_g, merge.contiguous(), emit.contiguous(), experts, pre, _present(pre_gate), out, activation,
+            has_bias,
         )  # fmt: skip
-    return (
-        g.x_g, g.merge, g.emit, g.w_in, _or_empty(g.w_gate, x_g), g.w_out,
-        _or_empty(g.b_in, x_g), _or_empty(g.b_gate, x_g), _or_empty(g.b_out, x_g),
-    )  # fmt: skip
+    dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _returned(g.experts, x_g)
+    return g.x_g, g.merge, g.emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out
 
 
 @mot_backward_op.register_fake
@@ -280,11 +295,10 @@ mot_forward_op.register_autograd(_mot_backward, setup_context=_mot_setup)
 
 def mot(x_g: Tensor, plan: MixPlan, experts: StackedExperts) -> Tensor:
     """The fused MoT kernel: ``x_g [T, n, G, d]`` → merge per expert, run experts, emit back."""
-    params = _expert_tensors(experts, x_g.dtype)
-    save = _needs_grad(x_g, plan.merge, plan.emit, *params)
-    y, _, _, _ = mot_forward_op(
-        x_g, plan.merge.to(x_g.dtype), plan.emit.to(x_g.dtype), *params, experts.activation, save
-    )
+    tensors = _in_dtype(experts, x_g.dtype)
+    save = _needs_grad(x_g, plan.merge, plan.emit, *tensors)
+    merge, emit = plan.merge.to(x_g.dtype), plan.emit.to(x_g.dtype)
+    y, _, _, _ = mot_forward_op(x_g, merge, emit, *tensors, experts.activation, save)  # the op takes tensors
     return y
 
 

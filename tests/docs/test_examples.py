@@ -39,12 +39,42 @@ def logged_models(log: Path) -> set[str]:
         return {row["model"] for row in csv.DictReader(handle)}
 
 
+def small_batch_losses(path: Path) -> dict[str, float]:
+    with open(path, newline="") as handle:
+        return {row["evaluation"]: float(row["val_loss"]) for row in csv.DictReader(handle)}
+
+
+TRAIN_LM_PHASES = {"dense", "moe", "mot", "mot-more", "mot-anneal", "mot-to-tc"}
+
+
+def check_train_lm_outputs(out: Path, stdout: str) -> None:
+    """Every output of train_lm.py, and two facts its small-batch table must show at any size: at batch 1
+    both small-batch policies compute the same thing (a lone sequence is its own group), and the Token
+    Choice model gives the same loss whatever the batch."""
+    assert logged_models(out / "log.csv") == TRAIN_LM_PHASES
+    assert (out / "curves.png").stat().st_size > 0
+    assert "reaches dense final at" in stdout and "tokens/s" in stdout and "peak MiB" in stdout
+    assert table_rows(stdout) >= {"dense", "moe", "mot"}
+    summary = (out / "summary.txt").read_text()
+    assert "reaches dense final at" in summary and "MoT, held-out loss" in summary
+    losses = small_batch_losses(out / "small_batch.csv")
+    assert abs(losses['batch 1, small_batch="group"'] - losses['batch 1, small_batch="sparse"']) < 2e-4
+    tuned = [loss for what, loss in losses.items() if what.startswith("token choice, tuned")]
+    assert len(tuned) == 2 and abs(tuned[0] - tuned[1]) < 2e-4
+
+
 def test_train_lm(tmp_path: Path) -> None:
     stdout = run_example("train_lm.py", "--steps", "4", "--eval-every", "2", "--out", tmp_path, cwd=tmp_path)
-    assert logged_models(tmp_path / "log.csv") == {"dense", "moe", "mot"}
-    assert (tmp_path / "curves.png").stat().st_size > 0
-    assert "steps to dense final" in stdout and "tokens/s" in stdout and "peak MiB" in stdout
-    assert table_rows(stdout) >= {"dense", "moe", "mot"}
+    check_train_lm_outputs(tmp_path, stdout)
+
+
+def test_train_lm_gpu_preset_runs_shrunk(tmp_path: Path) -> None:
+    """The GPU preset's own structure (groups of 32, 64 experts, batch 64, every phase), at toy widths."""
+    shrink = ["d_model=32", "n_head=2", "n_layer=2", "d_ff=64", "seq=16", "steps=3", "eval_batches=1"]
+    sets = [arg for pair in shrink for arg in ("--set", pair)]
+    stdout = run_example("train_lm.py", "--preset", "gpu", *sets, "--out", tmp_path, cwd=tmp_path)
+    check_train_lm_outputs(tmp_path, stdout)
+    assert "group_size=32" in stdout and "experts=64" in stdout and "batch=64" in stdout
 
 
 def test_upcycle_finetune(tmp_path: Path) -> None:

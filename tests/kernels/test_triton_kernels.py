@@ -6,18 +6,14 @@ and ``mixcompile_plugins.triton`` with the variable set, then restores the envir
 ``triton_env`` fixture sets it again only while this module's tests run, so other modules keep
 ``kernel="auto"`` on the torch kernel.
 Uninitialised memory is filled with NaN (``torch.utils.deterministic.fill_uninitialized_memory``), so any
-output element a kernel forgets to write shows up as a mismatch. One test compiles the kernels for Hopper
-(sm_90) with Triton's real compiler, which needs no GPU.
+output element a kernel forgets to write shows up as a mismatch. ``test_kernel_resources.py`` compiles the
+kernels for real GPUs.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import reference as ref
@@ -50,6 +46,8 @@ def _import_triton() -> None:
 
 
 _import_triton()
+from mixcompile_plugins.triton.grouped import _partial_offsets  # noqa: E402 (after the interpreter is chosen)
+from mixcompile_plugins.triton.mot_kernels import _expert_rows, _members  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,6 +59,10 @@ def triton_env():
         if "triton" not in registry().names("kernel"):
             plugin = mc.register_plugin(importlib.import_module("mixcompile_plugins.triton_kernels"))
         mp.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+        if DEVICE == "cuda":  # these tests check variants, not tuning: one config per launch
+            for tuner in _autotuned():
+                first = lambda kwargs, prune=tuner.prune_configs: prune(kwargs)[:1]  # noqa: E731
+                mp.setattr(tuner, "prune_configs", first)
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
@@ -438,98 +440,157 @@ def test_fake_shapes():
 
     x, plan, experts, tensors = moe_op_args(gated=False, bias=False)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        y, pre, pre_gate = ops.moe_forward_op(
+        y, pre, pre_gate, routing = ops.moe_forward_op(
             x, plan.token_index, plan.expert_index, plan.weight, *tensors, "relu", True
         )
     assert y.shape == x.shape and pre.shape == (22, 40) and pre_gate.numel() == 0
+    assert routing.shape == (4 * 22 + 4 + 11 + 2,) and routing.dtype == torch.int32
 
 
-COMPILE_CHECK = textwrap.dedent(
-    """
+def test_offsets_past_2_31_elements_are_int64():
+    """The offset arithmetic the kernels use where a product of sizes passes 2^31 elements (MoT's
+    ``[E, R, d]`` rows, strided group members, the routing-weight partial sums): int32 would wrap."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mixcompile_plugins.triton import grouped, moe_kernels, mot_kernels, routing_kernels
+    import triton.language as tl
 
-    def compile_for_hopper(kernel, pointers, ints, options, num_warps=8, num_stages=3):
-        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        signature = {n: pointers.get(n, "i32" if n in ints else "constexpr") for n in fn.arg_names}
-        # as a launch specialises them: 16-byte aligned pointers, sizes divisible by 16
-        specialised = [i for i, n in enumerate(fn.arg_names) if n in pointers or n in ints]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in specialised}
-        src = ASTSource(fn, signature, constexprs=options, attrs=attrs)
-        launch = {"num_warps": num_warps, "num_stages": num_stages}
-        ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch).asm["ttgir"]
-        small = ("_combine_kernel", "_mix_kernel", "_unmix_kernel", "_topk_route_kernel")
-        assert "warp_group_dot" in ttgir or fn.__name__ in small, fn.__name__
+    @triton.jit
+    def offsets(out_ptr, r, R, D, s_g, pid_n, P):
+        i = tl.arange(0, 4)
+        tl.store(out_ptr + i, _expert_rows(i + 61, r, R, D))
+        tl.store(out_ptr + 4 + i, _members(r, i + 13, s_g))
+        tl.store(out_ptr + 8 + i, _partial_offsets(pid_n, P, i))
 
-    bf16 = lambda *names, **typed: {**{n: "*bf16" for n in names}, **typed}
-    mm = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "PRECISION": "tf32", "E_POW2": 8}
-    for gated, act in ((False, 1), (True, 4)):
-        compile_for_hopper(
-            grouped._up_kernel,
-            bf16("a_ptr", "w_ptr", "wg_ptr", "b_ptr", "bg_ptr", "hidden_ptr", "pre_ptr", "pre_g_ptr",
-                 rows_ptr="*i32", offsets_ptr="*i32"),
-            ("E", "N", "K", "ROWS_HINT"),
-            dict(GATHER=True, GATED=gated, HAS_BIAS=True, SAVE_PRE=True, ACT=act, **mm),
-        )
-        compile_for_hopper(
-            grouped._up_backward_kernel,
-            bf16("dy_ptr", "w_ptr", "pre_ptr", "pre_g_ptr", "hidden_ptr", "d_pre_ptr", "d_pre_g_ptr",
-                 rows_ptr="*i32", scale_ptr="*fp32", dscale_ptr="*fp32", offsets_ptr="*i32"),
-            ("E", "N", "K", "P", "ROWS_HINT"),
-            dict(GATHER=True, SCALE=True, DSCALE=True, GATED=gated, ACT=act, **mm),
-        )
-    compile_for_hopper(
-        grouped._mm_kernel,
-        bf16("a_ptr", "a2_ptr", "w_ptr", "w2_ptr", "b_ptr", "c_ptr", offsets_ptr="*i32"),
-        ("E", "N", "K", "ROWS_HINT", "stride_wk"),
-        dict(SECOND=True, HAS_BIAS=True, stride_wn=1, **mm),
-    )
-    compile_for_hopper(
-        grouped._wgrad_kernel,
-        bf16("a_ptr", "b_ptr", "dw_ptr", "db_ptr", rows_ptr="*i32", scale_ptr="*fp32", offsets_ptr="*i32"),
-        ("M", "N", "ROWS_HINT"),
-        dict(GATHER_A=True, GATHER_B=False, SCALE=True, HAS_BIAS=True, PRECISION="tf32",
-             BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-    )
-    compile_for_hopper(
-        moe_kernels._combine_kernel,
-        bf16("src_ptr", "out_ptr", weight_ptr="*fp32", by_token_ptr="*i32", token_offsets_ptr="*i32"),
-        ("D",),
-        dict(WEIGHTED=True, BLOCK_D=1024),
-        num_warps=4,
-    )
-    mix = dict(HAS_DW=True, PRECISION="tf32", G_POW2=16, E_POW2=32, BLOCK_D=128)
-    compile_for_hopper(
-        mot_kernels._mix_kernel,
-        bf16("src_ptr", "w_ptr", "dst_ptr", "other_ptr", "dw_ptr"),
-        ("R", "NG", "G", "E", "D", "s_t", "s_n", "s_g"),
-        dict(s_d=1, **mix),
-        num_warps=4,
-    )
-    compile_for_hopper(
-        mot_kernels._unmix_kernel,
-        bf16("v_ptr", "w_ptr", "y_ptr", "other_ptr", "dw_ptr"),
-        ("R", "NG", "G", "E", "D", "y_t", "y_n", "y_g", "o_t", "o_n", "o_g"),
-        dict(y_d=1, o_d=1, **mix),
-        num_warps=4,
-    )
-    compile_for_hopper(
-        routing_kernels._topk_route_kernel,
-        dict(logits_ptr="*fp32", bias_ptr="*fp32", probs_ptr="*fp32", chosen_ptr="*i64", weights_ptr="*fp32"),
-        ("N", "E"),
-        dict(K=8, K_POW2=8, HAS_BIAS=True, RENORMALIZE=True, BLOCK_N=32, BLOCK_E=64),
-        num_warps=4,
-    )
-    """
-)
+    r, rows, d, s_g, pid_n, pairs = 5, 16384, 4096, 2**28, 223, 9_700_000
+    out = torch.full((12,), -1, dtype=torch.int64, device=DEVICE)
+    offsets[(1,)](out, r, rows, d, s_g, pid_n, pairs)
+    want = [(e * rows + r) * d for e in range(61, 65)]
+    want += [r + g * s_g for g in range(13, 17)] + [pid_n * pairs + i for i in range(4)]
+    assert min(want) > 2**31
+    assert out.tolist() == want
 
 
-def test_kernels_compile_for_hopper():
-    """Triton's real compiler (to sm_90 cubin, no GPU needed) accepts every kernel, with wgmma main loops."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def _autotuned():
+    from mixcompile_plugins.triton import grouped, tuning
+
+    return [k for k in vars(grouped).values() if isinstance(k, tuning.Autotuner)]
+
+
+TILE = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
+def test_autotune_keys_cover_every_compile_time_flag():
+    """A tuned config is reused only by launches that compile the same kernel (flags, precision, E_POW2):
+    a config one variant can run must not be reused by another that cannot (or that runs slower with it)."""
+    import inspect
+
+    tuners = _autotuned()
+    assert len(tuners) == 4
+    for tuner in tuners:
+        params = inspect.signature(tuner.base_fn).parameters.values()
+        flags = {p.name for p in params if "constexpr" in str(p.annotation)} - set(TILE)
+        assert flags and flags <= set(tuner.keys), (tuner.base_fn.__name__, flags - set(tuner.keys))
+
+
+class _FakeKernel:
+    """Stands in for a JIT function: records the meta-parameters of each launch."""
+
+    arg_names = ["x_ptr", "N", "FLAG"]
+
+    def __init__(self) -> None:
+        self.launches: list[dict] = []
+        self.fn = lambda: None
+
+    def run(self, *args, **kwargs):
+        self.launches.append(kwargs)
+
+
+def _tuner(monkeypatch, smem=lambda c, a: 0, live=lambda c, a: 0):
+    import triton
+
+    from mixcompile_plugins.triton import tuning
+
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1000)
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
+        for m, w in ((128, 8), (64, 4))
+    ]
+    tuner = tuning.Autotuner(_FakeKernel(), configs, ["N", "FLAG"], smem, live, None)
+    tuner._do_bench = lambda call, quantiles: call() or [1.0 / tuner.nargs["x_ptr"].numel()] * 3
+    return tuner, tuner.fn
+
+
+def test_autotuner_never_benchmarks_during_graph_capture(monkeypatch):
+    from mixcompile_plugins.triton import tuning
+
+    tuner, kernel = _tuner(monkeypatch)
+    x = torch.zeros(3)
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    tuner.run(x, 16, FLAG=1)
+    assert [k["BLOCK_M"] for k in kernel.launches] == [128]  # the first config that fits, not benchmarked
+    assert not tuner.cache  # and not recorded as tuned
+    monkeypatch.setattr(tuning, "_capturing", lambda: False)
+    tuner.run(x, 16, FLAG=1)
+    assert len(kernel.launches) == 1 + 2 + 1  # both configs benchmarked, then the run
+    assert list(tuner.cache) == [tuner.tuning_key((x, 16), {"FLAG": 1})]
+    tuned = tuner.cache[tuner.tuning_key((x, 16), {"FLAG": 1})]
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    kernel.launches.clear()
+    tuner.run(x, 16, FLAG=1)
+    assert kernel.launches == [{**tuned.all_kwargs(), "FLAG": 1}]  # under capture: the tuned config
+    tuner.run(x, 16, FLAG=0)  # another variant: not tuned yet, so the default again
+    assert kernel.launches[-1]["BLOCK_M"] == 128 and len(tuner.cache) == 1
+
+
+def test_autotuner_prunes_what_does_not_fit(monkeypatch):
+    x = torch.zeros(3)
+    tuner, kernel = _tuner(monkeypatch, smem=lambda c, a: 10 * c.kwargs["BLOCK_M"])  # 1280 B > 1000 B
+    tuner.run(x, 16, FLAG=1)
+    assert {k["BLOCK_M"] for k in kernel.launches} == {64}
+    tuner, kernel = _tuner(monkeypatch, live=lambda c, a: 97 if c.num_warps == 4 else 96)
+    tuner.run(x, 16, FLAG=1)
+    assert {k["BLOCK_M"] for k in kernel.launches} == {128}
+    tuner, kernel = _tuner(monkeypatch, smem=lambda c, a: 1001)
+    with pytest.raises(RuntimeError, match="no config fits 1000 bytes of shared memory and 96 live"):
+        tuner.run(x, 16, FLAG=1)
+
+
+class _Launches:
+    """Counts Triton kernel launches, and ATen ops (from the profiler, nested ones included)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from mixcompile_plugins.triton import grouped, moe_kernels
+
+        self.triton: list[str] = []
+        for jit in {type(grouped._up_kernel.fn), type(moe_kernels._combine_kernel)}:
+            monkeypatch.setattr(jit, "run", self._counted(jit.run))
+
+    def _counted(self, run):
+        def counted(fn, *args, **kwargs):
+            self.triton.append(fn.__name__)
+            return run(fn, *args, **kwargs)
+
+        return counted
+
+    def __call__(self, step) -> tuple[list[str], list[str]]:
+        """``(aten op names, Triton kernel names)`` of ``step()``."""
+        self.triton.clear()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        return [e.name for e in prof.events() if e.name.startswith("aten::")], list(self.triton)
+
+
+def test_routing_is_sorted_once_per_training_step(monkeypatch):
+    """The forward sorts the pairs by expert and by token; the backward reuses that (saved) routing."""
+    from mixcompile_plugins.triton import ops
+
+    x, plan, experts, _ = moe_op_args(n=13)
+    count = _Launches(monkeypatch)
+    out = []
+    forward = count(lambda: out.append(ops.moe(x, plan, experts)))
+    backward = count(lambda: out[0].backward(torch.ones_like(out[0])))
+    sorting = ("aten::sort", "aten::searchsorted")
+    assert sum(op in sorting for op in forward[0]) == 4  # two stable sorts, two segment searches
+    assert not [op for op in backward[0] if op in sorting]
+    assert forward[1] == ["_up_kernel", "_mm_kernel", "_combine_kernel"]
+    kernels = ["_up_backward_kernel", "_wgrad_kernel", "_wgrad_kernel", "_wgrad_kernel", "_mm_kernel"]
+    assert sorted(backward[1]) == sorted([*kernels, "_combine_kernel"])

@@ -215,3 +215,24 @@ def test_the_check_cost_benchmark_runs() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("MoE", "MoT"))]
     assert len(rows) == 2 and all(line.count("%") == 2 for line in rows), done.stdout
+
+
+def test_no_value_is_read_back_while_a_cuda_graph_is_captured(monkeypatch) -> None:
+    """Reading a value back to the host is not allowed during CUDA-graph capture (found on an H100): the
+    range and debug checks stand aside then, the structure checks stay."""
+    from mixcompile.runtime.checks import check_routing_plan
+
+    bad = mc.RoutingPlan(torch.tensor([0, 9]), torch.tensor([0, 1]), torch.ones(2), 2, 2)
+    with pytest.raises(mc.PluginError, match="token_index outside"):
+        check_routing_plan(bad, source="router", num_tokens=2, num_experts=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with mc.debug_checks():
+        check_routing_plan(bad, source="router", num_tokens=2, num_experts=2)  # no read back, no error
+    with pytest.raises(mc.PluginError, match="differ in length"):
+        check_routing_plan(
+            mc.RoutingPlan(torch.tensor([0]), torch.tensor([0, 1]), torch.ones(2), 2, 2),
+            source="router",
+            num_tokens=2,
+            num_experts=2,
+        )

@@ -21,6 +21,7 @@ from mixcompile.runtime.checks import check_input
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel, get_kernel, resolve_kernel
+from mixcompile.types import BlockKind
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -39,29 +40,41 @@ class Describe:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """The kernel a block runs with for one (device type, dtype, dropout) case, or why there is none."""
+    """The kernel a block runs with for one (device type, dtype, dropout) case."""
 
     name: str
-    kernel: Kernel | None
+    kernel: Kernel
     source: Source
-    error: str | None = None
+
+
+# A case no kernel serves keeps the reason (a str) instead of a choice, for the forward that meets it.
+_Choice = KernelChoice | str
 
 
 class Block(nn.Module):
-    """Base of the sparse blocks: holds the experts, the kernel choice, first-call validation and stats.
+    """Base of the sparse blocks: holds the experts, the kernel choice, checks of plugin outputs, stats.
 
     Subclasses build ``self.experts`` and then call :meth:`_choose_kernels`.
     """
 
-    kind: str = ""
+    kind: BlockKind = ""  # type: ignore[assignment]  # the base has no kind; MoEBlock and MoTBlock set theirs
     experts: StackedExperts
 
     def __init__(self, kernel: str, site: str = "") -> None:
         super().__init__()
         self.site = site  # where the block sits in its model (convert sets it): errors name it
-        self._kernels: dict[tuple[str, torch.dtype, bool], KernelChoice] = {}
+        self._kernels: dict[tuple[str, torch.dtype, bool], _Choice] = {}
         self.kernel = kernel
         self._stats: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        """The block's settings that can change after it is built (JSON-safe), for a save to keep."""
+        return {}
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        """Restore :meth:`settings` (as a load does); unknown names and bad values raise ``ConfigError``."""
+        if settings:
+            raise ConfigError(f"{type(self).__name__} has no settings {sorted(settings)}.")
 
     @property
     def kernel(self) -> str:
@@ -92,9 +105,9 @@ class Block(nn.Module):
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Block:
         """Moving or casting the block (``.to``, ``.cuda``, ``.half``) chooses its kernels again."""
-        result = super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch; returns self
         self._choose_kernels()
-        return result
+        return self
 
     def _choose_kernels(self) -> None:
         """Resolve the kernel for the experts' device, every floating dtype (autocast may change it) and
@@ -105,18 +118,18 @@ class Block(nn.Module):
             self._kernels = {}
             return
         dropouts = (False, True) if self.experts.hidden_dropout > 0 else (False,)
-        choices = {}
+        choices: dict[tuple[str, torch.dtype, bool], _Choice] = {}
         for dtype in dict.fromkeys((self.experts.w_in.dtype, *_FLOATS)):
             for dropout in dropouts:
                 choices[(device.type, dtype, dropout)] = self._resolve(device, dtype, dropout)
         self._kernels = choices
 
-    def _resolve(self, device: torch.device, dtype: torch.dtype, dropout: bool) -> KernelChoice:
+    def _resolve(self, device: torch.device, dtype: torch.dtype, dropout: bool) -> _Choice:
         p = self.experts.hidden_dropout if dropout else 0.0
         try:
             name, kernel = resolve_kernel(self.kernel, self.kind, device, dtype, hidden_dropout=p)
         except MixcompileError as exc:
-            return KernelChoice(self.kernel, None, self.kernel, error=str(exc))
+            return str(exc)
         return KernelChoice(name, kernel, Describe(self, "kernel", name))
 
     def _kernel(self, x: torch.Tensor) -> KernelChoice:
@@ -126,8 +139,8 @@ class Block(nn.Module):
         choice = self._kernels.get((x.device.type, x.dtype, dropout))
         if choice is None:
             choice = self._resolve(x.device, x.dtype, dropout)
-        if choice.error is not None:
-            raise ConfigError(f"{self._name()}: {choice.error}")
+        if isinstance(choice, str):
+            raise ConfigError(f"{self._name()}: {choice}")
         return choice
 
     @staticmethod

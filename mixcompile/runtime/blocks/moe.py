@@ -55,7 +55,7 @@ class MoEBlock(Block):
         check_positive_int("top_k", top_k)
         check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
         self.top_k = top_k
-        spec = {
+        spec: dict[str, Any] = {
             "activation": activation,
             "gated": gated,
             "bias": bias,

@@ -7,9 +7,10 @@ tokens at the same position in one group are mixed per expert, processed, and sp
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import Mixer
 from mixcompile.runtime.tokens import TokenContext
+from mixcompile.types import MoTMode, SmallBatchPolicy, TokenLayout
 
 MODES = ("soft", "sparse")
 SMALL_BATCH_POLICIES = ("group", "sparse")
@@ -59,10 +61,10 @@ class MoTBlock(Block):
         bias: bool = False,
         mixer: str = "softmax",
         mixer_options: Mapping[str, Any] | None = None,
-        mode: str = "soft",
-        small_batch: str = "group",
+        mode: MoTMode = "soft",
+        small_batch: SmallBatchPolicy = "group",
         batch_first: bool = True,
-        layout: str | None = None,
+        layout: TokenLayout | None = None,
         hidden_dropout: float = 0.0,
         kernel: str = "auto",
         site: str = "",
@@ -74,14 +76,11 @@ class MoTBlock(Block):
         self.group_size = check_positive_int(
             "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
         )
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
-        if small_batch not in SMALL_BATCH_POLICIES:
-            raise ConfigError(f"small_batch must be one of {SMALL_BATCH_POLICIES}, got {small_batch!r}.")
+        _check_choice("mode", mode, MODES)
+        _check_choice("small_batch", small_batch, SMALL_BATCH_POLICIES)
         if layout is None:
             layout = "batch_first" if batch_first else "seq_first"
-        if layout not in LAYOUTS:
-            raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+        _check_choice("layout", layout, LAYOUTS)
         if not batch_first and layout != "seq_first":
             raise ConfigError(f"batch_first=False contradicts layout={layout!r}; give one of them.")
         self.mode = mode
@@ -186,6 +185,32 @@ class MoTBlock(Block):
             mask = torch.cat([mask, mask.new_zeros(rows - batch, seq)])
         return mask & members[:, None]
 
+    def settings(self) -> dict[str, Any]:
+        """Mode, small-batch policy and the mixer's temperature: what transition tuning and inference
+        set on a trained block, which a save must keep."""
+        settings: dict[str, Any] = {"mode": self.mode, "small_batch": self.small_batch}
+        temperature = getattr(self.mixer, "temperature", None)
+        if isinstance(temperature, float):
+            settings["temperature"] = temperature
+        return settings
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        unknown = sorted(set(settings) - {"mode", "small_batch", "temperature"})
+        if unknown:
+            raise ConfigError(f"MoTBlock has no settings {unknown}; it has mode, small_batch, temperature.")
+        if "mode" in settings:
+            self.mode = cast(MoTMode, _check_choice("mode", settings["mode"], MODES))
+        if "small_batch" in settings:
+            policy = _check_choice("small_batch", settings["small_batch"], SMALL_BATCH_POLICIES)
+            self.small_batch = cast(SmallBatchPolicy, policy)
+        if "temperature" in settings:
+            temperature = settings["temperature"]
+            if not isinstance(getattr(self.mixer, "temperature", None), float):
+                raise ConfigError(f"mixer {self.mixer_name!r} has no temperature to set.")
+            if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
+                raise ConfigError(f"temperature must be a number > 0, got {temperature!r}.")
+            self.mixer.temperature = float(temperature)
+
     def extra_repr(self) -> str:
         return (
             f"group_size={self.group_size}, mixer={self.mixer_name!r}, mode={self.mode!r}, "
@@ -206,3 +231,11 @@ def _mixing_stats(plan: Any, groups: int, missing: int, kernel_name: str, sparse
         "missing_members": missing,
         "merge_entropy": entropy.mean(),
     }
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}.{hint}")
+    return str(value)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.types import Sizing, Strategy
 
 
 def flop_matched_hidden(
-    strategy: str, d_ff: int, *, num_experts: int, top_k: int | None = None, group_size: int | None = None
+    strategy: Strategy,
+    d_ff: int,
+    *,
+    num_experts: int,
+    top_k: int | None = None,
+    group_size: int | None = None,
 ) -> int:
     """MoE: each token runs ``top_k`` experts, so ``h = d_ff / top_k``.
     MoT: each group of ``G`` tokens runs all ``E`` experts once, so ``h = d_ff * G / E`` (the paper's sizing).
@@ -28,7 +34,7 @@ def flop_matched_hidden(
 
 
 def expert_hidden(
-    strategy: str, d_ff: int, *, sizing: str, num_experts: int, top_k: int, group_size: int
+    strategy: Strategy, d_ff: int, *, sizing: Sizing, num_experts: int, top_k: int, group_size: int
 ) -> int:
     """The hidden size of each expert replacing a dense FFN of width ``d_ff``: ``same`` keeps it, ``split``
     divides it among the experts (MoEfication), ``flop`` keeps FLOPs per token equal to dense."""
@@ -49,7 +55,7 @@ def expert_hidden(
 
 
 def sparse_flops(
-    strategy: str, d: int, d_hidden: int, *, gated: bool, num_experts: int, top_k: int, group_size: int
+    strategy: Strategy, d: int, d_hidden: int, *, gated: bool, num_experts: int, top_k: int, group_size: int
 ) -> int:
     """FLOPs per token (a multiply-add is 2). MoE runs ``top_k`` experts (shared ones included) and a
     router; MoT mixes each group of G tokens into one token per expert, runs every expert once per group,

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The kernels' GPU checks in one call (at most 8 minutes on one H100), every figure in $OUT/gpu_check.json:
+#   1. tests/kernels/test_kernel_gpu.py: Triton against float64 PyTorch at real sizes (MoE E8 k2 and E64 k8, MoT G16
+#      E32; d=1024), fp32 (highest and TF32) and bf16, output with and without grad and every gradient;
+#      torch.compile(fullgraph=True) with inductor; CUDA-graph capture and replay.
+#   2. benchmarks/bench_kernels.py: its correctness pre-check at every benchmarked size, then the table (bf16,
+#      16,384 tokens, d=1024: dense FFN h=4096, MoE E8 k2 h4096 and E64 k8 h512 with torch._grouped_mm,
+#      MoT G16 / G32 E32 h512 against the einsum reference, decode rows at 1/8/64/512 tokens, an fp32 row).
+# Exits non-zero if a test or a correctness check fails, or a stage runs out of its time.
+#
+#   bash benchmarks/gpu_check.sh                  # on the GPU; OUT defaults to ./gpu_out
+#   SMOKE=1 bash benchmarks/gpu_check.sh          # or --smoke: tiny sizes on the CPU, Triton's interpreter
+# (about 2 minutes on an idle machine; its stages get 15 minutes each, for busy CI machines)
+# tests/kernels/test_triton_kernels.py (every activation, ragged plans, autocast) runs on a GPU as it is, separately.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu_out}
+SMOKE=${SMOKE:-0}
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+PYTHON=${PYTHON:-python3}  # the GPU image's python3 holds PyTorch; pass PYTHON= for another
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+STAGES="$OUT/stages.tsv"
+: > "$STAGES"
+
+stage() {  # name, seconds allowed, command...: runs it, records its exit status and time
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "== $name (up to ${limit}s)"
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$STAGES"
+    return $rc
+}
+
+# The project, if this Python does not have it yet (offline: no dependencies fetched; the GPU image has them).
+"$PYTHON" -c "import mixcompile, mixcompile_plugins" 2>/dev/null \
+    || "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || exit 2
+
+status=0
+if [[ $SMOKE == 1 ]]; then
+    echo "gpu_check: smoke run on the CPU (Triton interpreter, tiny sizes)"
+    stage tests_gpu 900 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_gpu.py \
+        --junitxml="$OUT/tests_gpu.xml" || status=1
+    stage bench 900 "$PYTHON" benchmarks/bench_kernels.py --smoke --json "$OUT/bench.json" || status=1
+else
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    stage tests_gpu 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_gpu.py \
+        --junitxml="$OUT/tests_gpu.xml" || status=1
+    stage bench 260 "$PYTHON" benchmarks/bench_kernels.py --json "$OUT/bench.json" || status=1
+fi
+
+"$PYTHON" - "$OUT" "$SMOKE" "$status" <<'EOF'
+"""Merge the stages, the test reports and the benchmark into one JSON file."""
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+out, smoke, status = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+doc = {"smoke": smoke, "ok": status == 0, "stages": {}, "tests": {}, "bench": None}
+for line in (out / "stages.tsv").read_text().splitlines():
+    name, rc, seconds = line.split("\t")
+    doc["stages"][name] = {"rc": int(rc), "seconds": int(seconds), "timed_out": int(rc) in (124, 137)}
+for xml in sorted(out.glob("tests_*.xml")):
+    suite = ET.parse(xml).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    doc["tests"][xml.stem] = {**counts, "seconds": float(suite.get("time", 0)), "failed": failed}
+if (out / "bench.json").exists():
+    doc["bench"] = json.loads((out / "bench.json").read_text())
+(out / "gpu_check.json").write_text(json.dumps(doc, indent=1))
+print(f"gpu_check: {'ok' if doc['ok'] else 'FAILED'}; figures in {out / 'gpu_check.json'}")
+EOF
+exit $status

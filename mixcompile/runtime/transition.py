@@ -1,0 +1,114 @@
+"""Transition tuning: make a trained Mixture-of-Tokens model usable one sequence at a time.
+
+A MoT block mixes tokens *across sequences*, so it needs a batch of ``G`` sequences. With fewer, its
+``small_batch`` policies do not help at batch 1: a lone sequence is its own group, so every expert takes it
+with weight 1 (``"group"`` and ``"sparse"`` then compute the same thing, the sum of *all* experts), a
+function the model never saw in training and ``E / G`` times the FFN FLOPs of a full group.
+
+Antoniak et al. 2023 (arXiv 2310.15961, v2) answer this with *transition tuning*: a MoT model trained for
+150K steps becomes a sparse Token Choice MoE initialised from the MoT weights (experts as they are, the
+MoT controller as the router) and trains on for 15K more steps (10%); the loss jumps at the switch, then
+recovers. :func:`to_token_choice` is that switch; continue training the returned model as usual.
+
+The authors' earlier write-up (the llm-random blog post "Mixture of Tokens", 2023-10-06) proposed
+*temperature annealing* instead: lower the controller's softmax temperature so each expert's mix
+concentrates on one token (``tau -> 0`` is expert choice within the group, ``MoTBlock(mode="sparse")``).
+That removes mixing inside a group of ``G``, but not the need for one: at batch 1 the group is still the
+lone sequence. :func:`temperature_schedule` and :func:`set_mot_temperature` implement the annealing, for
+that use (no mixing at batch ``G``) and for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+
+
+def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
+    """Replace every :class:`MoTBlock` of ``model`` (in place) by a Token Choice :class:`MoEBlock` holding
+    the same experts, with the MoT controller as its router; returns the paths replaced.
+
+    ``top_k`` defaults to ``E / G``: a MoT group of ``G`` tokens runs all ``E`` experts once, so ``E / G``
+    experts per token keep the FFN FLOPs per token unchanged (and the same parameters). Keep ``E >= 2G``:
+    a top-1 router's renormalised weight is 1, so its gate would learn from the balancing loss alone. The
+    router is the built-in ``topk`` with its default balancing and z losses (add ``mixcompile.aux_loss`` to
+    the loss). Expert weights are copied unscaled: on a trained model (``cpu-long`` in
+    ``examples/train_lm.py``) scaling the outputs by ``top_k``, to match a token's MoT weights (which sum
+    to ``E / G`` on average), started further from the MoT loss. The result no longer mixes sequences, so
+    its output for a sequence does not depend on the batch.
+
+    The model's recorded recipes still describe MoT: ``mixcompile.save`` of the result is not supported
+    (``mixcompile.load`` would refuse the weights).
+    """
+    if isinstance(model, MoTBlock):
+        raise ConfigError("to_token_choice: the model is itself a MoTBlock; pass the model that holds it.")
+    blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, MoTBlock)]
+    if not blocks:
+        raise ConfigError("to_token_choice: the model has no MoTBlock.")
+    plans = [(path, mot, _router_top_k(path, mot, top_k)) for path, mot in blocks]  # check all, then swap
+    for path, mot, k in plans:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, _token_choice_block(mot, k))
+    return [path for path, _ in blocks]
+
+
+def _router_top_k(path: str, mot: MoTBlock, top_k: int | None) -> int:
+    controller = getattr(mot.mixer, "controller", None)
+    if not isinstance(controller, nn.Linear) or controller.bias is not None:
+        raise ConfigError(f"to_token_choice: the mixer at {path!r} has no bias-free linear controller.")
+    experts = mot.experts.num_experts
+    k = top_k if top_k is not None else max(1, experts // mot.group_size)
+    return check_positive_int("top_k", k, maximum=experts)
+
+
+def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
+    experts = mot.experts
+    moe = MoEBlock(
+        experts.d_model,
+        experts.d_hidden,
+        experts.num_experts,
+        top_k=k,
+        activation=experts.activation,
+        gated=experts.gated,
+        bias=experts.bias,
+        kernel=mot.kernel,
+        site=mot.site,
+        device=experts.w_in.device,
+        dtype=experts.w_in.dtype,
+    )
+    with torch.no_grad():
+        moe.experts.load_state_dict(experts.state_dict())
+        moe.router.gate.weight.copy_(mot.mixer.controller.weight)
+    return moe.train(mot.training)
+
+
+def temperature_schedule(step: int, steps: int, *, start: float = 1.0, end: float = 0.01) -> float:
+    """Geometric annealing from ``start`` (at step 0) to ``end`` (at ``steps`` and after): the temperature
+    falls by the same factor every step, so each halving of it gets as many steps as the last."""
+    check_positive_int("steps", steps)
+    check_positive_int("step", step, minimum=0)
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+            raise ConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+    fraction = min(step, steps) / steps
+    return float(start * (end / start) ** fraction)
+
+
+def set_mot_temperature(model: nn.Module, temperature: float) -> int:
+    """Set the softmax temperature of every MoT block's mixer; returns how many were set. Works for any
+    mixer with a ``temperature`` attribute, as the built-in ``softmax`` mixer has."""
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isinf(temperature):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, MoTBlock)]
+    for path, block in blocks:  # check every mixer before changing any
+        if not hasattr(block.mixer, "temperature"):
+            raise ConfigError(f"the mixer at {path!r} ({block.mixer_name!r}) has no temperature.")
+    for _, block in blocks:
+        block.mixer.temperature = float(temperature)
+    return len(blocks)

@@ -1,0 +1,326 @@
+"""What you save is what you load, in every format: Hugging Face directories (save_pretrained too), dtypes,
+deterministic conversions, every block option, structure-only (meta) conversion, untraceable inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import mixcompile as mc
+from mixcompile.cli import main
+
+transformers = pytest.importorskip("transformers")
+TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "d_ff": 64, "max_seq": 16}
+
+
+def llama(**overrides) -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def distinct_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """Experts that differ from each other and from the dense FFN: a dense reload could not match them."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in mc.sparse_blocks(model).values():
+            for param in block.parameters():
+                param.add_(torch.randn(param.shape, generator=generator).to(param) * 0.05)
+    return model.eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids()).logits
+
+
+# ---- Hugging Face directories ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_pretrained(tmp_path_factory):
+    converted = distinct_experts(mc.convert(llama(), strategy="moe", num_experts=4, top_k=2))
+    path = tmp_path_factory.mktemp("hf") / "converted"
+    converted.save_pretrained(path)
+    return path, converted
+
+
+def test_save_pretrained_writes_a_directory_mixcompile_load_rebuilds_exactly(saved_pretrained) -> None:
+    path, converted = saved_pretrained
+    config = json.loads((path / "config.json").read_text())
+    assert (
+        config["model_type"] == "mixcompile" and config["mixcompile"]["base"]["class"] == "LlamaForCausalLM"
+    )
+    assert (path / "mixcompile_hf.py").is_file()
+    loaded = mc.load(path)
+    assert type(loaded) is type(converted) and len(mc.sparse_blocks(loaded)) == 2
+    assert torch.equal(logits(loaded), logits(converted))
+
+
+def test_auto_model_rebuilds_it_with_trust_remote_code_and_refuses_it_otherwise(saved_pretrained) -> None:
+    path, converted = saved_pretrained
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert type(rebuilt) is type(converted) and len(mc.sparse_blocks(rebuilt)) == 2
+    assert torch.equal(logits(rebuilt.eval()), logits(converted))
+
+
+def test_the_cli_reads_it_as_the_converted_model(saved_pretrained, tmp_path, capsys) -> None:
+    path, _ = saved_pretrained
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sites"] == [] and len(report["sparse_blocks"]) == 2
+    assert main(["convert", str(path), "-o", str(tmp_path / "again"), "--strategy", "mot"]) == 0
+    assert "nothing to convert" in capsys.readouterr().out  # every FFN is sparse already
+
+
+def test_mixcompile_save_of_a_hf_model_is_refused_by_a_dense_reload_too(saved_pretrained, tmp_path) -> None:
+    _, converted = saved_pretrained
+    mc.save(converted, tmp_path / "saved")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=False)
+    assert torch.equal(logits(mc.load(tmp_path / "saved")), logits(converted))
+
+
+def test_weights_that_do_not_cover_the_model_are_refused_by_name(tmp_path, capsys) -> None:
+    dense = llama()
+    dense.save_pretrained(tmp_path / "dense")
+    weights = tmp_path / "dense" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.extra"] = torch.zeros(3)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert main(["inspect", str(tmp_path / "dense")]) == 1
+    err = capsys.readouterr().err
+    assert "missing 1, first 'model.layers.1.mlp.up_proj.weight'" in err and "model.layers.1.mlp.extra" in err
+
+
+# ---- dtypes ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_survive_save_and_load(tmp_path, dtype) -> None:
+    model = mc.convert(mc.build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=2).to(dtype)
+    mc.save(model, tmp_path / "tiny")
+    loaded = mc.load(tmp_path / "tiny")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(tokens), model.eval()(tokens))
+    hf = mc.convert(llama().to(dtype), strategy="mot", num_experts=4, group_size=2, init="random")
+    hf.save_pretrained(tmp_path / "hf")
+    assert {p.dtype for p in mc.load(tmp_path / "hf").parameters()} == {dtype}
+
+
+def test_the_cli_keeps_the_dtype_of_a_hugging_face_directory(tmp_path) -> None:
+    llama().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert main(["convert", str(tmp_path / "bf16"), "-o", str(tmp_path / "out"), "--strategy", "moe"]) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as handle:
+        dtypes = {handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+
+
+# ---- determinism -----------------------------------------------------------------------------------------
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"strategy": "moe", "router": "switch", "top_k": 1, "init_options": {"noise": 0.1}},
+        {"strategy": "moe", "num_shared_experts": 1, "init": "split", "init_options": {"method": "random"}},
+        {"strategy": "mot", "group_size": 2, "init": "random"},
+    ],
+)
+def test_every_random_choice_comes_from_the_seed(recipe) -> None:
+    dense = mc.build_tiny_gpt(**TINY)
+    torch.manual_seed(123)
+    first = _state(mc.convert(dense, num_experts=4, seed=7, **recipe))
+    torch.manual_seed(456)  # another global RNG state: must not matter
+    second = _state(mc.convert(dense, num_experts=4, seed=7, **recipe))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = _state(mc.convert(dense, num_experts=4, seed=8, **recipe))
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_the_same_cli_command_writes_byte_identical_weights(tmp_path) -> None:
+    source = tmp_path / "dense.pt"
+    torch.save(mc.build_tiny_gpt(**TINY), source)
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mixcompile",
+                "convert",
+                str(source),
+                "-o",
+                str(out),
+                "--trust-pickle",
+                "--strategy",
+                "moe",
+                "--experts",
+                "4",
+                "--router",
+                "switch",
+                "--top-k",
+                "1",
+                "--seed",
+                "3",
+                "--init-option",
+                "noise=0.1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONHASHSEED": str(run)},
+        )
+        assert result.returncode == 0, result.stderr
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+# ---- every block option is a recipe option ---------------------------------------------------------------
+
+
+def test_mot_mode_and_small_batch_are_recipe_options_saved_and_restored(tmp_path) -> None:
+    model = mc.convert(
+        mc.build_tiny_gpt(**TINY), strategy="mot", group_size=4, mode="sparse", small_batch="sparse"
+    )
+    assert {(b.mode, b.small_batch) for b in mc.sparse_blocks(model).values()} == {("sparse", "sparse")}
+    mc.save(model, tmp_path / "m")
+    loaded = mc.load(tmp_path / "m")
+    assert {(b.mode, b.small_batch) for b in mc.sparse_blocks(loaded).values()} == {("sparse", "sparse")}
+    with pytest.raises(mc.UnknownNameError, match="Did you mean 'sparse'"):
+        mc.Recipe(strategy="mot", mode="sparce")
+    with pytest.raises(mc.ConfigError, match="MoT option"):
+        mc.Recipe(strategy="moe", small_batch="sparse")
+
+
+def test_block_settings_changed_after_conversion_are_saved(tmp_path) -> None:
+    model = mc.convert(mc.build_tiny_gpt(**TINY), strategy="mot", group_size=4, init="random")
+    block = next(iter(mc.sparse_blocks(model).values()))
+    block.small_batch, block.mixer.temperature = "sparse", 0.25  # as transition tuning leaves a model
+    mc.save(model, tmp_path / "m")
+    loaded = next(iter(mc.sparse_blocks(mc.load(tmp_path / "m")).values()))
+    assert (loaded.small_batch, loaded.mixer.temperature) == ("sparse", 0.25)
+    single = torch.randint(0, 256, (1, 8))  # batch 1 < G: the setting decides what is computed
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(mc.load(tmp_path / "m").eval()(single), model(single))
+
+
+def test_cli_flags_reach_every_block_option(tmp_path) -> None:
+    torch.save(mc.build_tiny_gpt(**TINY), tmp_path / "dense.pt")
+    args = ["convert", str(tmp_path / "dense.pt"), "--trust-pickle", "--strategy"]
+    assert (
+        main(
+            [
+                *args,
+                "mot",
+                "-o",
+                str(tmp_path / "mot"),
+                "--mode",
+                "sparse",
+                "--small-batch",
+                "sparse",
+                "--mixer-option",
+                "temperature=0.5",
+                "--mixer-option",
+                "emit=experts",
+            ]
+        )
+        == 0
+    )
+    recipe = json.loads((tmp_path / "mot" / "mixcompile.json").read_text())["recipes"][0]
+    assert (recipe["mode"], recipe["small_batch"]) == ("sparse", "sparse")
+    assert recipe["mixer_options"] == {"temperature": 0.5, "emit": "experts"}
+    assert (
+        main(
+            [
+                *args,
+                "moe",
+                "-o",
+                str(tmp_path / "moe"),
+                "--shared-experts",
+                "1",
+                "--router-option",
+                "capacity_factor=1.25",
+                "--router-option",
+                "bias_balancing=true",
+            ]
+        )
+        == 0
+    )
+    loaded = mc.load(tmp_path / "moe", trust_pickle=True)
+    block = next(iter(mc.sparse_blocks(loaded).values()))
+    assert block.router.capacity_factor == 1.25 and block.router.bias_balancing
+    assert block.shared_experts.num_experts == 1
+
+
+# ---- conversion cost, structure only, untraceable inputs ---------------------------------------------------
+
+
+def test_a_model_on_the_meta_device_converts_to_the_same_structure() -> None:
+    with torch.device("meta"):
+        skeleton = mc.build_tiny_gpt(**TINY)
+    meta = mc.convert(skeleton, strategy="moe", num_experts=4, top_k=2)
+    real = mc.convert(mc.build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=2)
+    assert all(p.is_meta for p in meta.parameters())
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()
+    }
+
+
+def test_the_conversion_cost_benchmark_runs() -> None:
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_convert.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "time ratio" in done.stdout and "memory ratio" in done.stdout
+
+
+def test_untraceable_inputs_say_what_to_pass_instead(tmp_path, capsys) -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    cases = [
+        (torch.jit.script(module), "TorchScript module"),
+        (torch.compile(module), r"model\._orig_mod"),
+        (torch.export.export(module, (torch.randn(2, 4),)), "torch.export program"),
+    ]
+    for model, hint in cases:
+        for function in (mc.inspect, mc.convert):
+            with pytest.raises(TypeError, match=hint):
+                function(model)
+    torch.jit.save(torch.jit.script(module), tmp_path / "scripted.pt")
+    assert main(["inspect", str(tmp_path / "scripted.pt"), "--trust-pickle"]) == 1
+    assert "TorchScript archive" in capsys.readouterr().err
