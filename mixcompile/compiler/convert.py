@@ -29,7 +29,7 @@ from mixcompile.compiler.build import (
 )
 from mixcompile.compiler.choose import select_sites
 from mixcompile.compiler.find import FFNSite, Scan, find_ffns
-from mixcompile.compiler.layout import auto_inputs, batch_size, decide_layout, observed_layout
+from mixcompile.compiler.layout import AUTO_BATCH, auto_inputs, batch_size, decide_layout, observed_layout
 from mixcompile.compiler.pattern import Pattern
 from mixcompile.compiler.recipe import Recipe, make_recipe, record
 from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
@@ -188,7 +188,9 @@ class _Probe:
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             )
             self.inputs = None
-        self.batch = batch_size(self.inputs)
+            return
+        # inputs built here have a known batch size; a user's are read by their (Hugging Face) names
+        self.batch = AUTO_BATCH if self.source != "example_inputs" else batch_size(self.inputs)
 
     def layout(self, site: FFNSite) -> TokenLayout | None:
         captured = self.captured.get(site.index)

@@ -22,7 +22,7 @@ from mixcompile.types import Layout, MoTMode, Sites, Sizing, SmallBatchPolicy, S
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
-LAYOUTS = ("auto", "batch_first", "seq_first", "flat")
+LAYOUTS = ("auto", "batch_first", "seq_first", "flat")  # first the default
 MOT_MODES = ("soft", "sparse")  # MoTBlock's, first the default
 SMALL_BATCH_POLICIES = ("group", "sparse")
 MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo or a tampered file
@@ -74,14 +74,13 @@ class Recipe:
             raise UnknownNameError("strategy", str(self.strategy), STRATEGIES)
         if self.sizing not in SIZINGS:
             raise UnknownNameError("sizing", str(self.sizing), SIZINGS)
-        if self.layout not in LAYOUTS:
-            raise UnknownNameError("layout", str(self.layout), LAYOUTS)
         check_positive_int("num_experts", self.num_experts, maximum=MAX_EXPERTS)
         check_positive_int("top_k", self.top_k, maximum=MAX_EXPERTS)
         check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
         check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0, maximum=MAX_EXPERTS)
         check_positive_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
-        for name, choices in (("mode", MOT_MODES), ("small_batch", SMALL_BATCH_POLICIES)):
+        mot_options = (("mode", MOT_MODES), ("small_batch", SMALL_BATCH_POLICIES), ("layout", LAYOUTS))
+        for name, choices in mot_options:
             value = getattr(self, name)
             if value not in choices:
                 raise UnknownNameError(name, str(value), choices)
