@@ -341,3 +341,58 @@ def test_converted_hugging_face_model_compiles_whole(kernel, name, variant):
     generator = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 100, (4, 6), generator=generator).to(DEVICE) for _ in range(2)]
     check_against_eager(_Logits(converted.to(DEVICE)).train(), ids)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [("llama", {}), ("bert", {"strategy": "mot", "group_size": 2})],
+    ids=["llama-moe", "bert-mot"],
+)
+def test_default_options_compile_whole(name, options, monkeypatch):
+    """``convert(model)`` with no kernel named (``kernel="auto"``, the issue's 7 graph breaks in a 2-layer
+    LLaMA): ``fullgraph=True`` traces the model whole, compiled equal to eager, on the kernel auto chose."""
+    from zoo import build
+
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")  # auto as a user gets it on the CPU (not Triton's interpreter)
+    torch.manual_seed(0)
+    converted = mc.convert(build(name), num_experts=4, **options).to(DEVICE)
+    blocks = list(mc.sparse_blocks(converted).values())
+    assert blocks and all(block.kernel == "auto" for block in blocks)
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 100, (4, 6), generator=generator).to(DEVICE) for _ in range(2)]
+    check_against_eager(_Logits(converted).train(), ids)
+    expected = "triton" if DEVICE == "cuda" else "torch"
+    assert {stats["kernel"] for stats in mc.stats(converted).values()} == {expected}
+
+
+def test_kernels_are_chosen_when_blocks_are_built_or_moved_never_in_a_forward(monkeypatch):
+    """Kernel resolution (a registry walk torch.compile cannot trace) runs when a block is built, moved or
+    cast, or its ``kernel`` is set; a forward in any floating dtype on its device only looks it up."""
+    from mixcompile.runtime.blocks import base
+
+    calls: list[tuple[str, torch.dtype]] = []
+    resolve = base.resolve_kernel
+
+    def counting(name, kind, device, dtype, **options):
+        calls.append((device.type, dtype))
+        return resolve(name, kind, device, dtype, **options)
+
+    monkeypatch.setattr(base, "resolve_kernel", counting)
+    moe = mc.MoEBlock(16, 32, 4, top_k=2, hidden_dropout=0.1)
+    mot = mc.MoTBlock(16, 32, 4, group_size=2)
+    assert calls  # chosen when built
+    for block in (moe, mot):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            calls.clear()
+            block.to(dtype)
+            assert calls  # chosen again when cast
+            calls.clear()
+            block.train()(torch.randn(2, 3, 16, dtype=dtype))
+            block.eval()(torch.randn(2, 3, 16, dtype=dtype))
+            assert calls == [], f"{type(block).__name__} resolved a kernel in a {dtype} forward"
+    calls.clear()
+    moe.kernel = "torch"
+    assert calls and moe.kernel == "torch"
+    with pytest.raises(mc.UnknownNameError, match="tritn"):
+        moe.kernel = "tritn"

@@ -87,3 +87,17 @@ def test_a_named_kernel_without_dropout_is_refused_in_training_only(fresh_regist
 def test_bad_dropout_probability_names_the_argument(p):
     with pytest.raises(mc.ConfigError, match="hidden_dropout must be a probability"):
         mc.MoEBlock(8, 16, 4, hidden_dropout=p)
+
+
+def test_blocks_built_from_other_blocks_keep_the_hidden_dropout():
+    """to_token_choice (a MoT block becomes a MoE block) and expert parallelism's local slice build new
+    experts from a block's: both keep its hidden dropout, and the slice its train / eval mode."""
+    from mixcompile.distributed.expert_parallel import _local_slice
+
+    model = torch.nn.Sequential(mc.MoTBlock(8, 16, 4, group_size=2, hidden_dropout=0.25))
+    mc.to_token_choice(model)
+    assert isinstance(model[0], mc.MoEBlock) and model[0].experts.hidden_dropout == 0.25
+    experts = model[0].experts.eval()
+    local = _local_slice(experts, 2, 2)
+    assert (local.num_experts, local.hidden_dropout, local.training) == (2, 0.25, False)
+    torch.testing.assert_close(local.w_in, experts.w_in[2:])
