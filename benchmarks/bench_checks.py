@@ -41,7 +41,7 @@ def moe_row(
 ) -> dict:
     block = mc.MoEBlock(d, h, experts, top_k=top_k, device=device).eval()
     x = torch.randn(tokens, d, device=device)
-    _, kernel = block._kernel(x)
+    kernel = block._kernel(x).kernel
     plan = block.router(x, kernel)
     y = kernel.moe(x, plan, block.experts)
 

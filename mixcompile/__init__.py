@@ -26,8 +26,19 @@ from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
 from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
+from mixcompile.runtime.tokens import token_mask
 from mixcompile.runtime.transition import set_mot_temperature, temperature_schedule, to_token_choice
-from mixcompile.types import BlockKind, MoTMode, PluginKind, Sites, Sizing, SmallBatchPolicy, Strategy
+from mixcompile.types import (
+    BlockKind,
+    Layout,
+    MoTMode,
+    PluginKind,
+    Sites,
+    Sizing,
+    SmallBatchPolicy,
+    Strategy,
+    TokenLayout,
+)
 
 __version__ = "0.1.0"
 
@@ -43,6 +54,7 @@ __all__ = [
     "ConfigError",
     "DenseFFN",
     "Kernel",
+    "Layout",
     "LoadError",
     "MixPlan",
     "MixcompileError",
@@ -63,6 +75,7 @@ __all__ = [
     "StackedExperts",
     "Strategy",
     "TinyGPT",
+    "TokenLayout",
     "UnknownNameError",
     "aux_loss",
     "build_tiny_gpt",
@@ -81,6 +94,7 @@ __all__ = [
     "stats",
     "temperature_schedule",
     "to_token_choice",
+    "token_mask",
     "unregister_plugin",
     "update_routing_bias",
 ]

@@ -33,7 +33,24 @@ MoTMode: TypeAlias = Literal["soft", "sparse"]
 #: (``MoTBlock(small_batch=...)``): mix the sequences there are, or switch to sparse mode.
 SmallBatchPolicy: TypeAlias = Literal["group", "sparse"]
 
+#: How a MoT block's input holds its tokens (``MoTBlock(layout=...)``): ``[B, T, d]`` (``batch_first``),
+#: ``[T, B, d]`` (``seq_first``) or ``[B*T, d]`` (``flat``, the batch size coming from the model's inputs).
+TokenLayout: TypeAlias = Literal["batch_first", "seq_first", "flat"]
+
+#: ``Recipe.layout``: a :data:`TokenLayout`, or ``auto`` (decided from the model at conversion time).
+Layout: TypeAlias = Literal["auto", "batch_first", "seq_first", "flat"]
+
 #: The kinds of things plugins register (``mc.registry().names(kind)``).
 PluginKind: TypeAlias = Literal["router", "mixer", "kernel", "initializer", "pattern", "builder"]
 
-__all__ = ["BlockKind", "MoTMode", "PluginKind", "Sites", "Sizing", "SmallBatchPolicy", "Strategy"]
+__all__ = [
+    "BlockKind",
+    "Layout",
+    "MoTMode",
+    "PluginKind",
+    "Sites",
+    "Sizing",
+    "SmallBatchPolicy",
+    "Strategy",
+    "TokenLayout",
+]

@@ -19,6 +19,8 @@ class SoftmaxMixer(ControllerMixer):
     ``emit="experts"`` uses, per token, a softmax over experts instead; each token's emit weights then sum
     to 1, so with G = 1 an upcycled block computes exactly the dense FFN.
     In sparse mode the merge weights become one-hot on each expert's top member (temperature → 0).
+    Members that are not present (missing from a short last group, or padding) get weight 0 in both; a
+    position where no member is present mixes nothing (all weights 0, no NaN).
     """
 
     def __init__(
@@ -41,13 +43,16 @@ class SoftmaxMixer(ControllerMixer):
 
     def forward(self, x_g: torch.Tensor, present: torch.Tensor, *, sparse: bool) -> MixPlan:
         logits = self.logits(x_g) / self.temperature  # [T, n, G, E]
-        member_mask = present[None, :, :, None]
-        masked = logits.masked_fill(~member_mask, float("-inf"))
+        member_mask = present[..., None]  # [n, G] or [T, n, G] -> broadcasts over [T, n, G, E]
+        # A position whose members are all absent would be a softmax over nothing (NaN, and NaN gradients
+        # through any later masking): its logits stay finite and its weights are zeroed below.
+        anyone = member_mask.any(dim=-2, keepdim=True)
+        masked = logits.masked_fill(~member_mask & anyone, float("-inf"))
         if sparse:
             top = masked.argmax(dim=2, keepdim=True)
-            merge = torch.zeros_like(logits).scatter_(2, top, 1.0)
+            merge = torch.zeros_like(logits).scatter_(2, top, 1.0) * member_mask
         else:
-            merge = torch.softmax(masked, dim=2)
+            merge = torch.softmax(masked, dim=2) * member_mask
         if self.emit == "merge":
             emit = merge
         else:

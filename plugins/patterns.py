@@ -1,7 +1,8 @@
 """Built-in FFN patterns the compiler looks for.
 
-- ``mlp``: ``down(act(up(x)))``, optionally with a dropout on the hidden activations (GPT-2, BERT, T5 v1.0,
-  ViT, nanoGPT, ``nn.TransformerEncoderLayer``).
+- ``mlp``: ``down(act(up(x)))``, optionally with up to two pass-through modules on the hidden activations
+  (a dropout; timm's ``drop1`` then ``norm=Identity``) (GPT-2, BERT, T5 v1.0, ViT, timm, nanoGPT,
+  ``nn.TransformerEncoderLayer``).
 - ``gated_mlp``: ``down(act(gate(x)) * up(x))`` (LLaMA, Mistral, Qwen2, T5 v1.1 gated-gelu).
 - ``fused_gated_mlp``: one ``gate_up`` projection split with ``chunk(2, dim=-1)`` (Phi-3).
 
@@ -36,8 +37,9 @@ from mixcompile.compiler import (
 LinearWeights: TypeAlias = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias or None)
 
 
-def _with_optional_dropout(build: Callable[[bool], nx.DiGraph]) -> list[nx.DiGraph]:
-    return [build(False), build(True)]
+def _with_optional_dropout(build: Callable[[int], nx.DiGraph]) -> list[nx.DiGraph]:
+    """Templates with 0, 1 and 2 dropout-kind nodes (dropouts, identities) between the projections."""
+    return [build(count) for count in range(3)]
 
 
 def _ffn(
@@ -53,13 +55,11 @@ def _ffn(
     return DenseFFN(w_in, w_out, activation, w_gate=w_gate, b_in=b_in, b_gate=b_gate, b_out=b_out)
 
 
-def _into_down(kinds: dict[str, str], edges: list[tuple[str, str]], dropout: bool) -> nx.DiGraph:
-    """Close a gated template: the product feeds the down projection, through a dropout or not."""
-    if dropout:
-        kinds = {**kinds, "drop": DROPOUT}
-        edges = [*edges, ("mul", "drop"), ("drop", "down")]
-    else:
-        edges = [*edges, ("mul", "down")]
+def _into_down(kinds: dict[str, str], edges: list[tuple[str, str]], dropouts: int) -> nx.DiGraph:
+    """Close a gated template: the product feeds the down projection, through ``dropouts`` pass-throughs."""
+    chain_roles = ["mul", *(f"drop{i}" for i in range(dropouts)), "down"]
+    kinds = {**kinds, **{f"drop{i}": DROPOUT for i in range(dropouts)}}
+    edges = [*edges, *zip(chain_roles, chain_roles[1:], strict=False)]
     return template(*edges, kinds=kinds)
 
 
@@ -67,8 +67,8 @@ class MLP(TemplatePattern):
     name = "mlp"
 
     def templates(self) -> list[nx.DiGraph]:
-        def build(dropout: bool) -> nx.DiGraph:
-            middle = [("drop", DROPOUT)] if dropout else []
+        def build(dropouts: int) -> nx.DiGraph:
+            middle = [(f"drop{i}", DROPOUT) for i in range(dropouts)]
             return chain(("up", LINEAR), ("act", ACT), *middle, ("down", LINEAR))
 
         return _with_optional_dropout(build)
@@ -81,10 +81,10 @@ class GatedMLP(TemplatePattern):
     name = "gated_mlp"
 
     def templates(self) -> list[nx.DiGraph]:
-        def build(dropout: bool) -> nx.DiGraph:
+        def build(dropouts: int) -> nx.DiGraph:
             kinds = {INPUT: ANY, "gate": LINEAR, "up": LINEAR, "act": ACT, "mul": MUL, "down": LINEAR}
             edges = [(INPUT, "gate"), (INPUT, "up"), ("gate", "act"), ("act", "mul"), ("up", "mul")]
-            return _into_down(kinds, edges, dropout)
+            return _into_down(kinds, edges, dropouts)
 
         return _with_optional_dropout(build)
 
@@ -97,7 +97,7 @@ class FusedGatedMLP(TemplatePattern):
     name = "fused_gated_mlp"
 
     def templates(self) -> list[nx.DiGraph]:
-        def build(dropout: bool) -> nx.DiGraph:
+        def build(dropouts: int) -> nx.DiGraph:
             kinds = {
                 INPUT: ANY,
                 "gate_up": LINEAR,
@@ -117,7 +117,7 @@ class FusedGatedMLP(TemplatePattern):
                 ("act", "mul"),
                 ("up_half", "mul"),
             ]
-            return _into_down(kinds, edges, dropout)
+            return _into_down(kinds, edges, dropouts)
 
         return _with_optional_dropout(build)
 

@@ -253,6 +253,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--small-batch", dest="small_batch", help="MoT with fewer than G sequences: group or sparse"
     )
+    group.add_argument(
+        "--layout",
+        help="MoT: the FFN inputs' token layout, auto (from the model), batch_first, seq_first or flat",
+    )
     for kind, example in (
         ("router", "capacity_factor=1.25"),
         ("mixer", "temperature=0.5"),
@@ -282,6 +286,7 @@ RECIPE_FLAGS = (
     "num_shared_experts",
     "mode",
     "small_batch",
+    "layout",
 )
 
 

@@ -21,6 +21,7 @@ from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock
 from mixcompile.runtime.blocks.sizing import expert_hidden, sparse_flops
 from mixcompile.runtime.experts import StackedExperts, deferred_init
 from mixcompile.runtime.ffn import DenseFFN
+from mixcompile.types import TokenLayout
 
 
 @dataclass
@@ -35,13 +36,16 @@ class Replacement:
     flops_after: int
 
 
-def build_replacement(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> Replacement:
-    """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site."""
+def build_replacement(
+    site: FFNSite, recipe: Recipe, *, meta: bool = False, layout: TokenLayout | None = None
+) -> Replacement:
+    """The block replacing ``site`` (filled from the dense FFN unless ``meta``); errors name the site.
+    ``layout`` is the MoT token layout :mod:`mixcompile.compiler.layout` decided for the site."""
     ffn = site.ffn
     device = torch.device("meta") if meta else ffn.w_in.device
     try:
         d_hidden = _expert_hidden(ffn.d_hidden, recipe)
-        block = seeded_block(site, recipe, d_hidden, device)
+        block = seeded_block(site, recipe, d_hidden, device, layout=layout)
         kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
     except MixcompileError as exc:
         raise exc.prefixed(f"FFN site {site.index} at {site.label!r}") from exc
@@ -57,8 +61,16 @@ def build_replacement(site: FFNSite, recipe: Recipe, *, meta: bool = False) -> R
     )
 
 
-def seeded_block(site: FFNSite, recipe: Recipe, d_hidden: int, device: torch.device) -> Block:
-    """The block for ``site``, every random choice drawn from ``recipe.seed`` and the site's index.
+def seeded_block(
+    site: FFNSite,
+    recipe: Recipe,
+    d_hidden: int,
+    device: torch.device,
+    *,
+    layout: TokenLayout | None = None,
+) -> Block:
+    """The block for ``site``, every random choice drawn from ``recipe.seed`` and the site's index
+    (``layout``: the MoT token layout :mod:`mixcompile.compiler.layout` decided for it).
 
     Routers and mixers are built on the CPU under a forked, seeded RNG (the same weights on every device,
     whatever the global RNG); the experts are allocated on ``device`` uninitialised and filled by the
@@ -67,7 +79,7 @@ def seeded_block(site: FFNSite, recipe: Recipe, d_hidden: int, device: torch.dev
     seed = recipe.seed + site.index
     with torch.random.fork_rng(devices=[]), deferred_init():
         torch.manual_seed(seed)
-        block = build_block(site, recipe, d_hidden, device="cpu")
+        block = build_block(site, recipe, d_hidden, device="cpu", layout=layout)
     generator = torch.Generator().manual_seed(seed)
     for experts in block.modules():
         if isinstance(experts, StackedExperts):
@@ -92,12 +104,20 @@ def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
     )
 
 
-def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.device | str) -> Block:
+def build_block(
+    site: FFNSite,
+    recipe: Recipe,
+    d_hidden: int,
+    *,
+    device: torch.device | str,
+    layout: TokenLayout | None = None,
+) -> Block:
     ffn = site.ffn
     shape: dict[str, Any] = {
         "activation": ffn.activation,
         "gated": ffn.gated,
         "bias": ffn.has_bias,
+        "hidden_dropout": site.hidden_dropout,
         "kernel": recipe.kernel,
         "site": site.label,
         "device": device,
@@ -126,7 +146,7 @@ def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, device: torch.d
             mixer_options=recipe.mixer_options,
             mode=recipe.mode,
             small_batch=recipe.small_batch,
-            batch_first=site.batch_first,
+            layout=layout or site.layout or "batch_first",
             **shape,
         )
     return block

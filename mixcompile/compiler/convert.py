@@ -1,9 +1,12 @@
 """``convert`` and ``inspect``: the passes put together.
 
-trace -> find sites -> choose (recipe) -> build blocks -> rewrite -> verify. ``inspect`` stops before
-building real blocks and changes nothing. ``convert`` works on a deep copy unless ``inplace=True``; in
-both cases a failure (an option that does not fit a site, a block that breaks shapes) leaves the model
-as it was: blocks are all built before the first rewrite, and rewrites are undone if verification fails.
+trace -> find sites -> choose (recipe) -> probe (one forward of the model's inputs: real FFN inputs and,
+for MoT, each site's token layout) -> build blocks -> rewrite (+ MoT token hooks) -> verify. ``inspect``
+stops before building real blocks and changes nothing. ``convert`` works on a deep copy unless
+``inplace=True``; in both cases a failure (an option that does not fit a site, a block that breaks shapes)
+leaves the model as it was: blocks are all built before the first rewrite, and rewrites and hooks are
+undone if verification fails. Models that say what they take (Hugging Face configs, the tiny GPT) are
+probed and verified with inputs built from themselves when the user gives none.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from mixcompile.compiler.build import (
     function_preserving,
 )
 from mixcompile.compiler.choose import select_sites
-from mixcompile.compiler.find import Scan, find_ffns
+from mixcompile.compiler.find import FFNSite, Scan, find_ffns
+from mixcompile.compiler.layout import AUTO_BATCH, auto_inputs, batch_size, decide_layout, observed_layout
 from mixcompile.compiler.pattern import Pattern
 from mixcompile.compiler.recipe import Recipe, make_recipe, record
 from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
@@ -42,6 +46,8 @@ from mixcompile.compiler.verify import (
 from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.introspect import sparse_blocks
+from mixcompile.runtime.tokens import install_token_hooks
+from mixcompile.types import TokenLayout
 
 ModelT = TypeVar("ModelT", bound=nn.Module)  # convert returns the model's own class
 
@@ -83,7 +89,8 @@ def convert(
     recipe's fields; see :class:`Recipe`). By default ``model`` is deep-copied and left untouched; with
     ``inplace=True`` it is modified and returned. ``example_inputs`` (a tensor, tuple of positional
     arguments or dict of keyword arguments) makes verification use real FFN inputs and compare the whole
-    model's output. Use :func:`convert_with_report` to also get the :class:`Report`.
+    model's output; models that say what they take (Hugging Face configs) get such inputs built from
+    themselves when none are given. Use :func:`convert_with_report` to also get the :class:`Report`.
     """
     converted, _ = convert_with_report(
         model, recipe, inplace=inplace, verify=verify, example_inputs=example_inputs, **options
@@ -117,40 +124,81 @@ def convert_with_report(
             warnings.warn(
                 f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}", stacklevel=2
             )
+    mot = recipe.strategy == "mot"
+    # A replay with verification off and the layout recorded (mixcompile.load) needs no probe forward.
+    probe = _Probe(target, rewritable, example_inputs, needed=verify or (mot and recipe.layout == "auto"))
+    layouts: dict[int, TokenLayout] = {}
+    if mot:
+        for site in rewritable:
+            observed = probe.layout(site)
+            layouts[site.index] = decide_layout(site, recipe, observed, target)
     progress = tqdm(rewritable, desc="building blocks", unit="site", disable=None, leave=False)  # TTY only
-    plans = [build_replacement(site, recipe) for site in progress]
+    plans = [build_replacement(site, recipe, layout=layouts.get(site.index)) for site in progress]
     for plan in plans:
         plan.block.train(plan.site.unit.module.training)
-    captured: dict[int, Any] = {}
-    reference: Any = None
-    if verify and example_inputs is not None:
-        captured, reference = capture_inputs(target, plans, example_inputs)
     before = _count_params(target)
     existing = _describe_blocks(target)
     restore = apply(target, assignments(target, [(plan.site, plan.block) for plan in plans]))
+    if mot:
+        install_token_hooks(target)
     try:
-        checks, model_error = _verify(target, recipe, plans, captured, reference, example_inputs, verify)
+        checks, model_error = _verify(target, recipe, plans, probe, verify)
     except BaseException:
         restore()
+        if mot:
+            install_token_hooks(target)  # back to the hooks the restored model's own MoT blocks need
         raise
     after = _count_params(target)
     report = _report(target, recipe, scan, plans, checks, before, after, existing, converted=True)
     report.model_max_error = model_error
-    record(target, recipe, [plan.site.index for plan in plans])
+    report.notes.extend(probe.notes)
+    record(target, recipe, [plan.site.index for plan in plans], [layouts[i] for i in sorted(layouts)])
     from mixcompile.io.hf import install_save_pretrained  # io depends on the compiler, not the reverse
 
     install_save_pretrained(target)  # so save_pretrained writes a directory nothing reads as the dense model
     return target, report
 
 
+class _Probe:
+    """One forward of the unconverted model on the user's ``example_inputs`` or, where the model says what
+    it takes, on inputs built from it: each site's real FFN input (its shape shows the token layout) and
+    the output to compare the converted model with. A failure on the user's inputs is an error; on built
+    inputs it only means no forward verification, which the report says."""
+
+    def __init__(self, model: nn.Module, sites: list[FFNSite], example_inputs: Any, *, needed: bool) -> None:
+        self.inputs, self.source = example_inputs, "example_inputs"
+        self.captured: dict[int, Any] = {}
+        self.reference: Any = None
+        self.notes: list[str] = []
+        self.batch: int | None = None
+        if self.inputs is None and needed:
+            self.inputs, self.source = auto_inputs(model), "inputs built from the model"
+        if self.inputs is None:
+            return
+        try:
+            self.captured, self.reference = capture_inputs(model, sites, self.inputs)
+        except Exception as exc:
+            if self.source == "example_inputs":
+                raise MixcompileError(
+                    f"the unconverted {type(model).__name__} failed on example_inputs: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            self.notes.append(
+                f"no forward verification: the unconverted model failed on inputs built from it "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            )
+            self.inputs = None
+            return
+        # inputs built here have a known batch size; a user's are read by their (Hugging Face) names
+        self.batch = AUTO_BATCH if self.source != "example_inputs" else batch_size(self.inputs)
+
+    def layout(self, site: FFNSite) -> TokenLayout | None:
+        captured = self.captured.get(site.index)
+        return None if captured is None else observed_layout(tuple(captured.shape), self.batch)
+
+
 def _verify(
-    model: nn.Module,
-    recipe: Recipe,
-    plans: list[Replacement],
-    captured: dict[int, Any],
-    reference: Any,
-    example_inputs: Any,
-    verify: bool,
+    model: nn.Module, recipe: Recipe, plans: list[Replacement], probe: _Probe, verify: bool
 ) -> tuple[dict[int, SiteCheck], float | None]:
     if not verify or any(plan.site.ffn.w_in.is_meta for plan in plans):
         return {}, None  # a model on the meta device has structure, no values: nothing to run
@@ -158,22 +206,24 @@ def _verify(
     checks = {}
     for plan in plans:
         index = plan.site.index
-        if index in captured:
-            checks[index] = check_site(plan, captured[index], preserving=preserving, source="example_inputs")
+        if index in probe.captured:
+            x, source, batch = probe.captured[index], probe.source, probe.batch
         else:
-            checks[index] = check_site(
-                plan, random_probe(plan, recipe), preserving=preserving, source="random"
-            )
-    if example_inputs is None:
+            x, source = random_probe(plan, recipe), "random"
+            batch = x.shape[0]
+            if getattr(plan.block, "layout", None) == "flat":
+                x = x.reshape(-1, x.shape[-1])
+        checks[index] = check_site(plan, x, preserving=preserving, source=source, batch=batch)
+    if probe.inputs is None:
         return checks, None
     try:
         with evaluation(model):
-            after = run_model(model, example_inputs)
+            after = run_model(model, probe.inputs)
     except Exception as exc:
         raise MixcompileError(
-            f"the converted {type(model).__name__} failed on example_inputs: {type(exc).__name__}: {exc}"
+            f"the converted {type(model).__name__} failed on {probe.source}: {type(exc).__name__}: {exc}"
         ) from exc
-    return checks, output_error(reference, after) if preserving else None
+    return checks, output_error(probe.reference, after) if preserving else None
 
 
 def _check_model(model: object) -> None:
@@ -306,6 +356,8 @@ def _report(
                 notes=list(site.notes),
                 max_error=check.max_error if check else None,
                 probe=check.source if check else None,
+                hidden_dropout=site.hidden_dropout,
+                layout=getattr(plan.block, "layout", None) if plan else None,
             )
         )
     flops_before = sum(plan.flops_before for plan in plans)

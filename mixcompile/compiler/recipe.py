@@ -18,10 +18,11 @@ from typing import Any
 from torch import nn
 
 from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
-from mixcompile.types import MoTMode, Sites, Sizing, SmallBatchPolicy, Strategy
+from mixcompile.types import Layout, MoTMode, Sites, Sizing, SmallBatchPolicy, Strategy, TokenLayout
 
 STRATEGIES = ("moe", "mot")
 SIZINGS = ("auto", "same", "split", "flop")
+LAYOUTS = ("auto", "batch_first", "seq_first", "flat")  # first the default
 MOT_MODES = ("soft", "sparse")  # MoTBlock's, first the default
 SMALL_BATCH_POLICIES = ("group", "sparse")
 MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo or a tampered file
@@ -42,6 +43,10 @@ class Recipe:
     indices N-1, 2N-1, ...), or a list of site indices (model order, as ``inspect`` numbers them);
     ``filter_fn(module, fqn) -> bool`` then narrows the choice further, called as torchao's ``quantize_``
     calls it: with the module that holds the FFN and its fully qualified name.
+
+    ``layout`` (MoT): the token layout of the FFN inputs, ``[B, T, d]`` (``"batch_first"``), ``[T, B, d]``
+    (``"seq_first"``) or ``[B*T, d]`` (``"flat"``). ``"auto"`` takes it from the model (a forward of its
+    inputs, ``batch_first`` flags, the graph); a stated layout the model contradicts is an error.
     """
 
     strategy: Strategy = "moe"
@@ -60,6 +65,7 @@ class Recipe:
     small_batch: SmallBatchPolicy = "group"
     sizing: Sizing = "auto"
     sites: Sites = "all"
+    layout: Layout = "auto"
     seed: int = 0
     filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False, repr=False)
 
@@ -73,7 +79,8 @@ class Recipe:
         check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
         check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0, maximum=MAX_EXPERTS)
         check_positive_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
-        for name, choices in (("mode", MOT_MODES), ("small_batch", SMALL_BATCH_POLICIES)):
+        mot_options = (("mode", MOT_MODES), ("small_batch", SMALL_BATCH_POLICIES), ("layout", LAYOUTS))
+        for name, choices in mot_options:
             value = getattr(self, name)
             if value not in choices:
                 raise UnknownNameError(name, str(value), choices)
@@ -140,8 +147,13 @@ def recipes_of(model: nn.Module) -> list[Recipe]:
     return list(recipes) if isinstance(recipes, list) else []
 
 
-def record(model: nn.Module, recipe: Recipe, converted: list[int]) -> None:
-    replayable = dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None)
+def record(
+    model: nn.Module, recipe: Recipe, converted: list[int], layouts: Sequence[TokenLayout] = ()
+) -> None:
+    """Remember ``recipe`` as replayable: its converted sites as indices, and the MoT layout it found when
+    every converted site has the same one (so a replay without inputs builds the same blocks)."""
+    layout: Layout = layouts[0] if len(set(layouts)) == 1 else recipe.layout
+    replayable = dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None, layout=layout)
     object.__setattr__(model, _RECORD, [*recipes_of(model), replayable])
 
 

@@ -30,6 +30,8 @@ class SiteReport:
     notes: list[str] = field(default_factory=list)
     max_error: float | None = None
     probe: str | None = None  # where the verification input came from
+    hidden_dropout: float = 0.0  # the dropout between the projections, applied inside the block
+    layout: str | None = None  # MoT: the token layout of the FFN input ([B, T, d], [T, B, d], [B*T, d])
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Report:
     converted: bool = False
     model_max_error: float | None = None
     sparse_blocks: list[BlockReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # about the conversion as a whole (verification, hooks)
     hf_experts: list[ExpertsModuleReport] = field(default_factory=list)
 
     @property
@@ -104,6 +107,8 @@ class Report:
             )
             details = [f"expert hidden {s.expert_hidden}"] if s.expert_hidden is not None else []
             details += [f"kernel {s.kernel}"] if s.kernel else []
+            details += [f"layout {s.layout}"] if s.layout else []
+            details += [f"hidden dropout {s.hidden_dropout} (in the block)"] if s.hidden_dropout else []
             details += [f"max error {s.max_error:.3g} ({s.probe} probe)"] if s.max_error is not None else []
             details += s.notes
             if details:
@@ -133,6 +138,7 @@ class Report:
         ]
         if self.model_max_error is not None:
             lines.append(f"model output max error vs dense: {self.model_max_error:.3g}")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 

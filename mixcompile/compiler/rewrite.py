@@ -4,12 +4,19 @@ Three rewrites, preferred in this order:
 
 1. **Module swap**: the FFN is exactly one module (LlamaMLP, GPT2MLP, T5DenseActDense, nanoGPT's MLP) ->
    the parent gets the block instead. Dropouts the module applies to its output are kept after the block.
-2. **Chain collapse**: the FFN is a straight chain of modules called once (BERT's ``intermediate.dense``
-   -> ``output.dense``, ``TransformerEncoderLayer.linear1 -> activation -> dropout -> linear2``, a slice
-   of an ``nn.Sequential``) -> the first holds the block, the others become identities; everything around
-   them (residuals, norms, other dropouts) is untouched.
-3. **Graph edit**: the FFN is inline code in a (non-root) module's ``forward`` -> that module becomes a
-   ``GraphModule`` where the FFN's nodes are one ``call_module`` to the block.
+2. **Chain collapse**: the FFN is a straight chain of calls (BERT's ``intermediate.dense`` ->
+   ``output.dense``, ``TransformerEncoderLayer.linear1 -> activation -> dropout -> linear2``, a slice of an
+   ``nn.Sequential``, BART's ``fc1 -> activation_fn -> F.dropout(p=self.activation_dropout) -> fc2``) ->
+   the first module holds the block, the other modules (and function attributes) become identities, and a
+   functional hidden dropout is turned off by setting the attribute its probability is read from to 0;
+   everything around them (residuals, norms, other dropouts, the forward's own arguments and control
+   flow) is untouched.
+3. **Graph edit**: the FFN is inline code in a (non-root) module's ``forward`` (functional or method
+   activations, ``F.linear`` on bare parameters) -> that module becomes a ``GraphModule`` where the FFN's
+   nodes are one ``call_module`` to the block. The ``training`` flag the forward passes to functional
+   dropouts stays live (``self.training`` of the GraphModule), so one graph serves train and eval mode.
+
+A dropout *between* the projections is applied by the block itself (its ``hidden_dropout``).
 
 Every rewrite is a list of :class:`Assignment` s (set attribute ``name`` of module ``path``), so applying
 is uniform and can be undone when verification fails, leaving the model as it was.
@@ -78,7 +85,6 @@ def choose_rewrite(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit
         reasons.append(outcome)
     else:
         site.reason = "; ".join(reasons)
-    site.notes.extend(_dropped_dropouts(site))
 
 
 def assignments(model: nn.Module, planned: Iterable[tuple[FFNSite, nn.Module]]) -> list[Assignment]:
@@ -154,7 +160,10 @@ def _module_swap(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit])
 def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> Rewrite | str:
     unit, match = site.unit, site.match
     ordered = [n for n in unit.graph.nodes if n in match.nodes]
-    previous, members = match.input, []
+    previous = match.input
+    members: list[str] = []
+    turned_off: list[Assignment] = []
+    dropouts = {node: (p, attr) for node, p, attr in site.dropouts}
     for node in ordered:
         if (
             not node.args
@@ -162,22 +171,50 @@ def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUni
             or (node is not match.output and len(node.users) != 1)
         ):
             return "no chain collapse: the FFN is not a straight chain of calls"
+        previous = node
         member = _chain_member(node, unit)
+        if member is None and node.op == "call_function" and node in dropouts:
+            p, attr = dropouts[node]
+            outcome = _functional_dropout(p, attr, owner_units)
+            if isinstance(outcome, str):
+                return f"no chain collapse: {outcome}"
+            turned_off.extend(Assignment(unit.path, name, 0.0) for name in outcome)
+            continue
         if member is None:
             return f"no chain collapse: {node.format_node()} is neither a module nor a function attribute"
         members.append(member)
-        previous = node
     if ordered[0].op != "call_module":
         return "no chain collapse: the first projection is not a module"
     for node in ordered:
         if node.op == "call_module" and not _called_once(str(node.target), owner_units):
             return f"no chain collapse: module {node.target!r} is called more than once"
-    modules = [m for m, n in zip(members, ordered, strict=True) if n.op == "call_module"]
+    modules = [_join(unit.path, str(n.target)) for n in ordered if n.op == "call_module"]
     shared = _shared_members(model, unit.path, modules)
     if shared:
         return f"no chain collapse: {shared!r} is also used outside {unit.label}"
-    guards = _fast_path_guards(model, unit)
+    guards = (*_fast_path_guards(model, unit), *turned_off)
     return Rewrite(CHAIN_COLLAPSE, members[0], identities=tuple(members[1:]), guards=guards)
+
+
+def _functional_dropout(p: float, attr: str | None, owner_units: list[TracedUnit]) -> tuple[str, ...] | str:
+    """The attribute to set to 0 so a functional hidden dropout becomes a no-op (none if it is one
+    already), or why that cannot be done: its probability is a literal, or an attribute other calls of
+    the module read too."""
+    if attr is None or p == 0:
+        return () if p == 0 else f"the hidden dropout's probability {p} is a literal, not an attribute"
+    readers = sum(
+        1
+        for unit in owner_units
+        for node in unit.graph.nodes
+        for arg in (*node.args, *node.kwargs.values())
+        if getattr(arg, "attr", None) == attr
+    )
+    if readers > 1:
+        return (
+            f"the hidden dropout's probability self.{attr}={p} is also read by other calls of the module, "
+            "so it cannot be set to 0 for the FFN alone"
+        )
+    return (attr,)
 
 
 def _graph_edit(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> Rewrite | str:
@@ -186,27 +223,71 @@ def _graph_edit(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) 
         return "no graph edit: the FFN is inline in the model's own forward (its class would change)"
     if unit.method != "forward":
         return f"no graph edit: the FFN is in {unit.method}(), not forward"
-    codes, was_training = [], unit.module.training
     try:
-        for mode in (True, False):
-            unit.module.train(mode)
-            graph, view = _shallow(unit.module, unit.path)
-            codes.append(graph.python_code("self").src)
-    except Exception as exc:  # noqa: BLE001 - why the exact trace failed is the reason we report
-        return f"no graph edit: its forward does not trace exactly ({type(exc).__name__}: {exc})"
-    finally:
-        unit.module.train(was_training)
-    if codes[0] != codes[1]:
+        _, view = _shallow(unit.module, unit.path)
+    except _ModesDiffer:
         return "no graph edit: its forward differs in train and eval mode (a GraphModule would freeze one)"
+    except Exception as exc:  # noqa: BLE001 - why the exact trace failed is the reason we report
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"no graph edit: its forward does not trace exactly ({type(exc).__name__}: {text})"
     if _rematch(site, view) is None:
         return "no graph edit: part of the FFN is computed inside a child module's forward"
     return Rewrite(GRAPH_EDIT, unit.path)
 
 
+class _ModesDiffer(Exception):
+    """The exact traces in train and eval mode differ by more than the training flag."""
+
+
 def _shallow(owner: nn.Module, path: str) -> tuple[fx.Graph, GraphView]:
-    """The owner traced exactly (no assumed dtypes), with its children as leaves: what a GraphModule runs."""
-    graph, _ = trace_module(owner, set(owner.children()), analysis=False)
+    """The owner traced exactly (no assumed dtypes), with its children as leaves: what a GraphModule runs.
+
+    It is traced in train and in eval mode; constants that are ``True`` in one and ``False`` in the other
+    (``F.dropout(h, p, training=self.training)``) become a ``get_attr`` of ``training``, so the GraphModule
+    reads its own mode. Any other difference raises :class:`_ModesDiffer`."""
+    modes = {module: module.training for module in owner.modules()}
+    graphs = []
+    try:
+        for mode in (True, False):
+            owner.train(mode)
+            graphs.append(trace_module(owner, set(owner.children()), analysis=False)[0])
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    graph = _merge_modes(*graphs)
     return graph, build_view(TracedUnit(path, "forward", owner, graph, False))
+
+
+def _merge_modes(train: fx.Graph, evaluation: fx.Graph) -> fx.Graph:
+    pairs = list(zip(train.nodes, evaluation.nodes, strict=False))
+    if len(train.nodes) != len(evaluation.nodes) or any(
+        (a.op, a.target, a.name) != (b.op, b.target, b.name) for a, b in pairs
+    ):
+        raise _ModesDiffer()
+    flag: list[fx.Node] = []
+
+    def merged(a: object, b: object) -> object:
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name):
+                raise _ModesDiffer()
+            return a
+        if a is True and b is False:
+            if not flag:
+                first = next(n for n in train.nodes if n.op != "placeholder")
+                with train.inserting_before(first):
+                    flag.append(train.get_attr("training"))
+            return flag[0]
+        if isinstance(a, tuple | list) and isinstance(b, tuple | list) and len(a) == len(b):
+            return type(a)(merged(x, y) for x, y in zip(a, b, strict=True))
+        if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+            return {key: merged(a[key], b[key]) for key in a}
+        if type(a) is not type(b) or a != b:
+            raise _ModesDiffer()
+        return a
+
+    for a, b in pairs:
+        a.args, a.kwargs = merged(a.args, b.args), merged(a.kwargs, b.kwargs)
+    return train
 
 
 def _rematch(site: FFNSite, view: GraphView) -> Match | None:
@@ -303,16 +384,6 @@ def _fast_path_guards(model: nn.Module, unit: TracedUnit) -> tuple[Assignment, .
         if isinstance(model.get_submodule(path), nn.TransformerEncoder):
             guards.append(Assignment(path, "use_nested_tensor", False))
     return tuple(guards)
-
-
-def _dropped_dropouts(site: FFNSite) -> list[str]:
-    """Hidden dropouts inside the FFN have no place in a block; say so when they are not no-ops."""
-    notes = []
-    for node in site.match.nodes:
-        module = site.unit.module.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if isinstance(module, nn.Dropout) and module.p:
-            notes.append(f"hidden dropout {_join(site.path, str(node.target))} (p={module.p}) is not kept")
-    return notes
 
 
 def _fetch(root: nn.Module, target: str) -> object:

@@ -11,12 +11,16 @@ rather than ``addmm`` and a tanh formula. Analysis traces are looser than FFN-ex
 trace: arguments with defaults keep their defaults (a decoder layer's ``attention_mask=None``,
 ``**kwargs`` empty) and ``tensor.dtype`` / ``.device`` are read from the module's parameters. Those
 graphs are marked ``specialised`` where it mattered and are only used to find FFNs, never executed; a
-graph edit re-traces its module exactly.
+graph edit re-traces its module exactly. During an analysis trace the module's own float attributes are
+:class:`TaggedFloat` s, so a constant in the graph (``F.dropout(h, p=self.activation_dropout)``) says which
+attribute it was read from.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any
@@ -87,6 +91,31 @@ class LeafTracer(fx.Tracer):
         return self._dtype if name == "dtype" else self._device
 
 
+class TaggedFloat(float):
+    """A float attribute of a traced module that remembers its name (``attr``), so the rewrite can find the
+    attribute behind a functional dropout's probability and set it to 0 once the block applies it."""
+
+    attr: str
+
+    def __new__(cls, value: float, attr: str = "") -> TaggedFloat:
+        tagged = super().__new__(cls, value)
+        tagged.attr = attr
+        return tagged
+
+
+@contextmanager
+def tagged_floats(module: nn.Module) -> Iterator[None]:
+    """The module's own float attributes as :class:`TaggedFloat` s for the duration."""
+    names = [k for k, v in vars(module).items() if type(v) is float]
+    for name in names:
+        vars(module)[name] = TaggedFloat(vars(module)[name], name)
+    try:
+        yield
+    finally:
+        for name in names:
+            vars(module)[name] = float(vars(module)[name])
+
+
 class AnalysisProxy(fx.Proxy):
     def __getattr__(self, name: str) -> Any:
         if name in ("dtype", "device"):
@@ -121,7 +150,8 @@ def trace_module(
 ) -> tuple[fx.Graph, bool]:
     """Trace one method of ``module``; returns the graph and whether it relied on assumed dtype/device."""
     tracer = LeafTracer(opaque, method=method, analysis=analysis)
-    graph = tracer.trace(module)
+    with tagged_floats(module) if analysis else nullcontext():
+        graph = tracer.trace(module)
     return graph, bool(tracer.specialised)
 
 

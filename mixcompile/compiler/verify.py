@@ -1,9 +1,10 @@
 """Check a rewrite: the blocks take the inputs their FFNs took, return the same shapes, and, when the
 initialisation preserves the function, the same values.
 
-Probe inputs are the real inputs of each FFN when the user gives ``example_inputs`` (captured with forward
-hooks on the unconverted model), otherwise random tensors ``[B, T, d]`` of the FFN's feature size. Checks
-run in eval mode without gradients, and put every module's mode back afterwards.
+Probe inputs are the real inputs of each FFN when there are model inputs (the user's ``example_inputs`` or
+inputs built from the model; captured with forward hooks on the unconverted model), otherwise random
+tensors ``[B, T, d]`` of the FFN's feature size. Checks run in eval mode without gradients, and put every
+module's mode back afterwards.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from mixcompile.compiler.build import Replacement
+from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import MixcompileError, ShapeError
+from mixcompile.runtime.tokens import token_mask
 
 
 @dataclass
@@ -49,18 +52,16 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def capture_inputs(
-    model: nn.Module, plans: list[Replacement], example_inputs: Any
-) -> tuple[dict[int, Any], Any]:
+def capture_inputs(model: nn.Module, sites: list[FFNSite], example_inputs: Any) -> tuple[dict[int, Any], Any]:
     """Run ``model`` once; return each site's first real FFN input (by site index) and the model output."""
     captured: dict[int, torch.Tensor] = {}
     handles = []
-    for plan in plans:
-        path = plan.site.probe_module()
+    for site in sites:
+        path = site.probe_module()
         if path is None:
             continue
 
-        def hook(module: nn.Module, args: tuple[Any, ...], index: int = plan.site.index) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], index: int = site.index) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 captured.setdefault(index, args[0].detach().clone())
 
@@ -83,10 +84,13 @@ def random_probe(plan: Replacement, recipe: Recipe) -> torch.Tensor:
     )
 
 
-def check_site(plan: Replacement, x: torch.Tensor, *, preserving: bool, source: str) -> SiteCheck:
-    """Run the block and the dense FFN on ``x``; shapes must agree, values are compared when preserving."""
+def check_site(
+    plan: Replacement, x: torch.Tensor, *, preserving: bool, source: str, batch: int | None = None
+) -> SiteCheck:
+    """Run the block and the dense FFN on ``x`` (``batch`` sequences, which a block on flattened tokens
+    needs told); shapes must agree, values are compared when preserving."""
     site = plan.site
-    with evaluation(plan.block):
+    with evaluation(plan.block), token_mask(plan.block, None, batch=batch or 1):
         try:
             y = plan.block(x)
         except Exception as exc:

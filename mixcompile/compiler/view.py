@@ -52,6 +52,12 @@ class GraphView:
         activation: str | None = self.graph.nodes[node].get("activation")
         return activation
 
+    def dropout(self, node: fx.Node) -> tuple[float, str | None]:
+        """A dropout node's probability, and the float attribute of the traced module it was read from
+        (``None`` for a module's own ``p`` or a literal)."""
+        attrs = self.graph.nodes[node]
+        return attrs["p"], attrs["p_attr"]
+
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(str(node.target)) if node.op == "call_module" else None
 
@@ -103,11 +109,15 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], root: nn.Module) -> 
         if module is not None and is_linear_like(module):
             return {"kind": LINEAR}
         if isinstance(module, nn.Dropout):
-            return {"kind": DROPOUT}
+            return {"kind": DROPOUT, "p": float(module.p), "p_attr": None}
+        if isinstance(module, nn.Identity):  # a pass-through (timm's norm=Identity): a dropout of p = 0
+            return {"kind": DROPOUT, "p": 0.0, "p_attr": None}
     if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS and _has_param_weight(node, root):
         return {"kind": LINEAR}
     if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-        return {"kind": DROPOUT}
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        if isinstance(p, float | int):  # a probability computed in the graph is not a dropout we can move
+            return {"kind": DROPOUT, "p": float(p), "p_attr": getattr(p, "attr", None)}
     if _is_mul(node):
         return {"kind": MUL}
     if _is_chunk(node):

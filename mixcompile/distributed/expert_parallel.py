@@ -139,6 +139,7 @@ def _local_slice(experts: StackedExperts, first: int, count: int) -> StackedExpe
         activation=experts.activation,
         gated=experts.gated,
         bias=experts.bias,
+        hidden_dropout=experts.hidden_dropout,
         device=w.device,
         dtype=w.dtype,
     )
@@ -147,7 +148,7 @@ def _local_slice(experts: StackedExperts, first: int, count: int) -> StackedExpe
             mine = getattr(local, name)
             mine.copy_(param[first : first + count])
             mine.requires_grad_(param.requires_grad)
-    return local
+    return local.train(experts.training)
 
 
 class _ScaleGrad(torch.autograd.Function):

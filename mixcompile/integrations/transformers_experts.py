@@ -18,6 +18,7 @@ Nothing here imports transformers at import time; :func:`register_transformers_e
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,9 +28,9 @@ import torch
 from torch import nn
 
 from mixcompile.compiler.activation_names import function_activation, module_activation
-from mixcompile.errors import ConfigError, ShapeError
+from mixcompile.errors import ConfigError, MixcompileError, ShapeError
 from mixcompile.runtime.experts import ExpertMath
-from mixcompile.runtime.kernels import get_kernel, resolve_kernel
+from mixcompile.runtime.kernels import Kernel, get_kernel, resolve_kernel
 from mixcompile.runtime.routing import RoutingPlan
 
 IMPLEMENTATION = "mixcompile"
@@ -298,15 +299,48 @@ def routing_plan(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
     )
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class KernelChoices:
+    """The kernel an experts implementation runs with, per (device type, dtype).
+
+    Choosing walks the plugin registry, which ``torch.compile`` cannot trace, so a registered
+    implementation chooses ahead (:meth:`choose_ahead`: the CPU and, where there is one, CUDA, in every
+    floating dtype) and its forward only looks the choice up; anything else is chosen on first use. A
+    kernel plugin registered later is seen by registering the implementation again.
+    """
+
+    def __init__(self, kernel: str) -> None:
+        self.kernel = kernel
+        self.chosen: dict[tuple[str, torch.dtype], Kernel] = {}
+
+    def choose_ahead(self) -> None:
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+        for device in devices:
+            for dtype in _FLOATS:
+                # no kernel for it: a forward that needs it raises the reason then
+                with contextlib.suppress(MixcompileError):
+                    self(torch.device(device), dtype)
+
+    def __call__(self, device: torch.device, dtype: torch.dtype) -> Kernel:
+        runner = self.chosen.get((device.type, dtype))
+        if runner is None:
+            runner = resolve_kernel(self.kernel, "moe", device, dtype)[1]
+            self.chosen[(device.type, dtype)] = runner
+        return runner
+
+
 def experts_forward(
     module: nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     *,
-    kernel: str = "auto",
+    kernel: str | KernelChoices = "auto",
 ) -> torch.Tensor:
-    """What a transformers experts module computes, run by a mixcompile kernel plugin."""
+    """What a transformers experts module computes, run by a mixcompile kernel plugin (``kernel``: a
+    kernel name, ``"auto"``, or the :class:`KernelChoices` of a registered implementation)."""
     layout = experts_layout(module)
     d = layout.d_model
     if hidden_states.shape[-1] != d or top_k_index.shape != top_k_weights.shape or top_k_index.ndim < 1:
@@ -326,16 +360,20 @@ def experts_forward(
             f"{layout.module_class}: {x.shape[0]} tokens but top_k_index {tuple(top_k_index.shape)}."
         )
     plan = routing_plan(top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k), layout.num_experts)
-    _, runner = resolve_kernel(kernel, "moe", x.device, x.dtype)
+    choices = kernel if isinstance(kernel, KernelChoices) else KernelChoices(kernel)
+    runner = choices(x.device, x.dtype)
     y = runner.moe(x, plan, experts_view(module, layout))  # type: ignore[arg-type]  # duck-typed experts
     return y.reshape(hidden_states.shape).to(hidden_states.dtype)
 
 
 def _make_forward(kernel: str) -> Callable[..., torch.Tensor]:
+    choices = KernelChoices(kernel)
+    choices.choose_ahead()  # so a compiled forward walks no registry
+
     def mixcompile_experts_forward(
         self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        return experts_forward(self, hidden_states, top_k_index, top_k_weights, kernel=kernel)
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights, kernel=choices)
 
     mixcompile_experts_forward.mixcompile_kernel = kernel  # type: ignore[attr-defined]
     return mixcompile_experts_forward
@@ -347,9 +385,11 @@ def register_transformers_experts(name: str = IMPLEMENTATION, *, kernel: str = "
     After it, ``AutoModelForCausalLM.from_pretrained(..., experts_implementation="mixcompile")``,
     ``model.set_experts_implementation("mixcompile")`` or a config with ``experts_implementation=
     "mixcompile"`` run the experts of every MoE model built on transformers' experts interface through
-    mixcompile's kernel plugins. ``kernel="auto"`` picks per call (Triton on CUDA, the torch reference
-    elsewhere); name a kernel to pin it, under another name: ``register_transformers_experts(
-    "mixcompile_triton", kernel="triton")``. Calling again with the same arguments is harmless.
+    mixcompile's kernel plugins. ``kernel="auto"`` picks per device and dtype (Triton on CUDA, the torch
+    reference elsewhere), ahead of the forward so that ``torch.compile`` traces no registry look-up (see
+    :class:`KernelChoices`); name a kernel to pin it, under another name: ``register_transformers_experts(
+    "mixcompile_triton", kernel="triton")``. Calling again with the same arguments is harmless, and
+    chooses again (after registering another kernel plugin, say).
     """
     if not isinstance(name, str) or not name or name in _RESERVED:
         raise ConfigError(

@@ -3,7 +3,8 @@
 Stacking (instead of a ``ModuleList`` of ``nn.Linear``) lets one kernel launch serve every expert and keeps
 the parameters plain tensors for FSDP and ``state_dict``. Shapes follow ``nn.Linear``:
 ``w_in [E, h, d]``, ``w_gate [E, h, d]``, ``w_out [E, d, h]``, ``b_in [E, h]``, ``b_gate [E, h]``,
-``b_out [E, d]``.
+``b_out [E, d]``. ``hidden_dropout`` is the dense FFN's dropout between its two projections, applied to
+every expert's hidden activations in training (as the dense model applied it to its own).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mixcompile.errors import check_positive_int
+from mixcompile.errors import ConfigError, check_positive_int
 from mixcompile.runtime.activations import activation_fn
 
 _deferred = False
@@ -64,6 +66,9 @@ class ExpertMath:
     b_gate: torch.Tensor | None
     b_out: torch.Tensor | None
     activation: str
+    #: Dropout on the hidden activations in training (the dense FFN's dropout between its two linears).
+    hidden_dropout: float = 0.0
+    training: bool
 
     @property
     def tensors(self) -> ExpertTensors:
@@ -91,10 +96,18 @@ class ExpertMath:
         b_gate: torch.Tensor | None,
         b_out: torch.Tensor | None,
     ) -> torch.Tensor:
-        act = activation_fn(self.activation)
         up = _plus_bias(x @ w_in.mT, b_in)
-        hidden = act(up) if w_gate is None else act(_plus_bias(x @ w_gate.mT, b_gate)) * up
-        return _plus_bias(hidden @ w_out.mT, b_out)
+        gate = None if w_gate is None else _plus_bias(x @ w_gate.mT, b_gate)
+        return _plus_bias(self.activate(up, gate) @ w_out.mT, b_out)
+
+    def activate(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """The hidden activations from the pre-activations: ``act(up)`` or ``act(gate) * up``, then the
+        hidden dropout in training. Kernels that compute the projections themselves call this."""
+        act = activation_fn(self.activation)
+        hidden = act(up) if gate is None else act(gate) * up
+        if self.hidden_dropout > 0 and self.training:
+            hidden = F.dropout(hidden, self.hidden_dropout, training=True)
+        return hidden
 
 
 class StackedExperts(ExpertMath, nn.Module):
@@ -107,10 +120,16 @@ class StackedExperts(ExpertMath, nn.Module):
         activation: str = "gelu",
         gated: bool = False,
         bias: bool = False,
+        hidden_dropout: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(hidden_dropout, bool) or not isinstance(hidden_dropout, int | float):
+            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
+        if not 0 <= hidden_dropout <= 1:
+            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
+        self.hidden_dropout = float(hidden_dropout)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.d_model = check_positive_int("d_model", d_model)
         self.d_hidden = check_positive_int("d_hidden", d_hidden)
@@ -154,6 +173,7 @@ class StackedExperts(ExpertMath, nn.Module):
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"{kind}, activation={self.activation!r}, bias={self.bias}"
+            + (f", hidden_dropout={self.hidden_dropout}" if self.hidden_dropout else "")
         )
 
 

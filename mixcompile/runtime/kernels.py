@@ -1,8 +1,9 @@
 """The kernel interface and kernel selection.
 
 A kernel runs the experts of a block given the plan its router / mixer made. Kernels declare what they
-support, so ``kernel="auto"`` can pick the best one for the input's device and dtype; the choice is
-visible through :meth:`MoEBlock.kernel_for` and in ``inspect`` reports.
+support, so ``kernel="auto"`` can pick the best one for the device and dtype; the choice is visible through
+:meth:`MoEBlock.kernel_for` and in ``inspect`` reports. Blocks resolve their kernel when they are built or
+moved (:meth:`Block._apply`), never inside a forward, so ``torch.compile`` traces no registry look-up.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class Kernel(Protocol):
     ``priority`` orders kernels for ``kernel="auto"`` (higher wins among those that support the input).
     A kernel is one object per process, so it holds no per-block state. Implement the protocol
     structurally, or subclass it to inherit the defaults (priority 0, the plain-PyTorch routing step).
+
+    Optional: a class attribute ``hidden_dropout = True`` says that ``moe`` / ``mot`` apply
+    ``experts.hidden_dropout`` to the hidden activations in training (``experts.activate`` does it). A
+    block with hidden dropout resolves ``auto`` to such a kernel for training and refuses a named one that
+    lacks it. (Not a protocol member, so kernels written before it still satisfy the protocol.)
     """
 
     priority: int = 0
@@ -65,9 +71,12 @@ def get_kernel(name: str) -> Kernel:
 
 
 def resolve_kernel(
-    name: str, kind: BlockKind, device: torch.device, dtype: torch.dtype
+    name: str, kind: BlockKind, device: torch.device, dtype: torch.dtype, *, hidden_dropout: float = 0.0
 ) -> tuple[str, Kernel]:
-    """Pick the kernel for a block: by name (checked to support the input), or the best for ``auto``."""
+    """Pick the kernel for a block: by name (checked to support the input), or the best for ``auto``.
+
+    ``hidden_dropout`` > 0 asks for a kernel that applies the experts' hidden dropout (a training forward of
+    a block that has one)."""
     if name != "auto":
         kernel = get_kernel(name)
         if not kernel.supports(kind, device, dtype):
@@ -75,13 +84,23 @@ def resolve_kernel(
                 f"kernel {name!r} does not support {kind} blocks on {device.type} with {dtype}; "
                 "use kernel='auto' to pick a kernel that does."
             )
+        if hidden_dropout > 0 and not getattr(kernel, "hidden_dropout", False):
+            raise ConfigError(
+                f"kernel {name!r} does not apply hidden dropout (p={hidden_dropout}) in training; use "
+                "kernel='auto' (it picks one that does for training), or build the block with "
+                "hidden_dropout=0."
+            )
         return name, kernel
     candidates = []
     for reg_name in registry().names("kernel"):
         kernel = get_kernel(reg_name)
-        if kernel.supports(kind, device, dtype):
+        dropout_ok = hidden_dropout == 0 or getattr(kernel, "hidden_dropout", False)
+        if dropout_ok and kernel.supports(kind, device, dtype):
             candidates.append((-kernel.priority, reg_name, kernel))
     if not candidates:
-        raise ConfigError(f"no registered kernel supports {kind} blocks on {device.type} with {dtype}.")
+        needs = f" that applies hidden dropout (p={hidden_dropout})" if hidden_dropout > 0 else ""
+        raise ConfigError(
+            f"no registered kernel{needs} supports {kind} blocks on {device.type} with {dtype}."
+        )
     _, chosen, kernel = min(candidates, key=lambda c: (c[0], c[1]))
     return chosen, kernel

@@ -26,11 +26,12 @@ class MixPlan:
 @runtime_checkable
 class Mixer(Protocol):
     """What a MoT block needs of a mixer plugin (which must also be an ``nn.Module``):
-    ``mixer(x_g [T, n, G, d], present [n, G] bool, *, sparse: bool) -> MixPlan``.
+    ``mixer(x_g [T, n, G, d], present [T, n, G] bool, *, sparse: bool) -> MixPlan``.
 
-    ``present`` is False for the missing members of an incomplete last group; they must get weight 0 and
-    must not take part in any normalisation. ``sparse=True`` asks for the transition mode in which each
-    expert keeps only its top-weighted member.
+    ``present`` (``[1, n, G]`` when nothing is padded; it broadcasts over positions) is False for the
+    missing members of an incomplete last group and for padding tokens; they must get weight 0 in ``merge``
+    and ``emit`` and must not take part in any normalisation. A position may have no member present.
+    ``sparse=True`` asks for the transition mode in which each expert keeps only its top-weighted member.
     """
 
     num_experts: int

@@ -77,6 +77,7 @@ def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
         activation=experts.activation,
         gated=experts.gated,
         bias=experts.bias,
+        hidden_dropout=experts.hidden_dropout,
         kernel=mot.kernel,
         site=mot.site,
         device=experts.w_in.device,

@@ -123,7 +123,10 @@ def test_verification_reports_errors_from_real_inputs() -> None:
     _, report = convert_with_report(build("gpt2"), num_experts=4, example_inputs=inputs)
     assert all(s.probe == "example_inputs" and s.max_error < 1e-5 for s in report.sites)
     assert report.model_max_error is not None and report.model_max_error < 1e-4
-    _, random_probe = convert_with_report(build("gpt2"), num_experts=4)
+    _, built = convert_with_report(build("gpt2"), num_experts=4)  # a Hugging Face model: inputs built for it
+    assert all(s.probe == "inputs built from the model" and s.max_error < 1e-5 for s in built.sites)
+    assert built.model_max_error is not None and built.model_max_error < 1e-4
+    _, random_probe = convert_with_report(build("plain_mlp"), num_experts=4)  # says nothing of its inputs
     assert all(s.probe == "random" and s.max_error < 1e-5 for s in random_probe.sites)
     _, mot = convert_with_report(build("gpt2"), strategy="mot", num_experts=4, example_inputs=inputs)
     assert all(s.max_error is None for s in mot.sites)  # MoT is not function-preserving: nothing to compare

@@ -8,7 +8,6 @@ import torch
 from zoo import ZOO, build
 
 from mixcompile.compiler import convert, find_sites
-from mixcompile.errors import MixcompileError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*nested tensors:UserWarning")
@@ -62,7 +61,7 @@ def test_upcycled_moe_equals_dense(name: str) -> None:
     assert [(path, type(m)) for path, m in model.named_modules()] == structure
 
 
-@pytest.mark.parametrize("name", [name for name in NAMES if ZOO[name].mot])
+@pytest.mark.parametrize("name", NAMES)
 def test_mot_runs_forward_and_backward(name: str) -> None:
     converted = convert(build(name), **MOT)
     converted.train()
@@ -100,17 +99,9 @@ def test_mot_causal_lm_generates() -> None:
         assert converted.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
-def test_mot_on_flattened_tokens_fails_naming_the_site() -> None:
-    model = build("opt")
-    snapshot = [(path, type(m)) for path, m in model.named_modules()]
-    with pytest.raises(MixcompileError, match=r"model\.decoder\.layers\.0.*\[B, T, d\]"):
-        convert(model, **MOT, inplace=True, example_inputs=ZOO["opt"].inputs(2, 3))
-    assert [(path, type(m)) for path, m in model.named_modules()] == snapshot
-
-
 def test_sequence_first_encoder_gets_sequence_first_mot() -> None:
     converted = convert(build("encoder_seq_first"), **MOT)
-    assert [b.batch_first for b in _blocks(converted)] == [False, False]
+    assert [b.layout for b in _blocks(converted)] == ["seq_first", "seq_first"]
 
 
 def test_transformer_encoder_fast_path_stays_correct() -> None:

@@ -790,13 +790,25 @@ def test_compiles_whole_with_triton() -> None:
     torch._dynamo.reset()
 
 
-def test_torch_kernel_is_a_graph_break() -> None:
-    """The torch kernel's MoE loop runs eagerly by design (``torch.compiler.disable``): fullgraph refuses."""
+@pytest.mark.parametrize("implementation", ["mixcompile_torch", "mixcompile"])
+def test_compiles_whole_with_the_torch_kernel_and_with_auto(implementation: str) -> None:
+    """The torch kernel's grouped products are one custom op, and ``auto`` is chosen when the
+    implementation is registered, not in the forward: fullgraph=True traces the model whole, and compiled
+    logits and gradients equal eager's (aot_eager)."""
     torch._dynamo.reset()
-    model = tiny_mixtral(experts_implementation="mixcompile_torch", num_hidden_layers=1)
-    ids = torch.randint(0, 64, (1, 5)).to(DEVICE)
-    with pytest.raises(Exception, match="(?i)disable|skip"):
-        torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids)
+    model = tiny_mixtral(experts_implementation=implementation)
+    fill_(model, seed=12)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    expected = run_model(model, "eager", ids)
+    model.set_experts_implementation(implementation)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model.zero_grad(set_to_none=True)
+    logits = compiled(input_ids=ids).logits
+    probe = torch.randn(logits.shape, generator=torch.Generator().manual_seed(11)).to(logits)
+    (logits * probe).sum().backward()
+    actual = {"logits": logits.detach()}
+    actual.update({f"grad {n}": p.grad for n, p in model.named_parameters() if p.grad is not None})
+    compare(actual, expected, "compiled")
     torch._dynamo.reset()
 
 

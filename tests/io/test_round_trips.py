@@ -253,6 +253,8 @@ def test_cli_flags_reach_every_block_option(tmp_path) -> None:
                 "sparse",
                 "--small-batch",
                 "sparse",
+                "--layout",
+                "batch_first",
                 "--mixer-option",
                 "temperature=0.5",
                 "--mixer-option",
@@ -262,7 +264,7 @@ def test_cli_flags_reach_every_block_option(tmp_path) -> None:
         == 0
     )
     recipe = json.loads((tmp_path / "mot" / "mixcompile.json").read_text())["recipes"][0]
-    assert (recipe["mode"], recipe["small_batch"]) == ("sparse", "sparse")
+    assert (recipe["mode"], recipe["small_batch"], recipe["layout"]) == ("sparse", "sparse", "batch_first")
     assert recipe["mixer_options"] == {"temperature": 0.5, "emit": "experts"}
     assert (
         main(
@@ -285,6 +287,51 @@ def test_cli_flags_reach_every_block_option(tmp_path) -> None:
     block = next(iter(mc.sparse_blocks(loaded).values()))
     assert block.router.capacity_factor == 1.25 and block.router.bias_balancing
     assert block.shared_experts.num_experts == 1
+
+
+class TimeMajor(torch.nn.Module):
+    """A residual FFN layer on ``[T, B, d]`` inputs that says nothing of its layout: only the recipe can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def time_major() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(TimeMajor(), TimeMajor())
+
+
+def test_mot_layout_is_a_recipe_option_saved_and_restored(tmp_path) -> None:
+    mot = {"strategy": "mot", "num_experts": 4, "group_size": 2, "init": "random"}
+    model = mc.convert(time_major(), **mot, layout="seq_first").eval()
+    assert {b.layout for b in mc.sparse_blocks(model).values()} == {"seq_first"}
+    mc.save(model, tmp_path / "m")
+    recipe = json.loads((tmp_path / "m" / "mixcompile.json").read_text())["recipes"][0]
+    assert recipe["layout"] == "seq_first"
+    loaded = mc.load(tmp_path / "m", base=time_major()).eval()
+    assert {b.layout for b in mc.sparse_blocks(loaded).values()} == {"seq_first"}
+    x = torch.randn(5, 4, 16)  # [T, B, d]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        # the layout is what makes them equal: the same blocks read batch-first mix along time instead
+        for block in mc.sparse_blocks(loaded).values():
+            block.layout = "batch_first"
+        assert not torch.allclose(loaded(x), model(x))
+    with pytest.raises(mc.ConfigError, match="layout='seq_first' is a MoT option"):
+        mc.convert(time_major(), strategy="moe", layout="seq_first")
+
+
+def test_a_cli_layout_the_model_contradicts_is_refused_naming_the_site(tmp_path, capsys) -> None:
+    torch.save(mc.build_tiny_gpt(**TINY), tmp_path / "dense.pt")
+    args = ["convert", str(tmp_path / "dense.pt"), "--trust-pickle", "-o", str(tmp_path / "out")]
+    assert main([*args, "--strategy", "mot", "--layout", "seq_first"]) == 2  # usage: the flag is wrong
+    err = capsys.readouterr().err
+    assert "FFN site 0" in err and "layout='seq_first'" in err and "'batch_first'" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- conversion cost, structure only, untraceable inputs ---------------------------------------------------

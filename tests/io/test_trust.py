@@ -220,6 +220,8 @@ TAMPERED = {
     "recipe-string-experts": (_recipe(num_experts="2"), "num_experts must be an integer"),
     "recipe-negative-seed": (_recipe(seed=-1), "seed must be >= 0"),
     "recipe-unknown-option": (_recipe(exec="print(1)"), "unknown option 'exec'"),
+    "recipe-unknown-layout": (_recipe(layout="sideways"), "unknown layout 'sideways'"),
+    "recipe-moe-with-a-layout": (_recipe(layout="flat"), "layout='flat' is a MoT option"),
     "recipe-options-not-object": (_recipe(router_options="evil"), "router_options must be a dict"),
     "recipe-bad-router-option": (_recipe(router_options={"capacity_factor": -1}), "capacity_factor"),
     "recipe-sites-out-of-range": (_recipe(sites=[99]), "out of range"),

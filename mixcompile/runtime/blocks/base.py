@@ -1,13 +1,20 @@
-"""What MoE and MoT blocks share: kernel choice, checks of plugin outputs, loading dense weights."""
+"""What MoE and MoT blocks share: kernel choice, checks of plugin outputs, loading dense weights.
+
+The kernel is chosen when a block is built and again whenever it moves (``.to()``, ``.cuda()``,
+``.half()``: :meth:`Block._apply`), for every floating dtype on its device and for training with hidden
+dropout, so a forward only looks its choice up: no registry walk inside ``torch.compile``'s trace.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, ShapeError
+from mixcompile.errors import ConfigError, MixcompileError, ShapeError
 from mixcompile.plugins.build import PluginKind, Source, call_factory, describe_plugin, plugin_source
 from mixcompile.plugins.manager import lookup
 from mixcompile.runtime.checks import check_input
@@ -16,9 +23,39 @@ from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel, get_kernel, resolve_kernel
 from mixcompile.types import BlockKind
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Describe:
+    """How errors name one of a block's plugins, built once per block and read only when an error is raised,
+    so a compiled forward neither builds nor reads per-block text (each would be a guard). A class rather
+    than a closure, so a converted model still deep-copies and pickles."""
+
+    def __init__(self, block: Block, kind: PluginKind, name: str) -> None:
+        self.block, self.kind, self.name = block, kind, name
+
+    def __call__(self) -> str:
+        return describe_plugin(self.kind, self.name, self.block.site)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel a block runs with for one (device type, dtype, dropout) case."""
+
+    name: str
+    kernel: Kernel
+    source: Source
+
+
+# A case no kernel serves keeps the reason (a str) instead of a choice, for the forward that meets it.
+_Choice = KernelChoice | str
+
 
 class Block(nn.Module):
-    """Base of the sparse blocks: holds the experts, the kernel choice, checks of plugin outputs, stats."""
+    """Base of the sparse blocks: holds the experts, the kernel choice, checks of plugin outputs, stats.
+
+    Subclasses build ``self.experts`` and then call :meth:`_choose_kernels`.
+    """
 
     kind: BlockKind = ""  # type: ignore[assignment]  # the base has no kind; MoEBlock and MoTBlock set theirs
     experts: StackedExperts
@@ -26,8 +63,7 @@ class Block(nn.Module):
     def __init__(self, kernel: str, site: str = "") -> None:
         super().__init__()
         self.site = site  # where the block sits in its model (convert sets it): errors name it
-        if kernel != "auto":
-            get_kernel(kernel)  # unknown names fail at construction, with a suggestion
+        self._kernels: dict[tuple[str, torch.dtype, bool], _Choice] = {}
         self.kernel = kernel
         self._stats: dict[str, Any] = {}
 
@@ -41,6 +77,19 @@ class Block(nn.Module):
             raise ConfigError(f"{type(self).__name__} has no settings {sorted(settings)}.")
 
     @property
+    def kernel(self) -> str:
+        """The kernel name asked for (``"auto"`` or a registered name); setting it chooses again."""
+        return self._kernel_name
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name != "auto":
+            get_kernel(name)  # unknown names fail at once, with a suggestion
+        self._kernel_name = name
+        if "experts" in self._modules:
+            self._choose_kernels()
+
+    @property
     def last_stats(self) -> dict[str, Any]:
         """Statistics of the last forward as Python numbers (``expert_load`` a CPU tensor).
 
@@ -49,9 +98,50 @@ class Block(nn.Module):
         """
         return {key: _to_host(value) for key, value in self._stats.items()}
 
-    def kernel_for(self, device: torch.device | str, dtype: torch.dtype) -> str:
+    def kernel_for(self, device: torch.device | str, dtype: torch.dtype, *, training: bool = False) -> str:
         """The name of the kernel this block runs with on ``device``/``dtype`` (resolves ``auto``)."""
-        return resolve_kernel(self.kernel, self.kind, torch.device(device), dtype)[0]
+        dropout = self.experts.hidden_dropout if training else 0.0
+        return resolve_kernel(self.kernel, self.kind, torch.device(device), dtype, hidden_dropout=dropout)[0]
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Block:
+        """Moving or casting the block (``.to``, ``.cuda``, ``.half``) chooses its kernels again."""
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch; returns self
+        self._choose_kernels()
+        return self
+
+    def _choose_kernels(self) -> None:
+        """Resolve the kernel for the experts' device, every floating dtype (autocast may change it) and
+        training with and without hidden dropout; a case no kernel serves keeps its error for the forward
+        that needs it, so a block built for one device can still be moved to another."""
+        device = self.experts.w_in.device
+        if device.type == "meta":
+            self._kernels = {}
+            return
+        dropouts = (False, True) if self.experts.hidden_dropout > 0 else (False,)
+        choices: dict[tuple[str, torch.dtype, bool], _Choice] = {}
+        for dtype in dict.fromkeys((self.experts.w_in.dtype, *_FLOATS)):
+            for dropout in dropouts:
+                choices[(device.type, dtype, dropout)] = self._resolve(device, dtype, dropout)
+        self._kernels = choices
+
+    def _resolve(self, device: torch.device, dtype: torch.dtype, dropout: bool) -> _Choice:
+        p = self.experts.hidden_dropout if dropout else 0.0
+        try:
+            name, kernel = resolve_kernel(self.kernel, self.kind, device, dtype, hidden_dropout=p)
+        except MixcompileError as exc:
+            return str(exc)
+        return KernelChoice(name, kernel, Describe(self, "kernel", name))
+
+    def _kernel(self, x: torch.Tensor) -> KernelChoice:
+        """This block's kernel for ``x`` (chosen in advance; resolved here only for a device or dtype the
+        block was never moved to, which only an eager forward can meet)."""
+        dropout = self.training and self.experts.hidden_dropout > 0
+        choice = self._kernels.get((x.device.type, x.dtype, dropout))
+        if choice is None:
+            choice = self._resolve(x.device, x.dtype, dropout)
+        if isinstance(choice, str):
+            raise ConfigError(f"{self._name()}: {choice}")
+        return choice
 
     @staticmethod
     def _compute_input(x: torch.Tensor) -> torch.Tensor:
@@ -61,13 +151,6 @@ class Block(nn.Module):
         if x.is_floating_point() and torch.is_autocast_enabled(device_type):
             return x.to(torch.get_autocast_dtype(device_type))
         return x
-
-    def _kernel(self, x: torch.Tensor) -> tuple[str, Kernel]:
-        return resolve_kernel(self.kernel, self.kind, x.device, x.dtype)
-
-    def _source(self, kind: PluginKind, name: str) -> Source:
-        """How errors name this block's plugin, computed only when one is raised (see ``Source``)."""
-        return lambda: describe_plugin(kind, name, self.site)
 
     def _check_input(self, x: torch.Tensor, ranks: str, ok_rank: bool) -> None:
         if not isinstance(x, torch.Tensor):

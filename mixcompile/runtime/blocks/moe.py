@@ -10,7 +10,7 @@ from torch import nn
 
 from mixcompile.errors import check_positive_int
 from mixcompile.plugins.build import build_plugin, call_plugin
-from mixcompile.runtime.blocks.base import Block
+from mixcompile.runtime.blocks.base import Block, Describe
 from mixcompile.runtime.checks import check_output, check_routing_plan
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.kernels import Kernel
@@ -24,8 +24,9 @@ class MoEBlock(Block):
 
     ``router_options`` go to the router plugin (``capacity_factor``, ``jitter``, loss weights, ... see
     :class:`mixcompile.Router`). ``num_shared_experts`` always-on experts (DeepSeekMoE) are added to every
-    token with weight 1. After a forward, ``last_aux_loss`` holds the weighted router losses and
-    ``last_stats`` the expert load, dropped tokens and routing entropy.
+    token with weight 1. ``hidden_dropout`` is applied to every expert's hidden activations in training (the
+    dense FFN's dropout between its projections, kept by ``convert``). After a forward, ``last_aux_loss``
+    holds the weighted router losses and ``last_stats`` the expert load, dropped tokens and routing entropy.
     """
 
     kind = "moe"
@@ -43,6 +44,7 @@ class MoEBlock(Block):
         router: str = "topk",
         router_options: Mapping[str, Any] | None = None,
         num_shared_experts: int = 0,
+        hidden_dropout: float = 0.0,
         kernel: str = "auto",
         site: str = "",
         device: torch.device | str | None = None,
@@ -57,6 +59,7 @@ class MoEBlock(Block):
             "activation": activation,
             "gated": gated,
             "bias": bias,
+            "hidden_dropout": hidden_dropout,
             "device": device,
             "dtype": dtype,
         }
@@ -76,33 +79,32 @@ class MoEBlock(Block):
             where=site,
         )
         self.router.to(device=device, dtype=dtype)
+        self._router_source = Describe(self, "router", router)
         self.last_aux_loss: torch.Tensor | None = None
         # Set by mixcompile.distributed.parallelize: runs the plan on experts sharded over ranks.
         self.expert_parallel: ExpertRunner | None = None
+        self._choose_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "[..., d]", ok_rank=isinstance(x, torch.Tensor) and x.ndim >= 2)
         flat = self._compute_input(x.reshape(-1, x.shape[-1]))
-        kernel_name, kernel = self._kernel(flat)
-        router_source, kernel_source = (
-            self._source("router", self.router_name),
-            self._source("kernel", kernel_name),
-        )
-        plan = call_plugin(router_source, self.router, flat, kernel)
+        choice = self._kernel(flat)
+        kernel = choice.kernel
+        plan = call_plugin(self._router_source, self.router, flat, kernel)
         check_routing_plan(
-            plan, source=router_source, num_tokens=flat.shape[0], num_experts=self.router.num_experts
+            plan, source=self._router_source, num_tokens=flat.shape[0], num_experts=self.router.num_experts
         )
         if self.expert_parallel is not None:
             y = self.expert_parallel(flat, plan, self.experts, kernel)
         else:
             y = check_output(
-                call_plugin(kernel_source, kernel.moe, flat, plan, self.experts), flat, kernel_source
+                call_plugin(choice.source, kernel.moe, flat, plan, self.experts), flat, choice.source
             )
         if self.shared_experts is not None:
             shared_in = flat.unsqueeze(0).expand(self.shared_experts.num_experts, -1, -1)
             y = y + self.shared_experts.batched_forward(shared_in).sum(0)
         self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
-        self._stats = _routing_stats(plan, kernel_name)
+        self._stats = _routing_stats(plan, choice.name)
         return y.reshape(x.shape)  # in flat's dtype
 
     def extra_repr(self) -> str:

@@ -1,7 +1,8 @@
 """The Mixture-of-Tokens block (Antoniak et al. 2023, arXiv 2310.15961).
 
 Sequences ``b`` of a batch are grouped ``G`` at a time (``b // G`` is the group, ``b % G`` the member);
-tokens at the same position in one group are mixed per expert, processed, and spread back.
+tokens at the same position in one group are mixed per expert, processed, and spread back. Padding
+(the model's ``attention_mask``, seen through :mod:`mixcompile.runtime.tokens`) takes no part in a group.
 """
 
 from __future__ import annotations
@@ -14,20 +15,25 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.errors import ConfigError, ShapeError, check_positive_int
 from mixcompile.plugins.build import build_plugin, call_plugin
-from mixcompile.runtime.blocks.base import Block
+from mixcompile.runtime.blocks.base import Block, Describe
 from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import Mixer
-from mixcompile.types import MoTMode, SmallBatchPolicy
+from mixcompile.runtime.tokens import TokenContext
+from mixcompile.types import MoTMode, SmallBatchPolicy, TokenLayout
 
 MODES = ("soft", "sparse")
 SMALL_BATCH_POLICIES = ("group", "sparse")
+LAYOUTS = ("batch_first", "seq_first", "flat")
+_SHAPES = {"batch_first": "[B, T, d]", "seq_first": "[T, B, d]", "flat": "[B*T, d]"}
 
 
 class MoTBlock(Block):
-    """``[B, T, d] -> [B, T, d]`` (``[T, B, d]`` with ``batch_first=False``).
+    """``[B, T, d] -> [B, T, d]``; ``layout="seq_first"`` (or ``batch_first=False``) takes ``[T, B, d]``,
+    ``layout="flat"`` takes the ``[B*T, d]`` tokens of ``B`` sequences flattened batch-major (OPT's FFN),
+    with ``B`` from the model's forward (see :mod:`mixcompile.runtime.tokens`).
 
     - ``mode="soft"`` (the paper): every expert sees a softmax-weighted mix of its group.
       ``mode="sparse"``: each expert keeps only its top-weighted member (the tau → 0 limit, i.e. expert
@@ -36,6 +42,9 @@ class MoTBlock(Block):
       of the softmax (a lone sequence gets weight 1), never padded into it.
     - ``small_batch`` is the policy in eval mode when ``B < G``: ``"group"`` mixes the sequences there are
       (a smaller group), ``"sparse"`` switches to sparse mode.
+    - Padding: positions the model's attention mask marks as padding are masked out of their group's
+      softmax like missing members (they neither send nor receive a mixture); their output is 0.
+    - ``hidden_dropout`` is applied to every expert's hidden activations in training.
     """
 
     kind = "mot"
@@ -55,6 +64,8 @@ class MoTBlock(Block):
         mode: MoTMode = "soft",
         small_batch: SmallBatchPolicy = "group",
         batch_first: bool = True,
+        layout: TokenLayout | None = None,
+        hidden_dropout: float = 0.0,
         kernel: str = "auto",
         site: str = "",
         device: torch.device | str | None = None,
@@ -67,9 +78,16 @@ class MoTBlock(Block):
         )
         _check_choice("mode", mode, MODES)
         _check_choice("small_batch", small_batch, SMALL_BATCH_POLICIES)
+        if layout is None:
+            layout = "batch_first" if batch_first else "seq_first"
+        _check_choice("layout", layout, LAYOUTS)
+        if not batch_first and layout != "seq_first":
+            raise ConfigError(f"batch_first=False contradicts layout={layout!r}; give one of them.")
         self.mode = mode
         self.small_batch = small_batch
-        self.batch_first = bool(batch_first)
+        self.layout = layout
+        # (mask [B, T] or None, batch size) entries pushed by the model's token hooks; the last one applies.
+        self.token_context: list[TokenContext] = []
         self.experts = StackedExperts(
             num_experts,
             d_model,
@@ -77,6 +95,7 @@ class MoTBlock(Block):
             activation=activation,
             gated=gated,
             bias=bias,
+            hidden_dropout=hidden_dropout,
             device=device,
             dtype=dtype,
         )
@@ -92,35 +111,79 @@ class MoTBlock(Block):
             where=site,
         )
         self.mixer.to(device=device, dtype=dtype)
+        self._mixer_source = Describe(self, "mixer", mixer)
+        self._choose_kernels()
+
+    @property
+    def batch_first(self) -> bool:
+        """Whether the batch axis comes before the sequence axis (``flat`` tokens are batch-major)."""
+        return self.layout != "seq_first"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout = "[B, T, d]" if self.batch_first else "[T, B, d]"
+        rank = 2 if self.layout == "flat" else 3
         self._check_input(
             x,
-            f"{layout} (MoT mixes tokens across sequences)",
-            ok_rank=isinstance(x, torch.Tensor) and x.ndim == 3,
+            f"{_SHAPES[self.layout]} (MoT mixes tokens across sequences)",
+            ok_rank=isinstance(x, torch.Tensor) and x.ndim == rank,
         )
-        xb = self._compute_input(x if self.batch_first else x.transpose(0, 1))
+        context = self.token_context[-1] if self.token_context else None
+        xb = self._compute_input(self._batch_major(x, context))
         batch, seq, d = xb.shape
         g = self.group_size
         groups = math.ceil(batch / g)
         missing = groups * g - batch
+        present = self._present(context, batch, seq, groups * g, x.device)  # [n*G, T]
         if missing:
             xb = torch.cat([xb, xb.new_zeros(missing, seq, d)])
         x_g = xb.reshape(groups, g, seq, d).permute(2, 0, 1, 3)  # [T, n, G, d]
-        present = (torch.arange(groups * g, device=x.device) < batch).reshape(groups, g)
+        present = present.reshape(groups, g, -1).permute(2, 0, 1)  # [T or 1, n, G]
         sparse = self.mode == "sparse" or (not self.training and batch < g and self.small_batch == "sparse")
-        mixer_source = self._source("mixer", self.mixer_name)
-        plan = call_plugin(mixer_source, self.mixer, x_g, present, sparse=sparse)
-        check_mix_plan(plan, source=mixer_source, shape=(seq, groups, g, self.experts.num_experts))
-        kernel_name, kernel = self._kernel(x_g)
-        kernel_source = self._source("kernel", kernel_name)
+        plan = call_plugin(self._mixer_source, self.mixer, x_g, present, sparse=sparse)
+        check_mix_plan(plan, source=self._mixer_source, shape=(seq, groups, g, self.experts.num_experts))
+        choice = self._kernel(x_g)
         y_g = check_output(
-            call_plugin(kernel_source, kernel.mot, x_g, plan, self.experts), x_g, kernel_source
+            call_plugin(choice.source, choice.kernel.mot, x_g, plan, self.experts), x_g, choice.source
         )
         y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)[:batch]
-        self._stats = _mixing_stats(plan, groups, missing, kernel_name, sparse)
-        return y if self.batch_first else y.transpose(0, 1)
+        self._stats = _mixing_stats(plan, groups, missing, choice.name, sparse)
+        if self.layout == "flat":
+            return y.reshape(x.shape)
+        return y if self.layout == "batch_first" else y.transpose(0, 1)
+
+    def _batch_major(self, x: torch.Tensor, context: TokenContext | None) -> torch.Tensor:
+        """``x`` as ``[B, T, d]``; flattened tokens take ``B`` from the model's forward."""
+        if self.layout == "batch_first":
+            return x
+        if self.layout == "seq_first":
+            return x.transpose(0, 1)
+        batch = context[1] if context is not None else 0
+        if batch <= 0 or x.shape[0] % batch:
+            said = f"the model's forward gave batch size {batch}" if batch else "no batch size was recorded"
+            raise ShapeError(
+                f"{self._name()} sees {x.shape[0]} flattened tokens [B*T, d] and {said}: call the converted "
+                "model itself (its forward records the batch), or wrap the call in "
+                "`with mixcompile.token_mask(model, mask)` / `token_mask(model, None, batch=B)`."
+            )
+        return x.reshape(batch, x.shape[0] // batch, x.shape[1])
+
+    def _present(
+        self, context: TokenContext | None, batch: int, seq: int, rows: int, device: torch.device
+    ) -> torch.Tensor:
+        """``[rows, T or 1]`` bool: which group members are real tokens (not missing, not padding)."""
+        members = torch.arange(rows, device=device) < batch
+        mask = context[0] if context is not None else None
+        if mask is None:
+            return members[:, None]
+        if mask.shape[0] != batch or mask.shape[1] < seq:
+            raise ShapeError(
+                f"{self._name()} got {batch} sequences of {seq} tokens, but the attention mask of the "
+                f"model's forward is {tuple(mask.shape)}: a MoT block needs a [batch, >= seq] mask of the "
+                "tokens it mixes (the last seq positions are used, as with a key/value cache)."
+            )
+        mask = mask[:, mask.shape[1] - seq :].to(device)
+        if rows > batch:
+            mask = torch.cat([mask, mask.new_zeros(rows - batch, seq)])
+        return mask & members[:, None]
 
     def settings(self) -> dict[str, Any]:
         """Mode, small-batch policy and the mixer's temperature: what transition tuning and inference
@@ -151,7 +214,7 @@ class MoTBlock(Block):
     def extra_repr(self) -> str:
         return (
             f"group_size={self.group_size}, mixer={self.mixer_name!r}, mode={self.mode!r}, "
-            f"small_batch={self.small_batch!r}, kernel={self.kernel!r}"
+            f"small_batch={self.small_batch!r}, layout={self.layout!r}, kernel={self.kernel!r}"
         )
 
 
