@@ -47,6 +47,16 @@ def seq_first_inputs(batch: int, seq: int) -> dict:
     return {"src": float_inputs(batch, seq)["x"].transpose(0, 1).contiguous()}
 
 
+def seq2seq_inputs(batch: int, seq: int) -> dict:
+    """``nn.Transformer``'s ``src`` and ``tgt``, batch-first (the target one token shorter)."""
+    x = float_inputs(batch, seq)["x"]
+    return {"src": x, "tgt": x[:, 1:].flip(1).contiguous()}
+
+
+def seq2seq_seq_first_inputs(batch: int, seq: int) -> dict:
+    return {name: t.transpose(0, 1).contiguous() for name, t in seq2seq_inputs(batch, seq).items()}
+
+
 def t5_inputs(batch: int, seq: int) -> dict:
     ids = token_inputs(batch, seq)["input_ids"]
     return {"input_ids": ids, "decoder_input_ids": ids.flip(-1)}
@@ -293,6 +303,24 @@ def transformer_encoder_seq_first() -> nn.Module:
     return transformer_encoder(batch_first=False, activation="gelu")
 
 
+def transformer(batch_first: bool = True) -> nn.Module:
+    """``nn.Transformer``: an encoder and a decoder stack of two layers each (four FFNs)."""
+    return nn.Transformer(
+        D_MODEL,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=D_FF,
+        dropout=0.0,
+        batch_first=batch_first,
+    )
+
+
+def transformer_seq_first() -> nn.Module:
+    """``nn.Transformer`` with its default ``batch_first=False``: ``[T, B, d]`` in both stacks."""
+    return transformer(batch_first=False)
+
+
 # ---- Hugging Face models from small configs -------------------------------------------------------------
 
 
@@ -464,6 +492,8 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("timm_vit_glu", lambda: TimmViT(glu=True), 2, image_inputs),
         ZooEntry("transformer_encoder", transformer_encoder, 2, encoder_inputs),
         ZooEntry("encoder_seq_first", transformer_encoder_seq_first, 2, seq_first_inputs),
+        ZooEntry("transformer", transformer, 4, seq2seq_inputs),
+        ZooEntry("transformer_seq_first", transformer_seq_first, 4, seq2seq_seq_first_inputs),
         ZooEntry("gpt2", hf_gpt2, 2, token_inputs, causal_lm=True),
         ZooEntry("llama", hf_llama, 2, token_inputs, causal_lm=True),
         ZooEntry("mistral", hf_mistral, 2, token_inputs, causal_lm=True),

@@ -46,7 +46,8 @@ class Recipe:
 
     ``layout`` (MoT): the token layout of the FFN inputs, ``[B, T, d]`` (``"batch_first"``), ``[T, B, d]``
     (``"seq_first"``) or ``[B*T, d]`` (``"flat"``). ``"auto"`` takes it from the model (a forward of its
-    inputs, ``batch_first`` flags, the graph); a stated layout the model contradicts is an error.
+    inputs, ``batch_first`` flags, the graph); a stated layout the model contradicts is an error. MoE blocks
+    take any ``[..., d]``, so a MoE recipe leaves it at ``"auto"``.
     """
 
     strategy: Strategy = "moe"

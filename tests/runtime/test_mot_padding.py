@@ -116,3 +116,38 @@ def test_a_mask_that_does_not_fit_is_an_error_naming_the_block():
     block = MoTBlock(8, 16, 2, group_size=2, site="model.layers.3.mlp")
     with mc.token_mask(block, torch.ones(3, 4)), pytest.raises(mc.ShapeError, match=r"model\.layers\.3\.mlp"):
         block(torch.randn(2, 4, 8))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_transformer_padding_masks_reach_the_encoder_and_decoder_blocks(batch_first):
+    """``nn.Transformer`` in both layouts: the encoder's blocks see ``src_key_padding_mask``, the
+    decoder's ``tgt_key_padding_mask`` (the hooks sit on the two stacks), so changing padded source or
+    target positions changes no real target position; real tokens still mix across sequences."""
+    torch.manual_seed(0)
+    model = build("transformer" if batch_first else "transformer_seq_first")
+    mot = mc.convert(model, **{**MOT, "group_size": 2}).eval()
+    assert {b.layout for b in mot.modules() if isinstance(b, MoTBlock)} == {
+        "batch_first" if batch_first else "seq_first"
+    }
+    generator = torch.Generator().manual_seed(2)
+    src, tgt = torch.randn(4, 6, 32, generator=generator), torch.randn(4, 5, 32, generator=generator)
+    src_pad, tgt_pad = torch.zeros(4, 6, dtype=torch.bool), torch.zeros(4, 5, dtype=torch.bool)
+    src_pad[1, -2:], tgt_pad[0, -2:], tgt_pad[2, -1:] = True, True, True
+    src2, tgt2 = src.clone(), tgt.clone()
+    src2[src_pad], tgt2[tgt_pad] = 50.0, -50.0
+
+    def run(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not batch_first:
+            s, t = s.transpose(0, 1), t.transpose(0, 1)
+        masks = {"src_key_padding_mask": src_pad, "tgt_key_padding_mask": tgt_pad}
+        with torch.no_grad():
+            y = mot(s, t, memory_key_padding_mask=src_pad, **masks)
+        return y if batch_first else y.transpose(0, 1)
+
+    before, keep = run(src, tgt), ~tgt_pad
+    torch.testing.assert_close(run(src2, tgt)[keep], before[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(src, tgt2)[keep], before[keep], rtol=1e-5, atol=1e-5)
+    changed = tgt.clone()
+    changed[0, 1] += 1.0  # a real target token of sequence 0: its group partner (sequence 1) changes
+    assert not torch.allclose(run(src, changed)[1], before[1], rtol=1e-5, atol=1e-5)
+    assert all(not block.token_context for block in mot.modules() if isinstance(block, MoTBlock))
