@@ -32,7 +32,10 @@ class Kernel(Protocol):
     Optional: a class attribute ``hidden_dropout = True`` says that ``moe`` / ``mot`` apply
     ``experts.hidden_dropout`` to the hidden activations in training (``experts.activate`` does it). A
     block with hidden dropout resolves ``auto`` to such a kernel for training and refuses a named one that
-    lacks it. (Not a protocol member, so kernels written before it still satisfy the protocol.)
+    lacks it. Optional too: a method ``auto_priority(kind, device, dtype) -> int`` ranks the kernel for
+    ``auto`` on one input instead of ``priority`` (a kernel measured slower than another there steps back,
+    and still runs when named). (Neither is a protocol member, so kernels written before them still satisfy
+    the protocol.)
     """
 
     priority: int = 0
@@ -96,7 +99,9 @@ def resolve_kernel(
         kernel = get_kernel(reg_name)
         dropout_ok = hidden_dropout == 0 or getattr(kernel, "hidden_dropout", False)
         if dropout_ok and kernel.supports(kind, device, dtype):
-            candidates.append((-kernel.priority, reg_name, kernel))
+            rank = getattr(kernel, "auto_priority", None)
+            priority = kernel.priority if rank is None else rank(kind, device, dtype)
+            candidates.append((-priority, reg_name, kernel))
     if not candidates:
         needs = f" that applies hidden dropout (p={hidden_dropout})" if hidden_dropout > 0 else ""
         raise ConfigError(

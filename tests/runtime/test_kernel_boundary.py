@@ -110,3 +110,47 @@ def test_topk_routing_reference(renormalize) -> None:
     assert (chosen[:, 0] == 4).all()
     kept = probs.gather(-1, chosen)
     torch.testing.assert_close(weights, kept / kept.sum(-1, keepdim=True) if renormalize else kept)
+
+
+def test_auto_runs_mot_through_the_einsum_on_cuda_and_moe_through_triton() -> None:
+    """Measured on an H100 (README Performance): the fused MoT training step is about 2x slower than the
+    torch kernel's einsum, the fused MoE forward faster than the alternatives. ``auto`` follows; a block
+    that names Triton still gets it. (``kernel_for`` resolves without a GPU: nothing runs.)"""
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")
+    assert mc.MoTBlock(8, 16, 4, group_size=2).kernel_for(cuda, torch.bfloat16) == "torch"
+    assert mc.MoEBlock(8, 16, 4, top_k=2).kernel_for(cuda, torch.bfloat16) == "triton"
+    named = mc.MoTBlock(8, 16, 4, group_size=2, kernel="triton")
+    assert named.kernel_for(cuda, torch.bfloat16) == "triton"
+
+
+class _RanksItselfDownForMoE(mc.Kernel):
+    """A high-priority kernel that steps back for MoE blocks through the optional ``auto_priority``."""
+
+    priority = 100
+
+    def supports(self, kind, device, dtype):
+        return True
+
+    def auto_priority(self, kind, device, dtype):
+        return -100 if kind == "moe" else self.priority
+
+    def mot(self, x_g, plan, experts):
+        return mc.registry().get("kernel", "torch").factory().mot(x_g, plan, experts)
+
+
+class _RankingPlugin:
+    @mc.hookimpl
+    def register_kernels(self, register):
+        register("ranked", _RanksItselfDownForMoE)
+
+
+def test_a_kernel_ranks_itself_per_input_for_auto(fresh_registry) -> None:
+    mc.register_plugin(_RankingPlugin(), name="ranking_plugin")
+    assert mc.MoTBlock(8, 16, 4, group_size=2).kernel_for("cpu", torch.float32) == "ranked"
+    assert mc.MoEBlock(8, 16, 4, top_k=2).kernel_for("cpu", torch.float32) == "torch"
+    assert mc.MoEBlock(8, 16, 4, top_k=2, kernel="ranked").kernel_for("cpu", torch.float32) == "ranked"
+    x = torch.randn(4, 3, 8)
+    block = mc.MoTBlock(8, 16, 4, group_size=2)
+    block(x)
+    assert block.last_stats["kernel"] == "ranked"
