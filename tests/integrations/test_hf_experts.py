@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from triton_setup import import_triton
 
 import mixcompile as mc
 from mixcompile.integrations import experts_layout, register_transformers_experts
@@ -41,25 +42,7 @@ TOL = 1e-4  # fp32, relative to the scale of each tensor
 # ------------------------------------------------------------------------------------------------ Triton
 
 
-def _import_triton() -> str | None:
-    """Import Triton and the kernels (interpreter mode without a GPU); why Triton tests skip, if they must."""
-    with pytest.MonkeyPatch.context() as mp:
-        if DEVICE == "cpu":
-            mp.setenv("TRITON_INTERPRET", "1")
-        try:
-            triton = importlib.import_module("triton")
-        except ImportError:
-            return "triton is not installed"
-        importlib.import_module("mixcompile_plugins.triton.ops")
-    if DEVICE == "cpu" and type(triton.language.cdiv).__name__ != "InterpretedFunction":
-        return (
-            "triton was imported before this module could set TRITON_INTERPRET=1; "
-            "run it on its own: python -m pytest tests/test_hf_experts.py"
-        )
-    return None
-
-
-NO_TRITON = _import_triton()
+NO_TRITON = import_triton(DEVICE)
 needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 KERNELS = ["torch", pytest.param("triton", marks=needs_triton)]
 

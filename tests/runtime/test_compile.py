@@ -11,12 +11,12 @@ graph breaks and traces the backward) without Inductor's C++ compile time.
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 import pytest
 import torch
 from reference import rel_err
+from triton_setup import import_triton
 
 import mixcompile as mc
 from mixcompile import build_tiny_gpt
@@ -25,25 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5  # fp32, relative
 
 
-def _import_triton() -> str | None:
-    """Import Triton and the kernels (interpreter mode without a GPU); why Triton tests skip, if they must."""
-    with pytest.MonkeyPatch.context() as mp:
-        if DEVICE == "cpu":
-            mp.setenv("TRITON_INTERPRET", "1")
-        try:
-            triton = importlib.import_module("triton")
-        except ImportError:
-            return "triton is not installed"
-        importlib.import_module("mixcompile_plugins.triton.ops")
-    if DEVICE == "cpu" and type(triton.language.cdiv).__name__ != "InterpretedFunction":
-        return (
-            "triton was imported before this module could set TRITON_INTERPRET=1; "
-            "run it on its own: python -m pytest tests/test_compile.py"
-        )
-    return None
-
-
-NO_TRITON = _import_triton()
+NO_TRITON = import_triton(DEVICE)
 needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
 KERNELS = ["torch", pytest.param("triton", marks=needs_triton)]
 
