@@ -9,8 +9,8 @@ experts module (``MixtralExperts``, ``Qwen3MoeExperts``) with the same inputs an
 
 Before timing, every implementation's output and gradients are compared with ``grouped_mm`` at each size.
 ``mixcompile (pre-split)`` runs the same kernel on contiguous copies of the gate / up halves made outside
-the timed region: the difference to ``mixcompile`` is the cost of the copy the Triton op makes of the
-strided views of the fused ``gate_up_proj`` (see the README).
+the timed region: the difference to ``mixcompile`` is what reading the fused ``gate_up_proj``'s halves in
+place (strided weight operands) costs against separate contiguous stacks (see the README).
 
     python benchmarks/bench_hf_experts.py --out hf_experts.json          # on a GPU
     python benchmarks/bench_hf_experts.py --smoke --out smoke.json       # tiny sizes, CPU, interpreter
@@ -168,7 +168,7 @@ class Runner:
 
 def register_presplit() -> None:
     """``mixcompile_presplit``: the mixcompile forward on contiguous copies of the gate / up views, made once
-    (outside any timing), to measure what the Triton op's copy of strided views costs."""
+    (outside any timing), to measure what reading the strided views in place costs."""
     from transformers.integrations.moe import ExpertsInterface
 
     from mixcompile.integrations import transformers_experts as te

@@ -168,19 +168,33 @@ def _up_live(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _MM_CONFIGS,
-    ["N", "K", "ROWS_HINT", "GATHER", "GATED", "HAS_BIAS", "SAVE_PRE", "ACT", "PRECISION", "E_POW2"],
+    [
+        "N",
+        "K",
+        "SW_N",
+        "SW_K",
+        "ROWS_HINT",
+        "GATHER",
+        "GATED",
+        "HAS_BIAS",
+        "SAVE_PRE",
+        "ACT",
+        "PRECISION",
+        "E_POW2",
+    ],
     _up_smem,
     _up_live,
 )
 @triton.jit
 def _up_kernel(
     a_ptr, rows_ptr, offsets_ptr, w_ptr, wg_ptr, b_ptr, bg_ptr, hidden_ptr, pre_ptr, pre_g_ptr,
-    E, N, K, ROWS_HINT,
+    E, N, K, SW_E, SW_N, SW_K, ROWS_HINT,
     GATHER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """hidden = act(A W^T + b), or act(A Wg^T + bg) * (A W^T + b); weights [E, N, K], A rows gathered."""
+    """hidden = act(A W^T + b), or act(A Wg^T + bg) * (A W^T + b); weights [E, N, K] (strides ``SW_*``,
+    shared by W and Wg), A rows gathered."""
     expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= E:
         return
@@ -189,7 +203,7 @@ def _up_kernel(
     src = _source_rows(rows_ptr, offs_m, m_mask, GATHER)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    w_base = expert.to(tl.int64) * N * K
+    w_base = expert.to(tl.int64) * SW_E
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -198,7 +212,7 @@ def _up_kernel(
         a = tl.load(
             a_ptr + src[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
         )
-        w_off = w_base + offs_n[None, :] * K + offs_k[:, None]
+        w_off = w_base + offs_n[None, :] * SW_N + offs_k[:, None] * SW_K
         w_mask = k_mask[:, None] & n_mask[None, :]
         acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
         if GATED:
@@ -228,19 +242,20 @@ def _one_tile(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _MM_CONFIGS,
-    ["N", "K", "ROWS_HINT", "TRANSPOSED", "SECOND", "HAS_BIAS", "PRECISION", "E_POW2"],
+    ["N", "K", "SW_N", "SW_K", "ROWS_HINT", "SECOND", "HAS_BIAS", "PRECISION", "E_POW2"],
     _mm_smem,
     _one_tile,
 )
 @triton.jit
 def _mm_kernel(
     a_ptr, a2_ptr, offsets_ptr, w_ptr, w2_ptr, b_ptr, c_ptr,
-    E, N, K, ROWS_HINT,
-    TRANSPOSED: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    E, N, K, SW_E, SW_N, SW_K, ROWS_HINT,
+    SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """C = A W[e] (+ A2 W2[e]) (+ b[e]) on sorted rows; W[e] is [K, N], or [N, K] used transposed."""
+    """C = A W[e] (+ A2 W2[e]) (+ b[e]) on sorted rows; W[e] is ``[K, N]`` as its strides ``SW_K, SW_N`` say
+    (W2 has W's strides)."""
     expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= E:
         return
@@ -249,17 +264,14 @@ def _mm_kernel(
     rows = offs_m.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    w_base = expert.to(tl.int64) * N * K
+    w_base = expert.to(tl.int64) * SW_E
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a_off = rows[:, None] * K + offs_k[None, :]
         a_mask = m_mask[:, None] & k_mask[None, :]
-        if TRANSPOSED:
-            w_off = w_base + offs_k[:, None] + offs_n[None, :] * K
-        else:
-            w_off = w_base + offs_k[:, None] * N + offs_n[None, :]
+        w_off = w_base + offs_k[:, None] * SW_K + offs_n[None, :] * SW_N
         w_mask = k_mask[:, None] & n_mask[None, :]
         a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
@@ -285,7 +297,20 @@ def _up_backward_live(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _MM_CONFIGS,
-    ["N", "K", "ROWS_HINT", "GATHER", "SCALE", "DSCALE", "GATED", "ACT", "PRECISION", "E_POW2"],
+    [
+        "N",
+        "K",
+        "SW_N",
+        "SW_K",
+        "ROWS_HINT",
+        "GATHER",
+        "SCALE",
+        "DSCALE",
+        "GATED",
+        "ACT",
+        "PRECISION",
+        "E_POW2",
+    ],
     _up_backward_smem,
     _up_backward_live,
     reset_to_zero=["dscale_ptr"],
@@ -294,16 +319,16 @@ def _up_backward_live(config: triton.Config, args: dict) -> int:
 def _up_backward_kernel(
     dy_ptr, rows_ptr, scale_ptr, offsets_ptr, w_ptr, pre_ptr, pre_g_ptr,
     hidden_ptr, d_pre_ptr, d_pre_g_ptr, dscale_ptr,
-    E, N, K, P, ROWS_HINT,
+    E, N, K, SW_E, SW_N, SW_K, P, ROWS_HINT,
     GATHER: tl.constexpr, SCALE: tl.constexpr, DSCALE: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Back through the down projection and the activation, from the saved pre-activations.
 
-    ``G = dY[rows] W_out[e]`` (W_out [E, K, N]); the epilogue recomputes ``hidden`` (stored for the weight
-    gradient), writes this column tile's share of ``<G, hidden>`` (the routing-weight gradient) to
-    ``dscale[pid_n]``, and stores the pre-activation gradients of ``scale * G``.
+    ``G = dY[rows] W_out[e]`` (W_out [E, K, N], strides ``SW_*``); the epilogue recomputes ``hidden``
+    (stored for the weight gradient), writes this column tile's share of ``<G, hidden>`` (the routing-weight
+    gradient) to ``dscale[pid_n]``, and stores the pre-activation gradients of ``scale * G``.
     """
     expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= E:
@@ -313,7 +338,7 @@ def _up_backward_kernel(
     src = _source_rows(rows_ptr, offs_m, m_mask, GATHER)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    w_base = expert.to(tl.int64) * N * K
+    w_base = expert.to(tl.int64) * SW_E
     g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -322,7 +347,7 @@ def _up_backward_kernel(
             dy_ptr + src[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
         )
         w = tl.load(
-            w_ptr + w_base + offs_k[:, None] * N + offs_n[None, :],
+            w_ptr + w_base + offs_k[:, None] * SW_K + offs_n[None, :] * SW_N,
             mask=k_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
@@ -409,6 +434,12 @@ def _wgrad_kernel(
             tl.store(db_ptr + expert * M + offs_m, col.to(db_ptr.dtype.element_ty), mask=m_mask)
 
 
+def _check_shared_strides(w: torch.Tensor, second: torch.Tensor | None) -> None:
+    """Two weights read with one set of strides (the halves of a fused gate-up tensor, or two stacks)."""
+    if second is not None and second.stride() != w.stride():
+        raise ValueError(f"paired expert weights need equal strides, got {w.stride()} and {second.stride()}")
+
+
 def _or(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     """A pointer argument for an operand the kernel's flags compile away."""
     return fallback if t is None else t
@@ -421,6 +452,7 @@ def up(
     (and gates); pre-activations only if saved."""
     w, w_gate, b, b_gate = experts.w_in, experts.w_gate, experts.b_in, experts.b_gate
     e, n, k = w.shape
+    _check_shared_strides(w, w_gate)
     p = groups.num_rows
     hidden = a.new_empty(p, n)
     pre = a.new_empty(p, n) if save_pre else None
@@ -428,7 +460,7 @@ def up(
     _up_kernel[groups.grid(n)](
         a, _or(groups.rows, groups.offsets), groups.offsets, w, _or(w_gate, w), _or(b, w), _or(b_gate, w),
         hidden, _or(pre, hidden), _or(pre_g, hidden),
-        e, n, k, groups.rows_hint,
+        e, n, k, *w.stride(), groups.rows_hint,
         GATHER=groups.rows is not None, GATED=w_gate is not None, HAS_BIAS=b is not None, SAVE_PRE=save_pre,
         ACT=CODES[activation], PRECISION=dot_precision(a.dtype), E_POW2=triton.next_power_of_2(e),
     )  # fmt: skip
@@ -446,16 +478,19 @@ def matmul(
 ) -> torch.Tensor:
     """``a[s] @ W[e]`` (+ ``a2[s] @ W2[e]``) (+ ``b[e]``) on sorted rows.
 
-    ``W`` is ``[E, N, K]`` used as its transpose (``transposed``, like ``nn.Linear``) or ``[E, K, N]``.
+    ``W`` is ``[E, N, K]`` used as its transpose (``transposed``, like ``nn.Linear``) or ``[E, K, N]``; any
+    strides (``W2`` the same as ``W``).
     """
     e = w.shape[0]
     n, k = (w.shape[1], w.shape[2]) if transposed else (w.shape[2], w.shape[1])
+    sw_n, sw_k = (w.stride(1), w.stride(2)) if transposed else (w.stride(2), w.stride(1))
     c = a.new_empty(groups.num_rows, n)
     a2, w2 = second if second is not None else (a, w)
+    _check_shared_strides(w, w2)
     _mm_kernel[groups.grid(n)](
         a, a2, groups.offsets, w, w2, _or(b, w), c,
-        e, n, k, groups.rows_hint,
-        TRANSPOSED=transposed, SECOND=second is not None, HAS_BIAS=b is not None,
+        e, n, k, w.stride(0), sw_n, sw_k, groups.rows_hint,
+        SECOND=second is not None, HAS_BIAS=b is not None,
         PRECISION=dot_precision(a.dtype),
         E_POW2=triton.next_power_of_2(e),
     )  # fmt: skip
@@ -471,7 +506,8 @@ def up_backward(
     activation: str,
     scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(hidden, d_pre, d_pre_gate, dscale)`` from rows ``dy[groups.rows]`` through ``w_out [E, d, h]``.
+    """``(hidden, d_pre, d_pre_gate, dscale)`` from rows ``dy[groups.rows]`` through ``w_out [E, d, h]`` (any
+    strides).
 
     ``dscale[s] = <dy[row s] W_out[e], hidden[s]>`` in fp32 (only with a ``scale``): the gradient of a
     per-row output weight, less its bias term.
@@ -488,7 +524,7 @@ def up_backward(
     _up_backward_kernel[groups.grid(n)](
         dy, _or(groups.rows, groups.offsets), _or(scale, pre), groups.offsets, w_out, pre, _or(pre_gate, pre),
         hidden, d_pre, _or(d_pre_g, d_pre), partial,
-        e, n, k, p, groups.rows_hint,
+        e, n, k, w_out.stride(0), w_out.stride(2), w_out.stride(1), p, groups.rows_hint,
         GATHER=groups.rows is not None, SCALE=scale is not None, DSCALE=scale is not None,
         GATED=pre_gate is not None, ACT=CODES[activation], PRECISION=dot_precision(dy.dtype),
         E_POW2=triton.next_power_of_2(e),

@@ -40,8 +40,25 @@ def _packed(
     b_gate: Tensor | None,
     b_out: Tensor | None,
 ) -> ExpertTensors:
-    """The op's expert tensors as the one value the kernels take, contiguous."""
-    return ExpertTensors(w_in, w_gate, w_out, b_in, b_gate, b_out).map(Tensor.contiguous)
+    """The op's expert tensors as the one value the kernels take.
+
+    The kernels read weights through their strides, so a weight with one contiguous inner dimension is
+    used in place: the gate and up halves of a transformers ``gate_up_proj``, or a transposed stack, are
+    not copied on every call. Others are copied; so is a gate and up pair whose strides differ (the kernels
+    read the two with one set), and the biases (small, indexed as contiguous rows).
+    """
+    w_in, w_out = _strided(w_in), _strided(w_out)
+    if w_gate is not None:
+        w_gate = _strided(w_gate)
+        if w_gate.stride() != w_in.stride():
+            w_in, w_gate = w_in.contiguous(), w_gate.contiguous()
+    b_in, b_gate, b_out = (None if b is None else b.contiguous() for b in (b_in, b_gate, b_out))
+    return ExpertTensors(w_in, w_gate, w_out, b_in, b_gate, b_out)
+
+
+def _strided(w: Tensor) -> Tensor:
+    """``w [E, rows, cols]`` as it is if a row or a column is contiguous, else a contiguous copy."""
+    return w if 1 in (w.stride(1), w.stride(2)) else w.contiguous()
 
 
 def _returned(grads: ExpertTensors, like: Tensor) -> tuple[Tensor, ...]:
@@ -123,12 +140,13 @@ def moe_backward_op(
 def _zero_moe_grads(
     x, weight, w_in, w_gate, w_out, b_out
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of an empty batch: zeros shaped like the inputs (empties where absent)."""
+    """The gradients of an empty batch: zeros shaped like the inputs (empties where absent), contiguous
+    like those of a non-empty one."""
     e, h = w_in.shape[:2]
     bias = b_out is not None
     return (
-        torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(w_in),
-        torch.zeros_like(w_in) if w_gate is not None else x.new_empty(0), torch.zeros_like(w_out),
+        torch.zeros_like(x), torch.zeros_like(weight), w_in.new_zeros(w_in.shape),
+        w_in.new_zeros(w_in.shape) if w_gate is not None else x.new_empty(0), w_out.new_zeros(w_out.shape),
         w_in.new_zeros(e, h) if bias else x.new_empty(0),
         w_in.new_zeros(e, h) if bias and w_gate is not None else x.new_empty(0),
         torch.zeros_like(b_out) if bias else x.new_empty(0),
@@ -140,8 +158,8 @@ def _(dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activat
     e, h = w_in.shape[:2]
     bias = b_out is not None
     return (
-        torch.empty_like(x), torch.empty_like(weight), torch.empty_like(w_in),
-        torch.empty_like(w_in) if w_gate is not None else x.new_empty(0), torch.empty_like(w_out),
+        torch.empty_like(x), torch.empty_like(weight), w_in.new_empty(w_in.shape),
+        w_in.new_empty(w_in.shape) if w_gate is not None else x.new_empty(0), w_out.new_empty(w_out.shape),
         w_in.new_empty(e, h) if bias else x.new_empty(0),
         w_in.new_empty(e, h) if bias and w_gate is not None else x.new_empty(0),
         torch.empty_like(b_out) if bias else x.new_empty(0),
@@ -260,8 +278,8 @@ def _(dy, x_g, merge, emit, w_in, w_gate, w_out, pre, pre_gate, out, activation,
     e, h, d = w_in.shape
     return (
         torch.empty_like(x_g), torch.empty_like(merge, memory_format=torch.contiguous_format),
-        torch.empty_like(emit, memory_format=torch.contiguous_format), torch.empty_like(w_in),
-        torch.empty_like(w_in) if w_gate is not None else x_g.new_empty(0), torch.empty_like(w_out),
+        torch.empty_like(emit, memory_format=torch.contiguous_format), w_in.new_empty(w_in.shape),
+        w_in.new_empty(w_in.shape) if w_gate is not None else x_g.new_empty(0), w_out.new_empty(w_out.shape),
         w_in.new_empty(e, h) if has_bias else x_g.new_empty(0),
         w_in.new_empty(e, h) if has_bias and w_gate is not None else x_g.new_empty(0),
         w_in.new_empty(e, d) if has_bias else x_g.new_empty(0),

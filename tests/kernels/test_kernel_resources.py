@@ -214,6 +214,11 @@ def _scenarios(variants: bool, sweep: bool, dtypes: list[str]) -> list[tuple[str
                 "fn": block, "gated": gated, "bias": bias, "act": act, "train": train,
                 "experts": 256 if block == "moe" else 64,
             }))  # fmt: skip
+        # transformers' transposed experts (is_transposed): weights read in place with unit column strides
+        out.append((f"moe train gated {HEAVY_ACT} bias, transposed weights", dtype, {
+            "fn": "moe", "gated": True, "bias": True, "act": HEAVY_ACT, "train": True, "experts": 256,
+            "transposed": True,
+        }))  # fmt: skip
         tiles = [(g, e) for g in (1, 4, 16, 32) for e in (8, 32, 64, 256)] if sweep else [(32, 256), (16, 16)]
         for group, experts in tiles:
             call = {"fn": "mot", "gated": False, "bias": False, "act": "gelu", "train": True,
@@ -243,6 +248,13 @@ def _run_scenario(call: dict, dtype) -> None:
     experts = StackedExperts(
         e, d, h, activation=call["act"], gated=call["gated"], bias=call["bias"], dtype=dtype
     )
+    if call.get("transposed"):  # halves of a fused [E, d, 2h] gate-up and an [E, h, d] down, as transformers'
+        from mixcompile.integrations.transformers_experts import ExpertsView
+
+        gate_up = torch.randn(e, d, 2 * h, dtype=dtype).mT
+        down = torch.randn(e, h, d, dtype=dtype).mT
+        t = experts.tensors
+        experts = ExpertsView(gate_up[:, h:], gate_up[:, :h], down, t.b_in, t.b_gate, t.b_out, call["act"])
     if call["fn"] == "moe":
         tokens, top_k = 128, 8
         x = torch.randn(tokens, d, dtype=dtype, requires_grad=train)

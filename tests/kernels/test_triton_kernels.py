@@ -594,3 +594,65 @@ def test_routing_is_sorted_once_per_training_step(monkeypatch):
     assert forward[1] == ["_up_kernel", "_mm_kernel", "_combine_kernel"]
     kernels = ["_up_backward_kernel", "_wgrad_kernel", "_wgrad_kernel", "_wgrad_kernel", "_mm_kernel"]
     assert sorted(backward[1]) == sorted([*kernels, "_combine_kernel"])
+
+
+# How transformers stores a gated experts module's weights (``gate_up_proj``, ``down_proj``): the leaf
+# tensor's shape, the view that makes it ``[E, 2h, d]`` / ``[E, d, h]``, how the gate and up halves are
+# taken, and whether the kernels read the halves in place (a contiguous row or column) or need a copy.
+GATE_UP_LAYOUTS = {
+    "concatenated": (False, lambda t, h: (t[:, :h], t[:, h:]), True),
+    "interleaved": (False, lambda t, h: (t[:, 0::2], t[:, 1::2]), True),
+    "transposed": (True, lambda t, h: (t[:, :h], t[:, h:]), True),
+    "transposed_interleaved": (True, lambda t, h: (t[:, 0::2], t[:, 1::2]), False),
+}
+
+
+@pytest.mark.parametrize("layout", GATE_UP_LAYOUTS)
+def test_strided_expert_weights_are_read_in_place(monkeypatch, layout):
+    """Weights given as views (the halves of a fused gate-up tensor, transposed stacks) give the same output
+    and gradients as the torch kernel, and the kernels read them where they are, with no per-call copy."""
+    from mixcompile.integrations.transformers_experts import ExpertsView
+    from mixcompile_plugins.triton import ops
+
+    e, d, h, n = 4, 24, 40, 13
+    transposed, split, in_place = GATE_UP_LAYOUTS[layout]
+    g = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn((e, d, 2 * h) if transposed else (e, 2 * h, d), generator=g) / 5).to(DEVICE)
+    down = (torch.randn((e, h, d) if transposed else (e, d, h), generator=g) / 6).to(DEVICE)
+    x = torch.randn(n, d, generator=g).to(DEVICE)
+    plan = topk_plan(n, e, 2)
+    packed = []
+    monkeypatch.setattr(ops, "_packed", lambda *t, f=ops._packed: packed.append(f(*t)) or packed[-1])
+
+    def run(kernel):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up, down, plan.weight)]
+        x_, gate_up_, down_, weight = leaves
+        w_up, w_out = (gate_up_.mT, down_.mT) if transposed else (gate_up_, down_)
+        w_gate, w_in = split(w_up, h)
+        experts = ExpertsView(w_in, w_gate, w_out, None, None, None, "silu")
+        routed = RoutingPlan(plan.token_index, plan.expert_index, weight, n, e)
+        y = kernel.moe(x_, routed, experts)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y))
+        return y, [t.grad for t in leaves], (w_in, w_gate, w_out)
+
+    y_ref, grads_ref, _ = run(torch_kernel())
+    y, grads, views = run(triton_kernel())
+    assert_close(y, y_ref, what="output")
+    for name, got, want in zip(["x", "gate_up", "down", "weight"], grads, grads_ref, strict=True):
+        assert_close(got, want, what=f"grad {name}")
+    forward = packed[0]  # the forward op's; the backward op packs again
+    assert forward.w_out.data_ptr() == views[2].data_ptr()  # down_proj, plain or transposed: in place
+    read_in_place = [
+        forward.w_in.data_ptr() == views[0].data_ptr(),
+        forward.w_gate.data_ptr() == views[1].data_ptr(),
+    ]
+    assert read_in_place == [in_place, in_place]
+
+
+def test_paired_weights_with_different_strides_are_refused():
+    from mixcompile_plugins.triton.grouped import _check_shared_strides
+
+    w = torch.zeros(2, 3, 4)
+    _check_shared_strides(w, w.clone())
+    with pytest.raises(ValueError, match="equal strides"):
+        _check_shared_strides(w, torch.zeros(2, 4, 3).mT)
