@@ -181,9 +181,9 @@ class MoEProblem:
 
         logits = self.gate(self.x).float()
         if fused:
-            from mixcompile_plugins.triton.ops import topk_route_op
+            from mixcompile_plugins.triton.ops import fused_topk_route
 
-            _, chosen, weight = topk_route_op(logits, None, self.top_k, True)
+            _, chosen, weight = fused_topk_route(logits, None, self.top_k, True)
         else:
             probs = torch.softmax(logits, dim=-1)
             weight, chosen = torch.topk(probs, self.top_k, dim=-1)

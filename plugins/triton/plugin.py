@@ -47,9 +47,9 @@ class TritonKernel:
         ``MAX_ROUTED_EXPERTS`` experts; the plain-PyTorch step otherwise."""
         if logits.dtype != torch.float32 or logits.shape[-1] > MAX_ROUTED_EXPERTS:
             return topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
-        from mixcompile_plugins.triton.ops import topk_route_op
+        from mixcompile_plugins.triton.ops import fused_topk_route
 
-        return topk_route_op(logits, bias, top_k, renormalize)
+        return fused_topk_route(logits, bias, top_k, renormalize)
 
     def mot(self, x_g: torch.Tensor, plan: MixPlan, experts: StackedExperts) -> torch.Tensor:
         from mixcompile_plugins.triton import ops

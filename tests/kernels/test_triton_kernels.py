@@ -394,8 +394,8 @@ def test_routers_take_the_fused_step_where_it_applies(monkeypatch, router, optio
     reaches it (though Triton could run here), and both route the same way."""
     from mixcompile_plugins.triton import ops
 
-    real, calls = ops.topk_route_op, []
-    monkeypatch.setattr(ops, "topk_route_op", lambda *args: calls.append(args) or real(*args))
+    real, calls = ops.fused_topk_route, []
+    monkeypatch.setattr(ops, "fused_topk_route", lambda *args: calls.append(args) or real(*args))
     torch.manual_seed(0)
     block = mc.MoEBlock(24, 40, 4, router=router, kernel="triton", device=DEVICE, **options)
     x = torch.randn(9, 24, device=DEVICE)
@@ -656,3 +656,30 @@ def test_paired_weights_with_different_strides_are_refused():
     _check_shared_strides(w, w.clone())
     with pytest.raises(ValueError, match="equal strides"):
         _check_shared_strides(w, torch.zeros(2, 4, 3).mT)
+
+
+def test_eager_calls_skip_the_custom_ops_dispatch(monkeypatch):
+    """Eager forwards and backwards run the kernels without the custom ops' dispatch (host time at decode
+    sizes), and compute what the ops compute; torch.compile goes through the ops (tested above)."""
+    from mixcompile_plugins.triton import ops
+
+    names = ("moe_forward_op", "moe_backward_op", "mot_forward_op", "mot_backward_op", "topk_route_op")
+    ops_outputs = {}
+    x, plan, experts, tensors = moe_op_args(n=13)
+    args = (x, plan.token_index, plan.expert_index, plan.weight, *tensors, "gelu", True)
+    ops_outputs["moe"] = ops.moe_forward_op(*args)[0]
+    used = []
+    for name in names:
+        monkeypatch.setattr(ops, name, lambda *a, name=name: used.append(name))
+    y = ops.moe(x, plan, experts)
+    y.backward(torch.ones_like(y))
+    x_g = torch.randn(3, 2, 4, 24, device=DEVICE, requires_grad=True)
+    merge = torch.softmax(torch.randn(3, 2, 4, 4, device=DEVICE), dim=2).requires_grad_()
+    y_g = ops.mot(x_g, MixPlan(merge, merge), experts)
+    y_g.sum().backward()
+    ops.fused_topk_route(torch.randn(5, 4, device=DEVICE, requires_grad=True), None, 2, True)[
+        2
+    ].sum().backward()
+    assert used == []
+    assert_close(y, ops_outputs["moe"], what="eager against the op")
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x_g.grad is not None
