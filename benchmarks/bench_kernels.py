@@ -4,7 +4,9 @@ On a GPU: first checks the Triton kernel against the torch reference at every be
 with and without grad, and every gradient, with outputs poisoned with NaN so an unwritten element fails),
 then prints one table (bf16, 16,384 tokens, d=1024) of time, TFLOP/s, the ratio to the Triton kernel and peak
 memory, all measured in this run: a dense FFN (h=4096), the MoE and MoT workloads, decode-sized MoE forwards
-(1 to 512 tokens), and one MoE workload in fp32 at torch's default "highest" matmul precision. MoE rows
+(1 to 512 tokens; eager, where the host's time dominates, and replayed from a CUDA graph, pass "graph", for
+the Triton kernel and ``torch._grouped_mm``), and one MoE workload in fp32 at torch's default "highest"
+matmul precision. MoE rows
 include routing (gate, softmax, top-k: the fused routing step for the Triton kernel, as the block runs it);
 MoT rows include the controller. ``--json`` writes every figure and check to a file. Exits 1 if a check
 fails. ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter, to check that the script works;
@@ -143,6 +145,19 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     return ms, peak
 
 
+def replayed(fn: Callable[[], object]) -> float | None:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``): the
+    GPU's time without the host's, which is what decode steps cost when captured (``torch.compile``'s
+    ``mode="reduce-overhead"`` or a hand-made graph). None, with the reason, where capture fails."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a row saying why
+        print(f"  not captured: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        return None
+
+
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
     """``measure``, or no figure where an implementation cannot run here (``_grouped_mm`` before Hopper)."""
     try:
@@ -206,10 +221,13 @@ class MoEProblem:
 
 
 def grouped_mm_moe(x: torch.Tensor, plan, experts) -> torch.Tensor:
-    """torchtitan-style MoE on ``torch._grouped_mm`` (plain experts): sort, gather, two grouped GEMMs."""
+    """torchtitan-style MoE on ``torch._grouped_mm`` (plain experts): sort, gather, two grouped GEMMs; no
+    host sync (``torch.bincount`` would read its size back), so it can be captured in a CUDA graph."""
+    from mixcompile.runtime.routing import fixed_bincount
+
     order = torch.argsort(plan.expert_index, stable=True)
     tokens = plan.token_index[order]
-    counts = torch.bincount(plan.expert_index, minlength=experts.num_experts)
+    counts = fixed_bincount(plan.expert_index, experts.num_experts)
     offs = torch.cumsum(counts, 0).to(torch.int32)
     hidden = torch._grouped_mm(x[tokens], experts.w_in.transpose(-2, -1), offs=offs)
     out = torch._grouped_mm(F.gelu(hidden), experts.w_out.transpose(-2, -1), offs=offs)
@@ -283,6 +301,10 @@ def decode_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) 
             for impl_name, impl in impls.items():
                 ms, peak = timed(partial(problem.run, impl, False, impl_name == "triton"), device)
                 rows.append(Row(name, "fwd", impl_name, ms, flops, peak))
+            for impl_name in ("triton", "torch._grouped_mm"):  # the decode target's pair, captured
+                if device.type == "cuda" and impl_name in impls:
+                    step = partial(problem.run, impls[impl_name], False, impl_name == "triton")
+                    rows.append(Row(name, "graph", impl_name, replayed(step), flops, None))
     return rows
 
 

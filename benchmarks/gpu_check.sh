@@ -6,11 +6,14 @@
 #   2. benchmarks/bench_kernels.py: its correctness pre-check at every benchmarked size, then the table (bf16,
 #      16,384 tokens, d=1024: dense FFN h=4096, MoE E8 k2 h4096 and E64 k8 h512 with torch._grouped_mm,
 #      MoT G16 / G32 E32 h512 against the einsum reference, decode rows at 1/8/64/512 tokens, an fp32 row).
+#   3. benchmarks/bench_hf_experts.py (when transformers is installed): Mixtral-8x7B and Qwen3-30B-A3B experts
+#      modules through experts_implementation="mixcompile" against transformers' grouped_mm and batched_mm,
+#      checked against grouped_mm first (about 140 s on an H100), in the time left of the 8 minutes.
 # Exits non-zero if a test or a correctness check fails, or a stage runs out of its time.
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU; OUT defaults to ./gpu_out
 #   SMOKE=1 bash benchmarks/gpu_check.sh          # or --smoke: tiny sizes on the CPU, Triton's interpreter
-# (about 2 minutes on an idle machine; its stages get 15 minutes each, for busy CI machines)
+# (about 2.5 minutes on an idle machine; its stages get 15 minutes each, for busy CI machines)
 # tests/kernels/test_triton_kernels.py (every activation, ragged plans, autocast) runs on a GPU as it is, separately.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,11 +47,23 @@ if [[ $SMOKE == 1 ]]; then
     stage tests_gpu 900 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_gpu.py \
         --junitxml="$OUT/tests_gpu.xml" || status=1
     stage bench 900 "$PYTHON" benchmarks/bench_kernels.py --smoke --json "$OUT/bench.json" || status=1
+    HF_LIMIT=900 HF_ARGS=--smoke
 else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     stage tests_gpu 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_gpu.py \
         --junitxml="$OUT/tests_gpu.xml" || status=1
     stage bench 260 "$PYTHON" benchmarks/bench_kernels.py --json "$OUT/bench.json" || status=1
+    HF_LIMIT=$(( 470 - SECONDS )) HF_ARGS=  # what is left of 8 minutes (SECONDS: bash's own clock)
+fi
+if (( HF_LIMIT < 60 )); then
+    echo "== hf_experts: skipped (less than a minute left of the 8)"
+    status=1
+elif "$PYTHON" -c "import transformers" 2>/dev/null; then
+    # shellcheck disable=SC2086  # HF_ARGS is empty or one flag
+    stage hf_experts "$HF_LIMIT" "$PYTHON" benchmarks/bench_hf_experts.py $HF_ARGS --out "$OUT/hf_experts.json" \
+        || status=1
+else
+    echo "== hf_experts: skipped (transformers is not installed)"
 fi
 
 "$PYTHON" - "$OUT" "$SMOKE" "$status" <<'EOF'
@@ -59,7 +74,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out, smoke, status = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
-doc = {"smoke": smoke, "ok": status == 0, "stages": {}, "tests": {}, "bench": None}
+doc = {"smoke": smoke, "ok": status == 0, "stages": {}, "tests": {}, "bench": None, "hf_experts": None}
 for line in (out / "stages.tsv").read_text().splitlines():
     name, rc, seconds = line.split("\t")
     doc["stages"][name] = {"rc": int(rc), "seconds": int(seconds), "timed_out": int(rc) in (124, 137)}
@@ -73,8 +88,9 @@ for xml in sorted(out.glob("tests_*.xml")):
     ]
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     doc["tests"][xml.stem] = {**counts, "seconds": float(suite.get("time", 0)), "failed": failed}
-if (out / "bench.json").exists():
-    doc["bench"] = json.loads((out / "bench.json").read_text())
+for name in ("bench", "hf_experts"):
+    if (out / f"{name}.json").exists():
+        doc[name] = json.loads((out / f"{name}.json").read_text())
 (out / "gpu_check.json").write_text(json.dumps(doc, indent=1))
 print(f"gpu_check: {'ok' if doc['ok'] else 'FAILED'}; figures in {out / 'gpu_check.json'}")
 EOF

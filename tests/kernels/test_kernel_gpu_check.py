@@ -4,6 +4,7 @@ benchmark figure and check."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +27,12 @@ def test_gpu_check_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert doc["smoke"] and doc["ok"]
-    assert {n: s["rc"] for n, s in doc["stages"].items()} == {"tests_gpu": 0, "bench": 0}
+    stages = {"tests_gpu": 0, "bench": 0}
+    if importlib.util.find_spec("transformers") is not None:
+        stages["hf_experts"] = 0
+        hf = doc["hf_experts"]
+        assert hf["complete"] and hf["smoke"] and {r["implementation"] for r in hf["rows"]} >= {"mixcompile"}
+    assert {n: s["rc"] for n, s in doc["stages"].items()} == stages
     tests = doc["tests"]["tests_gpu"]
     assert tests["tests"] >= 8 and tests["failures"] == tests["errors"] == 0 and not tests["failed"]
     bench = doc["bench"]
