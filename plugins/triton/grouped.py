@@ -1,8 +1,9 @@
 """Grouped GEMMs over rows sorted by expert: the building blocks of the MoE and MoT kernels.
 
 Expert ``e`` owns the sorted rows ``offsets[e]:offsets[e+1]``; ``rows[s]`` names the source row of sorted row
-``s`` in the left operand, so the gather happens in the load and no permuted copy of the activations is
-written. Each program finds its expert from ``offsets`` itself (a prefix sum over E), so the row block size
+``s`` in the left operand, so the gather happens in the load and the forward writes no permuted copy of the
+activations (the weight gradients, whose loops run over rows, take sorted copies: see ``_wgrad_kernel``).
+Each program finds its expert from ``offsets`` itself (a prefix sum over E), so the row block size
 stays autotunable and the grid needs no host sync: it has room for ``cdiv(P, BLOCK_M) + E`` row blocks and
 the unused programs return at once.
 """
@@ -382,21 +383,23 @@ def _wgrad_smem(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _WGRAD_CONFIGS,
-    ["M", "N", "ROWS_HINT", "GATHER_A", "GATHER_B", "SCALE", "HAS_BIAS", "PRECISION"],
+    ["M", "N", "ROWS_HINT", "HAS_BIAS", "PRECISION"],
     _wgrad_smem,
     _one_tile,
 )
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, b_ptr, rows_ptr, scale_ptr, offsets_ptr, dw_ptr, db_ptr,
+    a_ptr, b_ptr, offsets_ptr, dw_ptr, db_ptr,
     M, N, ROWS_HINT,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dW[e] = sum over e's sorted rows s of (scale[s] A[s])^T B[s] ([E, M, N]); db[e] = sum of scale[s] A[s].
+    """dW[e] = sum over e's sorted rows s of A[s]^T B[s] ([E, M, N]); db[e] = sum of A[s].
 
     One program owns one output tile of one expert and walks that expert's rows in order: no atomics, and
-    an expert without rows writes zeros.
+    an expert without rows writes zeros. Both operands are in sorted order: a row gathered inside this loop
+    (an index loaded per step) keeps Triton from pipelining it (seen in the sm_90 compiles: one buffer
+    instead of ``num_stages``), so callers gather once beforehand.
     """
     expert = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -413,16 +416,12 @@ def _wgrad_kernel(
     for s0 in range(start, end, BLOCK_K):
         offs_s = s0 + tl.arange(0, BLOCK_K)
         s_mask = offs_s < end
-        ra = _source_rows(rows_ptr, offs_s, s_mask, GATHER_A)
-        rb = _source_rows(rows_ptr, offs_s, s_mask, GATHER_B)
+        rows = offs_s.to(tl.int64)
         a = tl.load(
-            a_ptr + ra[None, :] * M + offs_m[:, None], mask=s_mask[None, :] & m_mask[:, None], other=0.0
+            a_ptr + rows[None, :] * M + offs_m[:, None], mask=s_mask[None, :] & m_mask[:, None], other=0.0
         )
-        if SCALE:
-            w = tl.load(scale_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
         b = tl.load(
-            b_ptr + rb[:, None] * N + offs_n[None, :], mask=s_mask[:, None] & n_mask[None, :], other=0.0
+            b_ptr + rows[:, None] * N + offs_n[None, :], mask=s_mask[:, None] & n_mask[None, :], other=0.0
         )
         acc = mma(a, b, acc, PRECISION)
         if HAS_BIAS:
@@ -533,20 +532,9 @@ def up_backward(
 
 
 def weight_grad(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    groups: Groups,
-    *,
-    gather_a: bool,
-    gather_b: bool,
-    scale: torch.Tensor | None,
-    bias: bool,
-    dtype: torch.dtype,
+    a: torch.Tensor, b: torch.Tensor, groups: Groups, *, bias: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dW [E, M, N]`` (and ``db [E, M]``) summing ``(scale * a)^T b`` over each expert's rows.
-
-    ``gather_a`` / ``gather_b`` read that operand's rows through ``groups.rows``; others are in sorted order.
-    """
+    """``dW [E, M, N]`` (and ``db [E, M]``) summing ``a^T b`` over each expert's rows (both sorted)."""
     e = groups.num_experts
     i, j = a.shape[1], b.shape[1]
     dw = torch.empty(e, i, j, device=a.device, dtype=dtype)
@@ -556,9 +544,7 @@ def weight_grad(
         return triton.cdiv(i, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]), e
 
     _wgrad_kernel[grid](
-        a, b, _or(groups.rows, groups.offsets), _or(scale, a), groups.offsets, dw, _or(db, dw),
-        i, j, groups.rows_hint,
-        GATHER_A=gather_a, GATHER_B=gather_b, SCALE=scale is not None, HAS_BIAS=bias,
-        PRECISION=dot_precision(a.dtype),
+        a, b, groups.offsets, dw, _or(db, dw), i, j, groups.rows_hint,
+        HAS_BIAS=bias, PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return dw, db

@@ -10,7 +10,6 @@ the input gradient is a grouped GEMM plus the same combine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
@@ -156,25 +155,21 @@ def moe_backward(
         dweight_sorted = dweight_sorted + (dy.float() @ b_out.float().t())[groups.rows.long(), routing.expert]
     dweight = torch.empty_like(dweight_sorted)
     dweight[routing.order] = dweight_sorted
-    wdt = w_in.dtype
-    has_bias = b_out is not None
-    dw_out, db_out = weight_grad(
-        dy, hidden, groups, gather_a=True, gather_b=False, scale=routing.weight, bias=has_bias, dtype=wdt
-    )
-    by_input: dict[str, Any] = {
-        "gather_a": False,
-        "gather_b": True,
-        "scale": None,
-        "bias": has_bias,
-        "dtype": wdt,
-    }
-    dw_in, db_in = weight_grad(d_pre, x, groups, **by_input)
+    wdt, has_bias = w_in.dtype, b_out is not None
+    # The weight gradients read rows in sorted order (so their loops pipeline): one gathered copy at a time.
+    dy_sorted = torch.index_select(dy, 0, groups.rows)
+    torch.mul(dy_sorted, routing.weight[:, None], out=dy_sorted)  # in fp32, rounded once
+    dw_out, db_out = weight_grad(dy_sorted, hidden, groups, bias=has_bias, dtype=wdt)
+    del dy_sorted
+    x_sorted = torch.index_select(x, 0, groups.rows)
+    dw_in, db_in = weight_grad(d_pre, x_sorted, groups, bias=has_bias, dtype=wdt)
     dw_gate = db_gate = None
     second = None
     if pre_gate is not None:
         assert d_pre_gate is not None and w_gate is not None  # a gated block's
-        dw_gate, db_gate = weight_grad(d_pre_gate, x, groups, **by_input)
+        dw_gate, db_gate = weight_grad(d_pre_gate, x_sorted, groups, bias=has_bias, dtype=wdt)
         second = (d_pre_gate, w_gate)
+    del x_sorted
     dx_pairs = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
     dx = combine(dx_pairs, routing, x.shape[0], weighted=False)
     grads = ExpertTensors(dw_in, dw_gate, dw_out, db_in, db_gate, db_out)

@@ -236,13 +236,7 @@ def mot_backward(
     d_out, d_emit = mix(dy, emit, other=out)
     assert d_emit is not None  # given other=
     hidden, d_pre, d_pre_gate, _ = up_backward(d_out, groups, w_out, pre, pre_gate, activation, None)
-    sorted_rows: dict[str, Any] = {
-        "gather_a": False,
-        "gather_b": False,
-        "scale": None,
-        "bias": has_bias,
-        "dtype": wdt,
-    }
+    sorted_rows: dict[str, Any] = {"bias": has_bias, "dtype": wdt}
     dw_out, db_out = weight_grad(d_out, hidden, groups, **sorted_rows)
     mixed, _ = mix(x_g, merge)
     dw_in, db_in = weight_grad(d_pre, mixed, groups, **sorted_rows)
