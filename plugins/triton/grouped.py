@@ -50,6 +50,9 @@ _SHAPES = [
 _MM_CONFIGS = _configs({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, _SHAPES)
 _WGRAD_CONFIGS = _configs({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, _SHAPES)
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _MM_CONFIGS)
+# What every grouped GEMM's tuning depends on, besides its own flags: the sizes, the weight's strides (which
+# dimension is contiguous), the rows per expert, the dot's precision and the experts' power of two.
+_GROUPED_KEYS = ["N", "K", "SW_N", "SW_K", "ROWS_HINT", "PRECISION", "E_POW2"]
 
 
 def _staged(config: triton.Config, a_tiles: int, b_tiles: int, args: dict, operand: str) -> int:
@@ -169,20 +172,7 @@ def _up_live(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _MM_CONFIGS,
-    [
-        "N",
-        "K",
-        "SW_N",
-        "SW_K",
-        "ROWS_HINT",
-        "GATHER",
-        "GATED",
-        "HAS_BIAS",
-        "SAVE_PRE",
-        "ACT",
-        "PRECISION",
-        "E_POW2",
-    ],
+    [*_GROUPED_KEYS, "GATHER", "GATED", "HAS_BIAS", "SAVE_PRE", "ACT"],
     _up_smem,
     _up_live,
 )
@@ -243,7 +233,7 @@ def _one_tile(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _MM_CONFIGS,
-    ["N", "K", "SW_N", "SW_K", "ROWS_HINT", "SECOND", "HAS_BIAS", "PRECISION", "E_POW2"],
+    [*_GROUPED_KEYS, "SECOND", "HAS_BIAS"],
     _mm_smem,
     _one_tile,
 )
@@ -298,20 +288,7 @@ def _up_backward_live(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _MM_CONFIGS,
-    [
-        "N",
-        "K",
-        "SW_N",
-        "SW_K",
-        "ROWS_HINT",
-        "GATHER",
-        "SCALE",
-        "DSCALE",
-        "GATED",
-        "ACT",
-        "PRECISION",
-        "E_POW2",
-    ],
+    [*_GROUPED_KEYS, "GATHER", "SCALE", "DSCALE", "GATED", "ACT"],
     _up_backward_smem,
     _up_backward_live,
     reset_to_zero=["dscale_ptr"],
