@@ -2,7 +2,8 @@
 # The kernels' GPU checks in one call (at most 8 minutes on one H100), every figure in $OUT/gpu_check.json:
 #   1. tests/kernels/test_kernel_gpu.py: Triton against float64 PyTorch at real sizes (MoE E8 k2 and E64 k8, MoT G16
 #      E32; d=1024), fp32 (highest and TF32) and bf16, output with and without grad and every gradient;
-#      torch.compile(fullgraph=True) with inductor; CUDA-graph capture and replay.
+#      torch.compile(fullgraph=True) with inductor; CUDA-graph capture and replay; transformers' fused and
+#      transposed expert weights read in place.
 #   2. benchmarks/bench_kernels.py: its correctness pre-check at every benchmarked size, then the table (bf16,
 #      16,384 tokens, d=1024: dense FFN h=4096, MoE E8 k2 h4096 and E64 k8 h512 with torch._grouped_mm,
 #      MoT G16 / G32 E32 h512 against the einsum reference, decode rows at 1/8/64/512 tokens, an fp32 row).

@@ -1,6 +1,7 @@
 """The Triton kernels at real sizes on a GPU (tiny sizes under Triton's CPU interpreter elsewhere), against a
 float64 plain-PyTorch reference: the output with and without grad and every gradient, in fp32 (torch's
-"highest" and "high" matmul precisions) and bf16; ``torch.compile(fullgraph=True)``; CUDA-graph capture.
+"highest" and "high" matmul precisions) and bf16; ``torch.compile(fullgraph=True)``; CUDA-graph capture;
+expert weights laid out as transformers stores them.
 On a GPU each launch runs the first autotune config that fits (the benchmark tunes, and checks what wins).
 
 Outputs are poisoned: every ``torch.empty`` is NaN-filled while the kernels run, so an element a kernel does
@@ -210,3 +211,36 @@ def test_cuda_graph_capture_replays_the_eager_result():
         want = block(static_x)
     assert_close(static_y, want, 1e-2, "replayed output")
     assert not torch.equal(static_y, eager)  # the replay computed on the new input
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved", "transposed"])
+def test_transformers_weight_layouts_against_float64(layout):
+    """Expert weights as transformers stores them (a fused gate_up_proj, halves or interleaved, plain or
+    transposed), read in place through their strides: bf16 output and the gradients of the fused tensors."""
+    from mixcompile.integrations.transformers_experts import ExpertsView
+
+    tokens, d, e, k, h, _ = MOE[0]
+    tol = PRECISIONS["bf16"][2]
+    transposed = layout == "transposed"
+    g = torch.Generator().manual_seed(5)
+    gate_up = torch.randn((e, d, 2 * h) if transposed else (e, 2 * h, d), generator=g) / d**0.5
+    down = torch.randn((e, h, d) if transposed else (e, d, h), generator=g) / h**0.5
+    x = torch.randn(tokens, d, generator=g) * 0.5
+    chosen = torch.rand(tokens, e, generator=g).argsort(dim=1)[:, :k].reshape(-1)
+    weight = torch.rand(tokens * k, generator=g)
+
+    def run(kernel, dtype):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (x, gate_up, down)]
+        w_up, w_out = (leaves[1].mT, leaves[2].mT) if transposed else (leaves[1], leaves[2])
+        halves = (w_up[:, 0::2], w_up[:, 1::2]) if layout == "interleaved" else (w_up[:, :h], w_up[:, h:])
+        experts = ExpertsView(halves[1], halves[0], w_out, None, None, None, "silu")
+        tokens_index = torch.arange(tokens).repeat_interleave(k).to(DEVICE)
+        plan = RoutingPlan(tokens_index, chosen.to(DEVICE), weight.to(DEVICE, dtype), tokens, e)
+        y = kernel.moe(leaves[0], plan, experts)
+        return y, _grads(y, leaves, 2)
+
+    y, grads = run(_kernel("triton"), torch.bfloat16)
+    y_ref, grads_ref = run(_kernel("torch"), torch.float64)
+    assert_close(y, y_ref, tol, "output")
+    for name, got, want in zip(["x", "gate_up_proj", "down_proj"], grads, grads_ref, strict=True):
+        assert_close(got, want, tol, f"grad {name}")
