@@ -93,7 +93,8 @@ def _eager_function(forward: Callable, setup_context: Callable, backward: Callab
 
 def _call(op: Callable, eager: Callable, *args):
     """``op(*args)`` where something traces (torch.compile, export, fake or functional tensors), else the
-    same computation without the op's dispatch."""
+    same computation without the op's dispatch: ``eager``, the op's function (a backward op) or its
+    ``autograd.Function`` (a forward op)."""
     plain = all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))
     return eager(*args) if plain and not torch.compiler.is_compiling() else op(*args)
 
@@ -209,15 +210,16 @@ def _moe_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weight, w_in, w_gate, w_out, b_out, *output[1:])
 
 
-def _moe_backward(ctx, dy, _d_pre, _d_pre_gate, _d_routing, *, backward_op: Callable = moe_backward_op):
+def _moe_backward(ctx, dy, _d_pre, _d_pre_gate, _d_routing):
     x, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, routing = ctx.saved_tensors
     # Traced with a data-dependent number of pairs (capacity limits), the sizes are unknown: skip the check.
     unsaved = statically_known_true(routing.numel() == 0) and statically_known_true(weight.numel() != 0)
     if unsaved and x.shape[0]:
         raise RuntimeError("mixcompile::moe_forward ran without save=True; its inputs did not require grad.")
-    dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = backward_op(
-        dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, ctx.activation
-    )
+    dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _call(
+        moe_backward_op, _moe_backward_grads,
+        dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, ctx.activation,
+    )  # fmt: skip
     has_gate, has_b_in, has_b_gate = ctx.optional
     return (
         dx, None, None, dweight, dw_in, dw_gate if has_gate else None, dw_out,
@@ -227,9 +229,7 @@ def _moe_backward(ctx, dy, _d_pre, _d_pre_gate, _d_routing, *, backward_op: Call
 
 
 moe_forward_op.register_autograd(_moe_backward, setup_context=_moe_setup)
-_moe_eager = _eager_function(
-    _moe_forward, _moe_setup, lambda ctx, *outs: _moe_backward(ctx, *outs, backward_op=_moe_backward_grads)
-)
+_moe_eager = _eager_function(_moe_forward, _moe_setup, _moe_backward)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -336,14 +336,15 @@ def _mot_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(x_g, merge, emit, w_in, w_gate, w_out, *output[1:])
 
 
-def _mot_backward(ctx, dy, _d_pre, _d_pre_gate, _d_out, *, backward_op: Callable = mot_backward_op):
+def _mot_backward(ctx, dy, _d_pre, _d_pre_gate, _d_out):
     x_g, merge, emit, w_in, w_gate, w_out, pre, pre_gate, out = ctx.saved_tensors
     if out.numel() == 0 and x_g.numel():
         raise RuntimeError("mixcompile::mot_forward ran without save=True; its inputs did not require grad.")
     has_gate, has_b_in, has_b_gate, has_b_out = ctx.optional
-    dx, d_merge, d_emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = backward_op(
-        dy, x_g, merge, emit, w_in, w_gate, w_out, pre, pre_gate, out, ctx.activation, has_b_out
-    )
+    dx, d_merge, d_emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _call(
+        mot_backward_op, _mot_backward_grads,
+        dy, x_g, merge, emit, w_in, w_gate, w_out, pre, pre_gate, out, ctx.activation, has_b_out,
+    )  # fmt: skip
     return (
         dx, d_merge, d_emit, dw_in, dw_gate if has_gate else None, dw_out,
         db_in if has_b_in else None, db_gate if has_b_gate else None, db_out if has_b_out else None,
@@ -352,9 +353,7 @@ def _mot_backward(ctx, dy, _d_pre, _d_pre_gate, _d_out, *, backward_op: Callable
 
 
 mot_forward_op.register_autograd(_mot_backward, setup_context=_mot_setup)
-_mot_eager = _eager_function(
-    _mot_forward, _mot_setup, lambda ctx, *outs: _mot_backward(ctx, *outs, backward_op=_mot_backward_grads)
-)
+_mot_eager = _eager_function(_mot_forward, _mot_setup, _mot_backward)
 
 
 def mot(x_g: Tensor, plan: MixPlan, experts: StackedExperts) -> Tensor:
