@@ -70,7 +70,7 @@ class ExpertParallel:
             return empty
         n = rows.shape[0]
         index = torch.arange(n, device=rows.device)
-        local = RoutingPlan(index, ids, rows.new_ones(n), n, experts.num_experts)
+        local = RoutingPlan(index, ids, rows.new_ones(n), n, experts.num_experts, pairs_per_token=1)
         if self.grad_scale == 1.0:
             return kernel.moe(rows, local, experts)
         out = kernel.moe(_ScaleGrad.apply(rows, 1.0 / self.grad_scale), local, experts)

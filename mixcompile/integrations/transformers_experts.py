@@ -296,6 +296,7 @@ def routing_plan(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
         weight=top_k_weights.reshape(-1),
         num_tokens=n,
         num_experts=num_experts,
+        pairs_per_token=k,
     )
 
 

@@ -66,7 +66,8 @@ def check_input(x: torch.Tensor, where: Source) -> None:
 
 
 def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_experts: int) -> RoutingPlan:
-    """A router's plan: structure always, index ranges in eager forwards, values under the debug switch."""
+    """A router's plan: structure always, index ranges (and the order ``pairs_per_token`` declares) in eager
+    forwards, values under the debug switch."""
 
     def fail(what: str) -> PluginError:
         return PluginError(f"{source_text(source)} returned a malformed RoutingPlan: {what}.")
@@ -89,12 +90,31 @@ def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_exp
             raise fail(f"{name} must be int64, got {fields[name].dtype}")
     if not plan.weight.is_floating_point():
         raise fail(f"weight must be floating point, got {plan.weight.dtype}")
+    k = plan.pairs_per_token
+    if k is not None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise fail(f"pairs_per_token must be a positive int or None, got {k!r}")
+        if plan.token_index.shape[0] != num_tokens * k:
+            raise fail(
+                f"pairs_per_token={k} with {num_tokens} tokens means {num_tokens * k} pairs, "
+                f"got {plan.token_index.shape[0]} (leave it None when pairs are dropped)"
+            )
     if not _can_read_back() or plan.token_index.numel() == 0:
         return plan
     tokens, experts = plan.token_index, plan.expert_index
     out_of_range = (tokens.min() < 0) | (tokens.max() >= num_tokens) | (experts.min() < 0)
-    if bool(out_of_range | (experts.max() >= num_experts)):  # the one read back per call
-        raise fail(f"token_index outside [0, {num_tokens}) or expert_index outside [0, {num_experts})")
+    out_of_range |= experts.max() >= num_experts
+    wrong, misordered = out_of_range, ""
+    if k is not None:
+        wrong = wrong | (tokens != torch.arange(tokens.shape[0], device=tokens.device) // k).any()
+        misordered = (
+            f"pairs_per_token={k} says token t's pairs are pairs t*{k} to t*{k}+{k - 1}, but token_index "
+            "is not arange(num_tokens).repeat_interleave(pairs_per_token); leave it None for other orders"
+        )
+    if bool(wrong):  # the one read back per call
+        if bool(out_of_range):
+            raise fail(f"token_index outside [0, {num_tokens}) or expert_index outside [0, {num_experts})")
+        raise fail(misordered)
     if debug_checks_enabled():
         if not torch.isfinite(plan.weight).all():
             raise fail("weight has NaN or inf")

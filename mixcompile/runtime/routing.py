@@ -30,6 +30,10 @@ class RoutingPlan:
     probs: torch.Tensor | None = None  # [N, E] router probabilities, for balance loss and statistics
     dropped_assignments: int = 0  # token-choice picks discarded because an expert was full
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already scaled by their weights
+    # k when the plan lists exactly k pairs per token, token by token (token_index is
+    # arange(N).repeat_interleave(k): dropless token choice), so kernels need not sort the pairs by token.
+    # Checked against token_index in every eager forward; None says nothing.
+    pairs_per_token: int | None = None
 
 
 def fixed_bincount(index: torch.Tensor, length: int) -> torch.Tensor:
@@ -122,13 +126,15 @@ class RouterBase(nn.Module):
         if self.bias_balancing and self.training:
             with torch.no_grad():
                 self.load_since_update += fixed_bincount(expert, self.num_experts).float()
-        dropped = 0
         capacity = self.capacity(n)
-        if capacity is not None:
-            keep = _within_capacity(expert, weight.detach(), capacity, self.num_experts)
-            kept = keep.nonzero().squeeze(1)  # the one data-dependent size (a graph break under compile)
-            dropped = keep.numel() - kept.numel()
-            token, expert, weight = token[kept], expert[kept], weight[kept]
+        if capacity is None:
+            return RoutingPlan(
+                token, expert, weight, n, self.num_experts, probs, 0, losses, pairs_per_token=k
+            )
+        keep = _within_capacity(expert, weight.detach(), capacity, self.num_experts)
+        kept = keep.nonzero().squeeze(1)  # the one data-dependent size (a graph break under compile)
+        dropped = keep.numel() - kept.numel()
+        token, expert, weight = token[kept], expert[kept], weight[kept]
         return RoutingPlan(token, expert, weight, n, self.num_experts, probs, dropped, losses)
 
     def losses(

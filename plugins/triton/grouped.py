@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from mixcompile import ExpertTensors
-from mixcompile_plugins.triton import interpreting
+from mixcompile_plugins.triton import cdiv, interpreting, next_power_of_2
 from mixcompile_plugins.triton.activations import CODES, activate, derivative
 from mixcompile_plugins.triton.tuning import autotune
 
@@ -94,14 +94,12 @@ class Groups:
     @property
     def rows_hint(self) -> int:
         """A coarse rows-per-expert for the autotuning key (exact counts change every step)."""
-        return triton.next_power_of_2(max(1, self.num_rows // self.num_experts))
+        return next_power_of_2(max(1, self.num_rows // self.num_experts))
 
     def grid(self, columns: int) -> Callable[[dict], tuple[int]]:
         """Row blocks (with room for one partial block per expert) times column tiles, as one axis."""
         e = self.num_experts
-        return lambda meta: (
-            (triton.cdiv(self.num_rows, meta["BLOCK_M"]) + e) * triton.cdiv(columns, meta["BLOCK_N"]),
-        )
+        return lambda meta: ((cdiv(self.num_rows, meta["BLOCK_M"]) + e) * cdiv(columns, meta["BLOCK_N"]),)
 
 
 @triton.jit
@@ -438,7 +436,7 @@ def up(
         hidden, _or(pre, hidden), _or(pre_g, hidden),
         e, n, k, *w.stride(), groups.rows_hint,
         GATHER=groups.rows is not None, GATED=w_gate is not None, HAS_BIAS=b is not None, SAVE_PRE=save_pre,
-        ACT=CODES[activation], PRECISION=dot_precision(a.dtype), E_POW2=triton.next_power_of_2(e),
+        ACT=CODES[activation], PRECISION=dot_precision(a.dtype), E_POW2=next_power_of_2(e),
     )  # fmt: skip
     return hidden, pre, pre_g
 
@@ -468,7 +466,7 @@ def matmul(
         e, n, k, w.stride(0), sw_n, sw_k, groups.rows_hint,
         SECOND=second is not None, HAS_BIAS=b is not None,
         PRECISION=dot_precision(a.dtype),
-        E_POW2=triton.next_power_of_2(e),
+        E_POW2=next_power_of_2(e),
     )  # fmt: skip
     return c
 
@@ -495,7 +493,7 @@ def up_backward(
     d_pre_g = torch.empty_like(pre) if pre_gate is not None else None
     # One row of partial sums per column tile (sized for the narrowest tile), summed in a fixed order; a
     # dedicated placeholder otherwise, as autotuning zeroes whatever tensor is passed here.
-    shape = (triton.cdiv(n, _MIN_BLOCK_N), p) if scale is not None else (1,)
+    shape = (cdiv(n, _MIN_BLOCK_N), p) if scale is not None else (1,)
     partial = torch.zeros(shape, device=dy.device)
     _up_backward_kernel[groups.grid(n)](
         dy, _or(groups.rows, groups.offsets), _or(scale, pre), groups.offsets, w_out, pre, _or(pre_gate, pre),
@@ -503,7 +501,7 @@ def up_backward(
         e, n, k, w_out.stride(0), w_out.stride(2), w_out.stride(1), p, groups.rows_hint,
         GATHER=groups.rows is not None, SCALE=scale is not None, DSCALE=scale is not None,
         GATED=pre_gate is not None, ACT=CODES[activation], PRECISION=dot_precision(dy.dtype),
-        E_POW2=triton.next_power_of_2(e),
+        E_POW2=next_power_of_2(e),
     )  # fmt: skip
     return hidden, d_pre, d_pre_g, None if scale is None else partial.sum(0)
 
@@ -518,7 +516,7 @@ def weight_grad(
     db = torch.empty(e, i, device=a.device, dtype=dtype) if bias else None
 
     def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(i, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]), e
+        return cdiv(i, meta["BLOCK_M"]) * cdiv(j, meta["BLOCK_N"]), e
 
     _wgrad_kernel[grid](
         a, b, groups.offsets, dw, _or(db, dw), i, j, groups.rows_hint,

@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 
 from mixcompile import ExpertTensors
+from mixcompile_plugins.triton import cdiv, next_power_of_2
 from mixcompile_plugins.triton.grouped import Groups, matmul, up, up_backward, weight_grad
+from mixcompile_plugins.triton.sorting import segment_starts, sort_by_expert
 
 
 @dataclass(frozen=True)
@@ -54,31 +56,31 @@ def unpack(packed: torch.Tensor, weight: torch.Tensor, num_tokens: int, num_expe
     return Routing(groups, order, expert.long(), weight[order].float(), by_token, token_offsets)
 
 
-def _segment_starts(sorted_keys: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """``[num_keys + 1]`` int32 start of each key's run in ``sorted_keys`` (no host sync, unlike bincount)."""
-    keys = torch.arange(num_keys + 1, device=sorted_keys.device, dtype=sorted_keys.dtype)
-    return torch.searchsorted(sorted_keys, keys).to(torch.int32)
-
-
 def route(
     token_index: torch.Tensor,
     expert_index: torch.Tensor,
     weight: torch.Tensor,
     num_tokens: int,
     num_experts: int,
+    pairs_per_token: int = 0,
 ) -> Routing:
-    """Sort the pairs by expert (stable, so the order is reproducible in backward)."""
-    order = torch.argsort(expert_index, stable=True)
-    tokens = token_index[order]
-    expert = expert_index[order]
-    by_token = torch.argsort(tokens, stable=True)
+    """Sort the pairs by expert (stable, so the order is reproducible in backward) and list each token's.
+
+    ``pairs_per_token > 0`` declares that token ``t``'s pairs are the plan's ``t*k`` to ``t*k + k - 1``
+    (:attr:`mixcompile.RoutingPlan.pairs_per_token`): the by-token lists then come with the sort."""
+    pairs = sort_by_expert(token_index, expert_index, weight, num_experts, pairs_per_token)
+    if pairs.position is not None and pairs.token_offsets is not None:
+        by_token, token_offsets = pairs.position, pairs.token_offsets
+    else:
+        by_token = torch.argsort(pairs.rows, stable=True).to(torch.int32)
+        token_offsets = segment_starts(pairs.rows[by_token], num_tokens)
     return Routing(
-        groups=Groups(_segment_starts(expert, num_experts), tokens.to(torch.int32), order.numel()),
-        order=order,
-        expert=expert,
-        weight=weight[order].float(),
-        by_token=by_token.to(torch.int32),
-        token_offsets=_segment_starts(tokens[by_token], num_tokens),
+        groups=Groups(pairs.offsets, pairs.rows, pairs.order.numel()),
+        order=pairs.order,
+        expert=pairs.expert,
+        weight=pairs.weight,
+        by_token=by_token,
+        token_offsets=token_offsets,
     )
 
 
@@ -107,8 +109,8 @@ def combine(src: torch.Tensor, routing: Routing, num_tokens: int, *, weighted: b
     """``[P, d]`` rows in sorted order → ``[N, d]``: each token's (weighted) sum over its pairs."""
     d = src.shape[1]
     out = src.new_empty(num_tokens, d)
-    block_d = min(triton.next_power_of_2(d), 1024)
-    _combine_kernel[(num_tokens, triton.cdiv(d, block_d))](
+    block_d = min(next_power_of_2(d), 1024)
+    _combine_kernel[(num_tokens, cdiv(d, block_d))](
         src, routing.weight, routing.by_token, routing.token_offsets, out, d,
         WEIGHTED=weighted, BLOCK_D=block_d,
     )  # fmt: skip

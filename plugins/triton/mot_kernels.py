@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from mixcompile import ExpertTensors
+from mixcompile_plugins.triton import next_power_of_2
 from mixcompile_plugins.triton.grouped import Groups, dot_precision, matmul, mma, up, up_backward, weight_grad
 from mixcompile_plugins.triton.tuning import MAX_LIVE_VALUES
 
@@ -121,15 +122,15 @@ def _tile_sizes(g: int, e: int, d: int, has_dw: bool, precision: str) -> tuple[i
     keep the live tiles (weights ``[G, E]``, the group ``[G, d]``, the mixes ``[E, d]``; the weight gradient
     and the other operand with ``has_dw``; twice as many for three-product fp32 dots) within
     ``MAX_LIVE_VALUES`` per thread, as far as 8 warps and a d tile of 16 allow (G=32 with E=256)."""
-    g_pow2 = max(16, triton.next_power_of_2(g))
-    e_pow2 = max(16, triton.next_power_of_2(e))
+    g_pow2 = max(16, next_power_of_2(g))
+    e_pow2 = max(16, next_power_of_2(e))
 
     def live(block_d: int, warps: int) -> int:
         values = (1 + has_dw) * (g_pow2 * e_pow2 + e_pow2 * block_d) + g_pow2 * block_d
         return (1 + (precision == "tf32x3")) * values // (32 * warps)
 
     for warps in (4, 8):  # 16 warps cap a thread at 128 registers: they spilled where 8 did not
-        block_d = min(triton.next_power_of_2(d), 128)
+        block_d = min(next_power_of_2(d), 128)
         while block_d > 16 and live(block_d, warps) > MAX_LIVE_VALUES:
             block_d //= 2
         if live(block_d, warps) <= MAX_LIVE_VALUES:

@@ -115,13 +115,14 @@ def _moe_forward(
     b_out: Tensor | None,
     activation: str,
     save: bool,
+    pairs_per_token: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y [N, d], pre [P, h], pre_gate [P, h], routing)``; the pre-activations and the sorted routing
-    (:meth:`Routing.packed`) are empty unless ``save``."""
+    (:meth:`Routing.packed`) are empty unless ``save``. ``pairs_per_token``: the plan's, 0 for None."""
     if x.shape[0] == 0:
         return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0), _no_routing(x)
     with _device(x):
-        routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0])
+        routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0], pairs_per_token)
         experts = _packed(w_in, w_gate, w_out, b_in, b_gate, b_out)
         y, pre, pre_gate = moe_forward(x.contiguous(), routing, experts, activation, save)
     return y, _or_empty(pre, x), _or_empty(pre_gate, x), routing.packed() if save else _no_routing(x)
@@ -135,7 +136,7 @@ def _no_routing(x: Tensor) -> Tensor:
 
 
 @moe_forward_op.register_fake
-def _(x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, save):
+def _(x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, save, _k):
     pairs, hidden = token_index.shape[0], w_in.shape[1]
     saved = save and x.shape[0]
     pre = x.new_empty(pairs, hidden) if saved else x.new_empty(0)
@@ -204,7 +205,7 @@ def _(dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activat
 
 
 def _moe_setup(ctx, inputs, output) -> None:
-    x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, _ = inputs
+    x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b_out, activation, *_ = inputs
     ctx.activation = activation
     ctx.optional = (w_gate is not None, b_in is not None, b_gate is not None)
     ctx.save_for_backward(x, weight, w_in, w_gate, w_out, b_out, *output[1:])
@@ -224,7 +225,7 @@ def _moe_backward(ctx, dy, _d_pre, _d_pre_gate, _d_routing):
     return (
         dx, None, None, dweight, dw_in, dw_gate if has_gate else None, dw_out,
         db_in if has_b_in else None, db_gate if has_b_gate else None, db_out if b_out is not None else None,
-        None, None,
+        None, None, None,
     )  # fmt: skip
 
 
@@ -246,7 +247,8 @@ def moe(x: Tensor, plan: RoutingPlan, experts: StackedExperts) -> Tensor:
     tensors = _in_dtype(experts, x.dtype)
     save = _needs_grad(x, plan.weight, *tensors)
     routing = (plan.token_index, plan.expert_index, plan.weight)
-    y, _, _, _ = _call(moe_forward_op, _moe_eager, x, *routing, *tensors, experts.activation, save)
+    k = plan.pairs_per_token or 0
+    y, _, _, _ = _call(moe_forward_op, _moe_eager, x, *routing, *tensors, experts.activation, save, k)
     return y
 
 

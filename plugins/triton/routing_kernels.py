@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixcompile_plugins.triton import MAX_ROUTED_EXPERTS
+from mixcompile_plugins.triton import MAX_ROUTED_EXPERTS, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -68,11 +68,11 @@ def topk_route(
     weights = torch.empty(n, k, device=logits.device, dtype=torch.float32)
     if n == 0:
         return probs, chosen, weights
-    block_e = triton.next_power_of_2(e)
+    block_e = next_power_of_2(e)
     block_n = max(1, min(64, 2048 // block_e))
-    _topk_route_kernel[(triton.cdiv(n, block_n),)](
+    _topk_route_kernel[(cdiv(n, block_n),)](
         logits, logits if bias is None else bias.contiguous(), probs, chosen, weights, n, e,
-        K=k, K_POW2=triton.next_power_of_2(k), HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
+        K=k, K_POW2=next_power_of_2(k), HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
         BLOCK_N=block_n, BLOCK_E=block_e,
     )  # fmt: skip
     return probs, chosen, weights

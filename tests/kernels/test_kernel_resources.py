@@ -224,7 +224,11 @@ def _scenarios(variants: bool, sweep: bool, dtypes: list[str]) -> list[tuple[str
             call = {"fn": "mot", "gated": False, "bias": False, "act": "gelu", "train": True,
                     "experts": experts, "group": group, "tiles_only": True}  # fmt: skip
             out.append((f"mot tiles G={group} E={experts}", dtype, call))
-    routes = [(e, k) for e in (2, 8, 64, 256, 4096) for k in (1, 2, 8) if k <= e] if sweep else [(4096, 8)]
+    routes = (
+        [(e, k) for e in (2, 8, 64, 256, 4096) for k in (1, 2, 8) if k <= e]
+        if sweep
+        else [(4096, 8), (256, 8)]
+    )
     for experts, k in routes:
         out.append((f"route E={experts} k={k}", "fp32", {"fn": "route", "experts": experts, "k": k}))
     return [s for s in out if s[1] in dtypes]
@@ -240,8 +244,13 @@ def _run_scenario(call: dict, dtype) -> None:
 
     train = call.get("train", False)
     if call["fn"] == "route":
-        e = call["experts"]
-        ops.topk_route_op(torch.randn(64, e), torch.zeros(e), call["k"], True)
+        from mixcompile_plugins.triton.sorting import sort_by_expert
+
+        e, k = call["experts"], call["k"]
+        ops.topk_route_op(torch.randn(64, e), torch.zeros(e), k, True)
+        for tokens in (1, 64):  # the pairs' counting sort in one chunk and in several
+            pairs = torch.arange(tokens * k)
+            sort_by_expert(pairs // k, pairs * 7 % e, torch.rand(tokens * k), e, k)
         return
     e = call["experts"]
     d, h = (256, 128)
@@ -262,7 +271,8 @@ def _run_scenario(call: dict, dtype) -> None:
         expert_index = (torch.arange(tokens * top_k) * 7) % e  # every expert gets rows
         weight = torch.rand(tokens * top_k, requires_grad=train)
         with torch.set_grad_enabled(train):
-            y = ops.moe(x, RoutingPlan(token_index, expert_index, weight, tokens, e), experts)
+            plan = RoutingPlan(token_index, expert_index, weight, tokens, e, pairs_per_token=top_k)
+            y = ops.moe(x, plan, experts)
     else:
         group, seq, groups = call.get("group", 4), 16, 2
         xb = torch.randn(groups * group, seq, d, dtype=dtype, requires_grad=train)
@@ -354,6 +364,15 @@ def _trace(archs: list[int], full: bool, dtypes: list[str]) -> dict[str, dict]:
             recorder.launch = outer
 
     Autotuner.run = run
+    # Declined launches write nothing, and the counting sort's indices are what the host indexes with:
+    # trace its launches, then go on with the same sort by argsort.
+    from mixcompile_plugins.triton import moe_kernels, sorting
+
+    def sort_by_expert(*args):
+        sorting.sort_by_expert(*args)
+        return sorting._argsort_by_expert(*args)
+
+    moe_kernels.sort_by_expert = sort_by_expert
     torch.manual_seed(0)
     for arch in archs:
         recorder.arch = arch

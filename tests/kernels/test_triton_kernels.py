@@ -13,6 +13,7 @@ kernels for real GPUs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 
 import pytest
@@ -96,20 +97,20 @@ def topk_plan(n, e, k, *, empty_expert=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     pool = e - 1 if empty_expert else e
     chosen = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(n)])
-    return make_plan(torch.arange(n).repeat_interleave(k), chosen.reshape(-1), n, e, seed)
+    return make_plan(torch.arange(n).repeat_interleave(k), chosen.reshape(-1), n, e, seed, pairs_per_token=k)
 
 
-def make_plan(tokens, experts, n, e, seed=0):
+def make_plan(tokens, experts, n, e, seed=0, pairs_per_token=None):
     g = torch.Generator().manual_seed(seed + 1)
     weight = torch.rand(tokens.numel(), generator=g).to(DEVICE).requires_grad_()
-    return RoutingPlan(tokens.to(DEVICE), experts.to(DEVICE), weight, n, e)
+    return RoutingPlan(tokens.to(DEVICE), experts.to(DEVICE), weight, n, e, pairs_per_token=pairs_per_token)
 
 
 def moe_run(kernel, x, plan, experts):
     """Output and gradients (input, routing weights, every expert tensor) for a fixed random cotangent."""
     x = x.detach().clone().requires_grad_()
     weight = plan.weight.detach().clone().requires_grad_()
-    plan = RoutingPlan(plan.token_index, plan.expert_index, weight, plan.num_tokens, plan.num_experts)
+    plan = dataclasses.replace(plan, weight=weight)
     y = kernel.moe(x, plan, experts)
     cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
     inputs = [x, weight, *experts.parameters()]
@@ -190,6 +191,50 @@ def test_moe_is_deterministic():
     (y1, g1), (y2, g2) = (moe_run(triton_kernel(), x, plan, experts) for _ in range(2))
     assert torch.equal(y1, y2)
     assert all(torch.equal(g1[k], g2[k]) for k in g1 if g1[k] is not None)
+
+
+@pytest.mark.parametrize(
+    "experts,pairs",
+    [(1, 5), (3, 7), (8, 0), (8, 1), (8, 1024), (8, 2500), (64, 128), (64, 300), (256, 96), (256, 250),
+     (300, 40)],
+)  # fmt: skip
+@pytest.mark.parametrize("k", [0, 2])
+def test_counting_sort_by_expert(experts, pairs, k):
+    """The counting sort against argsort: the same stable order, expert runs, gathered rows and weights;
+    with pairs_per_token, each plan pair's sorted position and the token runs. Sizes span one chunk and
+    several (a chunk holds 8192 / E_pow2 pairs), empty experts and the argsort path past 256 experts."""
+    from mixcompile_plugins.triton.sorting import sort_by_expert
+
+    pairs -= pairs % max(k, 1)
+    g = torch.Generator().manual_seed(experts * 1000 + pairs)
+    expert_index = torch.randint(0, max(1, experts // 2 + 1), (pairs,), generator=g).to(DEVICE)
+    token_index = (torch.arange(pairs) // k if k else torch.randint(0, 50, (pairs,), generator=g)).to(DEVICE)
+    weight = torch.rand(pairs, generator=g).to(DEVICE, torch.bfloat16)
+    got = sort_by_expert(token_index, expert_index, weight, experts, k)
+    order = torch.argsort(expert_index, stable=True)
+    assert torch.equal(got.order, order)
+    assert torch.equal(got.expert, expert_index[order])
+    assert torch.equal(got.rows, token_index[order].int())
+    assert torch.equal(got.weight, weight[order].float())
+    assert torch.equal(got.offsets, torch.searchsorted(expert_index[order], torch.arange(experts + 1)).int())
+    if not k:
+        assert got.position is None and got.token_offsets is None
+        return
+    assert torch.equal(got.order[got.position.long()], torch.arange(pairs))
+    assert torch.equal(got.token_offsets, torch.arange(0, pairs + 1, k, dtype=torch.int32))
+
+
+def test_moe_pairs_per_token_gives_what_the_sorted_tokens_give():
+    """A plan declaring pairs_per_token skips the sort by token: same output and gradients (to rounding:
+    a token's pairs are summed in plan order rather than expert order) as the same plan without it."""
+    experts = make_experts(gated=True, bias=True)
+    x = torch.randn(37, 24, device=DEVICE)
+    plan = topk_plan(37, 4, 3, empty_expert=False)
+    y, grads = moe_run(triton_kernel(), x, plan, experts)
+    y_ref, grads_ref = moe_run(triton_kernel(), x, dataclasses.replace(plan, pairs_per_token=None), experts)
+    assert_close(y, y_ref, 1e-6, "output")
+    for name, g in grads_ref.items():
+        assert_close(grads[name], g, 1e-6, f"grad {name}")
 
 
 @pytest.mark.parametrize(
@@ -322,8 +367,9 @@ def test_opcheck_moe():
     from mixcompile_plugins.triton import ops
 
     x, plan, experts, tensors = moe_op_args()
-    args = (x, plan.token_index, plan.expert_index, plan.weight, *tensors, "gelu", True)
-    torch.library.opcheck(ops.moe_forward_op, args)
+    for k in (0, plan.pairs_per_token):
+        args = (x, plan.token_index, plan.expert_index, plan.weight, *tensors, "gelu", True, k)
+        torch.library.opcheck(ops.moe_forward_op, args)
 
 
 def test_opcheck_mot():
@@ -441,7 +487,7 @@ def test_fake_shapes():
     x, plan, experts, tensors = moe_op_args(gated=False, bias=False)
     with FakeTensorMode(allow_non_fake_inputs=True):
         y, pre, pre_gate, routing = ops.moe_forward_op(
-            x, plan.token_index, plan.expert_index, plan.weight, *tensors, "relu", True
+            x, plan.token_index, plan.expert_index, plan.weight, *tensors, "relu", True, 2
         )
     assert y.shape == x.shape and pre.shape == (22, 40) and pre_gate.numel() == 0
     assert routing.shape == (4 * 22 + 4 + 11 + 2,) and routing.dtype == torch.int32
@@ -579,19 +625,28 @@ class _Launches:
         return [e.name for e in prof.events() if e.name.startswith("aten::")], list(self.triton)
 
 
-def test_routing_is_sorted_once_per_training_step(monkeypatch):
-    """The forward sorts the pairs by expert and by token; the backward reuses that (saved) routing."""
+@pytest.mark.parametrize("pairs_per_token", [True, False])
+@pytest.mark.parametrize("tokens", [13, 1100])
+def test_routing_is_sorted_once_per_training_step(monkeypatch, pairs_per_token, tokens):
+    """The forward sorts the pairs by expert with a counting sort (one launch where the pairs fit one chunk,
+    histograms, a cumsum and the placement otherwise; no argsort, no searchsorted); a plan without
+    pairs_per_token also sorts them by token. The backward reuses that (saved) routing."""
     from mixcompile_plugins.triton import ops
 
-    x, plan, experts, _ = moe_op_args(n=13)
+    x, plan, experts, _ = moe_op_args(n=tokens)
+    if not pairs_per_token:
+        plan = dataclasses.replace(plan, pairs_per_token=None)
     count = _Launches(monkeypatch)
     out = []
     forward = count(lambda: out.append(ops.moe(x, plan, experts)))
     backward = count(lambda: out[0].backward(torch.ones_like(out[0])))
-    sorting = ("aten::sort", "aten::searchsorted")
-    assert sum(op in sorting for op in forward[0]) == 4  # two stable sorts, two segment searches
+    sorting = ("aten::sort", "aten::searchsorted", "aten::cumsum", "aten::cumsum_")
+    by_token = [] if pairs_per_token else ["aten::sort", "aten::searchsorted"]  # argsort, its segments
+    by_expert = ["aten::cumsum_"] if tokens > 1024 else []  # 4 experts: chunks of 2048 pairs
+    assert sorted(op for op in forward[0] if op in sorting) == sorted(by_token + by_expert)
     assert not [op for op in backward[0] if op in sorting]
-    assert forward[1] == ["_up_kernel", "_mm_kernel", "_combine_kernel"]
+    sort = ["_expert_counts_kernel", "_place_kernel"] if by_expert else ["_place_kernel"]
+    assert forward[1] == [*sort, "_up_kernel", "_mm_kernel", "_combine_kernel"]
     kernels = ["_up_backward_kernel", "_wgrad_kernel", "_wgrad_kernel", "_wgrad_kernel", "_mm_kernel"]
     assert sorted(backward[1]) == sorted([*kernels, "_combine_kernel"])
 
@@ -666,7 +721,7 @@ def test_eager_calls_skip_the_custom_ops_dispatch(monkeypatch):
     names = ("moe_forward_op", "moe_backward_op", "mot_forward_op", "mot_backward_op", "topk_route_op")
     ops_outputs = {}
     x, plan, experts, tensors = moe_op_args(n=13)
-    args = (x, plan.token_index, plan.expert_index, plan.weight, *tensors, "gelu", True)
+    args = (x, plan.token_index, plan.expert_index, plan.weight, *tensors, "gelu", True, 2)
     ops_outputs["moe"] = ops.moe_forward_op(*args)[0]
     used = []
     for name in names:

@@ -34,6 +34,11 @@ class _Router(mc.LearnedRouter):
         plan = self.token_choice_plan(logits, chosen, weights, probs)
         if self.fault == "range":
             plan.expert_index = plan.expert_index + self.num_experts
+        if self.fault == "misordered":  # still declares pairs_per_token, but not token by token any more
+            plan.token_index = plan.token_index.flip(0)
+        if self.fault == "miscounted":  # a dropped pair with pairs_per_token still declared
+            plan.token_index, plan.expert_index = plan.token_index[1:], plan.expert_index[1:]
+            plan.weight = plan.weight[1:]
         return plan
 
 
@@ -131,6 +136,8 @@ def _block(router: str = "flaky", kernel: str = "torch") -> mc.MoEBlock:
     [
         ("crash", mc.PluginError, r" crashed: IndexError: index 7"),
         ("range", mc.PluginError, r" returned a malformed RoutingPlan: .*expert_index outside \[0, 4\)"),
+        ("misordered", mc.PluginError, r" returned a malformed .*: pairs_per_token=2 says token t's pairs"),
+        ("miscounted", mc.PluginError, r" returned a malformed .*: pairs_per_token=2 with 5 tokens means 10"),
     ],
 )
 def test_router_faults_name_the_plugin_and_site_on_every_call(flaky, fault, error, fragment) -> None:

@@ -1,0 +1,167 @@
+"""A plan's pairs sorted by expert with a counting sort, instead of an argsort and a searchsorted per call.
+
+``argsort`` of int64 keys is a multi-pass radix sort (several launches, more at decode sizes than the
+GEMMs), and finding each expert's run in its result takes a ``searchsorted``. The experts are few, so a
+counting sort does both: a histogram of each chunk's experts, a prefix sum over chunks, and a placement
+that writes every sorted array at once. One launch where the pairs fit one chunk (decode sizes), three
+otherwise (the histograms, a ``cumsum`` over chunks, the placement).
+
+A pair's sorted position is the start of its expert's run, plus that expert's pairs in earlier chunks, plus
+its rank among that expert's pairs in its own chunk (a cumulative sum down a one-hot ``[chunk, E]`` tile):
+the sort is stable, the same order as ``argsort(expert_index, stable=True)``.
+
+A plan that lists exactly ``k`` pairs per token, token by token (:attr:`RoutingPlan.pairs_per_token`),
+needs no second sort for the combine: token ``t``'s pairs are the plan's ``t*k`` to ``t*k + k - 1``, so
+their sorted positions (the inverse of the order, written by the placement) are the by-token list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mixcompile_plugins.triton import next_power_of_2
+
+MAX_COUNTED_EXPERTS = 256  # the one-hot tile is [chunk, E]; more experts sort with argsort
+_TILE = 8192  # elements of the one-hot tile, so a chunk holds _TILE // E_POW2 pairs
+_WARPS = 8
+
+
+@triton.jit
+def _expert_counts_kernel(expert_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``counts[c + 1, e]``: how many pairs of chunk ``c`` go to expert ``e``; row 0 is zeros, so the
+    cumulative sum's row ``c`` counts the pairs before chunk ``c``."""
+    c = tl.program_id(0)
+    pairs = c * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_E)
+    expert = tl.load(expert_ptr + pairs, mask=pairs < P, other=-1)
+    onehot = (expert[:, None] == cols[None, :]).to(tl.int32)
+    tl.store(counts_ptr + (c + 1) * E + cols, tl.sum(onehot, axis=0), mask=cols < E)
+    if c == 0:
+        tl.store(counts_ptr + cols, tl.zeros((BLOCK_E,), tl.int32), mask=cols < E)
+
+
+@triton.jit
+def _place_kernel(
+    token_ptr, expert_ptr, weight_ptr, running_ptr,
+    order_ptr, rows_ptr, sorted_expert_ptr, sorted_weight_ptr, position_ptr, offsets_ptr, token_offsets_ptr,
+    P, E, CHUNKS,
+    ONE_CHUNK: tl.constexpr, PAIRS_PER_TOKEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """Writes each pair of chunk ``c`` at its sorted position; ``running`` is the counts' cumulative sum
+    over chunks (row ``c``: each expert's pairs before chunk ``c``; the last row: all of them)."""
+    c = tl.program_id(0)
+    pairs = c * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = pairs < P
+    cols = tl.arange(0, BLOCK_E)
+    expert = tl.load(expert_ptr + pairs, mask=valid, other=-1)
+    onehot = (expert[:, None] == cols[None, :]).to(tl.int32)
+    if ONE_CHUNK:
+        total = tl.sum(onehot, axis=0)
+        before = tl.zeros((BLOCK_E,), tl.int32)
+    else:
+        total = tl.load(running_ptr + CHUNKS * E + cols, mask=cols < E, other=0)
+        before = tl.load(running_ptr + c * E + cols, mask=cols < E, other=0)
+    starts = tl.cumsum(total, axis=0) - total  # each expert's first sorted position
+    rank = tl.cumsum(onehot, axis=0) - 1  # in a pair's own expert column: its rank there within the chunk
+    dest = tl.sum(onehot * ((starts + before)[None, :] + rank), axis=1)
+    token = tl.load(token_ptr + pairs, mask=valid, other=0)
+    weight = tl.load(weight_ptr + pairs, mask=valid, other=0.0)
+    tl.store(order_ptr + dest, pairs.to(tl.int64), mask=valid)
+    tl.store(rows_ptr + dest, token.to(tl.int32), mask=valid)
+    tl.store(sorted_expert_ptr + dest, expert, mask=valid)
+    tl.store(sorted_weight_ptr + dest, weight.to(tl.float32), mask=valid)
+    tl.store(position_ptr + pairs, dest, mask=valid)
+    if c == 0:
+        tl.store(offsets_ptr + cols, starts, mask=cols < E)
+        tl.store(offsets_ptr + E, P)
+    if PAIRS_PER_TOKEN > 0:  # token t's pairs start at t * k
+        first = valid & (pairs % PAIRS_PER_TOKEN == 0)
+        tl.store(token_offsets_ptr + pairs // PAIRS_PER_TOKEN, pairs, mask=first)
+        if c == 0:
+            tl.store(token_offsets_ptr + P // PAIRS_PER_TOKEN, P)
+
+
+@dataclass(frozen=True)
+class ByExpert:
+    """A plan's pairs in expert order (stable), and where each of the plan's pairs went."""
+
+    order: torch.Tensor  # [P] int64: the plan's pair index of each sorted pair
+    rows: torch.Tensor  # [P] int32: token of each sorted pair
+    expert: torch.Tensor  # [P] int64: expert of each sorted pair
+    weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
+    offsets: torch.Tensor  # [E + 1] int32: expert e's pairs are sorted positions offsets[e]:offsets[e + 1]
+    position: torch.Tensor | None  # [P] int32: sorted position of each plan pair (with pairs_per_token)
+    token_offsets: torch.Tensor | None  # [N + 1] int32: t * pairs_per_token (with pairs_per_token)
+
+
+def sort_by_expert(
+    token_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    weight: torch.Tensor,
+    num_experts: int,
+    pairs_per_token: int,
+) -> ByExpert:
+    """The pairs in expert order; ``position`` and ``token_offsets`` too when ``pairs_per_token > 0`` (the
+    plan lists exactly that many pairs per token, token by token)."""
+    if num_experts > MAX_COUNTED_EXPERTS:
+        return _argsort_by_expert(token_index, expert_index, weight, num_experts, pairs_per_token)
+    p, device = expert_index.numel(), expert_index.device
+    order = torch.empty(p, device=device, dtype=torch.int64)
+    rows = torch.empty(p, device=device, dtype=torch.int32)
+    expert = torch.empty(p, device=device, dtype=torch.int64)
+    sorted_weight = torch.empty(p, device=device, dtype=torch.float32)
+    position = torch.empty(p, device=device, dtype=torch.int32)
+    offsets = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
+    fixed = pairs_per_token > 0
+    token_offsets = torch.empty(p // pairs_per_token + 1 if fixed else 0, device=device, dtype=torch.int32)
+    block_e = next_power_of_2(num_experts)
+    block_p = _TILE // block_e
+    chunks = max(1, -(-p // block_p))
+    running = offsets  # unread with one chunk
+    if chunks > 1:
+        counts = torch.empty(chunks + 1, num_experts, device=device, dtype=torch.int32)
+        _expert_counts_kernel[(chunks,)](
+            expert_index, counts, p, num_experts, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=_WARPS
+        )
+        running = counts.cumsum_(0)
+    _place_kernel[(chunks,)](
+        token_index, expert_index, weight, running,
+        order, rows, expert, sorted_weight, position, offsets, token_offsets,
+        p, num_experts, chunks,
+        ONE_CHUNK=chunks == 1, PAIRS_PER_TOKEN=max(pairs_per_token, 0), BLOCK_P=block_p, BLOCK_E=block_e,
+        num_warps=_WARPS,
+    )  # fmt: skip
+    if not fixed:
+        return ByExpert(order, rows, expert, sorted_weight, offsets, None, None)
+    return ByExpert(order, rows, expert, sorted_weight, offsets, position, token_offsets)
+
+
+def _argsort_by_expert(
+    token_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    weight: torch.Tensor,
+    num_experts: int,
+    pairs_per_token: int,
+) -> ByExpert:
+    """The same with ``argsort`` and ``searchsorted``: for more experts than a one-hot tile holds."""
+    order = torch.argsort(expert_index, stable=True)
+    expert = expert_index[order]
+    rows = token_index[order].to(torch.int32)
+    offsets = segment_starts(expert, num_experts)
+    position = token_offsets = None
+    if pairs_per_token > 0:
+        p = order.numel()
+        position = torch.empty(p, device=order.device, dtype=torch.int32)
+        position[order] = torch.arange(p, device=order.device, dtype=torch.int32)
+        token_offsets = torch.arange(0, p + 1, pairs_per_token, device=order.device, dtype=torch.int32)
+    return ByExpert(order, rows, expert, weight[order].float(), offsets, position, token_offsets)
+
+
+def segment_starts(sorted_keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """``[num_keys + 1]`` int32 start of each key's run in ``sorted_keys`` (no host sync, unlike bincount)."""
+    keys = torch.arange(num_keys + 1, device=sorted_keys.device, dtype=sorted_keys.dtype)
+    return torch.searchsorted(sorted_keys, keys).to(torch.int32)
