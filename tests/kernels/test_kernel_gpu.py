@@ -116,11 +116,16 @@ def test_moe_against_float64(sizes, precision):
     chosen = torch.rand(tokens, e).argsort(dim=1)[:, :k]  # k distinct experts per token, fresh each run
     weight = torch.rand(tokens * k).to(DEVICE)
     tokens_index = torch.arange(tokens).repeat_interleave(k).to(DEVICE)
+    # bf16 runs as routers and transformers' experts do (pairs_per_token declared: no sort by token), fp32
+    # and tf32 without it, so both ways of listing each token's pairs run at real sizes
+    declared = k if precision == "bf16" else None
 
     def run(kernel, experts, x, weight):
         x = x.detach().clone().requires_grad_()
         weight = weight.detach().clone().requires_grad_()
-        plan = RoutingPlan(tokens_index, chosen.reshape(-1).to(DEVICE), weight, tokens, e)
+        plan = RoutingPlan(
+            tokens_index, chosen.reshape(-1).to(DEVICE), weight, tokens, e, pairs_per_token=declared
+        )
         y = kernel.moe(x, plan, experts)
         with torch.no_grad():
             y_infer = kernel.moe(x, plan, experts)
@@ -235,7 +240,9 @@ def test_transformers_weight_layouts_against_float64(layout):
         halves = (w_up[:, 0::2], w_up[:, 1::2]) if layout == "interleaved" else (w_up[:, :h], w_up[:, h:])
         experts = ExpertsView(halves[1], halves[0], w_out, None, None, None, "silu")
         tokens_index = torch.arange(tokens).repeat_interleave(k).to(DEVICE)
-        plan = RoutingPlan(tokens_index, chosen.to(DEVICE), weight.to(DEVICE, dtype), tokens, e)
+        plan = RoutingPlan(
+            tokens_index, chosen.to(DEVICE), weight.to(DEVICE, dtype), tokens, e, pairs_per_token=k
+        )
         y = kernel.moe(leaves[0], plan, experts)
         return y, _grads(y, leaves, 2)
 

@@ -116,10 +116,13 @@ def test_router_plans_are_valid(router, tokens, experts, k_frac, capacity, seed)
         assert (load <= cap).all()
     if router == "expert_choice":
         assert (load == min(tokens, math.ceil(capacity * tokens * top_k / experts))).all()
+        assert plan.pairs_per_token is None  # expert by expert, not token by token
         return
     per_token = torch.bincount(plan.token_index, minlength=tokens)
     assert (per_token <= top_k).all()
     assert int(per_token.sum()) + plan.dropped_assignments == tokens * top_k
+    # dropless plans declare their token-by-token order (checked above), so kernels skip a sort
+    assert plan.pairs_per_token == (top_k if capacity is None else None)
     if capacity is None:
         assert (per_token == top_k).all()
         sums = torch.zeros(tokens).index_add(0, plan.token_index, plan.weight)
