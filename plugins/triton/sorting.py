@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixcompile_plugins.triton import next_power_of_2
+from mixcompile_plugins.triton import cdiv, next_power_of_2
 
 MAX_COUNTED_EXPERTS = 256  # the one-hot tile is [chunk, E]; more experts sort with argsort
 _TILE = 8192  # elements of the one-hot tile, so a chunk holds _TILE // E_POW2 pairs
@@ -120,7 +120,7 @@ def sort_by_expert(
     token_offsets = torch.empty(p // pairs_per_token + 1 if fixed else 0, device=device, dtype=torch.int32)
     block_e = next_power_of_2(num_experts)
     block_p = _TILE // block_e
-    chunks = max(1, -(-p // block_p))
+    chunks = max(1, cdiv(p, block_p))
     running = offsets  # unread with one chunk
     if chunks > 1:
         counts = torch.empty(chunks + 1, num_experts, device=device, dtype=torch.int32)
