@@ -5,8 +5,9 @@ with and without grad, and every gradient, with outputs poisoned with NaN so an 
 then prints one table (bf16, 16,384 tokens, d=1024) of time, TFLOP/s, the ratio to the Triton kernel and peak
 memory, all measured in this run: a dense FFN (h=4096), the MoE and MoT workloads, decode-sized MoE forwards
 (1 to 512 tokens; eager, where the host's time dominates, and replayed from a CUDA graph, pass "graph", for
-the Triton kernel and ``torch._grouped_mm``), and one MoE workload in fp32 at torch's default "highest"
-matmul precision. MoE rows
+the Triton kernel and ``torch._grouped_mm``), the routing's sort of the pairs alone (the counting sort with
+and without ``pairs_per_token`` against the argsort-based sort it replaced), and one MoE workload in fp32 at
+torch's default "highest" matmul precision. MoE rows
 include routing (gate, softmax, top-k: the fused routing step for the Triton kernel, as the block runs it);
 MoT rows include the controller. ``--json`` writes every figure and check to a file. Exits 1 if a check
 fails. ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter, to check that the script works;
@@ -310,6 +311,48 @@ def decode_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) 
     return rows
 
 
+# --------------------------------------------------------------------------------------------- routing
+
+
+def routing_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    """The pairs' sort alone (``route``: by expert, and each token's pairs for the combine) at the smallest,
+    a middle and the largest size: the counting sort with ``pairs_per_token`` (what routers and transformers'
+    experts declare), without it (plus an argsort by token), and the argsort-based sort it replaced (two
+    stable argsorts, two ``searchsorted``), eager and replayed from a CUDA graph: the routing's share of the
+    MoE and decode rows."""
+    from mixcompile_plugins.triton.moe_kernels import route
+    from mixcompile_plugins.triton.sorting import segment_starts
+
+    def argsorted(token, expert, weight, n, e):
+        order = torch.argsort(expert, stable=True)
+        rows_ = token[order]
+        by_token = torch.argsort(rows_, stable=True)
+        offsets, token_offsets = segment_starts(expert[order], e), segment_starts(rows_[by_token], n)
+        return order, offsets, by_token.int(), token_offsets, weight[order].float()
+
+    rows = []
+    for experts, top_k, _ in sizes.moe:
+        for tokens in (sizes.decode[0], sizes.decode[len(sizes.decode) // 2], sizes.tokens):
+            g = torch.Generator().manual_seed(tokens)
+            chosen = torch.rand(tokens, experts, generator=g).argsort(dim=1)[:, :top_k].reshape(-1).to(device)
+            token = torch.arange(tokens, device=device).repeat_interleave(top_k)
+            weight = torch.rand(tokens * top_k, generator=g).to(device)
+            name = f"routing E={experts} top-{top_k}, {tokens} tok"
+            impls = {
+                "triton": partial(route, token, chosen, weight, tokens, experts, top_k),
+                "triton, by token": partial(route, token, chosen, weight, tokens, experts, 0),
+                "argsort": partial(argsorted, token, chosen, weight, tokens, experts),
+            }
+            with poisoned():
+                got, ref = impls["triton"](), impls["argsort"]()
+                check(name, [got.order, got.groups.offsets], [ref[0], ref[1]], ["order", "offsets"], 0.0)
+            for impl_name, fn in impls.items():
+                rows.append(Row(name, "sort", impl_name, timed(fn, device)[0], 0.0, None))
+                if device.type == "cuda":
+                    rows.append(Row(name, "graph", impl_name, replayed(fn), 0.0, None))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- MoT
 
 
@@ -466,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = dense_rows(sizes, device) + moe_rows(sizes, device, moe_impls)
     rows += mot_rows(sizes, device, mot_impls) + decode_rows(sizes, device, moe_impls)
+    rows += routing_rows(sizes, device)
     if not args.smoke:  # fp32 at "highest": three-product TF32 dots against cuBLAS's fp32
         fp32 = replace(sizes, moe=sizes.moe[:1], dtype=torch.float32)
         rows += moe_rows(fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}, "fp32 ")
