@@ -68,6 +68,12 @@ def route(
 
     ``pairs_per_token > 0`` declares that token ``t``'s pairs are the plan's ``t*k`` to ``t*k + k - 1``
     (:attr:`mixcompile.RoutingPlan.pairs_per_token`): the by-token lists then come with the sort."""
+    if pairs_per_token and token_index.numel() != num_tokens * pairs_per_token:
+        raise ValueError(
+            f"a RoutingPlan with pairs_per_token={pairs_per_token} and {num_tokens} tokens must list "
+            f"{num_tokens * pairs_per_token} pairs, got {token_index.numel()} (pairs_per_token=None if some "
+            "were dropped)."
+        )
     pairs = sort_by_expert(token_index, expert_index, weight, num_experts, pairs_per_token)
     if pairs.position is not None and pairs.token_offsets is not None:
         by_token, token_offsets = pairs.position, pairs.token_offsets

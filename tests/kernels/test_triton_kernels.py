@@ -224,6 +224,17 @@ def test_counting_sort_by_expert(experts, pairs, k):
     assert torch.equal(got.token_offsets, torch.arange(0, pairs + 1, k, dtype=torch.int32))
 
 
+def test_a_plan_whose_pairs_do_not_match_pairs_per_token_is_refused():
+    """Kernels are called with plans that no router check saw (expert parallelism, direct callers): a count
+    that contradicts pairs_per_token is an error, not a combine reading past its offsets."""
+    plan = topk_plan(9, 4, 2)
+    short = dataclasses.replace(
+        plan, token_index=plan.token_index[1:], expert_index=plan.expert_index[1:], weight=plan.weight[1:]
+    )
+    with pytest.raises(ValueError, match=r"pairs_per_token=2 and 9 tokens must list 18 pairs, got 17"):
+        triton_kernel().moe(torch.randn(9, 24, device=DEVICE), short, make_experts())
+
+
 def test_moe_pairs_per_token_gives_what_the_sorted_tokens_give():
     """A plan declaring pairs_per_token skips the sort by token: same output and gradients (to rounding:
     a token's pairs are summed in plan order rather than expert order) as the same plan without it."""
