@@ -31,17 +31,22 @@ _WARPS = 8
 
 
 @triton.jit
-def _expert_counts_kernel(expert_ptr, counts_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
-    """``counts[c + 1, e]``: how many pairs of chunk ``c`` go to expert ``e``; row 0 is zeros, so the
-    cumulative sum's row ``c`` counts the pairs before chunk ``c``."""
+def _expert_counts_kernel(
+    expert_ptr, counts_ptr, P, E, CHUNKS, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr
+):  # fmt: skip
+    """``counts[e, c + 1]``: how many pairs of chunk ``c`` go to expert ``e``; column 0 is zeros, so the
+    cumulative sum's column ``c`` counts the pairs before chunk ``c``. Chunks along the contiguous
+    dimension: a ``cumsum`` over it is one parallel scan per expert, where one down the other dimension
+    runs a serial loop over the chunks (measured on an H100: 206 us for 1024 chunks of E64 top-8 pairs)."""
     c = tl.program_id(0)
     pairs = c * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.arange(0, BLOCK_E)
     expert = tl.load(expert_ptr + pairs, mask=pairs < P, other=-1)
     onehot = (expert[:, None] == cols[None, :]).to(tl.int32)
-    tl.store(counts_ptr + (c + 1) * E + cols, tl.sum(onehot, axis=0), mask=cols < E)
+    row = counts_ptr + cols * (CHUNKS + 1)
+    tl.store(row + c + 1, tl.sum(onehot, axis=0), mask=cols < E)
     if c == 0:
-        tl.store(counts_ptr + cols, tl.zeros((BLOCK_E,), tl.int32), mask=cols < E)
+        tl.store(row, tl.zeros((BLOCK_E,), tl.int32), mask=cols < E)
 
 
 @triton.jit
@@ -51,8 +56,8 @@ def _place_kernel(
     P, E, CHUNKS,
     ONE_CHUNK: tl.constexpr, PAIRS_PER_TOKEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    """Writes each pair of chunk ``c`` at its sorted position; ``running`` is the counts' cumulative sum
-    over chunks (row ``c``: each expert's pairs before chunk ``c``; the last row: all of them)."""
+    """Writes each pair of chunk ``c`` at its sorted position; ``running [E, CHUNKS + 1]`` is the counts'
+    cumulative sum over chunks (column ``c``: each expert's pairs before chunk ``c``; the last: all)."""
     c = tl.program_id(0)
     pairs = c * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pairs < P
@@ -63,8 +68,9 @@ def _place_kernel(
         total = tl.sum(onehot, axis=0)
         before = tl.zeros((BLOCK_E,), tl.int32)
     else:
-        total = tl.load(running_ptr + CHUNKS * E + cols, mask=cols < E, other=0)
-        before = tl.load(running_ptr + c * E + cols, mask=cols < E, other=0)
+        row = running_ptr + cols * (CHUNKS + 1)
+        total = tl.load(row + CHUNKS, mask=cols < E, other=0)
+        before = tl.load(row + c, mask=cols < E, other=0)
     starts = tl.cumsum(total, axis=0) - total  # each expert's first sorted position
     rank = tl.cumsum(onehot, axis=0) - 1  # in a pair's own expert column: its rank there within the chunk
     dest = tl.sum(onehot * ((starts + before)[None, :] + rank), axis=1)
@@ -123,11 +129,11 @@ def sort_by_expert(
     chunks = max(1, cdiv(p, block_p))
     running = offsets  # unread with one chunk
     if chunks > 1:
-        counts = torch.empty(chunks + 1, num_experts, device=device, dtype=torch.int32)
+        counts = torch.empty(num_experts, chunks + 1, device=device, dtype=torch.int32)
         _expert_counts_kernel[(chunks,)](
-            expert_index, counts, p, num_experts, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=_WARPS
+            expert_index, counts, p, num_experts, chunks, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=_WARPS
         )
-        running = counts.cumsum_(0)
+        running = counts.cumsum_(1)
     _place_kernel[(chunks,)](
         token_index, expert_index, weight, running,
         order, rows, expert, sorted_weight, position, offsets, token_offsets,
