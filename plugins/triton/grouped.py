@@ -358,18 +358,18 @@ def _wgrad_smem(config: triton.Config, args: dict) -> int:
 
 @autotune(
     _WGRAD_CONFIGS,
-    ["M", "N", "ROWS_HINT", "HAS_BIAS", "PRECISION"],
+    ["M", "N", "SD_N", "ROWS_HINT", "HAS_BIAS", "PRECISION"],
     _wgrad_smem,
     _one_tile,
 )
 @triton.jit
 def _wgrad_kernel(
     a_ptr, b_ptr, offsets_ptr, dw_ptr, db_ptr,
-    M, N, ROWS_HINT,
+    M, N, SD_E, SD_M, SD_N, ROWS_HINT,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dW[e] = sum over e's sorted rows s of A[s]^T B[s] ([E, M, N]); db[e] = sum of A[s].
+    """dW[e] = sum over e's sorted rows s of A[s]^T B[s] ([E, M, N], strides ``SD_*``); db[e] = sum of A[s].
 
     One program owns one output tile of one expert and walks that expert's rows in order: no atomics, and
     an expert without rows writes zeros. Both operands are in sorted order: a row gathered inside this loop
@@ -401,7 +401,8 @@ def _wgrad_kernel(
         acc = mma(a, b, acc, PRECISION)
         if HAS_BIAS:
             col += tl.sum(a.to(tl.float32), 1)
-    out = expert.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
+    out = expert.to(tl.int64) * SD_E + offs_m[:, None].to(tl.int64) * SD_M
+    out += offs_n[None, :].to(tl.int64) * SD_N
     tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     if HAS_BIAS:  # noqa: SIM102 (a compile-time test, then a runtime one)
         if pid_n == 0:
@@ -507,19 +508,28 @@ def up_backward(
 
 
 def weight_grad(
-    a: torch.Tensor, b: torch.Tensor, groups: Groups, *, bias: bool, dtype: torch.dtype
+    a: torch.Tensor,
+    b: torch.Tensor,
+    groups: Groups,
+    *,
+    bias: bool,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dW [E, M, N]`` (and ``db [E, M]``) summing ``a^T b`` over each expert's rows (both sorted)."""
+    """``dW [E, M, N]`` (and ``db [E, M]``) summing ``a^T b`` over each expert's rows (both sorted); ``dW``
+    is written into ``out`` (any strides: e.g. one half of a fused gate-up gradient) where given."""
     e = groups.num_experts
     i, j = a.shape[1], b.shape[1]
-    dw = torch.empty(e, i, j, device=a.device, dtype=dtype)
+    if out is not None and (out.shape != (e, i, j) or out.dtype != dtype):
+        raise ValueError(f"weight_grad: out is {tuple(out.shape)} {out.dtype}, expected {(e, i, j)} {dtype}")
+    dw = torch.empty(e, i, j, device=a.device, dtype=dtype) if out is None else out
     db = torch.empty(e, i, device=a.device, dtype=dtype) if bias else None
 
     def grid(meta: dict) -> tuple[int, int]:
         return cdiv(i, meta["BLOCK_M"]) * cdiv(j, meta["BLOCK_N"]), e
 
     _wgrad_kernel[grid](
-        a, b, groups.offsets, dw, _or(db, dw), i, j, groups.rows_hint,
+        a, b, groups.offsets, dw, _or(db, dw), i, j, *dw.stride(), groups.rows_hint,
         HAS_BIAS=bias, PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return dw, db

@@ -150,9 +150,11 @@ def moe_backward(
     pre: torch.Tensor,
     pre_gate: torch.Tensor | None,
     activation: str,
+    into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MoEGrads:
     """Every gradient of :func:`moe_forward` from ``dy [N, d]`` and the saved pre-activations (the input
-    biases are not needed)."""
+    biases are not needed). ``into``: where to write the up and gate weights' gradients (``(dw_in,
+    dw_gate)``, e.g. the two halves of one fused gate-up gradient) instead of new tensors."""
     w_in, w_gate, w_out, b_out = experts.w_in, experts.w_gate, experts.w_out, experts.b_out
     groups = routing.groups
     hidden, d_pre, d_pre_gate, dweight_sorted = up_backward(
@@ -170,12 +172,15 @@ def moe_backward(
     dw_out, db_out = weight_grad(dy_sorted, hidden, groups, bias=has_bias, dtype=wdt)
     del dy_sorted
     x_sorted = torch.index_select(x, 0, groups.rows)
-    dw_in, db_in = weight_grad(d_pre, x_sorted, groups, bias=has_bias, dtype=wdt)
+    dw_in_out, dw_gate_out = (None, None) if into is None else into
+    dw_in, db_in = weight_grad(d_pre, x_sorted, groups, bias=has_bias, dtype=wdt, out=dw_in_out)
     dw_gate = db_gate = None
     second = None
     if pre_gate is not None:
         assert d_pre_gate is not None and w_gate is not None  # a gated block's
-        dw_gate, db_gate = weight_grad(d_pre_gate, x_sorted, groups, bias=has_bias, dtype=wdt)
+        dw_gate, db_gate = weight_grad(
+            d_pre_gate, x_sorted, groups, bias=has_bias, dtype=wdt, out=dw_gate_out
+        )
         second = (d_pre_gate, w_gate)
     del x_sorted
     dx_pairs = matmul(d_pre, groups, w_in, None, transposed=False, second=second)

@@ -146,6 +146,45 @@ def _(x, token_index, expert_index, weight, w_in, w_gate, w_out, b_in, b_gate, b
     return x.new_empty(x.shape), pre, pre_gate, routing
 
 
+def _dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether a strided box (offset 0) holds each of ``0 .. numel - 1`` exactly once."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(shape, strides, strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _fused_halves(w_in: Tensor, w_gate: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """Where the eager backward writes ``w_in``'s and ``w_gate``'s gradients when the two are the halves of
+    one tensor (views that together cover it exactly once, as transformers' ``gate_up_proj`` is split):
+    the same halves of one new tensor laid out like it. A consumer that knows the split passes that tensor
+    on as the fused tensor's gradient without a copy (``mixcompile.integrations.transformers_experts``);
+    any other consumer sees two ordinary gradients."""
+    base = w_in._base
+    if w_gate is None or base is None or w_gate._base is not base or w_gate.dtype != base.dtype:
+        return None
+    delta = int(w_gate.storage_offset() - w_in.storage_offset())
+    together = _dense(tuple(w_in.shape) + (2,), tuple(w_in.stride()) + (abs(delta),))
+    if not (
+        w_gate.shape == w_in.shape
+        and w_gate.stride() == w_in.stride()
+        and base.numel() == 2 * w_in.numel()
+        and _dense(tuple(base.shape), tuple(base.stride()))
+        and together
+        and min(w_in.storage_offset(), w_gate.storage_offset()) == base.storage_offset()
+    ):
+        return None
+    grad = torch.empty_like(base)  # a dense base's strides are kept
+
+    def half(w: Tensor) -> Tensor:
+        offset = grad.storage_offset() + w.storage_offset() - base.storage_offset()
+        return grad.as_strided(w.shape, w.stride(), offset)
+
+    return half(w_in), half(w_gate)
+
+
 def _moe_backward_grads(
     dy: Tensor,
     x: Tensor,
@@ -161,13 +200,27 @@ def _moe_backward_grads(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)``; absent ones empty. ``routing`` is
     what the forward op returned."""
+    args = (dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activation)
+    return _moe_backward_into(*args, into=None)
+
+
+def _moe_backward_eager(*args) -> tuple[Tensor, ...]:
+    """The backward without the op: the halves of a fused gate-up weight get the halves of one gradient
+    (:func:`_fused_halves`), which an op could not return (its outputs may not alias each other)."""
+    w_in, w_gate = args[4], args[5]
+    return _moe_backward_into(*args, into=_fused_halves(w_in, w_gate))
+
+
+def _moe_backward_into(
+    dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activation, *, into
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if x.shape[0] == 0:
         return _zero_moe_grads(x, weight, w_in, w_gate, w_out, b_out)
     with _device(x):
         unpacked = unpack(routing, weight, x.shape[0], w_in.shape[0])
         experts = _packed(w_in, w_gate, w_out, None, None, b_out)
         dy, x = dy.contiguous(), x.contiguous()
-        g = moe_backward(dy, x, unpacked, weight.dtype, experts, pre, _present(pre_gate), activation)
+        g = moe_backward(dy, x, unpacked, weight.dtype, experts, pre, _present(pre_gate), activation, into)
     dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _returned(g.experts, x)
     return g.x, g.weight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out
 
@@ -218,7 +271,7 @@ def _moe_backward(ctx, dy, _d_pre, _d_pre_gate, _d_routing):
     if unsaved and x.shape[0]:
         raise RuntimeError("mixcompile::moe_forward ran without save=True; its inputs did not require grad.")
     dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _call(
-        moe_backward_op, _moe_backward_grads,
+        moe_backward_op, _moe_backward_eager,
         dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, ctx.activation,
     )  # fmt: skip
     has_gate, has_b_in, has_b_gate = ctx.optional

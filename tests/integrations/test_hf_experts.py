@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton_setup import import_triton
 
 import mixcompile as mc
@@ -546,6 +547,66 @@ def test_every_layout_flag_is_honoured(layout: dict[str, bool], kernel: str) -> 
     compare(run_experts(module, impl(kernel), x, index, weights), expected, _layout_id(layout))
     if layout["concatenated"]:  # transformers' own batched_mm agrees too (it always splits gate/up halves)
         compare(run_experts(module, "batched_mm", x, index, weights), expected, "batched_mm")
+
+
+class _AtenOps(TorchDispatchMode):
+    """The ATen ops that run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+GATED_LAYOUTS = [layout for layout in LAYOUTS if layout["gate"] and not layout["bias"]]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", GATED_LAYOUTS, ids=_layout_id)
+def test_fused_gate_up_gradient_is_built_without_copies(layout: dict[str, bool], kernel: str) -> None:
+    """The gate and up halves of ``gate_up_proj`` get one gradient, not two zero-filled full-size ones
+    summed (autograd's slice backward): the Triton kernel writes the halves of one tensor laid out like
+    the weight, which becomes the parameter's ``.grad`` as it is; other kernels' two gradients are joined
+    with one copy. Memory is NaN-filled when allocated, so a half left unwritten fails the comparison."""
+    module = toy_experts(**layout)
+    x = torch.randn(11, D, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    index, weights = routing(11, E, 2, seed=9)
+    expected = run_experts(module, "eager", x, index, weights)
+    module.config._experts_implementation = impl(kernel)
+    module.zero_grad(set_to_none=True)
+    written: list[int] = []  # where the Triton kernel's backward put the fused gradient
+    with pytest.MonkeyPatch.context() as mp:
+        if kernel == "triton":
+            ops = importlib.import_module("mixcompile_plugins.triton.ops")
+
+            def spy(w_in: torch.Tensor, w_gate: torch.Tensor | None) -> Any:
+                halves = ops_fused_halves(w_in, w_gate)
+                written.append(-1 if halves is None else halves[0]._base.data_ptr())
+                return halves
+
+            ops_fused_halves = ops._fused_halves
+            mp.setattr(ops, "_fused_halves", spy)
+        mp.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            y = module(x.clone().requires_grad_(), index, weights.clone().requires_grad_())
+            with _AtenOps() as aten:
+                y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y))
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+    grad = module.gate_up_proj.grad
+    check_close(grad, expected["grad gate_up_proj"], f"{_layout_id(layout)} {kernel}")
+    assert grad.stride() == module.gate_up_proj.stride()
+    assert "slice_backward" not in aten.names, str(aten.names)
+    joins = [name for name in aten.names if name in ("cat", "stack")]
+    if kernel == "triton":
+        assert written == [grad.data_ptr()] and not joins, str(aten.names)
+    else:
+        assert len(joins) == 1, str(aten.names)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu2", "relu", "quick_gelu", "gelu_new"])

@@ -49,6 +49,7 @@ def _import_triton() -> None:
 _import_triton()
 from mixcompile_plugins.triton.grouped import _partial_offsets  # noqa: E402 (after the interpreter is chosen)
 from mixcompile_plugins.triton.mot_kernels import _expert_rows, _members  # noqa: E402
+from mixcompile_plugins.triton.ops import _fused_halves  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,6 +192,36 @@ def test_moe_is_deterministic():
     (y1, g1), (y2, g2) = (moe_run(triton_kernel(), x, plan, experts) for _ in range(2))
     assert torch.equal(y1, y2)
     assert all(torch.equal(g1[k], g2[k]) for k in g1 if g1[k] is not None)
+
+
+def test_fused_halves_only_for_two_halves_that_cover_one_tensor():
+    """The backward writes a gate and up weight's gradients into the halves of one new tensor only when the
+    two weights are exactly the halves of one (any split, any strides); otherwise each gets its own."""
+    fused = torch.randn(3, 10, 4)
+    for gate, up in [
+        (fused[:, :5], fused[:, 5:]),  # concatenated
+        (fused[:, 0::2], fused[:, 1::2]),  # interleaved
+        (fused[:, 5:], fused[:, :5]),  # either order
+    ]:
+        d_up, d_gate = _fused_halves(up, gate)
+        assert d_up._base is d_gate._base and d_up._base.shape == fused.shape
+        assert (d_up.stride(), d_gate.stride()) == (up.stride(), gate.stride())
+        d_up.copy_(up)
+        d_gate.copy_(gate)
+        torch.testing.assert_close(d_up._base, fused)  # the halves land where the weights' halves are
+    transposed = torch.randn(3, 4, 10).mT  # transformers' is_transposed layout
+    d_up, d_gate = _fused_halves(transposed[:, 5:], transposed[:, :5])
+    assert d_up._base.stride() == transposed.mT.stride()
+    wider = torch.randn(3, 12, 4)
+    for gate, up in [
+        (fused[:, :5], fused[:, :5]),  # the same half twice
+        (fused[:, :4], fused[:, 4:8]),  # not all of it
+        (wider[:, :5], wider[:, 5:10]),  # a larger tensor's parts
+        (fused[:, :5], fused[:, 5:].clone()),  # two tensors
+        (fused[:, 0::2], fused[:, 5:]),  # different strides
+        (None, fused[:, 5:]),  # no gate
+    ]:
+        assert _fused_halves(up, gate) is None
 
 
 @pytest.mark.parametrize(
