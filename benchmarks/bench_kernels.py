@@ -9,7 +9,9 @@ the Triton kernel and ``torch._grouped_mm``), the routing's sort of the pairs al
 and without ``pairs_per_token`` against the argsort-based sort it replaced), and one MoE workload in fp32 at
 torch's default "highest" matmul precision. MoE rows
 include routing (gate, softmax, top-k: the fused routing step for the Triton kernel, as the block runs it);
-MoT rows include the controller. ``--json`` writes every figure and check to a file. Exits 1 if a check
+MoT rows include the controller. After the table, where each training step's GPU time goes: every kernel's
+time per step, profiled for each implementation of the MoE and MoT training steps (so the next change can
+aim at the largest). ``--json`` writes every figure, check and profile to a file. Exits 1 if a check
 fails. ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter, to check that the script works;
 without a GPU and without ``--smoke`` it says so and exits.
 
@@ -87,6 +89,7 @@ class Check:
 
 
 CHECKS: list[Check] = []
+PROFILES: dict[str, list[dict]] = {}  # "workload, pass, implementation" -> kernels, most time first
 
 
 def check(workload: str, got: list, want: list, names: list[str], tol: float) -> float:
@@ -159,6 +162,37 @@ def replayed(fn: Callable[[], object]) -> float | None:
     except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a row saying why
         print(f"  not captured: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         return None
+
+
+def kernel_profile(fn: Callable[[], object], device: torch.device) -> list[dict]:
+    """Each kernel's time per call of ``fn`` (``torch.profiler``, five calls after one unprofiled), most
+    first: GPU time on a GPU; on the CPU (the smoke run: one call, in the interpreter) each op's CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    steps = 5 if cuda else 1
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernels = [
+        {"kernel": e.key, "calls": e.count / steps, "us": getattr(e, own) / steps}
+        for e in prof.key_averages()
+        if getattr(e, own) > 0
+    ]
+    return sorted(kernels, key=lambda k: -k["us"])
+
+
+def profiled(name: str, fn: Callable[[], object], device: torch.device) -> None:
+    """Records :func:`kernel_profile` of ``fn`` under ``name``; an implementation that cannot run here
+    (``_grouped_mm`` before Hopper) is left out."""
+    try:
+        PROFILES[name] = kernel_profile(fn, device)
+    except (RuntimeError, NotImplementedError) as exc:
+        print(f"  not profiled: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
@@ -282,6 +316,12 @@ def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable], pre
             for impl_name, impl in impls.items():
                 ms, peak = timed(partial(problem.run, impl, backward, impl_name == "triton"), device)
                 rows.append(Row(name, mode, impl_name, ms, flops, peak))
+                if backward:
+                    profiled(
+                        f"{name}, {mode}, {impl_name}",
+                        partial(problem.run, impl, True, impl_name == "triton"),
+                        device,
+                    )
             step = partial(dense_step, dense, problem.x, problem.dy, backward)
             ms, peak = timed(step, device)
             rows.append(Row(name, mode, f"dense h={top_k * hidden}", ms, flops, peak, "no routing"))
@@ -420,6 +460,7 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
             ms, peak = timed(partial(problem.run, impl, True), device)
             label = "einsum reference" if impl_name == "torch" else impl_name
             rows.append(Row(name, "fwd+bwd", label, ms, flops, peak))
+            profiled(f"{name}, fwd+bwd, {label}", partial(problem.run, impl, True), device)
     return rows
 
 
@@ -453,6 +494,16 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.workload:40} {r.mode:8} {r.impl:18}{ms}{tflops}{x}{peak}{note}")
 
 
+def print_profiles(top: int = 6) -> None:
+    """The ``top`` kernels of each profiled step, with their share of its profiled time."""
+    for name, kernels in PROFILES.items():
+        total = sum(k["us"] for k in kernels) or 1.0
+        print(f"\n{name}: {total:.0f} us per step in {len(kernels)} kernels")
+        for k in kernels[:top]:
+            label = k["kernel"] if len(k["kernel"]) <= 70 else k["kernel"][:67] + "..."
+            print(f"  {k['us']:9.1f} us {100 * k['us'] / total:5.1f}%  x{k['calls']:<4g} {label}")
+
+
 def write_json(path: str, header: dict, rows: list[Row]) -> None:
     ratio = ratios(rows)
     table = [
@@ -460,7 +511,7 @@ def write_json(path: str, header: dict, rows: list[Row]) -> None:
         for i, r in enumerate(rows)
     ]
     checks = [{**asdict(c), "ok": c.ok} for c in CHECKS]
-    doc = {**header, "ok": all(c.ok for c in CHECKS), "checks": checks, "rows": table}
+    doc = {**header, "ok": all(c.ok for c in CHECKS), "checks": checks, "rows": table, "profiles": PROFILES}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=True)
 
@@ -515,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += moe_rows(fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}, "fp32 ")
     print()
     print_table(rows)
+    print_profiles()
     if args.json:
         write_json(args.json, header, rows)
     failed = [c for c in CHECKS if not c.ok]

@@ -7,7 +7,8 @@
 #   2. benchmarks/bench_kernels.py: its correctness pre-check at every benchmarked size, then the table (bf16,
 #      16,384 tokens, d=1024: dense FFN h=4096, MoE E8 k2 h4096 and E64 k8 h512 with torch._grouped_mm,
 #      MoT G16 / G32 E32 h512 against the einsum reference, decode rows at 1/8/64/512 tokens, the routing's
-#      sort alone against the argsort-based one it replaced, an fp32 row).
+#      sort alone against the argsort-based one it replaced, an fp32 row), and each implementation's MoE and
+#      MoT training step profiled kernel by kernel (GPU time per step, in the JSON and printed).
 #   3. benchmarks/bench_hf_experts.py (when transformers is installed): Mixtral-8x7B and Qwen3-30B-A3B experts
 #      modules through experts_implementation="mixcompile" against transformers' grouped_mm and batched_mm,
 #      checked against grouped_mm first (about 140 s on an H100), in the time left of the 8 minutes.

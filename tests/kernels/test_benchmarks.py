@@ -1,5 +1,6 @@
 """The GPU benchmark script keeps working: its ``--smoke`` mode runs every row at tiny sizes on the CPU,
-through Triton's interpreter, including the correctness checks it makes before timing."""
+through Triton's interpreter, including the correctness checks it makes before timing and the profiles
+it prints after."""
 
 from __future__ import annotations
 
@@ -25,3 +26,10 @@ def test_kernel_benchmark_smoke_run() -> None:
     assert len(errors) == 2 and max(errors) < 1e-4, done.stdout
     rows = [line.split()[0] for line in done.stdout.splitlines() if line.startswith(("MoE", "MoT"))]
     assert rows.count("MoE") == 6 and rows.count("MoT") == 2, done.stdout
+    # each implementation's training step profiled, kernel by kernel
+    profile = re.compile(r"^(MoE|MoT) .*, fwd\+bwd, (.+): (\d+) us per step in (\d+) kernels$", re.M)
+    profiles = profile.findall(done.stdout)
+    assert sorted((kind, impl) for kind, impl, _, _ in profiles) == [
+        ("MoE", "torch"), ("MoE", "triton"), ("MoT", "einsum reference"), ("MoT", "triton"),
+    ], done.stdout  # fmt: skip
+    assert all(int(us) > 0 and int(n) > 0 for *_, us, n in profiles), done.stdout
