@@ -49,7 +49,7 @@ def _import_triton() -> None:
 _import_triton()
 from mixcompile_plugins.triton.grouped import _partial_offsets  # noqa: E402 (after the interpreter is chosen)
 from mixcompile_plugins.triton.mot_kernels import _expert_rows, _members  # noqa: E402
-from mixcompile_plugins.triton.ops import _fused_halves  # noqa: E402
+from mixcompile_plugins.triton.ops import _fused_halves, fused_topk_route  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -192,6 +192,28 @@ def test_moe_is_deterministic():
     (y1, g1), (y2, g2) = (moe_run(triton_kernel(), x, plan, experts) for _ in range(2))
     assert torch.equal(y1, y2)
     assert all(torch.equal(g1[k], g2[k]) for k in g1 if g1[k] is not None)
+
+
+def test_inference_calls_give_the_training_calls_outputs():
+    """Calls autograd will not record (no grad mode; or nothing requires grad) skip the autograd Function:
+    the same outputs, bit for bit, and nothing recorded."""
+    experts = make_experts(gated=True, bias=True)
+    x = torch.randn(23, 24, device=DEVICE)
+    plan = topk_plan(23, 4, 2, seed=4)
+    y, _ = moe_run(triton_kernel(), x, plan, experts)
+    frozen = copy.deepcopy(experts).requires_grad_(False)
+    plain = dataclasses.replace(plan, weight=plan.weight.detach())
+    with torch.no_grad():
+        y_no_grad = triton_kernel().moe(x, plan, experts)
+    y_frozen = triton_kernel().moe(x, plain, frozen)
+    for got in (y_no_grad, y_frozen):
+        assert got.grad_fn is None and torch.equal(got, y)
+    logits = torch.randn(23, 4, device=DEVICE)
+    trained = fused_topk_route(logits.clone().requires_grad_(), None, 2, True)
+    with torch.no_grad():
+        inferred = fused_topk_route(logits, None, 2, True)
+    for a, b in zip(inferred, trained, strict=True):
+        assert a.grad_fn is None and torch.equal(a, b.detach())
 
 
 def test_fused_halves_only_for_two_halves_that_cover_one_tensor():
