@@ -10,7 +10,9 @@ experts module (``MixtralExperts``, ``Qwen3MoeExperts``) with the same inputs an
 Before timing, every implementation's output and gradients are compared with ``grouped_mm`` at each size.
 ``mixcompile (pre-split)`` runs the same kernel on contiguous copies of the gate / up halves made outside
 the timed region: the difference to ``mixcompile`` is what reading the fused ``gate_up_proj``'s halves in
-place (strided weight operands) costs against separate contiguous stacks (see the README).
+place (strided weight operands) costs against separate contiguous stacks (see the README). After the table,
+the forward+backward of ``mixcompile``, ``pre-split`` and ``grouped_mm`` at every size, kernel by kernel
+(GPU time per step; also in the JSON).
 
     python benchmarks/bench_hf_experts.py --out hf_experts.json          # on a GPU
     python benchmarks/bench_hf_experts.py --smoke --out smoke.json       # tiny sizes, CPU, interpreter
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from bench_profile import kernel_profile, print_profiles
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ SMOKE_SHAPES = (
 SMOKE_TOKENS = (16, 1)
 IMPLEMENTATIONS = ("mixcompile", "mixcompile (pre-split)", "grouped_mm", "batched_mm")
 BASELINE = "grouped_mm"
+PROFILED = ("mixcompile", "mixcompile (pre-split)", "grouped_mm")  # forward+backward, kernel by kernel
 
 
 @dataclass
@@ -251,6 +255,7 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
         "complete": False,
         "checks": checks,
         "rows": [],
+        "profiles": {},
     }
     for shape in shapes:
         module = build_experts(shape, device, dtype)
@@ -275,6 +280,9 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
                     with torch.no_grad():
                         fwd, fwd_peak = measure(lambda r=runner, n=name: r.forward(n, False), device)
                     both, both_peak = measure(lambda r=runner, n=name: r.forward(n, True), device)
+                    if name in PROFILED:
+                        profile = kernel_profile(lambda r=runner, n=name: r.forward(n, True), device)
+                        result["profiles"][f"{shape.name}, {tokens} tokens, fwd+bwd, {name}"] = profile
                     module.zero_grad(set_to_none=True)
                     rows.append(Row(shape.name, tokens, name, fwd, both, fwd_peak, both_peak))
                 except Exception as exc:  # noqa: BLE001 - an implementation that fails is a row saying why
@@ -337,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(args, save)
     print_table(result)
+    print_profiles(result["profiles"])
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -33,6 +33,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from bench_profile import kernel_profile, print_profiles
 
 
 @dataclass(frozen=True)
@@ -162,28 +163,6 @@ def replayed(fn: Callable[[], object]) -> float | None:
     except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a row saying why
         print(f"  not captured: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         return None
-
-
-def kernel_profile(fn: Callable[[], object], device: torch.device) -> list[dict]:
-    """Each kernel's time per call of ``fn`` (``torch.profiler``, five calls after one unprofiled), most
-    first: GPU time on a GPU; on the CPU (the smoke run: one call, in the interpreter) each op's CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    steps = 5 if cuda else 1
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-    own = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kernels = [
-        {"kernel": e.key, "calls": e.count / steps, "us": getattr(e, own) / steps}
-        for e in prof.key_averages()
-        if getattr(e, own) > 0
-    ]
-    return sorted(kernels, key=lambda k: -k["us"])
 
 
 def profiled(name: str, fn: Callable[[], object], device: torch.device) -> None:
@@ -494,16 +473,6 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.workload:40} {r.mode:8} {r.impl:18}{ms}{tflops}{x}{peak}{note}")
 
 
-def print_profiles(top: int = 6) -> None:
-    """The ``top`` kernels of each profiled step, with their share of its profiled time."""
-    for name, kernels in PROFILES.items():
-        total = sum(k["us"] for k in kernels) or 1.0
-        print(f"\n{name}: {total:.0f} us per step in {len(kernels)} kernels")
-        for k in kernels[:top]:
-            label = k["kernel"] if len(k["kernel"]) <= 70 else k["kernel"][:67] + "..."
-            print(f"  {k['us']:9.1f} us {100 * k['us'] / total:5.1f}%  x{k['calls']:<4g} {label}")
-
-
 def write_json(path: str, header: dict, rows: list[Row]) -> None:
     ratio = ratios(rows)
     table = [
@@ -566,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += moe_rows(fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}, "fp32 ")
     print()
     print_table(rows)
-    print_profiles()
+    print_profiles(PROFILES)
     if args.json:
         write_json(args.json, header, rows)
     failed = [c for c in CHECKS if not c.ok]

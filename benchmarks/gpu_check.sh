@@ -11,7 +11,8 @@
 #      MoT training step profiled kernel by kernel (GPU time per step, in the JSON and printed).
 #   3. benchmarks/bench_hf_experts.py (when transformers is installed): Mixtral-8x7B and Qwen3-30B-A3B experts
 #      modules through experts_implementation="mixcompile" against transformers' grouped_mm and batched_mm,
-#      checked against grouped_mm first (about 140 s on an H100), in the time left of the 8 minutes.
+#      checked against grouped_mm first, then each size's forward+backward profiled kernel by kernel (about 140 s
+#      on an H100), in the time left of the 8 minutes.
 # Exits non-zero if a test or a correctness check fails, or a stage runs out of its time.
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU; OUT defaults to ./gpu_out

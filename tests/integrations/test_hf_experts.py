@@ -913,7 +913,7 @@ def test_cli_inspect_reports_a_saved_hf_moe_model(tmp_path: Path, capsys: pytest
 
 def test_benchmark_smoke_run(tmp_path: Path) -> None:
     """``bench_hf_experts.py --smoke``: every row at tiny sizes on the CPU (Triton in its interpreter), its
-    correctness checks against grouped_mm passing, and the JSON it writes."""
+    correctness checks against grouped_mm passing, the profiles, and the JSON it writes."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets it itself
     out = tmp_path / "smoke.json"
@@ -939,6 +939,11 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         errors = checked["max_rel_error_vs_grouped_mm"]
         assert set(errors) == {"mixcompile", "batched_mm"} and max(errors.values()) < TOL, checked
     assert "x = grouped_mm time / this time" in done.stdout
+    profiled = {"mixcompile", "mixcompile (pre-split)", "grouped_mm"}  # forward+backward, kernel by kernel
+    assert set(result["profiles"]) == {
+        f"{shape}, {tokens} tokens, fwd+bwd, {name}" for shape, tokens in sizes for name in profiled
+    }
+    assert all(p and all(k["us"] > 0 for k in p) for p in result["profiles"].values()), result["profiles"]
 
 
 # ------------------------------------------------------------------------------------------------ table

@@ -1,0 +1,40 @@
+"""Where a step's GPU time goes, kernel by kernel (``torch.profiler``), for the benchmark scripts: the
+figure that says which kernel the next change should aim at."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def kernel_profile(fn: Callable[[], object], device: torch.device) -> list[dict]:
+    """Each kernel's time per call of ``fn`` (five calls after one unprofiled), most first: GPU time on a
+    GPU; on the CPU (smoke runs: one call, Triton in its interpreter) each op's own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    steps = 5 if cuda else 1
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernels = [
+        {"kernel": e.key, "calls": e.count / steps, "us": getattr(e, own) / steps}
+        for e in prof.key_averages()
+        if getattr(e, own) > 0
+    ]
+    return sorted(kernels, key=lambda k: -k["us"])
+
+
+def print_profiles(profiles: dict[str, list[dict]], top: int = 6) -> None:
+    """The ``top`` kernels of each profiled step, with their share of its profiled time."""
+    for name, kernels in profiles.items():
+        total = sum(k["us"] for k in kernels) or 1.0
+        print(f"\n{name}: {total:.0f} us per step in {len(kernels)} kernels")
+        for k in kernels[:top]:
+            label = k["kernel"] if len(k["kernel"]) <= 70 else k["kernel"][:67] + "..."
+            print(f"  {k['us']:9.1f} us {100 * k['us'] / total:5.1f}%  x{k['calls']:<4g} {label}")
