@@ -221,8 +221,10 @@ def test_cuda_graph_capture_replays_the_eager_result():
 @pytest.mark.parametrize("layout", ["concatenated", "interleaved", "transposed"])
 def test_transformers_weight_layouts_against_float64(layout):
     """Expert weights as transformers stores them (a fused gate_up_proj, halves or interleaved, plain or
-    transposed), read in place through their strides: bf16 output and the gradients of the fused tensors."""
-    from mixcompile.integrations.transformers_experts import ExpertsView
+    transposed), read in place through their strides, split as the transformers integration splits them
+    (the Triton kernel writes the fused weight's gradient in one piece): bf16 output and the gradients of
+    the fused tensors."""
+    from mixcompile.integrations.transformers_experts import ExpertsView, _gate_up_halves
 
     tokens, d, e, k, h, _ = MOE[0]
     tol = PRECISIONS["bf16"][2]
@@ -236,9 +238,9 @@ def test_transformers_weight_layouts_against_float64(layout):
 
     def run(kernel, dtype):
         leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (x, gate_up, down)]
-        w_up, w_out = (leaves[1].mT, leaves[2].mT) if transposed else (leaves[1], leaves[2])
-        halves = (w_up[:, 0::2], w_up[:, 1::2]) if layout == "interleaved" else (w_up[:, :h], w_up[:, h:])
-        experts = ExpertsView(halves[1], halves[0], w_out, None, None, None, "silu")
+        w_out = leaves[2].mT if transposed else leaves[2]
+        gate, up = _gate_up_halves(leaves[1], h, layout != "interleaved", transposed)
+        experts = ExpertsView(up, gate, w_out, None, None, None, "silu")
         tokens_index = torch.arange(tokens).repeat_interleave(k).to(DEVICE)
         plan = RoutingPlan(
             tokens_index, chosen.to(DEVICE), weight.to(DEVICE, dtype), tokens, e, pairs_per_token=k
