@@ -80,11 +80,11 @@ def _place_kernel(
     tl.store(rows_ptr + dest, token.to(tl.int32), mask=valid)
     tl.store(sorted_expert_ptr + dest, expert, mask=valid)
     tl.store(sorted_weight_ptr + dest, weight.to(tl.float32), mask=valid)
-    tl.store(position_ptr + pairs, dest, mask=valid)
     if c == 0:
         tl.store(offsets_ptr + cols, starts, mask=cols < E)
         tl.store(offsets_ptr + E, P)
-    if PAIRS_PER_TOKEN > 0:  # token t's pairs start at t * k
+    if PAIRS_PER_TOKEN > 0:  # token t's pairs start at t * k; their sorted positions are the by-token list
+        tl.store(position_ptr + pairs, dest, mask=valid)
         first = valid & (pairs % PAIRS_PER_TOKEN == 0)
         tl.store(token_offsets_ptr + pairs // PAIRS_PER_TOKEN, pairs, mask=first)
         if c == 0:
@@ -120,9 +120,9 @@ def sort_by_expert(
     rows = torch.empty(p, device=device, dtype=torch.int32)
     expert = torch.empty(p, device=device, dtype=torch.int64)
     sorted_weight = torch.empty(p, device=device, dtype=torch.float32)
-    position = torch.empty(p, device=device, dtype=torch.int32)
     offsets = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
-    fixed = pairs_per_token > 0
+    fixed = pairs_per_token > 0  # else the kernel writes neither of these
+    position = torch.empty(p if fixed else 0, device=device, dtype=torch.int32)
     token_offsets = torch.empty(p // pairs_per_token + 1 if fixed else 0, device=device, dtype=torch.int32)
     block_e = next_power_of_2(num_experts)
     block_p = _TILE // block_e
