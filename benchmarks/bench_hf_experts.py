@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from bench_profile import kernel_profile, print_profiles
+from bench_profile import print_profiles, profiled
 
 
 @dataclass(frozen=True)
@@ -280,15 +280,16 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
                     with torch.no_grad():
                         fwd, fwd_peak = measure(lambda r=runner, n=name: r.forward(n, False), device)
                     both, both_peak = measure(lambda r=runner, n=name: r.forward(n, True), device)
-                    if name in PROFILED:
-                        profile = kernel_profile(lambda r=runner, n=name: r.forward(n, True), device)
-                        result["profiles"][f"{shape.name}, {tokens} tokens, fwd+bwd, {name}"] = profile
-                    module.zero_grad(set_to_none=True)
                     rows.append(Row(shape.name, tokens, name, fwd, both, fwd_peak, both_peak))
                 except Exception as exc:  # noqa: BLE001 - an implementation that fails is a row saying why
                     rows.append(
                         Row(shape.name, tokens, name, None, None, None, None, f"{type(exc).__name__}: {exc}")
                     )
+                    continue
+                if name in PROFILED:
+                    key = f"{shape.name}, {tokens} tokens, fwd+bwd, {name}"
+                    profiled(result["profiles"], key, lambda r=runner, n=name: r.forward(n, True), device)
+                module.zero_grad(set_to_none=True)
             result["rows"] = [asdict(r) for r in rows]
             save(result)  # after every size: a run cut short keeps what it measured
         del module

@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from bench_profile import kernel_profile, print_profiles
+from bench_profile import print_profiles, profiled
 
 
 @dataclass(frozen=True)
@@ -165,15 +165,6 @@ def replayed(fn: Callable[[], object]) -> float | None:
         return None
 
 
-def profiled(name: str, fn: Callable[[], object], device: torch.device) -> None:
-    """Records :func:`kernel_profile` of ``fn`` under ``name``; an implementation that cannot run here
-    (``_grouped_mm`` before Hopper) is left out."""
-    try:
-        PROFILES[name] = kernel_profile(fn, device)
-    except (RuntimeError, NotImplementedError) as exc:
-        print(f"  not profiled: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
     """``measure``, or no figure where an implementation cannot run here (``_grouped_mm`` before Hopper)."""
     try:
@@ -297,6 +288,7 @@ def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable], pre
                 rows.append(Row(name, mode, impl_name, ms, flops, peak))
                 if backward:
                     profiled(
+                        PROFILES,
                         f"{name}, {mode}, {impl_name}",
                         partial(problem.run, impl, True, impl_name == "triton"),
                         device,
@@ -439,7 +431,7 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
             ms, peak = timed(partial(problem.run, impl, True), device)
             label = "einsum reference" if impl_name == "torch" else impl_name
             rows.append(Row(name, "fwd+bwd", label, ms, flops, peak))
-            profiled(f"{name}, fwd+bwd, {label}", partial(problem.run, impl, True), device)
+            profiled(PROFILES, f"{name}, fwd+bwd, {label}", partial(problem.run, impl, True), device)
     return rows
 
 

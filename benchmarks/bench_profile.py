@@ -30,6 +30,17 @@ def kernel_profile(fn: Callable[[], object], device: torch.device) -> list[dict]
     return sorted(kernels, key=lambda k: -k["us"])
 
 
+def profiled(
+    profiles: dict[str, list[dict]], name: str, fn: Callable[[], object], device: torch.device
+) -> None:
+    """Records :func:`kernel_profile` of ``fn`` in ``profiles[name]``; a step that cannot run here
+    (``_grouped_mm`` before Hopper) or a profiler that cannot record is said and left out, never fatal."""
+    try:
+        profiles[name] = kernel_profile(fn, device)
+    except (RuntimeError, NotImplementedError) as exc:
+        print(f"  not profiled: {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+
+
 def print_profiles(profiles: dict[str, list[dict]], top: int = 6) -> None:
     """The ``top`` kernels of each profiled step, with their share of its profiled time."""
     for name, kernels in profiles.items():
