@@ -208,15 +208,16 @@ def _moe_backward_grads(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out)``; absent ones empty. ``routing`` is
     what the forward op returned."""
-    args = (dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activation)
-    return _moe_backward_into(*args, into=None)
+    return _moe_backward_into(
+        dy, x, routing, weight, w_in, w_gate, w_out, b_out, pre, pre_gate, activation, into=None
+    )
 
 
-def _moe_backward_eager(*args) -> tuple[Tensor, ...]:
+def _moe_backward_eager(dy, x, routing, weight, w_in, w_gate, *rest) -> tuple[Tensor, ...]:
     """The backward without the op: the halves of a fused gate-up weight get the halves of one gradient
     (:func:`_fused_halves`), which an op could not return (its outputs may not alias each other)."""
-    w_in, w_gate = args[4], args[5]
-    return _moe_backward_into(*args, into=_fused_halves(w_in, w_gate))
+    into = _fused_halves(w_in, w_gate)
+    return _moe_backward_into(dy, x, routing, weight, w_in, w_gate, *rest, into=into)
 
 
 def _moe_backward_into(
