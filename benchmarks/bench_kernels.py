@@ -328,9 +328,9 @@ def decode_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) 
 def routing_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     """The pairs' sort alone (``route``: by expert, and each token's pairs for the combine) at the smallest,
     a middle and the largest size: the counting sort with ``pairs_per_token`` (what routers and transformers'
-    experts declare), without it (plus an argsort by token), and the argsort-based sort it replaced (two
-    stable argsorts, two ``searchsorted``), eager and replayed from a CUDA graph: the routing's share of the
-    MoE and decode rows."""
+    experts declare), without it (plus the count by token that expert choice and capacity drops take), and
+    the argsort-based sort it replaced (two stable argsorts, two ``searchsorted``), eager and replayed from a
+    CUDA graph: the routing's share of the MoE and decode rows."""
     from mixcompile_plugins.triton.moe_kernels import route
     from mixcompile_plugins.triton.sorting import segment_starts
 
@@ -355,8 +355,15 @@ def routing_rows(sizes: Sizes, device: torch.device) -> list[Row]:
                 "argsort": partial(argsorted, token, chosen, weight, tokens, experts),
             }
             with poisoned():
-                got, ref = impls["triton"](), impls["argsort"]()
+                got, counted, ref = impls["triton"](), impls["triton, by token"](), impls["argsort"]()
                 check(name, [got.order, got.groups.offsets], [ref[0], ref[1]], ["order", "offsets"], 0.0)
+                check(
+                    f"{name}, by token",
+                    [counted.order, counted.groups.offsets, counted.by_token, counted.token_offsets],
+                    list(ref[:4]),
+                    ["order", "offsets", "by_token", "token_offsets"],
+                    0.0,
+                )
             for impl_name, fn in impls.items():
                 rows.append(Row(name, "sort", impl_name, timed(fn, device)[0], 0.0, None))
                 if device.type == "cuda":

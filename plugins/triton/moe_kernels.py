@@ -18,7 +18,7 @@ import triton.language as tl
 from mixcompile import ExpertTensors
 from mixcompile_plugins.triton import cdiv, next_power_of_2
 from mixcompile_plugins.triton.grouped import Groups, matmul, up, up_backward, weight_grad
-from mixcompile_plugins.triton.sorting import segment_starts, sort_by_expert
+from mixcompile_plugins.triton.sorting import sort_by_expert
 
 
 @dataclass(frozen=True)
@@ -67,26 +67,22 @@ def route(
     """Sort the pairs by expert (stable, so the order is reproducible in backward) and list each token's.
 
     ``pairs_per_token > 0`` declares that token ``t``'s pairs are the plan's ``t*k`` to ``t*k + k - 1``
-    (:attr:`mixcompile.RoutingPlan.pairs_per_token`): the by-token lists then come with the sort."""
+    (:attr:`mixcompile.RoutingPlan.pairs_per_token`): the by-token lists then come with the sort; other
+    plans' are counted (:mod:`~mixcompile_plugins.triton.sorting`)."""
     if pairs_per_token and token_index.numel() != num_tokens * pairs_per_token:
         raise ValueError(
             f"a RoutingPlan with pairs_per_token={pairs_per_token} and {num_tokens} tokens must list "
             f"{num_tokens * pairs_per_token} pairs, got {token_index.numel()} (pairs_per_token=None if some "
             "were dropped)."
         )
-    pairs = sort_by_expert(token_index, expert_index, weight, num_experts, pairs_per_token)
-    if pairs.position is not None and pairs.token_offsets is not None:
-        by_token, token_offsets = pairs.position, pairs.token_offsets
-    else:
-        by_token = torch.argsort(pairs.rows, stable=True).to(torch.int32)
-        token_offsets = segment_starts(pairs.rows[by_token], num_tokens)
+    pairs = sort_by_expert(token_index, expert_index, weight, num_tokens, num_experts, pairs_per_token)
     return Routing(
         groups=Groups(pairs.offsets, pairs.rows, pairs.order.numel()),
         order=pairs.order,
         expert=pairs.expert,
         weight=pairs.weight,
-        by_token=by_token,
-        token_offsets=token_offsets,
+        by_token=pairs.by_token,
+        token_offsets=pairs.token_offsets,
     )
 
 

@@ -10,9 +10,16 @@ A pair's sorted position is the start of its expert's run, plus that expert's pa
 its rank among that expert's pairs in its own chunk (a cumulative sum down a one-hot ``[chunk, E]`` tile):
 the sort is stable, the same order as ``argsort(expert_index, stable=True)``.
 
-A plan that lists exactly ``k`` pairs per token, token by token (:attr:`RoutingPlan.pairs_per_token`),
-needs no second sort for the combine: token ``t``'s pairs are the plan's ``t*k`` to ``t*k + k - 1``, so
-their sorted positions (the inverse of the order, written by the placement) are the by-token list.
+The combine needs each token's pairs too, listed in a fixed order. A plan that lists exactly ``k`` pairs
+per token, token by token (:attr:`RoutingPlan.pairs_per_token`), needs no second sort: token ``t``'s pairs
+are the plan's ``t*k`` to ``t*k + k - 1``, so their sorted positions (the inverse of the order, written by
+the placement) are the by-token list. Other plans (expert choice, capacity drops) are counted by token
+instead of sorted: the placement also counts each (token, expert) cell of an ``[N, E]`` table, one pass
+turns every token's row into exclusive prefix sums (a pair's rank among its token's pairs) and its total, a
+``cumsum`` gives each token's first slot, and a last pass writes every sorted pair at its token's first slot
+plus its rank. A token's pairs come out in expert order, the order of ``argsort(rows, stable=True)`` over
+the expert-sorted pairs, since a plan routes a token to an expert at most once. A plan that does so twice
+(malformed: the debug checks refuse it) still gets a valid list, the two pairs in either order.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import triton.language as tl
 from mixcompile_plugins.triton import cdiv, next_power_of_2
 
 MAX_COUNTED_EXPERTS = 256  # the one-hot tile is [chunk, E]; more experts sort with argsort
+MAX_COUNTED_CELLS = 1 << 25  # int32 cells of the [N, E] table (128 MiB); larger plans list by argsort
 _TILE = 8192  # elements of the one-hot tile, so a chunk holds _TILE // E_POW2 pairs
 _WARPS = 8
+_BY_TOKEN_BLOCK = 1024  # sorted pairs per program of the by-token listing
 
 
 @triton.jit
@@ -53,11 +62,13 @@ def _expert_counts_kernel(
 def _place_kernel(
     token_ptr, expert_ptr, weight_ptr, running_ptr,
     order_ptr, rows_ptr, sorted_expert_ptr, sorted_weight_ptr, position_ptr, offsets_ptr, token_offsets_ptr,
-    P, E, CHUNKS,
-    ONE_CHUNK: tl.constexpr, PAIRS_PER_TOKEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    cells_ptr, P, E, CHUNKS,
+    ONE_CHUNK: tl.constexpr, PAIRS_PER_TOKEN: tl.constexpr, COUNT_CELLS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """Writes each pair of chunk ``c`` at its sorted position; ``running [E, CHUNKS + 1]`` is the counts'
-    cumulative sum over chunks (column ``c``: each expert's pairs before chunk ``c``; the last: all)."""
+    cumulative sum over chunks (column ``c``: each expert's pairs before chunk ``c``; the last: all). With
+    ``COUNT_CELLS``, adds one to each pair's (token, expert) cell of the zeroed ``[N, E]`` table."""
     c = tl.program_id(0)
     pairs = c * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pairs < P
@@ -80,6 +91,8 @@ def _place_kernel(
     tl.store(rows_ptr + dest, token.to(tl.int32), mask=valid)
     tl.store(sorted_expert_ptr + dest, expert, mask=valid)
     tl.store(sorted_weight_ptr + dest, weight.to(tl.float32), mask=valid)
+    if COUNT_CELLS:
+        tl.atomic_add(cells_ptr + token.to(tl.int64) * E + expert, 1, mask=valid)
     if c == 0:
         tl.store(offsets_ptr + cols, starts, mask=cols < E)
         tl.store(offsets_ptr + E, P)
@@ -91,39 +104,72 @@ def _place_kernel(
             tl.store(token_offsets_ptr + P // PAIRS_PER_TOKEN, P)
 
 
+@triton.jit
+def _token_ranks_kernel(cells_ptr, token_offsets_ptr, N, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Each token's row of cell counts becomes exclusive prefix sums over experts (the rank, among the
+    token's pairs, of its pair with each expert); ``token_offsets[t + 1]`` gets the token's total, [0] 0."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    mask = (tokens < N)[:, None] & (cols < E)[None, :]
+    cells = cells_ptr + tokens.to(tl.int64)[:, None] * E + cols[None, :]
+    counts = tl.load(cells, mask=mask, other=0)
+    tl.store(cells, tl.cumsum(counts, axis=1) - counts, mask=mask)
+    tl.store(token_offsets_ptr + tokens + 1, tl.sum(counts, axis=1), mask=tokens < N)
+    if tl.program_id(0) == 0:
+        tl.store(token_offsets_ptr, 0)
+
+
+@triton.jit
+def _list_by_token_kernel(
+    rows_ptr, sorted_expert_ptr, cells_ptr, token_offsets_ptr, by_token_ptr, P, E, BLOCK_P: tl.constexpr
+):  # fmt: skip
+    """Sorted pair ``j`` of token ``t`` goes to ``by_token[token_offsets[t] + rank]``; the rank comes from
+    its cell, bumped atomically so that two pairs in one cell (a malformed plan) still take two slots."""
+    pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = pairs < P
+    token = tl.load(rows_ptr + pairs, mask=valid, other=0)
+    expert = tl.load(sorted_expert_ptr + pairs, mask=valid, other=0)
+    rank = tl.atomic_add(cells_ptr + token.to(tl.int64) * E + expert, 1, mask=valid)
+    start = tl.load(token_offsets_ptr + token, mask=valid, other=0)
+    tl.store(by_token_ptr + start + rank, pairs, mask=valid)
+
+
 @dataclass(frozen=True)
 class ByExpert:
-    """A plan's pairs in expert order (stable), and where each of the plan's pairs went."""
+    """A plan's pairs in expert order (stable), and each token's pairs in that order."""
 
     order: torch.Tensor  # [P] int64: the plan's pair index of each sorted pair
     rows: torch.Tensor  # [P] int32: token of each sorted pair
     expert: torch.Tensor  # [P] int64: expert of each sorted pair
     weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
     offsets: torch.Tensor  # [E + 1] int32: expert e's pairs are sorted positions offsets[e]:offsets[e + 1]
-    position: torch.Tensor | None  # [P] int32: sorted position of each plan pair (with pairs_per_token)
-    token_offsets: torch.Tensor | None  # [N + 1] int32: t * pairs_per_token (with pairs_per_token)
+    by_token: torch.Tensor  # [P] int32: sorted positions, token by token
+    token_offsets: torch.Tensor  # [N + 1] int32: token t's pairs are by_token[token_offsets[t]:[t + 1]]
 
 
 def sort_by_expert(
     token_index: torch.Tensor,
     expert_index: torch.Tensor,
     weight: torch.Tensor,
+    num_tokens: int,
     num_experts: int,
     pairs_per_token: int,
 ) -> ByExpert:
-    """The pairs in expert order; ``position`` and ``token_offsets`` too when ``pairs_per_token > 0`` (the
-    plan lists exactly that many pairs per token, token by token)."""
-    if num_experts > MAX_COUNTED_EXPERTS:
-        return _argsort_by_expert(token_index, expert_index, weight, num_experts, pairs_per_token)
-    p, device = expert_index.numel(), expert_index.device
+    """The pairs in expert order and each token's list; ``pairs_per_token > 0`` declares that the plan lists
+    exactly that many pairs per token, token by token."""
+    p = expert_index.numel()
+    fixed = pairs_per_token > 0
+    if num_experts > MAX_COUNTED_EXPERTS or (not fixed and num_tokens * num_experts > MAX_COUNTED_CELLS):
+        return _argsort_by_expert(token_index, expert_index, weight, num_tokens, num_experts, pairs_per_token)
+    device = expert_index.device
     order = torch.empty(p, device=device, dtype=torch.int64)
     rows = torch.empty(p, device=device, dtype=torch.int32)
     expert = torch.empty(p, device=device, dtype=torch.int64)
     sorted_weight = torch.empty(p, device=device, dtype=torch.float32)
     offsets = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
-    fixed = pairs_per_token > 0  # else the kernel writes neither of these
-    position = torch.empty(p if fixed else 0, device=device, dtype=torch.int32)
-    token_offsets = torch.empty(p // pairs_per_token + 1 if fixed else 0, device=device, dtype=torch.int32)
+    by_token = torch.empty(p, device=device, dtype=torch.int32)
+    token_offsets = torch.empty(num_tokens + 1, device=device, dtype=torch.int32)
+    cells = torch.zeros(0 if fixed else num_tokens * num_experts, device=device, dtype=torch.int32)
     block_e = next_power_of_2(num_experts)
     block_p = _TILE // block_e
     chunks = max(1, cdiv(p, block_p))
@@ -136,35 +182,65 @@ def sort_by_expert(
         running = counts.cumsum_(1)
     _place_kernel[(chunks,)](
         token_index, expert_index, weight, running,
-        order, rows, expert, sorted_weight, position, offsets, token_offsets,
+        order, rows, expert, sorted_weight, by_token, offsets, token_offsets, cells,
         p, num_experts, chunks,
-        ONE_CHUNK=chunks == 1, PAIRS_PER_TOKEN=max(pairs_per_token, 0), BLOCK_P=block_p, BLOCK_E=block_e,
-        num_warps=_WARPS,
+        ONE_CHUNK=chunks == 1, PAIRS_PER_TOKEN=max(pairs_per_token, 0), COUNT_CELLS=not fixed,
+        BLOCK_P=block_p, BLOCK_E=block_e, num_warps=_WARPS,
     )  # fmt: skip
     if not fixed:
-        return ByExpert(order, rows, expert, sorted_weight, offsets, None, None)
-    return ByExpert(order, rows, expert, sorted_weight, offsets, position, token_offsets)
+        _list_by_token(rows, expert, cells, by_token, token_offsets, num_experts)
+    return ByExpert(order, rows, expert, sorted_weight, offsets, by_token, token_offsets)
+
+
+def _list_by_token(
+    rows: torch.Tensor,
+    expert: torch.Tensor,
+    cells: torch.Tensor,
+    by_token: torch.Tensor,
+    token_offsets: torch.Tensor,
+    num_experts: int,
+) -> None:
+    """Fills ``by_token`` and ``token_offsets`` from the cell counts (see the module docstring)."""
+    num_tokens = token_offsets.numel() - 1
+    if num_tokens == 0:
+        token_offsets.zero_()
+        return
+    block_e = next_power_of_2(num_experts)
+    block_t = max(1, _TILE // block_e)
+    _token_ranks_kernel[(cdiv(num_tokens, block_t),)](
+        cells, token_offsets, num_tokens, num_experts, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_WARPS
+    )
+    token_offsets.cumsum_(0)
+    p = rows.numel()
+    if p:
+        _list_by_token_kernel[(cdiv(p, _BY_TOKEN_BLOCK),)](
+            rows, expert, cells, token_offsets, by_token, p, num_experts, BLOCK_P=_BY_TOKEN_BLOCK
+        )
 
 
 def _argsort_by_expert(
     token_index: torch.Tensor,
     expert_index: torch.Tensor,
     weight: torch.Tensor,
+    num_tokens: int,
     num_experts: int,
     pairs_per_token: int,
 ) -> ByExpert:
-    """The same with ``argsort`` and ``searchsorted``: for more experts than a one-hot tile holds."""
+    """The same with ``argsort`` and ``searchsorted``: for more experts than a one-hot tile holds, or more
+    (token, expert) cells than the table is allowed."""
     order = torch.argsort(expert_index, stable=True)
     expert = expert_index[order]
     rows = token_index[order].to(torch.int32)
     offsets = segment_starts(expert, num_experts)
-    position = token_offsets = None
+    p = order.numel()
     if pairs_per_token > 0:
-        p = order.numel()
-        position = torch.empty(p, device=order.device, dtype=torch.int32)
-        position[order] = torch.arange(p, device=order.device, dtype=torch.int32)
+        by_token = torch.empty(p, device=order.device, dtype=torch.int32)
+        by_token[order] = torch.arange(p, device=order.device, dtype=torch.int32)
         token_offsets = torch.arange(0, p + 1, pairs_per_token, device=order.device, dtype=torch.int32)
-    return ByExpert(order, rows, expert, weight[order].float(), offsets, position, token_offsets)
+    else:
+        by_token = torch.argsort(rows, stable=True).to(torch.int32)
+        token_offsets = segment_starts(rows[by_token], num_tokens)
+    return ByExpert(order, rows, expert, weight[order].float(), offsets, by_token, token_offsets)
 
 
 def segment_starts(sorted_keys: torch.Tensor, num_keys: int) -> torch.Tensor:

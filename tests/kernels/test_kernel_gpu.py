@@ -113,18 +113,23 @@ def test_moe_against_float64(sizes, precision):
     experts = mc.StackedExperts(e, d, h, activation="silu" if gated else "gelu", gated=gated, bias=True)
     experts = experts.to(DEVICE, dtype)
     x = (torch.randn(tokens, d) * 0.5).to(DEVICE, dtype)
-    chosen = torch.rand(tokens, e).argsort(dim=1)[:, :k]  # k distinct experts per token, fresh each run
+    chosen = torch.rand(tokens, e).argsort(dim=1)[:, :k].reshape(-1)  # k distinct experts per token
     weight = torch.rand(tokens * k).to(DEVICE)
-    tokens_index = torch.arange(tokens).repeat_interleave(k).to(DEVICE)
+    tokens_index = torch.arange(tokens).repeat_interleave(k)
     # bf16 runs as routers and transformers' experts do (pairs_per_token declared: no sort by token), fp32
-    # and tf32 without it, so both ways of listing each token's pairs run at real sizes
+    # and tf32 without it and with the pairs shuffled (as expert choice lists them: each token's pairs are
+    # counted and listed on the GPU), so both ways of listing each token's pairs run at real sizes
     declared = k if precision == "bf16" else None
+    if declared is None:
+        shuffle = torch.randperm(tokens * k)
+        tokens_index, chosen = tokens_index[shuffle], chosen[shuffle]
+    tokens_index = tokens_index.to(DEVICE)
 
     def run(kernel, experts, x, weight):
         x = x.detach().clone().requires_grad_()
         weight = weight.detach().clone().requires_grad_()
         plan = RoutingPlan(
-            tokens_index, chosen.reshape(-1).to(DEVICE), weight, tokens, e, pairs_per_token=declared
+            tokens_index, chosen.to(DEVICE), weight, tokens, e, pairs_per_token=declared
         )
         y = kernel.moe(x, plan, experts)
         with torch.no_grad():

@@ -248,9 +248,10 @@ def _run_scenario(call: dict, dtype) -> None:
 
         e, k = call["experts"], call["k"]
         ops.topk_route_op(torch.randn(64, e), torch.zeros(e), k, True)
-        for tokens in (1, 64):  # the pairs' counting sort in one chunk and in several
-            pairs = torch.arange(tokens * k)
-            sort_by_expert(pairs // k, pairs * 7 % e, torch.rand(tokens * k), e, k)
+        for tokens in (1, 64):  # the pairs' counting sort in one chunk and in several, listed by token
+            pairs = torch.arange(tokens * k)  # with pairs_per_token or counted
+            for per_token in (k, 0):
+                sort_by_expert(pairs // k, pairs * 7 % e, torch.rand(tokens * k), tokens, e, per_token)
         return
     e = call["experts"]
     d, h = (256, 128)

@@ -47,7 +47,8 @@ def _import_triton() -> None:
 
 
 _import_triton()
-from mixcompile_plugins.triton.grouped import _partial_offsets  # noqa: E402 (after the interpreter is chosen)
+from mixcompile_plugins.triton import cdiv  # noqa: E402 (after the interpreter is chosen)
+from mixcompile_plugins.triton.grouped import _partial_offsets  # noqa: E402
 from mixcompile_plugins.triton.mot_kernels import _expert_rows, _members  # noqa: E402
 from mixcompile_plugins.triton.ops import _fused_halves, fused_topk_route  # noqa: E402
 
@@ -246,6 +247,14 @@ def test_fused_halves_only_for_two_halves_that_cover_one_tensor():
         assert _fused_halves(up, gate) is None
 
 
+def _expert_choice_pairs(experts: int, tokens: int, per_expert: int, g: torch.Generator):
+    """Each expert's ``per_expert`` distinct tokens, listed expert by expert (as expert choice does)."""
+    token = torch.stack([torch.randperm(tokens, generator=g)[:per_expert] for _ in range(experts)])
+    expert = torch.arange(experts).repeat_interleave(token.shape[1])
+    shuffle = torch.randperm(expert.numel(), generator=g)  # the plan's order must not matter
+    return token.reshape(-1)[shuffle], expert[shuffle]
+
+
 @pytest.mark.parametrize(
     "experts,pairs",
     [(1, 5), (3, 7), (8, 0), (8, 1), (8, 1024), (8, 2500), (64, 128), (64, 300), (256, 96), (256, 250),
@@ -253,28 +262,59 @@ def test_fused_halves_only_for_two_halves_that_cover_one_tensor():
 )  # fmt: skip
 @pytest.mark.parametrize("k", [0, 2])
 def test_counting_sort_by_expert(experts, pairs, k):
-    """The counting sort against argsort: the same stable order, expert runs, gathered rows and weights;
-    with pairs_per_token, each plan pair's sorted position and the token runs. Sizes span one chunk and
-    several (a chunk holds 8192 / E_pow2 pairs), empty experts and the argsort path past 256 experts."""
+    """The counting sort against argsort: the same stable order, expert runs, gathered rows and weights,
+    and each token's pairs: with pairs_per_token, in plan order; without, counted by token and listed in
+    the order a stable argsort by token gives. Sizes span one chunk and several (a chunk holds
+    8192 / E_pow2 pairs), empty experts and tokens, and the argsort path past 256 experts."""
     from mixcompile_plugins.triton.sorting import sort_by_expert
 
-    pairs -= pairs % max(k, 1)
     g = torch.Generator().manual_seed(experts * 1000 + pairs)
-    expert_index = torch.randint(0, max(1, experts // 2 + 1), (pairs,), generator=g).to(DEVICE)
-    token_index = (torch.arange(pairs) // k if k else torch.randint(0, 50, (pairs,), generator=g)).to(DEVICE)
+    if k:
+        pairs -= pairs % k
+        tokens = pairs // k
+        token_index = torch.arange(pairs) // k
+        expert_index = torch.randint(0, max(1, experts // 2 + 1), (pairs,), generator=g)
+    else:  # a token at most once per expert; about half the experts take tokens, some tokens none
+        used = max(1, experts // 2 + 1)
+        per_expert = cdiv(pairs, used)
+        tokens = max(50, 2 * per_expert)
+        token_index, expert_index = _expert_choice_pairs(used, tokens, per_expert, g)
+    token_index, expert_index = token_index.to(DEVICE), expert_index.to(DEVICE)
+    pairs = token_index.numel()
     weight = torch.rand(pairs, generator=g).to(DEVICE, torch.bfloat16)
-    got = sort_by_expert(token_index, expert_index, weight, experts, k)
+    got = sort_by_expert(token_index, expert_index, weight, tokens, experts, k)
     order = torch.argsort(expert_index, stable=True)
     assert torch.equal(got.order, order)
     assert torch.equal(got.expert, expert_index[order])
     assert torch.equal(got.rows, token_index[order].int())
     assert torch.equal(got.weight, weight[order].float())
     assert torch.equal(got.offsets, torch.searchsorted(expert_index[order], torch.arange(experts + 1)).int())
-    if not k:
-        assert got.position is None and got.token_offsets is None
+    if k:
+        assert torch.equal(got.order[got.by_token.long()], torch.arange(pairs))
+        assert torch.equal(got.token_offsets, torch.arange(0, pairs + 1, k, dtype=torch.int32))
         return
-    assert torch.equal(got.order[got.position.long()], torch.arange(pairs))
-    assert torch.equal(got.token_offsets, torch.arange(0, pairs + 1, k, dtype=torch.int32))
+    by_token = torch.argsort(got.rows, stable=True)
+    assert torch.equal(got.by_token, by_token.int())
+    starts = torch.searchsorted(got.rows[by_token], torch.arange(tokens + 1, dtype=torch.int32))
+    assert torch.equal(got.token_offsets, starts.int())
+
+
+@pytest.mark.parametrize("cells", ["counted", "argsort"])
+def test_a_token_routed_twice_to_one_expert_still_gets_every_pair(monkeypatch, cells):
+    """A malformed plan (only the debug checks look for it) that routes a token to an expert twice: each
+    token still lists exactly its own pairs, every sorted pair once (never an unwritten slot that the
+    combine would read as a row index)."""
+    from mixcompile_plugins.triton import sorting
+
+    if cells == "argsort":
+        monkeypatch.setattr(sorting, "MAX_COUNTED_CELLS", 0)
+    token_index = torch.tensor([3, 0, 3, 1, 3, 3, 0, 2], device=DEVICE)
+    expert_index = torch.tensor([1, 1, 1, 0, 2, 1, 1, 0], device=DEVICE)
+    got = sorting.sort_by_expert(token_index, expert_index, torch.ones(8, device=DEVICE), 5, 3, 0)
+    assert torch.equal(got.by_token.sort().values.long(), torch.arange(8, device=DEVICE))
+    assert got.token_offsets.tolist() == [0, 2, 3, 4, 8, 8]
+    listed = got.rows[got.by_token.long()]
+    assert listed.tolist() == [0, 0, 1, 2, 3, 3, 3, 3]
 
 
 def test_a_plan_whose_pairs_do_not_match_pairs_per_token_is_refused():
@@ -694,7 +734,8 @@ class _Launches:
 def test_routing_is_sorted_once_per_training_step(monkeypatch, pairs_per_token, tokens):
     """The forward sorts the pairs by expert with a counting sort (one launch where the pairs fit one chunk,
     histograms, a cumsum and the placement otherwise; no argsort, no searchsorted); a plan without
-    pairs_per_token also sorts them by token. The backward reuses that (saved) routing."""
+    pairs_per_token also counts them by token (each token's ranks, a cumsum, the listing). The backward
+    reuses that (saved) routing."""
     from mixcompile_plugins.triton import ops
 
     x, plan, experts, _ = moe_op_args(n=tokens)
@@ -705,11 +746,13 @@ def test_routing_is_sorted_once_per_training_step(monkeypatch, pairs_per_token, 
     forward = count(lambda: out.append(ops.moe(x, plan, experts)))
     backward = count(lambda: out[0].backward(torch.ones_like(out[0])))
     sorting = ("aten::sort", "aten::searchsorted", "aten::cumsum", "aten::cumsum_")
-    by_token = [] if pairs_per_token else ["aten::sort", "aten::searchsorted"]  # argsort, its segments
+    by_token = [] if pairs_per_token else ["aten::cumsum_"]  # each token's first slot
     by_expert = ["aten::cumsum_"] if tokens > 1024 else []  # 4 experts: chunks of 2048 pairs
     assert sorted(op for op in forward[0] if op in sorting) == sorted(by_token + by_expert)
     assert not [op for op in backward[0] if op in sorting]
     sort = ["_expert_counts_kernel", "_place_kernel"] if by_expert else ["_place_kernel"]
+    if not pairs_per_token:
+        sort += ["_token_ranks_kernel", "_list_by_token_kernel"]
     assert forward[1] == [*sort, "_up_kernel", "_mm_kernel", "_combine_kernel"]
     kernels = ["_up_backward_kernel", "_wgrad_kernel", "_wgrad_kernel", "_wgrad_kernel", "_mm_kernel"]
     assert sorted(backward[1]) == sorted([*kernels, "_combine_kernel"])
