@@ -128,9 +128,7 @@ def test_moe_against_float64(sizes, precision):
     def run(kernel, experts, x, weight):
         x = x.detach().clone().requires_grad_()
         weight = weight.detach().clone().requires_grad_()
-        plan = RoutingPlan(
-            tokens_index, chosen.to(DEVICE), weight, tokens, e, pairs_per_token=declared
-        )
+        plan = RoutingPlan(tokens_index, chosen.to(DEVICE), weight, tokens, e, pairs_per_token=declared)
         y = kernel.moe(x, plan, experts)
         with torch.no_grad():
             y_infer = kernel.moe(x, plan, experts)
