@@ -36,7 +36,9 @@ def _configs(interpreted: dict[str, int], shapes: Sequence[tuple[int, ...]]) -> 
 # Triton 3.9's interpreter multiplies bfloat16 bit patterns as integers in ``tl.dot``; it gets fp32 operands.
 _UPCAST_DOT = tl.constexpr(interpreting())
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the pruner keeps what fits the GPU and the kernel's variant.
+# 128 x 256 fits only the kernels with one accumulator, on sm_90 and later (tuning.MAX_ACCUMULATOR_VALUES).
 _SHAPES = [
+    (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
@@ -234,6 +236,7 @@ def _one_tile(config: triton.Config, args: dict) -> int:
     [*_GROUPED_KEYS, "SECOND", "HAS_BIAS"],
     _mm_smem,
     _one_tile,
+    lone_accumulator=True,
 )
 @triton.jit
 def _mm_kernel(
@@ -361,6 +364,7 @@ def _wgrad_smem(config: triton.Config, args: dict) -> int:
     ["M", "N", "SD_N", "ROWS_HINT", "HAS_BIAS", "PRECISION"],
     _wgrad_smem,
     _one_tile,
+    lone_accumulator=True,
 )
 @triton.jit
 def _wgrad_kernel(

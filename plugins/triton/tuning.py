@@ -5,7 +5,9 @@
   launch runs on are pruned before Triton tries them, so no launch can fail with ``OutOfResources``.
 - So are configs that would hold more than ``MAX_LIVE_VALUES`` fp32 tile values per thread at once
   (accumulators, the epilogue's loaded tiles, an FMA dot's operands): past that, ptxas spills to local memory
-  (the same test compiles every variant and asserts no spills on sm_90).
+  (the same test compiles every variant and asserts no spills on sm_90). A kernel whose live values are one
+  dot accumulator (``lone_accumulator``) may hold ``MAX_ACCUMULATOR_VALUES`` on sm_90 and later, where wgmma
+  reads both operands from shared memory: 128 x 256 tiles at 8 warps, the tile Hopper GEMMs use.
 - Tuning results are cached on disk by Triton (``cache_results``), so a new process reuses them.
 - During CUDA-graph capture nothing is benchmarked (the trials would be captured into the graph): a key
   tuned before capture reuses its result; an untuned one launches the first config that fits, without
@@ -35,6 +37,10 @@ SHARED_MEMORY_PER_BLOCK = {
 }
 
 MAX_LIVE_VALUES = 96
+# Measured on sm_90 (ptxas via tests/kernels/test_kernel_resources.py): the grouped GEMM and weight-gradient
+# kernels at 128 x 256 x 64, 8 warps, take 204-222 registers without spilling; a second tile of values (a
+# gated epilogue) at the same count spills.
+MAX_ACCUMULATOR_VALUES = 128
 MAX_CONFIGS = 4  # tried per tuning key: each costs a compile and a benchmark on first use
 
 Estimate = Callable[[triton.Config, dict], int]
@@ -45,8 +51,16 @@ def shared_memory_limit(device: torch.device) -> int:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         return int(properties.shared_memory_per_block_optin)  # type: ignore[attr-defined]  # not in torch's stubs
+    return SHARED_MEMORY_PER_BLOCK.get(compute_capability(device), min(SHARED_MEMORY_PER_BLOCK.values()))
+
+
+def compute_capability(device: torch.device) -> int:
+    """``90`` for an H100: the GPU's, or Triton's current target's (0 for a target that is not NVIDIA's)."""
+    if device.type == "cuda" and torch.version.hip is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
     arch = driver.active.get_current_target().arch
-    return SHARED_MEMORY_PER_BLOCK.get(arch, min(SHARED_MEMORY_PER_BLOCK.values()))
+    return arch if isinstance(arch, int) else 0
 
 
 def _device(args: dict) -> torch.device:
@@ -64,27 +78,32 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
     ``MAX_CONFIGS``, and not tuning under graph capture."""
 
     def __init__(
-        self, fn, configs, key, shared_memory: Estimate, live_values: Estimate, reset_to_zero
-    ) -> None:
+        self, fn, configs, key, shared_memory: Estimate, live_values: Estimate, reset_to_zero,
+        lone_accumulator: bool,
+    ) -> None:  # fmt: skip
         super().__init__(
             fn, fn.arg_names, configs, key, reset_to_zero, None,
             prune_configs_by={"early_config_prune": self._fitting}, cache_results=True,
         )  # fmt: skip
         self.shared_memory = shared_memory
         self.live_values = live_values
+        self.lone_accumulator = lone_accumulator
 
     def _fitting(self, configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
-        limit = shared_memory_limit(_device(args))
+        device = _device(args)
+        limit = shared_memory_limit(device)
+        wgmma = compute_capability(device) >= 90
+        live_limit = MAX_ACCUMULATOR_VALUES if self.lone_accumulator and wgmma else MAX_LIVE_VALUES
         kept: dict[tuple, triton.Config] = {}
         for c in configs:  # the first config of each tile shape that fits, up to MAX_CONFIGS
-            fits = self.shared_memory(c, args) <= limit and self.live_values(c, args) <= MAX_LIVE_VALUES
+            fits = self.shared_memory(c, args) <= limit and self.live_values(c, args) <= live_limit
             if fits and len(kept) < MAX_CONFIGS:
                 kept.setdefault((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), c)
         if not kept:
             raise RuntimeError(
                 f"{self.base_fn.__name__}: no config fits {limit} bytes of shared memory and "
-                f"{MAX_LIVE_VALUES} live values per thread"
+                f"{live_limit} live values per thread"
             )
         return list(kept.values())
 
@@ -107,6 +126,7 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
 
 
 def autotune(configs: list[triton.Config], key: list[str], shared_memory: Estimate, live_values: Estimate,
-             reset_to_zero: list[str] | None = None):  # fmt: skip
-    """``triton.autotune`` with this module's pruning and capture rule; configs in order of preference."""
-    return lambda fn: Autotuner(fn, configs, key, shared_memory, live_values, reset_to_zero)
+             reset_to_zero: list[str] | None = None, lone_accumulator: bool = False):  # fmt: skip
+    """``triton.autotune`` with this module's pruning and capture rule; configs in order of preference.
+    ``lone_accumulator``: the kernel's live values are one dot accumulator (no epilogue over other tiles)."""
+    return lambda fn: Autotuner(fn, configs, key, shared_memory, live_values, reset_to_zero, lone_accumulator)

@@ -654,17 +654,18 @@ class _FakeKernel:
         self.launches.append(kwargs)
 
 
-def _tuner(monkeypatch, smem=lambda c, a: 0, live=lambda c, a: 0):
+def _tuner(monkeypatch, smem=lambda c, a: 0, live=lambda c, a: 0, lone_accumulator=False, arch=90):
     import triton
 
     from mixcompile_plugins.triton import tuning
 
     monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1000)
+    monkeypatch.setattr(tuning, "compute_capability", lambda device: arch)
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
         for m, w in ((128, 8), (64, 4))
     ]
-    tuner = tuning.Autotuner(_FakeKernel(), configs, ["N", "FLAG"], smem, live, None)
+    tuner = tuning.Autotuner(_FakeKernel(), configs, ["N", "FLAG"], smem, live, None, lone_accumulator)
     tuner._do_bench = lambda call, quantiles: call() or [1.0 / tuner.nargs["x_ptr"].numel()] * 3
     return tuner, tuner.fn
 
@@ -701,6 +702,23 @@ def test_autotuner_prunes_what_does_not_fit(monkeypatch):
     assert {k["BLOCK_M"] for k in kernel.launches} == {128}
     tuner, kernel = _tuner(monkeypatch, smem=lambda c, a: 1001)
     with pytest.raises(RuntimeError, match="no config fits 1000 bytes of shared memory and 96 live"):
+        tuner.run(x, 16, FLAG=1)
+
+
+@pytest.mark.parametrize(
+    "lone_accumulator,arch,kept",
+    [(True, 90, {128, 64}), (True, 100, {128, 64}), (True, 80, {64}), (True, 89, {64}), (False, 90, {64})],
+)
+def test_a_lone_accumulator_may_hold_more_values_where_wgmma_runs(monkeypatch, lone_accumulator, arch, kept):
+    """128 values per thread (a 128 x 256 tile at 8 warps) only for a kernel whose live values are one
+    accumulator, and only on sm_90 and later (wgmma keeps both operands in shared memory); 129 never."""
+    x = torch.zeros(3)
+    live = lambda c, a: 128 if c.num_warps == 8 else 96  # noqa: E731
+    tuner, kernel = _tuner(monkeypatch, live=live, lone_accumulator=lone_accumulator, arch=arch)
+    tuner.run(x, 16, FLAG=1)
+    assert {k["BLOCK_M"] for k in kernel.launches} == kept
+    tuner, kernel = _tuner(monkeypatch, live=lambda c, a: 129, lone_accumulator=True)
+    with pytest.raises(RuntimeError, match="and 128 live values per thread"):
         tuner.run(x, 16, FLAG=1)
 
 
