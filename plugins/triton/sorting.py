@@ -62,7 +62,7 @@ def _expert_counts_kernel(
 def _place_kernel(
     token_ptr, expert_ptr, weight_ptr, running_ptr,
     order_ptr, rows_ptr, sorted_expert_ptr, sorted_weight_ptr, position_ptr, offsets_ptr, token_offsets_ptr,
-    cells_ptr, P, E, CHUNKS,
+    cells_ptr, P, N, E, CHUNKS,
     ONE_CHUNK: tl.constexpr, PAIRS_PER_TOKEN: tl.constexpr, COUNT_CELLS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -91,8 +91,9 @@ def _place_kernel(
     tl.store(rows_ptr + dest, token.to(tl.int32), mask=valid)
     tl.store(sorted_expert_ptr + dest, expert, mask=valid)
     tl.store(sorted_weight_ptr + dest, weight.to(tl.float32), mask=valid)
-    if COUNT_CELLS:
-        tl.atomic_add(cells_ptr + token.to(tl.int64) * E + expert, 1, mask=valid)
+    if COUNT_CELLS:  # a pair outside the table (a plan no check saw) is never written past it
+        in_table = valid & (token >= 0) & (token < N) & (expert >= 0) & (expert < E)
+        tl.atomic_add(cells_ptr + token.to(tl.int64) * E + expert, 1, mask=in_table)
     if c == 0:
         tl.store(offsets_ptr + cols, starts, mask=cols < E)
         tl.store(offsets_ptr + E, P)
@@ -121,14 +122,14 @@ def _token_ranks_kernel(cells_ptr, token_offsets_ptr, N, E, BLOCK_T: tl.constexp
 
 @triton.jit
 def _list_by_token_kernel(
-    rows_ptr, sorted_expert_ptr, cells_ptr, token_offsets_ptr, by_token_ptr, P, E, BLOCK_P: tl.constexpr
+    rows_ptr, sorted_expert_ptr, cells_ptr, token_offsets_ptr, by_token_ptr, P, N, E, BLOCK_P: tl.constexpr
 ):  # fmt: skip
     """Sorted pair ``j`` of token ``t`` goes to ``by_token[token_offsets[t] + rank]``; the rank comes from
     its cell, bumped atomically so that two pairs in one cell (a malformed plan) still take two slots."""
     pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = pairs < P
-    token = tl.load(rows_ptr + pairs, mask=valid, other=0)
-    expert = tl.load(sorted_expert_ptr + pairs, mask=valid, other=0)
+    token = tl.load(rows_ptr + pairs, mask=pairs < P, other=0)
+    expert = tl.load(sorted_expert_ptr + pairs, mask=pairs < P, other=0)
+    valid = (pairs < P) & (token >= 0) & (token < N) & (expert >= 0) & (expert < E)
     rank = tl.atomic_add(cells_ptr + token.to(tl.int64) * E + expert, 1, mask=valid)
     start = tl.load(token_offsets_ptr + token, mask=valid, other=0)
     tl.store(by_token_ptr + start + rank, pairs, mask=valid)
@@ -183,7 +184,7 @@ def sort_by_expert(
     _place_kernel[(chunks,)](
         token_index, expert_index, weight, running,
         order, rows, expert, sorted_weight, by_token, offsets, token_offsets, cells,
-        p, num_experts, chunks,
+        p, num_tokens, num_experts, chunks,
         ONE_CHUNK=chunks == 1, PAIRS_PER_TOKEN=max(pairs_per_token, 0), COUNT_CELLS=not fixed,
         BLOCK_P=block_p, BLOCK_E=block_e, num_warps=_WARPS,
     )  # fmt: skip
@@ -214,7 +215,7 @@ def _list_by_token(
     p = rows.numel()
     if p:
         _list_by_token_kernel[(cdiv(p, _BY_TOKEN_BLOCK),)](
-            rows, expert, cells, token_offsets, by_token, p, num_experts, BLOCK_P=_BY_TOKEN_BLOCK
+            rows, expert, cells, token_offsets, by_token, p, num_tokens, num_experts, BLOCK_P=_BY_TOKEN_BLOCK
         )
 
 

@@ -317,6 +317,18 @@ def test_a_token_routed_twice_to_one_expert_still_gets_every_pair(monkeypatch, c
     assert listed.tolist() == [0, 0, 1, 2, 3, 3, 3, 3]
 
 
+def test_a_pair_outside_the_plan_s_tokens_is_listed_for_no_token():
+    """Under torch.compile no check reads a plan's indices back: a token index past num_tokens must not be
+    counted into (or past the end of) the [N, E] table; the tokens in range keep their lists."""
+    from mixcompile_plugins.triton import sorting
+
+    token_index = torch.tensor([1, 0, 9, 1], device=DEVICE)
+    expert_index = torch.tensor([0, 1, 1, 1], device=DEVICE)
+    got = sorting.sort_by_expert(token_index, expert_index, torch.ones(4, device=DEVICE), 2, 2, 0)
+    assert got.token_offsets.tolist() == [0, 1, 3]
+    assert got.rows[got.by_token[:3].long()].tolist() == [0, 1, 1]
+
+
 def test_a_plan_whose_pairs_do_not_match_pairs_per_token_is_refused():
     """Kernels are called with plans that no router check saw (expert parallelism, direct callers): a count
     that contradicts pairs_per_token is an error, not a combine reading past its offsets."""
