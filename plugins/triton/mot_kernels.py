@@ -196,12 +196,15 @@ def mot_forward(
     activation: str,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(y, pre, pre_gate, out)``: the output and, when ``save``, what backward needs."""
+    """``(y, pre, pre_gate, out)``: the output and, when ``save``, what backward needs. Each intermediate is
+    dropped once read: at most two of the ``[E·T·n, ...]`` ones are alive at once."""
     t, n = x_g.shape[:2]
     groups = expert_groups(experts.w_in.shape[0], t * n, x_g.device)
     mixed, _ = mix(x_g, merge)
     hidden, pre, pre_gate = up(mixed, groups, experts, activation, save)
+    del mixed
     out = matmul(hidden, groups, experts.w_out, experts.b_out, transposed=True)
+    del hidden
     y, _ = unmix(out, emit, x_g)
     return y, pre, pre_gate, out if save else None
 
@@ -229,7 +232,10 @@ def mot_backward(
     has_bias: bool,
 ) -> MoTGrads:
     """Every gradient of :func:`mot_forward`; the mixed tokens and the hidden layer are recomputed (the
-    biases are not needed: ``has_bias`` says whether to return theirs)."""
+    biases are not needed: ``has_bias`` says whether to return theirs).
+
+    Each ``[E·T·n, d]`` or ``[E·T·n, h]`` intermediate is dropped after the last kernel that reads it, so at
+    most two of the ``[E·T·n, d]`` ones (the size of every expert's mixed tokens) are alive at once."""
     w_in, w_gate, w_out = experts.w_in, experts.w_gate, experts.w_out
     t, n = x_g.shape[:2]
     groups = expert_groups(w_in.shape[0], t * n, x_g.device)
@@ -239,6 +245,7 @@ def mot_backward(
     hidden, d_pre, d_pre_gate, _ = up_backward(d_out, groups, w_out, pre, pre_gate, activation, None)
     sorted_rows: dict[str, Any] = {"bias": has_bias, "dtype": wdt}
     dw_out, db_out = weight_grad(d_out, hidden, groups, **sorted_rows)
+    del d_out, hidden
     mixed, _ = mix(x_g, merge)
     dw_in, db_in = weight_grad(d_pre, mixed, groups, **sorted_rows)
     dw_gate = db_gate = None
@@ -247,7 +254,9 @@ def mot_backward(
         assert d_pre_gate is not None and w_gate is not None  # a gated block's
         dw_gate, db_gate = weight_grad(d_pre_gate, mixed, groups, **sorted_rows)
         second = (d_pre_gate, w_gate)
+    del mixed
     d_mixed = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
+    del d_pre, d_pre_gate, second
     dx, d_merge = unmix(d_mixed, merge, x_g, other=x_g)
     assert d_merge is not None  # given other=
     return MoTGrads(dx, d_merge, d_emit, ExpertTensors(dw_in, dw_gate, dw_out, db_in, db_gate, db_out))

@@ -430,6 +430,59 @@ def test_mot_block_end_to_end(batch, group, gated, bias, emit):
     assert (grads["mixer.controller.weight"].abs().sum() > 0) == (min(batch, group) > 1)
 
 
+def _peak_bytes(step) -> int:
+    """Peak bytes allocated by ``step()`` above what was allocated before it (CPU allocator, this thread)."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_mot_inference_holds_one_mixed_sized_tensor_and_the_next(monkeypatch):
+    """Without grad the MoT forward drops the mixed tokens once the up projection has read them and the
+    hidden layer once the down projection has: never the mixed tokens, the hidden layer and the experts'
+    outputs together (kernels stubbed, as below)."""
+    from mixcompile_plugins.triton import grouped, mot_kernels
+
+    monkeypatch.setattr(type(grouped._up_kernel.fn), "run", lambda *args, **kwargs: None)
+    e, t, n, g, d, h = 4, 32, 1, 4, 256, 64
+    experts = make_experts(e=e, d=d, h=h).tensors
+    x_g = torch.randn(t, n, g, d, device=DEVICE)
+    merge = torch.rand(t, n, g, e, device=DEVICE).softmax(2)
+    peak = _peak_bytes(lambda: mot_kernels.mot_forward(x_g, merge, merge, experts, "gelu", save=False))
+    mixed_sized, hidden_sized = e * t * n * d * 4, e * t * n * h * 4
+    assert peak < 2 * mixed_sized + hidden_sized / 2  # was mixed + hidden + out + y
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mot_backward_never_holds_three_mixed_sized_tensors(monkeypatch, gated):
+    """The MoT backward's ``[E·T·n, d]`` intermediates (the output's gradient, the recomputed mixed tokens,
+    their gradient) are each dropped after the last kernel that reads them, so at most two are alive at once
+    (the peak memory of a MoT training step). Kernels are stubbed: they allocate nothing, so what the host
+    allocates is what the GPU would hold; d is large against h so that these tensors dominate."""
+    from mixcompile_plugins.triton import grouped, mot_kernels
+
+    monkeypatch.setattr(type(grouped._up_kernel.fn), "run", lambda *args, **kwargs: None)
+    e, t, n, g, d, h = 4, 32, 1, 4, 256, 16
+    experts = make_experts(e=e, d=d, h=h, act="silu" if gated else "gelu", gated=gated).tensors
+    x_g = torch.randn(t, n, g, d, device=DEVICE)
+    merge = torch.rand(t, n, g, e, device=DEVICE).softmax(2)
+    dy = torch.randn_like(x_g)
+    act = "silu" if gated else "gelu"
+    _, pre, pre_gate, out = mot_kernels.mot_forward(x_g, merge, merge, experts, act, save=True)
+    assert pre is not None and out is not None
+    peak = _peak_bytes(
+        lambda: mot_kernels.mot_backward(dy, x_g, merge, merge, experts, pre, pre_gate, out, act, False)
+    )
+    mixed_sized, hidden_sized, weight = e * t * n * d * 4, e * t * n * h * 4, e * h * d * 4
+    weights = (3 if gated else 2) * weight
+    assert peak < 2.5 * mixed_sized + (3 if gated else 2) * hidden_sized + weights + x_g.numel() * 4
+
+
 def test_mot_sparse_mode_and_sequence_first():
     options = {"mode": "sparse", "batch_first": False, "mixer_options": {"init_std": 0.5}}
     block, fused = mot_blocks(4, True, True, **options)
