@@ -170,7 +170,8 @@ def sort_by_expert(
     offsets = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
     by_token = torch.empty(p, device=device, dtype=torch.int32)
     token_offsets = torch.empty(num_tokens + 1, device=device, dtype=torch.int32)
-    cells = torch.zeros(0 if fixed else num_tokens * num_experts, device=device, dtype=torch.int32)
+    # the [N, E] table the by-token count needs (unread with pairs_per_token: no allocation, no fill)
+    cells = offsets if fixed else torch.zeros(num_tokens * num_experts, device=device, dtype=torch.int32)
     block_e = next_power_of_2(num_experts)
     block_p = _TILE // block_e
     chunks = max(1, cdiv(p, block_p))
