@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from bench_profile import print_profiles, profiled
+from bench_profile import print_profiles, print_tuned, profiled, tuned_configs
 
 
 @dataclass(frozen=True)
@@ -345,8 +345,13 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(result, f, indent=1)
 
     result = run(args, save)
+    from mixcompile_plugins.triton import grouped
+
+    result["tuned"] = tuned_configs(grouped)
+    save(result)
     print_table(result)
     print_profiles(result["profiles"])
+    print_tuned(result["tuned"])
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from bench_profile import print_profiles, profiled
+from bench_profile import print_profiles, print_tuned, profiled, tuned_configs
 
 
 @dataclass(frozen=True)
@@ -472,14 +472,17 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.workload:40} {r.mode:8} {r.impl:18}{ms}{tflops}{x}{peak}{note}")
 
 
-def write_json(path: str, header: dict, rows: list[Row]) -> None:
+def write_json(path: str, header: dict, rows: list[Row], tuned: dict) -> None:
     ratio = ratios(rows)
     table = [
         {**asdict(r), "tflops": r.flops / r.ms / 1e9 if r.ms else None, "x_triton": ratio[i]}
         for i, r in enumerate(rows)
     ]
     checks = [{**asdict(c), "ok": c.ok} for c in CHECKS]
-    doc = {**header, "ok": all(c.ok for c in CHECKS), "checks": checks, "rows": table, "profiles": PROFILES}
+    doc = {
+        **header, "ok": all(c.ok for c in CHECKS), "checks": checks, "rows": table, "profiles": PROFILES,
+        "tuned": tuned,
+    }  # fmt: skip
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=True)
 
@@ -535,8 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     print_profiles(PROFILES)
+    from mixcompile_plugins.triton import grouped
+
+    tuned = tuned_configs(grouped)
+    print_tuned(tuned)
     if args.json:
-        write_json(args.json, header, rows)
+        write_json(args.json, header, rows, tuned)
     failed = [c for c in CHECKS if not c.ok]
     for c in failed:
         print(f"FAILED: {c.workload}: {c.tensor}: relative error {c.rel_err:.2e} (allowed {c.tol:.0e})")

@@ -1,9 +1,11 @@
 """Where a step's GPU time goes, kernel by kernel (``torch.profiler``), for the benchmark scripts: the
-figure that says which kernel the next change should aim at."""
+figure that says which kernel the next change should aim at; and which tile each autotuned kernel chose."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -49,3 +51,29 @@ def print_profiles(profiles: dict[str, list[dict]], top: int = 6) -> None:
         for k in kernels[:top]:
             label = k["kernel"] if len(k["kernel"]) <= 70 else k["kernel"][:67] + "..."
             print(f"  {k['us']:9.1f} us {100 * k['us'] / total:5.1f}%  x{k['calls']:<4g} {label}")
+
+
+def tuned_configs(module: ModuleType) -> dict[str, dict[str, str]]:
+    """For each autotuned kernel of ``module``: the config it chose for each tuning key it met (its tuner's
+    cache), as ``"BLOCK_MxBLOCK_NxBLOCK_K wW sS"``: which tile the timings above were measured with."""
+    from triton.runtime.autotuner import Autotuner
+
+    chosen = {}
+    for name, tuner in sorted(vars(module).items()):
+        if isinstance(tuner, Autotuner):
+            chosen[name] = {str(key): _label(config) for key, config in tuner.cache.items()}
+    return chosen
+
+
+def _label(config) -> str:
+    m, n, k = (config.kwargs.get(f"BLOCK_{x}") for x in "MNK")
+    return f"{m}x{n}x{k} w{config.num_warps} s{config.num_stages}"
+
+
+def print_tuned(chosen: dict[str, dict[str, str]]) -> None:
+    """How often each kernel chose each config."""
+    print()
+    for name, by_key in chosen.items():
+        counts = Counter(by_key.values())
+        picks = ", ".join(f"{label} x{n}" for label, n in counts.most_common()) or "nothing tuned"
+        print(f"tuned {name}: {picks}")

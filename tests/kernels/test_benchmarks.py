@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,51 @@ def test_kernel_benchmark_smoke_run() -> None:
         ("MoE", "torch"), ("MoE", "triton"), ("MoT", "einsum reference"), ("MoT", "triton"),
     ], done.stdout  # fmt: skip
     assert all(int(us) > 0 and int(n) > 0 for *_, us, n in profiles), done.stdout
+
+
+def test_tuned_configs_name_the_tile_each_key_chose(monkeypatch, capsys) -> None:
+    """The benchmarks report which config each autotuned kernel chose per tuning key: read from a tuner that
+    tuned two keys (a fake kernel; a stand-in benchmark makes the large tile win only at the large size)."""
+    triton = pytest.importorskip("triton")
+    import torch
+
+    from mixcompile_plugins.triton import tuning
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_profile
+
+    class Kernel:  # runs nothing; remembers the meta-parameters of its last launch
+        arg_names = ["x_ptr", "N"]
+
+        def __init__(self) -> None:
+            self.fn = lambda: None
+            self.last: dict = {}
+
+        def run(self, *args, **kwargs):
+            self.last = kwargs
+
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1 << 20)
+    monkeypatch.setattr(tuning, "compute_capability", lambda device: 90)
+    configs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+    kernel = Kernel()
+    tuner = tuning.Autotuner(kernel, configs, ["N"], lambda c, a: 0, lambda c, a: 0, None, False)
+    tuner.cache_results = False  # no disk cache for a fake kernel
+
+    def bench(call, quantiles):
+        call()
+        large = kernel.last["BLOCK_M"] == 128
+        return [1.0 if large == (tuner.nargs["N"] > 16) else 2.0] * 3
+
+    tuner._do_bench = bench
+    x = torch.zeros(3)
+    tuner.run(x, 64)
+    tuner.run(x, 4)
+    chosen = bench_profile.tuned_configs(types.SimpleNamespace(_k=tuner, other=object()))
+    assert list(chosen) == ["_k"]
+    by_n = {key.split(",")[0].strip("( "): label for key, label in chosen["_k"].items()}
+    assert by_n == {"64": "128x256x64 w8 s3", "4": "64x64x64 w4 s4"}
+    bench_profile.print_tuned(chosen)
+    assert "tuned _k: 128x256x64 w8 s3 x1, 64x64x64 w4 s4 x1" in capsys.readouterr().out
