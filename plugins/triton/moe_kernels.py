@@ -166,7 +166,7 @@ def moe_backward(
     dy_sorted = torch.index_select(dy, 0, groups.rows)
     torch.mul(dy_sorted, routing.weight[:, None], out=dy_sorted)  # in fp32, rounded once
     dw_out, db_out = weight_grad(dy_sorted, hidden, groups, bias=has_bias, dtype=wdt)
-    del dy_sorted
+    del dy_sorted, hidden  # [P, h]: not alive with the other weight gradients (Mixtral at 16K: 0.9 GiB)
     x_sorted = torch.index_select(x, 0, groups.rows)
     dw_in_out, dw_gate_out = (None, None) if into is None else into
     dw_in, db_in = weight_grad(d_pre, x_sorted, groups, bias=has_bias, dtype=wdt, out=dw_in_out)

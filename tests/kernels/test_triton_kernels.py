@@ -442,6 +442,31 @@ def _peak_bytes(step) -> int:
     return peak
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_moe_backward_drops_the_hidden_layer_before_the_other_weight_gradients(monkeypatch, gated):
+    """The recomputed hidden layer ``[P, h]`` is read by the down projection's weight gradient only: it is
+    dropped before the up (and gate) weight gradients are allocated, where the peak would otherwise be
+    (kernels stubbed, the pairs sorted with argsort so that the host's index ops stay in range)."""
+    from mixcompile_plugins.triton import grouped, moe_kernels, sorting
+
+    monkeypatch.setattr(type(grouped._up_kernel.fn), "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(moe_kernels, "sort_by_expert", sorting._argsort_by_expert)
+    e, n, k, d, h = 4, 64, 2, 16, 512
+    experts = make_experts(e=e, d=d, h=h, act="silu" if gated else "gelu", gated=gated).tensors
+    plan = topk_plan(n, e, k, empty_expert=False)
+    x, dy = torch.randn(n, d, device=DEVICE), torch.randn(n, d, device=DEVICE)
+    routing = moe_kernels.route(plan.token_index, plan.expert_index, plan.weight.detach(), n, e, k)
+    pairs = plan.token_index.numel()
+    pre = torch.empty(pairs, h, device=DEVICE)
+    pre_gate = torch.empty(pairs, h, device=DEVICE) if gated else None
+    act = "silu" if gated else "gelu"
+    peak = _peak_bytes(
+        lambda: moe_kernels.moe_backward(dy, x, routing, torch.float32, experts, pre, pre_gate, act)
+    )
+    hidden_sized, weight, rows = pairs * h * 4, e * h * d * 4, pairs * d * 4
+    assert peak < (2 + gated) * hidden_sized + (1.5 + gated) * weight + 4 * rows
+
+
 def test_mot_inference_holds_one_mixed_sized_tensor_and_the_next(monkeypatch):
     """Without grad the MoT forward drops the mixed tokens once the up projection has read them and the
     hidden layer once the down projection has: never the mixed tokens, the hidden layer and the experts'
