@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def tuned_configs(module: ModuleType) -> dict[str, dict[str, str]]:
     return chosen
 
 
-def _label(config) -> str:
+def _label(config: Any) -> str:  # a triton.Config
     m, n, k = (config.kwargs.get(f"BLOCK_{x}") for x in "MNK")
     return f"{m}x{n}x{k} w{config.num_warps} s{config.num_stages}"
 

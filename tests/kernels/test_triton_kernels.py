@@ -248,7 +248,7 @@ def test_fused_halves_only_for_two_halves_that_cover_one_tensor():
 
 
 def _expert_choice_pairs(experts: int, tokens: int, per_expert: int, g: torch.Generator):
-    """Each expert's ``per_expert`` distinct tokens, listed expert by expert (as expert choice does)."""
+    """Each expert's ``per_expert`` distinct tokens (as expert choice picks them), in shuffled plan order."""
     token = torch.stack([torch.randperm(tokens, generator=g)[:per_expert] for _ in range(experts)])
     expert = torch.arange(experts).repeat_interleave(token.shape[1])
     shuffle = torch.randperm(expert.numel(), generator=g)  # the plan's order must not matter
@@ -430,6 +430,15 @@ def test_mot_block_end_to_end(batch, group, gated, bias, emit):
     assert (grads["mixer.controller.weight"].abs().sum() > 0) == (min(batch, group) > 1)
 
 
+@pytest.fixture
+def no_launches(monkeypatch):
+    """Every Triton kernel launch does nothing: kernels allocate nothing, so what the host allocates around
+    them is what a GPU would hold."""
+    from mixcompile_plugins.triton import grouped
+
+    monkeypatch.setattr(type(grouped._up_kernel.fn), "run", lambda *args, **kwargs: None)
+
+
 def _peak_bytes(step) -> int:
     """Peak bytes allocated by ``step()`` above what was allocated before it (CPU allocator, this thread)."""
     cpu = [torch.profiler.ProfilerActivity.CPU]
@@ -443,13 +452,12 @@ def _peak_bytes(step) -> int:
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_moe_backward_drops_the_hidden_layer_before_the_other_weight_gradients(monkeypatch, gated):
+def test_moe_backward_drops_the_hidden_layer_before_the_weight_gradients(no_launches, monkeypatch, gated):
     """The recomputed hidden layer ``[P, h]`` is read by the down projection's weight gradient only: it is
     dropped before the up (and gate) weight gradients are allocated, where the peak would otherwise be
     (kernels stubbed, the pairs sorted with argsort so that the host's index ops stay in range)."""
-    from mixcompile_plugins.triton import grouped, moe_kernels, sorting
+    from mixcompile_plugins.triton import moe_kernels, sorting
 
-    monkeypatch.setattr(type(grouped._up_kernel.fn), "run", lambda *args, **kwargs: None)
     monkeypatch.setattr(moe_kernels, "sort_by_expert", sorting._argsort_by_expert)
     e, n, k, d, h = 4, 64, 2, 16, 512
     experts = make_experts(e=e, d=d, h=h, act="silu" if gated else "gelu", gated=gated).tensors
@@ -467,13 +475,12 @@ def test_moe_backward_drops_the_hidden_layer_before_the_other_weight_gradients(m
     assert peak < (2 + gated) * hidden_sized + (1.5 + gated) * weight + 4 * rows
 
 
-def test_mot_inference_holds_one_mixed_sized_tensor_and_the_next(monkeypatch):
+def test_mot_inference_holds_one_mixed_sized_tensor_and_the_next(no_launches):
     """Without grad the MoT forward drops the mixed tokens once the up projection has read them and the
     hidden layer once the down projection has: never the mixed tokens, the hidden layer and the experts'
     outputs together (kernels stubbed, as below)."""
-    from mixcompile_plugins.triton import grouped, mot_kernels
+    from mixcompile_plugins.triton import mot_kernels
 
-    monkeypatch.setattr(type(grouped._up_kernel.fn), "run", lambda *args, **kwargs: None)
     e, t, n, g, d, h = 4, 32, 1, 4, 256, 64
     experts = make_experts(e=e, d=d, h=h).tensors
     x_g = torch.randn(t, n, g, d, device=DEVICE)
@@ -484,14 +491,13 @@ def test_mot_inference_holds_one_mixed_sized_tensor_and_the_next(monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_mot_backward_never_holds_three_mixed_sized_tensors(monkeypatch, gated):
+def test_mot_backward_never_holds_three_mixed_sized_tensors(no_launches, gated):
     """The MoT backward's ``[E·T·n, d]`` intermediates (the output's gradient, the recomputed mixed tokens,
     their gradient) are each dropped after the last kernel that reads them, so at most two are alive at once
     (the peak memory of a MoT training step). Kernels are stubbed: they allocate nothing, so what the host
     allocates is what the GPU would hold; d is large against h so that these tensors dominate."""
-    from mixcompile_plugins.triton import grouped, mot_kernels
+    from mixcompile_plugins.triton import mot_kernels
 
-    monkeypatch.setattr(type(grouped._up_kernel.fn), "run", lambda *args, **kwargs: None)
     e, t, n, g, d, h = 4, 32, 1, 4, 256, 16
     experts = make_experts(e=e, d=d, h=h, act="silu" if gated else "gelu", gated=gated).tensors
     x_g = torch.randn(t, n, g, d, device=DEVICE)
