@@ -36,7 +36,8 @@ def _configs(interpreted: dict[str, int], shapes: Sequence[tuple[int, ...]]) -> 
 # Triton 3.9's interpreter multiplies bfloat16 bit patterns as integers in ``tl.dot``; it gets fp32 operands.
 _UPCAST_DOT = tl.constexpr(interpreting())
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the pruner keeps what fits the GPU and the kernel's variant.
-# 128 x 256 fits only the kernels with one accumulator, on sm_90 and later (tuning.MAX_ACCUMULATOR_VALUES).
+# 128 x 256 fits only the kernels whose one accumulator is all they hold, on sm_90 and later
+# (tuning.MAX_ACCUMULATOR_VALUES): not the up-projection's backward, whose epilogue loads more tiles.
 _SHAPES = [
     (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 3),
@@ -163,11 +164,12 @@ def _source_rows(rows_ptr, offs_m, m_mask, GATHER: tl.constexpr):
 
 
 def _up_smem(config: triton.Config, args: dict) -> int:
-    return _staged(config, 1, 1 + args["GATED"], args, "a_ptr")
+    return _staged(config, 1, 1, args, "a_ptr")
 
 
 def _up_live(config: triton.Config, args: dict) -> int:
-    return _live(config, 1 + args["GATED"], args["PRECISION"])
+    """One accumulator: a gated tile holds the gate's and the up projection's columns side by side."""
+    return _live(config, 1, args["PRECISION"])
 
 
 @autotune(
@@ -175,6 +177,7 @@ def _up_live(config: triton.Config, args: dict) -> int:
     [*_GROUPED_KEYS, "GATHER", "GATED", "HAS_BIAS", "SAVE_PRE", "ACT"],
     _up_smem,
     _up_live,
+    lone_accumulator=True,
 )
 @triton.jit
 def _up_kernel(
@@ -185,42 +188,83 @@ def _up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """hidden = act(A W^T + b), or act(A Wg^T + bg) * (A W^T + b); weights [E, N, K] (strides ``SW_*``,
-    shared by W and Wg), A rows gathered."""
-    expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
+    shared by W and Wg), A rows gathered.
+
+    A gated tile is ``BLOCK_N / 2`` columns of Wg beside the same columns of W: one dot per step and one
+    accumulator, as in the plain GEMM (two dots into two accumulators spilled at 128 x 128 each on sm_90).
+    The epilogue runs on quarters of the tile, so that its loads, activation and stores add little to the
+    accumulator's registers (at 128 x 256 the whole-tile epilogue spilled in 24 of 49 bf16 variants).
+    """
+    expert, start, end, pid_n = _tile(offsets_ptr, E, N * (1 + GATED), BLOCK_M, BLOCK_N, E_POW2)
     if expert >= E:
         return
     offs_m = start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
     src = _source_rows(rows_ptr, offs_m, m_mask, GATHER)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    cols = tl.arange(0, BLOCK_N)
+    offs_c = pid_n * (BLOCK_N // 2) + cols % (BLOCK_N // 2) if GATED else pid_n * BLOCK_N + cols
+    c_mask = offs_c < N
     w_base = expert.to(tl.int64) * SW_E
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(
             a_ptr + src[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
         )
-        w_off = w_base + offs_n[None, :] * SW_N + offs_k[:, None] * SW_K
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
+        w_off = w_base + offs_c[None, :] * SW_N + offs_k[:, None] * SW_K
         if GATED:
-            wg = tl.load(wg_ptr + w_off, mask=w_mask, other=0.0)
-            acc_g = mma(a, wg, acc_g, PRECISION)
+            w_ptrs = tl.where((cols < BLOCK_N // 2)[None, :], wg_ptr + w_off, w_ptr + w_off)
+        else:
+            w_ptrs = w_ptr + w_off
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = mma(a, w, acc, PRECISION)
+    first, second = _halves(acc, BLOCK_M, BLOCK_N)
+    q0, q1 = _halves(first, BLOCK_M, BLOCK_N // 2)
+    q2, q3 = _halves(second, BLOCK_M, BLOCK_N // 2)
+    offs_n = pid_n * (BLOCK_N // (1 + GATED)) + tl.arange(0, BLOCK_N // 4)
+    if GATED:  # q0, q1: columns of the gate; q2, q3: the same columns of the up projection
+        _up_store(q2, q0, offs_n, offs_m, m_mask, N, expert, b_ptr, bg_ptr, hidden_ptr,
+                  pre_ptr, pre_g_ptr, GATED, HAS_BIAS, SAVE_PRE, ACT)  # fmt: skip
+        _up_store(q3, q1, offs_n + BLOCK_N // 4, offs_m, m_mask, N, expert, b_ptr, bg_ptr, hidden_ptr,
+                  pre_ptr, pre_g_ptr, GATED, HAS_BIAS, SAVE_PRE, ACT)  # fmt: skip
+    else:
+        _up_store(q0, q0, offs_n, offs_m, m_mask, N, expert, b_ptr, bg_ptr, hidden_ptr,
+                  pre_ptr, pre_g_ptr, GATED, HAS_BIAS, SAVE_PRE, ACT)  # fmt: skip
+        _up_store(q1, q1, offs_n + BLOCK_N // 4, offs_m, m_mask, N, expert, b_ptr, bg_ptr, hidden_ptr,
+                  pre_ptr, pre_g_ptr, GATED, HAS_BIAS, SAVE_PRE, ACT)  # fmt: skip
+        _up_store(q2, q2, offs_n + BLOCK_N // 2, offs_m, m_mask, N, expert, b_ptr, bg_ptr, hidden_ptr,
+                  pre_ptr, pre_g_ptr, GATED, HAS_BIAS, SAVE_PRE, ACT)  # fmt: skip
+        _up_store(q3, q3, offs_n + 3 * (BLOCK_N // 4), offs_m, m_mask, N, expert, b_ptr, bg_ptr, hidden_ptr,
+                  pre_ptr, pre_g_ptr, GATED, HAS_BIAS, SAVE_PRE, ACT)  # fmt: skip
+
+
+@triton.jit
+def _halves(x, M: tl.constexpr, N: tl.constexpr):
+    """The left and right column halves of an ``[M, N]`` tile."""
+    return tl.split(tl.permute(tl.reshape(x, (M, 2, N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _up_store(
+    up, gate, offs_n, offs_m, m_mask, N, expert, b_ptr, bg_ptr, hidden_ptr, pre_ptr, pre_g_ptr,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr, ACT: tl.constexpr,
+):  # fmt: skip
+    """The up kernel's epilogue for columns ``offs_n``: bias, activation (times the up projection if gated),
+    stores (``gate`` is unused unless ``GATED``)."""
+    n_mask = offs_n < N
     if HAS_BIAS:
-        acc += tl.load(b_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_g += tl.load(bg_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    hidden = activate(acc_g, ACT) * acc if GATED else activate(acc, ACT)
+            gate += tl.load(bg_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    hidden = activate(gate, ACT) * up if GATED else activate(up, ACT)
     out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     tl.store(hidden_ptr + out, hidden.to(hidden_ptr.dtype.element_ty), mask=out_mask)
     if SAVE_PRE:
-        tl.store(pre_ptr + out, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(pre_ptr + out, up.to(pre_ptr.dtype.element_ty), mask=out_mask)
         if GATED:
-            tl.store(pre_g_ptr + out, acc_g.to(pre_g_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(pre_g_ptr + out, gate.to(pre_g_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _mm_smem(config: triton.Config, args: dict) -> int:
@@ -436,7 +480,8 @@ def up(
     hidden = a.new_empty(p, n)
     pre = a.new_empty(p, n) if save_pre else None
     pre_g = a.new_empty(p, n) if save_pre and w_gate is not None else None
-    _up_kernel[groups.grid(n)](
+    # A gated tile covers BLOCK_N / 2 columns of each weight: the grid's columns count both.
+    _up_kernel[groups.grid(n * (1 + (w_gate is not None)))](
         a, _or(groups.rows, groups.offsets), groups.offsets, w, _or(w_gate, w), _or(b, w), _or(b_gate, w),
         hidden, _or(pre, hidden), _or(pre_g, hidden),
         e, n, k, *w.stride(), groups.rows_hint,

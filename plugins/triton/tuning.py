@@ -8,6 +8,8 @@
   (the same test compiles every variant and asserts no spills on sm_90). A kernel whose live values are one
   dot accumulator (``lone_accumulator``) may hold ``MAX_ACCUMULATOR_VALUES`` on sm_90 and later, where wgmma
   reads both operands from shared memory: 128 x 256 tiles at 8 warps, the tile Hopper GEMMs use.
+- Before sm_90, three-product fp32 dots (``PRECISION="tf32x3"``) hold their split operands in registers, so
+  their ``BLOCK_K`` is at most ``MAX_SPLIT_OPERAND_K`` there.
 - Tuning results are cached on disk by Triton (``cache_results``), so a new process reuses them.
 - During CUDA-graph capture nothing is benchmarked (the trials would be captured into the graph): a key
   tuned before capture reuses its result; an untuned one launches the first config that fits, without
@@ -37,10 +39,14 @@ SHARED_MEMORY_PER_BLOCK = {
 }
 
 MAX_LIVE_VALUES = 96
-# Measured on sm_90 (ptxas via tests/kernels/test_kernel_resources.py --full): the grouped GEMM and
-# weight-gradient kernels at 128 x 256 x 64, 8 warps, take 204-224 registers in every variant (bf16, fp16)
-# without spilling; kernels whose epilogues hold more tiles spill at that count.
+# Measured on sm_90 (ptxas via tests/kernels/test_kernel_resources.py --full): at 128 x 256 x 64, 8 warps,
+# the grouped GEMM and weight-gradient kernels take 204-224 registers in every variant (bf16, fp16), the up
+# projection (its epilogue in quarter tiles) 186-255, none spilling; the up projection's backward, whose
+# epilogue loads more tiles, spills at that count.
 MAX_ACCUMULATOR_VALUES = 128
+# Before sm_90 (no wgmma), three-product fp32 dots keep their split operands in registers; measured on sm_80
+# (ptxas): 64 x 64 x 64 tiles spill 36-732 bytes in the up and grouped GEMM kernels, 32 x 64 x 32 none.
+MAX_SPLIT_OPERAND_K = 32
 MAX_CONFIGS = 4  # tried per tuning key: each costs a compile and a benchmark on first use
 
 Estimate = Callable[[triton.Config, dict], int]
@@ -95,9 +101,11 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
         limit = shared_memory_limit(device)
         wgmma = compute_capability(device) >= 90
         live_limit = MAX_ACCUMULATOR_VALUES if self.lone_accumulator and wgmma else MAX_LIVE_VALUES
+        max_k = MAX_SPLIT_OPERAND_K if args.get("PRECISION") == "tf32x3" and not wgmma else None
         kept: dict[tuple, triton.Config] = {}
         for c in configs:  # the first config of each tile shape that fits, up to MAX_CONFIGS
             fits = self.shared_memory(c, args) <= limit and self.live_values(c, args) <= live_limit
+            fits = fits and (max_k is None or c.kwargs.get("BLOCK_K", 0) <= max_k)
             if fits and len(kept) < MAX_CONFIGS:
                 kept.setdefault((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), c)
         if not kept:
@@ -128,5 +136,6 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
 def autotune(configs: list[triton.Config], key: list[str], shared_memory: Estimate, live_values: Estimate,
              reset_to_zero: list[str] | None = None, lone_accumulator: bool = False):  # fmt: skip
     """``triton.autotune`` with this module's pruning and capture rule; configs in order of preference.
-    ``lone_accumulator``: the kernel's live values are one dot accumulator (no epilogue over other tiles)."""
+    ``lone_accumulator``: the kernel's live values are one dot accumulator (its epilogue loads no other
+    whole tile)."""
     return lambda fn: Autotuner(fn, configs, key, shared_memory, live_values, reset_to_zero, lone_accumulator)

@@ -818,6 +818,32 @@ def test_a_lone_accumulator_may_hold_more_values_where_wgmma_runs(monkeypatch, l
         tuner.run(x, 16, FLAG=1)
 
 
+@pytest.mark.parametrize(
+    "arch,precision,kept",
+    [(80, "tf32x3", {32}), (89, "tf32x3", {32}), (90, "tf32x3", {64, 32}), (80, "tf32", {64, 32})],
+)
+def test_three_product_dots_take_a_narrow_k_tile_before_hopper(monkeypatch, arch, precision, kept):
+    """Without wgmma, three-product fp32 dots hold their split operands in registers: BLOCK_K > 32 spilled
+    on sm_80, so only narrower K tiles are tried there; other precisions and sm_90 keep both."""
+    import triton
+
+    from mixcompile_plugins.triton import tuning
+
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1000)
+    monkeypatch.setattr(tuning, "compute_capability", lambda device: arch)
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "BLOCK_K": k}, num_warps=4, num_stages=2)
+        for m, k in ((64, 64), (32, 32))
+    ]
+    kernel = _FakeKernel()
+    kernel.arg_names = ["x_ptr", "N", "PRECISION"]
+    none = lambda c, a: 0  # noqa: E731
+    tuner = tuning.Autotuner(kernel, configs, ["N", "PRECISION"], none, none, None, False)
+    tuner._do_bench = lambda call, quantiles: call() or [1.0] * 3
+    tuner.run(torch.zeros(3), 16, PRECISION=precision)
+    assert {k["BLOCK_K"] for k in kernel.launches} == kept
+
+
 class _Launches:
     """Counts Triton kernel launches, and ATen ops (from the profiler, nested ones included)."""
 
