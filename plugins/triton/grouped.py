@@ -178,6 +178,7 @@ def _up_live(config: triton.Config, args: dict) -> int:
     _up_smem,
     _up_live,
     lone_accumulator=True,
+    tiles_expert_rows=True,
 )
 @triton.jit
 def _up_kernel(
@@ -281,6 +282,7 @@ def _one_tile(config: triton.Config, args: dict) -> int:
     _mm_smem,
     _one_tile,
     lone_accumulator=True,
+    tiles_expert_rows=True,
 )
 @triton.jit
 def _mm_kernel(
@@ -338,6 +340,7 @@ def _up_backward_live(config: triton.Config, args: dict) -> int:
     _up_backward_smem,
     _up_backward_live,
     reset_to_zero=["dscale_ptr"],
+    tiles_expert_rows=True,
 )
 @triton.jit
 def _up_backward_kernel(

@@ -85,7 +85,7 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
 
     def __init__(
         self, fn, configs, key, shared_memory: Estimate, live_values: Estimate, reset_to_zero,
-        lone_accumulator: bool,
+        lone_accumulator: bool, tiles_expert_rows: bool,
     ) -> None:  # fmt: skip
         super().__init__(
             fn, fn.arg_names, configs, key, reset_to_zero, None,
@@ -94,6 +94,7 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
         self.shared_memory = shared_memory
         self.live_values = live_values
         self.lone_accumulator = lone_accumulator
+        self.tiles_expert_rows = tiles_expert_rows
 
     def _fitting(self, configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
@@ -102,6 +103,9 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
         wgmma = compute_capability(device) >= 90
         live_limit = MAX_ACCUMULATOR_VALUES if self.lone_accumulator and wgmma else MAX_LIVE_VALUES
         max_k = MAX_SPLIT_OPERAND_K if args.get("PRECISION") == "tf32x3" and not wgmma else None
+        if self.tiles_expert_rows:  # row blocks taller than an expert's rows compute padding: shortest first
+            rows = args["ROWS_HINT"]
+            configs = sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] if c.kwargs["BLOCK_M"] > rows else 0)
         kept: dict[tuple, triton.Config] = {}
         for c in configs:  # the first config of each tile shape that fits, up to MAX_CONFIGS
             fits = self.shared_memory(c, args) <= limit and self.live_values(c, args) <= live_limit
@@ -134,8 +138,13 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
 
 
 def autotune(configs: list[triton.Config], key: list[str], shared_memory: Estimate, live_values: Estimate,
-             reset_to_zero: list[str] | None = None, lone_accumulator: bool = False):  # fmt: skip
+             reset_to_zero: list[str] | None = None, lone_accumulator: bool = False,
+             tiles_expert_rows: bool = False):  # fmt: skip
     """``triton.autotune`` with this module's pruning and capture rule; configs in order of preference.
     ``lone_accumulator``: the kernel's live values are one dot accumulator (its epilogue loads no other
-    whole tile)."""
-    return lambda fn: Autotuner(fn, configs, key, shared_memory, live_values, reset_to_zero, lone_accumulator)
+    whole tile). ``tiles_expert_rows``: ``BLOCK_M`` blocks the rows each expert owns, about ``ROWS_HINT``;
+    configs with taller blocks go after the others, shortest first, so that at decode sizes (a few rows
+    per expert) the configs tried are the ones that do not compute mostly padding."""
+    return lambda fn: Autotuner(
+        fn, configs, key, shared_memory, live_values, reset_to_zero, lone_accumulator, tiles_expert_rows
+    )

@@ -65,7 +65,7 @@ def test_tuned_configs_name_the_tile_each_key_chose(monkeypatch, capsys) -> None
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
     kernel = Kernel()
-    tuner = tuning.Autotuner(kernel, configs, ["N"], lambda c, a: 0, lambda c, a: 0, None, False)
+    tuner = tuning.Autotuner(kernel, configs, ["N"], lambda c, a: 0, lambda c, a: 0, None, False, False)
     tuner.cache_results = False  # no disk cache for a fake kernel
 
     def bench(call, quantiles):

@@ -265,25 +265,28 @@ def _run_scenario(call: dict, dtype) -> None:
         down = torch.randn(e, h, d, dtype=dtype).mT
         t = experts.tensors
         experts = ExpertsView(gate_up[:, h:], gate_up[:, :h], down, t.b_in, t.b_gate, t.b_out, call["act"])
-    if call["fn"] == "moe":
-        tokens, top_k = 128, 8
-        x = torch.randn(tokens, d, dtype=dtype, requires_grad=train)
-        token_index = torch.arange(tokens).repeat_interleave(top_k)
-        expert_index = (torch.arange(tokens * top_k) * 7) % e  # every expert gets rows
-        weight = torch.rand(tokens * top_k, requires_grad=train)
-        with torch.set_grad_enabled(train):
-            plan = RoutingPlan(token_index, expert_index, weight, tokens, e, pairs_per_token=top_k)
-            y = ops.moe(x, plan, experts)
-    else:
-        group, seq, groups = call.get("group", 4), 16, 2
-        xb = torch.randn(groups * group, seq, d, dtype=dtype, requires_grad=train)
-        x_g = xb.reshape(groups, group, seq, d).permute(2, 0, 1, 3)  # the view MoTBlock hands over
-        merge = torch.softmax(torch.randn(seq, groups, group, e), dim=2).requires_grad_(train)
-        emit = torch.softmax(torch.randn(seq, groups, group, e), dim=3).requires_grad_(train)
-        with torch.set_grad_enabled(train):
-            y = ops.mot(x_g, MixPlan(merge, emit), experts)
-    if train:
-        y.backward(torch.ones_like(y))
+    # Few and many rows per expert: the grouped GEMMs try their shortest row blocks first when experts have
+    # few rows (tuning's tiles_expert_rows), so the two sizes reach every config between them.
+    for size in (1, 32 if call["fn"] == "moe" else 4):  # 4 and 128 rows per expert
+        if call["fn"] == "moe":
+            tokens, top_k = 128 * size, 8
+            x = torch.randn(tokens, d, dtype=dtype, requires_grad=train)
+            token_index = torch.arange(tokens).repeat_interleave(top_k)
+            expert_index = (torch.arange(tokens * top_k) * 7) % e  # every expert gets rows
+            weight = torch.rand(tokens * top_k, requires_grad=train)
+            with torch.set_grad_enabled(train):
+                plan = RoutingPlan(token_index, expert_index, weight, tokens, e, pairs_per_token=top_k)
+                y = ops.moe(x, plan, experts)
+        else:
+            group, seq, groups = call.get("group", 4), 16 * size, 2
+            xb = torch.randn(groups * group, seq, d, dtype=dtype, requires_grad=train)
+            x_g = xb.reshape(groups, group, seq, d).permute(2, 0, 1, 3)  # the view MoTBlock hands over
+            merge = torch.softmax(torch.randn(seq, groups, group, e), dim=2).requires_grad_(train)
+            emit = torch.softmax(torch.randn(seq, groups, group, e), dim=3).requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                y = ops.mot(x_g, MixPlan(merge, emit), experts)
+        if train:
+            y.backward(torch.ones_like(y))
 
 
 class _Recorder:

@@ -750,18 +750,20 @@ class _FakeKernel:
         self.launches.append(kwargs)
 
 
-def _tuner(monkeypatch, smem=lambda c, a: 0, live=lambda c, a: 0, lone_accumulator=False, arch=90):
+def _tuner(
+    monkeypatch, smem=lambda c, a: 0, live=lambda c, a: 0, lone_accumulator=False, arch=90, configs=None
+):
     import triton
 
     from mixcompile_plugins.triton import tuning
 
     monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1000)
     monkeypatch.setattr(tuning, "compute_capability", lambda device: arch)
-    configs = [
+    configs = configs or [
         triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
         for m, w in ((128, 8), (64, 4))
     ]
-    tuner = tuning.Autotuner(_FakeKernel(), configs, ["N", "FLAG"], smem, live, None, lone_accumulator)
+    tuner = tuning.Autotuner(_FakeKernel(), configs, ["N", "FLAG"], smem, live, None, lone_accumulator, False)
     tuner._do_bench = lambda call, quantiles: call() or [1.0 / tuner.nargs["x_ptr"].numel()] * 3
     return tuner, tuner.fn
 
@@ -838,10 +840,31 @@ def test_three_product_dots_take_a_narrow_k_tile_before_hopper(monkeypatch, arch
     kernel = _FakeKernel()
     kernel.arg_names = ["x_ptr", "N", "PRECISION"]
     none = lambda c, a: 0  # noqa: E731
-    tuner = tuning.Autotuner(kernel, configs, ["N", "PRECISION"], none, none, None, False)
+    tuner = tuning.Autotuner(kernel, configs, ["N", "PRECISION"], none, none, None, False, False)
     tuner._do_bench = lambda call, quantiles: call() or [1.0] * 3
     tuner.run(torch.zeros(3), 16, PRECISION=precision)
     assert {k["BLOCK_K"] for k in kernel.launches} == kept
+
+
+@pytest.mark.parametrize("rows,tried", [(4096, [128, 64, 32]), (64, [64, 32, 128]), (1, [32, 64, 128])])
+def test_few_rows_per_expert_try_the_shortest_row_blocks_first(monkeypatch, rows, tried):
+    """A kernel whose BLOCK_M blocks each expert's rows (ROWS_HINT of them) tries blocks no taller than that
+    first, then the taller ones shortest first; the config budget keeps the first of them."""
+    import triton
+
+    from mixcompile_plugins.triton import tuning
+
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1000)
+    monkeypatch.setattr(tuning, "compute_capability", lambda device: 90)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=4, num_stages=2) for m in (128, 64, 32)]
+    kernel = _FakeKernel()
+    kernel.arg_names = ["x_ptr", "N", "ROWS_HINT"]
+    none = lambda c, a: 0  # noqa: E731
+    tuner = tuning.Autotuner(kernel, configs, ["N", "ROWS_HINT"], none, none, None, False, True)
+    args = {"x_ptr": torch.zeros(3), "N": 16}
+    assert [c.kwargs["BLOCK_M"] for c in tuner._fitting(configs, args, ROWS_HINT=rows)] == tried
+    monkeypatch.setattr(tuning, "MAX_CONFIGS", 1)
+    assert [c.kwargs["BLOCK_M"] for c in tuner._fitting(configs, args, ROWS_HINT=rows)] == tried[:1]
 
 
 class _Launches:
