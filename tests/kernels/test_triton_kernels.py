@@ -751,8 +751,10 @@ class _FakeKernel:
 
 
 def _tuner(
-    monkeypatch, smem=lambda c, a: 0, live=lambda c, a: 0, lone_accumulator=False, arch=90, configs=None
-):
+    monkeypatch, smem=lambda c, a: 0, live=lambda c, a: 0, lone_accumulator=False, arch=90, configs=None,
+    flag="FLAG", tiles_expert_rows=False,
+):  # fmt: skip
+    """A tuner over a fake kernel ``(x_ptr, N, <flag>)`` keyed on ``N`` and the flag."""
     import triton
 
     from mixcompile_plugins.triton import tuning
@@ -763,7 +765,11 @@ def _tuner(
         triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
         for m, w in ((128, 8), (64, 4))
     ]
-    tuner = tuning.Autotuner(_FakeKernel(), configs, ["N", "FLAG"], smem, live, None, lone_accumulator, False)
+    kernel = _FakeKernel()
+    kernel.arg_names = ["x_ptr", "N", flag]
+    tuner = tuning.Autotuner(
+        kernel, configs, ["N", flag], smem, live, None, lone_accumulator, tiles_expert_rows
+    )
     tuner._do_bench = lambda call, quantiles: call() or [1.0 / tuner.nargs["x_ptr"].numel()] * 3
     return tuner, tuner.fn
 
@@ -829,19 +835,11 @@ def test_three_product_dots_take_a_narrow_k_tile_before_hopper(monkeypatch, arch
     on sm_80, so only narrower K tiles are tried there; other precisions and sm_90 keep both."""
     import triton
 
-    from mixcompile_plugins.triton import tuning
-
-    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1000)
-    monkeypatch.setattr(tuning, "compute_capability", lambda device: arch)
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": 64, "BLOCK_K": k}, num_warps=4, num_stages=2)
         for m, k in ((64, 64), (32, 32))
     ]
-    kernel = _FakeKernel()
-    kernel.arg_names = ["x_ptr", "N", "PRECISION"]
-    none = lambda c, a: 0  # noqa: E731
-    tuner = tuning.Autotuner(kernel, configs, ["N", "PRECISION"], none, none, None, False, False)
-    tuner._do_bench = lambda call, quantiles: call() or [1.0] * 3
+    tuner, kernel = _tuner(monkeypatch, arch=arch, configs=configs, flag="PRECISION")
     tuner.run(torch.zeros(3), 16, PRECISION=precision)
     assert {k["BLOCK_K"] for k in kernel.launches} == kept
 
@@ -854,13 +852,8 @@ def test_few_rows_per_expert_try_the_shortest_row_blocks_first(monkeypatch, rows
 
     from mixcompile_plugins.triton import tuning
 
-    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1000)
-    monkeypatch.setattr(tuning, "compute_capability", lambda device: 90)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=4, num_stages=2) for m in (128, 64, 32)]
-    kernel = _FakeKernel()
-    kernel.arg_names = ["x_ptr", "N", "ROWS_HINT"]
-    none = lambda c, a: 0  # noqa: E731
-    tuner = tuning.Autotuner(kernel, configs, ["N", "ROWS_HINT"], none, none, None, False, True)
+    tuner, _ = _tuner(monkeypatch, configs=configs, flag="ROWS_HINT", tiles_expert_rows=True)
     args = {"x_ptr": torch.zeros(3), "N": 16}
     assert [c.kwargs["BLOCK_M"] for c in tuner._fitting(configs, args, ROWS_HINT=rows)] == tried
     monkeypatch.setattr(tuning, "MAX_CONFIGS", 1)
