@@ -269,11 +269,35 @@ def _up_store(
 
 
 def _mm_smem(config: triton.Config, args: dict) -> int:
-    return _staged(config, 1 + args["SECOND"], 1 + args["SECOND"], args, "a_ptr")
+    """Staged tiles of both products with ``SECOND`` in fp32 (one loop), of one otherwise: with 16-bit
+    operands the two products' loops run in turn, and Triton reuses the first one's buffers (sm_90)."""
+    pairs = 1 + (args["SECOND"] and args["a_ptr"].dtype == torch.float32)
+    return _staged(config, pairs, pairs, args, "a_ptr")
 
 
 def _one_tile(config: triton.Config, args: dict) -> int:
     return _live(config, 1, args["PRECISION"])
+
+
+@triton.jit
+def _mm_loop(
+    a_ptr, w_ptr, a2_ptr, w2_ptr, rows, m_mask, offs_n, n_mask, K, SW_K, SW_N, acc,
+    BOTH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``acc + A[rows] W`` (``+ A2[rows] W2`` with ``BOTH``) over all of ``K``."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a_off = rows[:, None] * K + offs_k[None, :]
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        w_off = offs_k[:, None] * SW_K + offs_n[None, :] * SW_N
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
+        acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
+        if BOTH:
+            a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
+            acc = mma(a2, tl.load(w2_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
+    return acc
 
 
 @autotune(
@@ -304,18 +328,16 @@ def _mm_kernel(
     n_mask = offs_n < N
     w_base = expert.to(tl.int64) * SW_E
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a_off = rows[:, None] * K + offs_k[None, :]
-        a_mask = m_mask[:, None] & k_mask[None, :]
-        w_off = w_base + offs_k[:, None] * SW_K + offs_n[None, :] * SW_N
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
-        acc = mma(a, tl.load(w_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
-        if SECOND:
-            a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
-            acc = mma(a2, tl.load(w2_ptr + w_off, mask=w_mask, other=0.0), acc, PRECISION)
+    w, w2 = w_ptr + w_base, w2_ptr + w_base
+    # Two dots in one loop step keep no wgmma in flight on sm_90 (each step waits for both), so with 16-bit
+    # operands each product gets its own loop (one dot per step, one in flight). fp32 operands keep one
+    # loop: there two pipelined loops spilled (32-1644 bytes on sm_90 in TF32) and one loop did not.
+    split = SECOND and a_ptr.dtype.element_ty != tl.float32
+    acc = _mm_loop(a_ptr, w, a2_ptr, w2, rows, m_mask, offs_n, n_mask, K, SW_K, SW_N, acc,
+                   SECOND and not split, PRECISION, BLOCK_K)  # fmt: skip
+    if split:
+        acc = _mm_loop(a2_ptr, w2, a2_ptr, w2, rows, m_mask, offs_n, n_mask, K, SW_K, SW_N, acc,
+                       False, PRECISION, BLOCK_K)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = rows[:, None] * N + offs_n[None, :]
