@@ -7,13 +7,14 @@ memory, all measured in this run: a dense FFN (h=4096), the MoE and MoT workload
 (1 to 512 tokens; eager, where the host's time dominates, and replayed from a CUDA graph, pass "graph", for
 the Triton kernel and ``torch._grouped_mm``), the routing's sort of the pairs alone (the counting sort with
 and without ``pairs_per_token`` against the argsort-based sort it replaced), and one MoE workload in fp32 at
-torch's default "highest" matmul precision. MoE rows
-include routing (gate, softmax, top-k: the fused routing step for the Triton kernel, as the block runs it);
-MoT rows include the controller. After the table, where each training step's GPU time goes: every kernel's
-time per step, profiled for each implementation of the MoE and MoT training steps (so the next change can
-aim at the largest). ``--json`` writes every figure, check and profile to a file. Exits 1 if a check
-fails. ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter, to check that the script works;
-without a GPU and without ``--smoke`` it says so and exits.
+torch's default "highest" matmul precision. MoE rows include routing (gate, softmax, top-k: the fused routing
+step for the Triton kernel, as the block runs it); MoT rows include the controller, and their training step is
+also replayed from a CUDA graph (pass "graph"), which says how much of its eager time is the host's. After the
+table, where each training step's GPU time goes: every kernel's time per step, profiled for each
+implementation of the MoE and MoT training steps (so the next change can aim at the largest). ``--json``
+writes every figure, check and profile to a file. Exits 1 if a check fails. ``--smoke`` runs tiny sizes, on
+CPU through Triton's interpreter, to check that the script works; without a GPU and without ``--smoke`` it
+says so and exits.
 
     python benchmarks/bench_kernels.py --json out.json   # on a GPU
     python benchmarks/bench_kernels.py --smoke           # anywhere
@@ -439,6 +440,10 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
             label = "einsum reference" if impl_name == "torch" else impl_name
             rows.append(Row(name, "fwd+bwd", label, ms, flops, peak))
             profiled(PROFILES, f"{name}, fwd+bwd, {label}", partial(problem.run, impl, True), device)
+            if device.type == "cuda":
+                rows.append(
+                    Row(name, "graph", label, replayed(partial(problem.run, impl, True)), flops, None)
+                )
     return rows
 
 
