@@ -6,15 +6,15 @@ then prints one table (bf16, 16,384 tokens, d=1024) of time, TFLOP/s, the ratio 
 memory, all measured in this run: a dense FFN (h=4096), the MoE and MoT workloads, decode-sized MoE forwards
 (1 to 512 tokens; eager, where the host's time dominates, and replayed from a CUDA graph, pass "graph", for
 the Triton kernel and ``torch._grouped_mm``), the routing's sort of the pairs alone (the counting sort with
-and without ``pairs_per_token`` against the argsort-based sort it replaced), and one MoE workload in fp32 at
-torch's default "highest" matmul precision. MoE rows include routing (gate, softmax, top-k: the fused routing
-step for the Triton kernel, as the block runs it); MoT rows include the controller, and their training step is
-also replayed from a CUDA graph (pass "graph"), which says how much of its eager time is the host's. After the
-table, where each training step's GPU time goes: every kernel's time per step, profiled for each
-implementation of the MoE and MoT training steps (so the next change can aim at the largest). ``--json``
-writes every figure, check and profile to a file. Exits 1 if a check fails. ``--smoke`` runs tiny sizes, on
-CPU through Triton's interpreter, to check that the script works; without a GPU and without ``--smoke`` it
-says so and exits.
+and without ``pairs_per_token`` against the argsort-based sort it replaced), the host's time per launch (an
+ATen op, a plain and an autotuned Triton kernel), and one MoE workload in fp32 at torch's default "highest"
+matmul precision. MoE rows include routing (gate, softmax, top-k: the fused routing step for the Triton
+kernel, as the block runs it); MoT rows include the controller, and their training step is also replayed from
+a CUDA graph (pass "graph"), which says how much of its eager time is the host's. After the table, where each
+training step's GPU time goes: every kernel's time per step, profiled for each implementation of the MoE and
+MoT training steps (so the next change can aim at the largest). ``--json`` writes every figure, check and
+profile to a file. Exits 1 if a check fails. ``--smoke`` runs tiny sizes, on CPU through Triton's
+interpreter, to check that the script works; without a GPU and without ``--smoke`` it says so and exits.
 
     python benchmarks/bench_kernels.py --json out.json   # on a GPU
     python benchmarks/bench_kernels.py --smoke           # anywhere
@@ -447,6 +447,46 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- launches
+
+
+def host_ms(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Milliseconds per call over ``calls`` back-to-back eager calls, synchronised once: each call's GPU work
+    here is a few microseconds, so this is what the host spends issuing it."""
+    fn()  # compile / autotune first
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def launch_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    """The host's cost of one launch at decode size: an ATen op, the fused routing step (one plain Triton
+    launch) and the grouped GEMM on one row (one autotuned launch). The eager decode rows are host-bound;
+    these say how much of them each kind of launch is."""
+    from mixcompile_plugins.triton.grouped import Groups, matmul
+    from mixcompile_plugins.triton.ops import fused_topk_route
+
+    experts, top_k, hidden = sizes.moe[0]
+    logits = torch.randn(1, experts, device=device)
+    a = torch.randn(1, hidden, device=device, dtype=sizes.dtype)
+    w = torch.randn(experts, sizes.d, hidden, device=device, dtype=sizes.dtype)
+    one_row = Groups(torch.tensor([0] + [1] * experts, device=device, dtype=torch.int32), None, 1)
+    steps = {
+        "torch.softmax (ATen)": partial(torch.softmax, logits, -1),
+        "fused_topk_route (Triton)": partial(fused_topk_route, logits, None, top_k, True),
+        "grouped GEMM (Triton, autotuned)": partial(matmul, a, one_row, w, None, transposed=True),
+    }
+    calls = 1000 if device.type == "cuda" else 2
+    workload = f"host time per launch, E={experts} 1 token"
+    return [
+        Row(workload, "launch", name, host_ms(fn, device, calls), 0.0, None) for name, fn in steps.items()
+    ]
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -536,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = dense_rows(sizes, device) + moe_rows(sizes, device, moe_impls)
     rows += mot_rows(sizes, device, mot_impls) + decode_rows(sizes, device, moe_impls)
-    rows += routing_rows(sizes, device)
+    rows += routing_rows(sizes, device) + launch_rows(sizes, device)
     if not args.smoke:  # fp32 at "highest": three-product TF32 dots against cuBLAS's fp32
         fp32 = replace(sizes, moe=sizes.moe[:1], dtype=torch.float32)
         rows += moe_rows(fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}, "fp32 ")
