@@ -117,11 +117,13 @@ def _unmix_kernel(
         tl.store(dw_ptr + ge_off, dw.to(dw_ptr.dtype.element_ty), mask=ge_mask)
 
 
-def _tile_sizes(g: int, e: int, d: int, has_dw: bool, precision: str) -> tuple[int, int, int, int]:
+def _tile_sizes(g: int, e: int, d: int, has_dw: bool, precision: str) -> tuple[int, int, int, int, int]:
     """Padded G and E (``tl.dot`` needs 16+), the widest d tile (up to 128) and then the fewest warps that
     keep the live tiles (weights ``[G, E]``, the group ``[G, d]``, the mixes ``[E, d]``; the weight gradient
     and the other operand with ``has_dw``; twice as many for three-product fp32 dots) within
-    ``MAX_LIVE_VALUES`` per thread, as far as 8 warps and a d tile of 16 allow (G=32 with E=256)."""
+    ``MAX_LIVE_VALUES`` per thread, as far as 8 warps and a d tile of 16 allow (G=32 with E=256); and the
+    pipeline's stages: two for three-product fp32 dots over 256 experts, whose split operands also take
+    shared memory (at three, G=32 with the weight gradient needed 106,496 bytes, over sm_86/89's 101,376)."""
     g_pow2 = max(16, next_power_of_2(g))
     e_pow2 = max(16, next_power_of_2(e))
 
@@ -135,7 +137,7 @@ def _tile_sizes(g: int, e: int, d: int, has_dw: bool, precision: str) -> tuple[i
             block_d //= 2
         if live(block_d, warps) <= MAX_LIVE_VALUES:
             break
-    return g_pow2, e_pow2, block_d, warps
+    return g_pow2, e_pow2, block_d, warps, 2 if precision == "tf32x3" and e_pow2 >= 256 else 3
 
 
 def mix(
@@ -150,12 +152,12 @@ def mix(
     if r == 0:  # an empty batch or sequence
         return dst, dw
     precision = dot_precision(src.dtype)
-    g_pow2, e_pow2, block_d, warps = _tile_sizes(g, e, d, other is not None, precision)
+    g_pow2, e_pow2, block_d, warps, stages = _tile_sizes(g, e, d, other is not None, precision)
     _mix_kernel[(r,)](
         src, w, dst, dst if other is None else other, w if dw is None else dw,
         r, n, g, e, d, *src.stride(),
         HAS_DW=other is not None, PRECISION=precision,
-        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d, num_warps=warps,
+        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dst, dw
 
@@ -172,12 +174,12 @@ def unmix(
     if t * n == 0:
         return y, dw
     precision = dot_precision(v.dtype)
-    g_pow2, e_pow2, block_d, warps = _tile_sizes(g, e, d, other is not None, precision)
+    g_pow2, e_pow2, block_d, warps, stages = _tile_sizes(g, e, d, other is not None, precision)
     _unmix_kernel[(t * n,)](
         v, w, y, o, w if dw is None else dw,
         t * n, n, g, e, d, *y.stride(), *o.stride(),
         HAS_DW=other is not None, PRECISION=precision,
-        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d, num_warps=warps,
+        G_POW2=g_pow2, E_POW2=e_pow2, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y, dw
 
