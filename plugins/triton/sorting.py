@@ -34,7 +34,10 @@ from mixcompile_plugins.triton import cdiv, next_power_of_2
 
 MAX_COUNTED_EXPERTS = 256  # the one-hot tile is [chunk, E]; more experts sort with argsort
 MAX_COUNTED_CELLS = 1 << 25  # int32 cells of the [N, E] table (128 MiB); larger plans list by argsort
-_TILE = 8192  # elements of the one-hot tile, so a chunk holds _TILE // E_POW2 pairs
+# A chunk holds _TILE // E_POW2 pairs (the one-hot tile's elements), at most _MAX_CHUNK: at 4096 pairs (two
+# experts) the placement with the by-token count spilled on sm_90.
+_TILE = 8192
+_MAX_CHUNK = 2048
 _WARPS = 8
 _BY_TOKEN_BLOCK = 1024  # sorted pairs per program of the by-token listing
 
@@ -173,7 +176,7 @@ def sort_by_expert(
     # the [N, E] table the by-token count needs (unread with pairs_per_token: no allocation, no fill)
     cells = offsets if fixed else torch.zeros(num_tokens * num_experts, device=device, dtype=torch.int32)
     block_e = next_power_of_2(num_experts)
-    block_p = _TILE // block_e
+    block_p = min(_TILE // block_e, _MAX_CHUNK)
     chunks = max(1, cdiv(p, block_p))
     running = offsets  # unread with one chunk
     if chunks > 1:
