@@ -38,7 +38,7 @@ def test_gpu_check_smoke_mode(tmp_path):
     bench = doc["bench"]
     assert bench["ok"] and bench["device"] == "CPU (Triton interpreter)"
     workloads = {r["workload"].split()[0] for r in bench["rows"]}
-    assert workloads == {"dense", "MoE", "MoT", "decode", "routing"}
+    assert workloads == {"dense", "MoE", "MoT", "decode", "routing", "host"}  # host: time per launch
     assert all(r["ms"] is not None and r["ms"] > 0 for r in bench["rows"])
     checked = {c["tensor"] for c in bench["checks"]}
     expected = {"output", "output without grad", "grad x", "grad gate", "grad w_in", "grad w_out", "order"}
