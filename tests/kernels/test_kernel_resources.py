@@ -374,6 +374,15 @@ def _trace(archs: list[int], full: bool, dtypes: list[str]) -> dict[str, dict]:
             recorder.launch = outer
 
     Autotuner.run = run
+    from mixcompile_plugins.triton import tuning
+
+    fast_run = tuning.Autotuner.run
+
+    def through_triton(self, *args, **kwargs):
+        self._tuned.clear()  # no fast path: every traced launch reaches Triton's run above
+        return fast_run(self, *args, **kwargs)
+
+    tuning.Autotuner.run = through_triton
     # Declined launches write nothing, and the counting sort's indices are what the host indexes with:
     # trace its launches, then go on with the same sort by argsort.
     from mixcompile_plugins.triton import moe_kernels, sorting
@@ -393,6 +402,7 @@ def _trace(archs: list[int], full: bool, dtypes: list[str]) -> dict[str, dict]:
             torch.set_float32_matmul_precision(precision)
             _run_scenario(call, getattr(torch, torch_dtype))
     Autotuner.run = original
+    tuning.Autotuner.run = fast_run
     knobs.runtime.jit_cache_hook = None
     return recorder.requests
 

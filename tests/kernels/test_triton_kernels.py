@@ -796,6 +796,37 @@ def test_autotuner_never_benchmarks_during_graph_capture(monkeypatch):
     assert kernel.launches[-1]["BLOCK_M"] == 128 and len(tuner.cache) == 1
 
 
+def test_a_tuned_key_launches_without_tritons_autotuner_run(monkeypatch):
+    """Once a key is tuned, its launches skip Triton's ``Autotuner.run`` (host time at decode sizes) with
+    the same config; a new flag value, a new dtype, or a cleared cache goes through it again."""
+    import triton
+
+    tuner, kernel = _tuner(monkeypatch)
+    base_runs: list[tuple] = []
+    base_run = triton.runtime.Autotuner.run
+
+    def counted(self, *args, **kwargs):
+        base_runs.append(args)
+        return base_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton.runtime.Autotuner, "run", counted)
+    x = torch.zeros(3)
+    tuner.run(x, 16, FLAG=1, grid=(1,))
+    tuned = tuner.cache[tuner.tuning_key((x, 16), {"FLAG": 1})]
+    assert len(base_runs) == 1 and len(kernel.launches) == 2 + 1  # two configs benchmarked, then the run
+    kernel.launches.clear()
+    tuner.run(torch.ones(3), 16, FLAG=1, grid=(2,))
+    assert len(base_runs) == 1  # the fast path
+    assert kernel.launches == [{"FLAG": 1, "grid": (2,), **tuned.all_kwargs()}]
+    for args, flag in (((x, 32), 1), ((x, 16), 0), ((x.half(), 16), 1)):  # key, flag, dtype
+        tuner.run(*args, FLAG=flag)
+        tuner.run(*args, FLAG=flag)
+    assert len(base_runs) == 1 + 3 and len(tuner.cache) == 4
+    tuner.cache.clear()
+    tuner.run(x, 16, FLAG=1)
+    assert len(base_runs) == 5 and len(tuner.cache) == 1  # tuned again
+
+
 def test_autotuner_prunes_what_does_not_fit(monkeypatch):
     x = torch.zeros(3)
     tuner, kernel = _tuner(monkeypatch, smem=lambda c, a: 10 * c.kwargs["BLOCK_M"])  # 1280 B > 1000 B
