@@ -15,6 +15,7 @@ the forward+backward of ``mixcompile``, ``pre-split`` and ``grouped_mm`` at ever
 (GPU time per step; also in the JSON).
 
     python benchmarks/bench_hf_experts.py --out hf_experts.json          # on a GPU
+    python benchmarks/bench_hf_experts.py --only Qwen3-30B-A3B:1,8       # one shape, some sizes
     python benchmarks/bench_hf_experts.py --smoke --out smoke.json       # tiny sizes, CPU, interpreter
 
 ``--smoke`` runs every row once at tiny sizes on the CPU (Triton through its interpreter) in float32:
@@ -231,6 +232,26 @@ def check(runner: Runner, names: tuple[str, ...], skipped: set[str]) -> dict[str
     return errors
 
 
+def selection(only: list[str] | None, shapes: tuple[Shape, ...]) -> dict[str, tuple[int, ...]] | None:
+    """``--only`` values as {shape name: token counts (empty: all)}; None runs everything."""
+    if not only:
+        return None
+    names = [s.name for s in shapes]
+    chosen: dict[str, tuple[int, ...]] = {}
+    for item in only:
+        name, _, counts = item.partition(":")
+        if name not in names:
+            raise ValueError(f"--only: unknown shape {name!r}; the shapes are {', '.join(names)}")
+        try:
+            tokens = tuple(int(t) for t in counts.split(",")) if counts else ()
+        except ValueError:
+            raise ValueError(f"--only {item!r}: token counts are integers, e.g. {name}:1,8") from None
+        if any(t < 1 for t in tokens):
+            raise ValueError(f"--only {item!r}: token counts must be at least 1")
+        chosen[name] = chosen.get(name, ()) + tokens
+    return chosen
+
+
 def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -240,7 +261,9 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
     register_transformers_experts()
     register_presplit()
     shapes = SMOKE_SHAPES if args.smoke else FULL_SHAPES
-    token_counts = SMOKE_TOKENS if args.smoke else FULL_TOKENS
+    all_tokens = SMOKE_TOKENS if args.smoke else FULL_TOKENS
+    if args.only is not None:
+        shapes = tuple(s for s in shapes if s.name in args.only)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     rows: list[Row] = []
     checks: list[dict[str, Any]] = []
@@ -259,6 +282,7 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
     }
     for shape in shapes:
         module = build_experts(shape, device, dtype)
+        token_counts = (args.only or {}).get(shape.name) or all_tokens
         for tokens in token_counts:
             g = torch.Generator(device="cpu").manual_seed(2)
             x = (torch.randn(tokens, shape.d, generator=g) * 0.5).to(device, dtype)
@@ -330,7 +354,18 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="tiny sizes on the CPU, Triton through its interpreter"
     )
     parser.add_argument("--out", help="write the results as JSON to this path")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="SHAPE[:TOKENS]",
+        help="run only this shape (by name, e.g. Qwen3-30B-A3B), at these token counts if given "
+        "(Qwen3-30B-A3B:1,8); repeatable",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.only = selection(args.only, SMOKE_SHAPES if args.smoke else FULL_SHAPES)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not torch.cuda.is_available():
         if not args.smoke:
             print(

@@ -17,6 +17,7 @@ profile to a file. Exits 1 if a check fails. ``--smoke`` runs tiny sizes, on CPU
 interpreter, to check that the script works; without a GPU and without ``--smoke`` it says so and exits.
 
     python benchmarks/bench_kernels.py --json out.json   # on a GPU
+    python benchmarks/bench_kernels.py --only mot        # one section (repeatable), in seconds
     python benchmarks/bench_kernels.py --smoke           # anywhere
 """
 
@@ -62,6 +63,7 @@ FULL = Sizes(
     (1, 8, 64, 512),
     torch.bfloat16,
 )
+SECTIONS = ("dense", "moe", "mot", "decode", "routing", "launch", "fp32")  # the table's, in its order
 SMOKE = Sizes(48, 32, 64, ((4, 2, 48),), ((2, 4, 32, 5, 6),), (1, 8), torch.float32)
 
 
@@ -538,7 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="tiny sizes; on CPU through the Triton interpreter"
     )
     parser.add_argument("--json", help="write every figure and check to this file")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable): a GPU session reruns the one its change is about in "
+        "seconds, where the whole table takes minutes; each section measures its own references",
+    )
     args = parser.parse_args(argv)
+    only = set(args.only or SECTIONS)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("bench_kernels: no CUDA device; nothing to benchmark (use --smoke to check the script on CPU).")
@@ -574,12 +584,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{header['device']}, torch {torch.__version__}, triton {triton.__version__}, {sizes.dtype}, "
         f"{sizes.tokens} tokens, d={sizes.d}; fwd rows run under no_grad"
     )
-    rows = dense_rows(sizes, device) + moe_rows(sizes, device, moe_impls)
-    rows += mot_rows(sizes, device, mot_impls) + decode_rows(sizes, device, moe_impls)
-    rows += routing_rows(sizes, device) + launch_rows(sizes, device)
-    if not args.smoke:  # fp32 at "highest": three-product TF32 dots against cuBLAS's fp32
-        fp32 = replace(sizes, moe=sizes.moe[:1], dtype=torch.float32)
-        rows += moe_rows(fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}, "fp32 ")
+    fp32 = replace(sizes, moe=sizes.moe[:1], dtype=torch.float32)
+    fp32_impls = {"triton": triton_kernel.moe, "torch": torch_kernel.moe}
+    sections = {
+        "dense": partial(dense_rows, sizes, device),
+        "moe": partial(moe_rows, sizes, device, moe_impls),
+        "mot": partial(mot_rows, sizes, device, mot_impls),
+        "decode": partial(decode_rows, sizes, device, moe_impls),
+        "routing": partial(routing_rows, sizes, device),
+        "launch": partial(launch_rows, sizes, device),
+        # fp32 at "highest": three-product TF32 dots against cuBLAS's fp32 (not in the smoke run)
+        "fp32": partial(moe_rows, fp32, device, fp32_impls, "fp32 ") if not args.smoke else list,
+    }
+    rows = [row for name in SECTIONS if name in only for row in sections[name]()]
     print()
     print_table(rows)
     print_profiles(PROFILES)

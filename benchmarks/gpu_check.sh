@@ -19,6 +19,7 @@
 #   SMOKE=1 bash benchmarks/gpu_check.sh          # or --smoke: tiny sizes on the CPU, Triton's interpreter
 # (about 2.5 minutes on an idle machine; its stages get 15 minutes each, for busy CI machines)
 # tests/kernels/test_triton_kernels.py (every activation, ragged plans, autocast) runs on a GPU as it is, separately.
+# After a fix, rerun only what it is about: bench_kernels.py --only SECTION, bench_hf_experts.py --only SHAPE[:TOKENS].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}

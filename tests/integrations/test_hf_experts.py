@@ -946,6 +946,26 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     assert all(p and all(k["us"] > 0 for k in p) for p in result["profiles"].values()), result["profiles"]
 
 
+def test_benchmark_only_runs_the_shapes_and_sizes_named(tmp_path: Path) -> None:
+    """``--only SHAPE[:TOKENS]`` runs that shape at those token counts (all of them without); an unknown
+    shape or a malformed count is a usage error naming it."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "only.json"
+    script = ROOT / "benchmarks" / "bench_hf_experts.py"
+    command = [sys.executable, str(script), "--smoke", "--out", str(out), "--only", "Qwen3-tiny:1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {(r["shape"], r["tokens"]) for r in result["rows"]} == {("Qwen3-tiny", 1)}
+    assert result["complete"] and all(r["error"] is None for r in result["rows"]), result["rows"]
+    for bad, message in (("Nope", "unknown shape 'Nope'; the shapes are"), ("Qwen3-tiny:x", "integers")):
+        done = subprocess.run(
+            [sys.executable, str(script), "--smoke", "--only", bad], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 # ------------------------------------------------------------------------------------------------ table
 
 

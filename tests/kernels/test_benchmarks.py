@@ -37,6 +37,24 @@ def test_kernel_benchmark_smoke_run() -> None:
     assert all(int(us) > 0 and int(n) > 0 for *_, us, n in profiles), done.stdout
 
 
+def test_only_runs_the_sections_named() -> None:
+    """``--only`` (repeatable) runs those sections of the table and nothing else (the checks of the others
+    included): how a GPU session reruns what its change is about."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, str(SCRIPT), "--smoke", "--only", "launch", "--only", "routing"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workloads = {line.split(",")[0].split(" E=")[0] for line in done.stdout.splitlines()}
+    assert "host time per launch" in workloads and "routing" in workloads, done.stdout
+    assert not {"MoE", "MoT", "decode", "dense FFN h=64", "check MoE"} & workloads, done.stdout
+    assert "check " not in done.stdout, done.stdout
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--only", "moe2"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2 and "invalid choice: 'moe2'" in done.stderr
+
+
 def test_tuned_configs_name_the_tile_each_key_chose(monkeypatch, capsys) -> None:
     """The benchmarks report which config each autotuned kernel chose per tuning key: read from a tuner that
     tuned two keys (a fake kernel; a stand-in benchmark makes the large tile win only at the large size)."""
