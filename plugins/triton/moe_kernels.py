@@ -18,7 +18,7 @@ import triton.language as tl
 from mixcompile import ExpertTensors
 from mixcompile_plugins.triton import cdiv, next_power_of_2
 from mixcompile_plugins.triton.grouped import Groups, matmul, up, up_backward, weight_grad
-from mixcompile_plugins.triton.sorting import sort_by_expert
+from mixcompile_plugins.triton.sorting import sort_by_expert, unpacked
 
 
 @dataclass(frozen=True)
@@ -26,34 +26,23 @@ class Routing:
     """A plan's pairs sorted by expert, with each token's pairs listed in a fixed order for the combine."""
 
     groups: Groups  # sorted pairs; groups.rows is each pair's token
-    order: torch.Tensor  # [P] int64: the plan's pair index of each sorted pair
-    expert: torch.Tensor  # [P] int64: expert of each sorted pair
+    order: torch.Tensor  # [P] int32 (int64 in backward): the plan's pair index of each sorted pair
+    expert: torch.Tensor  # [P] int32 (int64 in backward): expert of each sorted pair
     weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
     by_token: torch.Tensor  # [P] int32: sorted pairs, token by token
     token_offsets: torch.Tensor  # [N + 1] int32: token t's pairs are by_token[offsets[t]:offsets[t + 1]]
-
-    def packed(self) -> torch.Tensor:
-        """The index tensors as one int32 tensor ``[4P + E + N + 2]``: the forward saves it for backward,
-        which then does not sort again."""
-        g = self.groups
-        assert g.rows is not None  # a routing's groups always gather rows
-        parts = (self.order, g.rows, self.expert, self.by_token, g.offsets, self.token_offsets)
-        return torch.cat([t.to(torch.int32) for t in parts])
-
-
-def packed_size(pairs: int, num_tokens: int, num_experts: int) -> int:
-    return 4 * pairs + num_experts + num_tokens + 2
+    packed: torch.Tensor  # [4P + E + N + 2] int32: every index tensor above (sorting.packed_size); the
+    # forward saves it for backward, which then does not sort again
 
 
 def unpack(packed: torch.Tensor, weight: torch.Tensor, num_tokens: int, num_experts: int) -> Routing:
-    """:meth:`Routing.packed` back, with the routing weights of the plan's pairs."""
+    """:attr:`Routing.packed` back, with the routing weights of the plan's pairs (indices as int64, for
+    the backward's indexing)."""
     p = weight.numel()
-    order, rows, expert, by_token, offsets, token_offsets = packed.split(
-        [p, p, p, p, num_experts + 1, num_tokens + 1]
-    )
+    order, rows, expert, by_token, offsets, token_offsets = unpacked(packed, p, num_tokens, num_experts)
     order = order.long()
     groups = Groups(offsets, rows, p)
-    return Routing(groups, order, expert.long(), weight[order].float(), by_token, token_offsets)
+    return Routing(groups, order, expert.long(), weight[order].float(), by_token, token_offsets, packed)
 
 
 def route(
@@ -83,6 +72,7 @@ def route(
         weight=pairs.weight,
         by_token=pairs.by_token,
         token_offsets=pairs.token_offsets,
+        packed=pairs.packed,
     )
 
 

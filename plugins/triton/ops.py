@@ -20,9 +20,10 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mixcompile import ExpertTensors, MixPlan, RoutingPlan, StackedExperts
-from mixcompile_plugins.triton.moe_kernels import moe_backward, moe_forward, packed_size, route, unpack
+from mixcompile_plugins.triton.moe_kernels import moe_backward, moe_forward, route, unpack
 from mixcompile_plugins.triton.mot_kernels import mot_backward, mot_forward
 from mixcompile_plugins.triton.routing_kernels import topk_route, topk_route_backward
+from mixcompile_plugins.triton.sorting import packed_size
 
 Tensor = torch.Tensor
 
@@ -126,14 +127,14 @@ def _moe_forward(
     pairs_per_token: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y [N, d], pre [P, h], pre_gate [P, h], routing)``; the pre-activations and the sorted routing
-    (:meth:`Routing.packed`) are empty unless ``save``. ``pairs_per_token``: the plan's, 0 for None."""
+    (:attr:`Routing.packed`) are empty unless ``save``. ``pairs_per_token``: the plan's, 0 for None."""
     if x.shape[0] == 0:
         return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0), _no_routing(x)
     with _device(x):
         routing = route(token_index, expert_index, weight, x.shape[0], w_in.shape[0], pairs_per_token)
         experts = _packed(w_in, w_gate, w_out, b_in, b_gate, b_out)
         y, pre, pre_gate = moe_forward(x.contiguous(), routing, experts, activation, save)
-    return y, _or_empty(pre, x), _or_empty(pre_gate, x), routing.packed() if save else _no_routing(x)
+    return y, _or_empty(pre, x), _or_empty(pre_gate, x), routing.packed if save else _no_routing(x)
 
 
 moe_forward_op = torch.library.custom_op("mixcompile::moe_forward", mutates_args=())(_moe_forward)
@@ -300,8 +301,9 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def _in_dtype(experts: StackedExperts, dtype: torch.dtype) -> ExpertTensors:
-    """The expert tensors in the input's dtype (as autocast would give the reference kernel's matmuls)."""
-    return experts.tensors.map(lambda t: t.to(dtype))
+    """The expert tensors in the input's dtype (as autocast would give the reference kernel's matmuls); no
+    ``to`` call where they are in it already (each is an ATen dispatch, host time at decode sizes)."""
+    return experts.tensors.map(lambda t: t if t.dtype == dtype else t.to(dtype))
 
 
 def moe(x: Tensor, plan: RoutingPlan, experts: StackedExperts) -> Tensor:

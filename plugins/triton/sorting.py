@@ -90,9 +90,9 @@ def _place_kernel(
     dest = tl.sum(onehot * ((starts + before)[None, :] + rank), axis=1)
     token = tl.load(token_ptr + pairs, mask=valid, other=0)
     weight = tl.load(weight_ptr + pairs, mask=valid, other=0.0)
-    tl.store(order_ptr + dest, pairs.to(tl.int64), mask=valid)
+    tl.store(order_ptr + dest, pairs.to(tl.int32), mask=valid)
     tl.store(rows_ptr + dest, token.to(tl.int32), mask=valid)
-    tl.store(sorted_expert_ptr + dest, expert, mask=valid)
+    tl.store(sorted_expert_ptr + dest, expert.to(tl.int32), mask=valid)
     tl.store(sorted_weight_ptr + dest, weight.to(tl.float32), mask=valid)
     if COUNT_CELLS:  # a pair outside the table (a plan no check saw) is never written past it
         in_table = valid & (token >= 0) & (token < N) & (expert >= 0) & (expert < E)
@@ -138,17 +138,37 @@ def _list_by_token_kernel(
     tl.store(by_token_ptr + start + rank, pairs, mask=valid)
 
 
+def packed_size(pairs: int, num_tokens: int, num_experts: int) -> int:
+    """Length of :attr:`ByExpert.packed`: order, rows, expert and by-token ``[P]`` each, the expert offsets
+    ``[E + 1]`` and the token offsets ``[N + 1]``, in that order."""
+    return 4 * pairs + num_experts + num_tokens + 2
+
+
+def unpacked(packed: torch.Tensor, pairs: int, num_tokens: int, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """``(order, rows, expert, by_token, offsets, token_offsets)``: views of a packed index tensor."""
+    return packed.split([pairs, pairs, pairs, pairs, num_experts + 1, num_tokens + 1])
+
+
 @dataclass(frozen=True)
 class ByExpert:
-    """A plan's pairs in expert order (stable), and each token's pairs in that order."""
+    """A plan's pairs in expert order (stable), and each token's pairs in that order.
 
-    order: torch.Tensor  # [P] int64: the plan's pair index of each sorted pair
+    The index tensors are views of one int32 tensor, ``packed``: one allocation instead of six at decode
+    sizes, and the form a MoE forward saves for its backward, with no copy.
+    """
+
+    packed: torch.Tensor  # [4P + E + N + 2] int32: the six index tensors below, in order
+    order: torch.Tensor  # [P] int32: the plan's pair index of each sorted pair
     rows: torch.Tensor  # [P] int32: token of each sorted pair
-    expert: torch.Tensor  # [P] int64: expert of each sorted pair
-    weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
-    offsets: torch.Tensor  # [E + 1] int32: expert e's pairs are sorted positions offsets[e]:offsets[e + 1]
+    expert: torch.Tensor  # [P] int32: expert of each sorted pair
     by_token: torch.Tensor  # [P] int32: sorted positions, token by token
+    offsets: torch.Tensor  # [E + 1] int32: expert e's pairs are sorted positions offsets[e]:offsets[e + 1]
     token_offsets: torch.Tensor  # [N + 1] int32: token t's pairs are by_token[token_offsets[t]:[t + 1]]
+    weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
+
+    @classmethod
+    def of(cls, packed: torch.Tensor, weight: torch.Tensor, num_tokens: int, num_experts: int) -> ByExpert:
+        return cls(packed, *unpacked(packed, weight.numel(), num_tokens, num_experts), weight)
 
 
 def sort_by_expert(
@@ -166,19 +186,15 @@ def sort_by_expert(
     if num_experts > MAX_COUNTED_EXPERTS or (not fixed and num_tokens * num_experts > MAX_COUNTED_CELLS):
         return _argsort_by_expert(token_index, expert_index, weight, num_tokens, num_experts, pairs_per_token)
     device = expert_index.device
-    order = torch.empty(p, device=device, dtype=torch.int64)
-    rows = torch.empty(p, device=device, dtype=torch.int32)
-    expert = torch.empty(p, device=device, dtype=torch.int64)
+    packed = torch.empty(packed_size(p, num_tokens, num_experts), device=device, dtype=torch.int32)
     sorted_weight = torch.empty(p, device=device, dtype=torch.float32)
-    offsets = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
-    by_token = torch.empty(p, device=device, dtype=torch.int32)
-    token_offsets = torch.empty(num_tokens + 1, device=device, dtype=torch.int32)
+    out = ByExpert.of(packed, sorted_weight, num_tokens, num_experts)
     # the [N, E] table the by-token count needs (unread with pairs_per_token: no allocation, no fill)
-    cells = offsets if fixed else torch.zeros(num_tokens * num_experts, device=device, dtype=torch.int32)
+    cells = out.offsets if fixed else torch.zeros(num_tokens * num_experts, device=device, dtype=torch.int32)
     block_e = next_power_of_2(num_experts)
     block_p = min(_TILE // block_e, _MAX_CHUNK)
     chunks = max(1, cdiv(p, block_p))
-    running = offsets  # unread with one chunk
+    running = out.offsets  # unread with one chunk
     if chunks > 1:
         counts = torch.empty(num_experts, chunks + 1, device=device, dtype=torch.int32)
         _expert_counts_kernel[(chunks,)](
@@ -187,14 +203,14 @@ def sort_by_expert(
         running = counts.cumsum_(1)
     _place_kernel[(chunks,)](
         token_index, expert_index, weight, running,
-        order, rows, expert, sorted_weight, by_token, offsets, token_offsets, cells,
+        out.order, out.rows, out.expert, sorted_weight, out.by_token, out.offsets, out.token_offsets, cells,
         p, num_tokens, num_experts, chunks,
         ONE_CHUNK=chunks == 1, PAIRS_PER_TOKEN=max(pairs_per_token, 0), COUNT_CELLS=not fixed,
         BLOCK_P=block_p, BLOCK_E=block_e, num_warps=_WARPS,
     )  # fmt: skip
     if not fixed:
-        _list_by_token(rows, expert, cells, by_token, token_offsets, num_experts)
-    return ByExpert(order, rows, expert, sorted_weight, offsets, by_token, token_offsets)
+        _list_by_token(out.rows, out.expert, cells, out.by_token, out.token_offsets, num_experts)
+    return out
 
 
 def _list_by_token(
@@ -245,7 +261,9 @@ def _argsort_by_expert(
     else:
         by_token = torch.argsort(rows, stable=True).to(torch.int32)
         token_offsets = segment_starts(rows[by_token], num_tokens)
-    return ByExpert(order, rows, expert, weight[order].float(), offsets, by_token, token_offsets)
+    parts = (order, rows, expert, by_token, offsets, token_offsets)
+    packed = torch.cat([t.to(torch.int32) for t in parts])
+    return ByExpert.of(packed, weight[order].float(), num_tokens, num_experts)
 
 
 def segment_starts(sorted_keys: torch.Tensor, num_keys: int) -> torch.Tensor:
