@@ -141,6 +141,37 @@ def check_moe(x, plan, experts, tol=TOL):
             assert_close(grads[name], g, tol, f"grad {name}")
 
 
+def _tile_shapes() -> list[tuple[int, int, int]]:
+    from mixcompile_plugins.triton.grouped import _SHAPES
+
+    return sorted({shape[:3] for shape in _SHAPES}, reverse=True)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs any tile; on a GPU the tuner's own choice")
+@pytest.mark.parametrize("tile", _tile_shapes(), ids=lambda t: "x".join(map(str, t)))
+def test_every_tuned_tile_shape_computes_the_reference(monkeypatch, tile):
+    """The interpreter runs one small tile (a GPU only what its tuner picks), so the tile shapes the tuner
+    chooses from on a GPU are run here, every grouped kernel forced to each: MoE (gated with biases, and
+    plain) and MoT, forward and every gradient, at sizes that leave a partial tile in every dimension
+    (rows per expert, the hidden and model widths) and an expert without rows."""
+    import triton
+
+    from mixcompile_plugins.triton import grouped
+
+    block_m, block_n, block_k = tile
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_stages=1)
+    for tuner in _autotuned():
+        monkeypatch.setattr(tuner, "configs", [config])
+    assert {tuner.configs[0].kwargs["BLOCK_N"] for tuner in _autotuned()} == {block_n}
+    tokens, d, h = 70, 80, 136  # 140 pairs over 3 of 4 experts; 80 and 136: partial K and N tiles
+    x = torch.randn(tokens, d, device=DEVICE)
+    for gated, bias in ((True, True), (False, False)):
+        check_moe(x, topk_plan(tokens, 4, 2), make_experts(d=d, h=h, gated=gated, bias=bias))
+    block, fused = mot_blocks(4, False, True, mixer_options={"init_std": 0.5})
+    check_block(block, fused, torch.randn(6, 37, 24, device=DEVICE))  # 37 rows per expert
+    assert grouped._up_kernel.configs == [config]
+
+
 def test_uninitialised_memory_is_poisoned():
     assert torch.isnan(torch.empty(4, device=DEVICE)).all()
 
