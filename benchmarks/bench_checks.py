@@ -3,14 +3,19 @@
 Blocks check every router plan and kernel output on every call (structure always; routing index ranges in
 eager forwards, one read back to the host), and NaN / duplicate pairs under ``mc.debug_checks()``. This
 times the checks themselves on the plans and outputs of a real forward, and the forward, in the same run.
+On a GPU the range check's read back also waits for the work queued before it, so the host cannot run
+ahead of the GPU past a MoE block: the "queued" columns time forwards issued back to back (one
+synchronisation at the end) with the read back and without it, which is what that wait costs.
 
     python benchmarks/bench_checks.py                   # CPU sizes (or --device cuda)
     python benchmarks/bench_checks.py --smoke           # tiny sizes, a few seconds
+    python benchmarks/bench_checks.py --json out.json   # also write the rows
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -18,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 import mixcompile as mc
+from mixcompile.runtime import checks as checks_module
 from mixcompile.runtime.checks import check_mix_plan, check_output, check_routing_plan
 
 
@@ -34,6 +40,27 @@ def median_ms(step: Callable[[], object], repeats: int, device: torch.device) ->
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def queued_ms(step: Callable[[], object], repeats: int, device: torch.device, read_back: bool) -> float:
+    """Milliseconds per call of ``repeats`` calls issued back to back, synchronised once; ``read_back=False``
+    skips the range check's read back (as a compiled graph does)."""
+    original = checks_module._can_read_back
+    if not read_back:
+        checks_module._can_read_back = lambda: False  # type: ignore[assignment]
+    try:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3 / repeats
+    finally:
+        checks_module._can_read_back = original
 
 
 def moe_row(
@@ -55,11 +82,14 @@ def moe_row(
 
     with torch.no_grad():
         forward = median_ms(lambda: block(x), repeats, device)
+        queued = [queued_ms(lambda: block(x), repeats, device, read_back) for read_back in (True, False)]
     return {
         "block": f"MoE N={tokens} d={d} h={h} E={experts} k={top_k}",
         "forward_ms": forward,
         "checks_ms": median_ms(checks, repeats, device),
         "debug_ms": median_ms(debug, repeats, device),
+        "queued_ms": queued[0],
+        "queued_no_read_back_ms": queued[1],
     }
 
 
@@ -88,6 +118,8 @@ def mot_row(
         "forward_ms": forward,
         "checks_ms": median_ms(checks, repeats, device),
         "debug_ms": median_ms(debug, repeats, device),
+        "queued_ms": None,  # a mix plan's checks read nothing back
+        "queued_no_read_back_ms": None,
     }
 
 
@@ -97,6 +129,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    parser.add_argument("--json", help="write the device and the rows to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -108,17 +141,29 @@ def main() -> None:
         rows = [
             moe_row(2048 * scale, 256 * scale, 1024 * scale, 8, 2, device, repeats),
             moe_row(2048 * scale, 256 * scale, 128 * scale, 64, 8, device, repeats),
+            moe_row(8, 256 * scale, 1024 * scale, 8, 2, device, 10 * repeats),  # decode-sized
             mot_row(16 * scale, 128, 256 * scale, 256 * scale, 32, 16, device, repeats),
         ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; median of {repeats}; per-call checks vs the block forward they guard")
-    print(f"{'block':<44} {'forward ms':>11} {'checks ms':>10} {'share':>7} {'debug ms':>9} {'share':>7}")
+    print(
+        f"{'block':<44} {'forward ms':>11} {'checks ms':>10} {'share':>7} {'debug ms':>9} {'share':>7}"
+        f" {'queued ms':>10} {'no read back':>13}"
+    )
     for row in rows:
         share, debug_share = (100 * row[key] / row["forward_ms"] for key in ("checks_ms", "debug_ms"))
+        queued = (
+            f" {row['queued_ms']:>10.3f} {row['queued_no_read_back_ms']:>13.3f}"
+            if row["queued_ms"] is not None
+            else f" {'n/a':>10} {'n/a':>13}"
+        )
         print(
             f"{row['block']:<44} {row['forward_ms']:>11.3f} {row['checks_ms']:>10.3f} {share:>6.1f}% "
-            f"{row['debug_ms']:>9.3f} {debug_share:>6.1f}%"
+            f"{row['debug_ms']:>9.3f} {debug_share:>6.1f}%{queued}"
         )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"device": name, "smoke": args.smoke, "repeats": repeats, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

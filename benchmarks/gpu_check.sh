@@ -13,6 +13,8 @@
 #      modules through experts_implementation="mixcompile" against transformers' grouped_mm and batched_mm,
 #      checked against grouped_mm first, then each size's forward+backward profiled kernel by kernel (about 140 s
 #      on an H100), in the time left of the 8 minutes.
+#   4. benchmarks/bench_checks.py, if 40 seconds are left: what the blocks' per-call checks cost, and forwards
+#      queued back to back with and without the range check's read back to the host (which waits for the GPU).
 # Exits non-zero if a test or a correctness check fails, or a stage runs out of its time.
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU; OUT defaults to ./gpu_out
@@ -70,6 +72,15 @@ elif "$PYTHON" -c "import transformers" 2>/dev/null; then
 else
     echo "== hf_experts: skipped (transformers is not installed)"
 fi
+CHECKS_LIMIT=$(( SMOKE == 1 ? 900 : 470 - SECONDS ))
+if (( CHECKS_LIMIT < 40 )); then
+    echo "== checks: skipped (less than 40 seconds left of the 8 minutes)"
+else
+    CHECKS_ARGS=$([[ $SMOKE == 1 ]] && echo --smoke)
+    # shellcheck disable=SC2086  # CHECKS_ARGS is empty or one flag
+    stage checks "$CHECKS_LIMIT" "$PYTHON" benchmarks/bench_checks.py $CHECKS_ARGS --json "$OUT/checks.json" \
+        || status=1
+fi
 
 "$PYTHON" - "$OUT" "$SMOKE" "$status" <<'EOF'
 """Merge the stages, the test reports and the benchmark into one JSON file."""
@@ -79,7 +90,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out, smoke, status = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
-doc = {"smoke": smoke, "ok": status == 0, "stages": {}, "tests": {}, "bench": None, "hf_experts": None}
+doc = {
+    "smoke": smoke, "ok": status == 0, "stages": {}, "tests": {}, "bench": None, "hf_experts": None,
+    "checks": None,
+}
 for line in (out / "stages.tsv").read_text().splitlines():
     name, rc, seconds = line.split("\t")
     doc["stages"][name] = {"rc": int(rc), "seconds": int(seconds), "timed_out": int(rc) in (124, 137)}
@@ -93,7 +107,7 @@ for xml in sorted(out.glob("tests_*.xml")):
     ]
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     doc["tests"][xml.stem] = {**counts, "seconds": float(suite.get("time", 0)), "failed": failed}
-for name in ("bench", "hf_experts"):
+for name in ("bench", "hf_experts", "checks"):
     if (out / f"{name}.json").exists():
         doc[name] = json.loads((out / f"{name}.json").read_text())
 (out / "gpu_check.json").write_text(json.dumps(doc, indent=1))

@@ -27,12 +27,16 @@ def test_gpu_check_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert doc["smoke"] and doc["ok"]
-    stages = {"tests_gpu": 0, "bench": 0}
+    stages = {"tests_gpu": 0, "bench": 0, "checks": 0}
     if importlib.util.find_spec("transformers") is not None:
         stages["hf_experts"] = 0
         hf = doc["hf_experts"]
         assert hf["complete"] and hf["smoke"] and {r["implementation"] for r in hf["rows"]} >= {"mixcompile"}
     assert {n: s["rc"] for n, s in doc["stages"].items()} == stages
+    checks = doc["checks"]
+    assert checks["smoke"] and {r["block"].split()[0] for r in checks["rows"]} == {"MoE", "MoT"}
+    moe = next(r for r in checks["rows"] if r["block"].startswith("MoE"))
+    assert all(moe[k] > 0 for k in ("forward_ms", "checks_ms", "queued_ms", "queued_no_read_back_ms"))
     tests = doc["tests"]["tests_gpu"]
     assert tests["tests"] >= 8 and tests["failures"] == tests["errors"] == 0 and not tests["failed"]
     bench = doc["bench"]
