@@ -48,7 +48,7 @@ def _import_triton() -> None:
 
 _import_triton()
 from mixcompile_plugins.triton import cdiv  # noqa: E402 (after the interpreter is chosen)
-from mixcompile_plugins.triton.grouped import _partial_offsets  # noqa: E402
+from mixcompile_plugins.triton.grouped import _partial_offsets, _tile  # noqa: E402
 from mixcompile_plugins.triton.mot_kernels import _expert_rows, _members  # noqa: E402
 from mixcompile_plugins.triton.ops import _fused_halves, fused_topk_route  # noqa: E402
 
@@ -722,6 +722,43 @@ def test_fake_shapes():
         )
     assert y.shape == x.shape and pre.shape == (22, 40) and pre_gate.numel() == 0
     assert routing.shape == (4 * 22 + 4 + 11 + 2,) and routing.dtype == torch.int32
+
+
+@pytest.mark.parametrize("rows,columns", [((5, 0, 40, 17), 3), ((300, 2, 1), 20), ((1,), 1)])
+def test_grouped_program_order_covers_every_tile_once(rows, columns):
+    """Programs take (row block, column tile) in groups of row blocks (for L2 reuse of the weights): every
+    row block of every expert meets every column tile exactly once, whatever the group count, the last
+    group's size (row blocks not a multiple of the group), and the grid's unused row blocks."""
+    import triton
+    import triton.language as tl
+
+    from mixcompile_plugins.triton.grouped import Groups
+
+    @triton.jit
+    def order(offsets_ptr, out_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr):
+        expert, start, end, pid_n = _tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N, E_POW2)
+        pid = tl.program_id(0)
+        tl.store(out_ptr + 3 * pid, tl.where(expert < E, start, -1))
+        tl.store(out_ptr + 3 * pid + 1, tl.where(expert < E, end, -1))
+        tl.store(out_ptr + 3 * pid + 2, pid_n)
+
+    block_m, block_n, e = 4, 16, len(rows)
+    offsets = torch.tensor([0, *rows], device=DEVICE).cumsum(0).to(torch.int32)
+    groups = Groups(offsets, None, int(offsets[-1]))
+    n = columns * block_n - 3
+    (programs,) = groups.grid(n)({"BLOCK_M": block_m, "BLOCK_N": block_n})
+    out = torch.full((programs, 3), -2, dtype=torch.int32, device=DEVICE)
+    order[(programs,)](
+        offsets, out, e, n, BLOCK_M=block_m, BLOCK_N=block_n, E_POW2=max(2, triton.next_power_of_2(e))
+    )
+    got = sorted(tuple(t) for t in out.tolist() if t[0] >= 0)
+    want = sorted(
+        (start, hi, col)  # the block's first row and its expert's end
+        for lo, hi in zip(offsets.tolist(), offsets.tolist()[1:], strict=False)
+        for start in range(lo, hi, block_m)
+        for col in range(columns)
+    )
+    assert got == want
 
 
 def test_offsets_past_2_31_elements_are_int64():
