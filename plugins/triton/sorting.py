@@ -144,9 +144,14 @@ def packed_size(pairs: int, num_tokens: int, num_experts: int) -> int:
     return 4 * pairs + num_experts + num_tokens + 2
 
 
-def unpacked(packed: torch.Tensor, pairs: int, num_tokens: int, num_experts: int) -> tuple[torch.Tensor, ...]:
+def unpacked(
+    packed: torch.Tensor, pairs: int, num_tokens: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(order, rows, expert, by_token, offsets, token_offsets)``: views of a packed index tensor."""
-    return packed.split([pairs, pairs, pairs, pairs, num_experts + 1, num_tokens + 1])
+    order, rows, expert, by_token, offsets, token_offsets = packed.split(
+        [pairs, pairs, pairs, pairs, num_experts + 1, num_tokens + 1]
+    )
+    return order, rows, expert, by_token, offsets, token_offsets
 
 
 @dataclass(frozen=True)
