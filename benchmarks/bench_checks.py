@@ -66,8 +66,9 @@ def queued_ms(step: Callable[[], object], repeats: int, device: torch.device, re
 def moe_row(
     tokens: int, d: int, h: int, experts: int, top_k: int, device: torch.device, repeats: int
 ) -> dict:
-    block = mc.MoEBlock(d, h, experts, top_k=top_k, device=device).eval()
-    x = torch.randn(tokens, d, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    block = mc.MoEBlock(d, h, experts, top_k=top_k, device=device, dtype=dtype).eval()
+    x = torch.randn(tokens, d, device=device, dtype=dtype)
     kernel = block._kernel(x).kernel
     plan = block.router(x, kernel)
     y = kernel.moe(x, plan, block.experts)
@@ -96,8 +97,9 @@ def moe_row(
 def mot_row(
     batch: int, seq: int, d: int, h: int, experts: int, group: int, device: torch.device, repeats: int
 ) -> dict:
-    block = mc.MoTBlock(d, h, experts, group_size=group, device=device).eval()
-    x = torch.randn(batch, seq, d, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    block = mc.MoTBlock(d, h, experts, group_size=group, device=device, dtype=dtype).eval()
+    x = torch.randn(batch, seq, d, device=device, dtype=dtype)
     x_g = x.reshape(batch // group, group, seq, d).permute(2, 0, 1, 3)
     present = torch.ones(batch // group, group, dtype=torch.bool, device=device)
     plan = block.mixer(x_g, present, sparse=False)
@@ -136,13 +138,19 @@ def main() -> None:
     repeats = 5 if args.smoke else 20
     if args.smoke:
         rows = [moe_row(64, 32, 64, 4, 2, device, repeats), mot_row(8, 16, 32, 32, 4, 4, device, repeats)]
-    else:
-        scale = 8 if device.type == "cuda" else 1
+    elif device.type == "cuda":  # bench_kernels.py's workloads (bf16): its tuned configs are reused
         rows = [
-            moe_row(2048 * scale, 256 * scale, 1024 * scale, 8, 2, device, repeats),
-            moe_row(2048 * scale, 256 * scale, 128 * scale, 64, 8, device, repeats),
-            moe_row(8, 256 * scale, 1024 * scale, 8, 2, device, 10 * repeats),  # decode-sized
-            mot_row(16 * scale, 128, 256 * scale, 256 * scale, 32, 16, device, repeats),
+            moe_row(16384, 1024, 4096, 8, 2, device, repeats),
+            moe_row(16384, 1024, 512, 64, 8, device, repeats),
+            moe_row(8, 1024, 4096, 8, 2, device, 10 * repeats),  # decode-sized
+            mot_row(16, 1024, 1024, 512, 32, 16, device, repeats),
+        ]
+    else:
+        rows = [
+            moe_row(2048, 256, 1024, 8, 2, device, repeats),
+            moe_row(2048, 256, 128, 64, 8, device, repeats),
+            moe_row(8, 256, 1024, 8, 2, device, 10 * repeats),  # decode-sized
+            mot_row(16, 128, 256, 256, 32, 16, device, repeats),
         ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; median of {repeats}; per-call checks vs the block forward they guard")
