@@ -12,9 +12,9 @@
   their ``BLOCK_K`` is at most ``MAX_SPLIT_OPERAND_K`` there.
 - Tuning results are cached on disk by Triton (``cache_results``), so a new process reuses them.
 - A launch whose key is tuned skips Triton's ``Autotuner.run`` (its dicts of every argument, the key's
-  strings, the config's keyword arguments rebuilt per call): about 17 us of host time per launch on this
-  project's CPU machine, with the launch itself stubbed out, against 2 us for the look-up here. At decode
-  sizes host time is the step time, and a MoE training step makes seven such launches.
+  strings, the config's keyword arguments rebuilt per call): 18 us of host time per launch on this
+  project's CPU machine, with the launch itself stubbed out, against 4.6 us through the look-up here. At
+  decode sizes host time is the step time, and a MoE training step makes seven such launches.
 - During CUDA-graph capture nothing is benchmarked (the trials would be captured into the graph): a key
   tuned before capture reuses its result; an untuned one launches the first config that fits, without
   recording it as tuned. Run one step eagerly before capturing to capture the tuned configs.
