@@ -24,7 +24,8 @@ def sparse_blocks(model: nn.Module) -> dict[str, Block]:
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """The summed, already-weighted router losses of the last forward; add it to the training loss.
 
-    Zero (a tensor) when the model has no MoE block or its routers have no losses.
+    Zero (a tensor) when the model has no MoE block or its routers have no losses, and after a forward in
+    eval mode (routers compute their losses in training mode only).
     """
     total: torch.Tensor | None = None
     for block in sparse_blocks(model).values():

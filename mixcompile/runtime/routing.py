@@ -68,6 +68,10 @@ class RouterBase(nn.Module):
     - ``balance_loss_weight``: Switch load-balancing loss ``E * sum_i f_i * P_i`` (``f_i`` the fraction of
       top-k picks going to expert i, ``P_i`` its mean probability), times this weight.
     - ``z_loss_weight``: ST-MoE router z-loss ``mean(logsumexp(logits)^2)``, times this weight.
+
+    The losses are computed in training mode only (``router.train()``, as a model's ``train()`` sets): an
+    evaluation or generation forward would compute about fifteen small tensors per block that no backward
+    uses, host time on every decoded token.
     """
 
     bias_balancing = False  # LearnedRouter may turn it on
@@ -141,6 +145,8 @@ class RouterBase(nn.Module):
         self, logits: torch.Tensor, probs: torch.Tensor, expert: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
+        if not self.training:
+            return losses
         if self.balance_loss_weight > 0:
             counts = fixed_bincount(expert, self.num_experts).to(probs.dtype)
             fraction = counts / counts.sum().clamp_min(1)

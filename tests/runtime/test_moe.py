@@ -190,6 +190,25 @@ def test_aux_losses_equal_their_formulas():
     assert stats["routing_entropy"] == pytest.approx(entropy, rel=1e-5)
 
 
+def test_router_losses_only_in_training_mode_stats_in_both():
+    """An eval forward (generation, validation) computes no router losses, which no backward would use;
+    its statistics are still there, and the same as a training forward's."""
+    block = mc.MoEBlock(8, 16, 4, top_k=2, router_options={"balance_loss_weight": 0.5, "z_loss_weight": 0.1})
+    x = torch.randn(5, 8)
+    block.train()
+    block(x)
+    trained = mc.stats(block)[""]
+    assert block.last_aux_loss is not None and mc.aux_loss(block).item() > 0
+    block.eval()
+    with torch.no_grad():
+        block(x)
+    assert block.last_aux_loss is None and mc.aux_loss(block).item() == 0.0
+    evaluated = mc.stats(block)[""]
+    assert evaluated["expert_load"].tolist() == trained["expert_load"].tolist()
+    assert evaluated["expert_load"].sum().item() == 10 and evaluated["dropped_tokens"] == 0
+    assert evaluated["routing_entropy"] == pytest.approx(trained["routing_entropy"], rel=1e-6)
+
+
 def test_bias_balancing_moves_selection_not_weights():
     block = mc.MoEBlock(2, 4, 2, top_k=1, router_options={"bias_balancing": True, "bias_update_rate": 0.5})
     with torch.no_grad():

@@ -113,17 +113,20 @@ class MoEBlock(Block):
 
 @torch.no_grad()
 def _routing_stats(plan: Any, kernel_name: str) -> dict[str, Any]:
-    """Tensors on the plan's device; :attr:`Block.last_stats` reads them back."""
-    routed = fixed_bincount(plan.token_index, plan.num_tokens)
+    """Tensors on the plan's device; :attr:`Block.last_stats` reads them back. Few ops: every forward pays
+    for them, a decoded token included (a plan with ``pairs_per_token`` drops no token)."""
+    if plan.pairs_per_token is None:
+        dropped: Any = (fixed_bincount(plan.token_index, plan.num_tokens) == 0).sum()
+    else:
+        dropped = 0
     stats: dict[str, Any] = {
         "kind": "moe",
         "kernel": kernel_name,
         "tokens": plan.num_tokens,
         "expert_load": fixed_bincount(plan.expert_index, plan.num_experts),
-        "dropped_tokens": (routed == 0).sum(),
+        "dropped_tokens": dropped,
         "dropped_assignments": plan.dropped_assignments,
     }
-    if plan.probs is not None:
-        p = plan.probs.float()
-        stats["routing_entropy"] = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+    if plan.probs is not None:  # -sum p log p, 0 where p is 0
+        stats["routing_entropy"] = torch.special.entr(plan.probs.float()).sum(-1).mean()
     return stats

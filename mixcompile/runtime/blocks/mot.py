@@ -221,8 +221,7 @@ class MoTBlock(Block):
 @torch.no_grad()
 def _mixing_stats(plan: Any, groups: int, missing: int, kernel_name: str, sparse: bool) -> dict[str, Any]:
     """The entropy as a tensor on the plan's device; :attr:`Block.last_stats` reads it back."""
-    merge = plan.merge.float()
-    entropy = -(merge * torch.log(merge.clamp_min(1e-30))).sum(dim=2)  # [T, n, E], over group members
+    entropy = torch.special.entr(plan.merge.float()).sum(dim=2)  # [T, n, E], over group members
     return {
         "kind": "mot",
         "kernel": kernel_name,
