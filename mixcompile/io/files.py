@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -222,20 +223,29 @@ def output_directory(
 
 
 def _reserve(staging: Path, target: Path) -> None:
+    """Create ``staging`` with its owner file already in it: a directory made beside it and renamed into
+    place, atomically, so a second writer always finds whose it is (a ``mkdir`` followed by the owner's
+    write left a moment in which it could not tell, seen as a failed test on a loaded 2-core machine). The
+    rename fails where ``staging`` exists, as it is never empty."""
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
     for attempt in range(2):
+        claim = Path(tempfile.mkdtemp(prefix=f"{staging.name}.", suffix=".claim", dir=staging.parent))
+        (claim / _OWNER).write_text(owner)
         try:
-            staging.mkdir()
-        except FileExistsError:
-            owner = _owner(staging)
-            if attempt == 0 and owner is not None and _stale(owner):
+            os.rename(claim, staging)
+        except OSError:
+            shutil.rmtree(claim, ignore_errors=True)
+            if not (staging.exists() or staging.is_symlink()):
+                raise
+            existing = _owner(staging)
+            if attempt == 0 and existing is not None and _stale(existing):
                 _recover(staging, target)
                 continue
-            who = f"process {owner['pid']} on {owner['host']}" if owner else "another process"
+            who = f"process {existing['pid']} on {existing['host']}" if existing else "another process"
             raise FileExistsError(
                 f"{target} is being written by {who} (its staging directory {staging} exists); wait for it, "
                 "or remove that directory if no such process is running."
             ) from None
-        (staging / _OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         return
 
 
