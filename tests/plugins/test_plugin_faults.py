@@ -224,6 +224,35 @@ def test_the_check_cost_benchmark_runs() -> None:
     assert len(rows) == 2 and all(line.count("%") == 2 for line in rows), done.stdout
 
 
+@pytest.mark.parametrize(
+    "tokens, experts, k, message",
+    [
+        ([0, 0, 1, 1], [0, 1, 1, 2], 2, None),
+        ([0, 1, 1, 0], [0, 1, 2, 0], None, None),
+        ([0, 0, 1, 1], [0, 1, 1, 3], 2, "outside"),  # an expert past the end
+        ([0, 0, 1, 1], [0, -1, 1, 2], 2, "outside"),
+        ([0, 0, 1, 2], [0, 1, 1, 2], 2, "outside"),  # a token past the end, in a plan with pairs_per_token
+        ([0, 0, -1, 1], [0, 1, 1, 2], 2, "outside"),
+        ([0, 1, 0, 1], [0, 1, 1, 2], 2, "pairs_per_token=2 says"),  # in range, in the wrong order
+        ([0, 1, 2, 1], [0, 1, 2, 0], None, "outside"),
+        ([0, -1, 1, 1], [0, 1, 2, 0], None, "outside"),
+    ],
+)
+def test_the_range_check_names_what_is_wrong(tokens, experts, k, message) -> None:
+    """The per-call range check (one read back): indices outside the block's tokens or experts, and a plan
+    whose pairs_per_token its token order contradicts, each named; a good plan passes."""
+    from mixcompile.runtime.checks import check_routing_plan
+
+    plan = mc.RoutingPlan(torch.tensor(tokens), torch.tensor(experts), torch.ones(4), 2, 3, pairs_per_token=k)
+    if message is None:
+        assert check_routing_plan(plan, source="router", num_tokens=2, num_experts=3) is plan
+        return
+    if message == "outside":
+        message = r"token_index outside \[0, 2\) or expert_index outside \[0, 3\)"
+    with pytest.raises(mc.PluginError, match=message):
+        check_routing_plan(plan, source="router", num_tokens=2, num_experts=3)
+
+
 def test_no_value_is_read_back_while_a_cuda_graph_is_captured(monkeypatch) -> None:
     """Reading a value back to the host is not allowed during CUDA-graph capture (found on an H100): the
     range and debug checks stand aside then, the structure checks stay."""
