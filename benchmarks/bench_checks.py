@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_kernels import host_ms
 
 import mixcompile as mc
 from mixcompile.runtime import checks as checks_module
@@ -49,16 +50,7 @@ def queued_ms(step: Callable[[], object], repeats: int, device: torch.device, re
     if not read_back:
         checks_module._can_read_back = lambda: False  # type: ignore[assignment]
     try:
-        for _ in range(3):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3 / repeats
+        return host_ms(step, device, repeats)
     finally:
         checks_module._can_read_back = original
 

@@ -453,8 +453,8 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
 
 
 def host_ms(fn: Callable[[], object], device: torch.device, calls: int) -> float:
-    """Milliseconds per call over ``calls`` back-to-back eager calls, synchronised once: each call's GPU work
-    here is a few microseconds, so this is what the host spends issuing it."""
+    """Milliseconds per call over ``calls`` back-to-back eager calls, synchronised once: the slower of the
+    host and the GPU, so the host's time where each call's GPU work is a few microseconds."""
     fn()  # compile / autotune first
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     synchronize()

@@ -147,14 +147,14 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
         # Checked against Triton's cache, which a caller may clear (the ahead-of-time checks do).
         if tuned is not None and self.cache.get(tuned[0]) is tuned[1]:
             return self.fn.run(*args, **kwargs, **tuned[2])
+        key = self.tuning_key(args, kwargs)
         if len(self.configs) == 1 or not _capturing():
             result = super().run(*args, **kwargs)
-            key = self.tuning_key(args, kwargs)
             config = self.cache.get(key)
             if config is not None and config.pre_hook is None:
                 self._tuned[launch_key] = (key, config, config.all_kwargs())
             return result
-        config = self.cache.get(self.tuning_key(args, kwargs))
+        config = self.cache.get(key)
         if config is None:
             self.nargs = dict(zip(self.arg_names, args, strict=False))
             config = self.prune_configs(kwargs)[0]
