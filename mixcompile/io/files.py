@@ -10,6 +10,7 @@ directory on the way out.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -226,8 +227,13 @@ def _reserve(staging: Path, target: Path) -> None:
     """Create ``staging`` with its owner file already in it: a directory made beside it and renamed into
     place, atomically, so a second writer always finds whose it is (a ``mkdir`` followed by the owner's
     write left a moment in which it could not tell, seen as a failed test on a loaded 2-core machine). The
-    rename fails where ``staging`` exists, as it is never empty."""
+    rename fails where ``staging`` exists, as it is never empty. Claims left by writers killed between
+    the two steps are removed first."""
     owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    for claim in staging.parent.glob(f"{glob.escape(staging.name)}.*.claim"):
+        existing = _owner(claim)  # None: its owner file is not written yet, so its writer is alive
+        if existing is not None and _stale(existing):
+            shutil.rmtree(claim, ignore_errors=True)
     for attempt in range(2):
         claim = Path(tempfile.mkdtemp(prefix=f"{staging.name}.", suffix=".claim", dir=staging.parent))
         (claim / _OWNER).write_text(owner)

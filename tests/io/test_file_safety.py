@@ -197,6 +197,27 @@ def test_a_staging_directory_left_by_a_killed_writer_is_recovered(models, tmp_pa
     assert len(mc.sparse_blocks(mc.load(tmp_path / "out"))) == 2 and leftovers(tmp_path) == []
 
 
+def test_claims_left_by_killed_writers_are_removed_and_live_ones_kept(tmp_path) -> None:
+    """A writer killed between making its claim and renaming it into place leaves the claim beside the
+    output: the next writer to that output removes it, unless its writer is alive (or has not yet written
+    its owner file)."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = os.uname().nodename
+    prefix = f".out{STAGING_SUFFIX}"
+    claims = {name: tmp_path / f"{prefix}.{name}.claim" for name in ("dead", "alive", "unwritten")}
+    for claim in claims.values():
+        claim.mkdir()
+    (claims["dead"] / "owner.json").write_text(json.dumps({"pid": int(dead.stdout), "host": host}))
+    (claims["alive"] / "owner.json").write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    with output_directory(tmp_path / "out", overwrite=False) as out:
+        (out.path / "weights").write_text("1")
+        out.commit()
+    assert not claims["dead"].exists() and claims["alive"].is_dir() and claims["unwritten"].is_dir()
+    assert (tmp_path / "out" / "weights").read_text() == "1"
+
+
 def test_a_live_writer_is_not_mistaken_for_a_dead_one(tmp_path) -> None:
     with (
         output_directory(tmp_path / "out", overwrite=False),
