@@ -18,31 +18,14 @@ import triton.language as tl
 from mixcompile import ExpertTensors
 from mixcompile_plugins.triton import cdiv, next_power_of_2
 from mixcompile_plugins.triton.grouped import Groups, matmul, up, up_backward, weight_grad
-from mixcompile_plugins.triton.sorting import sort_by_expert, unpacked
+from mixcompile_plugins.triton.sorting import ByExpert, sort_by_expert, unpacked
 
 
-@dataclass(frozen=True)
-class Routing:
-    """A plan's pairs sorted by expert, with each token's pairs listed in a fixed order for the combine."""
-
-    groups: Groups  # sorted pairs; groups.rows is each pair's token
-    order: torch.Tensor  # [P] int32 (int64 in backward): the plan's pair index of each sorted pair
-    expert: torch.Tensor  # [P] int32 (int64 in backward): expert of each sorted pair
-    weight: torch.Tensor  # [P] fp32: routing weight of each sorted pair
-    by_token: torch.Tensor  # [P] int32: sorted pairs, token by token
-    token_offsets: torch.Tensor  # [N + 1] int32: token t's pairs are by_token[offsets[t]:offsets[t + 1]]
-    packed: torch.Tensor  # [4P + E + N + 2] int32: every index tensor above (sorting.packed_size); the
-    # forward saves it for backward, which then does not sort again
-
-
-def unpack(packed: torch.Tensor, weight: torch.Tensor, num_tokens: int, num_experts: int) -> Routing:
-    """:attr:`Routing.packed` back, with the routing weights of the plan's pairs (indices as int64, for
-    the backward's indexing)."""
-    p = weight.numel()
-    order, rows, expert, by_token, offsets, token_offsets = unpacked(packed, p, num_tokens, num_experts)
-    order = order.long()
-    groups = Groups(offsets, rows, p)
-    return Routing(groups, order, expert.long(), weight[order].float(), by_token, token_offsets, packed)
+def unpack(packed: torch.Tensor, weight: torch.Tensor, num_tokens: int, num_experts: int) -> ByExpert:
+    """The sorted pairs a training forward saved (:attr:`ByExpert.packed`), with the routing weights of the
+    plan's pairs, for backward (which then does not sort again)."""
+    order = unpacked(packed, weight.numel(), num_tokens, num_experts)[0]
+    return ByExpert.of(packed, weight[order].float(), num_tokens, num_experts)
 
 
 def route(
@@ -52,7 +35,7 @@ def route(
     num_tokens: int,
     num_experts: int,
     pairs_per_token: int = 0,
-) -> Routing:
+) -> ByExpert:
     """Sort the pairs by expert (stable, so the order is reproducible in backward) and list each token's.
 
     ``pairs_per_token > 0`` declares that token ``t``'s pairs are the plan's ``t*k`` to ``t*k + k - 1``
@@ -64,16 +47,12 @@ def route(
             f"{num_tokens * pairs_per_token} pairs, got {token_index.numel()} (pairs_per_token=None if some "
             "were dropped)."
         )
-    pairs = sort_by_expert(token_index, expert_index, weight, num_tokens, num_experts, pairs_per_token)
-    return Routing(
-        groups=Groups(pairs.offsets, pairs.rows, pairs.order.numel()),
-        order=pairs.order,
-        expert=pairs.expert,
-        weight=pairs.weight,
-        by_token=pairs.by_token,
-        token_offsets=pairs.token_offsets,
-        packed=pairs.packed,
-    )
+    return sort_by_expert(token_index, expert_index, weight, num_tokens, num_experts, pairs_per_token)
+
+
+def _groups(pairs: ByExpert) -> Groups:
+    """The sorted pairs as the grouped GEMMs' rows: expert runs, each pair gathering its token's row."""
+    return Groups(pairs.offsets, pairs.rows, pairs.order.numel())
 
 
 @triton.jit
@@ -97,25 +76,26 @@ def _combine_kernel(
     tl.store(out_ptr + t.to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def combine(src: torch.Tensor, routing: Routing, num_tokens: int, *, weighted: bool) -> torch.Tensor:
+def combine(src: torch.Tensor, pairs: ByExpert, num_tokens: int, *, weighted: bool) -> torch.Tensor:
     """``[P, d]`` rows in sorted order → ``[N, d]``: each token's (weighted) sum over its pairs."""
     d = src.shape[1]
     out = src.new_empty(num_tokens, d)
     block_d = min(next_power_of_2(d), 1024)
     _combine_kernel[(num_tokens, cdiv(d, block_d))](
-        src, routing.weight, routing.by_token, routing.token_offsets, out, d,
+        src, pairs.weight, pairs.by_token, pairs.token_offsets, out, d,
         WEIGHTED=weighted, BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
 
 def moe_forward(
-    x: torch.Tensor, routing: Routing, experts: ExpertTensors, activation: str, save: bool
+    x: torch.Tensor, pairs: ByExpert, experts: ExpertTensors, activation: str, save: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(y [N, d], pre, pre_gate)``; the pre-activations ``[P, h]`` (sorted order) only when ``save``."""
-    hidden, pre, pre_gate = up(x, routing.groups, experts, activation, save)
-    out = matmul(hidden, routing.groups, experts.w_out, experts.b_out, transposed=True)
-    return combine(out, routing, x.shape[0], weighted=True), pre, pre_gate
+    groups = _groups(pairs)
+    hidden, pre, pre_gate = up(x, groups, experts, activation, save)
+    out = matmul(hidden, groups, experts.w_out, experts.b_out, transposed=True)
+    return combine(out, pairs, x.shape[0], weighted=True), pre, pre_gate
 
 
 @dataclass(frozen=True)
@@ -130,7 +110,7 @@ class MoEGrads:
 def moe_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
-    routing: Routing,
+    pairs: ByExpert,
     weight_dtype: torch.dtype,
     experts: ExpertTensors,
     pre: torch.Tensor,
@@ -142,19 +122,19 @@ def moe_backward(
     biases are not needed). ``into``: where to write the up and gate weights' gradients (``(dw_in,
     dw_gate)``, e.g. the two halves of one fused gate-up gradient) instead of new tensors."""
     w_in, w_gate, w_out, b_out = experts.w_in, experts.w_gate, experts.w_out, experts.b_out
-    groups = routing.groups
+    groups = _groups(pairs)
     hidden, d_pre, d_pre_gate, dweight_sorted = up_backward(
-        dy, groups, w_out, pre, pre_gate, activation, routing.weight
+        dy, groups, w_out, pre, pre_gate, activation, pairs.weight
     )
     assert groups.rows is not None and dweight_sorted is not None  # MoE pairs gather rows; scaled by weight
     if b_out is not None:  # <dy[t], b_out[e]>: the bias part of <dy[t], expert_e(x[t])>
-        dweight_sorted = dweight_sorted + (dy.float() @ b_out.float().t())[groups.rows.long(), routing.expert]
+        dweight_sorted = dweight_sorted + (dy.float() @ b_out.float().t())[pairs.rows, pairs.expert]
     dweight = torch.empty_like(dweight_sorted)
-    dweight[routing.order] = dweight_sorted
+    dweight[pairs.order] = dweight_sorted
     wdt, has_bias = w_in.dtype, b_out is not None
     # The weight gradients read rows in sorted order (so their loops pipeline): one gathered copy at a time.
     dy_sorted = torch.index_select(dy, 0, groups.rows)
-    torch.mul(dy_sorted, routing.weight[:, None], out=dy_sorted)  # in fp32, rounded once
+    torch.mul(dy_sorted, pairs.weight[:, None], out=dy_sorted)  # in fp32, rounded once
     dw_out, db_out = weight_grad(dy_sorted, hidden, groups, bias=has_bias, dtype=wdt)
     del dy_sorted, hidden  # [P, h]: not alive with the other weight gradients (Mixtral at 16K: 0.9 GiB)
     x_sorted = torch.index_select(x, 0, groups.rows)
@@ -170,6 +150,6 @@ def moe_backward(
         second = (d_pre_gate, w_gate)
     del x_sorted
     dx_pairs = matmul(d_pre, groups, w_in, None, transposed=False, second=second)
-    dx = combine(dx_pairs, routing, x.shape[0], weighted=False)
+    dx = combine(dx_pairs, pairs, x.shape[0], weighted=False)
     grads = ExpertTensors(dw_in, dw_gate, dw_out, db_in, db_gate, db_out)
     return MoEGrads(dx, dweight.to(weight_dtype), grads)

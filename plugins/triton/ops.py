@@ -127,7 +127,7 @@ def _moe_forward(
     pairs_per_token: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y [N, d], pre [P, h], pre_gate [P, h], routing)``; the pre-activations and the sorted routing
-    (:attr:`Routing.packed`) are empty unless ``save``. ``pairs_per_token``: the plan's, 0 for None."""
+    (:attr:`ByExpert.packed`) are empty unless ``save``. ``pairs_per_token``: the plan's, 0 for None."""
     if x.shape[0] == 0:
         return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0), _no_routing(x)
     with _device(x):
