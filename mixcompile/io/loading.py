@@ -77,7 +77,9 @@ def _apply_block_settings(model: nn.Module, manifest: Manifest) -> None:
 
 
 def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
+    """The recipes, oldest first, then the recorded Token Choice switches (``mixcompile.to_token_choice``)."""
     from mixcompile.compiler import convert
+    from mixcompile.runtime.transition import redo_token_choice
 
     for number, recipe in enumerate(manifest.recipes):
         try:
@@ -86,6 +88,12 @@ def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
             raise LoadError(
                 f"{manifest.directory}: recipe {number} of the manifest does not fit its base model: {exc}"
             ) from None
+    for path, settings in manifest.blocks.items():
+        if "token_choice" in settings:
+            try:
+                redo_token_choice(model, path, settings["token_choice"])
+            except MixcompileError as exc:
+                raise LoadError(f"{manifest.directory}: {exc}") from None
     return model
 
 

@@ -24,7 +24,8 @@ HF_INDEX = "model.safetensors.index.json"
 HF_MODEL_TYPE = "mixcompile"  # the model_type of a converted model's config.json (see mixcompile.io.hf)
 FORMAT_VERSION = 1
 _FIELDS = {"format", "format_version", "mixcompile_version", "recipes", "base", "weights", "blocks"}
-_BLOCK_SETTINGS = {"mode": str, "small_batch": str, "temperature": float}
+# MoT blocks' settings, and "token_choice" (top_k) where mixcompile.to_token_choice replaced a MoT block
+_BLOCK_SETTINGS = {"mode": str, "small_batch": str, "temperature": float, "token_choice": int}
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,8 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
     to ``E / G`` on average), started further from the MoT loss. The result no longer mixes sequences, so
     its output for a sequence does not depend on the batch.
 
-    The model's recorded recipes still describe MoT: ``mixcompile.save`` of the result is not supported
-    (``mixcompile.load`` would refuse the weights).
+    ``mixcompile.save`` and ``save_pretrained`` of the result record the switch (each new block's
+    ``token_choice`` setting), and loading replays it after the recipes, before the weights are read.
     """
     if isinstance(model, MoTBlock):
         raise ConfigError("to_token_choice: the model is itself a MoTBlock; pass the model that holds it.")
@@ -52,10 +52,27 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
         raise ConfigError("to_token_choice: the model has no MoTBlock.")
     plans = [(path, mot, _router_top_k(path, mot, top_k)) for path, mot in blocks]  # check all, then swap
     for path, mot, k in plans:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, _token_choice_block(mot, k))
+        _replace(model, path, _token_choice_block(mot, k))
     return [path for path, _ in blocks]
+
+
+def redo_token_choice(model: nn.Module, path: str, top_k: int) -> None:
+    """Make the MoT block at ``path`` the Token Choice block :func:`to_token_choice` made of it with
+    ``top_k`` (a load replaying a saved switch; the weights are read afterwards)."""
+    try:
+        mot = model.get_submodule(path)
+    except AttributeError:
+        mot = None
+    if not isinstance(mot, MoTBlock):
+        found = "nothing" if mot is None else f"a {type(mot).__name__}"
+        raise ConfigError(f"a Token Choice switch is recorded at {path!r}, but the model has {found} there.")
+    _replace(model, path, _token_choice_block(mot, _router_top_k(path, mot, top_k)))
+
+
+def _replace(model: nn.Module, path: str, block: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, block)
 
 
 def _router_top_k(path: str, mot: MoTBlock, top_k: int | None) -> int:
@@ -86,6 +103,7 @@ def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
     with torch.no_grad():
         moe.experts.load_state_dict(experts.state_dict())
         moe.router.gate.weight.copy_(mot.mixer.controller.weight)
+    moe.from_mot = True
     return moe.train(mot.training)
 
 

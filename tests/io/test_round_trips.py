@@ -239,6 +239,31 @@ def test_block_settings_changed_after_conversion_are_saved(tmp_path) -> None:
         assert torch.equal(mc.load(tmp_path / "m").eval()(single), model(single))
 
 
+def test_a_token_choice_switch_is_saved_and_replayed(tmp_path) -> None:
+    """After ``to_token_choice`` (transition tuning's switch), ``save`` and ``save_pretrained`` record it:
+    ``load`` and ``from_pretrained`` rebuild the MoT blocks from the recipe, switch them, then read the
+    weights, and the outputs are the saved model's."""
+    model = distinct_experts(mc.convert(llama(), strategy="mot", num_experts=4, group_size=2))
+    assert mc.to_token_choice(model, top_k=3) == list(mc.sparse_blocks(model))
+    distinct_experts(model)  # the routers' gates too: a fresh switch at load could not match them
+    mc.save(model, tmp_path / "saved")
+    model.save_pretrained(tmp_path / "pretrained")
+    rebuilt = [
+        mc.load(tmp_path / "saved"),
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained", trust_remote_code=True),
+    ]
+    for loaded in rebuilt:
+        blocks = mc.sparse_blocks(loaded.eval())
+        assert all(isinstance(b, mc.MoEBlock) and b.top_k == 3 and b.from_mot for b in blocks.values())
+        assert torch.equal(logits(loaded), logits(model))
+    manifest = json.loads((tmp_path / "saved" / "mixcompile.json").read_text())
+    manifest["blocks"] = {path: {"token_choice": 3} for path in ("model.layers.0.self_attn", "nowhere")}
+    (tmp_path / "saved" / "mixcompile.json").write_text(json.dumps(manifest))
+    wrong = "switch is recorded at 'model.layers.0.self_attn', but the model has a LlamaAttention"
+    with pytest.raises(mc.LoadError, match=wrong):
+        mc.load(tmp_path / "saved")
+
+
 def test_cli_flags_reach_every_block_option(tmp_path) -> None:
     torch.save(mc.build_tiny_gpt(**TINY), tmp_path / "dense.pt")
     args = ["convert", str(tmp_path / "dense.pt"), "--trust-pickle", "--strategy"]

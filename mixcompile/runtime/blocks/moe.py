@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixcompile.errors import check_positive_int
+from mixcompile.errors import ConfigError, check_positive_int
 from mixcompile.plugins.build import build_plugin, call_plugin
 from mixcompile.runtime.blocks.base import Block, Describe
 from mixcompile.runtime.checks import check_output, check_routing_plan
@@ -83,6 +83,7 @@ class MoEBlock(Block):
         self.last_aux_loss: torch.Tensor | None = None
         # Set by mixcompile.distributed.parallelize: runs the plan on experts sharded over ranks.
         self.expert_parallel: ExpertRunner | None = None
+        self.from_mot = False  # made from a MoT block by mixcompile.to_token_choice (a save records it)
         self._choose_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,17 @@ class MoEBlock(Block):
         self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
         self._stats = _routing_stats(plan, choice.name)
         return y.reshape(x.shape)  # in flat's dtype
+
+    def settings(self) -> dict[str, Any]:
+        """``{"token_choice": top_k}`` for a block :func:`mixcompile.to_token_choice` made, so that a load
+        replays the switch (``mixcompile.io.loading``); nothing otherwise."""
+        return {"token_choice": self.top_k} if self.from_mot else {}
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        if settings != self.settings():
+            raise ConfigError(
+                f"MoEBlock settings {settings} do not match this block ({self.settings() or 'no settings'})."
+            )
 
     def extra_repr(self) -> str:
         return f"router={self.router_name!r}, top_k={self.top_k}, kernel={self.kernel!r}"
