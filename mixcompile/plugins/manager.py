@@ -125,10 +125,18 @@ def registry() -> Registry:
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:
-    """Register a plugin object (module or instance with hook implementations) in this process."""
+    """Register a plugin object (module or instance with hook implementations) in this process; returns
+    its name. Everything it registers is checked at once (names, factories, clashes with the plugins
+    already there): a plugin that is refused leaves the registry as it was."""
     global _registry
-    registered = _checked_register(plugin_manager(), plugin, name)
-    _registry = None
+    pm = plugin_manager()
+    registered = _checked_register(pm, plugin, name)
+    try:
+        fresh = Registry(pm)
+    except PluginError:
+        pm.unregister(name=registered)
+        raise
+    _registry = fresh
     return registered
 
 
@@ -191,14 +199,33 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 def _checked_register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str:
     """Register and validate at once, so a misspelt hook or argument names its plugin."""
     label = name or cast(str, getattr(plugin, "__name__", repr(plugin)))  # a module's or class's name
+    if name is not None and not isinstance(name, str):
+        raise PluginError(f"a plugin's name must be a string, got {name!r}.")
+    holder = pm.get_plugin(label)
+    if holder is not None:
+        same = " (this plugin)" if holder is plugin else ""
+        raise PluginError(
+            f"a plugin named {label!r} is already registered{same}; unregister_plugin({label!r}) first, or "
+            "register this one under another name."
+        )
+    if pm.get_name(plugin) is not None:
+        raise PluginError(f"plugin {label!r} is already registered, as {pm.get_name(plugin)!r}.")
+    hooks = ", ".join(KINDS.values())
     try:
         registered = pm.register(plugin, name=name)
         pm.check_pending()
     except (pluggy.PluginValidationError, ValueError) as exc:
-        if pm.get_plugin(label) is not None:
+        if pm.get_plugin(label) is plugin:
             pm.unregister(name=label)
         raise PluginError(
-            f"plugin {label!r} is malformed: {exc}. Hooks are: {', '.join(KINDS.values())}, "
-            "each taking one argument named 'register'."
+            f"plugin {label!r} is malformed: {exc}. Hooks are: {hooks}, each taking one argument named "
+            "'register'."
         ) from exc
-    return registered or label
+    registered = registered or label
+    if not pm.get_hookcallers(plugin):
+        pm.unregister(name=registered)
+        raise PluginError(
+            f"plugin {label!r} implements no mixcompile hook: it needs at least one of {hooks} (marked with "
+            "@mixcompile.hookimpl), each taking one argument named 'register'."
+        )
+    return registered

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mixcompile as mc
+from mixcompile.plugins.manager import plugin_manager
 
 
 def test_builtins_register_through_the_hooks():
@@ -141,10 +142,31 @@ class _WrongArgument:
         ),
     ],
 )
-def test_misbehaving_plugin_is_named(fresh_registry, plugin, match):
-    mc.register_plugin(plugin, name="bad")
+def test_misbehaving_plugin_is_named_and_refused_at_registration(fresh_registry, plugin, match):
     with pytest.raises(mc.PluginError, match=match):
-        mc.registry()
+        mc.register_plugin(plugin, name="bad")
+    assert plugin_manager().get_plugin("bad") is None  # refused, and the registry is as it was
+    assert mc.registry().get("router", "topk").plugin == "mixcompile_plugins.routers"
+
+
+def test_a_second_plugin_under_a_taken_name_leaves_the_first_registered(fresh_registry):
+    first = _InProcessPlugin()
+    mc.register_plugin(first, name="tests.taken")
+    with pytest.raises(mc.PluginError, match="a plugin named 'tests.taken' is already registered; unreg"):
+        mc.register_plugin(_InProcessPlugin(), name="tests.taken")
+    with pytest.raises(mc.PluginError, match=r"already registered \(this plugin\)"):
+        mc.register_plugin(first, name="tests.taken")
+    with pytest.raises(mc.PluginError, match="plugin 'again' is already registered, as 'tests.taken'"):
+        mc.register_plugin(first, name="again")
+    assert plugin_manager().get_plugin("tests.taken") is first
+    assert "first_k" in mc.registry().names("router")
+
+
+@pytest.mark.parametrize("plugin", [42, object()])
+def test_an_object_without_hooks_is_refused(fresh_registry, plugin):
+    with pytest.raises(mc.PluginError, match="implements no mixcompile hook"):
+        mc.register_plugin(plugin, name="hookless")
+    assert plugin_manager().get_plugin("hookless") is None
 
 
 @pytest.mark.parametrize("plugin", [_Misspelt(), _WrongArgument()])
