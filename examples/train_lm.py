@@ -2,7 +2,7 @@
 inference with fewer sequences than a group and after transition tuning.
 
     python examples/train_lm.py                        # CPU smoke run, about 65 CPU-seconds
-    python examples/train_lm.py --preset cpu-long      # CPU, about 25 CPU-minutes: an ordering shows
+    python examples/train_lm.py --preset cpu-long      # CPU, about 17 CPU-minutes: an ordering shows
     python examples/train_lm.py --preset gpu --out DIR # one H100 or H200, 7.5-9 min: the paper's setup
     python examples/train_lm.py --set steps=20 --set d_model=32 ...   # override any Config field
 
