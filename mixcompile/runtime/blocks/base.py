@@ -160,6 +160,13 @@ class Block(nn.Module):
                 f"{self._name()} expects inputs of shape {ranks} with d={self.experts.d_model} features, "
                 f"got {tuple(x.shape)}."
             )
+        weights = self.experts.w_in.dtype
+        if x.dtype != weights and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            raise ShapeError(
+                f"{self._name()} holds {weights} weights and got a {x.dtype} input (as a dense nn.Linear, it "
+                f"computes in one dtype): pass {weights} inputs, move the block or model with "
+                f".to({x.dtype}), or run under torch.autocast."
+            )
         check_input(x, lambda: f"the block at {self.site}" if self.site else type(self).__name__)
 
     def _name(self) -> str:
