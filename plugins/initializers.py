@@ -52,8 +52,8 @@ def upcycle(
             f"upcycle copies the dense FFN, so the expert hidden size ({experts.d_hidden}) must equal "
             f"the dense one ({dense.d_hidden}); use init='split' for hidden size h / num_experts."
         )
-    if noise < 0:
-        raise ConfigError(f"noise must be >= 0, got {noise}.")
+    if isinstance(noise, bool) or not isinstance(noise, int | float) or not 0 <= noise < math.inf:
+        raise ConfigError(f"noise must be a number >= 0, got {noise!r}.")
     pairs = (
         (experts.w_in, dense.w_in),
         (experts.w_gate, dense.w_gate),
@@ -94,6 +94,8 @@ def split(
         )
     if method not in SPLIT_METHODS:
         raise ConfigError(f"method must be one of {SPLIT_METHODS}, got {method!r}.")
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ConfigError(f"scale must be a finite number, got {scale!r}.")
     if method == "random":
         groups = torch.randperm(h, generator=generator).reshape(e, experts.d_hidden)
     else:

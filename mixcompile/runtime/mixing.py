@@ -14,11 +14,14 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from mixcompile.errors import check_positive_int
+from mixcompile.errors import ConfigError, check_positive_int
 
 
 @dataclass
 class MixPlan:
+    """What a mixer returns for one MoT forward: per expert, how each group's members are merged into its
+    input and how its output is spread back to them."""
+
     merge: torch.Tensor  # [T, n, G, E]: for each expert, weights over the G members (0 for missing members)
     emit: torch.Tensor  # [T, n, G, E]: weight of expert e's output in member g's result
 
@@ -51,6 +54,8 @@ class ControllerMixer(nn.Module):
         self.group_size = check_positive_int(
             "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
         )
+        if isinstance(init_std, bool) or not isinstance(init_std, int | float) or not init_std >= 0:
+            raise ConfigError(f"init_std must be a number >= 0, got {init_std!r}.")
         self.controller = nn.Linear(d_model, num_experts, bias=False)
         with torch.no_grad():
             self.controller.weight.normal_(0.0, init_std) if init_std > 0 else self.controller.weight.zero_()
