@@ -65,7 +65,7 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
     nothing (blocks are built on the meta device only to count their parameters). A model without dense
     FFNs (an already converted one, say) gives a report with no sites rather than an error."""
     _check_model(model)
-    recipe = make_recipe(recipe, options)
+    recipe = make_recipe(recipe, options, where="inspect")
     scan = find_sites(model)
     selected = select_sites(recipe, scan.sites)
     plans = [build_replacement(site, recipe, meta=True) for site in selected if site.rewrite is not None]
@@ -114,6 +114,12 @@ def convert_with_report(
     scan = _scan(target)
     selected = select_sites(recipe, scan.sites)
     rewritable = [site for site in selected if site.rewrite is not None]
+    if not selected:
+        chosen = f"sites={recipe.sites!r}" + (" with filter_fn" if recipe.filter_fn is not None else "")
+        raise ConfigError(
+            f"{chosen} selects none of the {len(scan.sites)} FFN sites of {type(model).__name__}; "
+            "`mixcompile inspect` (or mixcompile.inspect) lists them by index."
+        )
     if not rewritable:
         raise ConfigError(
             f"none of the {len(selected)} selected FFN sites of {type(model).__name__} can be rewritten: "
@@ -251,7 +257,7 @@ def _check_model(model: object) -> None:
     elif isinstance(model, Mapping):
         hint = "this looks like a state_dict: load it into its model and pass the model"
     else:
-        hint = "pass the torch.nn.Module to convert"
+        hint = "pass a torch.nn.Module (the model to convert or inspect)"
     raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}; {hint}.")
 
 

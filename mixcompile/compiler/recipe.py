@@ -29,6 +29,9 @@ MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo
 MAX_GROUP_SIZE = 1 << 16
 _EVERY = re.compile(r"^every:(\d+)$")
 _RECORD = "_mixcompile_recipes"
+# Options one strategy's blocks take and the other's ignore (mode, small_batch, layout: checked with values)
+_MOT_ONLY = ("group_size", "mixer", "mixer_options")
+_MOE_ONLY = ("top_k", "router", "router_options", "num_shared_experts")
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Recipe:
                 raise ConfigError(
                     f"{name}={value!r} is a MoT option; a MoE recipe leaves it at {choices[0]!r}."
                 )
+        self._check_strategy_options()
         for name in ("init_options", "router_options", "mixer_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")
@@ -99,12 +103,26 @@ class Recipe:
                 f"filter_fn must be callable as filter_fn(module, fqn), got {self.filter_fn!r}."
             )
 
+    def _check_strategy_options(self) -> None:
+        """Options of the other strategy must stay at their defaults: set, they would do nothing (a
+        misspelt mixer option on a MoE recipe would pass unnoticed, and be saved)."""
+        other, kind = (_MOT_ONLY, "mot") if self.strategy == "moe" else (_MOE_ONLY, "moe")
+        for name in other:
+            default = Recipe.__dataclass_fields__[name]
+            expected = default.default_factory() if callable(default.default_factory) else default.default
+            if getattr(self, name) != expected:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is a {kind} option, which a {self.strategy} recipe does "
+                    f"not use; leave it at {expected!r}, or use strategy={kind!r}."
+                )
+
     def _check_sites(self) -> None:
         sites: object = self.sites  # whatever the caller passed (from_dict reads untrusted files)
         if isinstance(sites, str):
             if sites not in ("all", "last_half") and not _EVERY.match(sites):
+                hint = " (the command line's last-half is 'last_half' here)" if sites == "last-half" else ""
                 raise ConfigError(
-                    f"sites must be 'all', 'last_half', 'every:N' or a list of indices, got {sites!r}."
+                    f"sites must be 'all', 'last_half', 'every:N' or a list of indices, got {sites!r}{hint}."
                 )
             if _EVERY.match(sites):
                 check_positive_int("N in sites='every:N'", int(sites.split(":")[1]))
@@ -172,9 +190,12 @@ def check_option_names(options: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: unknown option {name!r}.{hint} Valid options: {', '.join(valid)}.")
 
 
-def make_recipe(recipe: Recipe | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Recipe:
-    """A recipe from ``convert(model, recipe, **options)``: options override the recipe's fields."""
-    check_option_names(options, "convert")
+def make_recipe(
+    recipe: Recipe | Mapping[str, Any] | None, options: Mapping[str, Any], *, where: str = "convert"
+) -> Recipe:
+    """A recipe from ``convert(model, recipe, **options)`` (or ``inspect``, ``where``): options override the
+    recipe's fields."""
+    check_option_names(options, where)
     if recipe is None:
         return Recipe(**options)
     if isinstance(recipe, Mapping):
