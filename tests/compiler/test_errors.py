@@ -9,8 +9,8 @@ from torch import nn
 from zoo import D_FF, D_MODEL, PlainMLP, Residual, build
 
 from mixcompile.compiler import convert, convert_with_report, find_sites, inspect
-from mixcompile.errors import ConfigError, MixcompileError
-from mixcompile.runtime.blocks import MoEBlock
+from mixcompile.errors import ConfigError, MixcompileError, ShapeError
+from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 
 
 def _snapshot(model: nn.Module) -> tuple[dict, list]:
@@ -52,6 +52,68 @@ def test_top_k_above_num_experts_names_the_site() -> None:
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp.*top_k=4 is more than num_experts=2"):
         convert(model, num_experts=2, top_k=4, inplace=True)
     assert _same(model, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "option"),
+    [
+        ({"strategy": "moe", "init_options": {"noise": "abc"}}, "noise"),
+        ({"strategy": "moe", "init": "split", "num_experts": 4, "init_options": {"scale": "abc"}}, "scale"),
+        ({"strategy": "moe", "router_options": {"jitter": "abc"}}, "jitter"),
+        ({"strategy": "mot", "group_size": 2, "mixer_options": {"init_std": "abc"}}, "init_std"),
+        ({"strategy": "mot", "group_size": 2, "mixer_options": {"temperature": "abc"}}, "temperature"),
+    ],
+)
+def test_a_built_in_plugin_option_of_the_wrong_type_is_a_config_error_naming_it(recipe, option) -> None:
+    """Not a crash blamed on the plugin ("a bug in the plugin"): the value is the user's to fix."""
+    with pytest.raises(ConfigError, match=rf"model\.layers\.0\.mlp.*{option} must be a .*'abc'"):
+        convert(build("llama"), **{"num_experts": 2, **recipe})
+
+
+@pytest.mark.parametrize("block", [MoEBlock(8, 16, 4, top_k=2), MoTBlock(8, 16, 4, group_size=2)])
+def test_an_input_in_another_dtype_than_the_weights_is_refused_with_the_remedies(block) -> None:
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    with pytest.raises(
+        ShapeError, match=r"holds torch.float32 weights and got a torch.float64 input.*autocast"
+    ):
+        block(x)
+    assert block.double()(x).dtype == torch.float64  # moved, it runs
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the block computes in bfloat16
+        assert block.float()(torch.randn(2, 3, 8)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("selection", "said"),
+    [
+        ({"sites": "every:5"}, "sites='every:5' selects none of the 2 FFN sites of LlamaForCausalLM"),
+        ({"sites": []}, "sites=[] selects none of the 2 FFN sites"),
+        ({"filter_fn": lambda module, path: False}, "sites='all' with filter_fn selects none of the 2"),
+        ({"sites": "last-half"}, "got 'last-half' (the command line's last-half is 'last_half' here)"),
+    ],
+)
+def test_a_selection_of_no_sites_says_so(selection, said) -> None:
+    with pytest.raises(ConfigError) as error:
+        convert(build("llama"), num_experts=2, **selection)
+    assert said in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "said"),
+    [
+        ({"strategy": "moe", "mixer": "foo"}, "mixer='foo' is a mot option, which a moe recipe does not use"),
+        ({"strategy": "moe", "mixer_options": {"temprature": 1}}, "mixer_options={'temprature': 1} is a mot"),
+        ({"strategy": "moe", "group_size": 8}, "group_size=8 is a mot option"),
+        ({"strategy": "mot", "router": "topkk"}, "router='topkk' is a moe option, which a mot recipe"),
+        ({"strategy": "mot", "top_k": 99}, "top_k=99 is a moe option"),
+        ({"strategy": "mot", "router_options": {"jitter": 0.1}}, "router_options={'jitter': 0.1} is a moe"),
+    ],
+)
+def test_an_option_of_the_other_strategy_is_refused(recipe, said) -> None:
+    """It would do nothing, and be saved in the manifest: a misspelt MoT option on a MoE recipe (or a wrong
+    strategy) would pass unnoticed."""
+    with pytest.raises(ConfigError) as error:
+        convert(build("llama"), num_experts=2, **recipe)
+    assert said in str(error.value)
 
 
 def test_split_that_does_not_divide_names_the_site() -> None:
