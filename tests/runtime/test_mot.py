@@ -189,3 +189,15 @@ def test_bad_configuration_names_the_argument(kwargs, match):
 def test_bad_input_shape(shape):
     with pytest.raises(mc.ShapeError, match=r"MoTBlock expects inputs of shape \[B, T, d\] .* d=6"):
         mot_block()(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
+def test_an_empty_batch_gives_an_empty_output_and_gradient(layout):
+    """No sequences (or none yet, as a data loader's last partial step may give): an empty output of the
+    input's shape, like an nn.Linear's, not a reshape error from inside the block."""
+    block = mc.MoTBlock(8, 16, 4, group_size=2, layout=layout)
+    x = torch.randn((0, 5, 8) if layout == "batch_first" else (5, 0, 8), requires_grad=True)
+    y = block(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
+    assert block.last_stats["groups"] == 0

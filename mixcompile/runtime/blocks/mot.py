@@ -136,7 +136,7 @@ class MoTBlock(Block):
         if missing:
             xb = torch.cat([xb, xb.new_zeros(missing, seq, d)])
         x_g = xb.reshape(groups, g, seq, d).permute(2, 0, 1, 3)  # [T, n, G, d]
-        present = present.reshape(groups, g, -1).permute(2, 0, 1)  # [T or 1, n, G]
+        present = present.reshape(groups, g, present.shape[-1]).permute(2, 0, 1)  # [T or 1, n, G]
         sparse = self.mode == "sparse" or (not self.training and batch < g and self.small_batch == "sparse")
         plan = call_plugin(self._mixer_source, self.mixer, x_g, present, sparse=sparse)
         check_mix_plan(plan, source=self._mixer_source, shape=(seq, groups, g, self.experts.num_experts))
