@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -108,6 +109,12 @@ def device_name(text: str) -> str:
     return text
 
 
+def _output_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give the directory to write the model to")
+    return Path(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -118,9 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, where it is handled, not at the interpreter's exit
+        return code
     except (UsageError, ConfigError) as exc:
         return _fail(exc, 2)
+    except BrokenPipeError:  # `mixcompile inspect ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
     except (MixcompileError, OSError, TypeError, ValueError) as exc:
         return _fail(exc, 1)
     except KeyboardInterrupt:
@@ -165,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_input(convert)
     convert.add_argument(
-        "-o", "--output", required=True, type=Path, help="output directory (never the input)"
+        "-o", "--output", required=True, type=_output_path, help="output directory (never the input)"
     )
     convert.add_argument(
         "--force",

@@ -211,9 +211,14 @@ def output_directory(
     """
     path = Path(path)
     check_output(path, overwrite=overwrite, flag=flag)
-    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}{STAGING_SUFFIX}"
-    _reserve(staging, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _reserve(staging, path)
+    except OSError as exc:  # named by the output the user gave, not by the staging files beside it
+        if exc.filename is None:  # _reserve's own message (another writer holds the output)
+            raise
+        raise type(exc)(exc.errno, f"cannot write {path} ({exc.strerror or exc}) in {path.parent}") from None
     try:
         with _signals_raise():
             out = OutputDirectory(path, staging)

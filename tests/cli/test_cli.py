@@ -218,6 +218,31 @@ def test_bad_inputs_get_one_line_and_a_nonzero_code(tmp_path, saved_dir, hf_llam
     )
 
 
+def test_output_paths_that_cannot_be_written_are_named(tmp_path, hf_llama):
+    source, _ = hf_llama
+    assert_one_line_error(run("convert", source, "-o", "", "--strategy", "moe"), 2, "an empty path")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    result = run("convert", source, "-o", blocked / "out", "--strategy", "moe")
+    assert_one_line_error(result, 1, f"cannot write {blocked / 'out'}")
+    assert "staging" not in result.stderr
+    assert blocked.read_text() == "not a directory"
+
+
+def test_a_reader_that_stops_early_gets_no_error(hf_llama):
+    """`mixcompile inspect ... | head`: a closed pipe ends the command quietly, as SIGPIPE ends Unix tools."""
+    source, _ = hf_llama
+    script = "import sys, time; time.sleep(1); from mixcompile.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "inspect", str(source), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # before the command writes anything
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 141 and err.decode() == ""
+
+
 def test_model_without_ffn_converts_nothing(tmp_path):
     torch.save(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), tmp_path / "no_ffn.pt")
     result = run(
