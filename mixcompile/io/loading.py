@@ -14,11 +14,12 @@ from pathlib import Path
 
 from torch import nn
 
-from mixcompile.errors import LoadError, MixcompileError
+from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
 from mixcompile.io.bases import build_base, meta_copy
 from mixcompile.io.hf import install_save_pretrained
 from mixcompile.io.manifest import Manifest, read_manifest
 from mixcompile.io.weights import check_fits, load_weights, read_shapes
+from mixcompile.plugins.manager import KINDS
 
 Base = nn.Module | Callable[[], nn.Module]
 
@@ -84,6 +85,14 @@ def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
     for number, recipe in enumerate(manifest.recipes):
         try:
             model = convert(model, recipe, inplace=True, verify=False)
+        except UnknownNameError as exc:
+            if exc.kind not in KINDS:
+                raise LoadError(f"{manifest.directory}: recipe {number} of the manifest: {exc}") from None
+            raise LoadError(
+                f"{manifest.directory} was converted with {exc.kind} {exc.name!r}, which no installed plugin "
+                f"registers (known: {', '.join(exc.known) or 'none'}): install the package that provides it "
+                "(`mixcompile plugins` lists what is loaded; MIXCOMPILE_PLUGINS may be leaving it out)."
+            ) from None
         except MixcompileError as exc:
             raise LoadError(
                 f"{manifest.directory}: recipe {number} of the manifest does not fit its base model: {exc}"

@@ -68,6 +68,10 @@ def read_manifest(directory: Path) -> Manifest:
             if not isinstance(section, dict):
                 raise LoadError(f"{where} must be an object (the manifest of the converted model).")
             return parse_manifest(section, directory, where, hf_weight_files(directory))
+    if not directory.exists():
+        raise LoadError(f"{directory} does not exist.")
+    if not directory.is_dir():
+        raise LoadError(f"{directory} is a file; a saved model is the directory mixcompile.save wrote.")
     raise LoadError(f"{directory} is not a mixcompile directory: {MANIFEST} is missing.")
 
 

@@ -118,6 +118,7 @@ def plugin_manager() -> pluggy.PluginManager:
 
 
 def registry() -> Registry:
+    """Every router, mixer, kernel, initializer, pattern and builder the loaded plugins register."""
     global _registry
     if _registry is None:
         _registry = Registry(plugin_manager())
@@ -141,6 +142,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
 
 
 def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered in this process (by :func:`register_plugin`'s returned name)."""
     global _registry
     pm = plugin_manager()
     if pm.get_plugin(name) is None:

@@ -20,6 +20,9 @@ from mixcompile.runtime.activations import activation_fn
 
 @dataclass
 class DenseFFN:
+    """A dense FFN's tensors, as ``nn.Linear`` stores them (the formulas above): what initializers fill
+    experts from."""
+
     w_in: torch.Tensor  # [h, d]
     w_out: torch.Tensor  # [d, h]
     activation: str

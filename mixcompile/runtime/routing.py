@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class RoutingPlan:
+    """What a router returns for one MoE forward: the (token, expert, weight) pairs that are kept, with the
+    router's probabilities and losses for balancing and statistics."""
+
     token_index: torch.Tensor  # [P] int64: row of the flattened input
     expert_index: torch.Tensor  # [P] int64
     weight: torch.Tensor  # [P] floating, differentiable: the combine weight of the pair

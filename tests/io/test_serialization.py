@@ -123,3 +123,14 @@ def test_a_manifest_without_recipes_is_a_clear_error(tmp_path: Path) -> None:
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(LoadError, match="no 'recipes' section"):
         mc.load(tmp_path / "m")
+
+
+def test_a_path_that_is_not_a_saved_model_says_what_it_is(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="nothing_here does not exist"):
+        mc.load(tmp_path / "nothing_here")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(LoadError, match="weights.pt is a file; a saved model is the directory"):
+        mc.load(tmp_path / "weights.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadError, match="empty is not a mixcompile directory: mixcompile.json is missing"):
+        mc.load(tmp_path / "empty")

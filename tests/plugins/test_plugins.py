@@ -43,6 +43,15 @@ def test_in_process_plugin_is_usable_by_name(fresh_registry):
         mc.MoEBlock(4, 8, 3, router="first_k")
 
 
+def test_a_saved_model_whose_plugin_is_gone_says_to_install_it(fresh_registry, tmp_path):
+    name = mc.register_plugin(_InProcessPlugin(), name="tests.first_k")
+    model = mc.convert(mc.build_tiny_gpt(), strategy="moe", num_experts=4, router="first_k", verify=False)
+    mc.save(model, tmp_path / "saved")
+    mc.unregister_plugin(name)
+    with pytest.raises(mc.LoadError, match="converted with router 'first_k', which no installed plugin"):
+        mc.load(tmp_path / "saved")
+
+
 def _install_distribution(tmp_path, monkeypatch, module_source, entry_name="cosine_test"):
     """A real (unzipped) distribution on sys.path: metadata plus a `mixcompile` entry point."""
     pkg = tmp_path / "thirdparty_router.py"
