@@ -233,7 +233,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--recipe", type=Path, help="a recipe JSON file (like an entry of 'recipes' in mixcompile.json)"
     )
-    group.add_argument("--strategy", help="moe or mot")
+    group.add_argument("--strategy", help="moe or mot (inspect describes moe when not given)")
     group.add_argument(
         "--experts", type=bounded_int(1, MAX_EXPERTS), dest="num_experts", help="experts per block"
     )
@@ -302,8 +302,9 @@ RECIPE_FLAGS = (
 )
 
 
-def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
-    """The recipe file (if any) with the flags laid over it; ``None`` when nothing was asked."""
+def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strategy: str | None = None) -> Any:
+    """The recipe file (if any) with the flags laid over it; ``None`` when nothing was asked. Without a
+    strategy, ``default_strategy`` (inspect's: what its report of no flags describes) or a usage error."""
     from mixcompile.compiler import Recipe
 
     data: dict[str, Any] = {}
@@ -312,6 +313,11 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
             data = read_json_object(args.recipe, "recipe file")
         except LoadError as exc:
             raise UsageError(f"--recipe: {exc}") from None
+        if "recipes" in data:
+            raise UsageError(
+                f"--recipe {args.recipe} is a saved model's manifest; pass one recipe, an object like "
+                '{"strategy": "moe", "num_experts": 8} (one of the manifest\'s "recipes", say).'
+            )
     for flag in RECIPE_FLAGS:
         value = getattr(args, flag)
         if value is not None:
@@ -327,6 +333,8 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool) -> Any:
         if required:
             raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")
         return None
+    if "strategy" not in data and default_strategy is not None:
+        data["strategy"] = default_strategy
     if "strategy" not in data:
         raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
     recipe = Recipe.from_dict(data)
@@ -355,7 +363,7 @@ def _progress(total: int, desc: str) -> tqdm:
 def _run_inspect(args: argparse.Namespace) -> int:
     from mixcompile.compiler import inspect
 
-    recipe = recipe_from_args(args, required=False)
+    recipe = recipe_from_args(args, required=False, default_strategy="moe")
     loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     report = inspect(loaded.model, recipe) if recipe is not None else inspect(loaded.model)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)

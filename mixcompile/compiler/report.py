@@ -129,7 +129,11 @@ class Report:
             lines += ["", "Sites that cannot be rewritten:"]
             lines += [f"  {s.index} {s.path}: {s.reason}" for s in self.unrewritable]
         if self.untraced:
-            lines += ["", "Modules not traced (their children were traced instead):"]
+            lines += [
+                "",
+                "Modules not traced (their child modules were traced instead, usual for a model's top level "
+                "and its attention):",
+            ]
             lines += [f"  {path or '<root>'}: {why}" for path, why in self.untraced.items()]
         lines += [
             "",

@@ -218,6 +218,16 @@ def test_bad_inputs_get_one_line_and_a_nonzero_code(tmp_path, saved_dir, hf_llam
     )
 
 
+def test_inspect_describes_moe_unless_told_and_a_manifest_is_not_a_recipe(saved_dir, hf_llama):
+    source, _ = hf_llama
+    report = run("inspect", source, "--experts", "4", check_code=0).stdout
+    assert "would convert 2 (moe, 4 experts)" in report  # as with no flags at all: moe
+    assert_one_line_error(run("convert", source, "-o", saved_dir / "x", "--experts", "4"), 2, "--strategy")
+    assert_one_line_error(
+        run("inspect", source, "--recipe", saved_dir / "mixcompile.json"), 2, "is a saved model's manifest"
+    )
+
+
 def test_output_paths_that_cannot_be_written_are_named(tmp_path, hf_llama):
     source, _ = hf_llama
     assert_one_line_error(run("convert", source, "-o", "", "--strategy", "moe"), 2, "an empty path")
