@@ -41,7 +41,11 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 def write_hf_files(directory: Path, manifest: dict[str, Any]) -> None:
     """The converted model's ``config.json`` and the loader it names, in ``directory``."""
-    auto_map = {name: "mixcompile_hf.MixcompileModel" for name in AUTO_CLASSES}
+    loads = _auto_classes_of(manifest["base"])
+    auto_map = {
+        name: "mixcompile_hf.MixcompileModel" if name in loads else "mixcompile_hf.MixcompileOtherHead"
+        for name in AUTO_CLASSES
+    }
     config = {
         "model_type": HF_MODEL_TYPE,
         "architectures": ["MixcompileModel"],
@@ -50,6 +54,25 @@ def write_hf_files(directory: Path, manifest: dict[str, Any]) -> None:
     }
     (directory / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     shutil.copyfile(Path(__file__).with_name("hf_remote.py"), directory / REMOTE_CODE)
+
+
+def _auto_classes_of(base: dict[str, Any]) -> set[str]:
+    """The ``AutoModel*`` classes that build the saved model's class for its model type, by transformers'
+    own tables (all of them where those say nothing: a class they do not map)."""
+    import transformers
+
+    name = base.get("class")
+    config = base.get("config")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    loads = set()
+    for auto in AUTO_CLASSES:
+        try:
+            mapped = getattr(transformers, auto)._model_mapping._model_mapping.get(model_type, ())
+        except AttributeError:  # transformers' private tables moved: refuse nothing
+            return set(AUTO_CLASSES)
+        if name in ((mapped,) if isinstance(mapped, str) else tuple(mapped)):
+            loads.add(auto)
+    return loads or set(AUTO_CLASSES)
 
 
 def install_save_pretrained(model: nn.Module) -> None:

@@ -89,9 +89,10 @@ def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
             if exc.kind not in KINDS:
                 raise LoadError(f"{manifest.directory}: recipe {number} of the manifest: {exc}") from None
             raise LoadError(
-                f"{manifest.directory} was converted with {exc.kind} {exc.name!r}, which no installed plugin "
-                f"registers (known: {', '.join(exc.known) or 'none'}): install the package that provides it "
-                "(`mixcompile plugins` lists what is loaded; MIXCOMPILE_PLUGINS may be leaving it out)."
+                f"{manifest.directory} was converted with an unknown {exc.kind} here, {exc.name!r}: no "
+                f"installed plugin registers it (known: {', '.join(exc.known) or 'none'}). If a plugin "
+                "package provides it, install it (`mixcompile plugins` lists what is loaded; "
+                "MIXCOMPILE_PLUGINS may be leaving it out)."
             ) from None
         except MixcompileError as exc:
             raise LoadError(

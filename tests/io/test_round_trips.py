@@ -86,6 +86,15 @@ def test_auto_model_rebuilds_it_with_trust_remote_code_and_refuses_it_otherwise(
     assert torch.equal(logits(rebuilt.eval()), logits(converted))
 
 
+@pytest.mark.parametrize("auto", ["AutoModel", "AutoModelForSequenceClassification"])
+def test_an_auto_class_for_another_head_is_refused_naming_the_one_that_loads(saved_pretrained, auto) -> None:
+    """Not a LlamaForCausalLM handed back when another class was asked for."""
+    path, _ = saved_pretrained
+    wrong = "holds a converted LlamaForCausalLM.* load it with AutoModelForCausalLM"
+    with pytest.raises(ValueError, match=wrong):
+        getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
+
+
 def test_the_cli_reads_it_as_the_converted_model(saved_pretrained, tmp_path, capsys) -> None:
     path, _ = saved_pretrained
     assert main(["inspect", str(path), "--json"]) == 0
