@@ -65,9 +65,8 @@ class MixcompileOtherHead(PreTrainedModel):
         saved = config.get("mixcompile", {}).get("base", {}).get("class", "model")
         auto_map = config.get("auto_map", {})
         loaders = sorted(name for name, target in auto_map.items() if target.endswith(".MixcompileModel"))
-        loader = " or ".join(loaders) or "mixcompile.load"
         raise ValueError(
             f"{path} holds a converted {saved}, and this AutoModel class builds another architecture "
-            f"(another head, or none), which mixcompile does not do: load it with {loader} (or "
-            "mixcompile.load), then add the head you need."
+            f"(another head, or none), which mixcompile does not do: load it with "
+            f"{' or '.join([*loaders, 'mixcompile.load'])}, then add the head you need."
         )
