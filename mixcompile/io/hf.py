@@ -11,6 +11,7 @@ architecture and fill its FFNs with random weights.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -98,7 +99,15 @@ def _save_pretrained(
             "a converted model is saved with safetensors (safe_serialization=True); pickled weights would be "
             "loaded as code."
         )
+    if kwargs.get("save_original_format"):
+        raise ValueError(
+            "a converted model is saved with its tensors as it holds them (save_original_format=False): "
+            "transformers' original-format conversion renames some (a MoE model's fused experts, one "
+            "tensor per expert), which mixcompile.load then would not find."
+        )
     model_class: Any = type(model)  # a transformers PreTrainedModel (checked when installed)
+    if "save_original_format" in inspect.signature(model_class.save_pretrained).parameters:
+        kwargs["save_original_format"] = False
     result = model_class.save_pretrained(model, save_directory, *args, **kwargs)
     base = base_spec_of(model)
     manifest = manifest_data(recipes_of(model), base, __version__, block_settings(model))

@@ -95,6 +95,25 @@ def test_an_auto_class_for_another_head_is_refused_naming_the_one_that_loads(sav
         getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
 
 
+def test_a_converted_moe_model_saved_with_save_pretrained_loads_back(tmp_path) -> None:
+    """transformers saves a MoE model's fused experts one tensor per expert (its original format) unless
+    told not to; the converted model's directory keeps the tensors as the model holds them, so that both
+    loaders find them."""
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = distinct_experts(mc.convert(transformers.Qwen2MoeForCausalLM(config).eval(), num_experts=4))
+    model.save_pretrained(tmp_path / "m")
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    for loaded in (mc.load(tmp_path / "m"), rebuilt):
+        assert torch.equal(logits(loaded.eval()), logits(model))
+    with pytest.raises(ValueError, match="save_original_format=False"):
+        model.save_pretrained(tmp_path / "other", save_original_format=True)
+
+
 def test_the_cli_reads_it_as_the_converted_model(saved_pretrained, tmp_path, capsys) -> None:
     path, _ = saved_pretrained
     assert main(["inspect", str(path), "--json"]) == 0
