@@ -93,6 +93,9 @@ def check_site(
     with evaluation(plan.block), token_mask(plan.block, None, batch=batch or 1):
         try:
             y = plan.block(x)
+        except MixcompileError as exc:  # a plugin's fault, a bad option: keeps its type (PluginError, ...)
+            where = f"FFN site {site.index} at {site.label!r}, on a probe of shape {tuple(x.shape)}"
+            raise exc.prefixed(where) from exc
         except Exception as exc:
             raise MixcompileError(
                 f"FFN site {site.index} at {site.label!r}: the new block failed on a probe of shape "

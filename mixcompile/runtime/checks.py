@@ -139,11 +139,13 @@ def check_mix_plan(plan: object, *, source: Source, shape: tuple[int, ...]) -> M
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise PluginError(
-                f"{source} returned MixPlan.{name} of shape {got}, expected {shape} [T, n, G, E]."
+                f"{source_text(source)} returned MixPlan.{name} of shape {got}, expected {shape} "
+                "[T, n, G, E]."
             )
         if not tensor.is_floating_point():
             raise PluginError(
-                f"{source} returned MixPlan.{name} of dtype {tensor.dtype}, expected floating point."
+                f"{source_text(source)} returned MixPlan.{name} of dtype {tensor.dtype}, expected floating "
+                "point."
             )
         if debug_checks_enabled() and not torch.isfinite(tensor).all():
             raise PluginError(f"{source_text(source)} returned MixPlan.{name} with NaN or inf.")

@@ -272,3 +272,66 @@ def test_no_value_is_read_back_while_a_cuda_graph_is_captured(monkeypatch) -> No
             num_tokens=2,
             num_experts=2,
         )
+
+
+class _Initializers:
+    """Initializers that get the experts wrong in each way a plugin can."""
+
+    @mc.hookimpl
+    def register_initializers(self, register):
+        def unfilled(experts, dense, *, generator=None):
+            experts.w_in.fill_(0.1)  # the rest stays as it was: NaN
+
+        def returning(experts, dense, *, generator=None):
+            for param in experts.parameters():
+                param.fill_(0.1)
+            return experts
+
+        def reshaping(experts, dense, *, generator=None):
+            for param in experts.parameters():
+                param.fill_(0.1)
+            experts.w_in = torch.nn.Parameter(torch.zeros(3))
+
+        for init in (unfilled, returning, reshaping):
+            register(init.__name__, init)
+
+
+@pytest.mark.parametrize(
+    "init, fragment",
+    [
+        ("unfilled", r"initializer 'unfilled' .* left experts.w_out, experts.b_in, experts.b_out unfilled"),
+        ("returning", r"initializer 'returning' .* returned a StackedExperts; .* returns None"),
+        ("reshaping", r"initializer 'reshaping' .* replaced experts.w_in \(\(4, 32, 8\), torch.float32\)"),
+    ],
+)
+def test_an_initializer_that_leaves_the_experts_wrong_is_refused_by_name(init, fragment) -> None:
+    """Not a model reported as converted that computes NaN (the experts start empty)."""
+    mc.register_plugin(_Initializers(), name="initializers_under_test")
+    try:
+        with pytest.raises(mc.PluginError, match=rf"FFN site 0 at 'mlp': {fragment}"):
+            _site_model(init=init)
+    finally:
+        mc.unregister_plugin("initializers_under_test")
+
+
+class _Mixers:
+    @mc.hookimpl
+    def register_mixers(self, register):
+        class Narrow(mc.ControllerMixer):
+            def forward(self, x_g, present, *, sparse):
+                merge = torch.softmax(self.logits(x_g), dim=2)
+                return mc.MixPlan(merge[..., :1], merge)
+
+        register("narrow", Narrow)
+
+
+def test_a_malformed_mix_plan_names_the_mixer_and_keeps_the_error_type() -> None:
+    mc.register_plugin(_Mixers(), name="mixers_under_test")
+    try:
+        with pytest.raises(mc.PluginError) as raised:
+            mc.convert(_Net(), strategy="mot", num_experts=4, group_size=2, mixer="narrow")
+    finally:
+        mc.unregister_plugin("mixers_under_test")
+    message = str(raised.value)
+    assert "mixer 'narrow' (plugin 'mixers_under_test')" in message and "object at 0x" not in message
+    assert "returned MixPlan.merge of shape" in message and message.startswith("FFN site 0 at 'mlp'")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, MixcompileError, ShapeError
+from mixcompile.errors import ConfigError, MixcompileError, PluginError, ShapeError
 from mixcompile.plugins.build import PluginKind, Source, call_factory, describe_plugin, plugin_source
 from mixcompile.plugins.manager import lookup
 from mixcompile.runtime.checks import check_input
@@ -179,13 +179,39 @@ class Block(nn.Module):
         generator: torch.Generator | None = None,
         **init_options: Any,
     ) -> None:
-        """Fill the experts from a dense FFN with the initializer plugin ``init``."""
+        """Fill the experts from a dense FFN with the initializer plugin ``init``.
+
+        The experts are NaN until it runs, and checked after: a tensor it leaves unfilled (or fills with
+        NaN, or replaces with another shape) is its error, not a model that computes NaN."""
         _check_compatible(self.experts, dense)
         registration = lookup("initializer", init)
         source = plugin_source("initializer", init, registration.plugin, self.site)
         options = {"generator": generator, **init_options}
+        shapes = {name: (p.shape, p.dtype) for name, p in self.experts.named_parameters()}
+        real = next(self.experts.parameters()).device.type != "meta"
         with torch.no_grad():
-            call_factory(registration.factory, source, (self.experts, dense), options)
+            if real:
+                for param in self.experts.parameters():
+                    param.fill_(float("nan"))
+            returned = call_factory(registration.factory, source, (self.experts, dense), options)
+        if returned is not None:
+            raise PluginError(
+                f"{source} returned a {type(returned).__name__}; an initializer fills the experts in place "
+                "and returns None."
+            )
+        for name, param in self.experts.named_parameters():
+            if (param.shape, param.dtype) != shapes[name]:
+                raise PluginError(
+                    f"{source} replaced experts.{name} ({tuple(shapes[name][0])}, {shapes[name][1]}) with "
+                    f"{tuple(param.shape)}, {param.dtype}: fill the experts' tensors in place (param.copy_)."
+                )
+        params = self.experts.named_parameters()
+        unfilled = [name for name, param in params if real and not bool(param.isfinite().all())]
+        if unfilled:
+            raise PluginError(
+                f"{source} left experts.{', experts.'.join(unfilled)} unfilled or not finite (the experts "
+                "are NaN until it fills them): an initializer must set every tensor of the block's experts."
+            )
 
 
 def _to_host(value: Any) -> Any:
