@@ -31,7 +31,8 @@ class ConfigError(MixcompileError, ValueError):
 
 
 class ShapeError(MixcompileError, ValueError):
-    """A tensor given to a block has the wrong rank, size or dtype."""
+    """A tensor given to a block has the wrong rank, size or dtype (or, under the debug checks, NaN / inf
+    values)."""
 
 
 class PluginError(MixcompileError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, TypeAlias
 
 import torch
@@ -10,6 +11,7 @@ from mixcompile import ConfigError, ControllerMixer, MixPlan, Register, hookimpl
 
 EmitMode: TypeAlias = Literal["merge", "experts"]
 EMIT_MODES = ("merge", "experts")
+MIN_TEMPERATURE = 1e-6
 
 
 class SoftmaxMixer(ControllerMixer):
@@ -34,12 +36,29 @@ class SoftmaxMixer(ControllerMixer):
         init_std: float = 0.02,
     ) -> None:
         super().__init__(d_model, num_experts, group_size, init_std=init_std)
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ConfigError(f"temperature must be a number > 0, got {temperature!r}.")
         if emit not in EMIT_MODES:
             raise ConfigError(f"emit must be one of {EMIT_MODES}, got {emit!r}.")
-        self.temperature = float(temperature)
+        self.temperature = temperature
         self.emit = emit
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        """Checked whenever set (annealing sets it every step): below ``MIN_TEMPERATURE`` the logits
+        overflow to inf and the mix is NaN; ``mode="sparse"`` is the limit towards 0."""
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not MIN_TEMPERATURE <= value < math.inf
+        ):
+            raise ConfigError(
+                f"temperature must be a number >= {MIN_TEMPERATURE:g} (mode='sparse' is the limit towards "
+                f"0), got {value!r}."
+            )
+        self._temperature = float(value)
 
     def forward(self, x_g: torch.Tensor, present: torch.Tensor, *, sparse: bool) -> MixPlan:
         logits = self.logits(x_g) / self.temperature  # [T, n, G, E]

@@ -45,6 +45,7 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
     ``mixcompile.save`` and ``save_pretrained`` of the result record the switch (each new block's
     ``token_choice`` setting), and loading replays it after the recipes, before the weights are read.
     """
+    _check_module("to_token_choice", model)
     if isinstance(model, MoTBlock):
         raise ConfigError("to_token_choice: the model is itself a MoTBlock; pass the model that holds it.")
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, MoTBlock)]
@@ -122,7 +123,10 @@ def temperature_schedule(step: int, steps: int, *, start: float = 1.0, end: floa
 def set_mot_temperature(model: nn.Module, temperature: float) -> int:
     """Set the softmax temperature of every MoT block's mixer; returns how many were set. Works for any
     mixer with a ``temperature`` attribute, as the built-in ``softmax`` mixer has."""
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isinf(temperature):
+    _check_module("set_mot_temperature", model)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise ConfigError(f"temperature must be a number, got {temperature!r}.")
+    if not temperature > 0 or math.isinf(temperature):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}.")
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, MoTBlock)]
     for path, block in blocks:  # check every mixer before changing any
@@ -131,3 +135,8 @@ def set_mot_temperature(model: nn.Module, temperature: float) -> int:
     for _, block in blocks:
         block.mixer.temperature = float(temperature)
     return len(blocks)
+
+
+def _check_module(function: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{function} takes the converted torch.nn.Module, got {type(model).__name__}.")

@@ -174,7 +174,7 @@ def test_flop_matched_hidden():
         ({"group": 0}, "group_size must be >= 1"),
         ({"experts": 0}, "num_experts must be >= 1"),
         ({"mixer": "softmx"}, "unknown mixer 'softmx'. Did you mean 'softmax'"),
-        ({"mixer_options": {"temperature": 0}}, "temperature must be a number > 0"),
+        ({"mixer_options": {"temperature": 0}}, "temperature must be a number >= 1e-06"),
         ({"mixer_options": {"emit": "tokens"}}, "emit must be one of"),
         ({"mode": "hard"}, "mode must be one of"),
         ({"small_batch": "pad"}, "small_batch must be one of"),
@@ -201,3 +201,15 @@ def test_an_empty_batch_gives_an_empty_output_and_gradient(layout):
     y.sum().backward()
     assert y.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
     assert block.last_stats["groups"] == 0
+
+
+def test_mode_and_small_batch_are_checked_when_set():
+    """Transition tuning sets them on trained blocks: a misspelt value would run as soft and be saved."""
+    block = mot_block()
+    with pytest.raises(mc.ConfigError, match="mode must be one of .* got 'Sparse'. Did you mean 'sparse'"):
+        block.mode = "Sparse"
+    with pytest.raises(mc.ConfigError, match="small_batch must be one of"):
+        block.small_batch = "grp"
+    assert (block.mode, block.small_batch) == ("soft", "group")
+    block.mode, block.small_batch = "sparse", "sparse"
+    assert block.settings()["mode"] == "sparse" and block.settings()["small_batch"] == "sparse"

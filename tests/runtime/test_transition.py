@@ -46,8 +46,14 @@ def test_set_temperature_sharpens_every_mix():
         model(tokens)
         entropies.append([s["merge_entropy"] for s in mc.stats(model).values()])
     assert all(cold < 0.5 * warm for warm, cold in zip(*entropies, strict=True))
-    with pytest.raises(mc.ConfigError):
-        mc.set_mot_temperature(model, 0.0)
+    for bad in (0.0, 1e-300, True, "1"):  # 1e-300: the logits overflow, and the mix would be NaN
+        with pytest.raises(mc.ConfigError, match="temperature must be a"):
+            mc.set_mot_temperature(model, bad)
+    assert all(b.mixer.temperature == 0.05 for b in mc.sparse_blocks(model).values())  # left as they were
+    with pytest.raises(TypeError, match="set_mot_temperature takes the converted torch.nn.Module, got str"):
+        mc.set_mot_temperature("model", 0.5)
+    with pytest.raises(TypeError, match="to_token_choice takes the converted torch.nn.Module"):
+        mc.to_token_choice(None)
     assert mc.set_mot_temperature(mc.TinyGPT(d_model=D, n_layer=1, n_head=2, d_ff=FF), 0.5) == 0
 
 

@@ -115,6 +115,24 @@ class MoTBlock(Block):
         self._choose_kernels()
 
     @property
+    def mode(self) -> MoTMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: MoTMode) -> None:
+        """Checked when set (transition tuning sets it on a trained block): a misspelt mode would run as
+        soft and be saved."""
+        self._mode = cast(MoTMode, _check_choice("mode", value, MODES))
+
+    @property
+    def small_batch(self) -> SmallBatchPolicy:
+        return self._small_batch
+
+    @small_batch.setter
+    def small_batch(self, value: SmallBatchPolicy) -> None:
+        self._small_batch = cast(SmallBatchPolicy, _check_choice("small_batch", value, SMALL_BATCH_POLICIES))
+
+    @property
     def batch_first(self) -> bool:
         """Whether the batch axis comes before the sequence axis (``flat`` tokens are batch-major)."""
         return self.layout != "seq_first"
@@ -199,10 +217,9 @@ class MoTBlock(Block):
         if unknown:
             raise ConfigError(f"MoTBlock has no settings {unknown}; it has mode, small_batch, temperature.")
         if "mode" in settings:
-            self.mode = cast(MoTMode, _check_choice("mode", settings["mode"], MODES))
+            self.mode = settings["mode"]
         if "small_batch" in settings:
-            policy = _check_choice("small_batch", settings["small_batch"], SMALL_BATCH_POLICIES)
-            self.small_batch = cast(SmallBatchPolicy, policy)
+            self.small_batch = settings["small_batch"]
         if "temperature" in settings:
             temperature = settings["temperature"]
             if not isinstance(getattr(self.mixer, "temperature", None), float):
