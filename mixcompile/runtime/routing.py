@@ -213,11 +213,17 @@ class LearnedRouter(RouterBase):
             self.register_buffer("load_since_update", torch.zeros(num_experts))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``score(x)`` in float32, with the jitter on ``x`` in training: a router scoring tokens its own
+        way overrides :meth:`score` and keeps the jitter."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x = x * noise
-        logits: torch.Tensor = self.gate(x)
-        return logits.float()
+        return self.score(x).float()
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, E]`` router scores of the tokens ``x [N, d]``: the linear gate."""
+        scores: torch.Tensor = self.gate(x)
+        return scores
 
     @property
     def balancing_bias(self) -> torch.Tensor | None:

@@ -60,5 +60,11 @@ def test_installed_router_routes_and_learns(installed_plugin):
     assert mc.stats(block)[""]["expert_load"].sum() == 30
     (y.square().sum() + mc.aux_loss(block)).backward()
     assert block.router.log_temperature.grad is not None and block.router.log_temperature.grad != 0
+    assert all(p.grad is not None for p in block.router.parameters())  # no unused gate (DDP refuses those)
+    jittery = mc.MoEBlock(16, 32, 4, router="cosine", router_options={"jitter": 0.5}).router
+    tokens = torch.randn(6, 16)
+    assert not torch.equal(jittery.logits(tokens), jittery.logits(tokens))  # the inherited jitter, training
+    jittery.eval()
+    assert torch.equal(jittery.logits(tokens), jittery.logits(tokens))
     with pytest.raises(mc.ConfigError, match=r"router 'cosine' \(plugin 'cosine'\): temperature must be > 0"):
         mc.MoEBlock(16, 32, 4, router="cosine", router_options={"temperature": 0})

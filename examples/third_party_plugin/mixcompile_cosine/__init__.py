@@ -30,15 +30,17 @@ class CosineRouter(mc.LearnedRouter):
         super().__init__(d_model, num_experts, top_k, **options)  # capacity, losses, jitter, ...
         if not temperature > 0:
             raise mc.ConfigError(f"temperature must be > 0, got {temperature!r}.")
+        del self.gate  # scores come from score() below: no unused parameter (DDP would complain of it)
         self.project = nn.Linear(d_model, d_route, bias=False)
         self.expert_embedding = nn.Parameter(torch.randn(num_experts, d_route) / math.sqrt(d_route))
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Replaces the linear gate; ``logits`` (inherited) adds the jitter and casts to float32."""
         tokens = F.normalize(self.project(x), dim=-1)
         experts = F.normalize(self.expert_embedding, dim=-1)
         temperature = self.log_temperature.exp().clamp(min=0.01)
-        return (tokens @ experts.t() / temperature).float()
+        return tokens @ experts.t() / temperature
 
     def forward(self, x: torch.Tensor, kernel: mc.Kernel) -> mc.RoutingPlan:
         logits = self.logits(x)
