@@ -54,16 +54,17 @@ class TorchKernel:
         return torch.zeros_like(x).index_add(0, tokens, out * weights[:, None])
 
     def topk_routing(
-        self, logits: Tensor, top_k: int, *, bias: Tensor | None, renormalize: bool
+        self, logits: Tensor, top_k: int, *, bias: Tensor | None = None, renormalize: bool = True
     ) -> tuple[Tensor, Tensor, Tensor]:
         return topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
 
     def mot(self, x_g: Tensor, plan: MixPlan, experts: StackedExperts) -> Tensor:
         t, n, g, d = x_g.shape
         e = experts.num_experts
-        mixed = torch.einsum("tnge,tngd->etnd", plan.merge, x_g).reshape(e, t * n, d)
+        merge, emit = plan.merge.to(x_g.dtype), plan.emit.to(x_g.dtype)  # a mixer may plan in another dtype
+        mixed = torch.einsum("tnge,tngd->etnd", merge, x_g).reshape(e, t * n, d)
         out = experts.batched_forward(mixed).reshape(e, t, n, d)
-        return torch.einsum("tnge,etnd->tngd", plan.emit, out)
+        return torch.einsum("tnge,etnd->tngd", emit, out)
 
 
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:

@@ -53,8 +53,22 @@ def build_plugin(
     kinds = expected if isinstance(expected, tuple) else () if expected is None else (expected,)
     if not all(isinstance(built, kind) for kind in kinds):
         wanted = " and a ".join(_public_name(kind) for kind in kinds)
-        raise PluginError(f"{source} built a {type(built).__name__}, expected a {wanted}.")
+        missing = [name for kind in kinds if not isinstance(built, kind) for name in _members(kind, built)]
+        lacks = f" (it lacks {', '.join(missing)})" if missing else ""
+        raise PluginError(f"{source} built a {type(built).__name__}, expected a {wanted}{lacks}.")
     return built
+
+
+def _members(protocol: type, built: object) -> list[str]:
+    """The attributes and methods a protocol declares that ``built`` does not have."""
+    if not getattr(protocol, "_is_protocol", False):
+        return []
+    declared = set(getattr(protocol, "__annotations__", {})) | {
+        name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")
+    }
+    if "__call__" in vars(protocol):
+        declared.add("__call__")
+    return sorted(name for name in declared if not hasattr(built, name))
 
 
 def describe_plugin(kind: PluginKind, name: str, where: str = "") -> str:

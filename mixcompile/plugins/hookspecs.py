@@ -37,6 +37,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class Register(Protocol):
+    """What a registration hook is handed: ``register(name, factory, description=...)``."""
+
     def __call__(self, name: str, factory: Callable[..., object], *, description: str = "") -> None: ...
 
 

@@ -111,6 +111,9 @@ class ExpertMath:
 
 
 class StackedExperts(ExpertMath, nn.Module):
+    """``E`` experts of one shape, stacked: ``w_in [E, h, d]``, ``w_out [E, d, h]`` (``w_gate`` like
+    ``w_in`` when gated; biases ``[E, h]`` / ``[E, d]``), as grouped kernels read them."""
+
     def __init__(
         self,
         num_experts: int,

@@ -53,7 +53,7 @@ class Kernel(Protocol):
         raise NotImplementedError(f"{type(self).__name__} does not run MoT blocks.")
 
     def topk_routing(
-        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None, renormalize: bool
+        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None = None, renormalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`mixcompile.topk_routing` on this kernel's device; a class that subclasses ``Kernel``
         inherits the plain-PyTorch step."""

@@ -41,7 +41,7 @@ class TritonKernel:
         return ops.moe(x, plan, experts)
 
     def topk_routing(
-        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None, renormalize: bool
+        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None = None, renormalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused step (softmax, selection bias, top-k, renormalisation) for float32 logits of up to
         ``MAX_ROUTED_EXPERTS`` experts; the plain-PyTorch step otherwise."""

@@ -335,3 +335,54 @@ def test_a_malformed_mix_plan_names_the_mixer_and_keeps_the_error_type() -> None
     message = str(raised.value)
     assert "mixer 'narrow' (plugin 'mixers_under_test')" in message and "object at 0x" not in message
     assert "returned MixPlan.merge of shape" in message and message.startswith("FFN site 0 at 'mlp'")
+
+
+def test_a_fault_after_its_plugin_was_unregistered_still_names_it() -> None:
+    """The block holds the router; reporting its crash must not look the name up again (and lose it)."""
+    mc.register_plugin(_Plugin(), name="flaky_plugin")
+    block = _block()
+    block.router.fault = "crash"
+    mc.unregister_plugin("flaky_plugin")
+    with pytest.raises(mc.PluginError, match=r"router 'flaky' \(plugin 'flaky_plugin'\) at mlp crashed: Ind"):
+        block(torch.randn(5, 8))
+
+
+class _Incomplete:
+    @mc.hookimpl
+    def register_routers(self, register):
+        class NoTopK(torch.nn.Module):
+            def __init__(self, d_model, num_experts, top_k):
+                super().__init__()
+                self.num_experts = num_experts
+
+            def forward(self, x, kernel):
+                raise AssertionError("never called")
+
+        register("no_top_k", NoTopK)
+
+
+def test_a_router_missing_part_of_the_protocol_is_told_which_part() -> None:
+    mc.register_plugin(_Incomplete(), name="incomplete")
+    try:
+        with pytest.raises(
+            mc.PluginError, match=r"built a NoTopK, expected .*mixcompile.Router \(it lacks top_k\)"
+        ):
+            mc.MoEBlock(8, 16, 4, router="no_top_k")
+    finally:
+        mc.unregister_plugin("incomplete")
+
+
+def test_a_mixer_planning_in_another_dtype_runs_on_the_torch_kernel() -> None:
+    """The Triton kernel casts the plan to the tokens' dtype; the torch kernel does the same (it crashed
+    in an einsum, blamed on itself)."""
+
+    class Float64Mixer(mc.ControllerMixer):
+        def forward(self, x_g, present, *, sparse):
+            merge = torch.softmax(self.logits(x_g), dim=2).double()
+            return mc.MixPlan(merge, merge)
+
+    block = mc.MoTBlock(8, 16, 4, group_size=2, kernel="torch")
+    block.mixer = Float64Mixer(8, 4, 2)
+    x = torch.randn(4, 3, 8)
+    y = block(x)
+    assert y.dtype == torch.float32 and bool(y.isfinite().all())

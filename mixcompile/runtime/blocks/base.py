@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mixcompile.errors import ConfigError, MixcompileError, PluginError, ShapeError
-from mixcompile.plugins.build import PluginKind, Source, call_factory, describe_plugin, plugin_source
+from mixcompile.plugins.build import PluginKind, Source, call_factory, plugin_source
 from mixcompile.plugins.manager import lookup
 from mixcompile.runtime.checks import check_input
 from mixcompile.runtime.experts import StackedExperts
@@ -32,10 +32,12 @@ class Describe:
     than a closure, so a converted model still deep-copies and pickles."""
 
     def __init__(self, block: Block, kind: PluginKind, name: str) -> None:
-        self.block, self.kind, self.name = block, kind, name
+        # The plugin's name now: an error raised after unregister_plugin still names it, and is not lost
+        # to an unknown-name error from a look-up made while reporting it.
+        self.block, self.kind, self.name, self.plugin = block, kind, name, lookup(kind, name).plugin
 
     def __call__(self) -> str:
-        return describe_plugin(self.kind, self.name, self.block.site)
+        return plugin_source(self.kind, self.name, self.plugin, self.block.site)
 
 
 @dataclass(frozen=True)
