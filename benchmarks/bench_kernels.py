@@ -359,10 +359,10 @@ def routing_rows(sizes: Sizes, device: torch.device) -> list[Row]:
             }
             with poisoned():
                 got, counted, ref = impls["triton"](), impls["triton, by token"](), impls["argsort"]()
-                check(name, [got.order, got.groups.offsets], [ref[0], ref[1]], ["order", "offsets"], 0.0)
+                check(name, [got.order, got.offsets], [ref[0], ref[1]], ["order", "offsets"], 0.0)
                 check(
                     f"{name}, by token",
-                    [counted.order, counted.groups.offsets, counted.by_token, counted.token_offsets],
+                    [counted.order, counted.offsets, counted.by_token, counted.token_offsets],
                     list(ref[:4]),
                     ["order", "offsets", "by_token", "token_offsets"],
                     0.0,
