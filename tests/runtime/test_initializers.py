@@ -82,7 +82,7 @@ def test_random_ignores_the_dense_ffn_and_is_seeded():
         ("upcycle", 12, {}, r"expert hidden size \(12\) must equal the dense one \(24\)"),
         ("split", 5, {}, "the expert hidden size must be 24 / 4"),
         ("split", 6, {"method": "kmeans"}, "method must be one of"),
-        ("upcycle", 24, {"noise": -1.0}, "noise must be >= 0"),
+        ("upcycle", 24, {"noise": -1.0}, "noise must be a number >= 0"),
     ],
 )
 def test_initializer_errors(name, hidden, options, match):
