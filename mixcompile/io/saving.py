@@ -27,6 +27,7 @@ from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
 from mixcompile.io.files import output_directory
 from mixcompile.io.hf import write_hf_files
 from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
+from mixcompile.runtime.introspect import unwrapped
 
 
 def save(
@@ -45,6 +46,7 @@ def save(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrapped(model)  # a compiled model is saved as the model it compiles
     spec = base or base_spec_of(model)
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ConfigError(f"base must be a base spec with a 'kind' in {KINDS}, got {spec!r}.")

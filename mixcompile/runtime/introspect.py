@@ -15,10 +15,17 @@ if TYPE_CHECKING:
 
 
 def sparse_blocks(model: nn.Module) -> dict[str, Block]:
-    """Every MoE / MoT block in ``model``, by module path."""
+    """Every MoE / MoT block in ``model``, by module path (a ``torch.compile`` wrapper's model's paths)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}.")
-    return {name: module for name, module in model.named_modules() if isinstance(module, Block)}
+    modules = unwrapped(model).named_modules()
+    return {name: module for name, module in modules if isinstance(module, Block)}
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model a ``torch.compile`` wrapper compiles: its parameters, and the paths a save records."""
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    return model._orig_mod if isinstance(model, compiled) else model
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

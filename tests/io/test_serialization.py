@@ -134,3 +134,15 @@ def test_a_path_that_is_not_a_saved_model_says_what_it_is(tmp_path: Path) -> Non
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoadError, match="empty is not a mixcompile directory: mixcompile.json is missing"):
         mc.load(tmp_path / "empty")
+
+
+def test_a_compiled_model_is_saved_as_the_model_it_compiles(tmp_path: Path) -> None:
+    """The README's workflow compiles the converted model; saving the wrapper must not record its
+    ``_orig_mod.`` prefix (a directory no load could read)."""
+    model = mc.convert(build_tiny_gpt(), strategy="moe", num_experts=4, top_k=2).eval()
+    compiled = torch.compile(model)
+    mc.save(compiled, tmp_path / "m")
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(mc.load(tmp_path / "m").eval()(tokens), model(tokens))
+    assert list(mc.sparse_blocks(compiled)) == list(mc.sparse_blocks(model))  # paths without the prefix

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -309,3 +310,15 @@ def test_load_dense_checks_fit_and_initializer_names():
         block.load_dense(dense(), init="upcycel")
     with pytest.raises(mc.ConfigError, match="hidden size must be 20 / 4"):
         block.load_dense(dense(), init="split")
+
+
+def test_a_model_deep_copies_after_a_training_forward():
+    """EMA / SWA copies and a second conversion deep-copy a model mid-training; the block's router loss
+    (part of that forward's graph) is not copied."""
+    model = mc.convert(mc.build_tiny_gpt(), strategy="moe", num_experts=4, top_k=2).train()
+    model(torch.randint(0, 256, (2, 8))).sum().backward()
+    assert mc.aux_loss(model).requires_grad
+    twin = copy.deepcopy(model)
+    assert float(mc.aux_loss(twin)) == 0.0 and mc.aux_loss(model).requires_grad
+    for left, right in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(left, right)

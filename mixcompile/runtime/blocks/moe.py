@@ -108,6 +108,12 @@ class MoEBlock(Block):
         self._stats = _routing_stats(plan, choice.name)
         return y.reshape(x.shape)  # in flat's dtype
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the last forward's router loss, which belongs to that forward's autograd graph: a deep
+        copy of a model mid-training (EMA, SWA, a second conversion) failed on it ("only graph leaves
+        support the deepcopy protocol"), and a pickle would carry it."""
+        return {**self.__dict__, "last_aux_loss": None}
+
     def settings(self) -> dict[str, Any]:
         """``{"token_choice": top_k}`` for a block :func:`mixcompile.to_token_choice` made, so that a load
         replays the switch (``mixcompile.io.loading``); nothing otherwise."""
