@@ -187,6 +187,13 @@ def test_capacity_limits_compile_whole_with_dynamic_output_shapes():
     assert block.last_stats["dropped_assignments"] > 0
 
 
+def test_capacity_limits_compile_whole_on_the_torch_kernel():
+    """Dropped pairs make the plan's length data-dependent; the README says this torch traces it whole."""
+    block = moe_block("torch", {"top_k": 2, "router_options": {"capacity_factor": 0.75, **SHARP}})
+    check_against_eager(block, inputs(2, 8, 16))
+    assert block.last_stats["dropped_assignments"] > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_kernel_moe_never_recompiles_when_the_load_changes(dtype):
     """The reference kernel's grouped products are one opaque op with static shapes (``torch._grouped_mm``
