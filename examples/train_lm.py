@@ -530,7 +530,7 @@ def check_config(cfg: Config, parser: argparse.ArgumentParser) -> None:
     """Fail before any training on sizes that could only fail later."""
     counts = (
         "d_model", "n_layer", "n_head", "d_ff", "seq", "batch", "steps", "eval_every", "eval_batches",
-        "small_batch_batches",
+        "small_batch_batches", "experts", "top_k", "group_size",
     )  # fmt: skip
     for name in counts:
         if getattr(cfg, name) < 1:
@@ -546,6 +546,7 @@ def check_config(cfg: Config, parser: argparse.ArgumentParser) -> None:
             mixcompile.flop_matched_hidden(
                 strategy, cfg.d_ff, num_experts=cfg.experts, top_k=cfg.top_k, group_size=cfg.group_size
             )
+        mixcompile.Recipe(strategy="mot", sites=cfg.mot_sites)  # the site selection, as convert reads it
     except mixcompile.ConfigError as error:
         parser.error(str(error))
 

@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_options(bench)
     bench.add_argument("--batch", type=bounded_int(1, MAX_BATCH), default=8, help="sequences per step")
     bench.add_argument(
-        "--seq", type=bounded_int(1, MAX_SEQ), default=128, help="tokens per sequence (at most the model's)"
+        "--seq",
+        type=bounded_int(1, MAX_SEQ),
+        help=f"tokens per sequence (default {DEFAULT_SEQ}, or the model's limit if shorter)",
     )
     bench.add_argument(
         "--steps",
@@ -283,6 +285,8 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
             help=f"an option of the {kind} plugin, repeatable (e.g. {example}; VALUE read as JSON if it can)",
         )
 
+
+DEFAULT_SEQ = 128  # bench's tokens per sequence, where the model allows as many
 
 RECIPE_FLAGS = (
     "strategy",
@@ -430,13 +434,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args, required=False)
     loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     limit = max_sequence_length(loaded.model)
-    if limit is not None and args.seq > limit:
-        raise UsageError(f"--seq {args.seq} is longer than {type(loaded.model).__name__} allows ({limit}).")
+    seq = args.seq if args.seq is not None else min(DEFAULT_SEQ, limit or DEFAULT_SEQ)
+    if limit is not None and seq > limit:
+        raise UsageError(f"--seq {seq} is longer than {type(loaded.model).__name__} allows ({limit}).")
     table = bench_models(
         loaded,
         recipe,
         batch=args.batch,
-        seq=args.seq,
+        seq=seq,
         steps=args.steps,
         device=args.device,
         trust_pickle=args.trust_pickle,

@@ -277,6 +277,15 @@ def test_bench_times_a_saved_model_against_its_base(saved_dir):
     assert int(rows["converted"][1].replace(",", "")) > int(rows["base"][1].replace(",", ""))
 
 
+def test_bench_defaults_to_a_sequence_the_model_allows(saved_dir):
+    """TinyGPT here takes 16 positions: the default (128) shrinks to that; an explicit --seq does not."""
+    result = run("bench", saved_dir, "--batch", "2", "--steps", "1", check_code=0)
+    assert "sequence 16," in result.stdout
+    assert_one_line_error(
+        run("bench", saved_dir, "--seq", "17"), 2, "--seq 17 is longer than TinyGPT allows (16)"
+    )
+
+
 def test_bench_of_an_unconverted_model_needs_a_strategy(hf_llama):
     assert_one_line_error(run("bench", hf_llama[0]), 2, "--strategy")
 
