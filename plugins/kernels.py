@@ -61,7 +61,8 @@ class TorchKernel:
     def mot(self, x_g: Tensor, plan: MixPlan, experts: StackedExperts) -> Tensor:
         t, n, g, d = x_g.shape
         e = experts.num_experts
-        merge, emit = plan.merge.to(x_g.dtype), plan.emit.to(x_g.dtype)  # a mixer may plan in another dtype
+        # A mixer may plan in another dtype; no dispatch where it does not (host time, at decode sizes).
+        merge, emit = (p if p.dtype == x_g.dtype else p.to(x_g.dtype) for p in (plan.merge, plan.emit))
         mixed = torch.einsum("tnge,tngd->etnd", merge, x_g).reshape(e, t * n, d)
         out = experts.batched_forward(mixed).reshape(e, t, n, d)
         return torch.einsum("tnge,etnd->tngd", emit, out)
