@@ -27,7 +27,6 @@ from mixcompile.io.loading import load_manifest
 from mixcompile.io.manifest import MANIFEST, is_saved_model, read_manifest
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
-HF_INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -120,13 +119,13 @@ def read_transformers_dir(directory: Path, *, trust_code: bool = False) -> nn.Mo
 
 
 def _check_weight_files(directory: Path) -> None:
-    """Weight files are regular files (symlinks allowed: the Hub cache uses them); a sharded index names
-    only plain files inside the directory."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).exists() or (directory / name).is_symlink():
-            check_regular_file(directory / name, "weights file")
-    index = directory / HF_INDEX
-    if index.exists() or index.is_symlink():
+    """Weight files are regular files (symlinks allowed: the Hub cache uses them); every sharded index
+    (safetensors or pickled ``.bin``, any variant) names only plain files inside the directory, so that
+    nothing is read from elsewhere (and an output check of the directory covers every file read)."""
+    for entry in sorted(directory.iterdir()):
+        if entry.suffix in (".safetensors", ".bin"):
+            check_regular_file(entry, "weights file")
+    for index in sorted(directory.glob("*.index*.json")):
         weight_map = read_json_object(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise LoadError(f"{index}: 'weight_map' must be an object of tensor names to files.")

@@ -361,3 +361,31 @@ def test_bad_arguments_name_the_flag_and_range(models, tmp_path, args, fragments
     for fragment in fragments:
         assert fragment in err[0], err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("index", ["pytorch_model.bin.index.json", "model.safetensors.index.json"])
+@pytest.mark.parametrize("shard", ["../victim/pytorch_model.bin", "ABSOLUTE"])
+def test_a_weights_index_naming_files_outside_its_directory_is_refused(
+    tmp_path, capsys, index, shard
+) -> None:
+    """transformers follows an index's shard names as paths: a directory whose index names another
+    directory's weights would read them, and `convert --force` onto that directory would then delete the
+    very input it read (found by a security review: the .bin index was not checked)."""
+    transformers = pytest.importorskip("transformers")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text('{"model_type": "gpt2"}')  # a model directory: --force may replace it
+    (victim / "pytorch_model.bin").write_bytes(b"weights the user keeps")
+    before = tree(victim)
+    attack = tmp_path / "attack"
+    attack.mkdir()
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    config.architectures = ["GPT2LMHeadModel"]
+    config.to_json_file(attack / "config.json")
+    name = str(victim / "pytorch_model.bin") if shard == "ABSOLUTE" else shard
+    (attack / index).write_text(json.dumps({"metadata": {}, "weight_map": {"transformer.wte.weight": name}}))
+    assert main(["inspect", str(attack)]) == 1
+    assert "not a file inside" in capsys.readouterr().err
+    assert main(["convert", str(attack), "-o", str(victim), "--force", "--strategy", "moe"]) == 1
+    assert "not a file inside" in capsys.readouterr().err
+    assert tree(victim) == before
