@@ -32,6 +32,7 @@ _RECORD = "_mixcompile_recipes"
 # Options one strategy's blocks take and the other's ignore (mode, small_batch, layout: checked with values)
 _MOT_ONLY = ("group_size", "mixer", "mixer_options")
 _MOE_ONLY = ("top_k", "router", "router_options", "num_shared_experts")
+_NAMES = ("strategy", "router", "mixer", "kernel", "init", "sizing", "mode", "small_batch", "layout")
 
 
 @dataclass
@@ -74,6 +75,9 @@ class Recipe:
     filter_fn: Callable[[nn.Module, str], bool] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name in _NAMES:
+            if not isinstance(getattr(self, name), str):  # from_dict reads untrusted files
+                raise ConfigError(f"{name} must be a name (a string), got {getattr(self, name)!r}.")
         if self.strategy not in STRATEGIES:
             raise UnknownNameError("strategy", str(self.strategy), STRATEGIES)
         if self.sizing not in SIZINGS:

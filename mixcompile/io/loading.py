@@ -2,7 +2,8 @@
 
 The manifest is validated field by field; the base is built as a skeleton (parameters on the meta device)
 and the recipes replayed on it, so a manifest that would build something other than what the weights hold
-(tampered sizes, another recipe) is refused before anything large is allocated or any weight is read. The
+(tampered sizes, another recipe) is refused before any parameter is allocated or any weight is read (buffers
+are built for real: those a checkpoint does not hold are computed as the model computes them). The
 saved tensors then become the model's parameters by assignment: each read once, in its saved dtype.
 """
 

@@ -226,6 +226,9 @@ TAMPERED = {
     "recipe-bad-router-option": (_recipe(router_options={"capacity_factor": -1}), "capacity_factor"),
     "recipe-sites-out-of-range": (_recipe(sites=[99]), "out of range"),
     "recipe-other-experts": (_recipe(num_experts=3), "another shape"),
+    "recipe-router-list": (_recipe(router=["topk"]), "router must be a name"),
+    "recipe-kernel-list": (_recipe(kernel=["auto"]), "kernel must be a name"),
+    "recipe-init-object": (_recipe(init={"a": 1}), "init must be a name"),
     # the manifest itself
     "format": (_field("format", "pickle"), "not a mixcompile manifest"),
     "format-version": (_field("format_version", 2), "format_version 2"),
