@@ -192,6 +192,9 @@ def main(rank: int, world: int, workdir: str, job: str, *args: object) -> None:
     )
     try:
         result = JOBS[job](rank, world, *args)
+        # Every rank done communicating before any tears its group down: a rank whose peer had already
+        # exited aborted once in CI ("terminate called without an active exception", SIGABRT, FSDP2 job).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(result, Path(workdir) / f"rank{rank}.pt")
