@@ -207,8 +207,10 @@ class Block(nn.Module):
                     f"{source} replaced experts.{name} ({tuple(shapes[name][0])}, {shapes[name][1]}) with "
                     f"{tuple(param.shape)}, {param.dtype}: fill the experts' tensors in place (param.copy_)."
                 )
+        if not real:
+            return
         params = self.experts.named_parameters()  # a NaN or inf makes the float32 sum so: one read, no copy
-        unfilled = [name for name, param in params if real and not param.sum(dtype=torch.float32).isfinite()]
+        unfilled = [name for name, param in params if not param.sum(dtype=torch.float32).isfinite()]
         if unfilled:
             raise PluginError(
                 f"{source} left experts.{', experts.'.join(unfilled)} unfilled or not finite (the experts "

@@ -76,15 +76,13 @@ class MoTBlock(Block):
         self.group_size = check_positive_int(
             "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
         )
-        _check_choice("mode", mode, MODES)
-        _check_choice("small_batch", small_batch, SMALL_BATCH_POLICIES)
+        self.mode = mode  # the setters check both
+        self.small_batch = small_batch
         if layout is None:
             layout = "batch_first" if batch_first else "seq_first"
         _check_choice("layout", layout, LAYOUTS)
         if not batch_first and layout != "seq_first":
             raise ConfigError(f"batch_first=False contradicts layout={layout!r}; give one of them.")
-        self.mode = mode
-        self.small_batch = small_batch
         self.layout = layout
         # (mask [B, T] or None, batch size) entries pushed by the model's token hooks; the last one applies.
         self.token_context: list[TokenContext] = []
