@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias, TypeVar
 
 import torch
+from torch.utils.checkpoint import _StopRecomputationError
 
 from mixcompile.errors import ConfigError, MixcompileError, PluginError
 from mixcompile.plugins.manager import lookup
@@ -26,6 +27,11 @@ from mixcompile.types import PluginKind as PluginKind  # re-exported: blocks nam
 # per-block text (each block's own string would be a guard, and every block a recompile).
 Source: TypeAlias = str | Callable[[], str]
 T = TypeVar("T")
+
+# Raised through plugin code on purpose, and caught by whoever called the block: running out of memory
+# (batch-size finders catch it by type) and the signal non-reentrant activation checkpointing raises from
+# a saved-tensor hook to stop a recomputation once it has what backward needs.
+_NOT_PLUGIN_FAULTS = (torch.OutOfMemoryError, _StopRecomputationError)
 
 
 def source_text(source: Source) -> str:
@@ -103,6 +109,8 @@ def call_plugin(source: Source, function: Callable[..., T], *args: Any, **kwargs
         return function(*args, **kwargs)
     try:
         return function(*args, **kwargs)
+    except _NOT_PLUGIN_FAULTS:
+        raise
     except MixcompileError as exc:
         text = source_text(source)
         if text in str(exc):

@@ -8,6 +8,10 @@ model, its encoder and decoder stacks; ``nn.TransformerEncoder`` / ``Decoder`` w
 masks): for the duration of their forward, every MoT block below them sees the mask and the batch size.
 The innermost hooked module wins, so a decoder's own mask overrides the encoder's. Hand-written models
 use :func:`token_mask` around their forward instead.
+
+Activation checkpointing runs a layer's forward a second time, during backward, when the hooked forward
+has long returned: the blocks then take the context of the forward whose outputs backward has reached
+(:func:`_restore_in_backward`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.autograd import Variable
 
 if TYPE_CHECKING:
     from mixcompile.runtime.blocks.mot import MoTBlock
@@ -95,8 +100,38 @@ class TokenContextHook:
             block.token_context.append((mask, batch))
 
     def done(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        for block in self.blocks:
-            block.token_context.pop()
+        contexts = [(block, block.token_context.pop()) for block in self.blocks]
+        if module.training and not torch.compiler.is_compiling():  # compiled, a recomputation is in the graph
+            _restore_in_backward(contexts, output)
+
+
+def _restore_in_backward(contexts: list[tuple[MoTBlock, TokenContext]], output: Any) -> None:
+    """When backward reaches this forward's outputs, give each block its context again until the backward
+    ends, for the layers activation checkpointing recomputes there (without it, padding would join the
+    groups and flattened tokens would have no batch size). Backward runs a later forward's part of the graph
+    before an earlier one's, so with several forwards in one backward each recomputation sees its own."""
+    values = (
+        output.values()
+        if isinstance(output, dict)
+        else output
+        if isinstance(output, tuple | list)
+        else [output]
+    )
+    tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not tensors:
+        return
+
+    def restore(grad: torch.Tensor) -> None:
+        for block, context in contexts:
+            block.recompute_context = context
+        Variable._execution_engine.queue_callback(forget)
+
+    def forget() -> None:
+        for block, _ in contexts:
+            block.recompute_context = None
+
+    for tensor in tensors:
+        tensor.register_hook(restore)
 
 
 def install_token_hooks(model: nn.Module) -> None:

@@ -86,6 +86,8 @@ class MoTBlock(Block):
         self.layout = layout
         # (mask [B, T] or None, batch size) entries pushed by the model's token hooks; the last one applies.
         self.token_context: list[TokenContext] = []
+        # The context of the forward a backward is in, for a recomputation there (activation checkpointing).
+        self.recompute_context: TokenContext | None = None
         self.experts = StackedExperts(
             num_experts,
             d_model,
@@ -142,7 +144,7 @@ class MoTBlock(Block):
             f"{_SHAPES[self.layout]} (MoT mixes tokens across sequences)",
             ok_rank=isinstance(x, torch.Tensor) and x.ndim == rank,
         )
-        context = self.token_context[-1] if self.token_context else None
+        context = self.token_context[-1] if self.token_context else self.recompute_context
         xb = self._compute_input(self._batch_major(x, context))
         batch, seq, d = xb.shape
         g = self.group_size

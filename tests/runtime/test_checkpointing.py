@@ -1,0 +1,102 @@
+"""Activation (gradient) checkpointing: the layers it recomputes in backward give the gradients of a plain
+backward. Two things could break that: the signal non-reentrant checkpointing raises through a block to stop
+recomputing (it must not be reported as a plugin's crash), and the MoT blocks' padding mask and batch size,
+which the model's forward hands them and which are gone when backward recomputes a layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from zoo import VOCAB, build
+
+import mixcompile as mc
+from mixcompile.runtime.blocks import MoTBlock
+
+
+def _block(strategy: str) -> nn.Module:
+    torch.manual_seed(0)
+    if strategy == "mot":
+        return MoTBlock(8, 16, 4, group_size=2, kernel="torch", mixer_options={"init_std": 0.5})
+    return mc.MoEBlock(8, 16, 4, top_k=2, kernel="torch")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("strategy", ["moe", "mot"])
+def test_a_checkpointed_block_gives_the_plain_gradients(strategy, reentrant) -> None:
+    block, linear = _block(strategy), nn.Linear(8, 8)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return block(linear(x)) + x  # the block last, as in GPT-2 and LLaMA layers: recomputing stops in it
+
+    x = torch.randn(4, 3, 8, requires_grad=True)
+    params = [x, *block.parameters(), *linear.parameters()]
+
+    def grads(run) -> list[torch.Tensor]:  # reentrant checkpointing takes .backward(), not autograd.grad
+        for p in params:
+            p.grad = None
+        run(layer, x).square().sum().backward()
+        return [p.grad for p in params]
+
+    expected = grads(lambda f, x: f(x))
+    got = grads(lambda f, x: checkpoint(f, x, use_reentrant=reentrant))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _checkpointing(model: nn.Module, enabled: bool, reentrant: bool) -> None:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing."""
+    if not enabled:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    elif hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+def _batch(seed: int, padded: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (4, 8), generator=generator)
+    mask = torch.ones(4, 8, dtype=torch.long)
+    for row, start in padded:
+        mask[row, start:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize(
+    "name", ["gpt2", "opt"]
+)  # OPT's blocks see flattened tokens: they need the batch size
+def test_checkpointed_mot_layers_keep_the_padding_mask(name, reentrant) -> None:
+    """Two padded forwards, then one backward: each recomputed layer mixes as its own forward did."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = mc.convert(
+        build(name),
+        strategy="mot",
+        num_experts=4,
+        group_size=4,
+        init="random",
+        mixer_options={"init_std": 0.5},
+    ).train()
+    for module in model.modules():  # the same dropout masks in both runs
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    first, second = _batch(1, [(1, 5)]), _batch(2, [(0, 6), (2, 3)])
+
+    def grads(enabled: bool) -> dict[str, torch.Tensor]:
+        _checkpointing(model, enabled, reentrant)
+        model.zero_grad()
+        (model(**first).loss + 0.5 * model(**second).loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert all(
+        b.recompute_context is None and not b.token_context
+        for b in model.modules()
+        if isinstance(b, MoTBlock)
+    )
