@@ -61,5 +61,7 @@ class ControllerMixer(nn.Module):
             self.controller.weight.normal_(0.0, init_std) if init_std > 0 else self.controller.weight.zero_()
 
     def logits(self, x_g: torch.Tensor) -> torch.Tensor:
+        """In float32 or wider: a softmax over bf16 scores loses the weights' small differences, and a
+        float64 block (gradcheck, a reference run) keeps float64."""
         logits: torch.Tensor = self.controller(x_g)
-        return logits.float()
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))

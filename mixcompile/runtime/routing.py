@@ -213,12 +213,13 @@ class LearnedRouter(RouterBase):
             self.register_buffer("load_since_update", torch.zeros(num_experts))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``score(x)`` in float32, with the jitter on ``x`` in training: a router scoring tokens its own
+        """``score(x)`` in float32 (or float64 for a float64 block), with the jitter on ``x`` in training: a router scoring tokens its own
         way overrides :meth:`score` and keeps the jitter."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x = x * noise
-        return self.score(x).float()
+        scores = self.score(x)
+        return scores.to(torch.promote_types(scores.dtype, torch.float32))
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, E]`` router scores of the tokens ``x [N, d]``: the linear gate."""

@@ -322,3 +322,12 @@ def test_a_model_deep_copies_after_a_training_forward():
     assert float(mc.aux_loss(twin)) == 0.0 and mc.aux_loss(model).requires_grad
     for left, right in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(left, right)
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_a_float64_block_passes_gradcheck(router):
+    """Router scores are computed in the block's dtype when it is wider than float32 (see the MoT test)."""
+    torch.manual_seed(0)
+    block = mc.MoEBlock(6, 10, 4, top_k=2, router=router, kernel="torch", gated=True, bias=True).double()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)

@@ -213,3 +213,13 @@ def test_mode_and_small_batch_are_checked_when_set():
     assert (block.mode, block.small_batch) == ("soft", "group")
     block.mode, block.small_batch = "sparse", "sparse"
     assert block.settings()["mode"] == "sparse" and block.settings()["small_batch"] == "sparse"
+
+
+@pytest.mark.parametrize("emit", ["merge", "experts"])
+def test_a_float64_block_passes_gradcheck(emit):
+    """The mixing weights are computed in the block's dtype when it is wider than float32: a float64 block
+    (gradcheck, a reference run) must not round them to float32."""
+    torch.manual_seed(0)
+    block = mot_block(kernel="torch", gated=True, mixer_options={"emit": emit, "init_std": 0.5}).double()
+    x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
