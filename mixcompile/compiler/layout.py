@@ -8,16 +8,19 @@ flattened ``[B*T, d]`` of OPT-style layers, whose ``B`` comes from the model's f
 1. **observed**: the FFN input in a real forward of the model's inputs (the user's ``example_inputs``, or
    inputs built from a Hugging Face config), compared with the batch size of those inputs;
 2. **the graph**: ``nn.Transformer*`` layers declare ``batch_first``; a ``reshape(-1, d)`` before the FFN
-   flattens it (:func:`mixcompile.compiler.find.static_layout`);
+   flattens it (:func:`mixcompile.compiler.find.static_layout`); else the ``nn.MultiheadAttention``
+   modules of the nearest module above the FFN that has any declare it (they see the same residual stream);
 3. **the recipe**: ``layout=`` states it where the model does not say.
 
 A recipe that contradicts what the model shows is an error naming the site; with no witness at all the
-input is taken as batch-first.
+input is taken as batch-first, with a warning naming the site (a sequence-first model converted that way
+would mix tokens across positions).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,7 +88,12 @@ def decide_layout(
     stated = None if recipe.layout == "auto" else recipe.layout
     where = f"FFN site {site.index} at {site.label!r}"
     layout = None
-    for witness, value in (("a forward of the model's inputs", observed), ("the model's graph", site.layout)):
+    witnesses = (
+        ("a forward of the model's inputs", observed),
+        ("the model's graph", site.layout),
+        ("the nn.MultiheadAttention beside it", _attention_layout(model, site.path)),
+    )
+    for witness, value in witnesses:
         if value is None:
             continue
         if stated is not None and stated != value:
@@ -95,7 +103,16 @@ def decide_layout(
             )
         layout = value
         break
-    layout = layout or stated or "batch_first"
+    layout = layout or stated
+    if layout is None:
+        warnings.warn(
+            f"{where}: nothing says which axis of its FFN input is the batch (no nn.Transformer* or "
+            "nn.MultiheadAttention batch_first flag, no keyword example input such as input_ids=); taken as "
+            "batch-first [B, T, d]. A sequence-first model converted so would mix tokens across positions: "
+            "pass layout='batch_first' or 'seq_first' to state it.",
+            stacklevel=3,
+        )
+        layout = "batch_first"
     if layout == "flat" and stated != "flat" and not covered_by_token_hooks(model, site.path):
         raise ConfigError(
             f"{where}: its FFN sees flattened [B*T, d] tokens, and no module above it takes the model's "
@@ -104,6 +121,18 @@ def decide_layout(
             "mask)` and convert with layout='flat'."
         )
     return layout
+
+
+def _attention_layout(model: nn.Module, path: str) -> TokenLayout | None:
+    """What the ``nn.MultiheadAttention`` modules of the nearest module above ``path`` that has any say,
+    where they agree."""
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        above = model.get_submodule(".".join(parts[:depth]))
+        declared = {m.batch_first for m in above.modules() if isinstance(m, nn.MultiheadAttention)}
+        if declared:
+            return ("batch_first" if declared.pop() else "seq_first") if len(declared) == 1 else None
+    return None
 
 
 def _parameters(model: nn.Module) -> set[str]:

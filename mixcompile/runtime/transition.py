@@ -3,7 +3,7 @@
 A MoT block mixes tokens *across sequences*, so it needs a batch of ``G`` sequences. With fewer, its
 ``small_batch`` policies do not help at batch 1: a lone sequence is its own group, so every expert takes it
 with weight 1 (``"group"`` and ``"sparse"`` then compute the same thing, the sum of *all* experts), a
-function the model never saw in training and ``E / G`` times the FFN FLOPs of a full group.
+function the model never saw in training, at ``G`` times the FFN FLOPs per token of a full group.
 
 Antoniak et al. 2023 (arXiv 2310.15961, v2) answer this with *transition tuning*: a MoT model trained for
 150K steps becomes a sparse Token Choice MoE initialised from the MoT weights (experts as they are, the
@@ -34,8 +34,9 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
     the same experts, with the MoT controller as its router; returns the paths replaced.
 
     ``top_k`` defaults to ``E / G``: a MoT group of ``G`` tokens runs all ``E`` experts once, so ``E / G``
-    experts per token keep the FFN FLOPs per token unchanged (and the same parameters). Keep ``E >= 2G``:
-    a top-1 router's renormalised weight is 1, so its gate would learn from the balancing loss alone. The
+    experts per token keep the FFN FLOPs per token unchanged (and the same parameters). Without ``top_k``,
+    ``E`` must be a multiple of ``G`` and at least ``2G`` (a top-1 router's renormalised weight is 1, so its
+    gate would learn from the balancing loss alone): otherwise this refuses and asks for ``top_k``. The
     router is the built-in ``topk`` with its default balancing and z losses (add ``mixcompile.aux_loss`` to
     the loss). Expert weights are copied unscaled: on a trained model (``cpu-long`` in
     ``examples/train_lm.py``) scaling the outputs by ``top_k``, to match a token's MoT weights (which sum
@@ -80,9 +81,21 @@ def _router_top_k(path: str, mot: MoTBlock, top_k: int | None) -> int:
     controller = getattr(mot.mixer, "controller", None)
     if not isinstance(controller, nn.Linear) or controller.bias is not None:
         raise ConfigError(f"to_token_choice: the mixer at {path!r} has no bias-free linear controller.")
-    experts = mot.experts.num_experts
-    k = top_k if top_k is not None else max(1, experts // mot.group_size)
-    return check_positive_int("top_k", k, maximum=experts)
+    experts, group = mot.experts.num_experts, mot.group_size
+    if top_k is None:
+        if experts % group or experts < 2 * group:
+            why = (
+                "is not a whole number, so no top_k keeps the FLOPs per token"
+                if experts % group
+                else "would be a top-1 router, whose renormalised weight is always 1 (its gate would learn "
+                "from the balancing loss alone)"
+            )
+            raise ConfigError(
+                f"to_token_choice: the block at {path!r} has E={experts} experts and groups of G={group}; "
+                f"top_k defaults to E/G = {experts / group:g}, which {why}. Pass top_k= explicitly."
+            )
+        top_k = experts // group
+    return check_positive_int("top_k", top_k, maximum=experts)
 
 
 def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:

@@ -83,7 +83,34 @@ def test_sequence_first_is_seen_in_a_forward_or_stated_in_the_recipe():
     stated = mc.convert(model, **MOT, layout="seq_first")
     assert [b.layout for b in _blocks(stated)] == ["seq_first", "seq_first"]
     assert stated(x).shape == x.shape
-    assert [b.layout for b in _blocks(mc.convert(model, **MOT))] == ["batch_first"] * 2  # nothing says so
+    with pytest.warns(UserWarning, match=r"FFN site 0 at '0'.*nothing says which axis.*taken as batch-first"):
+        guessed = mc.convert(model, **MOT)  # nothing says so: a guess, said out loud
+    assert [b.layout for b in _blocks(guessed)] == ["batch_first"] * 2
+
+
+class AttentionSeqFirst(nn.Module):
+    """A causal layer whose nn.MultiheadAttention says [T, B, d]; the FFN beside it says nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, 2)  # batch_first=False
+        self.mlp = nn.Sequential(nn.Linear(D, 32), nn.GELU(), nn.Linear(32, D))
+
+    def forward(self, x):
+        causal = torch.triu(torch.full((x.shape[0], x.shape[0]), float("-inf")), 1)
+        x = x + self.attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+def test_the_attention_beside_an_ffn_says_its_layout():
+    torch.manual_seed(0)
+    converted = mc.convert(nn.Sequential(AttentionSeqFirst(), AttentionSeqFirst()), **MOT).eval()
+    assert [b.layout for b in _blocks(converted)] == ["seq_first", "seq_first"]
+    x = torch.randn(8, 4, D)  # [T, B, d]
+    later = x.clone()
+    later[6:] += torch.randn(2, 4, D)
+    with torch.no_grad():  # causal: a later position changes no earlier one (batch-first groups would)
+        torch.testing.assert_close(converted(later)[:6], converted(x)[:6], rtol=0, atol=0)
 
 
 def test_a_stated_layout_the_model_contradicts_is_an_error():

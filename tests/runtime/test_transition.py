@@ -141,3 +141,18 @@ def test_transition_tuning_makes_batch_one_close_to_batch_g():
     assert tuned - grouped < 0.25 * gap  # batch 1 now costs at most a quarter of what it did ...
     assert abs(tuned - grouped) < 0.5 * gap  # ... and is closer to batch G, from either side
     assert held_out_loss(model, val, BATCH) == pytest.approx(tuned, abs=1e-5)  # and batch-independent
+
+
+@pytest.mark.parametrize(
+    ("experts", "group", "fragment"), [(6, 4, "not a whole number"), (4, 4, "top-1 router")]
+)
+def test_a_default_top_k_that_is_not_e_over_g_or_is_one_is_refused(experts, group, fragment):
+    """E/G is the top_k that keeps the FLOPs per token; 6/4 would have been floored to a top-1 router."""
+    model = torch.nn.Sequential(mc.MoTBlock(D, FF, experts, group_size=group))
+    with pytest.raises(
+        mc.ConfigError, match=rf"E={experts} experts and groups of G={group}.*{fragment}.*top_k="
+    ):
+        mc.to_token_choice(model)
+    assert isinstance(model[0], mc.MoTBlock)  # nothing replaced
+    mc.to_token_choice(model, top_k=2)
+    assert model[0].router.top_k == 2
