@@ -129,7 +129,7 @@ def expert_parallel_job(rank: int, world: int) -> dict:
         x.requires_grad_(True)
         y = block(x)
         (y * grad_out).sum().backward()
-        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in block.named_parameters()}
+        grads = {n: p.grad for n, p in block.named_parameters()}  # None kept: an idle rank's experts need 0
         results[case] = {
             "y": y.detach(),
             "x_grad": x.grad,
@@ -141,6 +141,11 @@ def expert_parallel_job(rank: int, world: int) -> dict:
         mcd.parallelize(nn.Sequential(nn.Linear(D, D), mc.MoEBlock(D, H, 3, kernel="torch")))
     except mc.ConfigError as exc:
         results["indivisible_error"] = str(exc)
+    alone, _ = dist.new_subgroups(1)  # every rank calls it; each gets a group of itself
+    try:
+        mcd.parallelize(moe_block("idle_rank"), alone)
+    except mc.ConfigError as exc:
+        results["subgroup_error"] = str(exc)
     return results
 
 

@@ -89,18 +89,25 @@ def parallelize(
 ) -> nn.Module:
     """Shard the experts of every :class:`MoEBlock` of ``model`` over ``ep_group``, in place.
 
-    Call it on every rank of the group, with the same model. ``ep_group=None`` creates one new group over
-    all ranks, so the expert exchanges get their own communicator and never interleave with the gradient
-    collectives of DDP or FSDP. Each block's ``experts`` become a copy of the local slice (its
-    ``state_dict`` entries keep their names and hold ``E/W`` experts: rank ``r`` saves experts
-    ``[r*E/W, (r+1)*E/W)``). ``average_grads`` scales the expert gradients by ``1/W``: they are then the
-    gradient of the mean of the ranks' losses, as DDP and FSDP average the replicated parameters'; with
-    ``False`` they are the gradient of the sum. MoT blocks are left alone (they shard over nothing).
+    Call it on every rank, with the same model. ``ep_group`` must span all ranks (a subgroup is refused);
+    ``ep_group=None`` creates one new group over them, so the expert exchanges get their own communicator
+    and never interleave with the gradient collectives of DDP or FSDP. Each block's ``experts`` become a
+    copy of the local slice (its ``state_dict`` entries keep their names and hold ``E/W`` experts: rank
+    ``r`` saves experts ``[r*E/W, (r+1)*E/W)``). ``average_grads`` scales the expert gradients by ``1/W``:
+    they are then the gradient of the mean of the ranks' losses, as DDP and FSDP average the replicated
+    parameters'; with ``False`` they are the gradient of the sum. MoT blocks are left alone (they shard
+    over nothing).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("parallelize needs torch.distributed initialised first (init_process_group).")
     blocks = {path: b for path, b in sparse_blocks(model).items() if isinstance(b, MoEBlock)}
     world = dist.get_world_size(ep_group)
+    if world != dist.get_world_size():
+        raise ConfigError(
+            f"parallelize: ep_group has {world} of the {dist.get_world_size()} ranks. Expert parallelism "
+            "over part of the world would replicate each expert slice across groups, and nothing averages "
+            "those replicas (rank_local_state leaves expert shards to each rank): pass ep_group=None."
+        )
     for path, block in blocks.items():
         _check_shardable(path, block, world)
     group = dist.new_group() if ep_group is None else ep_group
@@ -125,7 +132,7 @@ def _check_shardable(path: str, block: MoEBlock, world: int) -> None:
     if num_experts % world:
         raise ConfigError(
             f"{where} has {num_experts} experts, which {world} expert-parallel ranks cannot share evenly; "
-            f"use a number of experts divisible by {world} or a smaller ep_group."
+            f"use a number of experts divisible by {world}."
         )
 
 
@@ -173,8 +180,15 @@ class _EmptyOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*params)
         return torch.zeros_like(rows)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (grad, *([None] * (len(ctx.needs_input_grad) - 1)))
+        # Zeros, not None: one process gives an expert without tokens a zero gradient, and an optimizer
+        # skips a parameter whose gradient is None (no weight decay, no momentum step) where it would not.
+        zeros = [
+            torch.zeros_like(p) if ctx.needs_input_grad[1 + i] else None
+            for i, p in enumerate(ctx.saved_tensors)
+        ]
+        return (grad, *zeros)

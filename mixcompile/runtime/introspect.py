@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mixcompile.errors import ConfigError
 from mixcompile.runtime.blocks import Block, MoEBlock
 from mixcompile.runtime.routing import LearnedRouter
 
@@ -35,10 +36,20 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     eval mode (routers compute their losses in training mode only).
     """
     total: torch.Tensor | None = None
-    for block in sparse_blocks(model).values():
+    for path, block in sparse_blocks(model).items():
         loss = getattr(block, "last_aux_loss", None)
-        if loss is not None:
-            total = loss if total is None else total + loss
+        if loss is None:
+            continue
+        router_trains = any(p.requires_grad for p in getattr(block, "router", block).parameters())
+        if torch.is_grad_enabled() and router_trains and not loss.requires_grad:
+            raise ConfigError(
+                f"aux_loss: the router losses of the MoE block at {path or '<root>'!r} have no gradient: its "
+                "last forward ran without autograd, so they would not train its router. Reentrant activation "
+                "checkpointing runs forwards so (recomputing them only in backward): use use_reentrant=False "
+                "(torch.utils.checkpoint, or activation_checkpointing_kwargs={'use_reentrant': False} in "
+                "transformers). Read the value under torch.no_grad() for logging."
+            )
+        total = loss if total is None else total + loss
     if total is None:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)

@@ -100,3 +100,26 @@ def test_checkpointed_mot_layers_keep_the_padding_mask(name, reentrant) -> None:
         for b in model.modules()
         if isinstance(b, MoTBlock)
     )
+
+
+def test_router_losses_train_under_non_reentrant_checkpointing_and_reentrant_is_refused() -> None:
+    """Reentrant checkpointing runs the forward without autograd, so the router losses the blocks keep
+    would carry no gradient: ``aux_loss`` says so instead of returning a constant."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), mc.MoEBlock(8, 16, 4, top_k=2, kernel="torch"))
+    x = torch.randn(6, 8, requires_grad=True)
+
+    def router_grad(run) -> torch.Tensor:
+        model.zero_grad()
+        (run(x).sum() + mc.aux_loss(model)).backward()
+        return model[1].router.gate.weight.grad.clone()
+
+    plain = router_grad(model)
+    torch.testing.assert_close(router_grad(lambda x: checkpoint(model, x, use_reentrant=False)), plain)
+    checkpoint(model, x, use_reentrant=True)
+    with pytest.raises(
+        mc.ConfigError, match=r"router losses of the MoE block at '1' have no gradient.*reentrant"
+    ):
+        mc.aux_loss(model)
+    with torch.no_grad():  # for logging, the value is there
+        assert torch.isfinite(mc.aux_loss(model))

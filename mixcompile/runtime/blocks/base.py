@@ -167,7 +167,8 @@ class Block(nn.Module):
             raise ShapeError(
                 f"{self._name()} holds {weights} weights and got a {x.dtype} input (as a dense nn.Linear, it "
                 f"computes in one dtype): pass {weights} inputs, move the block or model with "
-                f".to({x.dtype}), or run under torch.autocast."
+                f".to({x.dtype}), or run under torch.autocast (with FSDP2's MixedPrecisionPolicy and expert "
+                "parallelism, autocast: the expert shards are ignored by FSDP, so it does not cast them)."
             )
         check_input(x, lambda: f"the block at {self.site}" if self.site else type(self).__name__)
 
