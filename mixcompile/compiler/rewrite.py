@@ -34,6 +34,7 @@ from torch import fx, nn
 from mixcompile.compiler.pattern import Match
 from mixcompile.compiler.trace import TracedUnit, trace_module
 from mixcompile.compiler.view import GraphView, build_view
+from mixcompile.runtime.ffn import DenseFFN
 
 if TYPE_CHECKING:
     from mixcompile.compiler.find import FFNSite, Scan
@@ -76,6 +77,13 @@ def choose_rewrites(scan: Scan, model: nn.Module) -> None:
 
 def choose_rewrite(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> None:
     """Fill ``site.rewrite`` with the first rewrite that applies, or ``site.reason`` with why none does."""
+    dtypes = _weight_dtypes(site.ffn)
+    if len(dtypes) > 1:  # stacked experts hold one dtype, and the dense FFN casts between its projections
+        site.reason = (
+            f"its weights are in {' and '.join(dtypes)} (transformers keeps some projections in float32 in "
+            "a float16 model, T5's wo for one): load the model in one dtype (float32 or bfloat16)"
+        )
+        return
     reasons = []
     for attempt in (_module_swap, _chain_collapse, _graph_edit):
         outcome = attempt(site, model, owner_units)
@@ -85,6 +93,11 @@ def choose_rewrite(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit
         reasons.append(outcome)
     else:
         site.reason = "; ".join(reasons)
+
+
+def _weight_dtypes(ffn: DenseFFN) -> list[str]:
+    tensors = (ffn.w_in, ffn.w_gate, ffn.w_out, ffn.b_in, ffn.b_gate, ffn.b_out)
+    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t is not None})
 
 
 def assignments(model: nn.Module, planned: Iterable[tuple[FFNSite, nn.Module]]) -> list[Assignment]:

@@ -219,3 +219,16 @@ def test_failed_verification_restores_the_model(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(MixcompileError, match=r"model\.layers\.0\.mlp"):
         convert(model, inplace=True, num_experts=4)
     assert _same(model, snapshot)
+
+
+def test_an_ffn_with_weights_in_two_dtypes_is_refused_naming_them():
+    """transformers keeps T5's wo in float32 when the model is loaded in float16."""
+    pytest.importorskip("transformers")
+    model = build("t5").half()
+    for module in model.modules():
+        if hasattr(module, "wo"):
+            module.wo.float()
+    with pytest.raises(
+        ConfigError, match=r"DenseReluDense: its weights are in float16 and float32.*one dtype"
+    ):
+        convert(model, strategy="moe", num_experts=4, top_k=2)
