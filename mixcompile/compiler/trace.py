@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from mixcompile.compiler.activation_names import module_activation
 from mixcompile.compiler.linears import is_linear_like
+from mixcompile.integrations.transformers_experts import is_experts_module
 from mixcompile.runtime.blocks import Block
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -165,7 +166,9 @@ def trace_hierarchy(model: nn.Module) -> TraceResult:
         if module in seen or is_primitive(module):
             return
         seen.add(module)
-        if isinstance(module, Block):  # already sparse: a leaf for its parents, nothing to find inside
+        # Already sparse (a block, or a transformers experts module, which the report lists on its own): a
+        # leaf for its parents, nothing to find inside.
+        if isinstance(module, Block) or is_experts_module(module):
             opaque.add(module)
             return
         for name, child in module.named_children():

@@ -873,6 +873,9 @@ def test_inspect_names_the_experts_modules_and_their_implementation() -> None:
         "model.layers.*.mlp.experts MixtralExperts x2, 4 experts, implementation 'mixcompile_torch'"
         in str(report)
     )
+    # listed once, as experts: not traced into (a traced experts call read its weights as proxies and
+    # reported the module as lacking them)
+    assert not any("experts" in path for path in report.to_dict()["untraced"])
     oss = GptOssForCausalLM(
         GptOssConfig(
             vocab_size=64,
