@@ -213,8 +213,8 @@ class LearnedRouter(RouterBase):
             self.register_buffer("load_since_update", torch.zeros(num_experts))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``score(x)`` in float32 (or float64 for a float64 block), with the jitter on ``x`` in training: a router scoring tokens its own
-        way overrides :meth:`score` and keeps the jitter."""
+        """``score(x)`` in float32 (float64 for a float64 block), with the jitter on ``x`` in training: a
+        router scoring tokens its own way overrides :meth:`score` and keeps the jitter."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x = x * noise
