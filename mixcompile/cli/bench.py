@@ -40,6 +40,9 @@ def bench_models(
         base = build_base(loaded.base, trust_pickle=trust_pickle, trust_code=trust_code)
         assert base is not None  # only a meta build gives None
         converted = loaded.model
+        dtype = main_dtype(converted)
+        if dtype is not None and main_dtype(base) != dtype:  # a base that does not record its dtype
+            base = base.to(dtype)
     else:
         if recipe is None:
             raise ConfigError("to bench an unconverted model, say how to convert it: --strategy moe|mot.")
@@ -52,20 +55,30 @@ def bench_models(
         params = sum(p.numel() for p in model.parameters())
         fwd = _median_ms(functools.partial(_forward, model, inputs), steps, device)
         train = _median_ms(functools.partial(_train_step, model, inputs), steps, device)
-        rows.append((name, params, fwd, train))
+        dtype_name = str(main_dtype(model)).removeprefix("torch.")
+        rows.append((name, dtype_name, params, fwd, train))
     base_row = rows[0]
     lines = [
         f"device: {device}, batch {batch}, sequence {seq}, median of {steps} steps; "
         "ratios are time / base time (below 1 is faster)",
-        f"{'model':<10} {'params':>12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd ratio':>10} "
+        f"{'model':<10} {'dtype':>9} {'params':>12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd ratio':>10} "
         f"{'train ratio':>12}",
     ]
-    for name, params, fwd, train in rows:
+    for name, dtype_name, params, fwd, train in rows:
         lines.append(
-            f"{name:<10} {params:>12,} {fwd:>9.2f} {train:>11.2f} {fwd / base_row[2]:>10.2f} "
-            f"{train / base_row[3]:>12.2f}"
+            f"{name:<10} {dtype_name:>9} {params:>12,} {fwd:>9.2f} {train:>11.2f} "
+            f"{fwd / base_row[3]:>10.2f} {train / base_row[4]:>12.2f}"
         )
     return "\n".join(lines)
+
+
+def main_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype holding most of ``model``'s parameters (a few may be kept in float32)."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=lambda dtype: counts[dtype]) if counts else None
 
 
 def _forward(model: nn.Module, inputs: dict[str, Any]) -> None:

@@ -376,6 +376,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from mixcompile.compiler import convert_with_report, inspect
+    from mixcompile.io.hf import copy_tokenizer_files
     from mixcompile.io.saving import write_model
 
     recipe = recipe_from_args(args, required=True)
@@ -401,9 +402,15 @@ def _run_convert(args: argparse.Namespace) -> int:
         model, report = convert_with_report(loaded.model, recipe, inplace=True)
         bar.update(2)
         write_model(model, out.path, loaded.base)
+        # a drop-in replacement for a Hugging Face directory: its tokenizer too
+        copied, skipped = copy_tokenizer_files(args.path, out.path) if args.path.is_dir() else ([], [])
         out.commit()
         bar.update()
     print(f"converted {args.path} -> {args.output} in {time.perf_counter() - started:.1f}s")
+    if copied:
+        print(f"copied tokenizer files: {', '.join(copied)}")
+    for reason in skipped:
+        print(f"mixcompile: warning: tokenizer file not copied: {reason}", file=sys.stderr)
     print(report)
     return 0
 

@@ -122,7 +122,9 @@ def build_base(
             )
         return _on_device(meta, lambda: _call_imported(spec["target"], spec.get("kwargs", {})))
     if kind == "transformers":
-        return _on_device(meta, lambda: build_transformers(spec["class"], spec["config"], trust_code))
+        return _on_device(
+            meta, lambda: build_transformers(spec["class"], spec["config"], trust_code, saved_dtype=not meta)
+        )
     if kind == "pickle":
         return None if meta else read_pickled_base(Path(spec["path"]), spec["sha256"], trust_pickle)
     if meta:
@@ -145,7 +147,12 @@ def call_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def build_transformers(class_name: str, config: dict[str, Any], trust_code: bool) -> nn.Module:
+def build_transformers(
+    class_name: str, config: dict[str, Any], trust_code: bool, *, saved_dtype: bool = False
+) -> nn.Module:
+    """``class_name`` built from ``config``; ``saved_dtype`` builds it in the config's ``dtype``, as
+    ``from_pretrained`` does (a model built for real, as ``bench`` times it, in the dtype it was saved in;
+    skeletons get their dtypes from the weights)."""
     transformers = transformers_module()
     cls = getattr(transformers, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -153,7 +160,11 @@ def build_transformers(class_name: str, config: dict[str, Any], trust_code: bool
     check_transformers_config(config, trust_code=trust_code, where=f"the config of {class_name}")
     model_class: Any = cls  # a PreTrainedModel subclass; transformers is imported lazily, so untyped here
     try:
-        model: nn.Module = model_class(model_class.config_class.from_dict(dict(config)))
+        model_config = model_class.config_class.from_dict(dict(config))
+        from_config = getattr(model_class, "_from_config", None)  # honours config.dtype (transformers' own)
+        model: nn.Module = (
+            from_config(model_config) if saved_dtype and from_config else model_class(model_config)
+        )
         return model
     except Exception as exc:  # noqa: BLE001 - a hostile config can make transformers raise anything
         raise LoadError(

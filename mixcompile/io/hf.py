@@ -11,19 +11,25 @@ architecture and fill its FFNs with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
+import stat
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from mixcompile.errors import LoadError, first_line
+from mixcompile.io.files import confined_file, read_json_object
 from mixcompile.io.manifest import HF_CONFIG, HF_MODEL_TYPE, manifest_data
 
 REMOTE_CODE = "mixcompile_hf.py"
+GENERATION_CONFIG = "generation_config.json"
 AUTO_CLASSES = (
     "AutoModel",
     "AutoModelForCausalLM",
@@ -108,9 +114,134 @@ def _save_pretrained(
     model_class: Any = type(model)  # a transformers PreTrainedModel (checked when installed)
     if "save_original_format" in inspect.signature(model_class.save_pretrained).parameters:
         kwargs["save_original_format"] = False
-    result = model_class.save_pretrained(model, save_directory, *args, **kwargs)
+    with _saving_every_tensor(model):
+        result = model_class.save_pretrained(model, save_directory, *args, **kwargs)
     base = base_spec_of(model)
     manifest = manifest_data(recipes_of(model), base, __version__, block_settings(model))
     del manifest["weights"]  # transformers names its own weight files (one file, or shards and an index)
     write_hf_files(Path(save_directory), manifest)
     return result
+
+
+@contextlib.contextmanager
+def _saving_every_tensor(model: nn.Module) -> Iterator[None]:
+    """No keys ignored on save for the duration: transformers leaves out the tensors a class lists in
+    ``_keys_to_ignore_on_save`` (Marian's sinusoidal positions, which its own loader recomputes), and
+    ``mixcompile.load`` refuses weights that do not cover the model exactly."""
+    name = "_keys_to_ignore_on_save"
+    own = vars(model)
+    had, previous = name in own, own.get(name)
+    object.__setattr__(model, name, None)
+    try:
+        yield
+    finally:
+        if had:
+            object.__setattr__(model, name, previous)
+        else:
+            object.__delattr__(model, name)
+
+
+def write_generation_config(model: nn.Module, directory: Path) -> None:
+    """``generation_config.json``, as transformers' ``save_pretrained`` writes it: without it a reloaded
+    model generates with other defaults (eos ids, lengths, beams) than the model saved."""
+    config = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if config is None or not is_transformers_model(model):
+        return
+    if callable(can_generate) and not can_generate():
+        return
+    config.save_pretrained(directory)
+
+
+def read_generation_config(model: nn.Module, directory: Path) -> None:
+    """Give ``model`` the generation config saved in ``directory``, if any: read as JSON only, from a
+    regular file inside the directory (see :func:`mixcompile.io.files.confined_file`)."""
+    file = directory / GENERATION_CONFIG
+    if not (file.exists() or file.is_symlink()) or not is_transformers_model(model):
+        return
+    data = read_json_object(
+        confined_file(directory, GENERATION_CONFIG, GENERATION_CONFIG), "generation config"
+    )
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_dict(data)
+    except Exception as exc:  # noqa: BLE001 - a hostile file can make transformers raise anything
+        raise LoadError(f"{file} is not a generation config transformers reads: {first_line(exc)}") from None
+    config._original_object_hash = hash(config)  # as GenerationConfig.from_pretrained marks it unmodified
+    model.generation_config = config  # type: ignore[assignment]  # torch types __setattr__ narrowly
+
+
+# Files a tokenizer or processor reads beside the model, besides its class's own ``vocab_files_names``
+# (transformers has no one list of them: these are its constants, and the usual vocabulary files).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+_TOKENIZER_PATTERNS = ("tokenizer.*.json", "*.model", "*.spm", "*.tiktoken")
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> tuple[list[str], list[str]]:
+    """Copy the tokenizer's files of the model directory ``source`` into the new directory ``target``, so
+    that a converted directory is a drop-in replacement for the dense one; returns (copied, skipped with
+    why). Only regular files inside ``source`` are copied (a symlink leading out, a FIFO or a device is
+    skipped), each read without following a symlink or blocking, and nothing in ``target`` is overwritten."""
+    names = set(_TOKENIZER_FILES) | _vocab_files_of(source)
+    for pattern in _TOKENIZER_PATTERNS:
+        names |= {entry.name for entry in source.glob(pattern)}
+    copied, skipped = [], []
+    for name in sorted(names):
+        file = source / name
+        if not (file.exists() or file.is_symlink()):
+            continue
+        try:
+            confined_file(source, name, name)
+            _copy_new(file.resolve(), target / name)
+        except (LoadError, OSError) as exc:
+            skipped.append(f"{name} ({first_line(exc)})")
+        else:
+            copied.append(name)
+    return copied, skipped
+
+
+def _vocab_files_of(source: Path) -> set[str]:
+    """The file names the tokenizer class named in ``tokenizer_config.json`` reads (its
+    ``vocab_files_names``); a class transformers does not have adds none."""
+    try:
+        file = confined_file(source, "tokenizer_config.json", "tokenizer config")
+        class_name = read_json_object(file, "tokenizer config").get("tokenizer_class")
+    except LoadError:
+        return set()
+    if not isinstance(class_name, str) or not class_name.isidentifier():
+        return set()
+    import transformers
+
+    names: set[str] = set()
+    for candidate in (class_name, class_name.removesuffix("Fast")):
+        try:
+            cls = getattr(transformers, candidate, None)
+        except Exception:  # noqa: BLE001 - a lazy import of a class whose backend is missing
+            continue
+        files = getattr(cls, "vocab_files_names", None)
+        if isinstance(files, dict):
+            names |= {file for file in files.values() if isinstance(file, str) and "/" not in file}
+    return names
+
+
+def _copy_new(source: Path, target: Path) -> None:
+    """Copy a regular file to a path that must not exist yet, never opening a FIFO or a device."""
+    descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+            raise LoadError(f"{source} is not a regular file")
+        with open(target, "xb") as writer:
+            shutil.copyfileobj(reader, writer)

@@ -17,7 +17,7 @@ from torch import nn
 
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
 from mixcompile.io.bases import build_base, meta_copy
-from mixcompile.io.hf import install_save_pretrained
+from mixcompile.io.hf import install_save_pretrained, read_generation_config
 from mixcompile.io.manifest import Manifest, read_manifest
 from mixcompile.io.weights import check_fits, load_weights, read_shapes
 from mixcompile.plugins.manager import KINDS
@@ -60,6 +60,7 @@ def load_manifest(
         model = _replay(model, manifest)
     load_weights(model, manifest.weights)  # checks the fit (on a skeleton: before any weight is read)
     _apply_block_settings(model, manifest)
+    read_generation_config(model, manifest.directory)
     model.mixcompile_base = manifest.base  # type: ignore[assignment]  # torch types __setattr__'s value too narrowly
     install_save_pretrained(model)
     return model

@@ -87,6 +87,9 @@ def read_transformers_dir(directory: Path, *, trust_code: bool = False) -> nn.Mo
     ):
         raise LoadError(f"{config_file}: transformers has no model class {names[0]!r}.")
     _check_weight_files(directory)
+    generation = directory / "generation_config.json"  # transformers reads it too: no FIFO, no device
+    if generation.exists() or generation.is_symlink():
+        check_regular_file(generation, "generation config")
     model: nn.Module  # from_pretrained's (transformers is imported lazily, so untyped here)
     try:
         model, info = cls.from_pretrained(

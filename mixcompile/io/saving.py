@@ -6,6 +6,7 @@
     model.safetensors    every weight of the converted model
     config.json          (Hugging Face bases only) the same manifest as transformers reads it (see
                          mixcompile.io.hf), and mixcompile_hf.py, the loader it names
+    generation_config.json  (transformers models that generate) the model's generation settings
     base.pt              (pickled bases only) the pickled unconverted module; loading it needs trust_pickle
 
 The directory is written beside its destination and moved into place when complete (see
@@ -25,7 +26,7 @@ from torch import nn
 from mixcompile.errors import ConfigError
 from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
 from mixcompile.io.files import output_directory
-from mixcompile.io.hf import write_hf_files
+from mixcompile.io.hf import write_generation_config, write_hf_files
 from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
 from mixcompile.runtime.introspect import unwrapped
 
@@ -68,6 +69,7 @@ def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     if stored["kind"] == "transformers":
         write_hf_files(directory, manifest)
+    write_generation_config(model, directory)
 
 
 def block_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
