@@ -96,9 +96,8 @@ def _save_pretrained(
     model: nn.Module, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
 ) -> Any:
     from mixcompile import __version__
-    from mixcompile.compiler import recipes_of
     from mixcompile.io.bases import base_spec_of
-    from mixcompile.io.saving import block_settings
+    from mixcompile.io.saving import block_settings, recipes_to_save
 
     if kwargs.get("safe_serialization") is False:
         raise ValueError(
@@ -111,13 +110,14 @@ def _save_pretrained(
             "transformers' original-format conversion renames some (a MoE model's fused experts, one "
             "tensor per expert), which mixcompile.load then would not find."
         )
+    recipes = recipes_to_save(model)
     model_class: Any = type(model)  # a transformers PreTrainedModel (checked when installed)
     if "save_original_format" in inspect.signature(model_class.save_pretrained).parameters:
         kwargs["save_original_format"] = False
     with _saving_every_tensor(model):
         result = model_class.save_pretrained(model, save_directory, *args, **kwargs)
     base = base_spec_of(model)
-    manifest = manifest_data(recipes_of(model), base, __version__, block_settings(model))
+    manifest = manifest_data(recipes, base, __version__, block_settings(model))
     del manifest["weights"]  # transformers names its own weight files (one file, or shards and an index)
     write_hf_files(Path(save_directory), manifest)
     return result

@@ -28,7 +28,7 @@ from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
 from mixcompile.io.files import output_directory
 from mixcompile.io.hf import write_generation_config, write_hf_files
 from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
-from mixcompile.runtime.introspect import unwrapped
+from mixcompile.runtime.introspect import sparse_blocks, unwrapped
 
 
 def save(
@@ -51,7 +51,7 @@ def save(
     spec = base or base_spec_of(model)
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ConfigError(f"base must be a base spec with a 'kind' in {KINDS}, got {spec!r}.")
-    _recipes(model)  # refuse before touching the file system
+    recipes_to_save(model)  # refuse before touching the file system
     with output_directory(Path(path), overwrite=overwrite) as out:
         write_model(model, out.path, spec)
         out.commit()
@@ -62,7 +62,7 @@ def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None
     """Fill the (new, empty) ``directory`` with ``model``'s weights and manifest."""
     from mixcompile import __version__
 
-    recipes = _recipes(model)
+    recipes = recipes_to_save(model)
     stored = stored_spec(base, directory)
     save_model(model, str(directory / WEIGHTS))
     manifest = manifest_data(recipes, stored, __version__, block_settings(model))
@@ -80,7 +80,9 @@ def block_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {path: values for path, values in settings.items() if values}
 
 
-def _recipes(model: nn.Module) -> list[Any]:
+def recipes_to_save(model: nn.Module) -> list[Any]:
+    """The recipes a directory of ``model`` records; a model that cannot be saved whole is refused here,
+    before anything is written."""
     from mixcompile.compiler import recipes_of
 
     recipes = recipes_of(model)
@@ -88,4 +90,13 @@ def _recipes(model: nn.Module) -> list[Any]:
         raise ConfigError(
             "this model was not converted by mixcompile (no recipe recorded); convert it first."
         )
+    for path, block in sparse_blocks(model).items():
+        runner = getattr(block, "expert_parallel", None)
+        if runner is not None:
+            raise ConfigError(
+                f"the MoE block at {path!r} holds only this rank's experts ({runner}), sharded by "
+                "mixcompile.distributed.parallelize, and a saved directory needs every expert: save before "
+                "parallelize, or save each rank's torch.save(model.state_dict()) and load it into a model "
+                "parallelized the same way."
+            )
     return recipes

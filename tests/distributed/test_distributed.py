@@ -187,3 +187,16 @@ def test_rank_local_state_without_expert_parallelism():
     net = dw.make_net()
     assert list(mcd.rank_local_state(net)) == ["moe.router.load_since_update"]
     assert mcd.rank_local_state(mc.MoEBlock(8, 12, 4)) == {}
+
+
+def test_a_model_with_sharded_experts_is_not_saved_as_a_directory(tmp_path):
+    """A parallelized block holds E/W experts: a directory of it would not load (it did save before)."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    model = mc.convert(torch.nn.Sequential(mlp), strategy="moe", num_experts=4, top_k=2)
+    (block,) = mc.sparse_blocks(model).values()
+    block.expert_parallel = "ExpertParallel(rank=0/2, experts=[0, 2) of 4)"  # stands for parallelize's runner
+    with pytest.raises(
+        mc.ConfigError, match=r"at '0' holds only this rank's experts.*save before parallelize"
+    ):
+        mc.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
