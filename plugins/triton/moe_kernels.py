@@ -47,7 +47,9 @@ def route(
             f"{num_tokens * pairs_per_token} pairs, got {token_index.numel()} (pairs_per_token=None if some "
             "were dropped)."
         )
-    return sort_by_expert(token_index, expert_index, weight, num_tokens, num_experts, pairs_per_token)
+    # The sort reads the pairs at unit stride: a router's plan may hold column views of [N, k] tensors.
+    pairs = (token_index.contiguous(), expert_index.contiguous(), weight.contiguous())
+    return sort_by_expert(*pairs, num_tokens, num_experts, pairs_per_token)
 
 
 def _groups(pairs: ByExpert) -> Groups:

@@ -33,8 +33,10 @@ def _device(x: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _present(t: Tensor | None) -> Tensor | None:
-    return None if t is None or t.numel() == 0 else t
+def _gate(pre_gate: Tensor, w_gate: Tensor | None) -> Tensor | None:
+    """The saved gate pre-activations of gated experts, ``None`` for plain ones: decided by the weight, as an
+    empty batch saves an empty tensor either way (and a gated one still owes its gate a zero gradient)."""
+    return None if w_gate is None else pre_gate
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -230,7 +232,8 @@ def _moe_backward_into(
         unpacked = unpack(routing, weight, x.shape[0], w_in.shape[0])
         experts = _packed(w_in, w_gate, w_out, None, None, b_out)
         dy, x = dy.contiguous(), x.contiguous()
-        g = moe_backward(dy, x, unpacked, weight.dtype, experts, pre, _present(pre_gate), activation, into)
+        gate = _gate(pre_gate, w_gate)
+        g = moe_backward(dy, x, unpacked, weight.dtype, experts, pre, gate, activation, into)
     dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _returned(g.experts, x)
     return g.x, g.weight, dw_in, dw_gate, dw_out, db_in, db_gate, db_out
 
@@ -372,8 +375,8 @@ def _mot_backward_grads(
     with _device(x_g):
         experts = _packed(w_in, w_gate, w_out, None, None, None)
         g = mot_backward(
-            dy, x_g, merge.contiguous(), emit.contiguous(), experts, pre, _present(pre_gate), out, activation,
-            has_bias,
+            dy, x_g, merge.contiguous(), emit.contiguous(), experts, pre, _gate(pre_gate, w_gate), out,
+            activation, has_bias,
         )  # fmt: skip
     dw_in, dw_gate, dw_out, db_in, db_gate, db_out = _returned(g.experts, x_g)
     return g.x_g, g.merge, g.emit, dw_in, dw_gate, dw_out, db_in, db_gate, db_out

@@ -194,11 +194,20 @@ def test_moe_plain_gated_bias(gated, bias):
 
 @pytest.mark.parametrize(
     "case",
-    ["single_token", "one_expert_takes_all", "no_pairs", "tokens_without_pairs", "expert_choice", "top1"],
+    [
+        "single_token",
+        "one_expert_takes_all",
+        "no_pairs",
+        "tokens_without_pairs",
+        "expert_choice",
+        "top1",
+        "strided_pairs",
+    ],
 )
 def test_moe_ragged_plans(case):
     n, e = {"single_token": (1, 4), "top1": (50, 6)}.get(case, (19, 4))
-    experts = make_experts(e=e, gated=case == "expert_choice", bias=True)
+    # gated where no pair reaches any expert too: the gate is still owed a (zero) gradient
+    experts = make_experts(e=e, gated=case in ("expert_choice", "no_pairs"), bias=True)
     x = torch.randn(n, 24, device=DEVICE)
     if case == "single_token":
         plan = topk_plan(1, e, 2, empty_expert=False)
@@ -210,6 +219,11 @@ def test_moe_ragged_plans(case):
         plan = make_plan(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), n, e)
     elif case == "tokens_without_pairs":  # a capacity-limited plan: some tokens were dropped
         plan = make_plan(torch.tensor([0, 3, 3, 7, 8, 18]), torch.tensor([1, 0, 2, 1, 1, 3]), n, e)
+    elif case == "strided_pairs":  # column views of [N, 2] tensors, as a router slicing its top-k may give
+        both = make_plan(torch.arange(n).repeat(2), torch.randint(0, e, (2 * n,)), n, e)
+        columns = [t.detach().reshape(n, 2)[:, 0] for t in (both.token_index, both.expert_index, both.weight)]
+        assert columns[0].stride() == (2,)
+        plan = dataclasses.replace(both, token_index=columns[0], expert_index=columns[1], weight=columns[2])
     else:  # expert choice: each expert takes 6 tokens, so a token can have 0..E pairs
         g = torch.Generator().manual_seed(5)
         tokens = torch.cat([torch.randperm(n, generator=g)[:6] for _ in range(e)])
@@ -459,6 +473,16 @@ def test_mot_block_end_to_end(batch, group, gated, bias, emit):
     block, fused = mot_blocks(group, gated, bias, mixer_options={"emit": emit, "init_std": 0.5})
     grads = check_block(block, fused, torch.randn(batch, 6, 24, device=DEVICE))
     assert (grads["mixer.controller.weight"].abs().sum() > 0) == (min(batch, group) > 1)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 24), (0, 3, 24)])
+def test_an_empty_gated_mot_batch_gives_zero_gradients(shape):
+    """An empty batch saves empty gate pre-activations; the gate's gradient is still its zeros."""
+    block, fused = mot_blocks(2, True, False)
+    for b in (block, fused):
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        b(x).sum().backward()
+        torch.testing.assert_close(b.experts.w_gate.grad, torch.zeros_like(b.experts.w_gate))
 
 
 @pytest.fixture
