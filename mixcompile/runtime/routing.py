@@ -235,7 +235,7 @@ class LearnedRouter(RouterBase):
         """Top-k expert indices ``[N, k]`` from scores, with the balancing bias added for selection only."""
         if self.bias_balancing:
             scores = scores + self.selection_bias
-        return torch.topk(scores, self.top_k, dim=-1).indices
+        return top_indices(scores, self.top_k)
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -282,11 +282,17 @@ def topk_routing(
     """
     probs = torch.softmax(logits, dim=-1)
     scores = probs if bias is None else probs + bias
-    chosen = torch.topk(scores, top_k, dim=-1).indices
+    chosen = top_indices(scores, top_k)
     weights = probs.gather(-1, chosen)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return probs, chosen, weights
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the ``k`` largest scores of each row, equal scores in index order (a zero router picks
+    experts ``0..k-1``): ``torch.topk`` leaves ties unordered, and the fused kernel breaks them by index."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def _check_non_negative(**values: object) -> None:
