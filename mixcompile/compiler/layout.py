@@ -8,8 +8,7 @@ flattened ``[B*T, d]`` of OPT-style layers, whose ``B`` comes from the model's f
 1. **observed**: the FFN input in a real forward of the model's inputs (the user's ``example_inputs``, or
    inputs built from a Hugging Face config), compared with the batch size of those inputs;
 2. **the graph**: ``nn.Transformer*`` layers declare ``batch_first``; a ``reshape(-1, d)`` before the FFN
-   flattens it (:func:`mixcompile.compiler.find.static_layout`); else the ``nn.MultiheadAttention``
-   modules of the nearest module above the FFN that has any declare it (they see the same residual stream);
+   flattens it (:func:`mixcompile.compiler.find.static_layout`);
 3. **the recipe**: ``layout=`` states it where the model does not say.
 
 A recipe that contradicts what the model shows is an error naming the site; with no witness at all the
@@ -88,12 +87,7 @@ def decide_layout(
     stated = None if recipe.layout == "auto" else recipe.layout
     where = f"FFN site {site.index} at {site.label!r}"
     layout = None
-    witnesses = (
-        ("a forward of the model's inputs", observed),
-        ("the model's graph", site.layout),
-        ("the nn.MultiheadAttention beside it", _attention_layout(model, site.path)),
-    )
-    for witness, value in witnesses:
+    for witness, value in (("a forward of the model's inputs", observed), ("the model's graph", site.layout)):
         if value is None:
             continue
         if stated is not None and stated != value:
@@ -106,10 +100,10 @@ def decide_layout(
     layout = layout or stated
     if layout is None:
         warnings.warn(
-            f"{where}: nothing says which axis of its FFN input is the batch (no nn.Transformer* or "
-            "nn.MultiheadAttention batch_first flag, no keyword example input such as input_ids=); taken as "
-            "batch-first [B, T, d]. A sequence-first model converted so would mix tokens across positions: "
-            "pass layout='batch_first' or 'seq_first' to state it.",
+            f"{where}: nothing says which axis of its FFN input is the batch (no nn.Transformer* layer, no "
+            "keyword example input such as input_ids=); taken as batch-first [B, T, d]. A sequence-first "
+            f"model converted so would mix tokens across positions{_attention_hint(model, site.path)}: pass "
+            "layout='batch_first' or 'seq_first' to state it.",
             stacklevel=3,
         )
         layout = "batch_first"
@@ -123,16 +117,24 @@ def decide_layout(
     return layout
 
 
-def _attention_layout(model: nn.Module, path: str) -> TokenLayout | None:
-    """What the ``nn.MultiheadAttention`` modules of the nearest module above ``path`` that has any say,
-    where they agree."""
-    parts = path.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        above = model.get_submodule(".".join(parts[:depth]))
-        declared = {m.batch_first for m in above.modules() if isinstance(m, nn.MultiheadAttention)}
-        if declared:
-            return ("batch_first" if declared.pop() else "seq_first") if len(declared) == 1 else None
-    return None
+def _attention_hint(model: nn.Module, path: str) -> str:
+    """A hint, never a witness: an ``nn.MultiheadAttention`` in the FFN's layer takes ``[T, B, d]`` by
+    default, and batch-first models often transpose around it."""
+    parent = path.rpartition(".")[0]
+    for owner in dict.fromkeys((path, parent)):
+        flags = {
+            m.batch_first
+            for m in model.get_submodule(owner).modules()
+            if isinstance(m, nn.MultiheadAttention)
+        }
+        if flags:
+            return (
+                " (the nn.MultiheadAttention in its layer is sequence-first; unless the layer transposes "
+                "around it, so is the FFN)"
+                if flags == {False}
+                else ""
+            )
+    return ""
 
 
 def _parameters(model: nn.Module) -> set[str]:

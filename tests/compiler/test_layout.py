@@ -102,15 +102,37 @@ class AttentionSeqFirst(nn.Module):
         return x + self.mlp(x)
 
 
-def test_the_attention_beside_an_ffn_says_its_layout():
+def test_the_attention_beside_an_ffn_is_a_hint_not_a_witness():
+    """nn.MultiheadAttention is sequence-first by default and batch-first models transpose around it, so its
+    flag only words the warning; the stated layout decides (and here keeps the model causal)."""
     torch.manual_seed(0)
-    converted = mc.convert(nn.Sequential(AttentionSeqFirst(), AttentionSeqFirst()), **MOT).eval()
-    assert [b.layout for b in _blocks(converted)] == ["seq_first", "seq_first"]
+    model = nn.Sequential(AttentionSeqFirst(), AttentionSeqFirst())
+    with pytest.warns(UserWarning, match=r"nn.MultiheadAttention in its layer is sequence-first"):
+        assert [b.layout for b in _blocks(mc.convert(model, **MOT))] == ["batch_first"] * 2
+    converted = mc.convert(model, **MOT, layout="seq_first").eval()
     x = torch.randn(8, 4, D)  # [T, B, d]
     later = x.clone()
     later[6:] += torch.randn(2, 4, D)
     with torch.no_grad():  # causal: a later position changes no earlier one (batch-first groups would)
         torch.testing.assert_close(converted(later)[:6], converted(x)[:6], rtol=0, atol=0)
+    transposing = nn.Sequential(Transposing(), Transposing())  # batch-first around a default attention
+    assert [b.layout for b in _blocks(mc.convert(transposing, **MOT, layout="batch_first"))] == [
+        "batch_first"
+    ] * 2
+
+
+class Transposing(nn.Module):
+    """A batch-first layer around a sequence-first nn.MultiheadAttention: its FFN sees [B, T, d]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, 2)
+        self.mlp = nn.Sequential(nn.Linear(D, 32), nn.GELU(), nn.Linear(32, D))
+
+    def forward(self, x):
+        h = x.transpose(0, 1)
+        x = x + self.attn(h, h, h, need_weights=False)[0].transpose(0, 1)
+        return x + self.mlp(x)
 
 
 def test_a_stated_layout_the_model_contradicts_is_an_error():
