@@ -101,23 +101,18 @@ class TokenContextHook:
 
     def done(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         contexts = [(block, block.token_context.pop()) for block in self.blocks]
-        if module.training and not torch.compiler.is_compiling():  # compiled, a recomputation is in the graph
-            _restore_in_backward(contexts, output)
+        _restore_in_backward(contexts, output)
 
 
 def _restore_in_backward(contexts: list[tuple[MoTBlock, TokenContext]], output: Any) -> None:
     """When backward reaches this forward's outputs, give each block its context again until the backward
     ends, for the layers activation checkpointing recomputes there (without it, padding would join the
     groups and flattened tokens would have no batch size). Backward runs a later forward's part of the graph
-    before an earlier one's, so with several forwards in one backward each recomputation sees its own."""
-    values = (
-        output.values()
-        if isinstance(output, dict)
-        else output
-        if isinstance(output, tuple | list)
-        else [output]
-    )
-    tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
+    before an earlier one's, so with several forwards in one backward each recomputation sees its own.
+    Compiled, a recomputation is part of the compiled graph, which holds the context as an input."""
+    if torch.compiler.is_compiling():
+        return
+    tensors = [t for t in _tensors(output) if t.requires_grad]
     if not tensors:
         return
 
@@ -132,6 +127,16 @@ def _restore_in_backward(contexts: list[tuple[MoTBlock, TokenContext]], output: 
 
     for tensor in tensors:
         tensor.register_hook(restore)
+
+
+def _tensors(output: Any, depth: int = 3) -> Iterator[torch.Tensor]:
+    """The tensors of a forward's output, through dicts (a ``ModelOutput``), tuples and lists: a loss may be
+    computed from any of them (the hidden states of every layer, for one)."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif depth and isinstance(output, dict | tuple | list):
+        for value in output.values() if isinstance(output, dict) else output:
+            yield from _tensors(value, depth - 1)
 
 
 def install_token_hooks(model: nn.Module) -> None:
@@ -186,8 +191,13 @@ def token_mask(model: nn.Module, mask: torch.Tensor | None, *, batch: int | None
     blocks = [m for m in model.modules() if isinstance(m, MoTBlock)]
     for block in blocks:
         block.token_context.append(context)
+    # backward comes after the body: each forward's outputs bring the context back for recomputations
+    handle = model.register_forward_hook(
+        lambda m, a, out: _restore_in_backward([(b, context) for b in blocks], out)
+    )
     try:
         yield
     finally:
+        handle.remove()
         for block in blocks:
             block.token_context.pop()

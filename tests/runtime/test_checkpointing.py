@@ -123,3 +123,89 @@ def test_router_losses_train_under_non_reentrant_checkpointing_and_reentrant_is_
         mc.aux_loss(model)
     with torch.no_grad():  # for logging, the value is there
         assert torch.isfinite(mc.aux_loss(model))
+
+
+class _Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.mlp = MoTBlock(8, 16, 4, group_size=2, kernel="torch", mixer_options={"init_std": 0.5})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.lin(x))
+
+
+class _Net(nn.Module):
+    """A hand-written model whose layers are checkpointed; the mask comes from mixcompile.token_mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
+        self.reentrant: bool | None = None  # None: no checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x) if self.reentrant is None else checkpoint(layer, x, use_reentrant=self.reentrant)
+        return x
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_token_mask_gives_checkpointed_layers_their_mask_in_backward(reentrant) -> None:
+    net, x = _Net(), torch.randn(4, 5, 8, requires_grad=True)  # reentrant checkpointing needs one
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:], mask[2, 1:] = False, False
+
+    def grads(mode: bool | None) -> list[torch.Tensor]:
+        net.reentrant = mode
+        net.zero_grad()
+        with mc.token_mask(net, mask):
+            y = net(x)
+        (y * mask[..., None]).square().sum().backward()  # backward after the body, as usual
+        return [p.grad.clone() for p in net.parameters()]
+
+    for got, want in zip(grads(reentrant), grads(None), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_recomputation_that_lost_its_mask_is_refused_not_miscomputed() -> None:
+    """A loss from a tensor backward reaches through no output of the masked model (here one a forward
+    hook captured): nothing can give the recomputed block its mask back, so it says so."""
+    net, x = _Net(), torch.randn(4, 5, 8)
+    net.reentrant = False
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    captured = []
+    net.layers[0].register_forward_hook(lambda m, a, out: captured.append(out))
+    with mc.token_mask(net, mask):
+        net(x)
+    with pytest.raises(mc.ShapeError, match=r"recomputed in backward \(activation checkpointing\) without"):
+        captured[0].sum().backward()
+
+
+def test_a_loss_on_an_inner_hidden_state_keeps_the_padding_mask() -> None:
+    """ModelOutput.hidden_states is a tuple inside the output: its tensors bring the context back too."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = mc.convert(
+        build("gpt2"),
+        strategy="mot",
+        num_experts=4,
+        group_size=4,
+        init="random",
+        mixer_options={"init_std": 0.5},
+    ).train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    batch = _batch(1, [(1, 5)])
+    del batch["labels"]
+
+    def grads(enabled: bool) -> list[torch.Tensor]:
+        _checkpointing(model, enabled, reentrant=True)
+        model.zero_grad()
+        model(**batch, output_hidden_states=True).hidden_states[1].square().sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -88,6 +88,7 @@ class MoTBlock(Block):
         self.token_context: list[TokenContext] = []
         # The context of the forward a backward is in, for a recomputation there (activation checkpointing).
         self.recompute_context: TokenContext | None = None
+        self._forward_had_context = False  # a mask or batch size reached the last forward outside backward
         self.experts = StackedExperts(
             num_experts,
             d_model,
@@ -145,6 +146,7 @@ class MoTBlock(Block):
             ok_rank=isinstance(x, torch.Tensor) and x.ndim == rank,
         )
         context = self.token_context[-1] if self.token_context else self.recompute_context
+        self._check_recomputation(context)
         xb = self._compute_input(self._batch_major(x, context))
         batch, seq, d = xb.shape
         g = self.group_size
@@ -167,6 +169,24 @@ class MoTBlock(Block):
         if self.layout == "flat":
             return y.reshape(x.shape)
         return y if self.layout == "batch_first" else y.transpose(0, 1)
+
+    def _check_recomputation(self, context: TokenContext | None) -> None:
+        """A forward inside backward is activation checkpointing recomputing it: without the padding mask
+        or batch size its first run had, it would mix differently (wrong gradients), so refuse. Context comes
+        back when backward reaches the outputs of the hooked forward or of ``token_mask``'s model."""
+        if torch.compiler.is_compiling():
+            return
+        if torch._C._current_graph_task_id() == -1:
+            self._forward_had_context = context is not None and (
+                context[0] is not None or self.layout == "flat"
+            )
+        elif context is None and self._forward_had_context:
+            raise ShapeError(
+                f"{self._name()} is recomputed in backward (activation checkpointing) without the padding "
+                "mask or batch size its forward had: backward reached it through no output of the module "
+                "that gave them (the converted model's forward, or the model inside mixcompile.token_mask). "
+                "Compute the loss from that module's outputs."
+            )
 
     def _batch_major(self, x: torch.Tensor, context: TokenContext | None) -> torch.Tensor:
         """``x`` as ``[B, T, d]``; flattened tokens take ``B`` from the model's forward."""
