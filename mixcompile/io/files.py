@@ -54,22 +54,58 @@ def check_regular_file(path: Path, what: str = "file") -> os.stat_result:
     return info
 
 
-def read_bytes(path: Path, what: str = "file", *, limit: int | None = None) -> bytes:
-    """The contents of a checked regular file, refusing files over ``limit`` bytes before reading them."""
-    info = check_regular_file(path, what)
-    if limit is not None and info.st_size > limit:
-        raise LoadError(f"{path} is {info.st_size:,} bytes, too large for a {what} (limit {limit:,}).")
+def read_bytes(
+    path: Path, what: str = "file", *, limit: int | None = None, within: Path | None = None
+) -> bytes:
+    """The contents of a regular file, refusing files over ``limit`` bytes before reading them; with
+    ``within``, the file read must be one :func:`confined_file` accepts there.
+
+    What is read is checked on the opened descriptor, not on the path again: a file swapped for a FIFO or
+    a symlink leading out between the check and the read is refused, not read (or waited on)."""
+    check_regular_file(path, what)
     try:
-        return path.read_bytes()
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except PermissionError:
         raise LoadError(f"{path}: permission denied (cannot read the {what}).") from None
     except OSError as exc:
         raise LoadError(f"{path}: cannot read the {what}: {exc.strerror or exc}.") from None
+    with os.fdopen(descriptor, "rb") as reader:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise LoadError(f"{path} changed into a {_file_type(info.st_mode)} while being read; refused.")
+        real = _opened_path(descriptor)
+        if within is not None and real is not None and not _inside(real, within.resolve()):
+            raise LoadError(
+                f"{path} changed into a symlink leading outside {within} while being read; refused."
+            )
+        if limit is not None and info.st_size > limit:
+            raise LoadError(f"{path} is {info.st_size:,} bytes, too large for a {what} (limit {limit:,}).")
+        data = reader.read(limit + 1 if limit is not None else -1)
+    if limit is not None and len(data) > limit:
+        raise LoadError(f"{path} grew past {limit:,} bytes while being read; too large for a {what}.")
+    return data
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A small JSON file holding an object; anything else is a one-line :class:`LoadError`."""
-    data = read_bytes(path, what, limit=MAX_JSON_BYTES)
+def _opened_path(descriptor: int) -> Path | None:
+    """The real path of an open file where the system says it (Linux), else ``None``."""
+    link = f"/proc/self/fd/{descriptor}"
+    try:
+        return Path(os.readlink(link))
+    except OSError:
+        return None
+
+
+def _inside(real: Path, root: Path) -> bool:
+    """Whether a file's real path is directly in ``root``, or, for a Hugging Face Hub cache snapshot
+    (``.../snapshots/<revision>``), in the cache's ``blobs`` folder its symlinks lead to."""
+    hub_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    return real.parent == root or real.parent == hub_blobs
+
+
+def read_json_object(path: Path, what: str, *, within: Path | None = None) -> dict[str, Any]:
+    """A small JSON file holding an object; anything else is a one-line :class:`LoadError` (``within``: see
+    :func:`read_bytes`)."""
+    data = read_bytes(path, what, limit=MAX_JSON_BYTES, within=within)
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -83,7 +119,8 @@ def confined_file(directory: Path, name: object, field: str) -> Path:
     """The file ``name`` (a field of an untrusted manifest) inside ``directory``, or a :class:`LoadError`.
 
     Only a plain file name is accepted: no separators, no ``..``, not absolute, and its real path (after
-    symlinks) must stay inside the directory.
+    symlinks) must stay inside the directory (or, in a Hugging Face Hub cache snapshot, lead to the cache's
+    blobs). Read it with ``within=directory`` (:func:`read_bytes`), so that holds for what is read.
     """
     if not isinstance(name, str) or not name:
         raise LoadError(f"{field} must be a file name (a string), got {name!r}.")
@@ -93,8 +130,12 @@ def confined_file(directory: Path, name: object, field: str) -> Path:
             "are refused."
         )
     path = directory / name
-    root = directory.resolve()
-    if path.resolve().parent != root:
+    try:
+        real = path.resolve()
+    except OSError as exc:  # a symlink loop, or one changing while it is resolved
+        why = exc.strerror or exc
+        raise LoadError(f"{field} {name!r} in {directory} cannot be resolved ({why}).") from None
+    if not _inside(real, directory.resolve()):
         raise LoadError(f"{field} {name!r} is a symlink leading outside {directory}; refused.")
     check_regular_file(path, field)
     return path

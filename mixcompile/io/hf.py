@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from mixcompile.errors import LoadError, first_line
+from mixcompile.errors import ConfigError, LoadError, first_line
 from mixcompile.io.files import confined_file, read_json_object
 from mixcompile.io.manifest import HF_CONFIG, HF_MODEL_TYPE, manifest_data
 
@@ -150,7 +150,21 @@ def write_generation_config(model: nn.Module, directory: Path) -> None:
         return
     if callable(can_generate) and not can_generate():
         return
+    shadowing = _shadowing(vars(config))
+    if shadowing:  # transformers loads such a file, then fails calling the method it hides
+        raise ConfigError(
+            f"the model's generation config sets {shadowing!r}, the name of a GenerationConfig method; "
+            "remove that key from its generation_config.json."
+        )
     config.save_pretrained(directory)
+
+
+def _shadowing(data: dict[str, Any]) -> str | None:
+    """A key of a generation config that would hide a method of ``GenerationConfig`` (``save_pretrained``:
+    1 makes every later save fail)."""
+    from transformers import GenerationConfig
+
+    return next((key for key in data if callable(getattr(GenerationConfig, key, None))), None)
 
 
 def read_generation_config(model: nn.Module, directory: Path) -> None:
@@ -160,10 +174,13 @@ def read_generation_config(model: nn.Module, directory: Path) -> None:
     if not (file.exists() or file.is_symlink()) or not is_transformers_model(model):
         return
     data = read_json_object(
-        confined_file(directory, GENERATION_CONFIG, GENERATION_CONFIG), "generation config"
+        confined_file(directory, GENERATION_CONFIG, GENERATION_CONFIG), "generation config", within=directory
     )
     from transformers import GenerationConfig
 
+    shadowing = _shadowing(data)
+    if shadowing:
+        raise LoadError(f"{file} sets {shadowing!r}, the name of a GenerationConfig method; refused.")
     try:
         config = GenerationConfig.from_dict(data)
     except Exception as exc:  # noqa: BLE001 - a hostile file can make transformers raise anything
@@ -188,13 +205,16 @@ _TOKENIZER_FILES = (
     "merges.txt",
 )
 _TOKENIZER_PATTERNS = ("tokenizer.*.json", "*.model", "*.spm", "*.tiktoken")
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest vocabularies are tens of MB
 
 
 def copy_tokenizer_files(source: Path, target: Path) -> tuple[list[str], list[str]]:
-    """Copy the tokenizer's files of the model directory ``source`` into the new directory ``target``, so
-    that a converted directory is a drop-in replacement for the dense one; returns (copied, skipped with
-    why). Only regular files inside ``source`` are copied (a symlink leading out, a FIFO or a device is
-    skipped), each read without following a symlink or blocking, and nothing in ``target`` is overwritten."""
+    """Copy the tokenizer's files of the Hugging Face directory ``source`` into the new directory ``target``,
+    so that a converted directory is a drop-in replacement for the dense one; returns (copied, skipped with
+    why). Each is what ``AutoTokenizer.from_pretrained(source)`` would read: a plain name in ``source``,
+    symlinks followed as transformers follows them (the Hub cache is made of them; the model's own config
+    and weights are read the same way), and only a regular file of at most ``MAX_TOKENIZER_BYTES`` (a FIFO
+    or a device is skipped, never waited on). Nothing in ``target`` is overwritten."""
     names = set(_TOKENIZER_FILES) | _vocab_files_of(source)
     for pattern in _TOKENIZER_PATTERNS:
         names |= {entry.name for entry in source.glob(pattern)}
@@ -204,8 +224,7 @@ def copy_tokenizer_files(source: Path, target: Path) -> tuple[list[str], list[st
         if not (file.exists() or file.is_symlink()):
             continue
         try:
-            confined_file(source, name, name)
-            _copy_new(file.resolve(), target / name)
+            _copy_new(file, target / name)
         except (LoadError, OSError) as exc:
             skipped.append(f"{name} ({first_line(exc)})")
         else:
@@ -217,8 +236,9 @@ def _vocab_files_of(source: Path) -> set[str]:
     """The file names the tokenizer class named in ``tokenizer_config.json`` reads (its
     ``vocab_files_names``); a class transformers does not have adds none."""
     try:
-        file = confined_file(source, "tokenizer_config.json", "tokenizer config")
-        class_name = read_json_object(file, "tokenizer config").get("tokenizer_class")
+        class_name = read_json_object(source / "tokenizer_config.json", "tokenizer config").get(
+            "tokenizer_class"
+        )
     except LoadError:
         return set()
     if not isinstance(class_name, str) or not class_name.isidentifier():
@@ -227,21 +247,40 @@ def _vocab_files_of(source: Path) -> set[str]:
 
     names: set[str] = set()
     for candidate in (class_name, class_name.removesuffix("Fast")):
-        try:
-            cls = getattr(transformers, candidate, None)
-        except Exception:  # noqa: BLE001 - a lazy import of a class whose backend is missing
+        try:  # a lazy import, or a placeholder class that raises when its backend is missing
+            files = getattr(getattr(transformers, candidate, None), "vocab_files_names", None)
+        except Exception:  # noqa: BLE001 - then this class adds no names
             continue
-        files = getattr(cls, "vocab_files_names", None)
         if isinstance(files, dict):
-            names |= {file for file in files.values() if isinstance(file, str) and "/" not in file}
+            names |= {file for file in files.values() if _plain_name(file)}
     return names
 
 
+def _plain_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name not in (".", "..")
+        and not {"/", "\\", "\x00"} & set(name)
+    )
+
+
 def _copy_new(source: Path, target: Path) -> None:
-    """Copy a regular file to a path that must not exist yet, never opening a FIFO or a device."""
-    descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    """Copy a regular file to a path that must not exist yet, checking the descriptor it reads from (so a
+    file swapped for a FIFO after a check is not waited on) and copying at most ``MAX_TOKENIZER_BYTES``."""
+    descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(descriptor, "rb") as reader:
-        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
             raise LoadError(f"{source} is not a regular file")
+        if info.st_size > MAX_TOKENIZER_BYTES:
+            raise LoadError(
+                f"{source} is {info.st_size:,} bytes, over {MAX_TOKENIZER_BYTES:,} for a tokenizer file"
+            )
         with open(target, "xb") as writer:
-            shutil.copyfileobj(reader, writer)
+            copied = 0
+            while chunk := reader.read(min(1 << 20, MAX_TOKENIZER_BYTES + 1 - copied)):
+                copied += len(chunk)
+                if copied > MAX_TOKENIZER_BYTES:
+                    raise LoadError(f"{source} grew past {MAX_TOKENIZER_BYTES:,} bytes while being copied")
+                writer.write(chunk)

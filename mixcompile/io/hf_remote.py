@@ -88,12 +88,15 @@ def _device(device_map: Any) -> torch.device:
     if isinstance(device_map, dict):
         values = {str(value) for value in device_map.values()}
         named = next(iter(device_map.values())) if len(values) == 1 else None
-    if not isinstance(named, str | int | torch.device) or str(named) in _SPREAD:
+    if isinstance(named, bool) or not isinstance(named, str | int | torch.device) or str(named) in _SPREAD:
         raise _refuse(f"device_map={device_map!r}", "does not name one device (no splitting or offloading)")
     try:
-        return torch.device(named)
-    except (RuntimeError, ValueError):
+        device = torch.device(named)
+    except (RuntimeError, ValueError, TypeError):
         raise _refuse(f"device_map={device_map!r}", "is not a device") from None
+    if device.type == "meta":  # a model without weights, silently
+        raise _refuse(f"device_map={device_map!r}", "would load no weights")
+    return device
 
 
 class MixcompileModel(PreTrainedModel):
@@ -125,6 +128,8 @@ class MixcompileModel(PreTrainedModel):
                 raise _refuse(f"{key}={kwargs.get(key)!r}", "is not supported for a converted model")
         dtype = settings.pop("dtype", None)
         torch_dtype = settings.pop("torch_dtype", None)
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise _refuse(f"dtype={dtype!r} with torch_dtype={torch_dtype!r}", "name two dtypes")
         dtype = torch_dtype if dtype is None else dtype
         device_map = settings.pop("device_map", None)
         loading_info = settings.pop("output_loading_info", False)
@@ -140,16 +145,16 @@ class MixcompileModel(PreTrainedModel):
             )
         if dtype is not None and not isinstance(dtype, str | torch.dtype):
             raise _refuse(f"dtype={dtype!r}", "is not one dtype")
-        if (
-            isinstance(dtype, str)
-            and dtype != "auto"
-            and not isinstance(getattr(torch, dtype, None), torch.dtype)
-        ):
-            raise _refuse(f"dtype={dtype!r}", "is not a torch dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype, None) if dtype.isidentifier() else None
+            if not isinstance(dtype, torch.dtype):
+                raise _refuse(f"dtype={kwargs.get('dtype', torch_dtype)!r}", "is not a torch dtype")
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise _refuse(f"dtype={dtype}", "is not a floating-point dtype (a model's weights are)")
         device = None if device_map is None else _device(device_map)
         model = mixcompile.load(path)
-        if dtype not in (None, "auto"):
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
         if device is not None:
             model = model.to(device)
         for keyword, value, setter in (

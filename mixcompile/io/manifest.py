@@ -55,13 +55,13 @@ def read_manifest(directory: Path) -> Manifest:
     file = directory / MANIFEST
     if file.exists() or file.is_symlink():
         confined_file(directory, MANIFEST, MANIFEST)
-        data = read_json_object(file, "mixcompile manifest")
+        data = read_json_object(file, "mixcompile manifest", within=directory)
         weights = [confined_file(directory, data.get("weights", WEIGHTS), f"{file}: 'weights'")]
         return parse_manifest(data, directory, str(file), weights)
     config_file = directory / HF_CONFIG
     if config_file.exists() or config_file.is_symlink():
         confined_file(directory, HF_CONFIG, HF_CONFIG)
-        config = read_json_object(config_file, "Hugging Face config")
+        config = read_json_object(config_file, "Hugging Face config", within=directory)
         if config.get("model_type") == HF_MODEL_TYPE:
             section = config.get("mixcompile")
             where = f"{config_file}: 'mixcompile'"
@@ -80,7 +80,7 @@ def hf_weight_files(directory: Path) -> list[Path]:
     index = directory / HF_INDEX
     if index.exists() or index.is_symlink():
         confined_file(directory, HF_INDEX, HF_INDEX)
-        weight_map = read_json_object(index, "weights index").get("weight_map")
+        weight_map = read_json_object(index, "weights index", within=directory).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LoadError(f"{index}: 'weight_map' must be an object of tensor names to files.")
         names = sorted({str(name) for name in weight_map.values()})

@@ -1,5 +1,5 @@
 """``mixcompile convert`` of a Hugging Face directory writes a drop-in replacement (its generation config
-and tokenizer files too, copied only as regular files inside the input); ``bench`` times both models in
+and tokenizer files too, read as transformers reads them but never waited on); ``bench`` times both models in
 the checkpoint's dtype."""
 
 from __future__ import annotations
@@ -56,23 +56,49 @@ def test_convert_carries_the_generation_config_and_the_tokenizer_over(source, tm
     assert tokenizer("w5 w9")["input_ids"] == [5, 9]
 
 
-def test_tokenizer_files_that_are_not_regular_files_inside_the_input_are_skipped(
-    source, tmp_path, capsys
+def test_tokenizer_files_are_read_as_transformers_reads_them_and_never_waited_on(
+    source, tmp_path, capsys, monkeypatch
 ) -> None:
+    """Symlinks are followed, as transformers follows them (the Hub cache is made of them); a FIFO, a file
+    over the size limit and a tokenizer class transformers cannot import are skipped, with the reason."""
     copy = tmp_path / "in"
     copy.mkdir()
     for entry in source.iterdir():
         (copy / entry.name).write_bytes(entry.read_bytes())
-    (tmp_path / "secret.txt").write_text("not the model's")
-    (copy / "vocab.txt").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "blob").write_text("a vocabulary")
+    (copy / "vocab.txt").symlink_to(tmp_path / "blob")
     os.mkfifo(copy / "merges.txt")  # copying it would hang
+    (copy / "spiece.model").write_bytes(b"x" * 64)
+    monkeypatch.setattr("mixcompile.io.hf.MAX_TOKENIZER_BYTES", 32)  # tokenizer.json is larger: skipped too
+
+    class Placeholder:  # what transformers gives for a class whose backend is not installed
+        @property
+        def vocab_files_names(self):
+            raise ImportError("Placeholder requires the SentencePiece library")
+
+    monkeypatch.setattr(transformers, "PlaceholderTokenizer", Placeholder(), raising=False)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "PlaceholderTokenizer"})
+    )
     out = tmp_path / "moe"
     assert main(["convert", str(copy), "-o", str(out), "--strategy", "moe", "--experts", "4"]) == 0
     captured = capsys.readouterr()
     assert "tokenizer file not copied: merges.txt" in captured.err
-    assert "tokenizer file not copied: vocab.txt" in captured.err
-    assert not (out / "vocab.txt").exists() and not (out / "merges.txt").exists()
-    assert (out / "tokenizer.json").is_file()
+    assert "tokenizer file not copied: spiece.model" in captured.err and "over 32" in captured.err
+    assert (out / "vocab.txt").read_text() == "a vocabulary" and not (out / "vocab.txt").is_symlink()
+    assert not (out / "merges.txt").exists() and not (out / "spiece.model").exists()
+
+
+def test_a_generation_config_key_hiding_a_method_is_refused_by_name(source, tmp_path, capsys) -> None:
+    copy = tmp_path / "in"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).write_bytes((source / name).read_bytes())
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "save_pretrained": 1}))
+    assert main(["convert", str(copy), "-o", str(tmp_path / "out"), "--strategy", "moe"]) == 2
+    assert "sets 'save_pretrained', the name of a GenerationConfig method" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_generation_config_that_is_a_fifo_is_refused_at_once(source, tmp_path, capsys) -> None:

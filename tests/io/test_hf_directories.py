@@ -83,7 +83,7 @@ def test_the_generation_config_is_saved_and_restored(converted, tmp_path, how) -
             assert torch.equal(loaded.generate(ids()), expected)
 
 
-@pytest.mark.parametrize("case", ["symlink out", "fifo", "not json", "not an object"])
+@pytest.mark.parametrize("case", ["symlink out", "fifo", "not json", "not an object", "hides a method"])
 def test_a_hostile_generation_config_is_refused_by_name(converted, tmp_path, case) -> None:
     path = tmp_path / "m"
     mc.save(converted[1], path)
@@ -96,10 +96,46 @@ def test_a_hostile_generation_config_is_refused_by_name(converted, tmp_path, cas
         os.mkfifo(file)
     elif case == "not json":
         file.write_text("{")
+    elif case == "hides a method":  # loaded, it would break every later save
+        file.write_text(json.dumps({"eos_token_id": 2, "save_pretrained": 1}))
     else:
         file.write_text(json.dumps([1, 2]))
     with pytest.raises(mc.LoadError, match="generation_config.json"):
         mc.load(path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="the opened file's path comes from /proc")
+def test_what_is_read_is_checked_not_only_the_path_before(tmp_path) -> None:
+    """The confinement holds for the file actually opened: a symlink leading out that appears after the
+    path was checked (here: a read of a path nothing checked) is refused, not read."""
+    from mixcompile.io.files import read_json_object
+
+    (tmp_path / "outside.json").write_text('{"secret": 1}')
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "mixcompile.json").symlink_to(tmp_path / "outside.json")
+    with pytest.raises(mc.LoadError, match="symlink leading outside"):
+        read_json_object(tmp_path / "m" / "mixcompile.json", "manifest", within=tmp_path / "m")
+
+
+def test_a_converted_model_loads_from_a_hub_cache_snapshot(converted, tmp_path) -> None:
+    """The Hub cache keeps files in blobs/ and a snapshot of symlinks to them (what from_pretrained of a
+    Hub id downloads): symlinks into that blobs folder are the directory's own files."""
+    saved = tmp_path / "saved"
+    mc.save(converted[1], saved)
+    repo = tmp_path / "models--someone--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for index, entry in enumerate(sorted(saved.iterdir())):
+        (repo / "blobs" / f"blob{index}").write_bytes(entry.read_bytes())
+        (snapshot / entry.name).symlink_to(f"../../blobs/blob{index}")
+    model = mc.load(snapshot).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, converted[1](ids()).logits, rtol=0, atol=0)
+    (snapshot / "mixcompile.json").unlink()
+    (snapshot / "mixcompile.json").symlink_to(tmp_path / "saved" / "mixcompile.json")  # not the cache's blobs
+    with pytest.raises(mc.LoadError, match="symlink leading outside"):
+        mc.load(snapshot)
 
 
 # ---- AutoModel.from_pretrained keywords -----------------------------------------------------------------
@@ -149,6 +185,10 @@ def test_from_pretrained_applies_experts_implementation(tmp_path) -> None:
         ({"device_map": {"model": "cpu", "lm_head": "meta"}}, "device_map="),
         ({"quantization_config": {"load_in_8bit": True}}, "quantization_config="),
         ({"use_safetensors": False}, "use_safetensors=False"),
+        ({"dtype": "int8"}, "dtype=torch.int8"),
+        ({"device_map": True}, "device_map=True"),
+        ({"device_map": "meta"}, "device_map='meta'"),
+        ({"dtype": torch.float16, "torch_dtype": torch.float32}, "dtype=torch.float16 with torch_dtype"),
     ],
 )
 def test_from_pretrained_refuses_every_other_keyword_by_name(saved, kwargs, named) -> None:
