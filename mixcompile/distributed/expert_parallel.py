@@ -101,8 +101,10 @@ def parallelize(
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("parallelize needs torch.distributed initialised first (init_process_group).")
     blocks = {path: b for path, b in sparse_blocks(model).items() if isinstance(b, MoEBlock)}
-    world = dist.get_world_size(ep_group)
+    world = dist.get_world_size(ep_group)  # -1 on a rank outside the group
     if world != dist.get_world_size():
+        if world < 1:
+            raise ConfigError("parallelize: this rank is not in ep_group; pass ep_group=None (all ranks).")
         raise ConfigError(
             f"parallelize: ep_group has {world} of the {dist.get_world_size()} ranks. Expert parallelism "
             "over part of the world would replicate each expert slice across groups, and nothing averages "

@@ -333,9 +333,9 @@ def test_a_float64_block_passes_gradcheck(router):
     assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_a_zero_router_picks_the_first_experts_on_every_kernel_path():
-    """Equal scores are broken by expert index, as the fused routing kernel does (torch.topk leaves ties
-    unordered: on the CPU a zero router's top-2 came out as experts 2 and 3)."""
+def test_the_torch_routing_step_breaks_ties_by_expert_index_as_the_fused_kernel_does():
+    """A zero router picks experts 0..k-1, as the fused routing kernel does (tests/kernels compares the two
+    kernels; torch.topk leaves ties unordered: on the CPU a zero router's top-2 came out as experts 2, 3)."""
     block = mc.MoEBlock(8, 16, 4, top_k=2, kernel="torch", router_options={"init_std": 0})
     block(torch.randn(5, 8))
     assert mc.stats(block)[""]["expert_load"].tolist() == [5, 5, 0, 0]
