@@ -376,8 +376,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from mixcompile.compiler import convert_with_report, inspect
-    from mixcompile.io.hf import copy_tokenizer_files
     from mixcompile.io.saving import write_model
+    from mixcompile.io.tokenizer_files import copy_tokenizer_files
 
     recipe = recipe_from_args(args, required=True)
     if not (args.path.exists() or args.path.is_symlink()):

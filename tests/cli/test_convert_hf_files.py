@@ -69,7 +69,7 @@ def test_tokenizer_files_are_read_as_transformers_reads_them_and_never_waited_on
     (copy / "vocab.txt").symlink_to(tmp_path / "blob")
     os.mkfifo(copy / "merges.txt")  # copying it would hang
     (copy / "spiece.model").write_bytes(b"x" * 64)
-    monkeypatch.setattr("mixcompile.io.hf.MAX_TOKENIZER_BYTES", 32)  # tokenizer.json is larger: skipped too
+    monkeypatch.setattr("mixcompile.io.tokenizer_files.MAX_TOKENIZER_BYTES", 32)  # tokenizer.json too
 
     class Placeholder:  # what transformers gives for a class whose backend is not installed
         @property
