@@ -87,8 +87,6 @@ def seeded_block(
     block.to(device)
     if device.type == "meta":
         return block
-    if isinstance(block, MoEBlock) and block.shared_experts is not None:
-        block.shared_experts.reset_parameters(generator)
     block.load_dense(site.ffn, init=recipe.init, generator=generator, **recipe.init_options)
     return block
 
@@ -99,7 +97,7 @@ def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
         d_ff,
         sizing=recipe.resolved_sizing(),
         num_experts=recipe.num_experts,
-        top_k=recipe.top_k,
+        top_k=recipe.top_k + recipe.num_shared_experts,  # shared experts run for every token too
         group_size=recipe.group_size,
     )
 
@@ -154,13 +152,12 @@ def build_block(
 
 def function_preserving(recipe: Recipe) -> bool:
     """Whether the converted model should equal the dense one at step 0 (upcycled experts, weights summing
-    to 1 per token, nothing dropped, no extra shared experts)."""
+    to 1 per token, nothing dropped; shared experts start with a zero output)."""
     options = recipe.router_options
     return (
         recipe.strategy == "moe"
         and recipe.init == "upcycle"
         and not recipe.init_options.get("noise")
-        and recipe.num_shared_experts == 0
         and recipe.router in ("topk", "hash")
         and options.get("capacity_factor") is None
         and options.get("renormalize", True)

@@ -339,3 +339,25 @@ def test_the_torch_routing_step_breaks_ties_by_expert_index_as_the_fused_kernel_
     block = mc.MoEBlock(8, 16, 4, top_k=2, kernel="torch", router_options={"init_std": 0})
     block(torch.randn(5, 8))
     assert mc.stats(block)[""]["expert_load"].tolist() == [5, 5, 0, 0]
+
+
+def test_shared_experts_start_silent_so_upcycling_stays_exact():
+    """DeepSeekMoE's shared experts run for every token: they start with a zero output projection (0.84
+    from the dense FFN before, when they started random), and flop sizing counts them among k + S."""
+    torch.manual_seed(0)
+    dense = mc.DenseFFN(
+        w_in=torch.randn(96, 16, dtype=torch.float64),
+        w_out=torch.randn(16, 96, dtype=torch.float64),
+        b_in=torch.randn(96, dtype=torch.float64),
+        b_out=torch.randn(16, dtype=torch.float64),
+        activation="gelu",
+    )
+    block = mc.MoEBlock(16, 96, 4, top_k=2, bias=True, num_shared_experts=1, dtype=torch.float64)
+    block.load_dense(dense, init="upcycle")
+    x = torch.randn(7, 16, dtype=torch.float64)
+    torch.testing.assert_close(block.eval()(x), dense.forward(x))
+    assert block.shared_experts.w_in.abs().sum() > 0  # still a trainable expert, only its output is zero
+    model = torch.nn.Sequential(torch.nn.Linear(16, 96), torch.nn.GELU(), torch.nn.Linear(96, 16))
+    report = mc.inspect(model, num_experts=4, top_k=2, init="random", sizing="flop", num_shared_experts=1)
+    assert report.sites[0].expert_hidden == 32  # 96 / (2 + 1)
+    assert report.ffn_flops_after / report.ffn_flops_before < 1.05  # the router's FLOPs on top

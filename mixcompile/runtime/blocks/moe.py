@@ -13,6 +13,7 @@ from mixcompile.plugins.build import build_plugin, call_plugin
 from mixcompile.runtime.blocks.base import Block, Describe
 from mixcompile.runtime.checks import check_output, check_routing_plan
 from mixcompile.runtime.experts import StackedExperts
+from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.routing import Router, RoutingPlan, fixed_bincount
 
@@ -107,6 +108,26 @@ class MoEBlock(Block):
         self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
         self._stats = _routing_stats(plan, choice.name)
         return y.reshape(x.shape)  # in flat's dtype
+
+    def load_dense(
+        self,
+        dense: DenseFFN,
+        init: str = "upcycle",
+        generator: torch.Generator | None = None,
+        **init_options: Any,
+    ) -> None:
+        """Fill the routed experts from ``dense`` (see :meth:`Block.load_dense`); shared experts start at
+        ``nn.Linear``'s init with a zero output projection, so they add nothing at first and an initializer
+        that preserves the dense FFN (``upcycle``) still does. They learn what the routed experts share."""
+        super().load_dense(dense, init, generator, **init_options)
+        shared = self.shared_experts
+        if shared is None or shared.w_in.device.type == "meta":
+            return
+        shared.reset_parameters(generator)
+        with torch.no_grad():
+            shared.w_out.zero_()
+            if shared.b_out is not None:
+                shared.b_out.zero_()
 
     def __getstate__(self) -> dict[str, Any]:
         """Without the last forward's router loss, which belongs to that forward's autograd graph: a deep

@@ -14,14 +14,16 @@ def flop_matched_hidden(
     top_k: int | None = None,
     group_size: int | None = None,
 ) -> int:
-    """MoE: each token runs ``top_k`` experts, so ``h = d_ff / top_k``.
+    """MoE: each token runs ``top_k`` experts (count shared experts in: DeepSeekMoE's ``k + S``), so
+    ``h = d_ff / top_k``.
     MoT: each group of ``G`` tokens runs all ``E`` experts once, so ``h = d_ff * G / E`` (the paper's sizing).
     """
     check_positive_int("d_ff", d_ff)
     check_positive_int("num_experts", num_experts)
     if strategy == "moe":
         k = check_positive_int("top_k", top_k)
-        numerator, denominator, formula = d_ff, k, f"d_ff / top_k = {d_ff} / {k}"
+        numerator, denominator = d_ff, k
+        formula = f"d_ff / active experts per token (top_k, and shared experts) = {d_ff} / {k}"
     elif strategy == "mot":
         g = check_positive_int("group_size", group_size)
         numerator, denominator = d_ff * g, num_experts
