@@ -97,11 +97,15 @@ class HashRouter(RouterBase):
 
     projection: torch.Tensor  # [E, d] buffer
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, *, seed: int = 0, **options: Any) -> None:
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, *, seed: int | None = None, **options: Any
+    ) -> None:
         for name in ("balance_loss_weight", "z_loss_weight"):
             options.setdefault(name, 0.0)
         super().__init__(d_model, num_experts, top_k, **options)
-        generator = torch.Generator().manual_seed(seed)
+        # From torch's RNG by default, which a conversion seeds per site from the recipe's seed (as every
+        # learned router's weights); ``seed=`` fixes the projection itself.
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         projection = torch.randn(num_experts, d_model, generator=generator) / math.sqrt(d_model)
         self.register_buffer("projection", projection)
 

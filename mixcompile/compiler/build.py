@@ -8,6 +8,7 @@ parameter counts, no memory, no weights.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,14 +70,14 @@ def seeded_block(
     *,
     layout: TokenLayout | None = None,
 ) -> Block:
-    """The block for ``site``, every random choice drawn from ``recipe.seed`` and the site's index
-    (``layout``: the MoT token layout :mod:`mixcompile.compiler.layout` decided for it).
+    """The block for ``site``, every random choice drawn from ``recipe.seed`` and the site (:func:`site_seed`;
+    ``layout``: the MoT token layout :mod:`mixcompile.compiler.layout` decided for it).
 
     Routers and mixers are built on the CPU under a forked, seeded RNG (the same weights on every device,
     whatever the global RNG); the experts are allocated on ``device`` uninitialised and filled by the
     initializer, with a seeded CPU generator for its random draws. On the meta device nothing is filled.
     """
-    seed = recipe.seed + site.index
+    seed = site_seed(recipe.seed, site)
     with torch.random.fork_rng(devices=[]), deferred_init():
         torch.manual_seed(seed)
         block = build_block(site, recipe, d_hidden, device="cpu", layout=layout)
@@ -89,6 +90,14 @@ def seeded_block(
         return block
     block.load_dense(site.ffn, init=recipe.init, generator=generator, **recipe.init_options)
     return block
+
+
+def site_seed(seed: int, site: FFNSite) -> int:
+    """A seed for the site's random draws, hashed from the recipe's seed, the site's module and index: with
+    ``seed + index`` layer ``i + 1`` of seed 0 drew what layer ``i`` of seed 1 drew (seed sweeps shared their
+    draws), and a second conversion of other layers repeated the first one's."""
+    digest = hashlib.sha256(f"{seed}\0{site.label}\0{site.index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes values below 2**63
 
 
 def _expert_hidden(d_ff: int, recipe: Recipe) -> int:

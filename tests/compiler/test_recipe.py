@@ -159,3 +159,40 @@ def test_a_second_conversion_is_recorded_after_the_first() -> None:
     assert len(recipes_of(moe)) == 1  # converting a copy leaves the first model's record alone
     kinds = sorted(type(m).__name__ for m in hybrid.modules() if isinstance(m, MoEBlock | MoTBlock))
     assert kinds == ["MoEBlock", "MoEBlock", "MoTBlock"]
+
+
+def _stack(layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        *(
+            torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+            for _ in range(layers)
+        )
+    )
+
+
+def _routers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [
+        b.router.gate.weight if hasattr(b.router, "gate") else b.router.projection for b in _blocks(model)
+    ]
+
+
+def _blocks(model: torch.nn.Module) -> list[MoEBlock]:
+    return [m for m in model.modules() if isinstance(m, MoEBlock)]
+
+
+@pytest.mark.parametrize("router", ["topk", "hash"])
+def test_every_site_draws_its_own_randomness_from_the_recipe_seed(router) -> None:
+    """Site seeds are hashed from (seed, site): seed + index made layer 1 of seed 0 draw what layer 0 of
+    seed 1 drew, and a second conversion of other layers repeat the first one's; the hash router's table
+    ignored the recipe's seed altogether."""
+    recipe = {"strategy": "moe", "num_experts": 4, "top_k": 2, "router": router}
+    seed0, seed1 = (_routers(convert(_stack(3), **recipe, seed=s)) for s in (0, 1))
+    assert not torch.equal(seed0[0], seed1[0])
+    assert not torch.equal(seed0[1], seed1[0]) and not torch.equal(seed0[2], seed1[1])
+    assert not torch.equal(seed0[0], seed0[1])
+    again = _routers(convert(_stack(3), **recipe, seed=0))
+    assert all(torch.equal(a, b) for a, b in zip(again, seed0, strict=True))  # still reproducible
+    twice = convert(convert(_stack(4), **recipe, sites=[0, 1]), **recipe, sites=[0, 1])
+    first, second = _routers(twice)[:2], _routers(twice)[2:]
+    assert not any(torch.equal(a, b) for a, b in zip(first, second, strict=True))
