@@ -130,6 +130,7 @@ def convert_with_report(
             warnings.warn(
                 f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}", stacklevel=2
             )
+    _warn_if_not_causal(target, recipe)
     mot = recipe.strategy == "mot"
     # A replay with verification off and the layout recorded (mixcompile.load) needs no probe forward.
     probe = _Probe(target, rewritable, example_inputs, needed=verify or (mot and recipe.layout == "auto"))
@@ -163,6 +164,19 @@ def convert_with_report(
 
     install_save_pretrained(target)  # so save_pretrained writes a directory nothing reads as the dense model
     return target, report
+
+
+def _warn_if_not_causal(model: nn.Module, recipe: Recipe) -> None:
+    """Expert choice routes a position by the tokens after it: fine for an encoder, not for a model that
+    generates (a decoded token then goes to every expert with room: a function training never computed)."""
+    can_generate = getattr(model, "can_generate", None)
+    if recipe.router == "expert_choice" and callable(can_generate) and can_generate():
+        warnings.warn(
+            f"router 'expert_choice' is not causal: in {type(model).__name__}, which generates, a position's "
+            "routing depends on the positions after it, and generate() computes what training never saw. "
+            "Use a token-choice router (topk, switch, hash) for decoders.",
+            stacklevel=3,
+        )
 
 
 class _Probe:

@@ -133,7 +133,10 @@ class RouterBase(nn.Module):
         if self.bias_balancing and self.training:
             with torch.no_grad():
                 self.load_since_update += fixed_bincount(expert, self.num_experts).float()
-        capacity = self.capacity(n)
+        # Capacity is a training device (balanced expert loads): in eval every token is routed, so a
+        # sequence's output never depends on the rest of its batch (padding included) and cached generation
+        # equals uncached.
+        capacity = self.capacity(n) if self.training else None
         if capacity is None:
             return RoutingPlan(
                 token, expert, weight, n, self.num_experts, probs, 0, losses, pairs_per_token=k

@@ -196,3 +196,9 @@ def test_every_site_draws_its_own_randomness_from_the_recipe_seed(router) -> Non
     twice = convert(convert(_stack(4), **recipe, sites=[0, 1]), **recipe, sites=[0, 1])
     first, second = _routers(twice)[:2], _routers(twice)[2:]
     assert not any(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_expert_choice_on_a_model_that_generates_is_warned_about() -> None:
+    """Expert choice is not causal: on a decoder, generate() would compute what training never saw."""
+    with pytest.warns(UserWarning, match=r"router 'expert_choice' is not causal: in LlamaForCausalLM"):
+        convert(build("llama"), strategy="moe", num_experts=4, top_k=2, router="expert_choice")

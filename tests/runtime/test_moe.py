@@ -361,3 +361,26 @@ def test_shared_experts_start_silent_so_upcycling_stays_exact():
     report = mc.inspect(model, num_experts=4, top_k=2, init="random", sizing="flop", num_shared_experts=1)
     assert report.sites[0].expert_hidden == 32  # 96 / (2 + 1)
     assert report.ffn_flops_after / report.ffn_flops_before < 1.05  # the router's FLOPs on top
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "hash"])
+def test_capacity_drops_tokens_in_training_only(router):
+    """In eval every token is routed: a sequence's output does not depend on its batch (with capacity 1.0
+    a lone sequence's logits moved by 0.34 when batched, and cached generation differed from uncached)."""
+    torch.manual_seed(0)
+    top_k = 1 if router == "switch" else 2
+    block = mc.MoEBlock(
+        8, 16, 4, top_k=top_k, router=router, kernel="torch", router_options={"capacity_factor": 1.0}
+    )
+    with torch.no_grad():
+        if router != "hash":
+            block.router.gate.weight[:, 0] = torch.tensor([4.0, 0.0, 0.0, 0.0])  # feature 0 crowds expert 0
+    x = torch.randn(8, 5, 8)
+    x[..., 0] = 3.0
+    block.train()
+    block(x)
+    assert mc.stats(block)[""]["dropped_assignments"] > 0
+    block.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x)[:1], block(x[:1]), rtol=1e-6, atol=1e-6)
+    assert mc.stats(block)[""]["dropped_assignments"] == 0
