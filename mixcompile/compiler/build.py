@@ -100,13 +100,28 @@ def site_seed(seed: int, site: FFNSite) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes values below 2**63
 
 
+def active_experts(recipe: Recipe) -> float:
+    """Experts a token runs on average: ``top_k`` (``capacity_factor * top_k`` pairs per token under expert
+    choice, whose experts each take that share of the tokens) plus the shared ones, which run for all."""
+    k = float(recipe.top_k)
+    if recipe.router == "expert_choice":
+        k *= recipe.router_options.get("capacity_factor", 1.0)
+    return k + recipe.num_shared_experts
+
+
 def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
+    active = active_experts(recipe)
+    if recipe.strategy == "moe" and recipe.resolved_sizing() == "flop" and not active.is_integer():
+        raise ConfigError(
+            f"sizing 'flop' divides the hidden size among the experts a token runs, {active:g} here "
+            "(expert choice runs capacity_factor * top_k): choose a capacity_factor that makes it whole."
+        )
     return expert_hidden(
         recipe.strategy,
         d_ff,
         sizing=recipe.resolved_sizing(),
         num_experts=recipe.num_experts,
-        top_k=recipe.top_k + recipe.num_shared_experts,  # shared experts run for every token too
+        top_k=int(active),
         group_size=recipe.group_size,
     )
 
@@ -191,7 +206,7 @@ def block_flops(ffn: DenseFFN, d_hidden: int, recipe: Recipe) -> int:
         d_hidden,
         gated=ffn.gated,
         num_experts=recipe.num_experts,
-        top_k=recipe.top_k + recipe.num_shared_experts,
+        top_k=active_experts(recipe),
         group_size=recipe.group_size,
     )
 

@@ -202,3 +202,16 @@ def test_expert_choice_on_a_model_that_generates_is_warned_about() -> None:
     """Expert choice is not causal: on a decoder, generate() would compute what training never saw."""
     with pytest.warns(UserWarning, match=r"router 'expert_choice' is not causal: in LlamaForCausalLM"):
         convert(build("llama"), strategy="moe", num_experts=4, top_k=2, router="expert_choice")
+
+
+def test_expert_choice_flops_count_the_pairs_its_capacity_gives() -> None:
+    """Expert choice runs capacity_factor * top_k pairs per token (the report assumed top_k)."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    options = {"num_experts": 4, "top_k": 1, "router": "expert_choice", "init": "random"}
+    one, two = (
+        inspect(model, **options, router_options={"capacity_factor": cf}).ffn_flops_after for cf in (1.0, 2.0)
+    )
+    expert = 2 * 16 * 64 * 2
+    assert two - one == expert
+    with pytest.raises(ConfigError, match=r"sizing 'flop' divides .* 1.5 here"):
+        inspect(model, **options, sizing="flop", router_options={"capacity_factor": 1.5})

@@ -57,13 +57,20 @@ def expert_hidden(
 
 
 def sparse_flops(
-    strategy: Strategy, d: int, d_hidden: int, *, gated: bool, num_experts: int, top_k: int, group_size: int
+    strategy: Strategy,
+    d: int,
+    d_hidden: int,
+    *,
+    gated: bool,
+    num_experts: int,
+    top_k: float,
+    group_size: int,
 ) -> int:
-    """FLOPs per token (a multiply-add is 2). MoE runs ``top_k`` experts (shared ones included) and a
-    router; MoT mixes each group of G tokens into one token per expert, runs every expert once per group,
-    and unmixes."""
+    """FLOPs per token (a multiply-add is 2). MoE runs ``top_k`` experts per token on average (shared ones
+    included; expert choice runs ``capacity_factor * k``) and a router; MoT mixes each group of G tokens
+    into one token per expert, runs every expert once per group, and unmixes."""
     e = num_experts
     expert = 2 * d * d_hidden * (3 if gated else 2)
     if strategy == "moe":
-        return 2 * d * e + top_k * expert
+        return 2 * d * e + round(top_k * expert)
     return 2 * d * e + 2 * (2 * e * d) + e * expert // group_size
