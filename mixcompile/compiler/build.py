@@ -8,6 +8,7 @@ parameter counts, no memory, no weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ def build_replacement(
     try:
         d_hidden = _expert_hidden(ffn.d_hidden, recipe)
         block = seeded_block(site, recipe, d_hidden, device, layout=layout)
+        if meta:  # a plan (inspect): say what convert would refuse
+            _check_initializer(block, ffn, recipe)
         kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
     except MixcompileError as exc:
         raise exc.prefixed(f"FFN site {site.index} at {site.label!r}") from exc
@@ -90,6 +93,21 @@ def seeded_block(
         return block
     block.load_dense(site.ffn, init=recipe.init, generator=generator, **recipe.init_options)
     return block
+
+
+def _check_initializer(block: Block, ffn: DenseFFN, recipe: Recipe) -> None:
+    """Run the initializer on meta tensors, computing nothing, so that its own checks (sizes, options)
+    refuse here what :func:`convert` would refuse: ``inspect`` said "planned" for them. An initializer that
+    needs values to go on (balanced clustering) cannot run on meta; convert runs it for real."""
+    on_meta = {name: getattr(ffn, name) for name in ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")}
+    dense = dataclasses.replace(ffn, **{k: None if t is None else t.to("meta") for k, t in on_meta.items()})
+    try:
+        with torch.device("meta"):  # what it allocates, too (random draws on a CPU generator then fail: fine)
+            block.load_dense(dense, init=recipe.init, generator=torch.Generator(), **recipe.init_options)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a computation meta tensors cannot do, not a refusal
+        pass
 
 
 def site_seed(seed: int, site: FFNSite) -> int:

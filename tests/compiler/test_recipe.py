@@ -215,3 +215,28 @@ def test_expert_choice_flops_count_the_pairs_its_capacity_gives() -> None:
     assert two - one == expert
     with pytest.raises(ConfigError, match=r"sizing 'flop' divides .* 1.5 here"):
         inspect(model, **options, sizing="flop", router_options={"capacity_factor": 1.5})
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"sizing": "flop", "top_k": 2},  # upcycle copies the dense FFN: its hidden size must stay
+        {"init": "split", "sizing": "same"},
+        {"init": "split", "init_options": {"method": "bogus"}},
+        {"init_options": {"noise": -1}},
+    ],
+)
+def test_inspect_refuses_what_convert_refuses(recipe) -> None:
+    """inspect said 'planned' for these: the initializer's own checks now run on its meta blocks."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    with pytest.raises(ConfigError) as converting:
+        convert(model, **recipe)
+    with pytest.raises(ConfigError) as inspecting:
+        inspect(model, **recipe)
+    assert str(inspecting.value) == str(converting.value)
+
+
+def test_inspect_plans_a_balanced_split_without_clustering_on_meta() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    report = inspect(model, init="split", init_options={"method": "balanced"}, num_experts=4)
+    assert [s.status for s in report.sites] == ["planned"]
