@@ -8,7 +8,6 @@ parameter counts, no memory, no weights.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -99,8 +98,19 @@ def _check_initializer(block: Block, ffn: DenseFFN, recipe: Recipe) -> None:
     """Run the initializer on meta tensors, computing nothing, so that its own checks (sizes, options)
     refuse here what :func:`convert` would refuse: ``inspect`` said "planned" for them. An initializer that
     needs values to go on (balanced clustering) cannot run on meta; convert runs it for real."""
-    on_meta = {name: getattr(ffn, name) for name in ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")}
-    dense = dataclasses.replace(ffn, **{k: None if t is None else t.to("meta") for k, t in on_meta.items()})
+
+    def meta(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to("meta")
+
+    dense = DenseFFN(
+        w_in=ffn.w_in.to("meta"),
+        w_out=ffn.w_out.to("meta"),
+        activation=ffn.activation,
+        w_gate=meta(ffn.w_gate),
+        b_in=meta(ffn.b_in),
+        b_gate=meta(ffn.b_gate),
+        b_out=meta(ffn.b_out),
+    )
     try:
         with torch.device("meta"):  # what it allocates, too (random draws on a CPU generator then fail: fine)
             block.load_dense(dense, init=recipe.init, generator=torch.Generator(), **recipe.init_options)
