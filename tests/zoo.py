@@ -368,6 +368,19 @@ def hf_mistral() -> nn.Module:
     return MistralForCausalLM(_small(MistralConfig, num_key_value_heads=2))
 
 
+def hf_qwen2_moe() -> nn.Module:
+    """A tiny Qwen2-MoE in eval mode (transformers' own routed experts beside a dense shared expert)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(config).eval()
+
+
 def hf_qwen2() -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

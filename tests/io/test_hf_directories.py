@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from zoo import hf_qwen2_moe
 
 import mixcompile as mc
 
@@ -164,13 +165,7 @@ def test_from_pretrained_applies_the_keywords_it_can(saved) -> None:
 
 
 def test_from_pretrained_applies_experts_implementation(tmp_path) -> None:
-    config = transformers.Qwen2MoeConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=48, num_experts=4,
-        num_experts_per_tok=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    mc.save(mc.convert(transformers.Qwen2MoeForCausalLM(config).eval(), num_experts=4), tmp_path / "m")
+    mc.save(mc.convert(hf_qwen2_moe(), num_experts=4), tmp_path / "m")
     assert from_pretrained(tmp_path / "m", experts_implementation="eager").config._experts_implementation == (
         "eager"
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from zoo import hf_qwen2_moe
 
 import mixcompile as mc
 from mixcompile.cli import main
@@ -99,13 +100,7 @@ def test_a_converted_moe_model_saved_with_save_pretrained_loads_back(tmp_path) -
     """transformers saves a MoE model's fused experts one tensor per expert (its original format) unless
     told not to; the converted model's directory keeps the tensors as the model holds them, so that both
     loaders find them."""
-    config = transformers.Qwen2MoeConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=48, num_experts=4,
-        num_experts_per_tok=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = distinct_experts(mc.convert(transformers.Qwen2MoeForCausalLM(config).eval(), num_experts=4))
+    model = distinct_experts(mc.convert(hf_qwen2_moe(), num_experts=4))
     model.save_pretrained(tmp_path / "m")
     rebuilt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
     for loaded in (mc.load(tmp_path / "m"), rebuilt):

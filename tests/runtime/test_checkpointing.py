@@ -55,6 +55,23 @@ def _checkpointing(model: nn.Module, enabled: bool, reentrant: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
+def _mot_model(name: str) -> nn.Module:
+    """The zoo model ``name`` converted to MoT, training, without dropout (the same masks in both runs)."""
+    torch.manual_seed(0)
+    model = mc.convert(
+        build(name),
+        strategy="mot",
+        num_experts=4,
+        group_size=4,
+        init="random",
+        mixer_options={"init_std": 0.5},
+    ).train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def _batch(seed: int, padded: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (4, 8), generator=generator)
@@ -71,18 +88,7 @@ def _batch(seed: int, padded: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
 def test_checkpointed_mot_layers_keep_the_padding_mask(name, reentrant) -> None:
     """Two padded forwards, then one backward: each recomputed layer mixes as its own forward did."""
     pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = mc.convert(
-        build(name),
-        strategy="mot",
-        num_experts=4,
-        group_size=4,
-        init="random",
-        mixer_options={"init_std": 0.5},
-    ).train()
-    for module in model.modules():  # the same dropout masks in both runs
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    model = _mot_model(name)
     first, second = _batch(1, [(1, 5)]), _batch(2, [(0, 6), (2, 3)])
 
     def grads(enabled: bool) -> dict[str, torch.Tensor]:
@@ -186,18 +192,7 @@ def test_a_recomputation_that_lost_its_mask_is_refused_not_miscomputed() -> None
 def test_a_loss_on_an_inner_hidden_state_keeps_the_padding_mask() -> None:
     """ModelOutput.hidden_states is a tuple inside the output: its tensors bring the context back too."""
     pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = mc.convert(
-        build("gpt2"),
-        strategy="mot",
-        num_experts=4,
-        group_size=4,
-        init="random",
-        mixer_options={"init_std": 0.5},
-    ).train()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    model = _mot_model("gpt2")
     batch = _batch(1, [(1, 5)])
     del batch["labels"]
 
