@@ -58,7 +58,23 @@ def read_bytes(
     path: Path, what: str = "file", *, limit: int | None = None, within: Path | None = None
 ) -> bytes:
     """The contents of a regular file, refusing files over ``limit`` bytes before reading them; with
-    ``within``, the file read must be one :func:`confined_file` accepts there.
+    ``within``, the file read must be one :func:`confined_file` accepts there (see :func:`opened_file`)."""
+    with opened_file(path, what, within=within) as (descriptor, info):
+        if limit is not None and info.st_size > limit:
+            raise LoadError(f"{path} is {info.st_size:,} bytes, too large for a {what} (limit {limit:,}).")
+        with os.fdopen(os.dup(descriptor), "rb") as reader:
+            data = reader.read(limit + 1 if limit is not None else -1)
+    if limit is not None and len(data) > limit:
+        raise LoadError(f"{path} grew past {limit:,} bytes while being read; too large for a {what}.")
+    return data
+
+
+@contextlib.contextmanager
+def opened_file(
+    path: Path, what: str = "file", *, within: Path | None = None
+) -> Iterator[tuple[int, os.stat_result]]:
+    """``path`` opened for reading: its descriptor and what ``fstat`` says of it. With ``within``, the file
+    opened must be one :func:`confined_file` accepts there.
 
     What is read is checked on the opened descriptor, not on the path again: a file swapped for a FIFO or
     a symlink leading out between the check and the read is refused, not read (or waited on)."""
@@ -69,7 +85,7 @@ def read_bytes(
         raise LoadError(f"{path}: permission denied (cannot read the {what}).") from None
     except OSError as exc:
         raise LoadError(f"{path}: cannot read the {what}: {exc.strerror or exc}.") from None
-    with os.fdopen(descriptor, "rb") as reader:
+    try:
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
             raise LoadError(f"{path} changed into a {_file_type(info.st_mode)} while being read; refused.")
@@ -78,12 +94,18 @@ def read_bytes(
             raise LoadError(
                 f"{path} changed into a symlink leading outside {within} while being read; refused."
             )
-        if limit is not None and info.st_size > limit:
-            raise LoadError(f"{path} is {info.st_size:,} bytes, too large for a {what} (limit {limit:,}).")
-        data = reader.read(limit + 1 if limit is not None else -1)
-    if limit is not None and len(data) > limit:
-        raise LoadError(f"{path} grew past {limit:,} bytes while being read; too large for a {what}.")
-    return data
+        yield descriptor, info
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def reopenable(path: Path, what: str = "file", *, within: Path | None = None) -> Iterator[str]:
+    """A path that opens the very file :func:`opened_file` checked, for readers that take only a path
+    (safetensors memory-maps its files): ``/proc/self/fd/N`` where the system has it, else ``path``."""
+    with opened_file(path, what, within=within) as (descriptor, _):
+        link = f"/proc/self/fd/{descriptor}"
+        yield link if os.path.exists(link) else str(path)
 
 
 def _opened_path(descriptor: int) -> Path | None:

@@ -1,5 +1,8 @@
 """Weights files: checked against the model they must fill before anything large is read, then loaded
-into it by assignment (each tensor read once, in its saved dtype; no second copy of the model)."""
+into it by assignment (each tensor read once, in its saved dtype; no second copy of the model).
+
+Each file is one a manifest named inside its directory (:func:`~mixcompile.io.files.confined_file`), and is
+read through the descriptor checked there (:func:`~mixcompile.io.files.reopenable`)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from mixcompile.errors import LoadError, first_line
-from mixcompile.io.files import check_regular_file
+from mixcompile.io.files import reopenable
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -19,9 +22,11 @@ def read_shapes(files: list[Path]) -> Shapes:
     """Tensor names and shapes from safetensors headers (memory-mapped; no tensor is read)."""
     shapes: Shapes = {}
     for file in files:
-        check_regular_file(file, "weights file")
         try:
-            with safe_open(str(file), framework="pt") as handle:
+            with (
+                reopenable(file, "weights file", within=file.parent) as readable,
+                safe_open(readable, framework="pt") as handle,
+            ):
                 for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
                     if name in shapes:
                         raise LoadError(f"{file} holds {name!r} again (it is in another weights file too).")
@@ -67,7 +72,10 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as handle:
+            with (
+                reopenable(file, "weights file", within=file.parent) as readable,
+                safe_open(readable, framework="pt") as handle,
+            ):
                 for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
                     tensors[name] = handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -389,3 +389,28 @@ def test_a_weights_index_naming_files_outside_its_directory_is_refused(
     assert main(["convert", str(attack), "-o", str(victim), "--force", "--strategy", "moe"]) == 1
     assert "not a file inside" in capsys.readouterr().err
     assert tree(victim) == before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="the opened file's path comes from /proc")
+@pytest.mark.parametrize("swap", ["symlink out", "fifo"])
+def test_weights_are_read_from_the_file_checked_not_the_path_again(tmp_path, monkeypatch, swap) -> None:
+    """The weights file is checked on the descriptor the tensors are read from: one swapped for a symlink
+    leading out or for a FIFO after its path was checked is refused (a FIFO would hang the reader)."""
+    import mixcompile.io.files as files
+    from mixcompile.io.weights import load_weights, read_shapes
+
+    saved = tmp_path / "m"
+    mc.save(mc.convert(build_tiny_gpt(), strategy="moe", num_experts=2, top_k=1), saved)
+    weights = saved / "model.safetensors"
+    (tmp_path / "outside.safetensors").write_bytes(weights.read_bytes())
+    model = mc.load(saved)
+    weights.unlink()
+    if swap == "fifo":
+        os.mkfifo(weights)
+        monkeypatch.setattr(files, "check_regular_file", lambda *_: None)  # the swap came after the check
+    else:
+        weights.symlink_to(tmp_path / "outside.safetensors")
+    expected = "changed into a FIFO" if swap == "fifo" else "symlink leading outside"
+    for read in (lambda: read_shapes([weights]), lambda: load_weights(model, [weights])):
+        with pytest.raises(mc.LoadError, match=expected):
+            read()
