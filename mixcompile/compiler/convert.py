@@ -156,7 +156,9 @@ def convert_with_report(
             install_token_hooks(target)  # back to the hooks the restored model's own MoT blocks need
         raise
     after = _count_params(target)
-    report = _report(target, recipe, scan, plans, checks, before, after, existing, converted=True)
+    report = _report(
+        target, recipe, scan, plans, checks, before, after, existing, converted=True, calls=probe.calls
+    )
     report.model_max_error = model_error
     report.notes.extend(probe.notes)
     record(target, recipe, [plan.site.index for plan in plans], [layouts[i] for i in sorted(layouts)])
@@ -188,6 +190,7 @@ class _Probe:
     def __init__(self, model: nn.Module, sites: list[FFNSite], example_inputs: Any, *, needed: bool) -> None:
         self.inputs, self.source = example_inputs, "example_inputs"
         self.captured: dict[int, Any] = {}
+        self.calls: dict[int, int] = {}  # how many times each site's module ran in the forward
         self.reference: Any = None
         self.notes: list[str] = []
         self.batch: int | None = None
@@ -196,7 +199,7 @@ class _Probe:
         if self.inputs is None:
             return
         try:
-            self.captured, self.reference = capture_inputs(model, sites, self.inputs)
+            self.captured, self.calls, self.reference = capture_inputs(model, sites, self.inputs)
         except Exception as exc:
             if self.source == "example_inputs":
                 raise MixcompileError(
@@ -347,7 +350,11 @@ def _report(
     existing: list[tuple[BlockReport, int]],
     *,
     converted: bool,
+    calls: Mapping[int, int] | None = None,
 ) -> Report:
+    """``calls``: how many times each site's module ran in one forward (where a forward was run; a module
+    shared by several layers counts once per layer in the FLOPs), else once."""
+    runs = {site.index: max(1, (calls or {}).get(site.index, 1)) for site in scan.sites}
     by_site = {plan.site.index: plan for plan in plans}
     rows = []
     for site in scan.sites:
@@ -373,15 +380,18 @@ def _report(
                 reason=site.reason,
                 expert_hidden=plan.d_hidden if plan else None,
                 kernel=plan.kernel if plan else None,
-                notes=list(site.notes),
+                notes=list(site.notes)
+                + ([f"runs {runs[site.index]} times per forward"] if runs[site.index] > 1 else []),
                 max_error=check.max_error if check else None,
                 probe=check.source if check else None,
                 hidden_dropout=site.hidden_dropout,
                 layout=getattr(plan.block, "layout", None) if plan else None,
             )
         )
-    flops_before = sum(plan.flops_before for plan in plans)
-    unchanged = sum(dense_flops(site.ffn) for site in scan.sites if site.index not in by_site)
+    flops_before = sum(plan.flops_before * runs[plan.site.index] for plan in plans)
+    unchanged = sum(
+        dense_flops(site.ffn) * runs[site.index] for site in scan.sites if site.index not in by_site
+    )
     unchanged += sum(flops for _, flops in existing)
     return Report(
         model=type(model).__name__,
@@ -391,7 +401,7 @@ def _report(
         params_before=params_before,
         params_after=params_after,
         ffn_flops_before=flops_before + unchanged,
-        ffn_flops_after=sum(plan.flops_after for plan in plans) + unchanged,
+        ffn_flops_after=sum(plan.flops_after * runs[plan.site.index] for plan in plans) + unchanged,
         converted=converted,
         sparse_blocks=[block for block, _ in existing],
         hf_experts=_describe_hf_experts(model),

@@ -52,9 +52,18 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def capture_inputs(model: nn.Module, sites: list[FFNSite], example_inputs: Any) -> tuple[dict[int, Any], Any]:
-    """Run ``model`` once; return each site's first real FFN input (by site index) and the model output."""
+def capture_inputs(
+    model: nn.Module, sites: list[FFNSite], example_inputs: Any
+) -> tuple[dict[int, Any], dict[int, int], Any]:
+    """Run ``model`` once; return each site's first real FFN input and how many times its module ran on
+    the whole batch (by site index: a module shared by several layers, as in ALBERT, runs once per layer),
+    and the model output.
+
+    Calls on slices of one tensor (a feed-forward applied chunk by chunk) are one run: a run is a call
+    whose input lives in storage no earlier call's did (the inputs are held until the end, so freed memory
+    is not reused for the next one)."""
     captured: dict[int, torch.Tensor] = {}
+    inputs: dict[int, list[torch.Tensor]] = {}
     handles = []
     for site in sites:
         path = site.probe_module()
@@ -64,6 +73,7 @@ def capture_inputs(model: nn.Module, sites: list[FFNSite], example_inputs: Any) 
         def hook(module: nn.Module, args: tuple[Any, ...], index: int = site.index) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 captured.setdefault(index, args[0].detach().clone())
+                inputs.setdefault(index, []).append(args[0])
 
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
     try:
@@ -72,7 +82,12 @@ def capture_inputs(model: nn.Module, sites: list[FFNSite], example_inputs: Any) 
     finally:
         for handle in handles:
             handle.remove()
-    return captured, output
+    calls = {index: len({_storage(x) for x in xs}) for index, xs in inputs.items()}
+    return captured, calls, output
+
+
+def _storage(x: torch.Tensor) -> tuple[torch.device, int]:
+    return x.device, x.untyped_storage().data_ptr()
 
 
 def random_probe(plan: Replacement, recipe: Recipe) -> torch.Tensor:

@@ -240,3 +240,35 @@ def test_inspect_plans_a_balanced_split_without_clustering_on_meta() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
     report = inspect(model, init="split", init_options={"method": "balanced"}, num_experts=4)
     assert [s.status for s in report.sites] == ["planned"]
+
+
+class _SharedLayers(torch.nn.Module):
+    """ALBERT's layout: one layer's FFN runs at every depth (``chunks`` > 1 applies it chunk by chunk over
+    the tokens, as transformers' ``chunk_size_feed_forward`` does: still one run over the batch)."""
+
+    def __init__(self, depth: int, chunks: int = 1) -> None:
+        super().__init__()
+        self.depth, self.chunks = depth, chunks
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.depth):
+            x = x + torch.cat([self.ffn(part) for part in x.chunk(self.chunks, dim=1)], dim=1)
+        return x
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_a_shared_ffn_counts_once_per_layer_it_runs_in(chunks) -> None:
+    """The report counted a site's FLOPs once though its module runs at every depth (ALBERT): convert,
+    which runs the model, counts each run over the batch; inspect, which does not, counts one."""
+    x = torch.randn(2, 8, 16)
+    model = _SharedLayers(depth=3, chunks=chunks)
+    options = {"strategy": "moe", "num_experts": 4, "top_k": 2}
+    once = inspect(model, **options)
+    _, report = convert_with_report(model, **options, example_inputs=(x,))
+    assert (report.ffn_flops_before, report.ffn_flops_after) == (
+        3 * once.ffn_flops_before,
+        3 * once.ffn_flops_after,
+    )
+    assert report.ffn_flops_before == 3 * 2 * 2 * 16 * 64
+    assert "runs 3 times per forward" in report.sites[0].notes
