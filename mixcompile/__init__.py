@@ -14,6 +14,7 @@ from mixcompile.errors import (
     PluginError,
     ShapeError,
     UnknownNameError,
+    VerificationError,
 )
 from mixcompile.integrations.transformers_experts import register_transformers_experts
 from mixcompile.io import load, save
@@ -77,6 +78,7 @@ __all__ = [
     "TinyGPT",
     "TokenLayout",
     "UnknownNameError",
+    "VerificationError",
     "aux_loss",
     "build_tiny_gpt",
     "convert",

@@ -39,6 +39,11 @@ class PluginError(MixcompileError):
     """A plugin raised, or returned something malformed. The message names the plugin."""
 
 
+class VerificationError(MixcompileError):
+    """A conversion whose recipe preserves the dense model's function computed something else: a rewrite
+    changed more than the FFN (the model is left as it was)."""
+
+
 class LoadError(MixcompileError):
     """A path that cannot be read as a model, or a saved model that is refused: names the file and why."""
 

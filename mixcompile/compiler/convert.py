@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -33,17 +33,18 @@ from mixcompile.compiler.layout import AUTO_BATCH, auto_inputs, batch_size, deci
 from mixcompile.compiler.pattern import Pattern
 from mixcompile.compiler.recipe import Recipe, make_recipe, record
 from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
-from mixcompile.compiler.rewrite import apply, assignments, choose_rewrites
+from mixcompile.compiler.rewrite import Assignment, apply, assignments, choose_rewrites
 from mixcompile.compiler.verify import (
     SiteCheck,
     capture_inputs,
     check_site,
+    disagreement,
     evaluation,
     output_error,
     random_probe,
     run_model,
 )
-from mixcompile.errors import ConfigError, MixcompileError
+from mixcompile.errors import ConfigError, MixcompileError, VerificationError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.introspect import sparse_blocks
 from mixcompile.runtime.tokens import install_token_hooks
@@ -145,11 +146,15 @@ def convert_with_report(
         plan.block.train(plan.site.unit.module.training)
     before = _count_params(target)
     existing = _describe_blocks(target)
-    restore = apply(target, assignments(target, [(plan.site, plan.block) for plan in plans]))
+    changes = assignments(target, [(plan.site, plan.block) for plan in plans])
+    restore = apply(target, changes)
     if mot:
         install_token_hooks(target)
     try:
-        checks, model_error = _verify(target, recipe, plans, probe, verify)
+        checks, model_error, mismatch = _verify(target, recipe, plans, probe, verify)
+        if mismatch is not None:
+            restore = _confirm_mismatch(target, probe, plans, changes, restore, mismatch, mot=mot)
+            model_error = None  # the dense model itself varies: nothing to compare with
     except BaseException:
         restore()
         if mot:
@@ -222,9 +227,11 @@ class _Probe:
 
 def _verify(
     model: nn.Module, recipe: Recipe, plans: list[Replacement], probe: _Probe, verify: bool
-) -> tuple[dict[int, SiteCheck], float | None]:
+) -> tuple[dict[int, SiteCheck], float | None, str | None]:
+    """Each site's check, the converted model's largest output difference from the dense one, and, for a
+    function-preserving recipe, how the outputs disagree beyond rounding (``None`` if they agree)."""
     if not verify or any(plan.site.ffn.w_in.is_meta for plan in plans):
-        return {}, None  # a model on the meta device has structure, no values: nothing to run
+        return {}, None, None  # a model on the meta device has structure, no values: nothing to run
     preserving = function_preserving(recipe)
     checks = {}
     for plan in plans:
@@ -238,15 +245,58 @@ def _verify(
                 x = x.reshape(-1, x.shape[-1])
         checks[index] = check_site(plan, x, preserving=preserving, source=source, batch=batch)
     if probe.inputs is None:
-        return checks, None
+        return checks, None, None
+    after = _run_on_probe(model, probe, "converted")
+    if not preserving:
+        return checks, None, None
+    return checks, output_error(probe.reference, after), disagreement(probe.reference, after)
+
+
+def _run_on_probe(model: nn.Module, probe: _Probe, which: str) -> Any:
     try:
         with evaluation(model):
-            after = run_model(model, probe.inputs)
+            return run_model(model, probe.inputs)
     except Exception as exc:
         raise MixcompileError(
-            f"the converted {type(model).__name__} failed on {probe.source}: {type(exc).__name__}: {exc}"
+            f"the {which} {type(model).__name__} failed on {probe.source}: {type(exc).__name__}: {exc}"
         ) from exc
-    return checks, output_error(probe.reference, after) if preserving else None
+
+
+def _confirm_mismatch(
+    model: nn.Module,
+    probe: _Probe,
+    plans: list[Replacement],
+    changes: list[Assignment],
+    restore: Callable[[], None],
+    mismatch: str,
+    *,
+    mot: bool,
+) -> Callable[[], None]:
+    """Raise :class:`VerificationError` for a converted model that computes something else than the dense
+    one, unless the dense model itself does (randomness in eval mode): then note it and keep the conversion.
+    Returns the restore function of the conversion kept."""
+    restore()
+    if mot:
+        install_token_hooks(model)
+    repeat = disagreement(probe.reference, _run_on_probe(model, probe, "unconverted"))
+    if repeat is None:
+        sites = ", ".join(
+            f"{plan.site.index} ({plan.site.rewrite.describe()})" for plan in plans if plan.site.rewrite
+        )
+        raise VerificationError(
+            f"converting {type(model).__name__} changed more than its FFNs: the recipe preserves the dense "
+            f"model's function (every block alone computes its FFN), but on {probe.source} the converted "
+            f"model's {mismatch}. A rewrite also changed something the FFN shares with other code. Sites: "
+            f"{sites}. Convert fewer sites (sites=[...]) to find it; verify=False keeps the result unchecked."
+        )
+    probe.notes.append(
+        "no model-level verification: the unconverted model's output differs between two eval forwards on "
+        f"{probe.source} ({repeat})"
+    )
+    restore = apply(model, changes)
+    if mot:
+        install_token_hooks(model)
+    return restore
 
 
 def _check_model(model: object) -> None:

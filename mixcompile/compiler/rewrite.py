@@ -12,9 +12,10 @@ Three rewrites, preferred in this order:
    everything around them (residuals, norms, other dropouts, the forward's own arguments and control
    flow) is untouched.
 3. **Graph edit**: the FFN is inline code in a (non-root) module's ``forward`` (functional or method
-   activations, ``F.linear`` on bare parameters) -> that module becomes a ``GraphModule`` where the FFN's
-   nodes are one ``call_module`` to the block. The ``training`` flag the forward passes to functional
-   dropouts stays live (``self.training`` of the GraphModule), so one graph serves train and eval mode.
+   activations, ``F.linear`` on bare parameters) -> that module's forward becomes its traced graph, where
+   the FFN's nodes are one ``call_module`` to the block (an :class:`EditedForward` on the module itself,
+   so its class, its other attributes, buffers and hooks stay). The ``training`` flag the forward passes
+   to functional dropouts stays live (``self.training``), so one graph serves train and eval mode.
 
 A dropout *between* the projections is applied by the block itself (its ``hidden_dropout``).
 
@@ -24,7 +25,9 @@ is uniform and can be undone when verification fails, leaving the model as it wa
 
 from __future__ import annotations
 
+import dis
 import inspect
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, cast
 from torch import fx, nn
 
 from mixcompile.compiler.pattern import Match
-from mixcompile.compiler.trace import TracedUnit, trace_module
+from mixcompile.compiler.trace import LeafTracer, TracedUnit, helper_methods, trace_module
 from mixcompile.compiler.view import GraphView, build_view
 from mixcompile.runtime.ffn import DenseFFN
 
@@ -58,9 +61,12 @@ class Rewrite:
     identities: tuple[str, ...] = ()  # module paths (or function attributes) that become identities
     trailing: tuple[str, ...] = ()  # module swap: dropouts kept after the block
     guards: tuple[Assignment, ...] = ()  # flags that keep fused fast paths off
+    also: tuple[str, ...] = ()  # module swap: the other paths of a module registered at several (shared)
 
     def describe(self) -> str:
         text = f"{self.method}: {self.target or '<root>'} <- block"
+        if self.also:
+            text += f" (shared: also {', '.join(self.also)})"
         if self.trailing:
             text += f" (then {', '.join(self.trailing)})"
         if self.identities:
@@ -114,28 +120,73 @@ def assignments(model: nn.Module, planned: Iterable[tuple[FFNSite, nn.Module]]) 
         value = block
         if rewrite.trailing:
             value = nn.Sequential(block, *(model.get_submodule(path) for path in rewrite.trailing))
-        result.append(Assignment(*_split(rewrite.target), value))
+        if rewrite.method == MODULE_SWAP:
+            _accept_keyword(value, site.unit.module)
+            # A module registered at several places (shared by layers) is replaced at each, still shared.
+            result.extend(Assignment(*_split(path), value) for path in (rewrite.target, *rewrite.also))
+        else:
+            result.append(Assignment(*_split(rewrite.target), value))
         result.extend(Assignment(*_split(path), nn.Identity()) for path in rewrite.identities)
         result.extend(rewrite.guards)
     for owner, group in edits.items():
-        result.append(Assignment(*_split(owner), _edited_module(model.get_submodule(owner), group)))
+        result.extend(_edit_in_place(owner, model.get_submodule(owner), group))
     return result
 
 
+def _paths_of(model: nn.Module, path: str) -> list[str]:
+    """Every path where the module at ``path`` is registered."""
+    module = model.get_submodule(path)
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def _accept_keyword(value: nn.Module, ffn: nn.Module) -> None:
+    """Let the block take its input under the name the FFN module's forward gave it: a parent calling
+    ``self.mlp(hidden_states=h)`` calls the block so too."""
+    name = next(iter(list(inspect.signature(type(ffn).forward).parameters)[1:]), None)
+    if name is not None:
+        value.register_forward_pre_hook(KeywordInput(name), with_kwargs=True)
+
+
+class KeywordInput:
+    """A forward pre-hook that passes a block's input given as keyword ``name`` positionally."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[tuple[object, ...], dict[str, object]] | None:
+        if args or self.name not in kwargs:
+            return None
+        kwargs = dict(kwargs)
+        return (kwargs.pop(self.name),), kwargs
+
+
 def apply(model: nn.Module, changes: list[Assignment]) -> Callable[[], None]:
-    """Make the assignments; returns a function that restores every attribute as it was."""
-    undo: list[tuple[nn.Module, str, object]] = []
-    for change in changes:
-        owner = model.get_submodule(change.path)
-        undo.append((owner, change.name, getattr(owner, change.name)))
-        setattr(owner, change.name, change.value)
+    """Make the assignments, all or none (one that fails undoes those made before it); returns a function
+    that restores every attribute as it was."""
+    undo: list[tuple[nn.Module, str, object, bool]] = []
 
     def restore() -> None:
-        for owner, name, old in reversed(undo):
+        for owner, name, old, own in reversed(undo):
+            if not own:  # a new attribute (a block's), or one over the class's (an edited forward)
+                delattr(owner, name)
+                continue
             if not isinstance(old, nn.Module):
                 owner._modules.pop(name, None)  # a function attribute that an identity module replaced
             setattr(owner, name, old)
 
+    try:
+        for change in changes:
+            owner = model.get_submodule(change.path)
+            own = any(
+                change.name in d for d in (vars(owner), owner._modules, owner._parameters, owner._buffers)
+            )
+            undo.append((owner, change.name, getattr(owner, change.name, None), own))
+            setattr(owner, change.name, change.value)
+    except BaseException:
+        restore()
+        raise
     return restore
 
 
@@ -167,7 +218,9 @@ def _module_swap(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit])
     output = next(n for n in unit.graph.nodes if n.op == "output")
     if computed != set(match.nodes) | set(trailing) or output.args[0] is not tail:
         return "no module swap: the module's forward does more than the FFN"
-    return Rewrite(MODULE_SWAP, unit.path, trailing=tuple(_join(unit.path, str(n.target)) for n in trailing))
+    also = tuple(path for path in _paths_of(model, unit.path) if path != unit.path)
+    trailing_paths = tuple(_join(unit.path, str(n.target)) for n in trailing)
+    return Rewrite(MODULE_SWAP, unit.path, trailing=trailing_paths, also=also)
 
 
 def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> Rewrite | str:
@@ -188,7 +241,7 @@ def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUni
         member = _chain_member(node, unit)
         if member is None and node.op == "call_function" and node in dropouts:
             p, attr = dropouts[node]
-            outcome = _functional_dropout(p, attr, owner_units)
+            outcome = _functional_dropout(p, attr, owner_units, _untraced_names(unit, owner_units))
             if isinstance(outcome, str):
                 return f"no chain collapse: {outcome}"
             turned_off.extend(Assignment(unit.path, name, 0.0) for name in outcome)
@@ -201,6 +254,18 @@ def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUni
     for node in ordered:
         if node.op == "call_module" and not _called_once(str(node.target), owner_units):
             return f"no chain collapse: module {node.target!r} is called more than once"
+        emptied = node.op == "call_function" and node not in dropouts  # a function attribute
+        if emptied and _function_calls(node.target, owner_units) > 1:
+            called = getattr(node.target, "__name__", node.target)
+            return f"no chain collapse: {called} is also called outside the FFN"
+    hidden = _untraced_names(unit, owner_units)
+    for member in members:
+        name = member.removeprefix(f"{unit.path}.") if unit.path else member
+        if name.split(".")[0] in hidden:
+            return (
+                f"no chain collapse: self.{name.split('.')[0]} is also used by {type(unit.module).__name__}."
+                "forward, which does not trace"
+            )
     modules = [_join(unit.path, str(n.target)) for n in ordered if n.op == "call_module"]
     shared = _shared_members(model, unit.path, modules)
     if shared:
@@ -209,12 +274,16 @@ def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUni
     return Rewrite(CHAIN_COLLAPSE, members[0], identities=tuple(members[1:]), guards=guards)
 
 
-def _functional_dropout(p: float, attr: str | None, owner_units: list[TracedUnit]) -> tuple[str, ...] | str:
+def _functional_dropout(
+    p: float, attr: str | None, owner_units: list[TracedUnit], untraced: set[str]
+) -> tuple[str, ...] | str:
     """The attribute to set to 0 so a functional hidden dropout becomes a no-op (none if it is one
     already), or why that cannot be done: its probability is a literal, or an attribute other calls of
-    the module read too."""
+    the module read too (in its graphs, or in ``untraced`` code)."""
     if attr is None or p == 0:
         return () if p == 0 else f"the hidden dropout's probability {p} is a literal, not an attribute"
+    if attr in untraced:
+        return f"the hidden dropout's probability self.{attr} is also read by a forward that does not trace"
     readers = sum(
         1
         for unit in owner_units
@@ -245,7 +314,67 @@ def _graph_edit(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) 
         return f"no graph edit: its forward does not trace exactly ({type(exc).__name__}: {text})"
     if _rematch(site, view) is None:
         return "no graph edit: part of the FFN is computed inside a child module's forward"
+    modes = sorted(_GRAD_MODES & _code_names(unit.module))
+    if modes:
+        return (
+            f"no graph edit: its forward uses {', '.join(modes)}, which a traced graph does not record (the "
+            "edited forward would compute gradients or precision differently)"
+        )
+    branches = _optional_branches(unit.module)
+    if branches:
+        return (
+            f"no graph edit: its forward branches on whether {', '.join(map(repr, branches))} is given, and "
+            "an edited graph would keep one branch"
+        )
     return Rewrite(GRAPH_EDIT, unit.path)
+
+
+_GRAD_MODES = {"no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast"}
+
+
+def _code_names(owner: nn.Module) -> set[str]:
+    """Every name the code of the owner's ``forward`` and its helper methods reads (nested code too)."""
+    names: set[str] = set()
+    pending = [
+        getattr(inspect.unwrap(getattr(type(owner), method)), "__code__", None)
+        for method in ("forward", *helper_methods(owner))
+    ]
+    while pending:
+        code = pending.pop()
+        if isinstance(code, types.CodeType):
+            names |= set(code.co_names)
+            pending.extend(code.co_consts)
+    return names
+
+
+def _optional_branches(owner: nn.Module) -> list[str]:
+    """The ``forward`` parameters defaulting to ``None`` whose absence changes what it computes (``if mask
+    is not None: ...``): an exact trace takes each given, so an edited forward would fail or compute the
+    wrong branch when one is left out. Found by tracing again with each left out."""
+    params = list(inspect.signature(type(owner).forward).parameters.values())[1:]
+    optional = [p.name for p in params if p.default is None and p.kind is not p.VAR_KEYWORD]
+    if not optional:
+        return []
+    opaque = set(owner.children())
+    given = _calls(trace_module(owner, opaque, analysis=False)[0])
+    differ = []
+    for name in optional:
+        try:
+            left_out = LeafTracer(opaque, analysis=False).trace(owner, concrete_args={name: None})
+        except Exception:  # noqa: BLE001 - the forward needs it after all: nobody can leave it out
+            continue
+        if _calls(left_out) != given:
+            differ.append(name)
+    return differ
+
+
+def _calls(graph: fx.Graph) -> list[tuple[str, object]]:
+    return [
+        (n.op, n.target)
+        for n in graph.nodes
+        if n.op in ("call_module", "call_function", "call_method")
+        and getattr(n.target, "__name__", None) != "_assert_is_none"  # what leaving one out adds
+    ]
 
 
 class _ModesDiffer(Exception):
@@ -309,14 +438,17 @@ def _rematch(site: FFNSite, view: GraphView) -> Match | None:
     return next((m for m in site.finder.find(view) if view.weight_keys(m.nodes) == wanted), None)
 
 
-def _edited_module(owner: nn.Module, group: list[tuple[FFNSite, nn.Module]]) -> fx.GraphModule:
-    graph, view = _shallow(owner, group[0][0].path)
-    attrs: dict[str, object] = {}
+def _edit_in_place(path: str, owner: nn.Module, group: list[tuple[FFNSite, nn.Module]]) -> list[Assignment]:
+    """The owner's forward as its graph with each FFN one call of its block: the blocks, the FFNs' modules
+    and parameters emptied (set to ``None``; nothing else reads them), and the new forward."""
+    graph, view = _shallow(owner, path)
+    before = _targets(graph)
+    blocks: dict[str, nn.Module] = {}
     for site, block in group:
         match = _rematch(site, view)
         assert match is not None, f"site {site.label} vanished between planning and rewriting"
-        name = _block_name(match, graph, attrs)
-        attrs[name] = block
+        name = _block_name(match, graph, owner, blocks)
+        blocks[name] = block
         with graph.inserting_before(match.output):
             replacement = graph.call_module(name, (match.input,))
         match.output.replace_all_uses_with(replacement)
@@ -324,25 +456,58 @@ def _edited_module(owner: nn.Module, group: list[tuple[FFNSite, nn.Module]]) -> 
             graph.erase_node(node)
     for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
         graph.erase_node(node)
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target not in attrs:
-            attrs[str(node.target)] = _fetch(owner, str(node.target))
-    edited = fx.GraphModule(attrs, graph, class_name=type(owner).__name__)
-    edited.train(owner.training)
-    return edited
+    emptied = sorted(before - _targets(graph) - set(blocks))
+    return [
+        *(Assignment(*_split(_join(path, target)), None) for target in emptied),
+        *(Assignment(path, name, block) for name, block in blocks.items()),
+        Assignment(path, "forward", EditedForward(owner, graph)),
+    ]
 
 
-def _block_name(match: Match, graph: fx.Graph, taken: dict[str, object]) -> str:
-    """Name the block after the projection it replaces, unless something outside the FFN still uses it."""
+def _targets(graph: fx.Graph) -> set[str]:
+    return {
+        str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr") and n.target != "training"
+    }
+
+
+class EditedForward:
+    """The ``forward`` of a module whose inline FFN became a block: the edited graph's code, run on the
+    module itself (attributes are looked up at each call, so weights loaded or moved later are the ones
+    used). Pickled and copied as its graph; the code is generated on first use."""
+
+    def __init__(self, owner: nn.Module, graph: fx.Graph) -> None:
+        self.owner, self.graph = owner, graph
+        self.__signature__ = inspect.signature(type(owner).forward).replace(
+            parameters=list(inspect.signature(type(owner).forward).parameters.values())[1:]
+        )
+        self._code: Callable[..., object] | None = None
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        if self._code is None:
+            code = self.graph.python_code(root_module="self")
+            namespace = dict(code.globals)
+            exec(compile(code.src, f"<{type(self.owner).__name__}.forward, edited>", "exec"), namespace)  # noqa: S102 - the graph's own code
+            self._code = namespace["forward"]
+        return self._code(self.owner, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[type, tuple[nn.Module, fx.Graph]]:
+        return EditedForward, (self.owner, self.graph)
+
+
+def _block_name(match: Match, graph: fx.Graph, owner: nn.Module, taken: dict[str, nn.Module]) -> str:
+    """Name the block after the projection it replaces, unless something outside the FFN still uses it
+    (or the owner has another attribute of that name)."""
     first = next(n for n in match.input.users if n in match.nodes)
     # A functional linear's weight is a get_attr node (view._classify checked it).
     target = first.target if first.op == "call_module" else cast(fx.Node, first.args[1]).target
     name = str(target).replace(".", "_")
+    ffn_targets = {str(n.target) for n in match.nodes if n.op in ("call_module", "get_attr")}
     used = set(taken) | {
         str(n.target).split(".")[0]
         for n in graph.nodes
         if n.op in ("call_module", "get_attr") and n not in match.nodes
     }
+    used |= {a for a in dir(owner) if a not in ffn_targets}
     while name in used:
         name += "_moe"
     return name
@@ -363,6 +528,48 @@ def _chain_member(node: fx.Node, unit: TracedUnit) -> str | None:
         if value is node.target and name in names:
             return _join(unit.path, name)
     return None
+
+
+def _function_calls(function: object, owner_units: list[TracedUnit]) -> int:
+    """Calls of ``function`` in the owner's graphs: a function attribute emptied for the FFN must not be
+    called anywhere else (``self.act = F.gelu`` used by the FFN and by another branch)."""
+    return sum(
+        1 for u in owner_units for n in u.graph.nodes if n.op == "call_function" and n.target is function
+    )
+
+
+def _untraced_names(unit: TracedUnit, owner_units: list[TracedUnit]) -> set[str]:
+    """Attributes the owner's untraced code uses as values: where ``forward`` does not trace and the FFN
+    was found in a helper method, whatever else ``forward`` (or an untraced helper) does with the FFN's
+    members is in no graph, so emptying them could change that code. Reading an attribute *of* a member
+    (``self.linear1.weight``, as ``nn.TransformerEncoderLayer``'s fast-path checks do) is not a use."""
+    traced = {u.method for u in owner_units}
+    if "forward" in traced:
+        return set()
+    names: set[str] = set()
+    for method in ("forward", *helper_methods(unit.module)):
+        if method not in traced:
+            function = inspect.unwrap(getattr(type(unit.module), method))
+            names |= _attributes_used(getattr(function, "__code__", None))
+    return names
+
+
+def _attributes_used(code: object) -> set[str]:
+    """Attribute names a code object loads and uses as they are (not just to read one of their own
+    attributes), its nested functions' and comprehensions' included."""
+    if not isinstance(code, types.CodeType):
+        return set()
+    names: set[str] = set()
+    instructions = list(dis.get_instructions(code))
+    for here, after in zip(instructions, [*instructions[1:], None], strict=True):
+        if here.opname in _LOADS_ATTRIBUTE and not (after is not None and after.opname == "LOAD_ATTR"):
+            names.add(str(here.argval))
+    for constant in code.co_consts:
+        names |= _attributes_used(constant)
+    return names
+
+
+_LOADS_ATTRIBUTE = ("LOAD_ATTR", "LOAD_METHOD")
 
 
 def _called_once(target: str, owner_units: list[TracedUnit]) -> bool:
@@ -397,13 +604,6 @@ def _fast_path_guards(model: nn.Module, unit: TracedUnit) -> tuple[Assignment, .
         if isinstance(model.get_submodule(path), nn.TransformerEncoder):
             guards.append(Assignment(path, "use_nested_tensor", False))
     return tuple(guards)
-
-
-def _fetch(root: nn.Module, target: str) -> object:
-    value: object = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _split(path: str) -> tuple[str, str]:

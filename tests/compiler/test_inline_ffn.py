@@ -12,6 +12,7 @@ from torch import nn
 
 import mixcompile as mc
 from mixcompile.compiler import find_sites
+from mixcompile.compiler.rewrite import EditedForward
 from mixcompile.runtime.blocks import MoEBlock
 
 D, H = 16, 32
@@ -122,7 +123,9 @@ def test_functional_layer_is_graph_edited_and_follows_train_and_eval(method):
     model = Stack(FunctionalLayer(method), FunctionalLayer(method, hidden_p=0.25, residual_p=0.5)).eval()
     converted = mc.convert(model, **MOE)
     assert [b.experts.hidden_dropout for b in _blocks(converted)] == [0.0, 0.25]
-    assert all(isinstance(layer, torch.fx.GraphModule) for layer in converted.layers)
+    for layer in converted.layers:  # the same class and object; only its forward is the edited graph
+        assert type(layer) is FunctionalLayer and isinstance(layer.forward, EditedForward)
+        assert layer.down is None and isinstance(layer.up, MoEBlock)  # the FFN's weights are the block's
     x = torch.randn(3, 5, D)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
