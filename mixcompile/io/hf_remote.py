@@ -152,7 +152,7 @@ class MixcompileModel(PreTrainedModel):
         if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
             raise _refuse(f"dtype={dtype}", "is not a floating-point dtype (a model's weights are)")
         device = None if device_map is None else _device(device_map)
-        model = mixcompile.load(path)
+        model = mixcompile.load(path).eval()  # transformers' contract: from_pretrained gives eval mode
         if isinstance(dtype, torch.dtype):
             model = model.to(dtype)
         if device is not None:

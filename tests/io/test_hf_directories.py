@@ -164,6 +164,21 @@ def test_from_pretrained_applies_the_keywords_it_can(saved) -> None:
     assert from_pretrained(saved).config._attn_implementation != "eager"
 
 
+def test_from_pretrained_gives_eval_mode_as_transformers_does(converted, tmp_path) -> None:
+    """A model saved in training mode came back training: dropout on, so two identical forwards and
+    greedy generate() calls differed (transformers' own from_pretrained always returns eval mode)."""
+    model = converted[1]
+    model.train()
+    try:
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        model.eval()
+    loaded = from_pretrained(tmp_path / "m")
+    assert not any(module.training for module in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+
+
 def test_from_pretrained_applies_experts_implementation(tmp_path) -> None:
     mc.save(mc.convert(hf_qwen2_moe(), num_experts=4), tmp_path / "m")
     assert from_pretrained(tmp_path / "m", experts_implementation="eager").config._experts_implementation == (
