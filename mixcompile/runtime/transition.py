@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from mixcompile.errors import ConfigError, check_positive_int
@@ -38,10 +37,11 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
     ``E`` must be a multiple of ``G`` and at least ``2G`` (a top-1 router's renormalised weight is 1, so its
     gate would learn from the balancing loss alone): otherwise this refuses and asks for ``top_k``. The
     router is the built-in ``topk`` with its default balancing and z losses (add ``mixcompile.aux_loss`` to
-    the loss). Expert weights are copied unscaled: on a trained model (``cpu-long`` in
-    ``examples/train_lm.py``) scaling the outputs by ``top_k``, to match a token's MoT weights (which sum
-    to ``E / G`` on average), started further from the MoT loss. The result no longer mixes sequences, so
-    its output for a sequence does not depend on the batch.
+    the loss). The block holds the MoT block's own expert and controller parameters (not copies), so an
+    optimizer built before the switch keeps training them. Expert weights are kept unscaled: on a trained
+    model (``cpu-long`` in ``examples/train_lm.py``) scaling the outputs by ``top_k``, to match a token's
+    MoT weights (which sum to ``E / G`` on average), started further from the MoT loss. The result no
+    longer mixes sequences, so its output for a sequence does not depend on the batch.
 
     ``mixcompile.save`` and ``save_pretrained`` of the result record the switch (each new block's
     ``token_choice`` setting), and loading replays it after the recipes, before the weights are read.
@@ -114,9 +114,9 @@ def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
         device=experts.w_in.device,
         dtype=experts.w_in.dtype,
     )
-    with torch.no_grad():
-        moe.experts.load_state_dict(experts.state_dict())
-        moe.router.gate.weight.copy_(mot.mixer.controller.weight)
+    # The same parameter objects, not copies: an optimizer built before the switch keeps training them.
+    moe.experts = experts
+    moe.router.gate.weight = mot.mixer.controller.weight
     moe.from_mot = True
     return moe.train(mot.training)
 

@@ -70,6 +70,23 @@ def test_token_choice_keeps_experts_and_routes_with_the_controller():
         assert sum(p.numel() for p in block.parameters()) == sum(p.numel() for p in mot.parameters())
 
 
+def test_an_optimizer_built_before_the_switch_keeps_training_the_experts():
+    """The switch copied the weights into new parameters: an optimizer built before it (as a training
+    loop holds one) no longer saw the experts or the router, which then never moved again."""
+    model = tiny_mot()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mot = next(iter(mc.sparse_blocks(model).values()))
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    mc.to_token_choice(model)
+    block = next(iter(mc.sparse_blocks(model).values()))
+    assert {id(p) for p in block.parameters()} <= held and block.experts is mot.experts
+    before = [p.detach().clone() for p in block.parameters()]
+    tokens = torch.randint(0, 256, (BATCH, SEQ))
+    (model(tokens).square().mean() + mc.aux_loss(model)).backward()
+    optimizer.step()
+    assert all(not torch.equal(p, old) for p, old in zip(block.parameters(), before, strict=True))
+
+
 def test_token_choice_does_not_depend_on_the_batch():
     model = tiny_mot(mixer_options={"init_std": 0.5}).eval()
     tokens = torch.randint(0, 256, (BATCH, SEQ))
