@@ -45,7 +45,7 @@ class TorchKernel:
         def project(inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             # in the input's dtype, as autocast casts a matmul's operands (a custom op is not autocast)
             out = grouped_mm(inputs, weight.mT.to(inputs.dtype), offsets)
-            return out if bias is None else out + bias[expert].to(out.dtype)
+            return out if bias is None else out + bias.index_select(0, expert).to(out.dtype)
 
         up = project(rows, experts.w_in, experts.b_in)
         gate = None if experts.w_gate is None else project(rows, experts.w_gate, experts.b_gate)

@@ -8,6 +8,7 @@ expert choice, capacity drops and hashing alike, and is exactly what a grouped-G
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -215,6 +216,18 @@ class LearnedRouter(RouterBase):
             self.register_buffer("selection_bias", torch.zeros(num_experts))
             self.register_buffer("load_since_update", torch.zeros(num_experts))
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LearnedRouter:
+        """Moves apply to the balancing state, casts to a narrower float do not (``model.to(torch.bfloat16)``,
+        ``.half()``): in bfloat16 the token counts lost units past 256 and a bias of 0.5 no longer moved by
+        the default 1e-3 steps."""
+        kept = {name: getattr(self, name) for name in _BALANCING_STATE if name in self._buffers}
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype.itemsize < old.dtype.itemsize:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``score(x)`` in float32 (float64 for a float64 block), with the jitter on ``x`` in training: a
         router scoring tokens its own way overrides :meth:`score` and keeps the jitter."""
@@ -249,6 +262,9 @@ class LearnedRouter(RouterBase):
         if load.sum() > 0:
             self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
+
+
+_BALANCING_STATE = ("selection_bias", "load_since_update")
 
 
 def switch_balance_loss(fraction: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

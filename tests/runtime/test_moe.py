@@ -229,6 +229,47 @@ def test_bias_balancing_moves_selection_not_weights():
     assert block.router.selection_bias.tolist() == [0.0, 0.0]
 
 
+def test_bias_balancing_state_keeps_its_precision_when_the_model_is_cast():
+    """``model.to(torch.bfloat16)`` cast the counters and the bias too: loads past 256 lost units (1173
+    counted as 1176, flipping sign(mean - load)), and a bias at 0.5 no longer moved by 1e-3 steps."""
+    block = mc.MoEBlock(8, 16, 4, top_k=2, router_options={"bias_balancing": True})
+    router = block.router
+    router.selection_bias.fill_(0.5)
+    router.load_since_update.copy_(torch.tensor([1173.0, 1211.0, 1211.0, 1205.0]))
+    block.to(torch.bfloat16)
+    assert block.experts.w_in.dtype == torch.bfloat16
+    assert router.selection_bias.dtype == router.load_since_update.dtype == torch.float32
+    assert router.load_since_update.tolist() == [1173.0, 1211.0, 1211.0, 1205.0]
+    mc.update_routing_bias(block)
+    assert router.selection_bias.tolist() == pytest.approx([0.501, 0.499, 0.499, 0.499], abs=1e-7)
+    block.double()  # wider casts apply (a float64 block computes its routing in float64)
+    assert router.selection_bias.dtype == torch.float64
+
+
+def test_the_torch_kernel_gives_the_same_gradients_every_time():
+    """With two CPU threads the expert bias's gradient (``bias[expert]``: an accumulating index put in
+    backward) differed between identical backward passes, so same-seed runs and resumed runs diverged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        block = mc.MoEBlock(32, 64, 4, top_k=2, bias=True, kernel="torch")
+        with torch.no_grad():
+            for p in block.experts.parameters():
+                p.normal_(0, 0.1)
+        x = torch.randn(1024, 32, requires_grad=True)
+        grads = []
+        for _ in range(30):  # the race showed in most repeats, not all
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+            block(x).square().sum().backward()
+            grads.append([x.grad.clone(), *(p.grad.clone() for p in block.parameters())])
+    finally:
+        torch.set_num_threads(threads)
+    for again in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(again, grads[0], strict=True))
+
+
 def test_jitter_only_in_training():
     torch.manual_seed(0)
     block = mc.MoEBlock(8, 8, 4, top_k=1, router_options={"jitter": 0.5})
