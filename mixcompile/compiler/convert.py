@@ -69,10 +69,29 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
     recipe = make_recipe(recipe, options, where="inspect")
     scan = find_sites(model)
     selected = select_sites(recipe, scan.sites)
-    plans = [build_replacement(site, recipe, meta=True) for site in selected if site.rewrite is not None]
+    rewritable = [site for site in selected if site.rewrite is not None]
+    layouts, notes = _inspect_layouts(model, recipe, rewritable)
+    plans = [
+        build_replacement(site, recipe, meta=True, layout=layouts.get(site.index)) for site in rewritable
+    ]
     before = _count_params(model)
     after = before - sum(p.params_before for p in plans) + sum(p.params_after for p in plans)
-    return _report(model, recipe, scan, plans, {}, before, after, _describe_blocks(model), converted=False)
+    report = _report(model, recipe, scan, plans, {}, before, after, _describe_blocks(model), converted=False)
+    report.notes.extend(notes)
+    return report
+
+
+def _inspect_layouts(
+    model: nn.Module, recipe: Recipe, sites: list[FFNSite]
+) -> tuple[dict[int, TokenLayout], list[str]]:
+    """MoT token layouts decided as ``convert`` decides them, so inspect reports (or refuses) what convert
+    would: from a forward on inputs built from the model where it has weights (not on the meta device)."""
+    if recipe.strategy != "mot" or not sites:
+        return {}, []
+    real = not any(p.is_meta for p in model.parameters())
+    probe = _Probe(model, sites, None, needed=real)
+    layouts = {site.index: decide_layout(site, recipe, probe.layout(site), model) for site in sites}
+    return layouts, probe.notes
 
 
 def convert(

@@ -146,6 +146,21 @@ def test_a_stated_layout_the_model_contradicts_is_an_error():
         mc.convert(build("opt"), **MOT, layout="seq_first")
 
 
+def test_inspect_decides_the_layout_as_convert_does():
+    """inspect said 'planned, layout batch_first' for a stated layout convert refuses, and reported
+    batch_first for every MoT site whatever the model's layout (it ran no forward)."""
+    with pytest.raises(mc.ConfigError, match=r"layout='batch_first'.*'seq_first'"):
+        mc.inspect(build("encoder_seq_first"), **MOT, layout="batch_first")
+    with pytest.raises(
+        mc.ConfigError, match=r"layout='seq_first'.*forward of the model's inputs shows 'flat'"
+    ):
+        mc.inspect(build("opt"), **MOT, layout="seq_first")
+    for name in ("encoder_seq_first", "opt"):
+        planned = [site.layout for site in mc.inspect(build(name), **MOT).sites if site.status == "planned"]
+        converted = [r.layout for r in mc.compiler.recipes_of(mc.convert(build(name), **MOT))]
+        assert planned and set(planned) == set(converted) != {"batch_first"}
+
+
 def test_layout_is_recipe_data():
     recipe = mc.Recipe(strategy="mot", layout="seq_first")
     assert recipe.to_dict()["layout"] == "seq_first"
