@@ -63,8 +63,9 @@ def find_sites(model: nn.Module, patterns: list[Pattern] | None = None) -> Scan:
 
 def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, **options: Any) -> Report:
     """What ``convert`` would do with these options: sites, rewrites, untraced modules, sizes. Changes
-    nothing (blocks are built on the meta device only to count their parameters). A model without dense
-    FFNs (an already converted one, say) gives a report with no sites rather than an error."""
+    nothing (blocks are built on the meta device only to count their parameters; for MoT, one forward on
+    inputs built from the model decides token layouts, as in ``convert``). A model without dense FFNs (an
+    already converted one, say) gives a report with no sites rather than an error."""
     _check_model(model)
     recipe = make_recipe(recipe, options, where="inspect")
     scan = find_sites(model)
