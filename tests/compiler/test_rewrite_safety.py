@@ -14,6 +14,7 @@ from torch import nn
 
 import mixcompile as mc
 from mixcompile.compiler.rewrite import Assignment, EditedForward, apply
+from mixcompile.compiler.verify import tensor_disagreement
 from mixcompile.runtime.blocks import MoEBlock
 
 D, H = 8, 16
@@ -322,3 +323,13 @@ def test_a_shared_ffn_module_is_replaced_everywhere_it_is_registered() -> None:
     assert isinstance(converted.first["mlp"], MoEBlock) and converted.first["mlp"] is converted.second["mlp"]
     (site,) = mc.inspect(SharedMLP(), **UPCYCLE).sites
     assert "(shared: also second.mlp)" in site.rewrite
+
+
+def test_the_rounding_check_skips_what_the_dense_model_overflows_and_catches_new_nan() -> None:
+    """T5 in float16 overflows in its own FFN: a NaN there is the dense model's, not the block's; a NaN
+    where the dense output is finite is a difference (max() over it would pass silently)."""
+    nan = float("nan")
+    assert tensor_disagreement(torch.tensor([nan, 1.0]), torch.tensor([nan, 1.0])) is None
+    assert tensor_disagreement(torch.tensor([1.0, 2.0]), torch.tensor([nan, 2.0])) is not None
+    assert tensor_disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0005])) is None
+    assert tensor_disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.01])) is not None
