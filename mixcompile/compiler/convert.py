@@ -44,7 +44,7 @@ from mixcompile.compiler.verify import (
     random_probe,
     run_model,
 )
-from mixcompile.errors import ConfigError, MixcompileError, VerificationError
+from mixcompile.errors import ConfigError, MixcompileError, VerificationError, first_line
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.introspect import sparse_blocks
 from mixcompile.runtime.tokens import install_token_hooks
@@ -131,7 +131,7 @@ def convert_with_report(
     """:func:`convert`, also returning the report (with the verification errors per site)."""
     _check_model(model)
     recipe = make_recipe(recipe, options)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     scan = _scan(target)
     selected = select_sites(recipe, scan.sites)
     rewritable = [site for site in selected if site.rewrite is not None]
@@ -191,6 +191,17 @@ def convert_with_report(
 
     install_save_pretrained(target)  # so save_pretrained writes a directory nothing reads as the dense model
     return target, report
+
+
+def _copy(model: ModelT) -> ModelT:
+    """The copy ``convert`` works on, or a ``MixcompileError`` saying why there is none and what to do."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - any failure is the model's: say so, with the way around it
+        raise MixcompileError(
+            f"{type(model).__name__} cannot be copied for conversion (copy.deepcopy failed: "
+            f"{type(exc).__name__}: {first_line(exc)}); pass inplace=True to convert the model itself."
+        ) from exc
 
 
 def _warn_if_not_causal(model: nn.Module, recipe: Recipe) -> None:

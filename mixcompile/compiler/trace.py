@@ -14,6 +14,10 @@ graphs are marked ``specialised`` where it mattered and are only used to find FF
 graph edit re-traces its module exactly. During an analysis trace the module's own float attributes are
 :class:`TaggedFloat` s, so a constant in the graph (``F.dropout(h, p=self.activation_dropout)``) says which
 attribute it was read from.
+
+A TorchScript submodule is opaque: FX cannot look inside it, and its parent is traced around it. An
+uninitialised lazy module (``nn.LazyLinear`` before its first forward) has no shapes to read, so tracing
+refuses the model with a :class:`~mixcompile.errors.ConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import fx, nn
 
 from mixcompile.compiler.activation_names import module_activation
 from mixcompile.compiler.linears import is_linear_like
+from mixcompile.errors import ConfigError
 from mixcompile.integrations.transformers_experts import is_experts_module
 from mixcompile.runtime.blocks import Block
 
@@ -140,26 +145,57 @@ class TracedUnit:
         return where if self.method == "forward" else f"{where}.{self.method}"
 
 
+class TrainingFlag(int):
+    """A module's ``training`` during a mode-probing trace: truthy or falsy like the mode, and
+    recognisable in the graph, so ``F.dropout(h, p, training=self.training)`` says its flag *is* the
+    module's mode (``training=self.training and self.use_dropout`` gives a plain bool instead)."""
+
+    def __repr__(self) -> str:
+        return f"TrainingFlag({bool(self)})"
+
+
+@contextmanager
+def flagged_training(module: nn.Module, mode: bool) -> Iterator[None]:
+    """The module's own ``training`` as a :class:`TrainingFlag` of ``mode`` for the duration."""
+    before = module.training
+    vars(module)["training"] = TrainingFlag(mode)
+    try:
+        yield
+    finally:
+        vars(module)["training"] = before
+
+
 @dataclass
 class TraceResult:
     units: list[TracedUnit] = field(default_factory=list)  # children before parents
     failures: dict[str, str] = field(default_factory=dict)  # module path -> why its forward did not trace
+    opaque: set[nn.Module] = field(default_factory=set, repr=False)  # leaves of every trace: re-trace with it
 
 
 def trace_module(
-    module: nn.Module, opaque: set[nn.Module], *, method: str = "forward", analysis: bool = True
+    module: nn.Module,
+    opaque: set[nn.Module],
+    *,
+    method: str = "forward",
+    analysis: bool = True,
+    mode: bool | None = None,
 ) -> tuple[fx.Graph, bool]:
-    """Trace one method of ``module``; returns the graph and whether it relied on assumed dtype/device."""
+    """Trace one method of ``module``; returns the graph and whether it relied on assumed dtype/device.
+    ``mode`` traces it as if in that training mode, its ``training`` a :class:`TrainingFlag`."""
     tracer = LeafTracer(opaque, method=method, analysis=analysis)
-    with tagged_floats(module) if analysis else nullcontext():
+    with (
+        tagged_floats(module) if analysis else nullcontext(),
+        flagged_training(module, mode) if mode is not None else nullcontext(),
+    ):
         graph = tracer.trace(module)
     return graph, bool(tracer.specialised)
 
 
 def trace_hierarchy(model: nn.Module) -> TraceResult:
     """Trace every module of ``model`` that can be traced, children first."""
+    check_initialised(model)
     result = TraceResult()
-    opaque: set[nn.Module] = set()
+    opaque = result.opaque
     seen: set[nn.Module] = set()
 
     def visit(path: str, module: nn.Module) -> None:
@@ -170,6 +206,10 @@ def trace_hierarchy(model: nn.Module) -> TraceResult:
         # leaf for its parents, nothing to find inside.
         if isinstance(module, Block) or is_experts_module(module):
             opaque.add(module)
+            return
+        if isinstance(module, torch.jit.ScriptModule):
+            opaque.add(module)
+            result.failures[path] = _SCRIPTED
             return
         for name, child in module.named_children():
             visit(f"{path}.{name}" if path else name, child)
@@ -188,6 +228,25 @@ def trace_hierarchy(model: nn.Module) -> TraceResult:
     return result
 
 
+_SCRIPTED = "TorchScript module: FX cannot trace compiled code, so it is an opaque leaf of its parent"
+
+
+def check_initialised(model: nn.Module) -> None:
+    """Refuse a model with uninitialised lazy parameters: an FFN's shapes and weights do not exist yet."""
+    lazy = [(path, module) for path, module in model.named_modules() if _has_lazy_tensors(module)]
+    if lazy:
+        names = ", ".join(f"{path or '<root>'} ({type(module).__name__})" for path, module in lazy)
+        raise ConfigError(
+            f"{names} of {type(model).__name__} {'has' if len(lazy) == 1 else 'have'} uninitialised lazy "
+            "parameters: run one forward on a real input first, so they take their shapes, then convert"
+        )
+
+
+def _has_lazy_tensors(module: nn.Module) -> bool:
+    tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    return any(nn.parameter.is_lazy(tensor) for tensor in tensors)
+
+
 def _trace_helpers(path: str, module: nn.Module, opaque: set[nn.Module]) -> list[TracedUnit]:
     units = []
     for name in helper_methods(module):
@@ -200,8 +259,12 @@ def _trace_helpers(path: str, module: nn.Module, opaque: set[nn.Module]) -> list
 
 
 def helper_methods(module: nn.Module) -> list[str]:
-    """Methods of the module's own class that its ``forward`` calls and that take at least one argument."""
-    forward = inspect.unwrap(type(module).forward)
+    """Methods of the module's own class that its ``forward`` calls and that take at least one argument.
+    The class's forward is read from the class dicts, never through descriptors (TorchScript's raise)."""
+    found = _class_function(type(module), "forward")
+    if found is None:
+        return []
+    forward = inspect.unwrap(found)
     names = getattr(getattr(forward, "__code__", None), "co_names", ())
     helpers = []
     for name in dict.fromkeys(names):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from mixcompile.compiler.activation_names import node_activation
-from mixcompile.compiler.linears import is_linear_like, linear_weights
+from mixcompile.compiler.linears import is_linear_like, linear_weights, weight_identity
 from mixcompile.compiler.trace import TracedUnit
 
 LINEAR, ACT, DROPOUT, MUL, CHUNK, GETITEM, OTHER = (
@@ -62,14 +62,27 @@ class GraphView:
         return self.modules.get(str(node.target)) if node.op == "call_module" else None
 
     def weight_param(self, node: fx.Node) -> torch.Tensor:
-        """The weight tensor a linear node reads, as stored (its identity tells FFNs apart)."""
+        """The weight tensor a linear node reads, as stored (computed, for a parametrized module)."""
         module = self.module(node)
         weight = module.weight if module is not None else attr_value(self.unit.module, node.args[1])
         return cast(torch.Tensor, weight)  # a linear node's: its module's, or the get_attr _classify checked
 
     def weight_keys(self, nodes: Iterable[fx.Node]) -> frozenset[int]:
-        """Identities of the weights the linear ``nodes`` read: one FFN in two graphs has the same keys."""
-        return frozenset(id(self.weight_param(node)) for node in nodes if self.kind(node) == LINEAR)
+        """Identities of the weights the linear ``nodes`` read: FFNs with a key in common are tied."""
+        return frozenset(self._weight_key(node) for node in nodes if self.kind(node) == LINEAR)
+
+    def linear_keys(self, nodes: Iterable[fx.Node]) -> frozenset[int]:
+        """Identities of the projections themselves (the module, or a functional one's weight): one FFN
+        seen in the graphs of its module and of its ancestors has the same keys."""
+        return frozenset(
+            id(module) if (module := self.module(node)) is not None else self._weight_key(node)
+            for node in nodes
+            if self.kind(node) == LINEAR
+        )
+
+    def _weight_key(self, node: fx.Node) -> int:
+        module = self.module(node)
+        return weight_identity(module) if module is not None else id(self.weight_param(node))
 
     def linear_weights(self, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight [out, in], bias)`` of a linear node, from its module or its ``F.linear`` parameters."""
@@ -128,6 +141,12 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], root: nn.Module) -> 
     if activation is not None:
         return {"kind": ACT, "activation": activation}
     return {"kind": OTHER}
+
+
+def dropout_training(node: fx.Node) -> object:
+    """The ``training`` argument of an ``F.dropout`` node as the graph holds it: a constant or a node
+    (``F.dropout``'s default is ``True``, dropping in eval mode too)."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
 
 
 def _is_mul(node: fx.Node) -> bool:

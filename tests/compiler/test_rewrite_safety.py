@@ -333,3 +333,10 @@ def test_the_rounding_check_skips_what_the_dense_model_overflows_and_catches_new
     assert tensor_disagreement(torch.tensor([1.0, 2.0]), torch.tensor([nan, 2.0])) is not None
     assert tensor_disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0005])) is None
     assert tensor_disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.01])) is not None
+
+
+def test_a_model_that_cannot_be_copied_says_to_convert_in_place() -> None:
+    """Old-style weight_norm makes deepcopy raise torch's own RuntimeError from inside convert."""
+    model = nn.Sequential(nn.Linear(D, D), nn.utils.weight_norm(nn.Linear(D, D)))
+    with pytest.raises(mc.MixcompileError, match=r"cannot be copied for conversion .*pass inplace=True"):
+        mc.convert(model, **UPCYCLE)
