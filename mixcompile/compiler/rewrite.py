@@ -199,6 +199,14 @@ def _module_swap(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit])
         return f"no module swap: the FFN is in {unit.method}(), not a whole forward"
     if not unit.path:
         return "no module swap: the FFN is the model itself"
+    module = unit.module
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    ):
+        return "no module swap: the module has hooks, which a block in its place would not run"
     params = list(inspect.signature(type(unit.module).forward).parameters.values())[1:]
     if len(params) != 1 or params[0].kind is inspect.Parameter.VAR_POSITIONAL:
         return "no module swap: its forward takes arguments besides the FFN input, which a block would not"

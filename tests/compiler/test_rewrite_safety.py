@@ -340,3 +340,18 @@ def test_a_model_that_cannot_be_copied_says_to_convert_in_place() -> None:
     model = nn.Sequential(nn.Linear(D, D), nn.utils.weight_norm(nn.Linear(D, D)))
     with pytest.raises(mc.MixcompileError, match=r"cannot be copied for conversion .*pass inplace=True"):
         mc.convert(model, **UPCYCLE)
+
+
+def test_hooks_on_the_ffn_module_keep_running() -> None:
+    """A module swap put a block where the hooked MLP was: its hooks (activation capture, say) stopped
+    running, silently. The MLP now stays, its children rewritten (chain collapse)."""
+    model = Wrap(KeywordMLP())
+    calls = Calls()
+    model.layer.register_forward_hook(calls)
+    converted, x = _upcycled(model)
+    assert type(converted.layer) is KeywordMLP and isinstance(converted.layer.fc1, MoEBlock)
+    (calls,) = converted.layer._forward_hooks.values()  # the converted copy's
+    calls.count = 0
+    with torch.no_grad():
+        converted(x)
+    assert calls.count == 1
