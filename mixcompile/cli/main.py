@@ -7,27 +7,33 @@ Errors are one line on stderr; ``MIXCOMPILE_DEBUG=1`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from mixcompile.cli.startup import end_import_guard
 from mixcompile.compiler.recipe import MAX_EXPERTS, MAX_GROUP_SIZE
 from mixcompile.errors import ConfigError, LoadError, MixcompileError
 from mixcompile.io.files import (
+    OutputDirectory,
     Terminated,
     check_not_overlapping,
     check_output,
+    describe_os_error,
     input_paths,
     output_directory,
+    path_problem,
     read_json_object,
 )
 from mixcompile.io.reading import read_model
@@ -115,16 +121,37 @@ def _output_path(text: str) -> Path:
     return Path(text)
 
 
+def _path_of(what: str) -> Any:
+    """An argparse type: a path, never an empty one (``Path("")`` is the current directory)."""
+
+    def parse(text: str) -> Path:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"an empty path: give the {what}")
+        return Path(text)
+
+    parse.__name__ = "path"
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1") if not sys.stderr.isatty() else None
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    with _one_line_warnings():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = argparse.Namespace()
     try:
+        end_import_guard()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1") if not sys.stderr.isatty() else None
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if isinstance(getattr(args, "path", None), Path):
+            _check_path(args.path, f"the input {args.path}")
         code = int(args.handler(args) or 0)
         sys.stdout.flush()  # a closed pipe fails here, where it is handled, not at the interpreter's exit
         return code
@@ -133,14 +160,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `mixcompile inspect ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 128 + signal.SIGPIPE
-    except (MixcompileError, OSError, TypeError, ValueError) as exc:
+    except OSError as exc:
+        return _fail(_in_words(exc), 1)
+    except (MixcompileError, TypeError, ValueError) as exc:
         return _fail(exc, 1)
     except KeyboardInterrupt:
-        return _fail(KeyboardInterrupt("interrupted; nothing was written"), 130)
+        return _fail(KeyboardInterrupt(_interrupted("interrupted", args)), 130)
     except Terminated as exc:
-        return _fail(RuntimeError(f"{exc}; nothing was written"), 128 + exc.signum)
+        return _fail(RuntimeError(_interrupted(str(exc), args)), 128 + exc.signum)
     except Exception as exc:  # an unexpected failure still gets one line, not a wall of torch internals
         return _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1)
+
+
+def _interrupted(what: str, args: argparse.Namespace) -> str:
+    """What an interrupt left: nothing written, or (after a convert's commit) the complete new output."""
+    out: OutputDirectory | None = getattr(args, "out", None)
+    if out is None or not out.committed:
+        kept = f": {out.target} is as it was" if out is not None and out.target.exists() else ""
+        return f"{what}; nothing was written{kept}"
+    if out.replaced:
+        return f"{what} after {out.target} was replaced by the complete new model (the old one is gone)"
+    return f"{what} after the complete new model was written to {out.target}"
+
+
+def _in_words(exc: OSError) -> BaseException:
+    """An OS error without its ``[Errno N]``: the file it names and the problem in words."""
+    if exc.errno is None or not exc.strerror:
+        return exc  # a message of our own
+    words = describe_os_error(exc.errno, exc.strerror)
+    return type(exc)(f"{exc.filename}: {words}" if exc.filename is not None else words)
+
+
+def _check_path(path: Path, lead: str) -> None:
+    """Refuse up front a path that cannot name a file (a file where a folder should be, a name too long),
+    naming the argument (in ``lead``), rather than with the raw OS error of the first call that trips on
+    it."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise LoadError(f"{lead}: {problem}.")
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """The library's warnings as the command's other messages: ``mixcompile: warning: ...``, one line,
+    without the source line of the library that raised it (which tells a user nothing)."""
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    with contextlib.suppress(OSError, ValueError):  # like the standard one: a closed stderr is no error
+        print(f"mixcompile: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
 def _fail(exc: BaseException, code: int) -> int:
@@ -182,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--force",
         action="store_true",
-        help="replace OUTPUT if it is a model directory (the old one goes once the new one is complete)",
+        help="replace OUTPUT if it is a model directory, holding nothing but a model's files (the old one "
+        "goes once the new one is complete)",
     )
     _add_recipe_options(convert)
     convert.set_defaults(handler=_run_convert)
@@ -206,7 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="timed iterations (after 2 warm-up ones)",
     )
-    bench.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument(
+        "--device",
+        type=device_name,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to time the models: cpu, cuda or cuda:N (default: cuda if there is one, else cpu)",
+    )
     bench.set_defaults(handler=_run_bench)
     return parser
 
@@ -214,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "path",
-        type=Path,
+        type=_path_of("model to read"),
         help="a mixcompile directory, a Hugging Face model directory, "
         "a torch.save'd module (.pt, needs --trust-pickle) or a torch.export .pt2 file",
     )
@@ -233,7 +320,9 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe (flags override --recipe)")
     group.add_argument(
-        "--recipe", type=Path, help="a recipe JSON file (like an entry of 'recipes' in mixcompile.json)"
+        "--recipe",
+        type=_path_of("recipe file"),
+        help="a recipe JSON file (like an entry of 'recipes' in mixcompile.json)",
     )
     group.add_argument("--strategy", help="moe or mot (inspect describes moe when not given)")
     group.add_argument(
@@ -255,8 +344,16 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mixer", help="MoT mixer plugin")
     group.add_argument("--kernel", help="kernel plugin, or auto")
     group.add_argument("--init", help="initializer plugin: upcycle, split, random, ...")
-    group.add_argument("--sizing", help="expert hidden size: same, split or flop (flop-matched)")
-    group.add_argument("--layers", help="which FFNs: all, last-half, every:N, or indices like 0,2,5")
+    group.add_argument(
+        "--sizing",
+        help="expert hidden size: auto (the default: split for the split initializer, else same), same, "
+        "split or flop (flop-matched)",
+    )
+    group.add_argument(
+        "--layers",
+        help="which FFNs: all, last-half, every:N, or indices like 0,2,5; negative ones count from the end "
+        "(-1 is the last; write them as --layers=-2,-1)",
+    )
     group.add_argument(
         "--shared-experts",
         type=bounded_int(0, MAX_EXPERTS),
@@ -382,16 +479,16 @@ def _run_convert(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args, required=True)
     if not (args.path.exists() or args.path.is_symlink()):
         raise LoadError(f"{args.path} does not exist.")
+    _check_path(args.output, f"-o: cannot write {args.output}")
     try:
         check_not_overlapping(args.output, input_paths(args.path), flag="the output")
         check_output(args.output, overwrite=args.force, flag="--force")
     except FileExistsError as exc:
         raise UsageError(str(exc)) from None
     # Reserved before any work: a second writer fails now, and an existing output is judged up front.
-    with (
-        output_directory(args.output, overwrite=args.force, flag="--force") as out,
-        _progress(4, "convert") as bar,
-    ):
+    with contextlib.ExitStack() as stack:
+        out = _reserve_output(stack, args)
+        bar = stack.enter_context(_progress(4, "convert"))
         loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
         bar.update()
         report = inspect(loaded.model, recipe)
@@ -413,6 +510,19 @@ def _run_convert(args: argparse.Namespace) -> int:
         print(f"mixcompile: warning: tokenizer file not copied: {reason}", file=sys.stderr)
     print(report)
     return 0
+
+
+def _reserve_output(stack: contextlib.ExitStack, args: argparse.Namespace) -> OutputDirectory:
+    """:func:`output_directory` for ``-o``, kept in ``args.out`` (an interrupt's message says whether it was
+    written); a failure to claim it names the flag."""
+    try:
+        out = stack.enter_context(output_directory(args.output, overwrite=args.force, flag="--force"))
+    except FileExistsError:  # another writer holds it, or one appeared: the message says which
+        raise
+    except OSError as exc:
+        raise LoadError(f"-o: {exc}") from None
+    args.out = out
+    return out
 
 
 def _run_plugins(args: argparse.Namespace) -> int:
@@ -466,4 +576,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    """The console script. Once the command is done, Ctrl-C is ignored while Python shuts down (which
+    takes torch a moment): the command's exit status stands, instead of a death by SIGINT."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # the instant between main's own handling and this
+        code = 130
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

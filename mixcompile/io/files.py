@@ -4,12 +4,13 @@ Every path a saved model names is hostile until checked: it must be a plain file
 resolve inside it, and be a regular file (a FIFO or ``/dev/zero`` would hang a reader). Outputs are written
 into a staging directory beside the target (which doubles as a lock, so concurrent writers cannot replace
 each other) and swapped into place only when complete; SIGINT / SIGTERM / SIGHUP remove the staging
-directory on the way out.
+directory on the way out, and wait while an output is swapped in or the staging directory removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -19,7 +20,9 @@ import socket
 import stat
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -194,23 +197,92 @@ def input_paths(path: Path) -> list[Path]:
     return paths
 
 
+# What a model directory holds, and nothing else: mixcompile.save's files, save_pretrained's (weights, sharded
+# or not, and their index), the tokenizer's (see mixcompile.io.tokenizer_files) and a model card.
+_MODEL_FILES = frozenset(
+    {
+        "mixcompile.json",
+        "config.json",
+        "generation_config.json",
+        "mixcompile_hf.py",
+        "base.pt",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "README.md",
+        ".gitattributes",
+    }
+)
+_MODEL_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
 def is_model_directory(path: Path) -> str | None:
     """``None`` when ``path`` may be replaced: a directory mixcompile or ``save_pretrained`` wrote, or an
     empty one (nothing to lose); else why not."""
+    refusal = _refusal(path)
+    return refusal[0] if refusal else None
+
+
+def _refusal(path: Path) -> tuple[str, bool] | None:
+    """Why ``path`` may not be replaced, and whether removing files from it would change that. Replacing
+    deletes every entry, so every entry must be one a model directory holds: a folder that merely has a
+    ``config.json`` (a training checkpoint beside its optimizer state, say) is not one."""
     if path.is_symlink():
-        return "it is a symlink"
+        return "it is a symlink", False
     if not path.is_dir():
-        return "it is not a directory"
+        return "it is not a directory", False
     entries = list(path.iterdir())
     if not entries:
         return None
     subdirs = [e.name for e in entries if e.is_dir() and not e.is_symlink()]
     if subdirs:
-        return f"it holds subdirectories ({', '.join(sorted(subdirs)[:3])}), which a model directory has not"
+        names = ", ".join(sorted(subdirs)[:3])
+        return f"it holds subdirectories ({names}), which a model directory has not", True
     manifest, config = _small_json(path / "mixcompile.json"), _small_json(path / "config.json")
-    if manifest.get("format") == "mixcompile" or "model_type" in config or "architectures" in config:
-        return None
-    return "it has neither a mixcompile.json nor a Hugging Face config.json"
+    if not (manifest.get("format") == "mixcompile" or "model_type" in config or "architectures" in config):
+        return "it has neither a mixcompile.json nor a Hugging Face config.json", False
+    others = _foreign_files(path, [entry.name for entry in entries], config)
+    if others:
+        return f"it also holds files that are not a model's: {_some(others)}", True
+    return None
+
+
+def _foreign_files(path: Path, names: list[str], config: dict[str, Any]) -> list[str]:
+    """The entries of ``path`` that neither mixcompile, ``save_pretrained`` nor the tokenizer writes; the
+    tokenizer class's own vocabulary names (which import transformers) are looked up only if needed."""
+    from mixcompile.io.tokenizer_files import _TOKENIZER_FILES, _TOKENIZER_PATTERNS, _vocab_files_of
+
+    known = _MODEL_FILES | set(_TOKENIZER_FILES)
+    known |= _code_files(config) | _code_files(_small_json(path / "tokenizer_config.json"))
+    patterns = (*_MODEL_PATTERNS, *_TOKENIZER_PATTERNS)
+    others = sorted(n for n in names if n not in known and not any(fnmatchcase(n, p) for p in patterns))
+    if others and (path / "tokenizer_config.json").is_file():
+        try:
+            vocabulary = _vocab_files_of(path)
+        except ImportError:  # no transformers: no tokenizer class to ask
+            vocabulary = set()
+        others = [name for name in others if name not in vocabulary]
+    return others
+
+
+def _code_files(config: dict[str, Any]) -> set[str]:
+    """The ``.py`` files a config's ``auto_map`` names (``save_pretrained`` copies them beside it)."""
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return set()
+    references = [r for value in auto_map.values() for r in (value if isinstance(value, list) else [value])]
+    return {
+        f"{reference.split('--')[-1].rsplit('.', 1)[0]}.py"
+        for reference in references
+        if isinstance(reference, str) and "." in reference
+    }
+
+
+def _some(names: list[str]) -> str:
+    """A few names for a one-line message."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def _small_json(path: Path) -> dict[str, Any]:
@@ -225,29 +297,97 @@ def _small_json(path: Path) -> dict[str, Any]:
 
 
 def check_output(path: Path, *, overwrite: bool, flag: str = "overwrite=True") -> None:
-    """Refuse an existing ``path`` unless ``overwrite`` and it is a model directory (checked before work)."""
+    """Refuse an existing ``path`` unless ``overwrite`` and it is a model directory, and one that cannot
+    name a directory at all (checked before work)."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise OSError(f"cannot write {path}: {problem}")
     if not (path.exists() or path.is_symlink()):
         return
     if not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or allow replacing it ({flag}).")
-    reason = is_model_directory(path)
-    if reason is not None:
+    refusal = _refusal(path)
+    if refusal is not None:
+        reason, removable = refusal
+        remedy = "remove them or choose another output" if removable else "choose another output"
         raise FileExistsError(
             f"{path} exists and is not a model directory ({reason}); only a directory written by mixcompile "
-            "or save_pretrained is replaced. Choose another path."
+            f"or save_pretrained is replaced: {remedy}."
         )
 
 
-class OutputDirectory:
-    """A reserved output: write into :attr:`path`, then :meth:`commit` puts it in place atomically."""
+def path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot name a file at all, in words (a file where a folder should be, a name too long
+    for the file system); ``None`` when it can, whether or not it exists."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        blocker = _file_in_the_way(path)
+        return f"{blocker} is a file, not a directory" if blocker else describe_os_error(errno.ENOTDIR)
+    except OSError as exc:
+        return describe_os_error(exc.errno, exc.strerror or "")
+    return None
 
-    def __init__(self, target: Path, staging: Path) -> None:
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of ``path`` when it is not a directory."""
+    for parent in path.parents:
+        try:
+            info = os.stat(parent)
+        except OSError:
+            continue
+        return None if stat.S_ISDIR(info.st_mode) else parent
+    return None
+
+
+_ERRNO_WORDS = {
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.ENOENT: "no such file or directory",
+    errno.EEXIST: "something is already there",
+}
+
+
+def describe_os_error(code: int | None, fallback: str = "") -> str:
+    """An OS error in words, without the ``[Errno N]`` a user has no use for."""
+    if code in _ERRNO_WORDS:
+        return _ERRNO_WORDS[code]
+    words = fallback or (os.strerror(code) if code else "an operating system error")
+    return words[:1].lower() + words[1:]
+
+
+class OutputDirectory:
+    """A reserved output: write into :attr:`path`, then :meth:`commit` puts it in place atomically.
+
+    :attr:`committed` says whether the new output is in place and :attr:`replaced` whether an old one made
+    way for it, so that an interrupted command can say what happened."""
+
+    def __init__(self, target: Path, staging: Path, guard: _SignalGuard | None = None) -> None:
         self.target = target
         self.staging = staging
         self.path = staging / _NEW
+        self.committed = False
+        self.replaced = False
+        self._guard = guard or _SignalGuard()
+        self._reserved = False
+        self._created: list[Path] = []
 
     def commit(self) -> None:
-        """Move the finished directory into place; an old model directory there goes only now."""
+        """Move the finished directory into place; an old model directory there goes only now. Signals wait
+        until both renames are done, and a failure between them puts the old output back: the target holds
+        the old output or the new one, never neither."""
+        with self._guard.deferred():
+            self._swap()
+        self._guard.raise_pending()
+
+    def _swap(self) -> None:
         old = self.staging / _OLD
         if self.target.exists() or self.target.is_symlink():
             reason = is_model_directory(self.target)
@@ -256,10 +396,31 @@ class OutputDirectory:
             os.rename(self.target, old)
         try:
             os.rename(self.path, self.target)
-        except OSError:
-            if old.exists():
-                os.rename(old, self.target)
+        except BaseException:
+            _restore(old, self.target)
             raise
+        self.committed, self.replaced = True, old.exists()
+
+    def _reserve(self) -> None:
+        """Create the target's missing parents (remembered, to be removed if nothing is written) and claim
+        the staging directory; errors name the output, in words."""
+        try:
+            self._created = _make_parents(self.target.parent)
+            _reserve(self.staging, self.target)
+        except OSError as exc:
+            _remove_created(self._created)
+            if isinstance(exc, FileExistsError) and exc.filename is None:  # _reserve's own message
+                raise
+            raise _output_error(exc, self.target) from None
+        self._reserved = True
+
+    def _clean_up(self) -> None:
+        """Remove the staging directory (after putting an old output back where nothing replaced it) and,
+        if nothing was written, the parents made for the output."""
+        if self._reserved:
+            _dispose(self.staging, self.target)
+        if not self.committed:
+            _remove_created(self._created)
 
 
 @contextlib.contextmanager
@@ -269,51 +430,100 @@ def output_directory(
     """Reserve ``path`` for writing; the body fills ``out.path`` and calls ``out.commit()``.
 
     The staging directory ``.NAME.mixcompile-staging`` beside ``path`` is created atomically, so a second
-    writer to the same path fails at once; it is removed when the body ends, however it ends (SIGTERM and
-    SIGHUP are turned into exceptions for the duration, in the main thread, so cleanup runs for them too).
+    writer to the same path fails at once; it is removed when the body ends, however it ends. In the main
+    thread SIGTERM and SIGHUP are turned into exceptions for the duration, so cleanup runs for them too, and
+    SIGINT / SIGTERM / SIGHUP wait while the staging directory is claimed, swapped in or removed (an
+    interrupt there would leave a half-removed directory blocking the output, or no output at all).
     """
     path = Path(path)
     check_output(path, overwrite=overwrite, flag=flag)
-    staging = path.parent / f".{path.name}{STAGING_SUFFIX}"
+    guard = _SignalGuard()
+    guard.install()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _reserve(staging, path)
-    except OSError as exc:  # named by the output the user gave, not by the staging files beside it
-        if exc.filename is None:  # _reserve's own message (another writer holds the output)
-            raise
-        raise type(exc)(exc.errno, f"cannot write {path} ({exc.strerror or exc}) in {path.parent}") from None
-    try:
-        with _signals_raise():
-            out = OutputDirectory(path, staging)
+        out = OutputDirectory(path, path.parent / f".{path.name}{STAGING_SUFFIX}", guard)
+        try:
+            with guard.deferred():
+                out._reserve()
+            guard.raise_pending()
             out.path.mkdir()
             yield out
+        finally:
+            with guard.deferred():
+                out._clean_up()
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        guard.uninstall()
+    guard.raise_pending()
+
+
+def _output_error(exc: OSError, target: Path) -> OSError:
+    """``exc`` (of the same type, so callers can still catch ``PermissionError``) named by the output the
+    user gave, not by the staging files beside it, and in words."""
+    error = type(exc)(f"cannot write {target}: {path_problem(target) or describe_os_error(exc.errno)}")
+    error.errno = exc.errno
+    return error
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; returns those created, outermost first."""
+    missing = []
+    for candidate in (directory, *directory.parents):
+        if candidate.is_dir():
+            break
+        missing.append(candidate)
+    created: list[Path] = []
+    try:
+        for candidate in reversed(missing):
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                if not candidate.is_dir():
+                    raise
+            else:
+                created.append(candidate)
+    except OSError:
+        _remove_created(created)
+        raise
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the directories ``_make_parents`` created, innermost first, where they are still empty."""
+    for directory in reversed(created):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def _me() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 def _reserve(staging: Path, target: Path) -> None:
     """Create ``staging`` with its owner file already in it: a directory made beside it and renamed into
     place, atomically, so a second writer always finds whose it is (a ``mkdir`` followed by the owner's
     write left a moment in which it could not tell, seen as a failed test on a loaded 2-core machine). The
-    rename fails where ``staging`` exists, as it is never empty. Claims left by writers killed between
-    the two steps are removed first."""
-    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-    for claim in staging.parent.glob(f"{glob.escape(staging.name)}.*.claim"):
-        existing = _owner(claim)  # None: its owner file is not written yet, so its writer is alive
-        if existing is not None and _stale(existing):
-            shutil.rmtree(claim, ignore_errors=True)
-    for attempt in range(2):
+    rename fails where ``staging`` exists, as it is never empty. Hence a staging directory without a readable
+    owner file is abandoned (one whose removal was cut short), like one whose writer is gone: it is
+    recovered. Claims and removals left by writers killed before finishing them are removed first."""
+    _sweep(staging, target)
+    for attempt in range(3):
         claim = Path(tempfile.mkdtemp(prefix=f"{staging.name}.", suffix=".claim", dir=staging.parent))
-        (claim / _OWNER).write_text(owner)
+        (claim / _OWNER).write_text(json.dumps(_me()))
         try:
             os.rename(claim, staging)
         except OSError:
             shutil.rmtree(claim, ignore_errors=True)
-            if not (staging.exists() or staging.is_symlink()):
-                raise
+            if not staging.is_dir() or staging.is_symlink():
+                if staging.exists() or staging.is_symlink():
+                    raise FileExistsError(
+                        f"{staging} is in the way of writing {target}: it is not a staging directory "
+                        "mixcompile made; remove it."
+                    ) from None
+                if attempt == 2:
+                    raise
+                continue  # its writer removed it just now: try again
             existing = _owner(staging)
-            if attempt == 0 and existing is not None and _stale(existing):
-                _recover(staging, target)
+            if attempt < 2 and (existing is None or _stale(existing)):
+                _recover(staging, target, existing)
                 continue
             who = f"process {existing['pid']} on {existing['host']}" if existing else "another process"
             raise FileExistsError(
@@ -321,6 +531,19 @@ def _reserve(staging: Path, target: Path) -> None:
                 "or remove that directory if no such process is running."
             ) from None
         return
+
+
+def _sweep(staging: Path, target: Path) -> None:
+    """Remove what writers killed half-way left beside ``staging``: claims whose writer is gone (a claim
+    without an owner file is kept: its writer may be about to write it) and removals (``.trash``)."""
+    for claim in staging.parent.glob(f"{glob.escape(staging.name)}.*.claim"):
+        existing = _owner(claim)
+        if existing is not None and _stale(existing):
+            shutil.rmtree(claim, ignore_errors=True)
+    for trash in staging.parent.glob(f"{glob.escape(staging.name)}.*.trash"):
+        existing = _owner(trash)
+        if existing is None or _stale(existing):
+            _dispose(trash, target)
 
 
 def _owner(staging: Path) -> dict[str, Any] | None:
@@ -344,12 +567,49 @@ def _stale(owner: dict[str, Any]) -> bool:
     return False
 
 
-def _recover(staging: Path, target: Path) -> None:
-    """A dead writer may have moved the old output aside and not put the new one in: restore the old."""
-    old = staging / _OLD
-    if old.exists() and not (target.exists() or target.is_symlink()):
+def _recover(staging: Path, target: Path, judged: dict[str, Any] | None) -> None:
+    """An abandoned staging directory: moved aside first (so only one recoverer acts on it, and a writer
+    that claimed the name since it was judged keeps its claim), then disposed of."""
+    trash = _trash_name(staging)
+    try:
+        os.rename(staging, trash)
+    except OSError:
+        return  # gone already: another writer recovered it
+    if _owner(trash) != judged:  # a new writer's claim, made between the look and the move: give it back
+        with contextlib.suppress(OSError):
+            os.rename(trash, staging)
+        return
+    _dispose(trash, target)
+
+
+def _dispose(directory: Path, target: Path) -> None:
+    """Delete a staging directory: moved to a ``.trash`` name first, so the output's name is free at once
+    and a removal cut short blocks nothing. A dead writer may have moved the old output aside and not put
+    the new one in: that old output is put back first, and kept if it cannot be."""
+    if not _restore(directory / _OLD, target):
+        return
+    trash = directory if directory.name.endswith(".trash") else _trash_name(directory)
+    if trash != directory:
+        try:
+            os.rename(directory, trash)
+        except OSError:
+            trash = directory
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _restore(old: Path, target: Path) -> bool:
+    """Put an output moved aside back where nothing has replaced it; ``False`` if it is still aside."""
+    if not old.exists() or target.exists() or target.is_symlink():
+        return True
+    try:
         os.rename(old, target)
-    shutil.rmtree(staging, ignore_errors=True)
+    except OSError:
+        return False
+    return True
+
+
+def _trash_name(staging: Path) -> Path:
+    return staging.parent / f"{staging.name}.{uuid.uuid4().hex[:12]}.trash"
 
 
 class Terminated(BaseException):
@@ -360,24 +620,55 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            previous[signum] = signal.signal(signum, _raise_terminated)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
+_GUARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class _SignalGuard:
+    """SIGINT / SIGTERM / SIGHUP as exceptions, so cleanup runs for each, but held back inside
+    :meth:`deferred` (what must not stop half-way: swapping an output in, cleaning up) and raised after it.
+    Only signals left to Python's defaults are handled, and only in the main thread (where handlers run)."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._depth = 0
+        self._pending: int | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in _GUARDED:
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            if signal.getsignal(signum) is default:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def raise_pending(self) -> None:
+        """Raise for a signal held back, once nothing holds signals back any more."""
+        if self._pending is not None and not self._depth:
+            signum, self._pending = self._pending, None
+            raise _interrupt(signum)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self._depth:
+            raise _interrupt(signum)
+        if self._pending is None:
+            self._pending = signum
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(signum)
+def _interrupt(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def _file_type(mode: int) -> str:
