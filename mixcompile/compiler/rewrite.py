@@ -38,6 +38,7 @@ from mixcompile.compiler.pattern import Match
 from mixcompile.compiler.trace import LeafTracer, TracedUnit, helper_methods, trace_module
 from mixcompile.compiler.view import GraphView, build_view
 from mixcompile.runtime.ffn import DenseFFN
+from mixcompile.runtime.rewritten import EditedForward, KeywordInput, edited_graph
 
 if TYPE_CHECKING:
     from mixcompile.compiler.find import FFNSite, Scan
@@ -142,24 +143,9 @@ def _paths_of(model: nn.Module, path: str) -> list[str]:
 def _accept_keyword(value: nn.Module, ffn: nn.Module) -> None:
     """Let the block take its input under the name the FFN module's forward gave it: a parent calling
     ``self.mlp(hidden_states=h)`` calls the block so too."""
-    name = next(iter(list(inspect.signature(type(ffn).forward).parameters)[1:]), None)
-    if name is not None:
-        value.register_forward_pre_hook(KeywordInput(name), with_kwargs=True)
-
-
-class KeywordInput:
-    """A forward pre-hook that passes a block's input given as keyword ``name`` positionally."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(
-        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
-    ) -> tuple[tuple[object, ...], dict[str, object]] | None:
-        if args or self.name not in kwargs:
-            return None
-        kwargs = dict(kwargs)
-        return (kwargs.pop(self.name),), kwargs
+    names = list(inspect.signature(type(ffn).forward).parameters)
+    if len(names) > 1:
+        value.register_forward_pre_hook(KeywordInput(names[1]), with_kwargs=True)
 
 
 def apply(model: nn.Module, changes: list[Assignment]) -> Callable[[], None]:
@@ -167,8 +153,9 @@ def apply(model: nn.Module, changes: list[Assignment]) -> Callable[[], None]:
     that restores every attribute as it was."""
     undo: list[tuple[nn.Module, str, object, bool]] = []
 
-    def restore() -> None:
-        for owner, name, old, own in reversed(undo):
+    def restore() -> None:  # once: a second call (an error raised after a restore) changes nothing
+        while undo:
+            owner, name, old, own = undo.pop()
             if not own:  # a new attribute (a block's), or one over the class's (an edited forward)
                 delattr(owner, name)
                 continue
@@ -238,6 +225,7 @@ def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUni
     members: list[str] = []
     turned_off: list[Assignment] = []
     dropouts = {node: (p, attr) for node, p, attr in site.dropouts}
+    hidden = _untraced_names(unit, owner_units)
     for node in ordered:
         if (
             not node.args
@@ -249,7 +237,7 @@ def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUni
         member = _chain_member(node, unit)
         if member is None and node.op == "call_function" and node in dropouts:
             p, attr = dropouts[node]
-            outcome = _functional_dropout(p, attr, owner_units, _untraced_names(unit, owner_units))
+            outcome = _functional_dropout(p, attr, owner_units, hidden)
             if isinstance(outcome, str):
                 return f"no chain collapse: {outcome}"
             turned_off.extend(Assignment(unit.path, name, 0.0) for name in outcome)
@@ -266,7 +254,6 @@ def _chain_collapse(site: FFNSite, model: nn.Module, owner_units: list[TracedUni
         if emptied and _function_calls(node.target, owner_units) > 1:
             called = getattr(node.target, "__name__", node.target)
             return f"no chain collapse: {called} is also called outside the FFN"
-    hidden = _untraced_names(unit, owner_units)
     for member in members:
         name = member.removeprefix(f"{unit.path}.") if unit.path else member
         if name.split(".")[0] in hidden:
@@ -322,7 +309,7 @@ def _graph_edit(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) 
         return f"no graph edit: its forward does not trace exactly ({type(exc).__name__}: {text})"
     if _rematch(site, view) is None:
         return "no graph edit: part of the FFN is computed inside a child module's forward"
-    modes = sorted(_GRAD_MODES & _code_names(unit.module))
+    modes = sorted(_GRAD_MODES & _code_names(unit.module)) + _mode_decorators(unit.module)
     if modes:
         return (
             f"no graph edit: its forward uses {', '.join(modes)}, which a traced graph does not record (the "
@@ -338,6 +325,25 @@ def _graph_edit(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) 
 
 
 _GRAD_MODES = {"no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast"}
+
+
+def _mode_decorators(owner: nn.Module) -> list[str]:
+    """The grad-mode or autocast decorators on the owner's ``forward`` (``@torch.no_grad()``): an edited
+    forward replaces the decorated function, decorators and all."""
+    found = []
+    function: object = getattr(type(owner), "forward", None)
+    while hasattr(function, "__wrapped__"):
+        code = getattr(function, "__code__", None)
+        where = code.co_filename.replace("\\", "/") if code is not None else ""
+        found += [what for file, what in _MODE_DECORATORS.items() if where.endswith(file)]
+        function = function.__wrapped__
+    return found
+
+
+_MODE_DECORATORS = {
+    "torch/utils/_contextlib.py": "a grad-mode decorator (@torch.no_grad() or the like)",
+    "torch/amp/autocast_mode.py": "an @autocast decorator",
+}
 
 
 def _code_names(owner: nn.Module) -> set[str]:
@@ -361,7 +367,7 @@ def _optional_branches(owner: nn.Module) -> list[str]:
     wrong branch when one is left out. Found by tracing again with each left out."""
     params = list(inspect.signature(type(owner).forward).parameters.values())[1:]
     optional = [p.name for p in params if p.default is None and p.kind is not p.VAR_KEYWORD]
-    if not optional:
+    if not optional or edited_graph(owner) is not None:  # an edited forward: checked when it was made
         return []
     opaque = set(owner.children())
     given = _calls(trace_module(owner, opaque, analysis=False)[0])
@@ -478,30 +484,6 @@ def _targets(graph: fx.Graph) -> set[str]:
     }
 
 
-class EditedForward:
-    """The ``forward`` of a module whose inline FFN became a block: the edited graph's code, run on the
-    module itself (attributes are looked up at each call, so weights loaded or moved later are the ones
-    used). Pickled and copied as its graph; the code is generated on first use."""
-
-    def __init__(self, owner: nn.Module, graph: fx.Graph) -> None:
-        self.owner, self.graph = owner, graph
-        self.__signature__ = inspect.signature(type(owner).forward).replace(
-            parameters=list(inspect.signature(type(owner).forward).parameters.values())[1:]
-        )
-        self._code: Callable[..., object] | None = None
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        if self._code is None:
-            code = self.graph.python_code(root_module="self")
-            namespace = dict(code.globals)
-            exec(compile(code.src, f"<{type(self.owner).__name__}.forward, edited>", "exec"), namespace)  # noqa: S102 - the graph's own code
-            self._code = namespace["forward"]
-        return self._code(self.owner, *args, **kwargs)
-
-    def __reduce__(self) -> tuple[type, tuple[nn.Module, fx.Graph]]:
-        return EditedForward, (self.owner, self.graph)
-
-
 def _block_name(match: Match, graph: fx.Graph, owner: nn.Module, taken: dict[str, nn.Module]) -> str:
     """Name the block after the projection it replaces, unless something outside the FFN still uses it
     (or the owner has another attribute of that name)."""
@@ -547,33 +529,36 @@ def _function_calls(function: object, owner_units: list[TracedUnit]) -> int:
 
 
 def _untraced_names(unit: TracedUnit, owner_units: list[TracedUnit]) -> set[str]:
-    """Attributes the owner's untraced code uses as values: where ``forward`` does not trace and the FFN
-    was found in a helper method, whatever else ``forward`` (or an untraced helper) does with the FFN's
-    members is in no graph, so emptying them could change that code. Reading an attribute *of* a member
-    (``self.linear1.weight``, as ``nn.TransformerEncoderLayer``'s fast-path checks do) is not a use."""
+    """Attributes the owner's untraced code uses: where ``forward`` does not trace and the FFN was found
+    in a helper method, whatever else ``forward`` (or an untraced helper) does with the FFN's members is in
+    no graph, so emptying them could change that code (reading ``self.fc2.weight.dtype`` included). Only
+    ``nn.Transformer*Layer``'s fast-path reads of ``self.linear1.weight`` are not uses: the guards the
+    rewrite sets keep that path off."""
     traced = {u.method for u in owner_units}
     if "forward" in traced:
         return set()
+    through = not isinstance(unit.module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer)
     names: set[str] = set()
     for method in ("forward", *helper_methods(unit.module)):
         if method not in traced:
             function = inspect.unwrap(getattr(type(unit.module), method))
-            names |= _attributes_used(getattr(function, "__code__", None))
+            names |= _attributes_used(getattr(function, "__code__", None), through=through)
     return names
 
 
-def _attributes_used(code: object) -> set[str]:
-    """Attribute names a code object loads and uses as they are (not just to read one of their own
-    attributes), its nested functions' and comprehensions' included."""
+def _attributes_used(code: object, *, through: bool) -> set[str]:
+    """Attribute names a code object loads, its nested functions' and comprehensions' included; without
+    ``through``, not those only loaded to read one of their own attributes (``self.linear1.weight``)."""
     if not isinstance(code, types.CodeType):
         return set()
     names: set[str] = set()
     instructions = list(dis.get_instructions(code))
     for here, after in zip(instructions, [*instructions[1:], None], strict=True):
-        if here.opname in _LOADS_ATTRIBUTE and not (after is not None and after.opname == "LOAD_ATTR"):
+        read_through = after is not None and after.opname == "LOAD_ATTR"
+        if here.opname in _LOADS_ATTRIBUTE and (through or not read_through):
             names.add(str(here.argval))
     for constant in code.co_consts:
-        names |= _attributes_used(constant)
+        names |= _attributes_used(constant, through=through)
     return names
 
 

@@ -37,6 +37,7 @@ from mixcompile.compiler.linears import is_linear_like
 from mixcompile.errors import ConfigError
 from mixcompile.integrations.transformers_experts import is_experts_module
 from mixcompile.runtime.blocks import Block
+from mixcompile.runtime.rewritten import edited_graph
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _MAX_REASON = 240
@@ -181,7 +182,11 @@ def trace_module(
     mode: bool | None = None,
 ) -> tuple[fx.Graph, bool]:
     """Trace one method of ``module``; returns the graph and whether it relied on assumed dtype/device.
-    ``mode`` traces it as if in that training mode, its ``training`` a :class:`TrainingFlag`."""
+    ``mode`` traces it as if in that training mode, its ``training`` a :class:`TrainingFlag`. A module an
+    earlier graph edit gave its own forward runs that graph, not its class's forward: that is its graph."""
+    edited = edited_graph(module) if method == "forward" else None
+    if edited is not None:
+        return edited, False
     tracer = LeafTracer(opaque, method=method, analysis=analysis)
     with (
         tagged_floats(module) if analysis else nullcontext(),

@@ -163,6 +163,9 @@ class RouterBase(nn.Module):
         return losses
 
 
+_BALANCING_STATE = ("selection_bias", "load_since_update")  # kept in float32 or wider (LearnedRouter._apply)
+
+
 class LearnedRouter(RouterBase):
     """A router with a learned gate ``W_g [d, E]``: the base of the built-in token-choice routers.
 
@@ -262,9 +265,6 @@ class LearnedRouter(RouterBase):
         if load.sum() > 0:
             self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
-
-
-_BALANCING_STATE = ("selection_bias", "load_since_update")
 
 
 def switch_balance_loss(fraction: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

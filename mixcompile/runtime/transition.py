@@ -26,6 +26,7 @@ from torch import nn
 
 from mixcompile.errors import ConfigError, check_positive_int
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.rewritten import carry_keyword_hooks
 
 
 def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
@@ -72,9 +73,14 @@ def redo_token_choice(model: nn.Module, path: str, top_k: int) -> None:
 
 
 def _replace(model: nn.Module, path: str, block: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, block)
+    """Put ``block`` wherever the module at ``path`` is registered (a block shared by layers stays shared),
+    with the keyword hook that lets it take its input by the FFN's name."""
+    old = model.get_submodule(path)
+    carry_keyword_hooks(old, block)
+    for where, module in list(model.named_modules(remove_duplicate=False)):
+        if module is old:
+            parent_path, _, name = where.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, name, block)
 
 
 def _router_top_k(path: str, mot: MoTBlock, top_k: int | None) -> int:

@@ -9,9 +9,9 @@ from torch import nn
 from zoo import D_FF, D_MODEL, PlainMLP, Residual, build
 
 from mixcompile.compiler import convert, convert_with_report, find_sites, inspect
-from mixcompile.compiler.rewrite import EditedForward
 from mixcompile.errors import ConfigError, MixcompileError, ShapeError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.rewritten import EditedForward
 
 
 def _snapshot(model: nn.Module) -> tuple[dict, list]:

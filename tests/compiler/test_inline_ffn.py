@@ -12,8 +12,8 @@ from torch import nn
 
 import mixcompile as mc
 from mixcompile.compiler import find_sites
-from mixcompile.compiler.rewrite import EditedForward
 from mixcompile.runtime.blocks import MoEBlock
+from mixcompile.runtime.rewritten import EditedForward
 
 D, H = 16, 32
 MOE = {"strategy": "moe", "num_experts": 4, "top_k": 2, "init": "upcycle"}

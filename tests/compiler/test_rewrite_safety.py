@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixcompile as mc
-from mixcompile.compiler.rewrite import Assignment, EditedForward, apply
+from mixcompile.compiler.rewrite import Assignment, apply
 from mixcompile.compiler.verify import tensor_disagreement
 from mixcompile.runtime.blocks import MoEBlock
+from mixcompile.runtime.rewritten import EditedForward
 
 D, H = 8, 16
 UPCYCLE = {"strategy": "moe", "num_experts": 4, "top_k": 2, "init": "upcycle"}
@@ -61,24 +62,15 @@ def test_a_function_attribute_used_outside_the_ffn_is_kept() -> None:
 
 
 class UntracedForward(nn.Module):
-    """The FFN sits in a helper because forward does not trace (data-dependent control flow); forward
-    also uses the FFN's activation module, and reads its dropout probability for another dropout."""
+    """The FFN sits in a helper because forward does not trace (data-dependent control flow); each
+    subclass's forward also uses one of the FFN's members (``share``), as a value no graph shows."""
 
-    def __init__(self, share: str) -> None:
+    share = ""
+
+    def __init__(self) -> None:
         super().__init__()
         self.attn, self.fc1, self.fc2 = nn.Linear(D, D), nn.Linear(D, H), nn.Linear(H, D)
-        self.act, self.dropout, self.share = nn.GELU(), 0.5, share
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attn(x)
-        if self.share == "activation":
-            a = self.act(a)
-        else:
-            a = F.dropout(a, p=self.dropout, training=self.training)
-        x = x + a
-        if x.abs().max() > 1e4:  # data-dependent: this forward does not trace
-            x = x.clamp(-1e4, 1e4)
-        return x + self._ff(x)
+        self.act, self.dropout = nn.GELU(), 0.5
 
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.fc1(x))
@@ -87,12 +79,41 @@ class UntracedForward(nn.Module):
         return self.fc2(hidden)
 
 
-@pytest.mark.parametrize(("share", "named"), [("activation", "self.act"), ("dropout", "self.dropout")])
-def test_members_an_untraced_forward_also_uses_are_not_emptied(share, named) -> None:
+class SharesActivation(UntracedForward):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.act(self.attn(x))
+        if x.abs().max() > 1e4:  # data-dependent: this forward does not trace
+            x = x.clamp(-1e4, 1e4)
+        return x + self._ff(x)
+
+
+class SharesDropout(UntracedForward):
+    share = "dropout"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + F.dropout(self.attn(x), p=self.dropout, training=self.training)
+        if x.abs().max() > 1e4:
+            x = x.clamp(-1e4, 1e4)
+        return x + self._ff(x)
+
+
+class ReadsWeight(UntracedForward):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x).to(self.fc2.weight.dtype)
+        if x.abs().max() > 1e4:
+            x = x.clamp(-1e4, 1e4)
+        return x + self._ff(x)
+
+
+@pytest.mark.parametrize(
+    ("layer", "named"),
+    [(SharesActivation, "self.act"), (SharesDropout, "self.dropout"), (ReadsWeight, "self.fc2")],
+)
+def test_members_an_untraced_forward_also_uses_are_not_emptied(layer, named) -> None:
     """Chain collapse counted the other uses of the FFN's members only in traced graphs: with forward
     untraced it emptied the activation forward also used (1.48 off, eval) or zeroed the dropout forward
     also reads (no attention dropout in training)."""
-    model = Wrap(UntracedForward(share))
+    model = Wrap(layer())
     (site,) = mc.inspect(model, **UPCYCLE).sites
     assert site.status == "cannot rewrite" and named in site.reason and "does not trace" in site.reason
     with pytest.raises(mc.ConfigError, match="can be rewritten"):
@@ -266,6 +287,18 @@ class GradMode(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(x))) + target
 
 
+class Frozen(nn.Module):
+    """A layer frozen by a decorator on its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
 @pytest.mark.parametrize(
     ("layer", "reason"),
     [
@@ -274,6 +307,7 @@ class GradMode(nn.Module):
             "branches on whether 'mask' is given",
         ),  # the edit kept the mask branch: mask=None failed
         (GradMode, "uses no_grad, which a traced graph does not record"),  # the teacher got gradients
+        (Frozen, "uses a grad-mode decorator"),  # the edited forward dropped @torch.no_grad(): it trained
     ],
 )
 def test_what_a_traced_graph_cannot_hold_is_not_graph_edited(layer, reason) -> None:
@@ -355,3 +389,55 @@ def test_hooks_on_the_ffn_module_keep_running() -> None:
     with torch.no_grad():
         converted(x)
     assert calls.count == 1
+
+
+class TwoInline(nn.Module):
+    """Two inline FFNs in one forward: a graph edit per conversion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2, self.b1, self.b2 = (
+            nn.Linear(D, H),
+            nn.Linear(H, D),
+            nn.Linear(D, H),
+            nn.Linear(H, D),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.a2(F.gelu(self.a1(x)))
+        return x + self.b2(F.relu(self.b1(x)))
+
+
+def test_a_graph_edited_module_is_converted_again_and_compiled_from_a_copy() -> None:
+    """A second convert traced the class's forward, which reads the emptied FFN members (no FFN found);
+    a copy's edited forward made its code on first call, which torch.compile(fullgraph=True) cannot trace."""
+    converted, x = _upcycled(Wrap(TwoInline()), sites=[0])
+    again, _ = _upcycled(converted)
+    assert isinstance(again.layer.a1, MoEBlock) and isinstance(again.layer.b1, MoEBlock)
+    copied = copy.deepcopy(again)
+    compiled = torch.compile(copied, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), again(x), rtol=0, atol=0)
+
+
+def test_a_verification_failure_with_a_graph_edit_raises_verification_error() -> None:
+    """The model was restored twice (once to re-run the dense model, once on the way out): undoing a graph
+    edit's new attributes a second time raised AttributeError instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(UsesOtherMethod(), Wrap(TwoInline())).double().eval()
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    before = model(x)
+    with pytest.raises(mc.VerificationError):
+        mc.convert(model, **UPCYCLE, example_inputs=(x,), inplace=True)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_to_token_choice_keeps_the_keyword_hook_and_the_sharing() -> None:
+    """The Token Choice block replaced the MoT block at its first path only, without its keyword hook."""
+    torch.manual_seed(0)
+    mot = {"strategy": "mot", "num_experts": 4, "group_size": 2, "init": "random", "layout": "batch_first"}
+    for model in (mc.convert(CallsByKeyword(), **mot), mc.convert(SharedMLP(), **mot)):
+        mc.to_token_choice(model)
+        assert not any(isinstance(m, mc.MoTBlock) for m in model.modules())
+        model(torch.randn(2, 5, D))
+    assert model.first["mlp"] is model.second["mlp"]
