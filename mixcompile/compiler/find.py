@@ -45,26 +45,8 @@ class FFNSite:
     dropouts: tuple[tuple[fx.Node, float, str | None], ...] = ()  # (node, p, attribute holding p)
     notes: list[str] = field(default_factory=list)
     blocked: str | None = None  # why the site stays dense whatever rewrite would fit (find's verdict)
-    _rewrite: Rewrite | None = field(default=None, repr=False)
-    _reason: str | None = field(default=None, repr=False)
-
-    @property
-    def rewrite(self) -> Rewrite | None:
-        """How the site is replaced; never set for a blocked site."""
-        return None if self.blocked else self._rewrite
-
-    @rewrite.setter
-    def rewrite(self, value: Rewrite | None) -> None:
-        self._rewrite = value
-
-    @property
-    def reason(self) -> str | None:
-        """Why no rewrite applies: find's verdict first, else the rewrite pass's."""
-        return self.blocked or self._reason
-
-    @reason.setter
-    def reason(self, value: str | None) -> None:
-        self._reason = value
+    rewrite: Rewrite | None = None  # never set for a blocked site
+    reason: str | None = None  # why no rewrite applies (a blocked site's: find's verdict)
 
     @property
     def path(self) -> str:

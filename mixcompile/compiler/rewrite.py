@@ -83,7 +83,11 @@ def choose_rewrites(scan: Scan, model: nn.Module) -> None:
 
 
 def choose_rewrite(site: FFNSite, model: nn.Module, owner_units: list[TracedUnit]) -> None:
-    """Fill ``site.rewrite`` with the first rewrite that applies, or ``site.reason`` with why none does."""
+    """Fill ``site.rewrite`` with the first rewrite that applies, or ``site.reason`` with why none does (a
+    site find blocked keeps find's reason)."""
+    if site.blocked is not None:
+        site.reason = site.blocked
+        return
     dtypes = _weight_dtypes(site.ffn)
     if len(dtypes) > 1:  # stacked experts hold one dtype, and the dense FFN casts between its projections
         site.reason = (
