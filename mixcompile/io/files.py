@@ -20,6 +20,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
@@ -32,7 +33,7 @@ from mixcompile.errors import LoadError, first_line
 MAX_JSON_BYTES = 16 << 20  # manifests and configs are small; anything larger is not one of ours
 STAGING_SUFFIX = ".mixcompile-staging"
 _OWNER = "owner.json"
-_NEW, _OLD = "new", "old"
+_NEW, _OLD, _REPLACED = "new", "old", "replaced"
 
 
 def check_regular_file(path: Path, what: str = "file") -> os.stat_result:
@@ -235,14 +236,14 @@ def _refusal(path: Path) -> tuple[str, bool] | None:
     entries = list(path.iterdir())
     if not entries:
         return None
-    subdirs = [e.name for e in entries if e.is_dir() and not e.is_symlink()]
+    subdirs = [e.name for e in entries if e.is_dir() and not e.is_symlink() and not _chat_templates(e)]
     if subdirs:
         names = ", ".join(sorted(subdirs)[:3])
         return f"it holds subdirectories ({names}), which a model directory has not", True
     manifest, config = _small_json(path / "mixcompile.json"), _small_json(path / "config.json")
     if not (manifest.get("format") == "mixcompile" or "model_type" in config or "architectures" in config):
         return "it has neither a mixcompile.json nor a Hugging Face config.json", False
-    others = _foreign_files(path, [entry.name for entry in entries], config)
+    others = _foreign_files(path, [entry.name for entry in entries if not _chat_templates(entry)], config)
     if others:
         return f"it also holds files that are not a model's: {_some(others)}", True
     return None
@@ -254,7 +255,7 @@ def _foreign_files(path: Path, names: list[str], config: dict[str, Any]) -> list
     from mixcompile.io.tokenizer_files import _TOKENIZER_FILES, _TOKENIZER_PATTERNS, _vocab_files_of
 
     known = _MODEL_FILES | set(_TOKENIZER_FILES)
-    known |= _code_files(config) | _code_files(_small_json(path / "tokenizer_config.json"))
+    known |= _code_files(path, config) | _code_files(path, _small_json(path / "tokenizer_config.json"))
     patterns = (*_MODEL_PATTERNS, *_TOKENIZER_PATTERNS)
     others = sorted(n for n in names if n not in known and not any(fnmatchcase(n, p) for p in patterns))
     if others and (path / "tokenizer_config.json").is_file():
@@ -266,17 +267,23 @@ def _foreign_files(path: Path, names: list[str], config: dict[str, Any]) -> list
     return others
 
 
-def _code_files(config: dict[str, Any]) -> set[str]:
-    """The ``.py`` files a config's ``auto_map`` names (``save_pretrained`` copies them beside it)."""
+def _chat_templates(entry: Path) -> bool:
+    """The ``additional_chat_templates`` folder (of ``.jinja`` files) a tokenizer's save_pretrained writes."""
+    return (
+        entry.name == "additional_chat_templates"
+        and entry.is_dir()
+        and not entry.is_symlink()
+        and all(f.is_file() and f.suffix == ".jinja" for f in entry.iterdir())
+    )
+
+
+def _code_files(path: Path, config: dict[str, Any]) -> set[str]:
+    """The ``.py`` files of a config with an ``auto_map``: ``save_pretrained`` copies the modules it names
+    and the modules those import relatively, so every ``.py`` file beside such a config is the model's."""
     auto_map = config.get("auto_map")
     if not isinstance(auto_map, dict):
         return set()
-    references = [r for value in auto_map.values() for r in (value if isinstance(value, list) else [value])]
-    return {
-        f"{reference.split('--')[-1].rsplit('.', 1)[0]}.py"
-        for reference in references
-        if isinstance(reference, str) and "." in reference
-    }
+    return {entry.name for entry in path.glob("*.py")}
 
 
 def _some(names: list[str]) -> str:
@@ -369,8 +376,11 @@ class OutputDirectory:
     :attr:`committed` says whether the new output is in place and :attr:`replaced` whether an old one made
     way for it, so that an interrupted command can say what happened."""
 
-    def __init__(self, target: Path, staging: Path, guard: _SignalGuard | None = None) -> None:
+    def __init__(
+        self, target: Path, staging: Path, guard: _SignalGuard | None = None, *, overwrite: bool = True
+    ) -> None:
         self.target = target
+        self.overwrite = overwrite
         self.staging = staging
         self.path = staging / _NEW
         self.committed = False
@@ -390,6 +400,8 @@ class OutputDirectory:
     def _swap(self) -> None:
         old = self.staging / _OLD
         if self.target.exists() or self.target.is_symlink():
+            if not self.overwrite:  # appeared since the check (or put back from a killed writer's staging)
+                raise FileExistsError(f"{self.target} appeared while writing; nothing replaced.")
             reason = is_model_directory(self.target)
             if reason is not None:  # appeared since the check: never replace something we did not expect
                 raise FileExistsError(f"{self.target} appeared while writing and {reason}; nothing replaced.")
@@ -440,7 +452,7 @@ def output_directory(
     guard = _SignalGuard()
     guard.install()
     try:
-        out = OutputDirectory(path, path.parent / f".{path.name}{STAGING_SUFFIX}", guard)
+        out = OutputDirectory(path, path.parent / f".{path.name}{STAGING_SUFFIX}", guard, overwrite=overwrite)
         try:
             with guard.deferred():
                 out._reserve()
@@ -512,8 +524,9 @@ def _reserve(staging: Path, target: Path) -> None:
             os.rename(claim, staging)
         except OSError:
             shutil.rmtree(claim, ignore_errors=True)
-            if not staging.is_dir() or staging.is_symlink():
-                if staging.exists() or staging.is_symlink():
+            kind = _kind(staging)
+            if kind != "directory":
+                if kind is not None:
                     raise FileExistsError(
                         f"{staging} is in the way of writing {target}: it is not a staging directory "
                         "mixcompile made; remove it."
@@ -533,17 +546,35 @@ def _reserve(staging: Path, target: Path) -> None:
         return
 
 
+def _kind(path: Path) -> str | None:
+    """``"directory"``, ``"other"`` or ``None`` (nothing there), from one ``lstat``: two looks could see a
+    writer's staging directory renamed away and claimed again in between."""
+    try:
+        return "directory" if stat.S_ISDIR(os.lstat(path).st_mode) else "other"
+    except FileNotFoundError:
+        return None
+
+
 def _sweep(staging: Path, target: Path) -> None:
     """Remove what writers killed half-way left beside ``staging``: claims whose writer is gone (a claim
     without an owner file is kept: its writer may be about to write it) and removals (``.trash``)."""
     for claim in staging.parent.glob(f"{glob.escape(staging.name)}.*.claim"):
         existing = _owner(claim)
-        if existing is not None and _stale(existing):
+        if (existing is not None and _stale(existing)) or (existing is None and _older_than(claim, 60.0)):
             shutil.rmtree(claim, ignore_errors=True)
     for trash in staging.parent.glob(f"{glob.escape(staging.name)}.*.trash"):
         existing = _owner(trash)
         if existing is None or _stale(existing):
             _dispose(trash, target)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    """A claim without its owner file this old was left by a writer killed between making it and writing
+    the file (a live writer writes it at once)."""
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def _owner(staging: Path) -> dict[str, Any] | None:
@@ -585,9 +616,14 @@ def _recover(staging: Path, target: Path, judged: dict[str, Any] | None) -> None
 def _dispose(directory: Path, target: Path) -> None:
     """Delete a staging directory: moved to a ``.trash`` name first, so the output's name is free at once
     and a removal cut short blocks nothing. A dead writer may have moved the old output aside and not put
-    the new one in: that old output is put back first, and kept if it cannot be."""
-    if not _restore(directory / _OLD, target):
+    the new one in (its ``new`` is still beside ``old``): that old output is put back first, and kept if it
+    cannot be. Any other ``old`` is one a new output replaced: it is renamed ``replaced`` before the
+    removal starts, so a removal cut short never leaves an ``old`` a later writer would put back."""
+    old = directory / _OLD
+    if (directory / _NEW).exists() and not _restore(old, target):
         return
+    with contextlib.suppress(OSError):
+        os.rename(old, directory / _REPLACED)
     trash = directory if directory.name.endswith(".trash") else _trash_name(directory)
     if trash != directory:
         try:

@@ -239,3 +239,54 @@ def test_an_output_under_a_file_is_refused_in_words(tmp_path) -> None:
         pass
     assert "too long" in str(error.value) and "[Errno" not in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build.py"]
+
+
+# ---- what killed writers leave: only a swap cut between its renames gives its old output back ------------
+
+
+def test_an_old_output_a_new_one_replaced_is_never_put_back(tmp_path) -> None:
+    """A removal cut short left a replaced (half-deleted) output in a .trash; a writer killed between its
+    renames left the latest output aside in the staging directory, beside its new one. The sweep put the
+    stale, half-deleted one back first, so the latest was then deleted (a review's SIGKILL sequence)."""
+    trash = tmp_path / f".out{STAGING_SUFFIX}.0123456789ab.trash"
+    trash.mkdir()
+    (trash / "old").mkdir()
+    (trash / "old" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # its weights deleted
+    staging = tmp_path / f".out{STAGING_SUFFIX}"
+    staging.mkdir()
+    model_directory(staging / "old", "latest")
+    model_directory(staging / "new", "cut short")
+    with (
+        pytest.raises(FileExistsError, match="appeared while writing"),
+        output_directory(tmp_path / "out", overwrite=False) as out,
+    ):
+        fill(out)
+        out.commit()  # the latest output is back: overwrite=False must not replace it
+    assert contents(tmp_path / "out")["model.safetensors"] == "latest" and beside(tmp_path) == []
+
+
+def test_a_committed_writers_leftover_old_output_is_removed_not_restored(tmp_path) -> None:
+    """Killed after its new output went in: its ``old`` is the replaced one, whatever happens later."""
+    staging = tmp_path / f".out{STAGING_SUFFIX}"
+    staging.mkdir()
+    model_directory(staging / "old", "replaced")
+    with output_directory(tmp_path / "out", overwrite=False) as out:
+        fill(out)
+        out.commit()
+    assert contents(tmp_path / "out")["model.safetensors"] == "new" and beside(tmp_path) == []
+
+
+def test_custom_code_and_chat_templates_save_pretrained_writes_are_a_model_directory(tmp_path) -> None:
+    """save_pretrained copies the modules an auto_map names and the ones they import (helpers.py), and a
+    tokenizer's extra chat templates go in additional_chat_templates/: both were refused for --force."""
+    path = model_directory(tmp_path / "custom", "weights")
+    (path / "config.json").write_text(
+        json.dumps({"model_type": "my", "auto_map": {"AutoModel": "modeling_my.M"}})
+    )
+    for name in ("modeling_my.py", "helpers.py"):
+        (path / name).write_text("")
+    (path / "additional_chat_templates").mkdir()
+    (path / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    assert is_model_directory(path) is None
+    (path / "additional_chat_templates" / "notes.txt").write_text("mine")
+    assert "additional_chat_templates" in (is_model_directory(path) or "")
