@@ -28,7 +28,7 @@ from __future__ import annotations
 import dis
 import inspect
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -352,17 +352,20 @@ _MODE_DECORATORS = {
 
 def _code_names(owner: nn.Module) -> set[str]:
     """Every name the code of the owner's ``forward`` and its helper methods reads (nested code too)."""
-    names: set[str] = set()
-    pending = [
-        getattr(inspect.unwrap(getattr(type(owner), method)), "__code__", None)
-        for method in ("forward", *helper_methods(owner))
-    ]
+    return {
+        name for code in _method_codes(owner, ("forward", *helper_methods(owner))) for name in code.co_names
+    }
+
+
+def _method_codes(owner: nn.Module, methods: Iterable[str]) -> Iterator[types.CodeType]:
+    """The code of the owner's class's ``methods`` (decorators unwrapped), and the code nested in it
+    (inner functions, comprehensions)."""
+    pending = [getattr(inspect.unwrap(getattr(type(owner), m)), "__code__", None) for m in methods]
     while pending:
         code = pending.pop()
         if isinstance(code, types.CodeType):
-            names |= set(code.co_names)
+            yield code
             pending.extend(code.co_consts)
-    return names
 
 
 def _optional_branches(owner: nn.Module) -> list[str]:
@@ -542,28 +545,19 @@ def _untraced_names(unit: TracedUnit, owner_units: list[TracedUnit]) -> set[str]
     if "forward" in traced:
         return set()
     through = not isinstance(unit.module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer)
-    names: set[str] = set()
-    for method in ("forward", *helper_methods(unit.module)):
-        if method not in traced:
-            function = inspect.unwrap(getattr(type(unit.module), method))
-            names |= _attributes_used(getattr(function, "__code__", None), through=through)
-    return names
+    untraced = [m for m in ("forward", *helper_methods(unit.module)) if m not in traced]
+    return {name for code in _method_codes(unit.module, untraced) for name in _attributes_used(code, through)}
 
 
-def _attributes_used(code: object, *, through: bool) -> set[str]:
-    """Attribute names a code object loads, its nested functions' and comprehensions' included; without
-    ``through``, not those only loaded to read one of their own attributes (``self.linear1.weight``)."""
-    if not isinstance(code, types.CodeType):
-        return set()
-    names: set[str] = set()
+def _attributes_used(code: types.CodeType, through: bool) -> set[str]:
+    """Attribute names one code object loads; without ``through``, not those only loaded to read one of
+    their own attributes (``self.linear1.weight``)."""
     instructions = list(dis.get_instructions(code))
-    for here, after in zip(instructions, [*instructions[1:], None], strict=True):
-        read_through = after is not None and after.opname == "LOAD_ATTR"
-        if here.opname in _LOADS_ATTRIBUTE and (through or not read_through):
-            names.add(str(here.argval))
-    for constant in code.co_consts:
-        names |= _attributes_used(constant, through=through)
-    return names
+    return {
+        str(here.argval)
+        for here, after in zip(instructions, [*instructions[1:], None], strict=True)
+        if here.opname in _LOADS_ATTRIBUTE and (through or after is None or after.opname != "LOAD_ATTR")
+    }
 
 
 _LOADS_ATTRIBUTE = ("LOAD_ATTR", "LOAD_METHOD")
