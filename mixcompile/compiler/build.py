@@ -51,7 +51,8 @@ def build_replacement(
             _check_initializer(block, ffn, recipe)
         kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
     except MixcompileError as exc:
-        raise exc.prefixed(f"FFN site {site.index} at {site.label!r}") from exc
+        where = f" at {site.label!r}" if f" at {site.label}" not in str(exc) else ""  # a plugin's names it
+        raise exc.prefixed(f"FFN site {site.index}{where}") from exc
     return Replacement(
         site,
         d_hidden,

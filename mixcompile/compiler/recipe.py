@@ -101,6 +101,11 @@ class Recipe:
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")
             setattr(self, name, dict(getattr(self, name)))
+        if "generator" in self.init_options:  # load_dense passes one per site: init_options cannot
+            raise ConfigError(
+                "init_options: 'generator' is mixcompile's to give (one per site, seeded from seed= so a "
+                "conversion repeats); choose the random draws with seed= instead."
+            )
         self._check_sites()
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(

@@ -233,3 +233,16 @@ def test_an_ffn_with_weights_in_two_dtypes_is_refused_naming_them():
         ConfigError, match=r"DenseReluDense: its weights are in float16 and float32.*one dtype"
     ):
         convert(model, strategy="moe", num_experts=4, top_k=2)
+
+
+def test_a_plugin_error_names_the_site_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        convert(build("llama"), strategy="moe", router_options={"bogus": 1})
+    message = str(caught.value)
+    assert "router 'topk'" in message and "no option 'bogus'" in message
+    assert message.count("model.layers.0.mlp") == 1, message
+
+
+def test_a_generator_in_init_options_is_refused_in_words() -> None:
+    with pytest.raises(ConfigError, match="init_options: 'generator' is mixcompile's to give.*seed="):
+        convert(build("llama"), strategy="moe", init_options={"generator": torch.Generator()})

@@ -114,7 +114,7 @@ def test_a_misspelt_option_names_the_plugin_and_suggests(flaky) -> None:
 
 
 def test_a_bad_option_value_keeps_the_plugins_own_message(flaky) -> None:
-    with pytest.raises(mc.ConfigError, match=r"FFN site 0 at 'mlp'.*initializer 'flaky'.*scale must be >= 0"):
+    with pytest.raises(mc.ConfigError, match=r"FFN site 0: initializer 'flaky'.* at mlp: scale must be >= 0"):
         _site_model(init="flaky", init_options={"scale": -1.0})
 
 
@@ -314,7 +314,7 @@ def test_an_initializer_that_leaves_the_experts_wrong_is_refused_by_name(init, f
     """Not a model reported as converted that computes NaN (the experts start empty)."""
     mc.register_plugin(_Initializers(), name="initializers_under_test")
     try:
-        with pytest.raises(mc.PluginError, match=rf"FFN site 0 at 'mlp': {fragment}"):
+        with pytest.raises(mc.PluginError, match=rf"FFN site 0: {fragment}"):
             _site_model(init=init)
     finally:
         mc.unregister_plugin("initializers_under_test")
