@@ -134,8 +134,46 @@ def _path_of(what: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with _one_line_warnings():
-        return _main(argv)
+    stdout = sys.stdout
+    sys.stdout = _Stdout(stdout)
+    try:
+        with _one_line_warnings():
+            return _main(argv)
+    finally:
+        sys.stdout = stdout
+
+
+class _StdoutFailed(Exception):
+    """Printing to standard output failed (a full disk under a redirect): not the command's own files."""
+
+
+class _Stdout:
+    """``sys.stdout``, with its write errors told apart from the files a command writes, so that a full
+    disk under ``> report.txt`` is not reported as the model output's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with self._told_apart():
+            return int(self._stream.write(text))
+
+    def flush(self) -> None:
+        with self._told_apart():
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _told_apart() -> Iterator[None]:
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _StdoutFailed(_in_words(exc)) from exc
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -157,6 +195,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return code
     except (UsageError, ConfigError) as exc:
         return _fail(exc, 2)
+    except _StdoutFailed as exc:
+        return _fail(RuntimeError(_stdout_failed(exc, args)), 1)
     except BrokenPipeError:  # `mixcompile inspect ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 128 + signal.SIGPIPE
@@ -181,6 +221,14 @@ def _interrupted(what: str, args: argparse.Namespace) -> str:
     if out.replaced:
         return f"{what} after {out.target} was replaced by the complete new model (the old one is gone)"
     return f"{what} after the complete new model was written to {out.target}"
+
+
+def _stdout_failed(exc: _StdoutFailed, args: argparse.Namespace) -> str:
+    text = f"could not print to the standard output ({exc})"
+    out: OutputDirectory | None = getattr(args, "out", None)
+    if out is not None and out.committed:
+        return f"{text}; the complete new model was written to {out.target} before that"
+    return text
 
 
 def _in_words(exc: OSError) -> BaseException:

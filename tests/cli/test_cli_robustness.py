@@ -6,7 +6,9 @@ point (a patched call), never after a sleep."""
 
 from __future__ import annotations
 
+import errno
 import importlib
+import io
 import json
 import os
 import shutil
@@ -156,6 +158,30 @@ def test_force_refuses_a_checkpoint_folder_holding_more_than_the_model(source, t
     assert "remove them or choose another output" in err
     assert sorted(p.name for p in checkpoint.iterdir()) == before
     assert (checkpoint / "notes.txt").read_text() == "mine"
+
+
+class _FullDisk(io.StringIO):
+    """A standard output redirected to a file on a full disk."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_standard_output_is_not_blamed_on_the_model_output(
+    source, tmp_path, capsys, monkeypatch
+) -> None:
+    """``mixcompile convert ... > report.txt`` on a full disk: the model was written, the report was not."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "stdout", _FullDisk())
+    code = main(convert_args(source, out))
+    error = capsys.readouterr().err
+    assert code == 1
+    assert "could not print to the standard output (no space left on the device)" in error, error
+    assert f"the complete new model was written to {out} before that" in error
+    assert recipes(out) == 2
 
 
 # ---- paths ------------------------------------------------------------------------------------------------
