@@ -49,7 +49,10 @@ def build_replacement(
         block = seeded_block(site, recipe, d_hidden, device, layout=layout)
         if meta:  # a plan (inspect): say what convert would refuse
             _check_initializer(block, ffn, recipe)
-        kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
+        if ffn.w_in.device.type == "meta" and block.kernel != "auto":
+            kernel = block.kernel  # a load's replay: checked for the device the weights are loaded to
+        else:
+            kernel = block.kernel_for(ffn.w_in.device, ffn.w_in.dtype)
     except MixcompileError as exc:
         where = f" at {site.label!r}" if f" at {site.label}" not in str(exc) else ""  # a plugin's names it
         raise exc.prefixed(f"FFN site {site.index}{where}") from exc
@@ -85,14 +88,28 @@ def seeded_block(
         torch.manual_seed(seed)
         block = build_block(site, recipe, d_hidden, device="cpu", layout=layout)
     generator = torch.Generator().manual_seed(seed)
+    computed = _computed_buffers(block)
     for experts in block.modules():
         if isinstance(experts, StackedExperts):
             experts.to_empty(device=device)
     block.to(device)
     if device.type == "meta":
+        for (module, name), buffer in computed.items():
+            module._buffers[name] = buffer
         return block
     block.load_dense(site.ffn, init=recipe.init, generator=generator, **recipe.init_options)
     return block
+
+
+def _computed_buffers(block: Block) -> dict[tuple[nn.Module, str], torch.Tensor]:
+    """The non-persistent buffers of the block's plugins (tables a router computes when built): no saved
+    file holds them, so a skeleton keeps them real, as it keeps the base model's."""
+    return {
+        (module, name): buffer
+        for module in block.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and name in module._non_persistent_buffers_set
+    }
 
 
 def _check_initializer(block: Block, ffn: DenseFFN, recipe: Recipe) -> None:

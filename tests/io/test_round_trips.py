@@ -17,6 +17,7 @@ from zoo import hf_qwen2_moe
 
 import mixcompile as mc
 from mixcompile.cli import main
+from mixcompile.runtime.kernels import get_kernel
 
 transformers = pytest.importorskip("transformers")
 TINY = {"d_model": 32, "n_layer": 2, "n_head": 2, "d_ff": 64, "max_seq": 16}
@@ -235,6 +236,35 @@ def test_the_same_cli_command_writes_byte_identical_weights(tmp_path) -> None:
 # ---- every block option is a recipe option ---------------------------------------------------------------
 
 
+class _CpuOnlyKernel(type(get_kernel("torch"))):
+    def supports(self, kind, device, dtype):
+        return device.type == "cpu"
+
+
+class _CpuOnlyPlugin:
+    @mc.hookimpl
+    def register_kernels(self, register):
+        register("cpu_only", _CpuOnlyKernel)
+
+
+def test_a_model_converted_with_a_named_kernel_loads(tmp_path) -> None:
+    """Loading replays the recipe on the meta device, which a named kernel need not support (Triton does
+    not): the kernel is checked where the weights are loaded to, not refused on the skeleton."""
+    mc.register_plugin(_CpuOnlyPlugin(), name="cpu_only_plugin")
+    try:
+        torch.manual_seed(0)
+        model = mc.convert(
+            mc.build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=2, kernel="cpu_only"
+        )
+        mc.save(model, tmp_path / "m")
+        loaded = mc.load(tmp_path / "m")
+        assert {b.kernel for b in mc.sparse_blocks(loaded).values()} == {"cpu_only"}
+        tokens = torch.randint(0, 100, (2, 8))
+        torch.testing.assert_close(loaded.eval()(tokens), model.eval()(tokens), rtol=0, atol=0)
+    finally:
+        mc.unregister_plugin("cpu_only_plugin")
+
+
 def test_mot_mode_and_small_batch_are_recipe_options_saved_and_restored(tmp_path) -> None:
     model = mc.convert(
         mc.build_tiny_gpt(**TINY), strategy="mot", group_size=4, mode="sparse", small_batch="sparse"
@@ -419,3 +449,36 @@ def test_untraceable_inputs_say_what_to_pass_instead(tmp_path, capsys) -> None:
     torch.jit.save(torch.jit.script(module), tmp_path / "scripted.pt")
     assert main(["inspect", str(tmp_path / "scripted.pt"), "--trust-pickle"]) == 1
     assert "TorchScript archive" in capsys.readouterr().err
+
+
+class _TableRouter(mc.LearnedRouter):
+    """A router holding a table it computes when built (a non-persistent buffer, like rotary frequencies)."""
+
+    def __init__(self, d_model, num_experts, top_k, **options):
+        super().__init__(d_model, num_experts, top_k, **options)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, num_experts), persistent=False)
+
+    def forward(self, x, kernel):
+        logits = self.logits(x) * self.scale
+        probs, experts, weights = kernel.topk_routing(logits, self.top_k)
+        return self.token_choice_plan(logits, experts, weights, probs)
+
+
+class _TablePlugin:
+    @mc.hookimpl
+    def register_routers(self, register):
+        register("table", _TableRouter)
+
+
+def test_a_router_with_a_computed_buffer_loads(tmp_path) -> None:
+    """No file holds a non-persistent buffer: the loading skeleton keeps it as the router computed it."""
+    mc.register_plugin(_TablePlugin(), name="table_plugin")
+    try:
+        torch.manual_seed(0)
+        model = mc.convert(mc.build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=2, router="table")
+        mc.save(model, tmp_path / "m")
+        loaded = mc.load(tmp_path / "m")
+    finally:
+        mc.unregister_plugin("table_plugin")
+    tokens = torch.randint(0, 100, (2, 8))
+    torch.testing.assert_close(loaded.eval()(tokens), model.eval()(tokens), rtol=0, atol=0)
