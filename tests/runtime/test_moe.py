@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import mixcompile as mc
 from mixcompile.runtime.checks import check_routing_plan
 from mixcompile.runtime.kernels import get_kernel
+from mixcompile_plugins.routers import TopKRouter
 
 TORCH = get_kernel("torch")  # routers run their top-k step through the block's kernel
 
@@ -425,3 +426,57 @@ def test_capacity_drops_tokens_in_training_only(router):
     with torch.no_grad():
         torch.testing.assert_close(block(x)[:1], block(x[:1]), rtol=1e-6, atol=1e-6)
     assert mc.stats(block)[""]["dropped_assignments"] == 0
+
+
+class _WrongExperts(TopKRouter):
+    def __init__(self, d_model, num_experts, top_k, **options):
+        super().__init__(d_model, num_experts * 2, top_k, **options)  # routes over experts the block lacks
+
+
+class _Int32TopK(type(TORCH)):
+    def topk_routing(self, logits, top_k, *, bias=None, renormalize=True):
+        probs, experts, weights = super().topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
+        return probs, experts.int(), weights
+
+
+class _FailingTopK(type(TORCH)):
+    def topk_routing(self, logits, top_k, *, bias=None, renormalize=True):
+        raise RuntimeError("fused top-k failed to launch")
+
+
+class _ContractPlugin:
+    @mc.hookimpl
+    def register_routers(self, register):
+        register("wrong_experts", _WrongExperts)
+
+    @mc.hookimpl
+    def register_kernels(self, register):
+        register("int32_topk", _Int32TopK)
+        register("failing_topk", _FailingTopK)
+
+
+@pytest.fixture
+def contract_plugin():
+    mc.register_plugin(_ContractPlugin(), name="contract_plugin")
+    yield
+    mc.unregister_plugin("contract_plugin")
+
+
+def test_a_router_built_for_other_experts_is_refused_at_build(contract_plugin) -> None:
+    """Its plans would name experts 4..7 of a block with 4: a kernel without bounds checks silently
+    computed nothing for those tokens, the torch kernel crashed and was blamed."""
+    with pytest.raises(mc.PluginError, match=r"router 'wrong_experts'.*num_experts=8, but the block has 4"):
+        mc.MoEBlock(16, 32, 4, top_k=2, router="wrong_experts")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "fragment"),
+    [
+        ("int32_topk", r"topk_routing returned probs \(6, 4\) torch.float32, experts \(6, 2\) torch.int32"),
+        ("failing_topk", r"crashed: RuntimeError: fused top-k failed to launch"),
+    ],
+)
+def test_a_fault_in_the_kernels_routing_step_names_the_kernel(contract_plugin, kernel, fragment) -> None:
+    block = mc.MoEBlock(16, 32, 4, top_k=2, router="topk", kernel=kernel)
+    with pytest.raises(mc.PluginError, match=rf"kernel '{kernel}' \(plugin 'contract_plugin'\).*{fragment}"):
+        block(torch.randn(2, 3, 16))

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_positive_int
-from mixcompile.plugins.build import build_plugin, call_plugin
+from mixcompile.errors import ConfigError, PluginError, check_positive_int
+from mixcompile.plugins.build import Source, build_plugin, call_plugin, source_text
 from mixcompile.runtime.blocks.base import Block, Describe
 from mixcompile.runtime.checks import check_output, check_routing_plan
 from mixcompile.runtime.experts import StackedExperts
@@ -81,6 +81,12 @@ class MoEBlock(Block):
         )
         self.router.to(device=device, dtype=dtype)
         self._router_source = Describe(self, "router", router)
+        built_for = getattr(self.router, "num_experts", num_experts)
+        if built_for != num_experts:  # its plans would name experts the block does not have, or skip some
+            raise PluginError(
+                f"{self._router_source()} was built for num_experts={built_for!r}, but the block has "
+                f"{num_experts} experts: a router factory must route over the num_experts it is given."
+            )
         self.last_aux_loss: torch.Tensor | None = None
         # Set by mixcompile.distributed.parallelize: runs the plan on experts sharded over ranks.
         self.expert_parallel: ExpertRunner | None = None
@@ -92,9 +98,10 @@ class MoEBlock(Block):
         flat = self._compute_input(x.reshape(-1, x.shape[-1]))
         choice = self._kernel(flat)
         kernel = choice.kernel
-        plan = call_plugin(self._router_source, self.router, flat, kernel)
+        routing_kernel = kernel if torch.compiler.is_compiling() else _RoutingKernel(kernel, choice.source)
+        plan = call_plugin(self._router_source, self.router, flat, routing_kernel)
         check_routing_plan(
-            plan, source=self._router_source, num_tokens=flat.shape[0], num_experts=self.router.num_experts
+            plan, source=self._router_source, num_tokens=flat.shape[0], num_experts=self.experts.num_experts
         )
         if self.expert_parallel is not None:
             y = self.expert_parallel(flat, plan, self.experts, kernel)
@@ -169,3 +176,41 @@ def _routing_stats(plan: Any, kernel_name: str) -> dict[str, Any]:
     if plan.probs is not None:  # -sum p log p, 0 where p is 0
         stats["routing_entropy"] = torch.special.entr(plan.probs.float()).sum(-1).mean()
     return stats
+
+
+class _RoutingKernel:
+    """The kernel as a router sees it (eager forwards): a fault in the kernel's routing step
+    (``topk_routing``) names the kernel, not the router that called it, and its results are checked where
+    they are made."""
+
+    def __init__(self, kernel: Kernel, source: Source) -> None:
+        self._kernel = kernel
+        self._source = source
+
+    def topk_routing(
+        self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None = None, renormalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        result = call_plugin(
+            self._source, self._kernel.topk_routing, logits, top_k, bias=bias, renormalize=renormalize
+        )
+        n = logits.shape[0]
+        expected = {"probs": (n, logits.shape[1]), "experts": (n, top_k), "weights": (n, top_k)}
+        parts = result if isinstance(result, tuple) and len(result) == 3 else None
+        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in parts or ()]
+        if parts is None or got != list(expected.values()) or parts[1].dtype != torch.int64:
+            what = (
+                f"a {type(result).__name__}"
+                if parts is None
+                else ", ".join(
+                    f"{name} {shape} {getattr(t, 'dtype', type(t).__name__)}"
+                    for name, shape, t in zip(expected, got, parts, strict=True)
+                )
+            )
+            raise PluginError(
+                f"{source_text(self._source)}: topk_routing returned {what}; expected (probs [N, E], experts "
+                f"[N, top_k] int64, weights [N, top_k]) for N={n}, E={logits.shape[1]}, top_k={top_k}."
+            )
+        return parts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kernel, name)
