@@ -90,11 +90,16 @@ def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
         except UnknownNameError as exc:
             if exc.kind not in KINDS:
                 raise LoadError(f"{manifest.directory}: recipe {number} of the manifest: {exc}") from None
+            provider = manifest.provider(exc.kind, exc.name)
+            install = (
+                f"It was provided by {provider} when the model was saved: install that"
+                if provider
+                else "If a plugin package provides it, install it"
+            )
             raise LoadError(
                 f"{manifest.directory} was converted with an unknown {exc.kind} here, {exc.name!r}: no "
-                f"installed plugin registers it (known: {', '.join(exc.known) or 'none'}). If a plugin "
-                "package provides it, install it (`mixcompile plugins` lists what is loaded; "
-                "MIXCOMPILE_PLUGINS may be leaving it out)."
+                f"installed plugin registers it (known: {', '.join(exc.known) or 'none'}). {install} "
+                "(`mixcompile plugins` lists what is loaded; MIXCOMPILE_PLUGINS may be leaving it out)."
             ) from None
         except MixcompileError as exc:
             raise LoadError(

@@ -9,13 +9,16 @@ validates names and bounds) before anything is built.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixcompile.errors import LoadError, MixcompileError
+from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
 from mixcompile.io.bases import check_base_spec
 from mixcompile.io.files import confined_file, read_json_object
+from mixcompile.plugins.manager import lookup
+from mixcompile.types import PluginKind
 
 MANIFEST = "mixcompile.json"
 WEIGHTS = "model.safetensors"
@@ -23,7 +26,16 @@ HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
 HF_MODEL_TYPE = "mixcompile"  # the model_type of a converted model's config.json (see mixcompile.io.hf)
 FORMAT_VERSION = 1
-_FIELDS = {"format", "format_version", "mixcompile_version", "recipes", "base", "weights", "blocks"}
+_FIELDS = {
+    "format",
+    "format_version",
+    "mixcompile_version",
+    "recipes",
+    "base",
+    "weights",
+    "blocks",
+    "plugins",
+}
 # MoT blocks' settings, and "token_choice" (top_k) where mixcompile.to_token_choice replaced a MoT block
 _BLOCK_SETTINGS = {"mode": str, "small_batch": str, "temperature": float, "token_choice": int}
 
@@ -35,6 +47,15 @@ class Manifest:
     base: dict[str, Any]  # how to rebuild the unconverted model (see mixcompile.io.bases)
     weights: list[Path]
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings changed after conversion
+    # "router:cosine" -> {"package": "revplug", "version": "0.1"}: who provided the plugins the recipes name
+    plugins: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def provider(self, kind: str, name: str) -> str:
+        """The package that provided plugin ``name`` when the model was saved, in words (or "")."""
+        found = self.plugins.get(f"{kind}:{name}")
+        if found is None:
+            return ""
+        return f"package {found['package']!r}" + (f" {found['version']}" if found.get("version") else "")
 
 
 def is_saved_model(directory: Path) -> bool:
@@ -123,7 +144,28 @@ def parse_manifest(data: dict[str, Any], directory: Path, where: str, weights: l
     if not isinstance(data.get("base"), dict):
         raise LoadError(f"{where} has no 'base' section.")
     base = check_base_spec(data["base"], directory, where=f"{where}: base")
-    return Manifest(directory, parsed, base, weights, _check_blocks(data.get("blocks", {}), where))
+    blocks = _check_blocks(data.get("blocks", {}), where)
+    return Manifest(directory, parsed, base, weights, blocks, _check_plugins(data.get("plugins", {}), where))
+
+
+def _check_plugins(plugins: object, where: str) -> dict[str, dict[str, str]]:
+    if not isinstance(plugins, dict):
+        raise LoadError(f"{where}: 'plugins' must be an object of plugin names to their packages.")
+    for key, provider in plugins.items():
+        fields = provider.keys() if isinstance(provider, dict) else ()
+        if (
+            not isinstance(provider, dict)
+            or not {"package"} <= set(fields) <= {"package", "version"}
+            or not all(isinstance(v, str) and 0 < len(v) <= _MAX_PROVIDER for v in provider.values())
+        ):
+            raise LoadError(
+                f"{where}: plugins[{key!r}] must be an object with a 'package' name and, optionally, its "
+                f"'version' (strings of at most {_MAX_PROVIDER} characters)."
+            )
+    return plugins
+
+
+_MAX_PROVIDER = 200
 
 
 def _check_blocks(blocks: object, where: str) -> dict[str, dict[str, Any]]:
@@ -155,4 +197,31 @@ def manifest_data(
     }
     if blocks:
         data["blocks"] = blocks
+    plugins = plugin_providers(recipes)
+    if plugins:
+        data["plugins"] = plugins
     return data
+
+
+def plugin_providers(recipes: list[Any]) -> dict[str, dict[str, str]]:
+    """The installed package (and its version) behind each plugin the recipes name, so that loading where
+    one is missing can say what to install."""
+    used: dict[str, tuple[PluginKind, str]] = {}
+    for recipe in recipes:
+        named: list[tuple[PluginKind, str]] = [("initializer", recipe.init), ("kernel", recipe.kernel)]
+        named.append(("router", recipe.router) if recipe.strategy == "moe" else ("mixer", recipe.mixer))
+        used |= {f"{kind}:{name}": (kind, name) for kind, name in named if name != "auto"}
+    providers = {}
+    for key, (kind, name) in sorted(used.items()):
+        try:
+            module = lookup(kind, name).factory.__module__
+        except UnknownNameError:
+            continue
+        packages = importlib.metadata.packages_distributions().get(module.split(".")[0], [])
+        if packages:
+            try:
+                version = importlib.metadata.version(packages[0])
+            except importlib.metadata.PackageNotFoundError:
+                version = ""
+            providers[key] = {"package": packages[0], **({"version": version} if version else {})}
+    return providers

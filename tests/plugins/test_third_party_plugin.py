@@ -1,5 +1,6 @@
 """The example plugin package, pip-installed for real, is usable by name like a built-in router."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -68,3 +69,29 @@ def test_installed_router_routes_and_learns(installed_plugin):
     assert torch.equal(jittery.logits(tokens), jittery.logits(tokens))
     with pytest.raises(mc.ConfigError, match=r"router 'cosine' \(plugin 'cosine'\): temperature must be > 0"):
         mc.MoEBlock(16, 32, 4, router="cosine", router_options={"temperature": 0})
+
+
+def test_a_model_saved_with_it_names_its_package_when_loaded_without_it(
+    installed_plugin, tmp_path, monkeypatch
+):
+    torch.manual_seed(0)
+    model = mc.convert(
+        mc.build_tiny_gpt(d_model=16, n_layer=1, n_head=2, d_ff=32), num_experts=4, router="cosine"
+    )
+    mc.save(model, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "mixcompile.json").read_text())
+    assert manifest["plugins"]["router:cosine"] == {"package": "mixcompile-cosine", "version": "0.1.0"}
+    assert manifest["plugins"]["initializer:upcycle"]["package"] == "mixcompile"
+    monkeypatch.setenv("MIXCOMPILE_PLUGINS", "none")
+    registry.reset()
+    try:
+        with pytest.raises(
+            mc.LoadError, match=r"unknown router here, 'cosine'.*package 'mixcompile-cosine' 0\.1\.0"
+        ):
+            mc.load(tmp_path / "m")
+    finally:
+        monkeypatch.delenv("MIXCOMPILE_PLUGINS")
+        registry.reset()
+    loaded = mc.load(tmp_path / "m")
+    tokens = torch.randint(0, 100, (2, 6))
+    torch.testing.assert_close(loaded.eval()(tokens), model.eval()(tokens), rtol=0, atol=0)
