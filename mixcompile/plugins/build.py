@@ -14,13 +14,14 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import torch
 from torch.utils.checkpoint import _StopRecomputationError
 
 from mixcompile.errors import ConfigError, MixcompileError, PluginError
-from mixcompile.plugins.manager import lookup
+from mixcompile.plugins.manager import exception_text, lookup
 from mixcompile.types import PluginKind as PluginKind  # re-exported: blocks name their plugins' kinds
 
 # How an error names a plugin: the text, or a function giving it, so a compiled forward never reads the
@@ -32,6 +33,25 @@ T = TypeVar("T")
 # (batch-size finders catch it by type) and the signal non-reentrant activation checkpointing raises from
 # a saved-tensor hook to stop a recomputation once it has what backward needs.
 _NOT_PLUGIN_FAULTS = (torch.OutOfMemoryError, _StopRecomputationError)
+
+
+@dataclass(frozen=True)
+class FactoryCall:
+    """How mixcompile calls the factory of one kind of plugin (see ``mixcompile/plugins/hookspecs.py``)."""
+
+    signature: str  # as errors show it
+    own: frozenset[str] = frozenset()  # keyword arguments mixcompile passes itself (not a user's options)
+    options: bool = True  # whether a user (or a manifest) can pass options
+
+
+FACTORY_CALLS: dict[PluginKind, FactoryCall] = {
+    "router": FactoryCall("factory(d_model, num_experts, top_k, **options)"),
+    "mixer": FactoryCall("factory(d_model, num_experts, group_size, **options)"),
+    "kernel": FactoryCall("factory()", options=False),
+    "initializer": FactoryCall("factory(experts, dense, *, generator, **options)", frozenset({"generator"})),
+    "pattern": FactoryCall("factory()", options=False),
+    "builder": FactoryCall("factory(**kwargs)"),
+}
 
 
 def source_text(source: Source) -> str:
@@ -55,9 +75,13 @@ def build_plugin(
     ``expected`` (of every type of a tuple: a protocol and ``nn.Module``, say); errors name it, its plugin and
     ``where`` it is built (a site)."""
     source = describe_plugin(kind, name, where)
-    built = call_factory(lookup(kind, name).factory, source, args, dict(options or {}))
+    built = call_factory(lookup(kind, name).factory, source, args, dict(options or {}), kind=kind)
     kinds = expected if isinstance(expected, tuple) else () if expected is None else (expected,)
-    if not all(isinstance(built, kind) for kind in kinds):
+    try:  # a protocol's isinstance reads every attribute it declares: a property may raise
+        conforms = all(isinstance(built, kind) for kind in kinds)
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises is reported as its bug
+        raise _crash(source, "when its attributes were read", exc) from exc
+    if not conforms:
         wanted = " and a ".join(_public_name(kind) for kind in kinds)
         missing = [name for kind in kinds if not isinstance(built, kind) for name in _members(kind, built)]
         lacks = f" (it lacks {', '.join(missing)})" if missing else ""
@@ -82,9 +106,24 @@ def describe_plugin(kind: PluginKind, name: str, where: str = "") -> str:
     return plugin_source(kind, name, lookup(kind, name).plugin, where)
 
 
-def call_factory(factory: Callable[..., T], source: str, args: tuple[Any, ...], options: dict[str, Any]) -> T:
-    """``factory(*args, **options)`` with its faults told apart (see the module docstring)."""
-    _check_options(factory, source, args, options)
+def call_factory(
+    factory: Callable[..., T],
+    source: str,
+    args: tuple[Any, ...],
+    options: dict[str, Any],
+    *,
+    kind: PluginKind,
+) -> T:
+    """``factory(*args, **options)`` with its faults told apart (see the module docstring).
+
+    ``kind`` says how mixcompile calls such a factory: arguments it passes itself that do not bind are the
+    plugin's bug (``PluginError``); options the user gave that do not bind are the user's
+    (``ConfigError``)."""
+    call = FACTORY_CALLS[kind]
+    own = {name: value for name, value in options.items() if name in call.own}
+    user = {name: value for name, value in options.items() if name not in own}
+    _check_call(factory, source, call, args, own)
+    _check_options(factory, source, args, own, user)
     try:
         return factory(*args, **options)
     except ConfigError as exc:
@@ -92,8 +131,8 @@ def call_factory(factory: Callable[..., T], source: str, args: tuple[Any, ...], 
     except MixcompileError:
         raise
     except TypeError as exc:
-        if any(f"argument '{name}'" in str(exc) for name in options):
-            raise ConfigError(f"{source} rejected its options {options}: {exc}") from exc
+        if any(f"argument '{name}'" in str(exc) for name in user):
+            raise ConfigError(f"{source} rejected its options {user}: {exception_text(exc)}.") from exc
         raise _crash(source, "while being built", exc) from exc
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises is reported as its bug
         raise _crash(source, "while being built", exc) from exc
@@ -107,6 +146,16 @@ def call_plugin(source: Source, function: Callable[..., T], *args: Any, **kwargs
     """
     if torch.compiler.is_compiling():
         return function(*args, **kwargs)
+    return _call(source, "", function, args, kwargs)
+
+
+def call_plugin_method(source: Source, when: str, function: Callable[..., T], *args: Any) -> T:
+    """:func:`call_plugin` for a call made outside a forward (a kernel's ``supports``), whose crash says
+    ``when`` it happened: ``kernel 'k' (plugin 'p') crashed in supports(): ...``."""
+    return _call(source, when, function, args, {})
+
+
+def _call(source: Source, when: str, function: Callable[..., T], args: tuple[Any, ...], kwargs: Any) -> T:
     try:
         return function(*args, **kwargs)
     except _NOT_PLUGIN_FAULTS:
@@ -115,9 +164,9 @@ def call_plugin(source: Source, function: Callable[..., T], *args: Any, **kwargs
         text = source_text(source)
         if text in str(exc):
             raise
-        raise exc.prefixed(text) from exc
+        raise exc.prefixed(f"{text} {when}".rstrip()) from exc
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises is reported as its bug
-        raise _crash(source_text(source), "", exc) from exc
+        raise _crash(source_text(source), when, exc) from exc
 
 
 def accepted_options(factory: Callable[..., Any]) -> set[str] | None:
@@ -139,12 +188,39 @@ def accepted_options(factory: Callable[..., Any]) -> set[str] | None:
     return None
 
 
-def _check_options(
-    factory: Callable[..., Any], source: str, args: tuple[Any, ...], options: dict[str, Any]
+def _check_call(
+    factory: Callable[..., Any], source: str, call: FactoryCall, args: tuple[Any, ...], own: dict[str, Any]
 ) -> None:
+    """The arguments mixcompile passes itself must bind: when they do not, the factory's signature is wrong
+    (the plugin's bug), whatever options the user gave."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # no signature to check (a builtin): the call itself will tell
+    try:
+        signature.bind(*args, **own) if not call.options else signature.bind_partial(*args, **own)
+    except TypeError as exc:
+        kind = source.split(" ", 1)[0]
+        label = getattr(factory, "__qualname__", None) or repr(factory)
+        signature = signature.replace(return_annotation=inspect.Signature.empty)
+        raise PluginError(
+            f"{source} has a factory mixcompile cannot call: {_article(kind)} {kind} is built as "
+            f"{call.signature}, but {label}{signature} does not take that ({exc}). This is a bug in the "
+            "plugin: its factory needs that signature; report it to its author."
+        ) from None
+
+
+def _check_options(
+    factory: Callable[..., Any],
+    source: str,
+    args: tuple[Any, ...],
+    own: dict[str, Any],
+    options: dict[str, Any],
+) -> None:
+    """The user's ``options`` (``own``: the keywords mixcompile passes itself, neither listed nor blamed)."""
     known = accepted_options(factory)
     if known is not None:
-        known -= set(_positional_names(factory)[: len(args)])
+        known -= _filled_names(factory, len(args)) | set(own)
         for name in options:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=1)
@@ -154,11 +230,24 @@ def _check_options(
                     f"{source} rejected its options: no option {name!r}.{hint} Its options: {listing}."
                 )
     try:
-        inspect.signature(factory).bind(*args, **options)
+        inspect.signature(factory).bind(*args, **own, **options)
     except TypeError as exc:
         raise ConfigError(f"{source} rejected its options {options}: {exc}.") from None
     except ValueError:
         pass  # no signature to check (a builtin): the call itself will tell
+
+
+def _filled_names(factory: Callable[..., Any], count: int) -> set[str]:
+    """The parameters the first ``count`` positional arguments fill, up a class's ``__init__`` chain (a
+    subclass taking ``*args`` passes them on): not options, so not listed as such."""
+    if isinstance(factory, type):
+        callables = [vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c)]
+        return {name for f in callables for name in _positional_names(f)[1 : count + 1]}  # after self
+    return set(_positional_names(factory)[:count])
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _public_name(kind: type) -> str:
@@ -177,6 +266,6 @@ def _positional_names(factory: Callable[..., Any]) -> list[str]:
 def _crash(source: str, when: str, exc: BaseException) -> PluginError:
     when = f" {when}" if when else ""
     return PluginError(
-        f"{source} crashed{when}: {type(exc).__name__}: {exc}. This is a bug in the plugin; report it to its "
-        "author (MIXCOMPILE_DEBUG=1 shows the traceback)."
+        f"{source} crashed{when}: {type(exc).__name__}: {exception_text(exc)}. This is a bug in the plugin; "
+        "report it to its author (MIXCOMPILE_DEBUG=1 shows the traceback)."
     )

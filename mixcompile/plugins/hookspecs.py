@@ -2,10 +2,15 @@
 
 Each hook receives a ``register(name, factory, *, description="")`` callback, so one plugin can add many
 named things. The built-ins in ``mixcompile_plugins`` use exactly these hooks; a third-party package
-exposes a module implementing them under the ``mixcompile`` entry-point group::
+names the object implementing them under the ``mixcompile`` entry-point group: a module whose functions
+are the hooks, or an instance of a class whose methods are (``module:attribute``)::
 
     [project.entry-points.mixcompile]
-    cosine = "my_package.plugin"
+    cosine = "my_package.plugin:PLUGIN"  # PLUGIN = MyPlugin(), the hooks being MyPlugin's methods
+    # or cosine = "my_package.plugin"    # the hooks being the module's functions
+
+The entry point's name is the plugin's name (unique among installed distributions, and not a built-in's).
+mixcompile registers what it names: that module must not call ``register_plugin`` at import.
 
 What each ``factory`` must return:
 

@@ -84,7 +84,7 @@ class Registry:
             raise
         except Exception as exc:
             raise PluginError(
-                f"plugin {plugin!r} raised in hook {hook_name}: {type(exc).__name__}: {exc}. "
+                f"plugin {plugin!r} raised in hook {hook_name}: {type(exc).__name__}: {exception_text(exc)}. "
                 f"Fix the plugin, or leave it out with {ENV_VAR}."
             ) from exc
 
@@ -103,12 +103,26 @@ class Registry:
 
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
+_importing: str | None = None  # the entry point whose module is being imported, while entry points load
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception's message for the middle of a sentence: without its closing full stop."""
+    text = str(exc).rstrip()
+    return text[:-1] if text.endswith(".") and not text.endswith("..") else text
 
 
 def plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, with built-ins and selected entry points loaded."""
     global _pm
     if _pm is None:
+        if _importing is not None:
+            raise PluginError(
+                f"the module of entry point {_importing} used mixcompile's plugins while being imported "
+                "(mixcompile.register_plugin, a registry look-up or a block built at import time), before "
+                "they were loaded. mixcompile registers what an entry point names itself: leave "
+                "register_plugin out of that module, and move other such code out of import time."
+            )
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
         _register_builtins(pm)
@@ -174,28 +188,79 @@ def _register_builtins(pm: pluggy.PluginManager) -> None:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    global _importing
     selection = os.environ.get(ENV_VAR, "all").strip()
-    entry_points = {ep.name: ep for ep in importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)}
+    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for ep in importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append(ep)
     if selection.lower() == "all":
-        wanted = list(entry_points)
+        wanted = list(found)
     elif selection.lower() in ("none", ""):
         wanted = []
     else:
         wanted = [part.strip() for part in selection.split(",") if part.strip()]
         for name in wanted:
-            if name not in entry_points:
-                raise UnknownNameError(f"entry point (in {ENV_VAR})", name, entry_points)
+            if name not in found:
+                raise UnknownNameError(f"entry point (in {ENV_VAR})", name, found)
     for name in wanted:
-        ep = entry_points[name]
+        if len(found[name]) > 1:
+            listing = " and ".join(_describe_entry_point(ep) for ep in found[name])
+            raise PluginError(
+                f"{len(found[name])} installed distributions declare a mixcompile entry point named "
+                f"{name!r}: {listing}. An entry point's name is its plugin's name, so only one of them could "
+                "load. Uninstall one, or ask its author to rename the entry point (in the "
+                f"[project.entry-points.mixcompile] table); {ENV_VAR} without {name!r} loads neither."
+            )
+        ep = found[name][0]
+        if pm.get_plugin(name) is not None:
+            raise PluginError(
+                f"entry point {_describe_entry_point(ep)} has the name of plugin {name!r}, which is already "
+                "registered (built-ins are registered first): an entry point's name is its plugin's name, so "
+                "it cannot load. Ask its author to rename the entry point (in the "
+                f"[project.entry-points.mixcompile] table), or leave it out with {ENV_VAR}."
+            )
+        _importing = _describe_entry_point(ep)
         try:
             module: ModuleType | object = ep.load()
+        except PluginError:
+            raise
         except Exception as exc:
             raise PluginError(
-                f"plugin {name!r} (entry point {ep.value!r}) failed to import: {type(exc).__name__}: {exc}. "
-                f"Fix or uninstall it, or leave it out with {ENV_VAR}."
+                f"plugin {name!r} (entry point {ep.value!r}) failed to import: {type(exc).__name__}: "
+                f"{exception_text(exc)}. Fix or uninstall it, or leave it out with {ENV_VAR}."
             ) from exc
-        if pm.get_plugin(name) is None:
-            _checked_register(pm, module, name)
+        finally:
+            _importing = None
+        classes = _classes_with_hooks(module)
+        if classes:
+            raise PluginError(
+                f"plugin {name!r} (entry point {ep.value!r}) implements no mixcompile hook itself: its hooks "
+                f"are methods of class {classes[0]}. Point the entry point at an instance: add "
+                f"'PLUGIN = {classes[0]}()' to the module and declare {name} = \"{ep.value}:PLUGIN\"."
+            )
+        _checked_register(pm, module, name)
+
+
+def _describe_entry_point(ep: importlib.metadata.EntryPoint) -> str:
+    """``'name' = 'module:attr' (distribution dist 1.0)``, for errors."""
+    dist = getattr(ep, "dist", None)
+    where = f"distribution {dist.name} {dist.version}" if dist is not None else "an unnamed distribution"
+    return f"{ep.name!r} = {ep.value!r} ({where})"
+
+
+def _classes_with_hooks(module: object) -> list[str]:
+    """The classes a module without module-level hooks defines with hook methods: an entry point naming
+    the module (not an instance of one of them) registers nothing."""
+    marker = f"{hookspecs.PROJECT}_impl"  # what @hookimpl sets on a function
+    if not isinstance(module, ModuleType) or any(hasattr(value, marker) for value in vars(module).values()):
+        return []
+    return [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type)
+        and value.__module__ == module.__name__
+        and any(hasattr(getattr(value, hook, None), marker) for hook in KINDS.values())
+    ]
 
 
 def _checked_register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -90,6 +90,7 @@ def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_exp
             raise fail(f"{name} must be int64, got {fields[name].dtype}")
     if not plan.weight.is_floating_point():
         raise fail(f"weight must be floating point, got {plan.weight.dtype}")
+    _check_plan_extras(plan, fail, num_tokens, num_experts)
     k = plan.pairs_per_token
     if k is not None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -128,8 +129,47 @@ def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_exp
     return plan
 
 
-def check_mix_plan(plan: object, *, source: Source, shape: tuple[int, ...]) -> MixPlan:
-    """A mixer's plan: shapes always, values under the debug switch."""
+def _check_plan_extras(
+    plan: RoutingPlan, fail: Callable[[str], PluginError], num_tokens: int, num_experts: int
+) -> None:
+    """``probs`` and ``aux_losses``, from tensor metadata only (the block computes statistics from the one
+    and the training loss from the other, where a wrong type would fail naming no plugin)."""
+    probs = plan.probs
+    if probs is not None:
+        if not isinstance(probs, torch.Tensor):
+            raise fail(
+                f"probs must be a tensor [{num_tokens}, {num_experts}] or None, got {type(probs).__name__}"
+            )
+        if tuple(probs.shape) != (num_tokens, num_experts):
+            raise fail(
+                f"probs has shape {tuple(probs.shape)}, expected [{num_tokens}, {num_experts}] "
+                "(tokens x experts)"
+            )
+        if not probs.is_floating_point():
+            raise fail(f"probs must be floating point, got {probs.dtype}")
+    losses = plan.aux_losses
+    if not isinstance(losses, dict):
+        raise fail(f"aux_losses must be a dict of name -> scalar tensor, got {type(losses).__name__}")
+    for name, loss in losses.items():
+        if not isinstance(name, str):
+            raise fail(f"aux_losses keys must be strings (the loss names), got {name!r}")
+        if not isinstance(loss, torch.Tensor):
+            raise fail(
+                f"aux_losses[{name!r}] is a {type(loss).__name__}, expected a 0-dim floating tensor (a loss "
+                "that trains the router must be a tensor computed from its parameters)"
+            )
+        if loss.ndim != 0 or not loss.is_floating_point():
+            raise fail(
+                f"aux_losses[{name!r}] has shape {tuple(loss.shape)} and dtype {loss.dtype}, expected a "
+                "0-dim floating tensor (reduce it to a scalar, e.g. with .mean())"
+            )
+
+
+def check_mix_plan(
+    plan: object, *, source: Source, shape: tuple[int, ...], present: torch.Tensor | None = None
+) -> MixPlan:
+    """A mixer's plan: shapes always, values under the debug switch. With ``present`` (the mask the mixer
+    was given, ``[T or 1, n, G]``), the debug switch also checks that absent members have weight 0."""
     if not isinstance(plan, MixPlan):
         raise PluginError(
             f"{source_text(source)} returned {type(plan).__name__}, expected a mixcompile.MixPlan."
@@ -149,6 +189,19 @@ def check_mix_plan(plan: object, *, source: Source, shape: tuple[int, ...]) -> M
             )
         if debug_checks_enabled() and not torch.isfinite(tensor).all():
             raise PluginError(f"{source_text(source)} returned MixPlan.{name} with NaN or inf.")
+    if present is not None and debug_checks_enabled():
+        absent = ~present.bool().unsqueeze(-1)  # [T or 1, n, G, 1]
+        for name in ("merge", "emit"):
+            tensor = getattr(plan, name)
+            if bool((tensor.masked_fill(~absent, 0) != 0).any()):
+                raise PluginError(
+                    f"{source_text(source)} returned MixPlan.{name} with weight on absent group members "
+                    "(present=False: the missing members of an incomplete last group, and padding tokens): "
+                    "they must get weight 0 in merge and emit and take no part in any normalisation, or "
+                    "padding changes real tokens' outputs. Mask with `present`, e.g. "
+                    "logits.masked_fill(~present[..., None], -inf) before a softmax over the group, then "
+                    "* present[..., None] (a position may have no member present)."
+                )
     return plan
 
 

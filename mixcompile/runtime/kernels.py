@@ -8,13 +8,14 @@ moved (:meth:`Block._apply`), never inside a forward, so ``torch.compile`` trace
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from mixcompile.errors import ConfigError
-from mixcompile.plugins.build import build_plugin
-from mixcompile.plugins.manager import lookup, registry
+from mixcompile.errors import ConfigError, PluginError
+from mixcompile.plugins.build import build_plugin, call_plugin_method, describe_plugin
+from mixcompile.plugins.manager import ENV_VAR, lookup, registry
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import MixPlan
 from mixcompile.runtime.routing import RoutingPlan, topk_routing
@@ -82,7 +83,7 @@ def resolve_kernel(
     a block that has one)."""
     if name != "auto":
         kernel = get_kernel(name)
-        if not kernel.supports(kind, device, dtype):
+        if not _supports(name, kernel, kind, device, dtype):
             raise ConfigError(
                 f"kernel {name!r} does not support {kind} blocks on {device.type} with {dtype}; "
                 "use kernel='auto' to pick a kernel that does."
@@ -96,12 +97,18 @@ def resolve_kernel(
         return name, kernel
     candidates = []
     for reg_name in registry().names("kernel"):
-        kernel = get_kernel(reg_name)
-        dropout_ok = hidden_dropout == 0 or getattr(kernel, "hidden_dropout", False)
-        if dropout_ok and kernel.supports(kind, device, dtype):
-            rank = getattr(kernel, "auto_priority", None)
-            priority = kernel.priority if rank is None else rank(kind, device, dtype)
-            candidates.append((-priority, reg_name, kernel))
+        try:
+            kernel = get_kernel(reg_name)
+            dropout_ok = hidden_dropout == 0 or getattr(kernel, "hidden_dropout", False)
+            if dropout_ok and _supports(reg_name, kernel, kind, device, dtype):
+                candidates.append((-_priority(reg_name, kernel, kind, device, dtype), reg_name, kernel))
+        except PluginError as exc:
+            # No skipping a broken kernel: which kernel auto picks would then depend on a plugin's bug.
+            raise PluginError(
+                f"kernel='auto' for {kind} blocks on {device.type} with {dtype} asks every registered "
+                f"kernel, and {exc} Until it is fixed, leave that plugin out ({ENV_VAR} for an installed "
+                "one, mixcompile.unregister_plugin for one registered in this process)."
+            ) from exc
     if not candidates:
         needs = f" that applies hidden dropout (p={hidden_dropout})" if hidden_dropout > 0 else ""
         raise ConfigError(
@@ -109,3 +116,30 @@ def resolve_kernel(
         )
     _, chosen, kernel = min(candidates, key=lambda c: (c[0], c[1]))
     return chosen, kernel
+
+
+def _supports(name: str, kernel: Kernel, kind: BlockKind, device: torch.device, dtype: torch.dtype) -> bool:
+    """``kernel.supports(...)``, a crash or a non-bool answer naming the kernel and its plugin."""
+    source = describe_plugin("kernel", name)
+    answer = call_plugin_method(source, "in supports()", kernel.supports, kind, device, dtype)
+    if not isinstance(answer, bool):
+        raise PluginError(
+            f"{source} returned {type(answer).__name__} {answer!r} from supports(), expected True or False."
+        )
+    return answer
+
+
+def _priority(name: str, kernel: Kernel, kind: BlockKind, device: torch.device, dtype: torch.dtype) -> float:
+    """The kernel's rank for ``auto``: ``auto_priority(kind, device, dtype)`` if it has one, else
+    ``priority``; a crash or a value that is not a number names the kernel and its plugin."""
+    source = describe_plugin("kernel", name)
+    rank = call_plugin_method(source, "reading auto_priority", getattr, kernel, "auto_priority", None)
+    if rank is None:
+        what = "priority"
+        value = call_plugin_method(source, "reading priority", getattr, kernel, "priority", 0)
+    else:
+        what = "auto_priority()"
+        value = call_plugin_method(source, "in auto_priority()", rank, kind, device, dtype)
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise PluginError(f"{source} has {what} {value!r}, expected a number (higher wins in kernel='auto').")
+    return value

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from mixcompile.errors import ConfigError, check_positive_int
@@ -151,8 +152,19 @@ def set_mot_temperature(model: nn.Module, temperature: float) -> int:
     for path, block in blocks:  # check every mixer before changing any
         if not hasattr(block.mixer, "temperature"):
             raise ConfigError(f"the mixer at {path!r} ({block.mixer_name!r}) has no temperature.")
+        current = block.mixer.temperature
+        if isinstance(current, torch.Tensor) and not current.is_floating_point():
+            raise ConfigError(
+                f"the mixer at {path!r} ({block.mixer_name!r}) keeps its temperature in a {current.dtype} "
+                "tensor, which cannot hold a fractional temperature."
+            )
     for _, block in blocks:
-        block.mixer.temperature = float(temperature)
+        current = block.mixer.temperature
+        if isinstance(current, torch.Tensor):  # a buffer or parameter (saved with the weights): in place
+            with torch.no_grad():
+                current.fill_(float(temperature))
+        else:
+            block.mixer.temperature = float(temperature)
     return len(blocks)
 
 

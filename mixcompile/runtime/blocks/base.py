@@ -130,6 +130,8 @@ class Block(nn.Module):
         p = self.experts.hidden_dropout if dropout else 0.0
         try:
             name, kernel = resolve_kernel(self.kernel, self.kind, device, dtype, hidden_dropout=p)
+        except PluginError:
+            raise  # a broken kernel plugin: now, not as a ConfigError at the forward that meets it
         except MixcompileError as exc:
             return str(exc)
         return KernelChoice(name, kernel, Describe(self, "kernel", name))
@@ -196,7 +198,9 @@ class Block(nn.Module):
             if real:
                 for param in self.experts.parameters():
                     param.fill_(float("nan"))
-            returned = call_factory(registration.factory, source, (self.experts, dense), options)
+            returned = call_factory(
+                registration.factory, source, (self.experts, dense), options, kind="initializer"
+            )
         if returned is not None:
             raise PluginError(
                 f"{source} returned a {type(returned).__name__}; an initializer fills the experts in place "

@@ -159,7 +159,8 @@ class MoTBlock(Block):
         present = present.reshape(groups, g, present.shape[-1]).permute(2, 0, 1)  # [T or 1, n, G]
         sparse = self.mode == "sparse" or (not self.training and batch < g and self.small_batch == "sparse")
         plan = call_plugin(self._mixer_source, self.mixer, x_g, present, sparse=sparse)
-        check_mix_plan(plan, source=self._mixer_source, shape=(seq, groups, g, self.experts.num_experts))
+        shape = (seq, groups, g, self.experts.num_experts)
+        check_mix_plan(plan, source=self._mixer_source, shape=shape, present=present)
         choice = self._kernel(x_g)
         y_g = check_output(
             call_plugin(choice.source, choice.kernel.mot, x_g, plan, self.experts), x_g, choice.source
