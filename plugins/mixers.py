@@ -18,8 +18,10 @@ class SoftmaxMixer(ControllerMixer):
     """``merge = softmax_G(W_c x / temperature)`` per expert over the group's present members.
 
     ``emit="merge"`` (the paper) spreads each expert's output back with the merge weights.
-    ``emit="experts"`` uses, per token, a softmax over experts instead; each token's emit weights then sum
-    to 1, so with G = 1 an upcycled block computes exactly the dense FFN.
+    ``emit="experts"`` uses, per token, a softmax over experts instead (of the scores ``W_c x`` without the
+    temperature, which is the group softmax's: annealing it towards the sparse limit changes how each
+    expert's input is merged, not how a token weighs the experts); each token's emit weights then sum to 1,
+    so with G = 1 an upcycled block computes exactly the dense FFN.
     In sparse mode the merge weights become one-hot on each expert's top member (temperature → 0).
     Members that are not present (missing from a short last group, or padding) get weight 0 in both; a
     position where no member is present mixes nothing (all weights 0, no NaN).
@@ -61,7 +63,8 @@ class SoftmaxMixer(ControllerMixer):
         self._temperature = float(value)
 
     def forward(self, x_g: torch.Tensor, present: torch.Tensor, *, sparse: bool) -> MixPlan:
-        logits = self.logits(x_g) / self.temperature  # [T, n, G, E]
+        scores = self.logits(x_g)  # [T, n, G, E]
+        logits = scores / self.temperature  # the temperature is the group softmax's (merge), not emit's
         member_mask = present[..., None]  # [n, G] or [T, n, G] -> broadcasts over [T, n, G, E]
         # A position whose members are all absent would be a softmax over nothing (NaN, and NaN gradients
         # through any later masking): its logits stay finite and its weights are zeroed below.
@@ -75,7 +78,7 @@ class SoftmaxMixer(ControllerMixer):
         if self.emit == "merge":
             emit = merge
         else:
-            emit = torch.softmax(logits, dim=-1) * member_mask
+            emit = torch.softmax(scores, dim=-1) * member_mask
             if sparse:
                 emit = emit * merge
         dtype = x_g.dtype

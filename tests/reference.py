@@ -68,9 +68,9 @@ def mot(x, controller_weight, experts, group_size, temperature=1.0, emit="merge"
         members = list(range(start, min(b, start + group_size)))
         for t in range(t_len):
             tokens = x[members, t]  # [g, d]
-            logits = tokens @ wc.t() / temperature  # [g, E]
-            merge = torch.softmax(logits, dim=0)
-            emit_w = merge if emit == "merge" else torch.softmax(logits, dim=1)
+            scores = tokens @ wc.t()  # [g, E]
+            merge = torch.softmax(scores / temperature, dim=0)  # the temperature is the group softmax's
+            emit_w = merge if emit == "merge" else torch.softmax(scores, dim=1)
             for e in range(e_count):
                 mixed = (merge[:, e : e + 1] * tokens).sum(0, keepdim=True)
                 out = expert(experts, e, mixed)[0]

@@ -62,6 +62,11 @@ class ControllerMixer(nn.Module):
 
     def logits(self, x_g: torch.Tensor) -> torch.Tensor:
         """In float32 or wider: a softmax over bf16 scores loses the weights' small differences, and a
-        float64 block (gradcheck, a reference run) keeps float64."""
-        logits: torch.Tensor = self.controller(x_g)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        float64 block (gradcheck, a reference run) keeps float64. The product itself is computed in that
+        precision (input and weight upcast; their gradients flow back in their own dtypes): upcasting a
+        bf16 product would keep its rounding, which large scores turn into visibly wrong weights. Autocast
+        is off for it, as it would cast the product back to its lower precision."""
+        weight = self.controller.weight
+        dtype = torch.promote_types(torch.promote_types(x_g.dtype, weight.dtype), torch.float32)
+        with torch.autocast(x_g.device.type, enabled=False):
+            return nn.functional.linear(x_g.to(dtype), weight.to(dtype))

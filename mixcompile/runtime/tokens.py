@@ -5,9 +5,13 @@ part in their group) and, when its FFN sees flattened ``[B*T, d]`` tokens, how m
 are. Neither is an argument of the FFN. ``convert`` therefore hooks the modules of a converted model that
 take the model's own inputs (``input_ids`` / ``inputs_embeds`` with an ``attention_mask``: a Hugging Face
 model, its encoder and decoder stacks; ``nn.TransformerEncoder`` / ``Decoder`` with their key padding
-masks): for the duration of their forward, every MoT block below them sees the mask and the batch size.
-The innermost hooked module wins, so a decoder's own mask overrides the encoder's. Hand-written models
-use :func:`token_mask` around their forward instead.
+masks): for the duration of their forward, every MoT block below them sees the mask and the batch size,
+and whether the forward was given a key/value cache (then the mask also covers the cached positions, and
+a block takes its last columns). A Hugging Face encoder-decoder model (a forward with
+``decoder_input_ids``, and ``get_encoder()``) gives its encoder's blocks ``attention_mask`` and the other
+(the decoder's) blocks ``decoder_attention_mask`` (no mask if it gives none). The innermost hooked module
+wins, so a decoder's own mask overrides the encoder's. Hand-written models use :func:`token_mask` around
+their forward instead.
 
 Activation checkpointing runs a layer's forward a second time, during backward, when the hooked forward
 has long returned: the blocks then take the context of the forward whose outputs backward has reached
@@ -29,17 +33,32 @@ from torch.autograd import Variable
 if TYPE_CHECKING:
     from mixcompile.runtime.blocks.mot import MoTBlock
 
-# A block's context stack holds (mask [B, T] bool or None, batch size) entries; the last one applies.
-TokenContext = tuple[torch.Tensor | None, int]
+# A block's context stack holds (mask [B, T'] bool or None, batch size, whether the forward was given a
+# key/value cache) entries; the last one applies. With a cache the mask may be longer than the tokens a
+# block sees (T' >= T: the cached positions come first); without one it covers the block's tokens exactly.
+TokenContext = tuple[torch.Tensor | None, int, bool]
+
+# The arguments in which a hooked forward takes a key/value cache (or XLNet's / Transformer-XL's memory,
+# Reformer's buckets): transformers 5 calls it `cache`, earlier versions `past_key_values` and the like.
+CACHE_ARGUMENTS = (
+    "cache",
+    "past_key_values",
+    "past_key_value",
+    "past",
+    "layer_past",
+    "mems",
+    "past_buckets_states",
+)
 
 
 @dataclass(frozen=True)
 class _Spec:
-    """Where a module's forward takes the mask and the tensors that give the batch size."""
+    """Where a module's forward takes the mask, the tensors that give the batch size, and a cache."""
 
     mask: str
     inverted: bool  # True where the mask marks padding (PyTorch's key_padding_mask), not tokens
     batch_args: tuple[tuple[str, int], ...]  # (argument, its batch axis); the first one given is used
+    cache_args: tuple[str, ...] = ()  # arguments that, given (not None), hold a key/value cache
 
 
 def _spec(module: nn.Module) -> _Spec | None:
@@ -59,20 +78,82 @@ def _spec(module: nn.Module) -> _Spec | None:
     tokens = [name for name in ("input_ids", "inputs_embeds") if name in params]
     if "attention_mask" not in params or not tokens:
         return None
-    return _Spec("attention_mask", False, (("attention_mask", 0), *((name, 0) for name in tokens)))
+    cache = tuple(name for name in CACHE_ARGUMENTS if name in params)
+    return _Spec("attention_mask", False, (("attention_mask", 0), *((name, 0) for name in tokens)), cache)
+
+
+def _parts(module: nn.Module, spec: _Spec, blocks: Sequence[MoTBlock]) -> list[tuple[_Spec, list[MoTBlock]]]:
+    """Which blocks of a hooked module take which context. One part, but for a Hugging Face encoder-decoder
+    model (its forward takes ``decoder_input_ids``, and ``get_encoder()`` gives a submodule): its encoder's
+    blocks take ``attention_mask`` (an encoder has no cache), the others (the decoder's) take
+    ``decoder_attention_mask`` and the cache. FSMT's decoder, for one, takes no ``attention_mask`` and so is
+    not hooked itself: without this its blocks would take the encoder's mask."""
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return [(spec, list(blocks))]
+    get_encoder = getattr(module, "get_encoder", None)
+    if spec.inverted or "decoder_input_ids" not in params or not callable(get_encoder):
+        return [(spec, list(blocks))]
+    try:
+        encoder = get_encoder()
+    except Exception:  # noqa: BLE001 - a model whose lookup fails has no encoder to tell apart
+        return [(spec, list(blocks))]
+    if not isinstance(encoder, nn.Module) or encoder is module:
+        return [(spec, list(blocks))]
+    inside = {id(m) for m in encoder.modules()}
+    encoder_blocks = [b for b in blocks if id(b) in inside]
+    decoder_blocks = [b for b in blocks if id(b) not in inside]
+    decoder_inputs = [
+        n for n in ("decoder_attention_mask", "decoder_input_ids", "decoder_inputs_embeds") if n in params
+    ]
+    decoder = _Spec(
+        "decoder_attention_mask",
+        False,
+        (*((name, 0) for name in decoder_inputs), *spec.batch_args),
+        spec.cache_args,
+    )
+    encoder_spec = _Spec(spec.mask, spec.inverted, spec.batch_args)
+    return [(s, b) for s, b in ((encoder_spec, encoder_blocks), (decoder, decoder_blocks)) if b]
+
+
+def tokens_of_prepared_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool, which of the ``T`` query tokens of a prepared attention mask ``[B, heads or 1, T,
+    keys]`` are real (not padding): what a static cache's ``generate`` passes instead of the 2-D mask.
+
+    A real token may attend to itself and a padding token may not (its key is masked, in causal and in
+    bidirectional masks alike), so each query's own entry tells. Its own key is query ``i``'s position: ``i``
+    without a cache (``T == keys``); with one, the queries are the last positions written, and the last
+    query of the longest sequence (a real token) attends to nothing after itself, which places them. Boolean
+    masks allow where True, additive ones where they are above half the dtype's minimum."""
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    batch, queries, keys = allowed.shape
+    steps = torch.arange(queries, device=mask.device)
+    if queries == keys:
+        positions = steps
+    else:
+        key_index = torch.arange(keys, device=mask.device)
+        last = torch.where(allowed[:, -1], key_index, -1).amax()  # the last query's position
+        positions = (last - (queries - 1) + steps).clamp(min=0)
+    return allowed.gather(2, positions.expand(batch, queries)[..., None]).squeeze(-1)
 
 
 class TokenContextHook:
-    """A forward pre-hook (and its matching post-hook) that gives ``blocks`` the module's mask and batch
-    size for the duration of its forward. A class, not a closure, so a converted model deep-copies and
-    pickles; the argument positions are read from the signature once, so the hook traces under
-    ``torch.compile``."""
+    """A forward pre-hook (and its matching post-hook) that gives each part's ``blocks`` the module's mask,
+    batch size and whether a cache was given, for the duration of its forward. A class, not a closure, so a
+    converted model deep-copies and pickles; the argument positions are read from the signature once, so
+    the hook traces under ``torch.compile``."""
 
-    def __init__(self, module: nn.Module, spec: _Spec, blocks: Sequence[MoTBlock]) -> None:
+    def __init__(self, module: nn.Module, parts: Sequence[tuple[_Spec, Sequence[MoTBlock]]]) -> None:
         names = list(inspect.signature(type(module).forward).parameters)[1:]
-        self.spec = spec
-        self.positions = {name: names.index(name) for name, _ in spec.batch_args if name in names}
-        self.blocks = list(blocks)
+        self.parts = [(spec, list(blocks)) for spec, blocks in parts]
+        wanted = {
+            name
+            for spec, _ in self.parts
+            for name in (spec.mask, *(n for n, _ in spec.batch_args), *spec.cache_args)
+        }
+        self.positions = {name: names.index(name) for name in wanted if name in names}
+        self.blocks = [block for _, blocks in self.parts for block in blocks]
 
     def _argument(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
@@ -80,24 +161,35 @@ class TokenContextHook:
         position = self.positions.get(name)
         return args[position] if position is not None and position < len(args) else None
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = self._argument(self.spec.mask, args, kwargs)
+    def _context(self, spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenContext | None:
+        """The context ``spec`` reads from this call; None where nothing says how many sequences."""
         batch = None
-        for name, axis in self.spec.batch_args:
+        for name, axis in spec.batch_args:
             value = self._argument(name, args, kwargs)
             if isinstance(value, torch.Tensor) and value.dim() > axis:
                 batch = value.shape[axis]
                 break
-        if batch is None:  # nothing says how many sequences: the blocks keep what an outer module said
-            for block in self.blocks:
-                block.token_context.append(block.token_context[-1] if block.token_context else (None, 0))
-            return
+        if batch is None:
+            return None
+        mask = self._argument(spec.mask, args, kwargs)
+        if isinstance(mask, dict):  # transformers' masks per attention type (full, sliding): any will do
+            mask = next((m for m in mask.values() if isinstance(m, torch.Tensor)), None)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            mask = ~mask.bool() if self.spec.inverted else mask.bool()
-        else:  # no mask, or a prepared (e.g. 4-D) one: no padding to exclude here
+            mask = ~mask.bool() if spec.inverted else mask.bool()
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask = tokens_of_prepared_mask(mask)
+        else:  # no mask
             mask = None
-        for block in self.blocks:
-            block.token_context.append((mask, batch))
+        cached = any(self._argument(name, args, kwargs) is not None for name in spec.cache_args)
+        return (mask, batch, cached)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for spec, blocks in self.parts:
+            context = self._context(spec, args, kwargs)
+            for block in blocks:
+                # nothing says how many sequences: the block keeps what an outer module said
+                kept = block.token_context[-1] if block.token_context else (None, 0, False)
+                block.token_context.append(kept if context is None else context)
 
     def done(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         contexts = [(block, block.token_context.pop()) for block in self.blocks]
@@ -149,7 +241,7 @@ def install_token_hooks(model: nn.Module) -> None:
         spec = _spec(module)
         blocks = [m for m in module.modules() if isinstance(m, MoTBlock)]
         if spec is not None and blocks:
-            hook = TokenContextHook(module, spec, blocks)
+            hook = TokenContextHook(module, _parts(module, spec, blocks))
             module.register_forward_pre_hook(hook, with_kwargs=True)
             module.register_forward_hook(hook.done, with_kwargs=True, always_call=True)
 
@@ -179,7 +271,12 @@ def _is_token_hook(hook: object) -> bool:
 def token_mask(model: nn.Module, mask: torch.Tensor | None, *, batch: int | None = None) -> Iterator[None]:
     """For hand-written models: every MoT block of ``model`` treats the positions where ``mask [B, T]`` is
     False (0) as padding for the duration of the ``with`` body. ``mask=None`` with ``batch=B`` only says how
-    many sequences there are (what a block on flattened ``[B*T, d]`` tokens needs)."""
+    many sequences there are (what a block on flattened ``[B*T, d]`` tokens needs).
+
+    A block that sees fewer than ``T`` tokens per sequence takes the mask's *last* columns, as with a
+    key/value cache (the mask covers the cached positions, then the new ones). To mask a block whose tokens
+    are not the last ones (a pooled or shortened sequence), call it inside a ``token_mask(block, mask)`` of
+    its own tokens: the context entered last applies."""
     from mixcompile.runtime.blocks.mot import MoTBlock
 
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
@@ -187,7 +284,8 @@ def token_mask(model: nn.Module, mask: torch.Tensor | None, *, batch: int | None
     size = mask.shape[0] if mask is not None else batch
     if size is None:
         raise TypeError("token_mask needs a mask or a batch size.")
-    context: TokenContext = (mask.bool() if mask is not None else None, int(size))
+    # A given mask is trusted like one given with a cache: a longer mask's last columns are used.
+    context: TokenContext = (mask.bool() if mask is not None else None, int(size), True)
     blocks = [m for m in model.modules() if isinstance(m, MoTBlock)]
     for block in blocks:
         block.token_context.append(context)

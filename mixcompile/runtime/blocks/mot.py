@@ -208,18 +208,48 @@ class MoTBlock(Block):
     def _present(
         self, context: TokenContext | None, batch: int, seq: int, rows: int, device: torch.device
     ) -> torch.Tensor:
-        """``[rows, T or 1]`` bool: which group members are real tokens (not missing, not padding)."""
+        """``[rows, T or 1]`` bool: which group members are real tokens (not missing, not padding).
+
+        A mask longer than the block's ``T`` tokens is read as covering a key/value cache first (its last
+        ``T`` columns are the block's tokens) only where the forward was given a cache, or the mask came
+        from :func:`mixcompile.token_mask`; otherwise the block's tokens are not the mask's (a model that
+        pools the sequence, as Funnel does), which is fine only when nothing is padded."""
         members = torch.arange(rows, device=device) < batch
         mask = context[0] if context is not None else None
         if mask is None:
             return members[:, None]
-        if mask.shape[0] != batch or mask.shape[1] < seq:
+        cached = context[2] if context is not None else False
+        if mask.shape[0] != batch:
             raise ShapeError(
-                f"{self._name()} got {batch} sequences of {seq} tokens, but the attention mask of the "
-                f"model's forward is {tuple(mask.shape)}: a MoT block needs a [batch, >= seq] mask of the "
-                "tokens it mixes (the last seq positions are used, as with a key/value cache)."
+                f"{self._name()} got {batch} sequences, but its padding mask (the attention mask of the "
+                f"model's forward, or mixcompile.token_mask's) is {tuple(mask.shape)}: a MoT block needs a "
+                "[batch, seq] mask of the sequences it mixes."
             )
-        mask = mask[:, mask.shape[1] - seq :].to(device)
+        if mask.shape[1] < seq:
+            raise ShapeError(
+                f"{self._name()} sees {seq} tokens per sequence, more than the {mask.shape[1]} its padding "
+                f"mask (the attention mask of the model's forward, or mixcompile.token_mask's; "
+                f"{tuple(mask.shape)}) covers, so it cannot tell which of its tokens are padding (the model "
+                "may join several streams along the sequence axis, as ProphetNet's decoder does). Hand the "
+                "block a mask of its own tokens with `with mixcompile.token_mask(block, mask)` around its "
+                "call, or run without a padding mask (all sequences the same length)."
+            )
+        if mask.shape[1] > seq:
+            if not cached:
+                # No cache: the block's tokens are not the mask's last columns (the model pools or drops
+                # tokens). Without padding every token is present; this check syncs, on this branch only.
+                if not bool(mask.all()):
+                    raise ShapeError(
+                        f"{self._name()} sees {seq} tokens per sequence, fewer than the {mask.shape[1]} of "
+                        f"its padding mask {tuple(mask.shape)}, and the model's forward was given no "
+                        "key/value cache, so it cannot tell which positions of the mask are its tokens (the "
+                        "model pools or drops tokens between layers, as Funnel does). Hand the block a mask "
+                        "of its own tokens with `with mixcompile.token_mask(block, mask)` around its call, "
+                        "or run without padding (all sequences the same length, no padding in the mask)."
+                    )
+                return members[:, None]
+            mask = mask[:, mask.shape[1] - seq :]  # with a cache: the last seq positions are the new tokens
+        mask = mask.to(device)
         if rows > batch:
             mask = torch.cat([mask, mask.new_zeros(rows - batch, seq)])
         return mask & members[:, None]
