@@ -97,9 +97,11 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def hf_weight_files(directory: Path) -> list[Path]:
-    """``model.safetensors``, or the shards a ``save_pretrained`` index names (plain names inside)."""
+    """``model.safetensors``, or else the shards a ``save_pretrained`` index names (plain names inside):
+    transformers' order, which reads a directory whose unsharded save left an older index behind."""
     index = directory / HF_INDEX
-    if index.exists() or index.is_symlink():
+    single = directory / WEIGHTS
+    if not (single.exists() or single.is_symlink()) and (index.exists() or index.is_symlink()):
         confined_file(directory, HF_INDEX, HF_INDEX)
         weight_map = read_json_object(index, "weights index", within=directory).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:

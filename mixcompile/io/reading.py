@@ -122,20 +122,33 @@ def read_transformers_dir(directory: Path, *, trust_code: bool = False) -> nn.Mo
 
 
 def _check_weight_files(directory: Path) -> None:
-    """Weight files are regular files (symlinks allowed: the Hub cache uses them); every sharded index
-    (safetensors or pickled ``.bin``, any variant) names only plain files inside the directory, so that
-    nothing is read from elsewhere (and an output check of the directory covers every file read)."""
+    """Weight files are regular files (symlinks allowed: the Hub cache uses them); the sharded index
+    transformers will read (if it reads one) names only plain files inside the directory, so that nothing
+    is read from elsewhere (and an output check of the directory covers every file read). An index it will
+    not read (one an unsharded save left beside ``model.safetensors``) is not looked at, as transformers
+    does not."""
     for entry in sorted(directory.iterdir()):
         if entry.suffix in (".safetensors", ".bin"):
             check_regular_file(entry, "weights file")
-    for index in sorted(directory.glob("*.index*.json")):
-        weight_map = read_json_object(index, "weights index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise LoadError(f"{index}: 'weight_map' must be an object of tensor names to files.")
-        for shard in sorted(set(weight_map.values()), key=str):
-            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in (".", ".."):
-                raise LoadError(f"{index} names {shard!r}, not a file inside {directory}; refused.")
-            check_regular_file(directory / shard, "weights shard")
+    index = next((directory / name for name in _WEIGHTS_READ_FIRST if (directory / name).exists()), None)
+    if index is None or not index.name.endswith(".index.json"):
+        return
+    weight_map = read_json_object(index, "weights index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise LoadError(f"{index}: 'weight_map' must be an object of tensor names to files.")
+    for shard in sorted(set(weight_map.values()), key=str):
+        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise LoadError(f"{index} names {shard!r}, not a file inside {directory}; refused.")
+        check_regular_file(directory / shard, "weights shard")
+
+
+# What transformers' from_pretrained reads from a directory, first found first (no variant).
+_WEIGHTS_READ_FIRST = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _looks_pickled(path: Path) -> bool:

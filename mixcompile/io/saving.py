@@ -99,4 +99,12 @@ def recipes_to_save(model: nn.Module) -> list[Any]:
                 "parallelize, or save each rank's torch.save(model.state_dict()) and load it into a model "
                 "parallelized the same way."
             )
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    skeleton = [name for name, tensor in tensors if tensor.is_meta]
+    if skeleton:
+        raise ConfigError(
+            f"{type(model).__name__} has {len(skeleton)} tensors on the meta device ({skeleton[0]!r} first): "
+            "a structure without values, nothing to save. Fill them first (load_state_dict(state, "
+            "assign=True), or to_empty(device=...) and an initialisation), then save."
+        )
     return recipes

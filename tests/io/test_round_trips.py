@@ -97,6 +97,32 @@ def test_an_auto_class_for_another_head_is_refused_naming_the_one_that_loads(sav
         getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)
 
 
+def test_an_index_an_unsharded_save_left_behind_is_ignored_as_transformers_ignores_it(
+    tmp_path, capsys
+) -> None:
+    """save_pretrained(max_shard_size=...) then save_pretrained() into the same folder deletes the shards
+    and keeps model.safetensors.index.json; transformers reads model.safetensors first."""
+    dense, moe = llama(), mc.convert(llama(), num_experts=4).eval()
+    for path, model in ((tmp_path / "dense", dense), (tmp_path / "moe", moe)):
+        model.save_pretrained(path, max_shard_size="20KB")
+        assert len(list(path.glob("model-*.safetensors"))) > 1
+        model.save_pretrained(path)
+        assert (path / "model.safetensors.index.json").exists() and not list(path.glob("model-*"))
+    torch.testing.assert_close(logits(mc.load(tmp_path / "moe")), logits(moe), rtol=0, atol=0)
+    args = [
+        "convert",
+        str(tmp_path / "dense"),
+        "-o",
+        str(tmp_path / "out"),
+        "--strategy",
+        "moe",
+        "--experts",
+        "4",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    torch.testing.assert_close(logits(mc.load(tmp_path / "out")), logits(dense))  # upcycled: dense
+
+
 def test_a_converted_moe_model_saved_with_save_pretrained_loads_back(tmp_path) -> None:
     """transformers saves a MoE model's fused experts one tensor per expert (its original format) unless
     told not to; the converted model's directory keeps the tensors as the model holds them, so that both
@@ -424,6 +450,18 @@ def test_a_model_on_the_meta_device_converts_to_the_same_structure() -> None:
     assert {k: v.shape for k, v in meta.state_dict().items()} == {
         k: v.shape for k, v in real.state_dict().items()
     }
+
+
+def test_saving_a_model_still_on_the_meta_device_is_refused_in_words(tmp_path) -> None:
+    with torch.device("meta"):
+        skeleton = llama()
+    meta = mc.convert(skeleton, strategy="moe", num_experts=4, top_k=2)
+    for save in (lambda: mc.save(meta, tmp_path / "a"), lambda: meta.save_pretrained(tmp_path / "b")):
+        with pytest.raises(
+            mc.ConfigError, match=r"LlamaForCausalLM has \d+ tensors on the meta device.*assign=True"
+        ):
+            save()
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_the_conversion_cost_benchmark_runs() -> None:
