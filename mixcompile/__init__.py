@@ -18,7 +18,20 @@ from mixcompile.errors import (
 )
 from mixcompile.integrations.transformers_experts import register_transformers_experts
 from mixcompile.io import load, save
-from mixcompile.plugins import Register, hookimpl, register_plugin, registry, unregister_plugin
+from mixcompile.plugins import (
+    BuilderRegister,
+    Initializer,
+    InitializerRegister,
+    KernelRegister,
+    MixerRegister,
+    PatternRegister,
+    Register,
+    RouterRegister,
+    hookimpl,
+    register_plugin,
+    registry,
+    unregister_plugin,
+)
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock, flop_matched_hidden
 from mixcompile.runtime.checks import debug_checks
 from mixcompile.runtime.experts import ExpertTensors, StackedExperts
@@ -67,6 +80,13 @@ __all__ = [
     "PluginKind",
     "Recipe",
     "Register",
+    "RouterRegister",
+    "MixerRegister",
+    "KernelRegister",
+    "Initializer",
+    "InitializerRegister",
+    "PatternRegister",
+    "BuilderRegister",
     "Router",
     "RoutingPlan",
     "ShapeError",

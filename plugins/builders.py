@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mixcompile import Register, build_tiny_gpt, hookimpl
+from mixcompile import BuilderRegister, build_tiny_gpt, hookimpl
 
 
 @hookimpl
-def register_builders(register: Register) -> None:
+def register_builders(register: BuilderRegister) -> None:
     register("tiny_gpt", build_tiny_gpt, description="mixcompile's demo byte-level GPT (mixcompile.TinyGPT)")

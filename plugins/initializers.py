@@ -11,7 +11,7 @@ from typing import Literal, TypeAlias
 
 import torch
 
-from mixcompile import ConfigError, DenseFFN, Register, StackedExperts, hookimpl
+from mixcompile import ConfigError, DenseFFN, InitializerRegister, StackedExperts, hookimpl
 
 SplitMethod: TypeAlias = Literal["random", "balanced"]
 SPLIT_METHODS = ("random", "balanced")
@@ -163,7 +163,7 @@ def random_init(
 
 
 @hookimpl
-def register_initializers(register: Register) -> None:
+def register_initializers(register: InitializerRegister) -> None:
     register("upcycle", upcycle, description="copy the dense FFN into every expert (optional noise)")
     register("split", split, description="partition the hidden neurons into experts (random or balanced)")
     register("random", random_init, description="fresh init, for training from scratch")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mixcompile import MixPlan, Register, RoutingPlan, StackedExperts, hookimpl, topk_routing
+from mixcompile import KernelRegister, MixPlan, RoutingPlan, StackedExperts, hookimpl, topk_routing
 
 Tensor = torch.Tensor
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -168,5 +168,5 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @hookimpl
-def register_kernels(register: Register) -> None:
+def register_kernels(register: KernelRegister) -> None:
     register("torch", TorchKernel, description="plain PyTorch reference (CPU and GPU, autograd-native)")

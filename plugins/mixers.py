@@ -7,7 +7,7 @@ from typing import Literal, TypeAlias
 
 import torch
 
-from mixcompile import ConfigError, ControllerMixer, MixPlan, Register, hookimpl
+from mixcompile import ConfigError, ControllerMixer, MixerRegister, MixPlan, hookimpl
 
 EmitMode: TypeAlias = Literal["merge", "experts"]
 EMIT_MODES = ("merge", "experts")
@@ -89,5 +89,5 @@ class SoftmaxMixer(ControllerMixer):
 
 
 @hookimpl
-def register_mixers(register: Register) -> None:
+def register_mixers(register: MixerRegister) -> None:
     register("softmax", SoftmaxMixer, description="per-expert softmax over the group (Antoniak et al. 2023)")

@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from mixcompile import DenseFFN, Register, hookimpl
+from mixcompile import DenseFFN, PatternRegister, hookimpl
 from mixcompile.compiler import (
     ACT,
     ANY,
@@ -136,7 +136,7 @@ class FusedGatedMLP(TemplatePattern):
 
 
 @hookimpl
-def register_patterns(register: Register) -> None:
+def register_patterns(register: PatternRegister) -> None:
     register("mlp", MLP, description="down(act(up(x))), optional hidden dropout, with or without biases")
     register("gated_mlp", GatedMLP, description="down(act(gate(x)) * up(x)) (LLaMA, Mistral, Qwen2, T5 v1.1)")
     register("fused_gated_mlp", FusedGatedMLP, description="gate_up(x).chunk(2, dim=-1), then gated (Phi-3)")

@@ -7,7 +7,7 @@ from typing import Any, Literal, TypeAlias
 
 import torch
 
-from mixcompile import ConfigError, Kernel, LearnedRouter, Register, RouterBase, RoutingPlan, hookimpl
+from mixcompile import ConfigError, Kernel, LearnedRouter, RouterBase, RouterRegister, RoutingPlan, hookimpl
 
 TopKOrder: TypeAlias = Literal["softmax_topk", "topk_softmax"]
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")
@@ -117,7 +117,7 @@ class HashRouter(RouterBase):
 
 
 @hookimpl
-def register_routers(register: Register) -> None:
+def register_routers(register: RouterRegister) -> None:
     register("topk", TopKRouter, description="token choice: top-k experts per token (softmax/renormalised)")
     register("switch", SwitchRouter, description="Switch Transformer top-1")
     register("expert_choice", ExpertChoiceRouter, description="each expert picks its top tokens (not causal)")

@@ -5,11 +5,28 @@ A plugin (built-in or third-party) is a module or object with ``@hookimpl`` func
 """
 
 from mixcompile.plugins.build import build_plugin
-from mixcompile.plugins.hookspecs import Register, hookimpl
+from mixcompile.plugins.hookspecs import (
+    BuilderRegister,
+    Initializer,
+    InitializerRegister,
+    KernelRegister,
+    MixerRegister,
+    PatternRegister,
+    Register,
+    RouterRegister,
+    hookimpl,
+)
 from mixcompile.plugins.manager import Registration, Registry, register_plugin, registry, unregister_plugin
 
 __all__ = [
+    "BuilderRegister",
+    "Initializer",
+    "InitializerRegister",
+    "KernelRegister",
+    "MixerRegister",
+    "PatternRegister",
     "Register",
+    "RouterRegister",
     "Registration",
     "Registry",
     "build_plugin",

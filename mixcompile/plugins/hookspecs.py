@@ -30,9 +30,18 @@ What each ``factory`` must return:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pluggy
+from torch import Generator, nn
+
+if TYPE_CHECKING:
+    from mixcompile.compiler.pattern import Pattern
+    from mixcompile.runtime.experts import StackedExperts
+    from mixcompile.runtime.ffn import DenseFFN
+    from mixcompile.runtime.kernels import Kernel
+    from mixcompile.runtime.mixing import Mixer
+    from mixcompile.runtime.routing import Router
 
 PROJECT = "mixcompile"
 ENTRY_POINT_GROUP = "mixcompile"
@@ -42,36 +51,74 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class Register(Protocol):
-    """What a registration hook is handed: ``register(name, factory, description=...)``."""
+    """What a registration hook is handed: ``register(name, factory, description=...)``. The protocols
+    below are the same callback typed for one kind, so that a type checker sees a factory of the wrong
+    shape (``def register_routers(self, register: mc.RouterRegister)``)."""
 
     def __call__(self, name: str, factory: Callable[..., object], *, description: str = "") -> None: ...
 
 
+class RouterRegister(Protocol):
+    def __call__(
+        self, name: str, factory: Callable[[int, int, int], Router], *, description: str = ""
+    ) -> None: ...
+
+
+class MixerRegister(Protocol):
+    def __call__(
+        self, name: str, factory: Callable[[int, int, int], Mixer], *, description: str = ""
+    ) -> None: ...
+
+
+class KernelRegister(Protocol):
+    def __call__(self, name: str, factory: Callable[[], Kernel], *, description: str = "") -> None: ...
+
+
+class Initializer(Protocol):
+    """``factory(experts, dense, *, generator, **options)``: fills ``experts`` in place."""
+
+    def __call__(
+        self, experts: StackedExperts, dense: DenseFFN | None, /, *, generator: Generator | None
+    ) -> None: ...
+
+
+class InitializerRegister(Protocol):
+    def __call__(self, name: str, factory: Initializer, *, description: str = "") -> None: ...
+
+
+class PatternRegister(Protocol):
+    def __call__(self, name: str, factory: Callable[[], Pattern], *, description: str = "") -> None: ...
+
+
+class BuilderRegister(Protocol):
+    def __call__(self, name: str, factory: Callable[..., nn.Module], *, description: str = "") -> None: ...
+
+
 @hookspec
-def register_routers(register: Register) -> None:
+def register_routers(register: RouterRegister) -> None:
     """Register MoE routers: ``register("topk", TopKRouter, description=...)``."""
 
 
 @hookspec
-def register_mixers(register: Register) -> None:
+def register_mixers(register: MixerRegister) -> None:
     """Register MoT mixers (the controller that weighs a group's tokens per expert)."""
 
 
 @hookspec
-def register_kernels(register: Register) -> None:
+def register_kernels(register: KernelRegister) -> None:
     """Register kernels that run the experts of MoE / MoT blocks."""
 
 
 @hookspec
-def register_initializers(register: Register) -> None:
+def register_initializers(register: InitializerRegister) -> None:
     """Register ways to fill expert weights (from a dense FFN, or from scratch)."""
 
 
 @hookspec
-def register_patterns(register: Register) -> None:
+def register_patterns(register: PatternRegister) -> None:
     """Register FFN shapes the compiler looks for in traced graphs."""
 
 
 @hookspec
-def register_builders(register: Register) -> None:
+def register_builders(register: BuilderRegister) -> None:
     """Register base-model builders that a saved manifest may name (``{"kind": "builder", ...}``)."""

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from mixcompile import MixPlan, Register, RoutingPlan, StackedExperts, hookimpl, topk_routing
+from mixcompile import KernelRegister, MixPlan, RoutingPlan, StackedExperts, hookimpl, topk_routing
 from mixcompile_plugins.triton import MAX_ROUTED_EXPERTS, interpreting
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -58,7 +58,7 @@ class TritonKernel:
 
 
 @hookimpl
-def register_kernels(register: Register) -> None:
+def register_kernels(register: KernelRegister) -> None:
     register(
         "triton",
         TritonKernel,
