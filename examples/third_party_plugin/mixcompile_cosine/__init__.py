@@ -52,5 +52,5 @@ class CosineRouter(mc.LearnedRouter):
 
 
 @mc.hookimpl
-def register_routers(register) -> None:
+def register_routers(register: mc.RouterRegister) -> None:
     register("cosine", CosineRouter, description="cosine similarity with a learned temperature (X-MoE)")
