@@ -154,9 +154,9 @@ class _Stdout:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
-    def write(self, text: str) -> int:
+    def write(self, text: str) -> Any:  # what the stream returns (a count, or None for some wrappers)
         with self._told_apart():
-            return int(self._stream.write(text))
+            return self._stream.write(text)
 
     def flush(self) -> None:
         with self._told_apart():

@@ -21,6 +21,7 @@ from mixcompile.io.hf import install_save_pretrained, read_generation_config
 from mixcompile.io.manifest import Manifest, read_manifest
 from mixcompile.io.weights import check_fits, load_weights, read_shapes
 from mixcompile.plugins.manager import KINDS
+from mixcompile.runtime.introspect import sparse_blocks
 
 Base = nn.Module | Callable[[], nn.Module]
 
@@ -59,6 +60,8 @@ def load_manifest(
         check_fits(_replay(meta_copy(model), manifest), shapes, manifest.directory)
         model = _replay(model, manifest)
     load_weights(model, manifest.weights)  # checks the fit (on a skeleton: before any weight is read)
+    for block in sparse_blocks(model).values():  # assigned, not moved: choose for where the weights are
+        block.choose_kernels()
     _apply_block_settings(model, manifest)
     read_generation_config(model, manifest.directory)
     model.mixcompile_base = manifest.base  # type: ignore[assignment]  # torch types __setattr__'s value too narrowly
@@ -67,8 +70,6 @@ def load_manifest(
 
 
 def _apply_block_settings(model: nn.Module, manifest: Manifest) -> None:
-    from mixcompile.runtime.introspect import sparse_blocks
-
     blocks = sparse_blocks(model)
     for path, settings in manifest.blocks.items():
         if path not in blocks:

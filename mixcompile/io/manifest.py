@@ -10,14 +10,17 @@ validates names and bounds) before anything is built.
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
 from mixcompile.io.bases import check_base_spec
 from mixcompile.io.files import confined_file, read_json_object
-from mixcompile.plugins.manager import lookup
+from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP
+from mixcompile.plugins.manager import lookup, plugin_manager
 from mixcompile.types import PluginKind
 
 MANIFEST = "mixcompile.json"
@@ -207,19 +210,31 @@ def manifest_data(
 
 def plugin_providers(recipes: list[Any]) -> dict[str, dict[str, str]]:
     """The installed package (and its version) behind each plugin the recipes name, so that loading where
-    one is missing can say what to install."""
+    one is missing can say what to install: the distribution of the entry point that loaded its plugin,
+    else of the module holding the plugin (built-in, or registered in-process); the package a factory's
+    class comes from may be another (a plugin may register a class it imports)."""
     used: dict[str, tuple[PluginKind, str]] = {}
     for recipe in recipes:
         named: list[tuple[PluginKind, str]] = [("initializer", recipe.init), ("kernel", recipe.kernel)]
         named.append(("router", recipe.router) if recipe.strategy == "moe" else ("mixer", recipe.mixer))
         used |= {f"{kind}:{name}": (kind, name) for kind, name in named if name != "auto"}
+    entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    by_entry_point = {ep.name: ep.dist for ep in entry_points if ep.dist is not None}
+    by_module: Mapping[str, list[str]] | None = None
     providers = {}
     for key, (kind, name) in sorted(used.items()):
         try:
-            module = lookup(kind, name).factory.__module__
+            plugin = lookup(kind, name).plugin
         except UnknownNameError:
             continue
-        packages = importlib.metadata.packages_distributions().get(module.split(".")[0], [])
+        dist = by_entry_point.get(plugin)
+        if dist is not None:
+            providers[key] = {"package": dist.name, "version": dist.version}
+            continue
+        held = plugin_manager().get_plugin(plugin)
+        module = held.__name__ if isinstance(held, ModuleType) else type(held).__module__
+        by_module = by_module if by_module is not None else importlib.metadata.packages_distributions()
+        packages = by_module.get(module.split(".")[0], [])
         if packages:
             try:
                 version = importlib.metadata.version(packages[0])

@@ -240,10 +240,22 @@ def _check_options(
 def _filled_names(factory: Callable[..., Any], count: int) -> set[str]:
     """The parameters the first ``count`` positional arguments fill, up a class's ``__init__`` chain (a
     subclass taking ``*args`` passes them on): not options, so not listed as such."""
-    if isinstance(factory, type):
-        callables = [vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c)]
-        return {name for f in callables for name in _positional_names(f)[1 : count + 1]}  # after self
-    return set(_positional_names(factory)[:count])
+    if not isinstance(factory, type):
+        return set(_positional_names(factory)[:count])
+    filled: set[str] = set()
+    for init in (vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c)):
+        filled |= set(_positional_names(init)[1 : count + 1])  # after self
+        if not _passes_on_positionals(init):  # the chain ends where the arguments do
+            break
+    return filled
+
+
+def _passes_on_positionals(function: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def _article(word: str) -> str:

@@ -122,11 +122,14 @@ def _supports(name: str, kernel: Kernel, kind: BlockKind, device: torch.device, 
     """``kernel.supports(...)``, a crash or a non-bool answer naming the kernel and its plugin."""
     source = describe_plugin("kernel", name)
     answer = call_plugin_method(source, "in supports()", kernel.supports, kind, device, dtype)
-    if not isinstance(answer, bool):
-        raise PluginError(
-            f"{source} returned {type(answer).__name__} {answer!r} from supports(), expected True or False."
-        )
-    return answer
+    if isinstance(answer, bool):
+        return answer
+    numpy_bool = type(answer).__module__ == "numpy" and type(answer).__name__ in ("bool", "bool_")
+    tensor_bool = isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1
+    if numpy_bool or tensor_bool:
+        return bool(answer)
+    kind_of = f"{type(answer).__module__}.{type(answer).__qualname__}".removeprefix("builtins.")
+    raise PluginError(f"{source} returned {kind_of} {answer!r} from supports(), expected True or False.")
 
 
 def _priority(name: str, kernel: Kernel, kind: BlockKind, device: torch.device, dtype: torch.dtype) -> float:

@@ -62,11 +62,18 @@ class ControllerMixer(nn.Module):
 
     def logits(self, x_g: torch.Tensor) -> torch.Tensor:
         """In float32 or wider: a softmax over bf16 scores loses the weights' small differences, and a
-        float64 block (gradcheck, a reference run) keeps float64. The product itself is computed in that
-        precision (input and weight upcast; their gradients flow back in their own dtypes): upcasting a
-        bf16 product would keep its rounding, which large scores turn into visibly wrong weights. Autocast
-        is off for it, as it would cast the product back to its lower precision."""
-        weight = self.controller.weight
+        float64 block (gradcheck, a reference run) keeps float64. A plain ``nn.Linear`` controller's product
+        is computed in that precision (input and weights upcast, autocast off; gradients flow back in their
+        own dtypes): upcasting a bf16 product would keep its rounding, which large scores turn into visibly
+        wrong weights. Any other controller (a subclass, a wrapped or hooked layer such as a LoRA adapter)
+        runs its own forward, and its scores are upcast."""
+        controller = self.controller
+        hooked = controller._forward_hooks or controller._forward_pre_hooks
+        if type(controller) is not nn.Linear or hooked:
+            scores: torch.Tensor = controller(x_g)
+            return scores.to(torch.promote_types(scores.dtype, torch.float32))
+        weight = controller.weight
         dtype = torch.promote_types(torch.promote_types(x_g.dtype, weight.dtype), torch.float32)
+        bias = None if controller.bias is None else controller.bias.to(dtype)
         with torch.autocast(x_g.device.type, enabled=False):
-            return nn.functional.linear(x_g.to(dtype), weight.to(dtype))
+            return nn.functional.linear(x_g.to(dtype), weight.to(dtype), bias)

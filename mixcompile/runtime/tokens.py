@@ -79,7 +79,8 @@ def _spec(module: nn.Module) -> _Spec | None:
     if "attention_mask" not in params or not tokens:
         return None
     cache = tuple(name for name in CACHE_ARGUMENTS if name in params)
-    return _Spec("attention_mask", False, (("attention_mask", 0), *((name, 0) for name in tokens)), cache)
+    # the tokens first: a prepared mask may be broadcast over the batch ([1, 1, T, T])
+    return _Spec("attention_mask", False, (*((name, 0) for name in tokens), ("attention_mask", 0)), cache)
 
 
 def _parts(module: nn.Module, spec: _Spec, blocks: Sequence[MoTBlock]) -> list[tuple[_Spec, list[MoTBlock]]]:
@@ -105,7 +106,7 @@ def _parts(module: nn.Module, spec: _Spec, blocks: Sequence[MoTBlock]) -> list[t
     encoder_blocks = [b for b in blocks if id(b) in inside]
     decoder_blocks = [b for b in blocks if id(b) not in inside]
     decoder_inputs = [
-        n for n in ("decoder_attention_mask", "decoder_input_ids", "decoder_inputs_embeds") if n in params
+        n for n in ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask") if n in params
     ]
     decoder = _Spec(
         "decoder_attention_mask",
@@ -123,18 +124,19 @@ def tokens_of_prepared_mask(mask: torch.Tensor) -> torch.Tensor:
 
     A real token may attend to itself and a padding token may not (its key is masked, in causal and in
     bidirectional masks alike), so each query's own entry tells. Its own key is query ``i``'s position: ``i``
-    without a cache (``T == keys``); with one, the queries are the last positions written, and the last
-    query of the longest sequence (a real token) attends to nothing after itself, which places them. Boolean
-    masks allow where True, additive ones where they are above half the dtype's minimum."""
+    without a cache (``T == keys``); with one, the queries are consecutive positions, and a real query's
+    last visible key is itself (causal), which places them (any real query will do: every prompt may end in
+    padding). Boolean masks allow where True, additive ones where they are above half the dtype's minimum. A
+    mask broadcast over the batch (``[1, ...]``) gives one row."""
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
     batch, queries, keys = allowed.shape
     steps = torch.arange(queries, device=mask.device)
     if queries == keys:
         positions = steps
-    else:
+    else:  # a real query's last visible key is itself: its position; a padding query's is earlier, or none
         key_index = torch.arange(keys, device=mask.device)
-        last = torch.where(allowed[:, -1], key_index, -1).amax()  # the last query's position
-        positions = (last - (queries - 1) + steps).clamp(min=0)
+        offset = (torch.where(allowed, key_index, -1).amax(-1) - steps).amax()
+        positions = (offset + steps).clamp(min=0)
     return allowed.gather(2, positions.expand(batch, queries)[..., None]).squeeze(-1)
 
 
@@ -154,6 +156,11 @@ class TokenContextHook:
         }
         self.positions = {name: names.index(name) for name in wanted if name in names}
         self.blocks = [block for _, blocks in self.parts for block in blocks]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "parts" not in state:  # pickled by mixcompile before parts (one spec for all blocks, no cache)
+            state["parts"] = [(state.pop("spec"), state["blocks"])]
+        self.__dict__.update(state)
 
     def _argument(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in kwargs:
@@ -178,6 +185,7 @@ class TokenContextHook:
             mask = ~mask.bool() if spec.inverted else mask.bool()
         elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = tokens_of_prepared_mask(mask)
+            mask = mask.expand(batch, -1) if mask.shape[0] == 1 else mask  # broadcast over the batch
         else:  # no mask
             mask = None
         cached = any(self._argument(name, args, kwargs) is not None for name in spec.cache_args)

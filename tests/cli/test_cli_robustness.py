@@ -184,6 +184,20 @@ def test_a_full_standard_output_is_not_blamed_on_the_model_output(
     assert recipes(out) == 2
 
 
+class _NoCount(io.StringIO):
+    """A standard output wrapper whose write returns None (codecs.StreamWriter, colorama)."""
+
+    def write(self, text: str) -> None:  # type: ignore[override]
+        super().write(text)
+
+
+def test_a_standard_output_whose_write_returns_nothing_works(monkeypatch) -> None:
+    stream = _NoCount()
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert main(["plugins"]) == 0
+    assert "expert_choice" in stream.getvalue()
+
+
 # ---- paths ------------------------------------------------------------------------------------------------
 
 

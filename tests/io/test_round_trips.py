@@ -17,6 +17,7 @@ from zoo import hf_qwen2_moe
 
 import mixcompile as mc
 from mixcompile.cli import main
+from mixcompile.runtime.blocks import base as base_module
 from mixcompile.runtime.kernels import get_kernel
 
 transformers = pytest.importorskip("transformers")
@@ -273,7 +274,7 @@ class _CpuOnlyPlugin:
         register("cpu_only", _CpuOnlyKernel)
 
 
-def test_a_model_converted_with_a_named_kernel_loads(tmp_path) -> None:
+def test_a_model_converted_with_a_named_kernel_loads(tmp_path, monkeypatch) -> None:
     """Loading replays the recipe on the meta device, which a named kernel need not support (Triton does
     not): the kernel is checked where the weights are loaded to, not refused on the skeleton."""
     mc.register_plugin(_CpuOnlyPlugin(), name="cpu_only_plugin")
@@ -287,6 +288,14 @@ def test_a_model_converted_with_a_named_kernel_loads(tmp_path) -> None:
         assert {b.kernel for b in mc.sparse_blocks(loaded).values()} == {"cpu_only"}
         tokens = torch.randint(0, 100, (2, 8))
         torch.testing.assert_close(loaded.eval()(tokens), model.eval()(tokens), rtol=0, atol=0)
+        # chosen at load (weights assigned, not moved): a forward only looks the choice up
+        resolved: list[str] = []
+        real = base_module.resolve_kernel
+        monkeypatch.setattr(
+            base_module, "resolve_kernel", lambda name, *a, **k: resolved.append(name) or real(name, *a, **k)
+        )
+        loaded(tokens)
+        assert resolved == []
     finally:
         mc.unregister_plugin("cpu_only_plugin")
 

@@ -13,7 +13,7 @@ import torch
 
 import mixcompile as mc
 from mixcompile.runtime.checks import check_mix_plan
-from mixcompile.runtime.kernels import resolve_kernel
+from mixcompile.runtime.kernels import get_kernel, resolve_kernel
 
 CPU = torch.device("cpu")
 
@@ -114,6 +114,25 @@ def test_auto_names_a_kernel_that_fails_when_asked(factory, fragment) -> None:
         assert "kernel 'broken' (plugin 'broken_kernels')" in message, message
         assert re.search(fragment, message), message
         assert "leave that plugin out (MIXCOMPILE_PLUGINS" in message and ".." not in message, message
+
+
+class _TensorBoolKernel(type(get_kernel("torch"))):
+    priority = 1000  # picked by auto whenever it says it supports the input
+
+    def supports(self, kind, device, dtype):
+        return torch.tensor(device.type == "cpu")
+
+
+@pytest.mark.parametrize("answer", ["tensor", "numpy"])
+def test_a_supports_answer_that_is_a_boolean_of_another_library_is_taken(answer) -> None:
+    factory = _TensorBoolKernel
+    if answer == "numpy":
+        numpy = pytest.importorskip("numpy")
+        factory = type(
+            "NumpyBoolKernel", (_TensorBoolKernel,), {"supports": lambda s, k, d, t: numpy.bool_(True)}
+        )
+    with _Registered("bool_kernels", register_kernels={"bools": factory}):
+        assert resolve_kernel("auto", "moe", CPU, torch.float32)[0] == "bools"
 
 
 def test_a_conversion_with_the_default_kernel_names_the_kernel_whose_supports_crashed() -> None:
@@ -326,6 +345,36 @@ def test_a_factory_that_cannot_take_what_mixcompile_passes_is_a_plugin_bug() -> 
             mc.PluginError, match=r"kernel='auto' .* asks every registered kernel, and kernel"
         ):
             mc.MoEBlock(8, 16, 4, top_k=2)  # a broken kernel is not skipped: auto's pick would depend on it
+
+
+class _LinearRouter(torch.nn.Linear):
+    """A router that is a linear layer, with an option of its own named like one of nn.Linear's."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, bias: bool = False) -> None:
+        super().__init__(d_model, num_experts, bias=bias)
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def forward(self, x, kernel):
+        probs, experts, weights = kernel.topk_routing(super().forward(x), self.top_k)
+        tokens = torch.arange(x.shape[0]).repeat_interleave(self.top_k)
+        return mc.RoutingPlan(
+            token_index=tokens,
+            expert_index=experts.reshape(-1),
+            weight=weights.reshape(-1),
+            probs=probs,
+            pairs_per_token=self.top_k,
+            num_tokens=x.shape[0],
+            num_experts=self.num_experts,
+        )
+
+
+def test_an_option_of_a_subclass_is_its_own_whatever_its_base_takes_positionally() -> None:
+    """The positional arguments fill the factory's own parameters, not its base class's: nn.Linear's third
+    parameter is bias, which the router's own bias option was taken for."""
+    with _Registered("linear_routers", register_routers={"linear": _LinearRouter}):
+        block = mc.MoEBlock(16, 32, 4, top_k=2, router="linear", router_options={"bias": True})
+        assert block.router.bias is not None
+        assert block(torch.randn(2, 3, 16)).shape == (2, 3, 16)
 
 
 def test_options_the_user_gave_stay_a_config_error_listing_only_options() -> None:

@@ -95,3 +95,27 @@ def test_a_model_saved_with_it_names_its_package_when_loaded_without_it(
     loaded = mc.load(tmp_path / "m")
     tokens = torch.randint(0, 100, (2, 6))
     torch.testing.assert_close(loaded.eval()(tokens), model.eval()(tokens), rtol=0, atol=0)
+
+
+class _Alias:
+    """A plugin (of no installed package: this test module) registering a class mixcompile ships."""
+
+    @mc.hookimpl
+    def register_routers(self, register: mc.RouterRegister) -> None:
+        from mixcompile_plugins.routers import TopKRouter
+
+        register("topk_alias", TopKRouter)
+
+
+def test_the_manifest_names_the_plugins_package_not_its_factorys(tmp_path) -> None:
+    mc.register_plugin(_Alias(), name="alias_plugin")
+    try:
+        model = mc.convert(
+            mc.build_tiny_gpt(d_model=16, n_layer=1, n_head=2, d_ff=32), num_experts=4, router="topk_alias"
+        )
+        mc.save(model, tmp_path / "m")
+    finally:
+        mc.unregister_plugin("alias_plugin")
+    plugins = json.loads((tmp_path / "m" / "mixcompile.json").read_text())["plugins"]
+    assert "router:topk_alias" not in plugins  # not 'mixcompile', whose TopKRouter it registered
+    assert plugins["initializer:upcycle"]["package"] == "mixcompile"

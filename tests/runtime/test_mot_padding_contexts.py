@@ -91,6 +91,21 @@ def test_a_longer_mask_without_a_cache_and_without_padding_leaves_every_token_pr
         torch.testing.assert_close(y, mot(ids))
 
 
+def test_compiled_the_pooled_check_runs_on_device():
+    """fullgraph: the padding check of a block that sees fewer tokens than the mask is no graph break."""
+    mot = _pooling_mot()
+    ids = torch.randint(0, 50, (4, 6))
+    mask = torch.ones_like(ids)
+    compiled = torch.compile(mot, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(input_ids=ids, attention_mask=mask), mot(input_ids=ids, attention_mask=mask)
+        )
+        mask[0, 4:] = 0
+        with pytest.raises(RuntimeError, match="cannot tell which positions of the mask are its tokens"):
+            compiled(input_ids=ids, attention_mask=mask)
+
+
 def test_with_a_cache_a_longer_mask_gives_its_last_columns():
     mot = _pooling_mot()
     block = next(b for b in mot.modules() if isinstance(b, MoTBlock))
@@ -156,6 +171,27 @@ def test_a_prepared_4d_mask_tells_which_query_tokens_are_padding(queries, causal
         padding[:, -queries:] = 1
     got = tokens_of_prepared_mask(_prepared(padding, queries, causal, additive))
     torch.testing.assert_close(got, padding[:, -queries:].bool())
+
+
+def test_a_static_prefill_whose_prompts_all_end_in_padding_is_placed_by_its_real_tokens():
+    """Prompts right-padded to one length (padding="max_length") in a static cache of 12 slots: the last
+    query is padding in every sequence, so it cannot place the queries; a real one can."""
+    real = torch.tensor([[1] * 5 + [0] * 3, [1] * 6 + [0] * 2])
+    keys = torch.cat([real, torch.zeros(2, 4, dtype=torch.long)], dim=1)  # slots 8..11 not written yet
+    visible = keys.bool()[:, None, :] & (torch.arange(12)[None, :] <= torch.arange(8)[:, None])
+    torch.testing.assert_close(tokens_of_prepared_mask(visible[:, None]), real.bool())
+
+
+def test_a_prepared_mask_broadcast_over_the_batch_is_every_sequences():
+    """A [1, 1, T, T] mask on a batch of 2, which the dense model accepts."""
+    torch.manual_seed(0)
+    mot = mc.convert(build("llama"), **MOT).eval()
+    ids = torch.randint(3, 100, (2, 6))
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mot(input_ids=ids, attention_mask=causal).logits, mot(input_ids=ids).logits
+        )
 
 
 def test_static_cache_generation_keeps_padding_out_of_the_groups():
@@ -332,6 +368,31 @@ def test_bf16_controller_scores_are_computed_in_float32():
     assert weight.grad is not None and weight.grad.dtype == torch.bfloat16 and weight.grad.abs().sum() > 0
 
 
+class _BiasedController(nn.Linear):
+    """A controller a user swapped in: a subclass with a bias (a LoRA-wrapped layer is another kind)."""
+
+
+def test_a_controller_other_than_a_plain_linear_runs_its_own_forward():
+    """The float32 product is for a plain nn.Linear; a subclass's bias, a wrapper's extra terms and hooks
+    on the controller are part of its scores."""
+    torch.manual_seed(0)
+    mixer = MoTBlock(8, 16, 4, group_size=2).mixer
+    x = torch.randn(3, 1, 2, 8)
+    plain = mixer.logits(x)
+    torch.testing.assert_close(plain, x @ mixer.controller.weight.T)
+    biased = _BiasedController(8, 4, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(mixer.controller.weight)
+        biased.bias.fill_(0.5)
+    mixer.controller = biased
+    torch.testing.assert_close(mixer.logits(x), plain + 0.5)
+    calls: list[int] = []
+    mixer.controller = nn.Linear(8, 4, bias=False)
+    mixer.controller.register_forward_hook(lambda m, a, out: calls.append(1) or out * 2)
+    torch.testing.assert_close(mixer.logits(x), 2 * (x @ mixer.controller.weight.T))
+    assert calls == [1]
+
+
 def test_temperature_sharpens_the_group_softmax_not_the_emit_over_experts():
     torch.manual_seed(0)
     x_g = torch.randn(3, 1, 4, 16)  # [T, n, G, d]
@@ -345,3 +406,18 @@ def test_temperature_sharpens_the_group_softmax_not_the_emit_over_experts():
             plan.merge.double(), torch.softmax(scores / tau, dim=2), rtol=1e-5, atol=1e-6
         )
         torch.testing.assert_close(plan.emit.double(), torch.softmax(scores, dim=3), rtol=1e-5, atol=1e-6)
+
+
+def test_a_token_hook_pickled_before_parts_still_runs():
+    """Whole-model pickles (torch.save(model)) of an earlier mixcompile hold hooks with one spec."""
+    import pickle
+
+    from mixcompile.runtime.tokens import TokenContextHook
+
+    mot = _pooling_mot()
+    hook = next(h for h in mot._forward_pre_hooks.values() if isinstance(h, TokenContextHook))
+    ((spec, blocks),) = hook.parts
+    old = TokenContextHook.__new__(TokenContextHook)
+    old.__dict__.update(spec=spec, blocks=blocks, positions=hook.positions)  # the earlier attributes
+    again = pickle.loads(pickle.dumps(old))
+    assert [(s.mask, len(b)) for s, b in again.parts] == [(spec.mask, 1)]

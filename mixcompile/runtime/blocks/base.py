@@ -56,7 +56,7 @@ _Choice = KernelChoice | str
 class Block(nn.Module):
     """Base of the sparse blocks: holds the experts, the kernel choice, checks of plugin outputs, stats.
 
-    Subclasses build ``self.experts`` and then call :meth:`_choose_kernels`.
+    Subclasses build ``self.experts`` and then call :meth:`choose_kernels`.
     """
 
     kind: BlockKind = ""  # type: ignore[assignment]  # the base has no kind; MoEBlock and MoTBlock set theirs
@@ -89,7 +89,7 @@ class Block(nn.Module):
             get_kernel(name)  # unknown names fail at once, with a suggestion
         self._kernel_name = name
         if "experts" in self._modules:
-            self._choose_kernels()
+            self.choose_kernels()
 
     @property
     def last_stats(self) -> dict[str, Any]:
@@ -108,13 +108,14 @@ class Block(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Block:
         """Moving or casting the block (``.to``, ``.cuda``, ``.half``) chooses its kernels again."""
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch; returns self
-        self._choose_kernels()
+        self.choose_kernels()
         return self
 
-    def _choose_kernels(self) -> None:
+    def choose_kernels(self) -> None:
         """Resolve the kernel for the experts' device, every floating dtype (autocast may change it) and
         training with and without hidden dropout; a case no kernel serves keeps its error for the forward
-        that needs it, so a block built for one device can still be moved to another."""
+        that needs it, so a block built for one device can still be moved to another. Moving or casting the
+        block calls it; weights assigned otherwise (a load, ``load_state_dict(assign=True)``) need a call."""
         device = self.experts.w_in.device
         if device.type == "meta":
             self._kernels = {}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -17,7 +17,16 @@ from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.routing import Router, RoutingPlan, fixed_bincount
 
-ExpertRunner = Callable[[torch.Tensor, RoutingPlan, StackedExperts, Kernel], torch.Tensor]
+
+class ExpertRunner(Protocol):
+    """Runs a plan on experts held elsewhere too (expert parallelism): ``num_experts`` is how many the
+    plans name, all ranks' together."""
+
+    num_experts: int
+
+    def __call__(
+        self, x: torch.Tensor, plan: RoutingPlan, experts: StackedExperts, kernel: Kernel
+    ) -> torch.Tensor: ...
 
 
 class MoEBlock(Block):
@@ -91,7 +100,7 @@ class MoEBlock(Block):
         # Set by mixcompile.distributed.parallelize: runs the plan on experts sharded over ranks.
         self.expert_parallel: ExpertRunner | None = None
         self.from_mot = False  # made from a MoT block by mixcompile.to_token_choice (a save records it)
-        self._choose_kernels()
+        self.choose_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "[..., d]", ok_rank=isinstance(x, torch.Tensor) and x.ndim >= 2)
@@ -100,9 +109,9 @@ class MoEBlock(Block):
         kernel = choice.kernel
         routing_kernel = kernel if torch.compiler.is_compiling() else _RoutingKernel(kernel, choice.source)
         plan = call_plugin(self._router_source, self.router, flat, routing_kernel)
-        check_routing_plan(
-            plan, source=self._router_source, num_tokens=flat.shape[0], num_experts=self.experts.num_experts
-        )
+        runner = self.expert_parallel  # sharded, the block holds this rank's experts: plans name all of them
+        experts = runner.num_experts if runner is not None else self.experts.num_experts
+        check_routing_plan(plan, source=self._router_source, num_tokens=flat.shape[0], num_experts=experts)
         if self.expert_parallel is not None:
             y = self.expert_parallel(flat, plan, self.experts, kernel)
         else:

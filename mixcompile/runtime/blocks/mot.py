@@ -113,7 +113,7 @@ class MoTBlock(Block):
         )
         self.mixer.to(device=device, dtype=dtype)
         self._mixer_source = Describe(self, "mixer", mixer)
-        self._choose_kernels()
+        self.choose_kernels()
 
     @property
     def mode(self) -> MoTMode:
@@ -237,16 +237,19 @@ class MoTBlock(Block):
         if mask.shape[1] > seq:
             if not cached:
                 # No cache: the block's tokens are not the mask's last columns (the model pools or drops
-                # tokens). Without padding every token is present; this check syncs, on this branch only.
-                if not bool(mask.all()):
-                    raise ShapeError(
-                        f"{self._name()} sees {seq} tokens per sequence, fewer than the {mask.shape[1]} of "
-                        f"its padding mask {tuple(mask.shape)}, and the model's forward was given no "
-                        "key/value cache, so it cannot tell which positions of the mask are its tokens (the "
-                        "model pools or drops tokens between layers, as Funnel does). Hand the block a mask "
-                        "of its own tokens with `with mixcompile.token_mask(block, mask)` around its call, "
-                        "or run without padding (all sequences the same length, no padding in the mask)."
-                    )
+                # tokens). Without padding every token is present; with padding, which are is unknown.
+                refusal = (
+                    f"{self._name()} sees {seq} tokens per sequence, fewer than the {mask.shape[1]} of "
+                    f"its padding mask {tuple(mask.shape)}, and the model's forward was given no "
+                    "key/value cache, so it cannot tell which positions of the mask are its tokens (the "
+                    "model pools or drops tokens between layers, as Funnel does). Hand the block a mask "
+                    "of its own tokens with `with mixcompile.token_mask(block, mask)` around its call, "
+                    "or run without padding (all sequences the same length, no padding in the mask)."
+                )
+                if torch.compiler.is_compiling():  # no data-dependent branch in a graph: checked on device
+                    torch._assert_async(mask.all(), refusal)
+                elif not bool(mask.all()):  # a sync, on this branch only
+                    raise ShapeError(refusal)
                 return members[:, None]
             mask = mask[:, mask.shape[1] - seq :]  # with a cache: the last seq positions are the new tokens
         mask = mask.to(device)
