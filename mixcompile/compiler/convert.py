@@ -424,6 +424,20 @@ def _describe_hf_experts(model: nn.Module) -> list[ExpertsModuleReport]:
     return reports
 
 
+def _experts_implementation_notes(model: nn.Module) -> list[str]:
+    """A note where the model asks for mixcompile's experts implementation and has no experts module that
+    uses transformers' experts interface: the setting does nothing there (Llama 4's experts, for one)."""
+    from mixcompile.integrations.transformers_experts import IMPLEMENTATION, experts_modules
+
+    implementation = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if implementation != IMPLEMENTATION or any(True for _ in experts_modules(model)):
+        return []
+    return [
+        f"experts_implementation={implementation!r} is set, but no module of {type(model).__name__} uses "
+        "transformers' experts interface, so it runs nothing here"
+    ]
+
+
 def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -494,4 +508,5 @@ def _report(
         converted=converted,
         sparse_blocks=[block for block, _ in existing],
         hf_experts=_describe_hf_experts(model),
+        notes=_experts_implementation_notes(model),
     )

@@ -201,15 +201,29 @@ def _weight(module: nn.Module, name: str) -> torch.Tensor:
     return tensor
 
 
+# The attribute an experts module's activation keeps the name its probe found under, so that a compiled
+# forward (which cannot probe) reads it.
+_PROBED = "_mixcompile_activation"
+
+
 def _activation(module: nn.Module) -> str:
     act = getattr(module, "act_fn", None)
     name: str | None = None
     if isinstance(act, nn.Module):
         cls = type(act)
-        if cls.__module__ == "transformers.activations" and cls.__name__ in _HF_ACTIVATIONS:
+        probed = getattr(act, _PROBED, None)  # what an eager forward found by probing it
+        if probed is not None:
+            name = probed
+        elif cls.__module__ == "transformers.activations" and cls.__name__ in _HF_ACTIVATIONS:
             name = _HF_ACTIVATIONS[cls.__name__]
-        elif cls.__module__.startswith("torch.") or not torch.compiler.is_compiling():
-            name = module_activation(act)  # torch's classes by type; anything else probed, in eager mode
+        elif isinstance(act, nn.Identity):
+            name = "identity"
+        elif cls.__module__.startswith("torch."):
+            name = module_activation(act)  # torch's classes, by type
+        elif not torch.compiler.is_compiling():
+            name = module_activation(act)  # anything else by probing it, in eager mode; kept for compiling
+            if name is not None:
+                object.__setattr__(act, _PROBED, name)
         else:
             raise _refuse(
                 module,

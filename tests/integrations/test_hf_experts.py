@@ -5,7 +5,8 @@ same module with fresh random inputs: outputs and every gradient must agree (fp3
 NaN fails). Families are enumerated from transformers' model sources, not listed by hand: every experts
 class behind ``use_experts_implementation`` is built from a tiny config and checked; a family that cannot
 be built, or that mixcompile refuses, must fail in the way :data:`EXPECTED` records (a test fails when the
-reason changes, so nothing is skipped silently). ``python tests/test_hf_experts.py`` prints the table.
+reason changes, so nothing is skipped silently).
+``PYTHONPATH=tests python tests/integrations/test_hf_experts.py`` prints the table.
 
 Triton runs in its CPU interpreter without a GPU (imported with ``TRITON_INTERPRET=1`` as in
 ``test_compile.py``); it is slow there, so the default run checks it on every distinct layout (the flag
@@ -621,6 +622,18 @@ def test_activation_of_the_module_is_used(act: str) -> None:
     )
 
 
+def test_an_identity_activation_is_computed() -> None:
+    module = toy_experts(gate=False, concatenated=True, transposed=False, bias=True, act="linear")
+    module.act_fn = nn.Identity()
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    index, weights = routing(7, E, 2, seed=5)
+    compare(
+        run_experts(module, impl("torch"), x, index, weights),
+        run_experts(module, "eager", x, index, weights),
+        "identity",
+    )
+
+
 def test_views_share_the_module_parameters() -> None:
     """No copies: every tensor the kernel gets lies in the storage of a parameter of the module."""
     for layout in LAYOUTS:
@@ -856,7 +869,35 @@ def test_compiles_whole_with_the_torch_kernel_and_with_auto(implementation: str)
     torch._dynamo.reset()
 
 
+def test_an_activation_found_by_probing_compiles_after_one_eager_forward() -> None:
+    """FastGELUActivation is no class mixcompile knows by name: an eager forward probes it, and a compiled
+    one reads what the probe found (it said 'run one forward eagerly first', and still refused after it)."""
+    torch._dynamo.reset()
+    model = tiny_mixtral(hidden_act="gelu_fast", experts_implementation="mixcompile_torch")
+    fill_(model, seed=12)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids).logits
+    torch.testing.assert_close(compiled, eager)
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_notes_an_experts_implementation_that_runs_nothing() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config)
+    model.config._experts_implementation = "mixcompile"
+    assert "experts_implementation='mixcompile' is set, but no module of LlamaForCausalLM" in str(
+        mc.inspect(model)
+    )
+    assert "runs nothing here" not in str(mc.inspect(tiny_mixtral(experts_implementation="mixcompile")))
 
 
 def test_inspect_names_the_experts_modules_and_their_implementation() -> None:
