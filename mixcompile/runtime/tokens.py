@@ -126,9 +126,15 @@ def tokens_of_prepared_mask(mask: torch.Tensor) -> torch.Tensor:
     bidirectional masks alike), so each query's own entry tells. Its own key is query ``i``'s position: ``i``
     without a cache (``T == keys``); with one, the queries are consecutive positions, and a real query's
     last visible key is itself (causal), which places them (any real query will do: every prompt may end in
-    padding). Boolean masks allow where True, additive ones where they are above half the dtype's minimum. A
-    mask broadcast over the batch (``[1, ...]``) gives one row."""
-    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    padding). Boolean and integer masks allow where True (non-zero), additive ones where they are above half
+    the dtype's minimum. A mask broadcast over the batch (``[1, ...]``) gives one row."""
+    first = mask[:, 0]
+    if first.dtype == torch.bool:
+        allowed = first
+    elif first.is_floating_point():
+        allowed = first > torch.finfo(first.dtype).min / 2
+    else:  # 1 / 0
+        allowed = first != 0
     batch, queries, keys = allowed.shape
     steps = torch.arange(queries, device=mask.device)
     if queries == keys:

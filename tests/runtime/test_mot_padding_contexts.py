@@ -171,6 +171,8 @@ def test_a_prepared_4d_mask_tells_which_query_tokens_are_padding(queries, causal
         padding[:, -queries:] = 1
     got = tokens_of_prepared_mask(_prepared(padding, queries, causal, additive))
     torch.testing.assert_close(got, padding[:, -queries:].bool())
+    as_integers = tokens_of_prepared_mask(_prepared(padding, queries, causal).long())  # a user's 1 / 0 mask
+    torch.testing.assert_close(as_integers, padding[:, -queries:].bool())
 
 
 def test_a_static_prefill_whose_prompts_all_end_in_padding_is_placed_by_its_real_tokens():

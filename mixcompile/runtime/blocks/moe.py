@@ -112,8 +112,8 @@ class MoEBlock(Block):
         runner = self.expert_parallel  # sharded, the block holds this rank's experts: plans name all of them
         experts = runner.num_experts if runner is not None else self.experts.num_experts
         check_routing_plan(plan, source=self._router_source, num_tokens=flat.shape[0], num_experts=experts)
-        if self.expert_parallel is not None:
-            y = self.expert_parallel(flat, plan, self.experts, kernel)
+        if runner is not None:
+            y = runner(flat, plan, self.experts, kernel)
         else:
             y = check_output(
                 call_plugin(choice.source, kernel.moe, flat, plan, self.experts), flat, choice.source
