@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -181,7 +182,107 @@ def fsdp_job(rank: int, world: int, expert_parallel: bool, steps: int, micro: in
     return {"state": state, "counted": counted, "sharded": isinstance(net.inp.weight, DTensor)}
 
 
-JOBS = {"expert_parallel": expert_parallel_job, "ddp": ddp_job, "fsdp": fsdp_job}
+def _attempt(case: Callable[[], dict]) -> dict:
+    """A case's result, or the error it raised (as text), so that one failing case does not hide others."""
+    try:
+        return case()
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _shards_survive_ddp(rank: int, wrap: Callable[[nn.Module], nn.Module]) -> dict:
+    """Construct DDP (which broadcasts rank 0's state over the others) over ``wrap(parallelized net)``;
+    do this rank's expert slice and load counter survive?"""
+    net = make_net()
+    mcd.parallelize(net)
+    with torch.no_grad():
+        net.moe.router.load_since_update.fill_(rank + 1.0)
+    before = {n: t.detach().clone() for n, t in mcd.rank_local_state(net).items()}
+    wrap(net)
+    after = mcd.rank_local_state(net)
+    return {"survived": {n: torch.equal(t, after[n]) for n, t in before.items()}}
+
+
+def _empty_rank_training(rank: int) -> dict:
+    """Rank 1 has an empty batch: one DDP step over an expert-parallel net with a MoT block."""
+    net = make_net()
+    mcd.parallelize(net)
+    ddp = mcd.data_parallel(net)
+    x = torch.randn(3 if rank == 0 else 0, 4, D, generator=torch.Generator().manual_seed(rank))
+    y = ddp(x)
+    aux = mc.aux_loss(net)
+    (y.square().sum() + aux).backward()
+    return {
+        "aux_loss": aux.item(),
+        "grads_finite": {n: bool(p.grad.isfinite().all()) for n, p in net.named_parameters()},
+        "stats": mcd.all_reduce_stats(net),
+    }
+
+
+def _copies(rank: int) -> dict:
+    """A deep copy (EMA), SWA's AveragedModel and a pickle of a parallelized model."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), mc.MoEBlock(D, H, E, top_k=2, kernel="torch"))
+    mcd.parallelize(model)
+    x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(rank))
+    ema = copy.deepcopy(model)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged.update_parameters(model)
+    result = {
+        "same_group": ema[1].expert_parallel.group is model[1].expert_parallel.group,
+        "own_slice": ema[1].experts.w_in is not model[1].experts.w_in
+        and torch.equal(ema[1].experts.w_in, model[1].experts.w_in),
+        "ema_equal": torch.equal(ema(x), model(x)),
+        "averaged_equal": torch.equal(averaged(x), model(x)),
+    }
+    try:
+        torch.save(model, io.BytesIO())
+        result["pickle_error"] = None
+    except Exception as exc:  # noqa: BLE001
+        result["pickle_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def robustness_job(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return {
+        "compiled": _attempt(
+            lambda: _shards_survive_ddp(rank, lambda net: mcd.data_parallel(torch.compile(net)))
+        ),
+        "plain_ddp": _attempt(lambda: _shards_survive_ddp(rank, DistributedDataParallel)),
+        "empty_rank": _attempt(lambda: _empty_rank_training(rank)),
+        "copies": _attempt(lambda: _copies(rank)),
+    }
+
+
+def mismatch_job(rank: int, world: int) -> dict:
+    """Models that differ between ranks: parallelize must refuse them alike on every rank."""
+    cases = {
+        "experts": lambda: nn.Sequential(mc.MoEBlock(D, H, 4 if rank == 0 else 8, kernel="torch")),
+        "blocks": lambda: nn.Sequential(*(mc.MoEBlock(D, H, E, kernel="torch") for _ in range(1 + rank))),
+        "top_k": lambda: mc.MoEBlock(D, H, E, top_k=1 + rank, kernel="torch"),
+    }
+    errors = {}
+    for name, build in cases.items():
+        try:
+            mcd.parallelize(build())
+            errors[name] = None
+        except mc.ConfigError as exc:
+            errors[name] = str(exc)
+    return errors
+
+
+JOBS = {
+    "expert_parallel": expert_parallel_job,
+    "ddp": ddp_job,
+    "fsdp": fsdp_job,
+    "robustness": robustness_job,
+    "mismatch": mismatch_job,
+}
 
 
 def main(rank: int, world: int, workdir: str, job: str, *args: object) -> None:

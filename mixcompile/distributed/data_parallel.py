@@ -22,17 +22,25 @@ def rank_local_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
     DDP must neither average nor broadcast them, and FSDP must not shard the expert slices again
     (``fully_shard(model, ignored_params=...)`` with the parameters among these).
+
+    The names are those of ``model`` itself, found by tensor identity: a wrapper (``torch.compile``'s
+    ``_orig_mod.``, an ``nn.Sequential`` around the model, ...) prefixes them as DDP sees them. A tensor
+    reachable under several names (tied) is listed under each.
     """
-    local: dict[str, torch.Tensor] = {}
-    for path, block in sparse_blocks(model).items():
-        prefix = f"{path}." if path else ""
+    wanted: dict[int, torch.Tensor] = {}
+    for block in sparse_blocks(model).values():
         if expert_parallel_runner(block) is not None:
-            for name, param in block.experts.named_parameters():
-                local[f"{prefix}experts.{name}"] = param
-    for path, router in balancing_routers(model).items():
-        local[f"{path}.router.load_since_update" if path else "router.load_since_update"] = (
-            router.load_since_update
-        )
+            wanted.update((id(param), param) for param in block.experts.parameters())
+    for router in balancing_routers(model).values():
+        wanted[id(router.load_since_update)] = router.load_since_update
+    local: dict[str, torch.Tensor] = {}
+    named = (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    )
+    for name, tensor in named:
+        if id(tensor) in wanted:
+            local[name] = tensor
     return local
 
 

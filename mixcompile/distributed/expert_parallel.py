@@ -7,7 +7,9 @@ router, shared experts and the rest of the model never see that the experts are 
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import json
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -17,7 +19,7 @@ from mixcompile.distributed.exchange import exchange_counts, exchange_rows
 from mixcompile.errors import ConfigError
 from mixcompile.runtime.blocks import MoEBlock
 from mixcompile.runtime.experts import StackedExperts
-from mixcompile.runtime.introspect import sparse_blocks
+from mixcompile.runtime.introspect import sparse_blocks, unwrapped
 from mixcompile.runtime.kernels import Kernel
 from mixcompile.runtime.routing import RoutingPlan
 
@@ -77,6 +79,29 @@ class ExpertParallel:
         scaled: torch.Tensor = _ScaleGrad.apply(out, self.grad_scale)
         return scaled
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ExpertParallel:
+        """A copy running over the same group: a deep copy of a parallelized model (an EMA, SWA's
+        ``AveragedModel``) holds the same expert slice and exchanges with the same ranks. A process group
+        cannot be copied; every rank must run the copy's forwards too (each is a collective)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            new.__dict__[name] = value if name == "group" else copy.deepcopy(value, memo)
+        return new
+
+    def __copy__(self) -> ExpertParallel:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError(
+            f"{self!r} cannot be pickled: it holds the torch.distributed process group its experts are "
+            "exchanged over, and the block holds only this rank's experts. Save the model's state_dict on "
+            "every rank instead (torch.save(model.state_dict(), f'ckpt_rank{rank}.pt'), loaded into a model "
+            "parallelized the same way over as many ranks), or save the model before parallelize."
+        )
+
     def __repr__(self) -> str:
         return (
             f"ExpertParallel(rank={self.rank}/{self.world}, experts=[{self.first_expert}, "
@@ -110,6 +135,7 @@ def parallelize(
             "over part of the world would replicate each expert slice across groups, and nothing averages "
             "those replicas (rank_local_state leaves expert shards to each rank): pass ep_group=None."
         )
+    _check_same_model(blocks, ep_group, _collective_device(model, ep_group))  # before any local check
     for path, block in blocks.items():
         _check_shardable(path, block, world)
     group = dist.new_group() if ep_group is None else ep_group
@@ -117,6 +143,7 @@ def parallelize(
         runner = ExpertParallel(group, block.experts.num_experts, 1.0 / world if average_grads else 1.0)
         block.experts = _local_slice(block.experts, runner.first_expert, runner.experts_per_rank)
         block.expert_parallel = runner
+    _record_for_ddp(model)
     return model
 
 
@@ -124,6 +151,101 @@ def expert_parallel_runner(block: nn.Module) -> ExpertParallel | None:
     """The runner of a block sharded by :func:`parallelize`, else ``None``."""
     runner = getattr(block, "expert_parallel", None)
     return runner if isinstance(runner, ExpertParallel) else None
+
+
+def _describe(path: str, block: MoEBlock) -> dict[str, Any]:
+    """What every rank's copy of a block must agree on for the expert exchanges to match."""
+    runner = block.expert_parallel
+    return {
+        "path": path,
+        "num_experts": getattr(runner, "num_experts", block.experts.num_experts),
+        "top_k": getattr(block.router, "top_k", block.top_k),
+        "d_model": block.experts.d_model,
+        "d_hidden": block.experts.d_hidden,
+        "parallelized": runner is not None,
+    }
+
+
+def _check_same_model(
+    blocks: dict[str, MoEBlock], group: dist.ProcessGroup | None, device: torch.device
+) -> None:
+    """Refuse, on every rank alike, a model whose MoE blocks differ between ranks (two small all-gathers).
+
+    Each forward exchanges rows by block and expert index: different blocks, expert counts or top-k
+    failed deep inside a kernel, aborted gloo, or ran on silently."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor(
+        list(json.dumps([_describe(path, block) for path, block in blocks.items()]).encode()),
+        dtype=torch.uint8,
+        device=device,
+    )
+    length = torch.tensor([mine.numel()], device=device)
+    lengths = [torch.empty_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length, group=group)
+    longest = max(int(n.item()) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: mine.numel()] = mine
+    received = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(received, padded, group=group)
+    gathered = [
+        json.loads(bytes(data[: int(n.item())].tolist()).decode())
+        for data, n in zip(received, lengths, strict=True)
+    ]
+    first = gathered[0]
+    for rank, theirs in enumerate(gathered[1:], start=1):
+        difference = _first_difference(first, theirs, rank)
+        if difference:
+            raise ConfigError(
+                f"parallelize: the model differs between ranks: {difference}. Every rank must build the "
+                "same model (same MoE blocks, expert counts and top_k) before parallelize."
+            )
+
+
+def _collective_device(model: nn.Module, group: dist.ProcessGroup | None) -> torch.device:
+    """Where this rank's setup collectives take their tensors: the model's device, or this rank's current
+    CUDA device for a CUDA-only backend (NCCL) while the model is still on the CPU (or meta device)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+    if device.type == "cpu" and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _first_difference(first: list[dict[str, Any]], theirs: list[dict[str, Any]], rank: int) -> str:
+    for index, (a, b) in enumerate(zip(first, theirs, strict=False)):
+        if a["path"] != b["path"]:
+            return (
+                f"MoE block #{index} is at {a['path'] or '<root>'!r} on rank 0 but at "
+                f"{b['path'] or '<root>'!r} on rank {rank}"
+            )
+        for key in a:
+            if a[key] != b[key]:
+                return (
+                    f"the MoE block at {a['path'] or '<root>'!r} has {key}={a[key]!r} on rank 0 but "
+                    f"{key}={b[key]!r} on rank {rank}"
+                )
+    if len(first) != len(theirs):
+        return (
+            f"rank 0 has {len(first)} MoE blocks ({[d['path'] for d in first]}), rank {rank} has "
+            f"{len(theirs)} ({[d['path'] for d in theirs]})"
+        )
+    return ""
+
+
+def _record_for_ddp(model: nn.Module) -> None:
+    """Name the expert slices (and load counters) in DDP's ignore list of ``model``, so that a plain
+    ``DistributedDataParallel(model)`` leaves them alone too (it broadcast rank 0's slice over the others
+    and averaged different experts' gradients). DDP of a module wrapping ``model`` does not see this:
+    :func:`mixcompile.distributed.data_parallel` is the way that works for any wrapper."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mixcompile.distributed.data_parallel import rank_local_state
+
+    model = unwrapped(model)
+    names = set(rank_local_state(model))
+    names |= {f"_orig_mod.{name}" for name in names}  # DDP(torch.compile(model)) reads model's list
+    names |= set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
 
 
 def _check_shardable(path: str, block: MoEBlock, world: int) -> None:

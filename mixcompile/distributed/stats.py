@@ -25,7 +25,8 @@ def all_reduce_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -
     Counts (``tokens``, ``expert_load``, ``dropped_tokens``, ``dropped_assignments``, ``groups``,
     ``missing_members``) are summed; entropies are averaged weighted by tokens (MoE) or groups (MoT);
     ``aux_loss`` is the mean over ranks of each MoE block's weighted router losses (``None`` without
-    losses). A collective: call it on every rank, after a forward of the same model.
+    losses). A rank whose batch was empty weighs nothing in the entropies and counts 0 in ``aux_loss``
+    (its router losses are 0). A collective: call it on every rank, after a forward of the same model.
     """
     local = stats(model)
     blocks = sparse_blocks(model)
@@ -37,10 +38,12 @@ def all_reduce_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -
         mean_key, weight_key = _AVERAGED[kind]
         summed = {key: block_stats[key] for key in (*_SUMMED[kind], "expert_load") if key in block_stats}
         if mean_key in block_stats:
-            summed[mean_key] = block_stats[mean_key] * block_stats[weight_key]
+            # A rank without tokens (groups) has a NaN mean of nothing; it weighs 0 and adds 0, not NaN.
+            weight = block_stats[weight_key]
+            summed[mean_key] = block_stats[mean_key] * weight if weight else 0.0
         loss = getattr(blocks[path], "last_aux_loss", None)
-        if loss is not None:
-            summed["aux_loss"] = loss.detach() / world
+        if loss is not None:  # a rank without tokens counts 0 (what its loss adds to the DDP gradient)
+            summed["aux_loss"] = loss.detach() / world if block_stats.get("tokens", 1) else 0.0
         for key, value in summed.items():
             values.append(torch.as_tensor(value, dtype=torch.float64, device="cpu").reshape(-1))
             keys.append((path, key))

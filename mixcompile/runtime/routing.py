@@ -268,12 +268,21 @@ class LearnedRouter(RouterBase):
 
 
 def switch_balance_loss(fraction: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """``E * sum_i f_i * P_i``; 1 when routing is uniform, E when everything goes to one expert."""
-    return probs.shape[-1] * torch.sum(fraction * probs.mean(dim=0))
+    """``E * sum_i f_i * P_i``; 1 when routing is uniform, E when everything goes to one expert.
+
+    0 without tokens (an empty batch, e.g. a data-parallel rank with nothing left), still a function of
+    ``probs``: the router's parameters get a (zero) gradient, as DDP expects of every rank."""
+    return probs.shape[-1] * torch.sum(fraction * _mean_over_tokens(probs))
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    """``mean(logsumexp(logits)^2)`` over tokens; 0 (with a gradient path) without tokens."""
+    return _mean_over_tokens(torch.logsumexp(logits, dim=-1).square())
+
+
+def _mean_over_tokens(t: torch.Tensor) -> torch.Tensor:
+    """``t.mean(dim=0)``, but the sum (zeros, still in the autograd graph) over no rows instead of NaN."""
+    return t.mean(dim=0) if t.shape[0] > 0 else t.sum(dim=0)
 
 
 def _within_capacity(

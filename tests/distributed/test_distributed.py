@@ -200,3 +200,74 @@ def test_a_model_with_sharded_experts_is_not_saved_as_a_directory(tmp_path):
     ):
         mc.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def robustness(tmp_path_factory) -> list[dict]:
+    return run_workers(tmp_path_factory.mktemp("robustness"), "robustness")
+
+
+@pytest.mark.parametrize("how", ["compiled", "plain_ddp"])
+def test_ddp_leaves_each_ranks_shards_alone_under_a_wrapper(robustness, how):
+    """data_parallel(torch.compile(model)) named the shards without the wrapper's '_orig_mod.' (DDP then
+    broadcast rank 0's expert slice and load counter over rank 1's); a plain DDP(model) of the parallelized
+    model did the same."""
+    for rank, result in enumerate(robustness):
+        assert "error" not in result[how], result[how]
+        survived = result[how]["survived"]
+        assert set(survived) >= {"moe.experts.w_in", "moe.router.load_since_update"}
+        assert all(survived.values()), (rank, survived)
+
+
+def test_rank_local_state_names_what_a_wrapper_holds():
+    net = dw.make_net()
+    assert list(mcd.rank_local_state(torch.compile(net))) == ["_orig_mod.moe.router.load_since_update"]
+    outer = torch.nn.Sequential(net)
+    assert list(mcd.rank_local_state(outer)) == ["0.moe.router.load_since_update"]
+
+
+def test_an_empty_rank_keeps_losses_gradients_and_stats_finite(robustness):
+    """A rank without tokens: its router losses were NaN (means over no tokens), which DDP spread to every
+    rank's gradients, and its NaN entropies poisoned the global statistics."""
+    for rank, result in enumerate(robustness):
+        got = result["empty_rank"]
+        assert "error" not in got, got
+        assert got["aux_loss"] == 0.0 if rank == 1 else got["aux_loss"] > 0
+        assert all(got["grads_finite"].values()), (rank, got["grads_finite"])
+        moe, mot = got["stats"]["moe"], got["stats"]["mot"]
+        assert moe["tokens"] == 12 and mot["groups"] == 2  # rank 0: 3 sequences, groups of 2
+        assert moe["routing_entropy"] > 0 and mot["merge_entropy"] > 0
+        assert moe["aux_loss"] == pytest.approx(robustness[0]["empty_rank"]["aux_loss"] / WORLD)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
+def test_router_losses_of_an_empty_batch_are_zero_with_a_gradient_path(router):
+    torch.manual_seed(0)
+    block = mc.MoEBlock(8, 12, 4, router=router, top_k=1 if router == "switch" else 2, kernel="torch")
+    y = block(torch.randn(0, 3, 8))
+    aux = mc.aux_loss(block)
+    assert aux.item() == 0.0 and aux.requires_grad
+    (y.sum() + aux).backward()
+    assert torch.equal(block.router.gate.weight.grad, torch.zeros_like(block.router.gate.weight))
+
+
+def test_a_parallelized_model_deep_copies_over_the_same_group(robustness):
+    """An EMA copy / SWA AveragedModel failed: the runner's ProcessGroup does not pickle. A copy now
+    shares the group and has its own expert slice; pickling the whole model says what to do instead."""
+    for rank, result in enumerate(robustness):
+        got = result["copies"]
+        assert "error" not in got, got
+        assert got["same_group"] and got["own_slice"], (rank, got)
+        assert got["ema_equal"] and got["averaged_equal"], (rank, got)
+        assert got["pickle_error"] is not None and "state_dict" in got["pickle_error"], got["pickle_error"]
+
+
+def test_parallelize_refuses_a_model_that_differs_between_ranks(tmp_path):
+    """Different expert counts failed deep in a kernel, different block counts aborted gloo, different
+    top_k ran on: each rank now raises the same ConfigError at parallelize, naming the difference."""
+    results = run_workers(tmp_path, "mismatch")
+    assert results[0] == results[1]
+    errors = results[0]
+    assert "'0' has num_experts=4 on rank 0 but num_experts=8 on rank 1" in errors["experts"]
+    assert "rank 0 has 1 MoE blocks (['0']), rank 1 has 2 (['0', '1'])" in errors["blocks"]
+    assert "top_k=1 on rank 0 but top_k=2 on rank 1" in errors["top_k"]
