@@ -10,6 +10,7 @@ validates names and bounds) before anything is built.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,16 +162,16 @@ def _check_plugins(plugins: object, where: str) -> dict[str, dict[str, str]]:
         if (
             not isinstance(provider, dict)
             or not {"package"} <= set(fields) <= {"package", "version"}
-            or not all(isinstance(v, str) and 0 < len(v) <= _MAX_PROVIDER for v in provider.values())
+            or not all(isinstance(v, str) and _PROVIDER.fullmatch(v) for v in provider.values())
         ):
             raise LoadError(
                 f"{where}: plugins[{key!r}] must be an object with a 'package' name and, optionally, its "
-                f"'version' (strings of at most {_MAX_PROVIDER} characters)."
+                "'version' (a distribution's name and version: letters, digits and . _ - + !)."
             )
     return plugins
 
 
-_MAX_PROVIDER = 200
+_PROVIDER = re.compile(r"[A-Za-z0-9._+!\-]{1,200}")  # printed in errors: no spaces, quotes or escapes
 
 
 def _check_blocks(blocks: object, where: str) -> dict[str, dict[str, Any]]:

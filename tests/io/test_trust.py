@@ -235,6 +235,16 @@ TAMPERED = {
     "format-version-bool": (_field("format_version", True), "format_version True"),
     "unknown-field": (_field("exec", "import os"), "unknown fields ['exec']"),
     "version-not-string": (_field("mixcompile_version", 1), "must be a string"),
+    # plugin providers: printed in errors, so plain names only
+    "plugins-not-object": (_field("plugins", ["revplug"]), "'plugins' must be an object"),
+    "plugins-escape-in-version": (
+        _field("plugins", {"router:topk": {"package": "p", "version": "1\x1b[2J"}}),
+        "a distribution's name and version",
+    ),
+    "plugins-extra-field": (
+        _field("plugins", {"router:topk": {"package": "p", "url": "http://x"}}),
+        "must be an object with a 'package' name",
+    ),
 }
 
 
