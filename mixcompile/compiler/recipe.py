@@ -98,6 +98,8 @@ class Recipe:
                 )
         self._check_strategy_options()
         for name in ("init_options", "router_options", "mixer_options"):
+            if getattr(self, name) is None:  # as the blocks take it: no options
+                setattr(self, name, {})
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}.")
             setattr(self, name, dict(getattr(self, name)))

@@ -272,3 +272,10 @@ def test_a_shared_ffn_counts_once_per_layer_it_runs_in(chunks) -> None:
     )
     assert report.ffn_flops_before == 3 * 2 * 2 * 16 * 64
     assert "runs 3 times per forward" in report.sites[0].notes
+
+
+def test_none_options_mean_no_options() -> None:
+    """As the blocks take them (MoEBlock(router_options=None)): convert(router_options=None) was refused."""
+    recipe = Recipe(strategy="moe", router_options=None, init_options=None)
+    assert recipe.router_options == {} and recipe.init_options == {}
+    assert Recipe(strategy="mot", mixer_options=None).mixer_options == {}
