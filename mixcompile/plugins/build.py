@@ -122,7 +122,7 @@ def call_factory(
     call = FACTORY_CALLS[kind]
     own = {name: value for name, value in options.items() if name in call.own}
     user = {name: value for name, value in options.items() if name not in own}
-    _check_call(factory, source, call, args, own)
+    _check_call(factory, source, kind, call, args, own)
     _check_options(factory, source, args, own, user)
     try:
         return factory(*args, **options)
@@ -189,7 +189,12 @@ def accepted_options(factory: Callable[..., Any]) -> set[str] | None:
 
 
 def _check_call(
-    factory: Callable[..., Any], source: str, call: FactoryCall, args: tuple[Any, ...], own: dict[str, Any]
+    factory: Callable[..., Any],
+    source: str,
+    kind: PluginKind,
+    call: FactoryCall,
+    args: tuple[Any, ...],
+    own: dict[str, Any],
 ) -> None:
     """The arguments mixcompile passes itself must bind: when they do not, the factory's signature is wrong
     (the plugin's bug), whatever options the user gave."""
@@ -200,7 +205,6 @@ def _check_call(
     try:
         signature.bind(*args, **own) if not call.options else signature.bind_partial(*args, **own)
     except TypeError as exc:
-        kind = source.split(" ", 1)[0]
         label = getattr(factory, "__qualname__", None) or repr(factory)
         signature = signature.replace(return_annotation=inspect.Signature.empty)
         raise PluginError(
