@@ -64,7 +64,8 @@ class SoftmaxMixer(ControllerMixer):
 
     def forward(self, x_g: torch.Tensor, present: torch.Tensor, *, sparse: bool) -> MixPlan:
         scores = self.logits(x_g)  # [T, n, G, E]
-        logits = scores / self.temperature  # the temperature is the group softmax's (merge), not emit's
+        # The temperature is the group softmax's (merge), not emit's; at 1 it costs no pass (nor backward).
+        logits = scores if self.temperature == 1.0 else scores / self.temperature
         member_mask = present[..., None]  # [n, G] or [T, n, G] -> broadcasts over [T, n, G, E]
         # A position whose members are all absent would be a softmax over nothing (NaN, and NaN gradients
         # through any later masking): its logits stay finite and its weights are zeroed below.

@@ -223,3 +223,28 @@ def test_a_float64_block_passes_gradcheck(emit):
     block = mot_block(kernel="torch", gated=True, mixer_options={"emit": emit, "init_std": 0.5}).double()
     x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _graph_nodes(output: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``output``."""
+    seen, stack, names = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_a_full_batch_step_records_no_pass_it_does_not_need(temperature):
+    """Whole groups take no slice of the output (a slice's backward zero-fills a gradient of the whole
+    output and copies into it: two passes over activations), and temperature 1 no division; an incomplete
+    group and another temperature still take theirs."""
+    block = mot_block(mixer_options={"temperature": temperature})
+    full = _graph_nodes(block(torch.randn(8, 5, 6, requires_grad=True)))
+    assert "SliceBackward0" not in full
+    assert ("DivBackward0" in full) == (temperature != 1.0)
+    assert "SliceBackward0" in _graph_nodes(block(torch.randn(7, 5, 6, requires_grad=True)))

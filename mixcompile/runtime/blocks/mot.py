@@ -165,7 +165,9 @@ class MoTBlock(Block):
         y_g = check_output(
             call_plugin(choice.source, choice.kernel.mot, x_g, plan, self.experts), x_g, choice.source
         )
-        y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)[:batch]
+        y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)
+        if missing:  # a slice is never free in training: its backward zero-fills a gradient of the whole
+            y = y[:batch]
         self._stats = _mixing_stats(plan, groups, missing, choice.name, sparse)
         if self.layout == "flat":
             return y.reshape(x.shape)
