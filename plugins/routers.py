@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -35,6 +36,14 @@ class TopKRouter(LearnedRouter):
             raise ConfigError("renormalize=False only applies to order='softmax_topk'.")
         self.order = order
         self.renormalize = renormalize
+        if top_k == 1 and renormalize:
+            warnings.warn(
+                f"a top-k router with top_k=1 (order={order!r}, renormalised) gives every token weight 1: "
+                "the task loss sends its gate no gradient, only the balancing and z losses train it. For a "
+                "gate the loss trains, use router='switch' or renormalize=False (weights p, so an upcycled "
+                "FFN is no longer reproduced exactly at the start).",
+                stacklevel=2,
+            )
 
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         logits = self.logits(x)
@@ -83,7 +92,9 @@ class ExpertChoiceRouter(LearnedRouter):
         probs = torch.softmax(logits, dim=-1)
         n = x.shape[0]
         capacity = min(n, self.capacity(n) or n)
-        weights, tokens = torch.topk(probs.t(), capacity, dim=-1)  # [E, C]
+        # Each expert's best tokens, equal probabilities in token order (torch.topk leaves ties unordered).
+        weights, tokens = torch.sort(probs.t(), dim=-1, descending=True, stable=True)
+        weights, tokens = weights[:, :capacity], tokens[:, :capacity]  # [E, C]
         experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(capacity)
         losses = self.losses(logits, probs, experts)
         return RoutingPlan(

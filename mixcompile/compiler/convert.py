@@ -46,6 +46,7 @@ from mixcompile.compiler.verify import (
 )
 from mixcompile.errors import ConfigError, MixcompileError, ShapeError, VerificationError, first_line
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.calls import install_forward_scope
 from mixcompile.runtime.introspect import sparse_blocks
 from mixcompile.runtime.tokens import install_token_hooks
 from mixcompile.types import TokenLayout
@@ -168,8 +169,7 @@ def convert_with_report(
     existing = _describe_blocks(target)
     changes = assignments(target, [(plan.site, plan.block) for plan in plans])
     restore = apply(target, changes)
-    if mot:
-        install_token_hooks(target)
+    _install_hooks(target, mot=mot)
     try:
         checks, model_error, mismatch = _verify(target, recipe, plans, probe, verify)
         if mismatch is not None:
@@ -177,8 +177,7 @@ def convert_with_report(
             model_error = None  # the dense model itself varies: nothing to compare with
     except BaseException:
         restore()
-        if mot:
-            install_token_hooks(target)  # back to the hooks the restored model's own MoT blocks need
+        _install_hooks(target, mot=mot)  # back to the hooks the restored model's own blocks need
         raise
     after = _count_params(target)
     report = _report(
@@ -315,8 +314,7 @@ def _confirm_mismatch(
     one, unless the dense model itself does (randomness in eval mode): then note it and keep the conversion.
     Returns the restore function of the conversion kept."""
     restore()
-    if mot:
-        install_token_hooks(model)
+    _install_hooks(model, mot=mot)
     repeat = disagreement(probe.reference, _run_on_probe(model, probe, "unconverted"))
     if repeat is None:
         sites = ", ".join(
@@ -333,9 +331,16 @@ def _confirm_mismatch(
         f"{probe.source} ({repeat})"
     )
     restore = apply(model, changes)
+    _install_hooks(model, mot=mot)
+    return restore
+
+
+def _install_hooks(model: nn.Module, *, mot: bool) -> None:
+    """The hooks a converted model's forward runs: one scope for what its blocks keep (router losses,
+    statistics) and, with MoT blocks, their token context (padding mask, batch size)."""
+    install_forward_scope(model)
     if mot:
         install_token_hooks(model)
-    return restore
 
 
 def _check_model(model: object) -> None:

@@ -12,11 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixcompile.runtime.calls import AVERAGED, SUMMED
 from mixcompile.runtime.introspect import sparse_blocks, stats
-
-# Per block kind: counts summed over ranks, and (mean, weight) pairs averaged weighted by a summed count.
-_SUMMED = {"moe": ("tokens", "dropped_tokens", "dropped_assignments"), "mot": ("groups", "missing_members")}
-_AVERAGED = {"moe": ("routing_entropy", "tokens"), "mot": ("merge_entropy", "groups")}
 
 
 def all_reduce_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, dict[str, Any]]:
@@ -35,8 +32,8 @@ def all_reduce_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -
     keys: list[tuple[str, str]] = []
     for path, block_stats in local.items():
         kind = block_stats["kind"]
-        mean_key, weight_key = _AVERAGED[kind]
-        summed = {key: block_stats[key] for key in (*_SUMMED[kind], "expert_load") if key in block_stats}
+        mean_key, weight_key = AVERAGED[kind]
+        summed = {key: block_stats[key] for key in (*SUMMED[kind], "expert_load") if key in block_stats}
         if mean_key in block_stats:
             # A rank without tokens (groups) has a NaN mean of nothing; it weighs 0 and adds 0, not NaN.
             weight = block_stats[weight_key]
@@ -62,11 +59,11 @@ def all_reduce_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -
 def _finish(block_stats: dict[str, Any]) -> None:
     """Summed float64 chunks back to the types :func:`mixcompile.stats` uses; weighted sums to means."""
     kind = block_stats["kind"]
-    for key in _SUMMED[kind]:
+    for key in SUMMED[kind]:
         block_stats[key] = round(block_stats[key].item())
     if "expert_load" in block_stats:
         block_stats["expert_load"] = block_stats["expert_load"].round().long()
-    mean_key, weight_key = _AVERAGED[kind]
+    mean_key, weight_key = AVERAGED[kind]
     if mean_key in block_stats:
         block_stats[mean_key] = block_stats[mean_key].item() / max(block_stats[weight_key], 1)
     if kind == "moe":

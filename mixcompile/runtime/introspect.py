@@ -30,7 +30,8 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """The summed, already-weighted router losses of the last forward; add it to the training loss.
+    """The summed, already-weighted router losses of the last forward; add it to the training loss. A block
+    the converted model's forward called several times (shared layers) holds the sum over its calls.
 
     Zero (a tensor) when the model has no MoE block or its routers have no losses, and after a forward in
     eval mode (routers compute their losses in training mode only).
@@ -57,7 +58,8 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 
 
 def stats(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per-block statistics of the last forward, by module path.
+    """Per-block statistics of the last forward, by module path (over every call of a block the converted
+    model's forward called several times: counts added, entropies averaged).
 
     MoE: ``expert_load`` (tokens per expert), ``dropped_tokens`` (tokens no expert processed),
     ``dropped_assignments`` (picks over capacity), ``routing_entropy`` (mean, nats).

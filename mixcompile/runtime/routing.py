@@ -102,9 +102,11 @@ class RouterBase(nn.Module):
         if capacity_factor is not None and not (
             isinstance(capacity_factor, int | float)
             and not isinstance(capacity_factor, bool)
-            and capacity_factor > 0
+            and 0 < capacity_factor < math.inf
         ):
-            raise ConfigError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}.")
+            raise ConfigError(
+                f"capacity_factor must be a finite number > 0, or None (dropless), got {capacity_factor!r}."
+            )
         _check_non_negative(balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
         self.capacity_factor = capacity_factor
         self.balance_loss_weight = float(balance_loss_weight)

@@ -27,6 +27,7 @@ from torch import nn
 
 from mixcompile.errors import ConfigError, check_positive_int
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
+from mixcompile.runtime.calls import replace_in_forward_scopes
 from mixcompile.runtime.rewritten import carry_keyword_hooks
 
 
@@ -73,11 +74,12 @@ def redo_token_choice(model: nn.Module, path: str, top_k: int) -> None:
     _replace(model, path, _token_choice_block(mot, _router_top_k(path, mot, top_k)))
 
 
-def _replace(model: nn.Module, path: str, block: nn.Module) -> None:
+def _replace(model: nn.Module, path: str, block: MoEBlock) -> None:
     """Put ``block`` wherever the module at ``path`` is registered (a block shared by layers stays shared),
     with the keyword hook that lets it take its input by the FFN's name."""
     old = model.get_submodule(path)
     carry_keyword_hooks(old, block)
+    replace_in_forward_scopes(model, old, block)
     for where, module in list(model.named_modules(remove_duplicate=False)):
         if module is old:
             parent_path, _, name = where.rpartition(".")

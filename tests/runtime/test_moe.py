@@ -1,5 +1,6 @@
 import copy
 import math
+import warnings
 
 import pytest
 import reference as ref
@@ -326,7 +327,9 @@ def test_kernel_auto_resolves_to_torch_on_cpu():
         ({"kernel": "trition"}, "unknown kernel 'trition'"),
         ({"activation": "gleu"}, "unknown activation 'gleu'. Did you mean 'gelu'"),
         ({"router_options": {"capacity": 1.0}}, "router 'topk' .* rejected its options"),
-        ({"router_options": {"capacity_factor": -1}}, "capacity_factor must be > 0"),
+        ({"router_options": {"capacity_factor": -1}}, "capacity_factor must be a finite number > 0"),
+        ({"router_options": {"capacity_factor": float("inf")}}, "capacity_factor must be a finite number"),
+        ({"router": "expert_choice", "router_options": {"capacity_factor": float("inf")}}, "capacity_factor"),
         ({"router": "switch", "top_k": 2}, "top_k must be 1"),
         ({"num_shared_experts": -1}, "num_shared_experts must be >= 0"),
     ],
@@ -335,6 +338,35 @@ def test_bad_configuration_names_the_argument(kwargs, match):
     args = {"d_model": 4, "d_hidden": 8, "num_experts": 4, **kwargs}
     with pytest.raises(mc.ConfigError, match=match):
         mc.MoEBlock(**args)
+
+
+def test_token_ids_are_refused_as_what_they_are():
+    """Integer input is not a dtype to cast the block to: the hint says to embed the tokens."""
+    with pytest.raises(mc.ShapeError, match="got a torch.int64 input.*not on token ids: embed the tokens"):
+        mc.MoEBlock(4, 8, 2, top_k=2)(torch.randint(0, 9, (3, 4)))
+
+
+@pytest.mark.parametrize("order", ["softmax_topk", "topk_softmax"])
+def test_a_top1_router_whose_weight_is_always_one_says_so(order):
+    """Its gate gets no gradient from the task loss (weight p/p = 1): a warning names the two ways out."""
+    with pytest.warns(UserWarning, match="top_k=1 .* weight 1: the task loss sends its gate no gradient"):
+        block = mc.MoEBlock(4, 8, 2, top_k=1, router_options={"order": order})
+    x = torch.randn(6, 4)
+    (grad,) = torch.autograd.grad(block(x).square().sum(), block.router.gate.weight, allow_unused=True)
+    assert grad is None or grad.abs().max() < 1e-6  # p / p: rounding only
+    for options in ({"router": "switch"}, {"router_options": {"renormalize": False}}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            block = mc.MoEBlock(4, 8, 2, top_k=1, **options)
+        (grad,) = torch.autograd.grad(block(x).square().sum(), block.router.gate.weight)
+        assert grad.abs().max() > 1e-3
+
+
+def test_expert_choice_breaks_ties_by_token_index():
+    """A zero router scores every token alike: each expert takes the first tokens, on any device."""
+    block = mc.MoEBlock(4, 8, 4, top_k=2, router="expert_choice", router_options={"init_std": 0})
+    plan = block.router(torch.randn(6, 4), get_kernel("torch"))
+    assert plan.token_index.tolist() == [0, 1, 2] * 4  # capacity ceil(1.0 * 6 * 2 / 4) = 3 each
 
 
 @pytest.mark.parametrize("shape", [(4,), (3, 5), (2, 3, 5)])

@@ -17,6 +17,7 @@ from torch import nn
 from mixcompile.errors import ConfigError, MixcompileError, PluginError, ShapeError
 from mixcompile.plugins.build import PluginKind, Source, call_factory, plugin_source
 from mixcompile.plugins.manager import lookup
+from mixcompile.runtime.calls import combine_stats
 from mixcompile.runtime.checks import check_input
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
@@ -68,6 +69,9 @@ class Block(nn.Module):
         self._kernels: dict[tuple[str, torch.dtype, bool], _Choice] = {}
         self.kernel = kernel
         self._stats: dict[str, Any] = {}
+        # Whether the converted model's current forward called the block yet; None outside such a forward
+        # (set by mixcompile.runtime.calls.ForwardScope). Calls within one forward add up what they keep.
+        self.called_in_forward: bool | None = None
 
     def settings(self) -> dict[str, Any]:
         """The block's settings that can change after it is built (JSON-safe), for a save to keep."""
@@ -99,6 +103,21 @@ class Block(nn.Module):
         breaks a ``torch.compile`` graph; they are read back here, when asked for.
         """
         return {key: _to_host(value) for key, value in self._stats.items()}
+
+    def _keep_call(self, stats: dict[str, Any], aux_loss: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Keep this call's statistics, and return the router losses to keep: added to the earlier calls'
+        when the model's current forward called the block before (see :mod:`mixcompile.runtime.calls`),
+        else this call's alone."""
+        called = getattr(self, "called_in_forward", None)  # absent on a block pickled before it existed
+        if called:
+            stats = combine_stats(self._stats, stats)
+            earlier = getattr(self, "last_aux_loss", None)
+            if earlier is not None:
+                aux_loss = earlier if aux_loss is None else earlier + aux_loss
+        if called is not None:
+            self.called_in_forward = True
+        self._stats = stats
+        return aux_loss
 
     def kernel_for(self, device: torch.device | str, dtype: torch.dtype, *, training: bool = False) -> str:
         """The name of the kernel this block runs with on ``device``/``dtype`` (resolves ``auto``)."""
@@ -166,7 +185,12 @@ class Block(nn.Module):
                 f"got {tuple(x.shape)}."
             )
         weights = self.experts.w_in.dtype
-        if x.dtype != weights and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        if not x.is_floating_point():
+            raise ShapeError(
+                f"{self._name()} got a {x.dtype} input; it computes on floating-point features (an FFN's "
+                f"input, [..., {self.experts.d_model}]), not on token ids: embed the tokens first."
+            )
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
             raise ShapeError(
                 f"{self._name()} holds {weights} weights and got a {x.dtype} input (as a dense nn.Linear, it "
                 f"computes in one dtype): pass {weights} inputs, move the block or model with "

@@ -121,8 +121,8 @@ class MoEBlock(Block):
         if self.shared_experts is not None:
             shared_in = flat.unsqueeze(0).expand(self.shared_experts.num_experts, -1, -1)
             y = y + self.shared_experts.batched_forward(shared_in).sum(0)
-        self.last_aux_loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
-        self._stats = _routing_stats(plan, choice.name)
+        loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
+        self.last_aux_loss = self._keep_call(_routing_stats(plan, choice.name), loss)
         return y.reshape(x.shape)  # in flat's dtype
 
     def load_dense(
