@@ -75,5 +75,23 @@ class ControllerMixer(nn.Module):
         weight = controller.weight
         dtype = torch.promote_types(torch.promote_types(x_g.dtype, weight.dtype), torch.float32)
         bias = None if controller.bias is None else controller.bias.to(dtype)
+        # A block's x_g is a permuted view of its batch: the product runs over the rows in memory order
+        # (else the upcast input would be copied once more, into row order) and only the small [.., E]
+        # scores are put back in order.
+        order = _memory_order(x_g)
+        x = x_g if order is None else x_g.permute(order)
         with torch.autocast(x_g.device.type, enabled=False):
-            return nn.functional.linear(x_g.to(dtype), weight.to(dtype), bias)
+            scores = nn.functional.linear(x.to(dtype), weight.to(dtype), bias)
+        if order is None:
+            return scores
+        return scores.permute(sorted(range(len(order)), key=order.__getitem__)).contiguous()
+
+
+def _memory_order(x: torch.Tensor) -> list[int] | None:
+    """The order of ``x``'s dimensions (the last one kept last) in which it is contiguous, where that is
+    not the order it has; None otherwise."""
+    if x.is_contiguous():
+        return None
+    strides = x.stride()
+    order = [*sorted(range(x.ndim - 1), key=lambda dim: -strides[dim]), x.ndim - 1]
+    return order if x.permute(order).is_contiguous() else None

@@ -370,6 +370,23 @@ def test_bf16_controller_scores_are_computed_in_float32():
     assert weight.grad is not None and weight.grad.dtype == torch.bfloat16 and weight.grad.abs().sum() > 0
 
 
+def test_controller_scores_read_the_blocks_permuted_input_in_memory_order():
+    """The block hands the mixer a permuted view of its batch: the float32 product reads it in memory order,
+    so the input is copied once (the upcast), not a second time into row order; the scores equal those of
+    a contiguous copy and come back contiguous, in [T, n, G, E] order."""
+    torch.manual_seed(0)
+    d, experts, group = 64, 4, 2
+    block = MoTBlock(d, 32, experts, group_size=group, mixer_options={"init_std": 0.5}).to(torch.bfloat16)
+    x_g = torch.randn(2 * group, 5, d).to(torch.bfloat16).reshape(2, group, 5, d).permute(2, 0, 1, 3)
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        scores = block.mixer.logits(x_g)
+    input_sized = [e for e in prof.events() if e.self_cpu_memory_usage >= x_g.numel() * 4]
+    assert len(input_sized) == 1, [e.name for e in input_sized]
+    assert scores.shape == (5, 2, group, experts) and scores.is_contiguous()
+    torch.testing.assert_close(scores, block.mixer.logits(x_g.contiguous()))
+
+
 class _BiasedController(nn.Linear):
     """A controller a user swapped in: a subclass with a bias (a LoRA-wrapped layer is another kind)."""
 
