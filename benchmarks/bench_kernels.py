@@ -192,8 +192,9 @@ class MoEProblem:
         self.top_k = top_k
         self.x = (torch.randn(tokens, sizes.d, generator=g) * 0.5).to(device, sizes.dtype).requires_grad_()
         self.gate = torch.nn.Linear(sizes.d, experts, bias=False, device=device, dtype=sizes.dtype)
-        self.experts = StackedExperts(
-            experts, sizes.d, hidden, activation="gelu", device=device, dtype=sizes.dtype
+        # Drawn on the CPU: a failed CUDA-graph capture can leave the CUDA generator refusing every draw.
+        self.experts = StackedExperts(experts, sizes.d, hidden, activation="gelu", dtype=sizes.dtype).to(
+            device
         )
         self.dy = torch.randn(self.x.shape, generator=g).to(device, sizes.dtype)
         self.params = [self.x, self.gate.weight, *self.experts.parameters()]
@@ -227,7 +228,9 @@ class MoEProblem:
             y = impl(self.x, self.plan(fused_routing), self.experts)
         if backward:
             y.backward(self.dy)
-        return y, [p.grad for p in self.params]
+        # Detached: a graph kept alive by a returned output holds the leaves' gradient accumulators, made
+        # on the stream of that run, and a CUDA-graph capture on another stream then fails on them.
+        return y.detach(), [p.grad for p in self.params]
 
 
 def grouped_mm_moe(x: torch.Tensor, plan, experts) -> torch.Tensor:
@@ -392,8 +395,9 @@ class MoTProblem:
             (torch.randn(batch, seq, sizes.d, generator=g) * 0.5).to(device, sizes.dtype).requires_grad_()
         )
         self.mixer = lookup("mixer", "softmax").factory(sizes.d, experts, group).to(device, sizes.dtype)
-        self.experts = StackedExperts(
-            experts, sizes.d, hidden, activation="gelu", device=device, dtype=sizes.dtype
+        # Drawn on the CPU: a failed CUDA-graph capture can leave the CUDA generator refusing every draw.
+        self.experts = StackedExperts(experts, sizes.d, hidden, activation="gelu", dtype=sizes.dtype).to(
+            device
         )
         self.dy = torch.randn(self.x.shape, generator=g).to(device, sizes.dtype)
         self.params = [self.x, *self.mixer.parameters(), *self.experts.parameters()]
@@ -417,7 +421,9 @@ class MoTProblem:
             y = y_g.permute(1, 2, 0, 3).reshape(groups * self.group, seq, d)[:batch]
         if backward:
             y.backward(self.dy)
-        return y, [p.grad for p in self.params]
+        # Detached: a graph kept alive by a returned output holds the leaves' gradient accumulators, made
+        # on the stream of that run, and a CUDA-graph capture on another stream then fails on them.
+        return y.detach(), [p.grad for p in self.params]
 
 
 def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> list[Row]:
