@@ -65,9 +65,12 @@ def check_input(x: torch.Tensor, where: Source) -> None:
         )
 
 
-def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_experts: int) -> RoutingPlan:
+def check_routing_plan(
+    plan: object, *, source: Source, num_tokens: int, num_experts: int, in_range: bool = False
+) -> RoutingPlan:
     """A router's plan: structure always, index ranges (and the order ``pairs_per_token`` declares) in eager
-    forwards, values under the debug switch."""
+    forwards unless the caller knows them (``in_range``: a kernel's own picks), values under the debug
+    switch."""
 
     def fail(what: str) -> PluginError:
         return PluginError(f"{source_text(source)} returned a malformed RoutingPlan: {what}.")
@@ -100,7 +103,8 @@ def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_exp
                 f"pairs_per_token={k} with {num_tokens} tokens means {num_tokens * k} pairs, "
                 f"got {plan.token_index.shape[0]} (leave it None when pairs are dropped)"
             )
-    if not _can_read_back() or plan.token_index.numel() == 0:
+    debug = debug_checks_enabled()
+    if not _can_read_back() or plan.token_index.numel() == 0 or (in_range and not debug):
         return plan
     tokens, experts = plan.token_index, plan.expert_index
     # Few ops, as every eager forward pays for them: one min-max pass per index tensor, and none over the
@@ -120,7 +124,7 @@ def check_routing_plan(plan: object, *, source: Source, num_tokens: int, num_exp
             f"pairs_per_token={k} says token t's pairs are pairs t*{k} to t*{k}+{k - 1}, but token_index "
             "is not arange(num_tokens).repeat_interleave(pairs_per_token); leave it None for other orders"
         )
-    if debug_checks_enabled():
+    if debug:
         if not torch.isfinite(plan.weight).all():
             raise fail("weight has NaN or inf")
         pairs = tokens * num_experts + experts

@@ -90,7 +90,7 @@ class ControllerMixer(nn.Module):
 def _memory_order(x: torch.Tensor) -> list[int] | None:
     """The order of ``x``'s dimensions (the last one kept last) in which it is contiguous, where that is
     not the order it has; None otherwise."""
-    if x.is_contiguous():
+    if x.is_contiguous() or torch.compiler.is_compiling():  # compiled, the layout is the compiler's choice
         return None
     strides = x.stride()
     order = [*sorted(range(x.ndim - 1), key=lambda dim: -strides[dim]), x.ndim - 1]

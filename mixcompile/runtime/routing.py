@@ -38,6 +38,12 @@ class RoutingPlan:
     # arange(N).repeat_interleave(k): dropless token choice), so kernels need not sort the pairs by token.
     # Checked against token_index in every eager forward; None says nothing.
     pairs_per_token: int | None = None
+    # Set by RouterBase.token_choice_plan: the picks it was given, the index tensors it made of them, and
+    # the three's versions then, so a block can tell that the indices are a routing step's own, untouched
+    # since. Not part of a plan's value.
+    listed_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 def fixed_bincount(index: torch.Tensor, length: int) -> torch.Tensor:
@@ -141,9 +147,12 @@ class RouterBase(nn.Module):
         # equals uncached.
         capacity = self.capacity(n) if self.training else None
         if capacity is None:
-            return RoutingPlan(
+            plan = RoutingPlan(
                 token, expert, weight, n, self.num_experts, probs, 0, losses, pairs_per_token=k
             )
+            if not torch.compiler.is_compiling():  # read by eager forwards only
+                plan.listed_from = (chosen, token, expert, (chosen._version, token._version, expert._version))
+            return plan
         keep = _within_capacity(expert, weight.detach(), capacity, self.num_experts)
         kept = keep.nonzero().squeeze(1)  # the one data-dependent size (a graph break under compile)
         dropped = keep.numel() - kept.numel()

@@ -31,9 +31,15 @@ class _Router(mc.LearnedRouter):
             raise IndexError("index 7 is out of bounds")
         if self.fault == "nan":
             weights = weights * float("nan")
+        if self.fault == "picks_written":  # the kernel's picks, changed in place before they are listed
+            chosen[0, 0] = self.num_experts
+        if self.fault == "own_picks":  # picks of its own, listed by the same helper
+            chosen = torch.full_like(chosen, self.num_experts)
         plan = self.token_choice_plan(logits, chosen, weights, probs)
         if self.fault == "range":
             plan.expert_index = plan.expert_index + self.num_experts
+        if self.fault == "plan_written":  # the listed plan, changed in place
+            plan.token_index[-1] = x.shape[0]
         if self.fault == "misordered":  # still declares pairs_per_token, but not token by token any more
             plan.token_index = plan.token_index.flip(0)
         if self.fault == "miscounted":  # a dropped pair with pairs_per_token still declared
@@ -138,6 +144,7 @@ def _block(router: str = "flaky", kernel: str = "torch") -> mc.MoEBlock:
     [
         ("crash", mc.PluginError, r" crashed: IndexError: index 7"),
         ("range", mc.PluginError, r" returned a malformed RoutingPlan: .*expert_index outside \[0, 4\)"),
+        ("plan_written", mc.PluginError, r" returned a malformed RoutingPlan: token_index outside \[0, 5\)"),
         ("misordered", mc.PluginError, r" returned a malformed .*: pairs_per_token=2 says token t's pairs"),
         ("miscounted", mc.PluginError, r" returned a malformed .*: pairs_per_token=2 with 5 tokens means 10"),
     ],
@@ -257,6 +264,48 @@ def test_the_range_check_names_what_is_wrong(tokens, experts, k, message) -> Non
         message = r"token_index outside \[0, 2\) or expert_index outside \[0, 3\)"
     with pytest.raises(mc.PluginError, match=message):
         check_routing_plan(plan, source="router", num_tokens=2, num_experts=3)
+
+
+@pytest.mark.parametrize("fault", ["picks_written", "own_picks"])
+def test_picks_a_router_changed_or_made_are_range_checked(flaky, fault) -> None:
+    """Listed by the same helper, but not the kernel's picks as they came out (eval: in training the
+    router's own balancing loss would index with them first)."""
+    block = _block().eval()
+    block.router.fault = fault
+    with pytest.raises(
+        mc.PluginError, match=r"flaky.* returned a malformed RoutingPlan: .*expert_index outside"
+    ):
+        block(torch.randn(5, 8))
+
+
+def _read_backs(block: mc.MoEBlock, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many tensors one forward of ``block`` reads back to the host in the plan checks (each waits for
+    the GPU's queue there): calls of ``Tensor.__bool__`` from ``mixcompile/runtime/checks.py``."""
+    calls = []
+    original = torch.Tensor.__bool__
+
+    def counted(tensor: torch.Tensor) -> bool:
+        calls.append(sys._getframe(1).f_code.co_filename)
+        return original(tensor)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "__bool__", counted)
+        block(x)
+    return sum(name.endswith(str(Path("mixcompile", "runtime", "checks.py"))) for name in calls)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "flaky"])
+def test_a_routing_steps_own_picks_are_not_read_back(flaky, kernel, monkeypatch) -> None:
+    """A plan listing the kernel's top-k picks as they came out (the built-in top-k routers) is in range by
+    construction: no read back (on an H100 the wait cost a third of a 16K-token forward). A router's own
+    picks are checked (one read back), and the debug switch checks everything."""
+    x = torch.randn(5, 8)
+    for training in (True, False):
+        assert _read_backs(_block(router="topk", kernel=kernel).train(training), x, monkeypatch) == 0
+    assert _read_backs(_block(router="expert_choice", kernel=kernel), x, monkeypatch) == 1
+    assert _read_backs(_block(kernel=kernel), x, monkeypatch) == 0  # the faulty router, behaving
+    with mc.debug_checks():
+        assert _read_backs(_block(router="topk", kernel=kernel), x, monkeypatch) > 1
 
 
 def test_no_value_is_read_back_while_a_cuda_graph_is_captured(monkeypatch) -> None:
