@@ -2,19 +2,23 @@
 
 On a GPU: first checks the Triton kernel against the torch reference at every benchmarked size (the output
 with and without grad, and every gradient, with outputs poisoned with NaN so an unwritten element fails),
-then prints one table (bf16, 16,384 tokens, d=1024) of time, TFLOP/s, the ratio to the Triton kernel and peak
-memory, all measured in this run: a dense FFN (h=4096), the MoE and MoT workloads, decode-sized MoE forwards
-(1 to 512 tokens; eager, where the host's time dominates, and replayed from a CUDA graph, pass "graph", for
-the Triton kernel and ``torch._grouped_mm``), the routing's sort of the pairs alone (the counting sort with
-and without ``pairs_per_token`` against the argsort-based sort it replaced), the host's time per launch (an
-ATen op, a plain and an autotuned Triton kernel), and one MoE workload in fp32 at torch's default "highest"
-matmul precision. MoE rows include routing (gate, softmax, top-k: the fused routing step for the Triton
-kernel, as the block runs it); MoT rows include the controller, and their training step is also replayed from
-a CUDA graph (pass "graph"), which says how much of its eager time is the host's. After the table, where each
-training step's GPU time goes: every kernel's time per step, profiled for each implementation of the MoE and
-MoT training steps (so the next change can aim at the largest). ``--json`` writes every figure, check and
-profile to a file. Exits 1 if a check fails. ``--smoke`` runs tiny sizes, on CPU through Triton's
-interpreter, to check that the script works; without a GPU and without ``--smoke`` it says so and exits.
+then measures (bf16, 16,384 tokens, d=1024) time, TFLOP/s, the ratio to the Triton kernel and peak memory,
+all in this run, section by section, the rows the kernel notes aim at first: the MoE and MoT workloads
+(MoE rows include routing, gate, softmax and top-k: the fused routing step for the Triton kernel, as the
+block runs it; MoT rows include the controller, and their training step is also replayed from a CUDA graph,
+pass "graph", which says how much of its eager time is the host's), decode-sized MoE forwards (1 to 512
+tokens; eager, where the host's time dominates, and replayed from a CUDA graph for the Triton kernel and
+``torch._grouped_mm``), a dense FFN (h=4096, the reference rate), the host's time per launch (an ATen op, a
+plain and an autotuned Triton kernel), each implementation's MoE and MoT training step profiled kernel by
+kernel (so the next change can aim at the largest), the routing's sort of the pairs alone (the counting sort
+with and without ``pairs_per_token`` against the argsort-based sort it replaced), and one MoE workload in
+fp32 at torch's default "highest" matmul precision. Each row and profile is printed as soon as it is
+measured and ``--json`` rewrites its file after each (a run killed at its time limit keeps what it
+measured; ``complete`` lists the sections that finished); the whole table is printed again at the end.
+``--deadline SECONDS`` (or ``BENCH_DEADLINE``) skips, with a note, each section that would not finish in
+what is left of that many seconds, so a time-limited run exits on its own with what it has. Exits 1 if a
+check or a section fails. ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter, to check that
+the script works; without a GPU and without ``--smoke`` it says so and exits.
 
     python benchmarks/bench_kernels.py --json out.json   # on a GPU
     python benchmarks/bench_kernels.py --only mot        # one section (repeatable), in seconds
@@ -25,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
+import statistics
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -63,8 +70,16 @@ FULL = Sizes(
     (1, 8, 64, 512),
     torch.bfloat16,
 )
-SECTIONS = ("dense", "moe", "mot", "decode", "routing", "launch", "fp32")  # the table's, in its order
 SMOKE = Sizes(48, 32, 64, ((4, 2, 48),), ((2, 4, 32, 5, 6),), (1, 8), torch.float32)
+# The sections in the order they run: the rows the kernel notes aim at first, so a run cut short has them.
+SECTIONS = ("moe", "mot", "decode", "dense", "launch", "profile", "routing", "fp32")
+# Seconds each section needs (on one H100, warmed by the GPU tests; on the smoke run's CPU), for --deadline:
+# estimates from the runs of 2026-11-27/28, to be replaced by the times each run prints and writes.
+NEEDS = {
+    "full": {"moe": 45, "mot": 25, "decode": 45, "dense": 5, "launch": 10, "profile": 40, "routing": 25,
+             "fp32": 45},
+    "smoke": {"moe": 10, "mot": 5, "decode": 3, "dense": 1, "launch": 1, "profile": 10, "routing": 2},
+}  # fmt: skip
 
 
 @dataclass
@@ -76,6 +91,7 @@ class Row:
     flops: float
     peak_gib: float | None
     note: str = ""
+    section: str = ""  # set when the row is recorded
 
 
 @dataclass
@@ -93,7 +109,6 @@ class Check:
 
 
 CHECKS: list[Check] = []
-PROFILES: dict[str, list[dict]] = {}  # "workload, pass, implementation" -> kernels, most time first
 
 
 def check(workload: str, got: list, want: list, names: list[str], tol: float) -> float:
@@ -155,17 +170,57 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     return ms, peak
 
 
-def replayed(fn: Callable[[], object]) -> float | None:
-    """Median milliseconds of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``): the
-    GPU's time without the host's, which is what decode steps cost when captured (``torch.compile``'s
-    ``mode="reduce-overhead"`` or a hand-made graph). None, with the reason, where capture fails."""
-    import triton.testing
+GRAPH_MS = 5.0  # GPU time per timed replay: enough calls unrolled that a replay's own launch is noise
+GRAPH_REPLAYS = 10
 
+
+def replayed(fn: Callable[[], object]) -> float | None:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph: the GPU's time without the host's, which is
+    what decode steps cost when captured (``torch.compile``'s ``mode="reduce-overhead"`` or a hand-made
+    graph). One call is captured and replayed to size the graph that is timed (``GRAPH_MS`` of calls, at
+    most 100), replayed ``GRAPH_REPLAYS`` times: tens of milliseconds a row, where
+    ``triton.testing.do_bench_cudagraph(rep=50)`` unrolled 50 ms of eager calls and replayed them ten times.
+    None, with the reason, where capture fails."""
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+        one_ms = replay_ms(captured(fn, 1), 1, 3)
+        calls = max(1, min(100, int(GRAPH_MS / max(one_ms, 1e-3))))
+        return replay_ms(captured(fn, calls), calls, GRAPH_REPLAYS)
     except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a row saying why
         print(f"  not captured: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         return None
+
+
+def captured(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
+    """``calls`` calls of ``fn`` in one CUDA graph, after one eager call on the capture's stream (what
+    PyTorch asks: a stream's first use may set up state that capture cannot). The garbage collector is off
+    during capture: a collected Triton kernel unloads its module, which would invalidate the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    finally:
+        gc.enable()
+    return graph
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, calls: int, replays: int) -> float:
+    """Median milliseconds per call over ``replays`` replays after an untimed one, each timed by events."""
+    graph.replay()
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)
+    ]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) / calls
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
@@ -262,23 +317,26 @@ def dense_step(dense: Callable, x: torch.Tensor, dy: torch.Tensor, backward: boo
         y.backward(dy)
 
 
-def dense_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+def dense_rows(report: Report, sizes: Sizes, device: torch.device) -> None:
     """The dense FFN the MoE workloads are measured against (its TFLOP/s is the reference rate)."""
     x = torch.randn(sizes.tokens, sizes.d, device=device, dtype=sizes.dtype, requires_grad=True)
     dense = dense_ffn(sizes.d, sizes.dense_hidden, device, sizes.dtype)
     fwd_flops = 4.0 * sizes.tokens * sizes.d * sizes.dense_hidden
-    rows = []
     for mode, backward, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
         ms, peak = timed(partial(dense_step, dense, x, torch.randn_like(x), backward), device)
-        rows.append(Row(f"dense FFN h={sizes.dense_hidden}", mode, "torch", ms, flops, peak))
-    return rows
+        report.row(Row(f"dense FFN h={sizes.dense_hidden}", mode, "torch", ms, flops, peak))
 
 
-def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable], prefix: str = "") -> list[Row]:
-    rows = []
+def moe_name(prefix: str, experts: int, top_k: int, hidden: int) -> str:
+    return f"{prefix}MoE E={experts} top-{top_k} h={hidden}"
+
+
+def moe_rows(
+    report: Report, sizes: Sizes, device: torch.device, impls: dict[str, Callable], prefix: str = ""
+) -> None:
     for experts, top_k, hidden in sizes.moe:
         problem = MoEProblem(sizes, sizes.tokens, experts, top_k, hidden, device)
-        name = f"{prefix}MoE E={experts} top-{top_k} h={hidden}"
+        name = moe_name(prefix, experts, top_k, hidden)
         with poisoned():
             y_ref, g_ref = problem.run(impls["torch"], backward=True)
             y, g = problem.run(impls["triton"], backward=True, fused_routing=True)
@@ -291,23 +349,26 @@ def moe_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable], pre
         for mode, backward, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
             for impl_name, impl in impls.items():
                 ms, peak = timed(partial(problem.run, impl, backward, impl_name == "triton"), device)
-                rows.append(Row(name, mode, impl_name, ms, flops, peak))
-                if backward:
-                    profiled(
-                        PROFILES,
-                        f"{name}, {mode}, {impl_name}",
-                        partial(problem.run, impl, True, impl_name == "triton"),
-                        device,
-                    )
+                report.row(Row(name, mode, impl_name, ms, flops, peak))
             step = partial(dense_step, dense, problem.x, problem.dy, backward)
             ms, peak = timed(step, device)
-            rows.append(Row(name, mode, f"dense h={top_k * hidden}", ms, flops, peak, "no routing"))
-    return rows
+            report.row(Row(name, mode, f"dense h={top_k * hidden}", ms, flops, peak, "no routing"))
 
 
-def decode_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> list[Row]:
+def moe_profiles(
+    report: Report, sizes: Sizes, device: torch.device, impls: dict[str, Callable], prefix: str = ""
+) -> None:
+    """Each implementation's MoE training step, kernel by kernel."""
+    for experts, top_k, hidden in sizes.moe:
+        problem = MoEProblem(sizes, sizes.tokens, experts, top_k, hidden, device)
+        name = moe_name(prefix, experts, top_k, hidden)
+        for impl_name, impl in impls.items():
+            step = partial(problem.run, impl, True, impl_name == "triton")
+            report.profile(f"{name}, fwd+bwd, {impl_name}", step, device)
+
+
+def decode_rows(report: Report, sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> None:
     """Inference at decode sizes: where launch count and per-launch overhead, not FLOPs, set the time."""
-    rows = []
     for experts, top_k, hidden in sizes.moe:
         for tokens in sizes.decode:
             problem = MoEProblem(sizes, tokens, experts, top_k, hidden, device)
@@ -320,18 +381,17 @@ def decode_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) 
             flops = 4.0 * tokens * top_k * sizes.d * hidden
             for impl_name, impl in impls.items():
                 ms, peak = timed(partial(problem.run, impl, False, impl_name == "triton"), device)
-                rows.append(Row(name, "fwd", impl_name, ms, flops, peak))
+                report.row(Row(name, "fwd", impl_name, ms, flops, peak))
             for impl_name in ("triton", "torch._grouped_mm"):  # the decode target's pair, captured
                 if device.type == "cuda" and impl_name in impls:
                     step = partial(problem.run, impls[impl_name], False, impl_name == "triton")
-                    rows.append(Row(name, "graph", impl_name, replayed(step), flops, None))
-    return rows
+                    report.row(Row(name, "graph", impl_name, replayed(step), flops, None))
 
 
 # --------------------------------------------------------------------------------------------- routing
 
 
-def routing_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+def routing_rows(report: Report, sizes: Sizes, device: torch.device) -> None:
     """The pairs' sort alone (``route``: by expert, and each token's pairs for the combine) at the smallest,
     a middle and the largest size: the counting sort with ``pairs_per_token`` (what routers and transformers'
     experts declare), without it (plus the count by token that expert choice and capacity drops take), and
@@ -347,7 +407,6 @@ def routing_rows(sizes: Sizes, device: torch.device) -> list[Row]:
         offsets, token_offsets = segment_starts(expert[order], e), segment_starts(rows_[by_token], n)
         return order, offsets, by_token.int(), token_offsets, weight[order].float()
 
-    rows = []
     for experts, top_k, _ in sizes.moe:
         for tokens in (sizes.decode[0], sizes.decode[len(sizes.decode) // 2], sizes.tokens):
             g = torch.Generator().manual_seed(tokens)
@@ -371,10 +430,9 @@ def routing_rows(sizes: Sizes, device: torch.device) -> list[Row]:
                     0.0,
                 )
             for impl_name, fn in impls.items():
-                rows.append(Row(name, "sort", impl_name, timed(fn, device)[0], 0.0, None))
+                report.row(Row(name, "sort", impl_name, timed(fn, device)[0], 0.0, None))
                 if device.type == "cuda":
-                    rows.append(Row(name, "graph", impl_name, replayed(fn), 0.0, None))
-    return rows
+                    report.row(Row(name, "graph", impl_name, replayed(fn), 0.0, None))
 
 
 # ------------------------------------------------------------------------------------------------- MoT
@@ -426,11 +484,17 @@ class MoTProblem:
         return y.detach(), [p.grad for p in self.params]
 
 
-def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> list[Row]:
-    rows = []
+MOT_LABELS = {"triton": "triton", "torch": "einsum reference"}
+
+
+def mot_name(group: int, experts: int, hidden: int, batch: int, seq: int) -> str:
+    return f"MoT G={group} E={experts} h={hidden} (B={batch}, T={seq})"
+
+
+def mot_rows(report: Report, sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> None:
     for group, experts, hidden, batch, seq in sizes.mot:
         problem = MoTProblem(sizes, group, experts, hidden, batch, seq, device)
-        name = f"MoT G={group} E={experts} h={hidden} (B={batch}, T={seq})"
+        name = mot_name(group, experts, hidden, batch, seq)
         with poisoned():
             y_ref, g_ref = problem.run(impls["torch"], backward=True)
             y, g = problem.run(impls["triton"], backward=True)
@@ -442,17 +506,21 @@ def mot_rows(sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> 
         flops = 3 * (
             4.0 * experts * rows_per_expert * sizes.d * hidden + 4.0 * batch * seq * experts * sizes.d
         )
-        for impl_name in ("triton", "torch"):
-            impl = impls[impl_name]
-            ms, peak = timed(partial(problem.run, impl, True), device)
-            label = "einsum reference" if impl_name == "torch" else impl_name
-            rows.append(Row(name, "fwd+bwd", label, ms, flops, peak))
-            profiled(PROFILES, f"{name}, fwd+bwd, {label}", partial(problem.run, impl, True), device)
+        for impl_name, label in MOT_LABELS.items():
+            step = partial(problem.run, impls[impl_name], True)
+            ms, peak = timed(step, device)
+            report.row(Row(name, "fwd+bwd", label, ms, flops, peak))
             if device.type == "cuda":
-                rows.append(
-                    Row(name, "graph", label, replayed(partial(problem.run, impl, True)), flops, None)
-                )
-    return rows
+                report.row(Row(name, "graph", label, replayed(step), flops, None))
+
+
+def mot_profiles(report: Report, sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> None:
+    """Each implementation's MoT training step, kernel by kernel."""
+    for group, experts, hidden, batch, seq in sizes.mot:
+        problem = MoTProblem(sizes, group, experts, hidden, batch, seq, device)
+        name = mot_name(group, experts, hidden, batch, seq)
+        for impl_name, label in MOT_LABELS.items():
+            report.profile(f"{name}, fwd+bwd, {label}", partial(problem.run, impls[impl_name], True), device)
 
 
 # ---------------------------------------------------------------------------------------------- launches
@@ -471,7 +539,7 @@ def host_ms(fn: Callable[[], object], device: torch.device, calls: int) -> float
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def launch_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+def launch_rows(report: Report, sizes: Sizes, device: torch.device) -> None:
     """The host's cost of one launch at decode size: an ATen op, the fused routing step (one plain Triton
     launch) and the grouped GEMM on one row (one autotuned launch). The eager decode rows are host-bound;
     these say how much of them each kind of launch is."""
@@ -490,22 +558,43 @@ def launch_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     }
     calls = 1000 if device.type == "cuda" else 2
     workload = f"host time per launch, E={experts} 1 token"
-    return [
-        Row(workload, "launch", name, host_ms(fn, device, calls), 0.0, None) for name, fn in steps.items()
-    ]
+    for name, fn in steps.items():
+        report.row(Row(workload, "launch", name, host_ms(fn, device, calls), 0.0, None))
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def ratios(rows: list[Row]) -> dict[int, float | None]:
+def profile_steps(
+    report: Report, sizes: Sizes, device: torch.device, moe_impls: dict[str, Callable], mot_impls: dict
+) -> None:
+    """Where each training step's GPU time goes, for every implementation of the MoE and MoT workloads: a
+    section after the table's rows, so that a run cut short has those first."""
+    moe_profiles(report, sizes, device, moe_impls)
+    mot_profiles(report, sizes, device, mot_impls)
+
+
+def fp32_rows(report: Report, sizes: Sizes, device: torch.device, impls: dict[str, Callable]) -> None:
+    """One MoE workload in fp32 at "highest" (three-product TF32 dots against cuBLAS's fp32), rows and
+    training step profiles."""
+    moe_rows(report, sizes, device, impls, "fp32 ")
+    moe_profiles(report, sizes, device, impls, "fp32 ")
+
+
+def ratios(rows: list[Row]) -> list[float | None]:
     """Each row's time over the Triton kernel's in the same workload and pass (>1: Triton faster)."""
     triton_ms = {(r.workload, r.mode): r.ms for r in rows if r.impl == "triton"}
-    out = {}
-    for i, r in enumerate(rows):
-        base = triton_ms.get((r.workload, r.mode))
-        out[i] = r.ms / base if r.ms and base else None
-    return out
+    base = [triton_ms.get((r.workload, r.mode)) for r in rows]
+    return [r.ms / b if r.ms and b else None for r, b in zip(rows, base, strict=True)]
+
+
+def table_line(r: Row, ratio: float | None) -> str:
+    ms = f"{r.ms:10.3f}" if r.ms is not None else f"{'n/a':>10}"
+    tflops = f"{r.flops / r.ms / 1e9:10.1f}" if r.ms else f"{'n/a':>10}"
+    x = f"{ratio:10.2f}" if ratio else f"{'n/a':>10}"
+    peak = f"{r.peak_gib:10.2f}" if r.peak_gib is not None else f"{'n/a':>10}"
+    note = f"  ({r.note})" if r.note else ""
+    return f"{r.workload:40} {r.mode:8} {r.impl:18}{ms}{tflops}{x}{peak}{note}"
 
 
 def print_table(rows: list[Row]) -> None:
@@ -515,29 +604,86 @@ def print_table(rows: list[Row]) -> None:
     header = " ".join(f"{c:{w}}" for c, w in columns) + "".join(f"{f:>10}" for f in figures)
     print(header)
     print("-" * len(header))
-    ratio = ratios(rows)
-    for i, r in enumerate(rows):
-        ms = f"{r.ms:10.3f}" if r.ms is not None else f"{'n/a':>10}"
-        tflops = f"{r.flops / r.ms / 1e9:10.1f}" if r.ms else f"{'n/a':>10}"
-        x = f"{ratio[i]:10.2f}" if ratio[i] else f"{'n/a':>10}"
-        peak = f"{r.peak_gib:10.2f}" if r.peak_gib is not None else f"{'n/a':>10}"
-        note = f"  ({r.note})" if r.note else ""
-        print(f"{r.workload:40} {r.mode:8} {r.impl:18}{ms}{tflops}{x}{peak}{note}")
+    for r, ratio in zip(rows, ratios(rows), strict=True):
+        print(table_line(r, ratio))
 
 
-def write_json(path: str, header: dict, rows: list[Row], tuned: dict) -> None:
-    ratio = ratios(rows)
-    table = [
-        {**asdict(r), "tflops": r.flops / r.ms / 1e9 if r.ms else None, "x_triton": ratio[i]}
-        for i, r in enumerate(rows)
-    ]
-    checks = [{**asdict(c), "ok": c.ok} for c in CHECKS]
-    doc = {
-        **header, "ok": all(c.ok for c in CHECKS), "checks": checks, "rows": table, "profiles": PROFILES,
-        "tuned": tuned,
-    }  # fmt: skip
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=True)
+class Report:
+    """Every row and profile so far, printed as it is measured and written to the JSON file after each
+    (a temporary file renamed over it: never half a file), so a run killed at its time limit keeps what it
+    measured; ``complete`` lists the sections that finished. Runs the sections within the deadline."""
+
+    def __init__(self, path: str | None, header: dict, deadline: float | None) -> None:
+        self.path, self.header, self.deadline = path, header, deadline
+        self.start = time.monotonic()
+        self.rows: list[Row] = []
+        self.profiles: dict[str, list[dict]] = {}  # "workload, pass, implementation" -> kernels, most first
+        self.section = ""
+        self.complete: list[str] = []
+        self.skipped: list[str] = []
+        self.failed: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def row(self, row: Row) -> None:
+        """A table row, printed after the run's elapsed seconds (where the time goes) as it is measured."""
+        self.rows.append(replace(row, section=self.section))
+        print(f"[{self.elapsed():4.0f} s] {table_line(row, ratios(self.rows)[-1])}", flush=True)
+        self.write()
+
+    def profile(self, name: str, fn: Callable[[], object], device: torch.device) -> None:
+        """``fn`` profiled kernel by kernel (:func:`profiled`), printed and written once made."""
+        profiled(self.profiles, name, fn, device)
+        if name in self.profiles:
+            print_profiles({name: self.profiles[name]})
+            print(f"[{self.elapsed():4.0f} s] profiled {name}", flush=True)
+            self.write()
+
+    def run(self, name: str, section: Callable[[], None], need: float) -> None:
+        """Runs one section, unless the deadline leaves it less than the seconds it ``need``s. One that
+        raises is reported with its traceback, and the next runs: it may measure what this could not."""
+        left = math.inf if self.deadline is None else self.deadline - self.elapsed()
+        if left < need:
+            print(
+                f"-- {name}: skipped, needs about {need:.0f} s and {left:.0f} s are left of the deadline",
+                flush=True,
+            )
+            self.skipped.append(name)
+        else:
+            print(f"-- {name}", flush=True)
+            self.section, start = name, time.monotonic()
+            try:
+                section()
+                self.complete.append(name)
+            except Exception:  # noqa: BLE001 - said, counted as a failure, and the next section runs
+                traceback.print_exc()
+                self.failed.append(name)
+            self.seconds[name] = round(time.monotonic() - start, 1)
+            outcome = "done" if name in self.complete else "FAILED"
+            print(f"-- {name}: {outcome} in {self.seconds[name]:.0f} s", flush=True)
+        self.write()
+
+    def write(self, finished: bool = False) -> None:
+        """The JSON file, if asked for (a few milliseconds: rewritten after every row)."""
+        if not self.path:
+            return
+        from mixcompile_plugins.triton import grouped
+
+        table = [
+            {**asdict(r), "tflops": r.flops / r.ms / 1e9 if r.ms else None, "x_triton": ratio}
+            for r, ratio in zip(self.rows, ratios(self.rows), strict=True)
+        ]
+        doc = {
+            **self.header, "ok": all(c.ok for c in CHECKS) and not self.failed, "finished": finished,
+            "complete": self.complete, "skipped": self.skipped, "failed": self.failed,
+            "section_seconds": self.seconds, "checks": [{**asdict(c), "ok": c.ok} for c in CHECKS],
+            "rows": table, "profiles": self.profiles, "tuned": tuned_configs(grouped),
+        }  # fmt: skip
+        with open(f"{self.path}.tmp", "w") as f:
+            json.dump(doc, f, indent=1, allow_nan=True)
+        os.replace(f"{self.path}.tmp", self.path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,13 +691,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes; on CPU through the Triton interpreter"
     )
-    parser.add_argument("--json", help="write every figure and check to this file")
+    parser.add_argument("--json", help="write every figure and check to this file (after each row)")
     parser.add_argument(
         "--only",
         action="append",
         choices=SECTIONS,
         help="run only this section (repeatable): a GPU session reruns the one its change is about in "
         "seconds, where the whole table takes minutes; each section measures its own references",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=os.environ.get("BENCH_DEADLINE"),
+        metavar="SECONDS",
+        help="skip each section that would not finish within this many seconds of the start (default: "
+        "$BENCH_DEADLINE, else none): a run under a time limit exits on its own, with what it measured",
     )
     args = parser.parse_args(argv)
     only = set(args.only or SECTIONS)
@@ -585,37 +739,46 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(sizes.dtype),
         "tokens": sizes.tokens,
         "d": sizes.d,
+        "deadline": args.deadline,
     }
     print(
         f"{header['device']}, torch {torch.__version__}, triton {triton.__version__}, {sizes.dtype}, "
         f"{sizes.tokens} tokens, d={sizes.d}; fwd rows run under no_grad"
     )
+    report = Report(args.json, header, args.deadline)
     fp32 = replace(sizes, moe=sizes.moe[:1], dtype=torch.float32)
-    fp32_impls = {"triton": triton_kernel.moe, "torch": torch_kernel.moe}
     sections = {
-        "dense": partial(dense_rows, sizes, device),
-        "moe": partial(moe_rows, sizes, device, moe_impls),
-        "mot": partial(mot_rows, sizes, device, mot_impls),
-        "decode": partial(decode_rows, sizes, device, moe_impls),
-        "routing": partial(routing_rows, sizes, device),
-        "launch": partial(launch_rows, sizes, device),
-        # fp32 at "highest": three-product TF32 dots against cuBLAS's fp32 (not in the smoke run)
-        "fp32": partial(moe_rows, fp32, device, fp32_impls, "fp32 ") if not args.smoke else list,
+        "moe": partial(moe_rows, report, sizes, device, moe_impls),
+        "mot": partial(mot_rows, report, sizes, device, mot_impls),
+        "decode": partial(decode_rows, report, sizes, device, moe_impls),
+        "dense": partial(dense_rows, report, sizes, device),
+        "launch": partial(launch_rows, report, sizes, device),
+        "profile": partial(profile_steps, report, sizes, device, moe_impls, mot_impls),
+        "routing": partial(routing_rows, report, sizes, device),
+        "fp32": partial(
+            fp32_rows, report, fp32, device, {"triton": triton_kernel.moe, "torch": torch_kernel.moe}
+        ),
     }
-    rows = [row for name in SECTIONS if name in only for row in sections[name]()]
+    if args.smoke:
+        del sections["fp32"]  # at "highest" on a GPU only
+    needs = NEEDS["smoke" if args.smoke else "full"]
+    for name in SECTIONS:
+        if name in only and name in sections:
+            report.run(name, sections[name], needs[name])
     print()
-    print_table(rows)
-    print_profiles(PROFILES)
+    print_table(report.rows)
     from mixcompile_plugins.triton import grouped
 
-    tuned = tuned_configs(grouped)
-    print_tuned(tuned)
-    if args.json:
-        write_json(args.json, header, rows, tuned)
+    print_tuned(tuned_configs(grouped))
+    report.write(finished=True)
+    if report.skipped:
+        print(f"skipped for the deadline: {', '.join(report.skipped)} (rerun them with --only)")
     failed = [c for c in CHECKS if not c.ok]
     for c in failed:
         print(f"FAILED: {c.workload}: {c.tensor}: relative error {c.rel_err:.2e} (allowed {c.tol:.0e})")
-    return 1 if failed else 0
+    for name in report.failed:
+        print(f"FAILED: section {name} raised (its traceback above)")
+    return 1 if failed or report.failed else 0
 
 
 if __name__ == "__main__":
