@@ -92,9 +92,9 @@ class ExpertChoiceRouter(LearnedRouter):
         probs = torch.softmax(logits, dim=-1)
         n = x.shape[0]
         capacity = min(n, self.capacity(n) or n)
-        # Each expert's best tokens, equal probabilities in token order (torch.topk leaves ties unordered).
-        weights, tokens = torch.sort(probs.t(), dim=-1, descending=True, stable=True)
-        weights, tokens = weights[:, :capacity], tokens[:, :capacity]  # [E, C]
+        # torch.topk: which of equal probabilities an expert takes is torch's choice (a stable sort of all
+        # N tokens, to take them in token order, cost 1.3x to 3.2x on an H100 at 16K-64K tokens).
+        weights, tokens = torch.topk(probs.t(), capacity, dim=-1)  # [E, C]
         experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(capacity)
         losses = self.losses(logits, probs, experts)
         return RoutingPlan(

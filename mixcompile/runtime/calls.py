@@ -56,6 +56,8 @@ class ForwardScope:
             block.called_in_forward = False
 
     def done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """After the forward, or an exception in it (an interrupt skips it: the next forward starts afresh,
+        but calls of a block on its own add up until then)."""
         for block in self.blocks:
             block.called_in_forward = None
 
@@ -65,11 +67,12 @@ def install_forward_scope(model: nn.Module) -> None:
     previous conversion installed (which knew fewer blocks)."""
     from mixcompile.runtime.blocks.base import Block
 
-    for key in [k for k, hook in model._forward_pre_hooks.items() if isinstance(hook, ForwardScope)]:
-        del model._forward_pre_hooks[key]
-    for key in [k for k, hook in model._forward_hooks.items() if _is_scope_hook(hook)]:
-        del model._forward_hooks[key]
-        model._forward_hooks_always_called.pop(key, None)
+    for module in model.modules():  # a scope inside would reopen the blocks in the middle of this forward
+        for key in [k for k, hook in module._forward_pre_hooks.items() if isinstance(hook, ForwardScope)]:
+            del module._forward_pre_hooks[key]
+        for key in [k for k, hook in module._forward_hooks.items() if _is_scope_hook(hook)]:
+            del module._forward_hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
     blocks = list(dict.fromkeys(m for m in model.modules() if isinstance(m, Block)))
     if blocks:
         scope = ForwardScope(blocks)
@@ -79,7 +82,8 @@ def install_forward_scope(model: nn.Module) -> None:
 
 def replace_in_forward_scopes(model: nn.Module, old: nn.Module, new: Block) -> None:
     """``new`` takes ``old``'s place in the scopes of ``model`` and its submodules (a block swapped in
-    place, as :func:`mixcompile.to_token_choice` does)."""
+    place, as :func:`mixcompile.to_token_choice` does). A scope above ``model`` is not found: blocks do not
+    point back at it, so that a deep copy of one block does not copy every block of its model."""
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, ForwardScope):

@@ -46,6 +46,10 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
     MoT weights (which sum to ``E / G`` on average), started further from the MoT loss. The result no
     longer mixes sequences, so its output for a sequence does not depend on the batch.
 
+    Call it on the converted model itself (what ``convert`` returned): its forward's scope then lists the
+    new blocks, so a block the forward calls several times adds up its router losses (see
+    :mod:`mixcompile.runtime.calls`).
+
     ``mixcompile.save`` and ``save_pretrained`` of the result record the switch (each new block's
     ``token_choice`` setting), and loading replays it after the recipes, before the weights are read.
     """

@@ -146,3 +146,26 @@ def test_compiled_the_scope_does_not_recompile():
         compiled(torch.randn(2, 5, 8))
     assert counter.frame_count == 1
     assert mc.stats(model)["ffn"]["tokens"] == CALLS * 10
+
+
+class Outer(nn.Module):
+    """A converted submodule called twice by a model converted after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Looped()
+        self.head = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner(self.inner(x)))
+
+
+def test_a_submodule_converted_first_does_not_reopen_the_scope_inside_the_models_forward():
+    torch.manual_seed(0)
+    options = {"strategy": "moe", "num_experts": 4, "top_k": 2, "init": "random"}
+    model = Outer()
+    mc.convert(model.inner, inplace=True, **options)
+    model = mc.convert(model, **options).train()
+    assert not model.inner._forward_pre_hooks  # the model's scope covers the submodule's blocks
+    model(torch.randn(2, 5, 8))
+    assert mc.stats(model)["inner.ffn"]["tokens"] == 2 * CALLS * 10

@@ -362,13 +362,6 @@ def test_a_top1_router_whose_weight_is_always_one_says_so(order):
         assert grad.abs().max() > 1e-3
 
 
-def test_expert_choice_breaks_ties_by_token_index():
-    """A zero router scores every token alike: each expert takes the first tokens, on any device."""
-    block = mc.MoEBlock(4, 8, 4, top_k=2, router="expert_choice", router_options={"init_std": 0})
-    plan = block.router(torch.randn(6, 4), get_kernel("torch"))
-    assert plan.token_index.tolist() == [0, 1, 2] * 4  # capacity ceil(1.0 * 6 * 2 / 4) = 3 each
-
-
 @pytest.mark.parametrize("shape", [(4,), (3, 5), (2, 3, 5)])
 def test_bad_input_shape_names_the_block(shape):
     block = mc.MoEBlock(4, 8, 2, top_k=1)
