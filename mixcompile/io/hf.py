@@ -12,11 +12,11 @@ architecture and fill its FFNs with random weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
 import shutil
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,10 +85,11 @@ def install_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write a converted model's directory (see the module docstring).
 
     Set on the instance: the class stays the user's, and transformers' own saving (shards, tied weights,
-    ``push_to_hub``) does the rest.
+    ``push_to_hub``) does the rest. A ``partial``, not a bound method: a bound method pickles as the
+    attribute of its name, which the model's class does not have, so the model would not unpickle.
     """
     if is_transformers_model(model):
-        object.__setattr__(model, "save_pretrained", types.MethodType(_save_pretrained, model))
+        object.__setattr__(model, "save_pretrained", functools.partial(_save_pretrained, model))
 
 
 def _save_pretrained(

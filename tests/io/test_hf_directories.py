@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,16 @@ def test_a_converted_model_loads_from_a_hub_cache_snapshot(converted, tmp_path) 
     (snapshot / "mixcompile.json").symlink_to(tmp_path / "saved" / "mixcompile.json")  # not the cache's blobs
     with pytest.raises(mc.LoadError, match="symlink leading outside"):
         mc.load(snapshot)
+
+
+def test_a_converted_model_pickles_and_its_copy_still_saves_pretrained(converted, tmp_path) -> None:
+    """Its save_pretrained is set on the instance; a bound method there pickled as an attribute of that name,
+    which the class lacks, so the model did not unpickle (torch.save of a whole model, multiprocessing)."""
+    _, model = converted
+    twin = pickle.loads(pickle.dumps(model))
+    twin.save_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded(ids()).logits, model(ids()).logits)
 
 
 # ---- AutoModel.from_pretrained keywords -----------------------------------------------------------------
