@@ -1,11 +1,13 @@
 """What the per-call checks of plugin outputs cost, next to the block forward they guard.
 
 Blocks check every router plan and kernel output on every call (structure always; routing index ranges in
-eager forwards, one read back to the host), and NaN / duplicate pairs under ``mc.debug_checks()``. This
-times the checks themselves on the plans and outputs of a real forward, and the forward, in the same run.
-On a GPU the range check's read back also waits for the work queued before it, so the host cannot run
-ahead of the GPU past a MoE block: the "queued" columns time forwards issued back to back (one
-synchronisation at the end) with the read back and without it, which is what that wait costs.
+eager forwards, one read back to the host, unless the plan lists the kernel's own top-k picks as they came
+out), and NaN / duplicate pairs under ``mc.debug_checks()``. This times the checks themselves on the plans
+and outputs of a real forward (the range check included), and the forward, in the same run. On a GPU the
+range check's read back also waits for the work queued before it, so the host cannot run ahead of the GPU
+past a MoE block: the "queued" columns time forwards issued back to back (one synchronisation at the end)
+with the read back and without it. On an H100 (2026-11-28) that wait was 24-38% of the queued forwards'
+time; since then the blocks here (the built-in ``topk`` router) skip it, so the two columns should agree.
 
     python benchmarks/bench_checks.py                   # CPU sizes (or --device cuda)
     python benchmarks/bench_checks.py --smoke           # tiny sizes, a few seconds
