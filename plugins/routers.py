@@ -36,16 +36,17 @@ class TopKRouter(LearnedRouter):
             raise ConfigError("renormalize=False only applies to order='softmax_topk'.")
         self.order = order
         self.renormalize = renormalize
-        if top_k == 1 and renormalize:
-            warnings.warn(
-                f"a top-k router with top_k=1 (order={order!r}, renormalised) gives every token weight 1: "
-                "the task loss sends its gate no gradient, only the balancing and z losses train it. For a "
-                "gate the loss trains, use router='switch' or renormalize=False (weights p, so an upcycled "
-                "FFN is no longer reproduced exactly at the start).",
-                stacklevel=2,
-            )
 
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
+        if self.training and self.top_k == 1 and self.renormalize and not torch.compiler.is_compiling():
+            # Said when it matters, in training (not when a saved model is loaded for inference).
+            warnings.warn(
+                f"a top-k router with top_k=1 (order={self.order!r}, renormalised) gives every token weight "
+                "1: the task loss sends its gate no gradient, only the balancing and z losses train it. For "
+                "a gate the loss trains, use router='switch' or renormalize=False (weights p, so an "
+                "upcycled FFN is no longer reproduced exactly at the start).",
+                stacklevel=2,
+            )
         logits = self.logits(x)
         if self.order == "softmax_topk":
             probs, chosen, weights = kernel.topk_routing(
