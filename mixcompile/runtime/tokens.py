@@ -13,6 +13,12 @@ a block takes its last columns). A Hugging Face encoder-decoder model (a forward
 wins, so a decoder's own mask overrides the encoder's. Hand-written models use :func:`token_mask` around
 their forward instead.
 
+A hook of the compiled module itself (``torch.compile(model)``) runs outside the compiled frame, in a
+frame of its own; a hook below it runs inside. So a hook only records what its forward was given
+(:class:`TokenContext`), and the blocks compute from it: an operation in the hook would compile a graph of
+its own, and a batch size recorded as a number would be a constant the compiled forward guards on (a
+recompilation for every new batch size), where a tensor's size is symbolic.
+
 Activation checkpointing runs a layer's forward a second time, during backward, when the hooked forward
 has long returned: the blocks then take the context of the forward whose outputs backward has reached
 (:func:`_restore_in_backward`).
@@ -24,7 +30,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -32,11 +38,6 @@ from torch.autograd import Variable
 
 if TYPE_CHECKING:
     from mixcompile.runtime.blocks.mot import MoTBlock
-
-# A block's context stack holds (mask [B, T'] bool or None, batch size, whether the forward was given a
-# key/value cache) entries; the last one applies. With a cache the mask may be longer than the tokens a
-# block sees (T' >= T: the cached positions come first); without one it covers the block's tokens exactly.
-TokenContext = tuple[torch.Tensor | None, int, bool]
 
 # The arguments in which a hooked forward takes a key/value cache (or XLNet's / Transformer-XL's memory,
 # Reformer's buckets): transformers 5 calls it `cache`, earlier versions `past_key_values` and the like.
@@ -146,6 +147,32 @@ def tokens_of_prepared_mask(mask: torch.Tensor) -> torch.Tensor:
     return allowed.gather(2, positions.expand(batch, queries)[..., None]).squeeze(-1)
 
 
+class TokenContext(NamedTuple):
+    """What a hooked forward (or :func:`token_mask`) was given, as it was given: the mask, the tensor that
+    gives the batch size, and whether a key/value cache was given. With a cache the mask may be longer than
+    the ``T`` tokens a block sees (``T' >= T``: the cached positions come first); without one it covers the
+    block's tokens exactly."""
+
+    mask: torch.Tensor | None  # [B, T'], or a prepared [B or 1, heads or 1, T, keys] mask; None: no mask
+    inverted: bool  # the [B, T'] mask marks padding (PyTorch's key_padding_mask), not tokens
+    sized: torch.Tensor  # its axis `axis` has the batch size
+    axis: int
+    cached: bool
+
+    @property
+    def batch(self) -> int:
+        return self.sized.shape[self.axis]
+
+    def tokens(self) -> torch.Tensor | None:
+        """``[B, T']`` bool, which positions are tokens (not padding); None without a mask."""
+        if self.mask is None:
+            return None
+        if self.mask.dim() == 4:
+            tokens = tokens_of_prepared_mask(self.mask)
+            return tokens.expand(self.batch, -1) if tokens.shape[0] == 1 else tokens  # broadcast over B
+        return ~self.mask.bool() if self.inverted else self.mask.bool()
+
+
 class TokenContextHook:
     """A forward pre-hook (and its matching post-hook) that gives each part's ``blocks`` the module's mask,
     batch size and whether a cache was given, for the duration of its forward. A class, not a closure, so a
@@ -176,41 +203,37 @@ class TokenContextHook:
 
     def _context(self, spec: _Spec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenContext | None:
         """The context ``spec`` reads from this call; None where nothing says how many sequences."""
-        batch = None
         for name, axis in spec.batch_args:
-            value = self._argument(name, args, kwargs)
-            if isinstance(value, torch.Tensor) and value.dim() > axis:
-                batch = value.shape[axis]
+            sized = self._argument(name, args, kwargs)
+            if isinstance(sized, torch.Tensor) and sized.dim() > axis:
                 break
-        if batch is None:
+        else:
             return None
         mask = self._argument(spec.mask, args, kwargs)
         if isinstance(mask, dict):  # transformers' masks per attention type (full, sliding): any will do
             mask = next((m for m in mask.values() if isinstance(m, torch.Tensor)), None)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            mask = ~mask.bool() if spec.inverted else mask.bool()
-        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask = tokens_of_prepared_mask(mask)
-            mask = mask.expand(batch, -1) if mask.shape[0] == 1 else mask  # broadcast over the batch
-        else:  # no mask
+        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
             mask = None
         cached = any(self._argument(name, args, kwargs) is not None for name in spec.cache_args)
-        return (mask, batch, cached)
+        return TokenContext(mask, spec.inverted, sized, axis, cached)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for spec, blocks in self.parts:
             context = self._context(spec, args, kwargs)
             for block in blocks:
-                # nothing says how many sequences: the block keeps what an outer module said
-                kept = block.token_context[-1] if block.token_context else (None, 0, False)
-                block.token_context.append(kept if context is None else context)
+                if context is None and block.token_context:
+                    # nothing says how many sequences: the block keeps what an outer module said (read only
+                    # then: a compiled forward guards on what it reads)
+                    block.token_context.append(block.token_context[-1])
+                else:
+                    block.token_context.append(context)
 
     def done(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         contexts = [(block, block.token_context.pop()) for block in self.blocks]
         _restore_in_backward(contexts, output)
 
 
-def _restore_in_backward(contexts: list[tuple[MoTBlock, TokenContext]], output: Any) -> None:
+def _restore_in_backward(contexts: list[tuple[MoTBlock, TokenContext | None]], output: Any) -> None:
     """When backward reaches this forward's outputs, give each block its context again until the backward
     ends, for the layers activation checkpointing recomputes there (without it, padding would join the
     groups and flattened tokens would have no batch size). Backward runs a later forward's part of the graph
@@ -295,11 +318,14 @@ def token_mask(model: nn.Module, mask: torch.Tensor | None, *, batch: int | None
 
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         raise TypeError(f"mask must be a [batch, seq] tensor, got {getattr(mask, 'shape', type(mask))}.")
-    size = mask.shape[0] if mask is not None else batch
-    if size is None:
+    if mask is not None:
+        sized = mask
+    elif batch is not None:
+        sized = torch.empty(int(batch), 0)  # a tensor, so that a compiled forward reads a symbolic size
+    else:
         raise TypeError("token_mask needs a mask or a batch size.")
     # A given mask is trusted like one given with a cache: a longer mask's last columns are used.
-    context: TokenContext = (mask.bool() if mask is not None else None, int(size), True)
+    context = TokenContext(mask, False, sized, 0, True)
     blocks = [m for m in model.modules() if isinstance(m, MoTBlock)]
     for block in blocks:
         block.token_context.append(context)

@@ -84,8 +84,9 @@ class MoTBlock(Block):
         if not batch_first and layout != "seq_first":
             raise ConfigError(f"batch_first=False contradicts layout={layout!r}; give one of them.")
         self.layout = layout
-        # (mask [B, T] or None, batch size) entries pushed by the model's token hooks; the last one applies.
-        self.token_context: list[TokenContext] = []
+        # What the forwards of the model's hooked modules were given (None: nothing said how many sequences);
+        # the innermost, last one applies.
+        self.token_context: list[TokenContext | None] = []
         # The context of the forward a backward is in, for a recomputation there (activation checkpointing).
         self.recompute_context: TokenContext | None = None
         self._forward_had_context = False  # a mask or batch size reached the last forward outside backward
@@ -176,19 +177,27 @@ class MoTBlock(Block):
     def _check_recomputation(self, context: TokenContext | None) -> None:
         """A forward inside backward is activation checkpointing recomputing it: without the padding mask
         or batch size its first run had, it would mix differently (wrong gradients), so refuse. Context comes
-        back when backward reaches the outputs of the hooked forward or of ``token_mask``'s model."""
+        back when backward reaches the outputs of the hooked forward or of ``token_mask``'s model, where that
+        forward ran eagerly. Compiled, a checkpoint torch.compile traced is recomputed inside the compiled
+        backward; one it could not trace (a block keeps statistics: a side effect) is recomputed eagerly,
+        and the compiled hooks left nothing to give back."""
         if torch.compiler.is_compiling():
             return
         if torch._C._current_graph_task_id() == -1:
             self._forward_had_context = context is not None and (
-                context[0] is not None or self.layout == "flat"
+                context.mask is not None or self.layout == "flat"
             )
         elif context is None and self._forward_had_context:
             raise ShapeError(
                 f"{self._name()} is recomputed in backward (activation checkpointing) without the padding "
-                "mask or batch size its forward had: backward reached it through no output of the module "
-                "that gave them (the converted model's forward, or the model inside mixcompile.token_mask). "
-                "Compute the loss from that module's outputs."
+                "mask or batch size its forward had. Either backward reached it through no output of the "
+                "module that gave them (the converted model's forward, or the model inside "
+                "mixcompile.token_mask): compute the loss from that module's outputs. Or that module ran "
+                "under torch.compile, which could not trace the checkpoint (its forward has side effects, "
+                "such as the statistics a MoT block keeps) and left the recomputation to eager autograd: "
+                "set `torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True` before "
+                "the first compiled call, so that the compiled backward recomputes it (without replaying "
+                "the side effects)."
             )
 
     def _batch_major(self, x: torch.Tensor, context: TokenContext | None) -> torch.Tensor:
@@ -197,7 +206,7 @@ class MoTBlock(Block):
             return x
         if self.layout == "seq_first":
             return x.transpose(0, 1)
-        batch = context[1] if context is not None else 0
+        batch = context.batch if context is not None else 0
         if batch <= 0 or x.shape[0] % batch:
             said = f"the model's forward gave batch size {batch}" if batch else "no batch size was recorded"
             raise ShapeError(
@@ -217,10 +226,10 @@ class MoTBlock(Block):
         from :func:`mixcompile.token_mask`; otherwise the block's tokens are not the mask's (a model that
         pools the sequence, as Funnel does), which is fine only when nothing is padded."""
         members = torch.arange(rows, device=device) < batch
-        mask = context[0] if context is not None else None
-        if mask is None:
+        mask = context.tokens() if context is not None else None
+        if context is None or mask is None:
             return members[:, None]
-        cached = context[2] if context is not None else False
+        cached = context.cached
         if mask.shape[0] != batch:
             raise ShapeError(
                 f"{self._name()} got {batch} sequences, but its padding mask (the attention mask of the "
