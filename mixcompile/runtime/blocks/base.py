@@ -104,20 +104,17 @@ class Block(nn.Module):
         """
         return {key: _to_host(value) for key, value in self._stats.items()}
 
-    def _keep_call(self, stats: dict[str, Any], aux_loss: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Keep this call's statistics, and return the router losses to keep: added to the earlier calls'
-        when the model's current forward called the block before (see :mod:`mixcompile.runtime.calls`),
-        else this call's alone."""
+    def _keep_stats(self, stats: dict[str, Any]) -> bool:
+        """Keep this call's statistics: added to the earlier calls' when the model's current forward called
+        the block before (see :mod:`mixcompile.runtime.calls`), else in their place. Returns whether they
+        were added, so that a subclass adds up what else it keeps per call (a MoE block's router losses)."""
         called = getattr(self, "called_in_forward", None)  # absent on a block pickled before it existed
         if called:
             stats = combine_stats(self._stats, stats)
-            earlier = getattr(self, "last_aux_loss", None)
-            if earlier is not None:
-                aux_loss = earlier if aux_loss is None else earlier + aux_loss
         if called is not None:
             self.called_in_forward = True
         self._stats = stats
-        return aux_loss
+        return bool(called)
 
     def kernel_for(self, device: torch.device | str, dtype: torch.dtype, *, training: bool = False) -> str:
         """The name of the kernel this block runs with on ``device``/``dtype`` (resolves ``auto``)."""

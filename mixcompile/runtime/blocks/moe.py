@@ -128,7 +128,10 @@ class MoEBlock(Block):
             shared_in = flat.unsqueeze(0).expand(self.shared_experts.num_experts, -1, -1)
             y = y + self.shared_experts.batched_forward(shared_in).sum(0)
         loss = sum(plan.aux_losses.values()) if plan.aux_losses else None
-        self.last_aux_loss = self._keep_call(_routing_stats(plan, choice.name), loss)
+        earlier = self.last_aux_loss
+        if self._keep_stats(_routing_stats(plan, choice.name)) and earlier is not None:
+            loss = earlier if loss is None else earlier + loss  # the forward called the block before
+        self.last_aux_loss = loss
         return y.reshape(x.shape)  # in flat's dtype
 
     def load_dense(

@@ -169,7 +169,7 @@ class MoTBlock(Block):
         y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)
         if missing:  # a slice is never free in training: its backward zero-fills a gradient of the whole
             y = y[:batch]
-        self._keep_call(_mixing_stats(plan, groups, missing, choice.name, sparse))
+        self._keep_stats(_mixing_stats(plan, groups, missing, choice.name, sparse))
         if self.layout == "flat":
             return y.reshape(x.shape)
         return y if self.layout == "batch_first" else y.transpose(0, 1)
