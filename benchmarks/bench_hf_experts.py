@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from bench_graphs import replayed
 from bench_profile import print_profiles, print_tuned, profiled, tuned_configs
 
 
@@ -73,6 +75,8 @@ class Row:
     fwd_peak_gib: float | None
     fwd_bwd_peak_gib: float | None
     error: str | None = None
+    fwd_graph_ms: float | None = None  # replayed from a CUDA graph: the GPU's time alone (decode sizes)
+    fwd_bwd_graph_ms: float | None = None
 
 
 def build_experts(shape: Shape, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -114,8 +118,9 @@ def routing(tokens: int, shape: Shape, device: torch.device) -> tuple[torch.Tens
     return index.to(device), (weights / weights.sum(-1, keepdim=True)).to(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
-    """Median milliseconds and peak memory (GiB) above what was allocated before; once on the CPU."""
+def measure(fn: Callable[[], object], device: torch.device, rep: int = 50) -> tuple[float, float | None]:
+    """Median milliseconds over ``rep`` ms of calls and peak memory (GiB) above what was allocated before;
+    once on the CPU."""
     if device.type != "cuda":
         start = time.perf_counter()
         fn()
@@ -129,7 +134,15 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"), peak
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"), peak
+
+
+# Below this many tokens a call is mostly the host's time, which drifts by up to 0.5 ms over a run on the
+# GPU machine (2026-11-27/28): there the implementations are timed in turn, round after round, and each
+# figure is the median of its rounds, so a drift cannot favour the one timed first.
+DECODE_TOKENS = 1024
+DECODE_ROUNDS = 5
+GRAPHED = ("mixcompile", "grouped_mm")  # decode sizes, also replayed from a CUDA graph
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -149,7 +162,12 @@ class Runner:
         return "mixcompile_presplit" if name == "mixcompile (pre-split)" else name
 
     def forward(self, name: str, grad: bool) -> torch.Tensor:
+        """One call; with ``grad`` a training step (forward, backward) after ``zero_grad(set_to_none=True)``:
+        the expert weights' gradients are the backward's own tensors, not added into the last step's (an
+        elementwise pass over every expert's weights, 45-70% of a decode-sized step on an H100)."""
         self.module.config._experts_implementation = self.implementation(name)
+        if grad:
+            self.module.zero_grad(set_to_none=True)
         x = self.x.detach().requires_grad_(grad)
         w = self.weights.detach().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
@@ -296,26 +314,18 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
                 raise SystemExit(
                     f"bench_hf_experts: {bad} exceed {tolerance} at {shape.name}, {tokens} tokens"
                 )
-            for name in IMPLEMENTATIONS:
-                if name in skips:
-                    rows.append(Row(shape.name, tokens, name, None, None, None, None, skips[name]))
-                    continue
-                try:
-                    with torch.no_grad():
-                        fwd, fwd_peak = measure(lambda r=runner, n=name: r.forward(n, False), device)
-                    both, both_peak = measure(lambda r=runner, n=name: r.forward(n, True), device)
-                    rows.append(Row(shape.name, tokens, name, fwd, both, fwd_peak, both_peak))
-                except Exception as exc:  # noqa: BLE001 - an implementation that fails is a row saying why
-                    rows.append(
-                        Row(shape.name, tokens, name, None, None, None, None, f"{type(exc).__name__}: {exc}")
-                    )
-                    continue
-                if name in PROFILED:
+            rows.extend(timed_rows(runner, shape, tokens, skips, device))
+            for name in PROFILED:
+                if name not in skips and not _failed(rows, shape, tokens, name):
                     key = f"{shape.name}, {tokens} tokens, fwd+bwd, {name}"
                     profiled(result["profiles"], key, lambda r=runner, n=name: r.forward(n, True), device)
                 module.zero_grad(set_to_none=True)
             result["rows"] = [asdict(r) for r in rows]
             save(result)  # after every size: a run cut short keeps what it measured
+            if cuda and tokens < DECODE_TOKENS:  # last: a failed capture cannot cost the eager rows
+                graph_rows(runner, rows, shape, tokens)
+                result["rows"] = [asdict(r) for r in rows]
+                save(result)
         del module
         if cuda:
             torch.cuda.empty_cache()
@@ -324,12 +334,59 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
     return result
 
 
+def timed_rows(
+    runner: Runner, shape: Shape, tokens: int, skips: dict[str, str], device: torch.device
+) -> list[Row]:
+    """One row per implementation: forward and forward+backward times and peaks. At decode sizes on a GPU
+    the implementations take turns for ``DECODE_ROUNDS`` rounds (the median of each one's rounds)."""
+    rounds = DECODE_ROUNDS if device.type == "cuda" and tokens < DECODE_TOKENS else 1
+    rep = 50 // rounds
+    times: dict[str, tuple[list[float], list[float]]] = {}
+    rows = {n: Row(shape.name, tokens, n, None, None, None, None, skips.get(n)) for n in IMPLEMENTATIONS}
+    for _ in range(rounds):
+        for name, row in rows.items():
+            if row.error:
+                continue
+            try:
+                with torch.no_grad():
+                    fwd, row.fwd_peak_gib = measure(lambda n=name: runner.forward(n, False), device, rep)
+                both, row.fwd_bwd_peak_gib = measure(lambda n=name: runner.forward(n, True), device, rep)
+            except Exception as exc:  # noqa: BLE001 - an implementation that fails is a row saying why
+                row.error = f"{type(exc).__name__}: {exc}"
+                continue
+            finally:
+                runner.module.zero_grad(set_to_none=True)
+            times.setdefault(name, ([], []))[0].append(fwd)
+            times[name][1].append(both)
+    for name, (fwd_ms, both_ms) in times.items():
+        if not rows[name].error:
+            rows[name].fwd_ms, rows[name].fwd_bwd_ms = statistics.median(fwd_ms), statistics.median(both_ms)
+    return list(rows.values())
+
+
+def graph_rows(runner: Runner, rows: list[Row], shape: Shape, tokens: int) -> None:
+    """Fills the graph columns of ``GRAPHED``'s rows at this size: the GPU's time without the host's."""
+    for row in rows:
+        here = (row.shape, row.tokens) == (shape.name, tokens)
+        if here and row.implementation in GRAPHED and not row.error:
+            row.fwd_graph_ms = replayed(lambda n=row.implementation: runner.forward(n, False))
+            row.fwd_bwd_graph_ms = replayed(lambda n=row.implementation: runner.forward(n, True))
+            runner.module.zero_grad(set_to_none=True)
+
+
+def _failed(rows: list[Row], shape: Shape, tokens: int, name: str) -> bool:
+    return any(r.error for r in rows if (r.shape, r.tokens, r.implementation) == (shape.name, tokens, name))
+
+
 def print_table(result: dict[str, Any]) -> None:
     rows = result["rows"]
     base = {(r["shape"], r["tokens"]): r for r in rows if r["implementation"] == BASELINE}
     versions = f"torch {result['torch']}, transformers {result['transformers']}"
     print(f"\n{result['device']}, {versions}, {result['dtype']}")
+    graphs = any(r.get("fwd_graph_ms") for r in rows)
     header = f"{'implementation':<24} {'fwd ms':>9} {'x':>6} {'fwd+bwd ms':>11} {'x':>6}"
+    if graphs:
+        header += f" {'graph fwd':>10} {'x':>6} {'graph f+b':>10} {'x':>6}"
     print(f"{'shape':<15} {'tokens':>6} {header}")
     for r in rows:
         if r["error"]:
@@ -337,13 +394,17 @@ def print_table(result: dict[str, Any]) -> None:
             continue
         b = base.get((r["shape"], r["tokens"]))
 
-        def ratio(key: str, r: dict = r, b: dict | None = b) -> str:
-            return f"{b[key] / r[key]:.2f}" if b and b[key] and r[key] else "-"
+        def cell(key: str, width: int, r: dict = r, b: dict | None = b) -> str:
+            ratio = f"{b[key] / r[key]:.2f}" if b and b.get(key) and r.get(key) else "-"
+            return f"{r[key]:>{width}.3f} {ratio:>6}" if r.get(key) else f"{'-':>{width}} {'-':>6}"
 
-        where = f"{r['shape']:<15} {r['tokens']:>6} {r['implementation']:<24}"
-        fwd = f"{r['fwd_ms']:>9.3f} {ratio('fwd_ms'):>6}"
-        print(f"{where} {fwd} {r['fwd_bwd_ms']:>11.3f} {ratio('fwd_bwd_ms'):>6}")
-    print(f"x = {BASELINE} time / this time (higher is faster than {BASELINE})")
+        line = f"{r['shape']:<15} {r['tokens']:>6} {r['implementation']:<24} "
+        line += f"{cell('fwd_ms', 9)} {cell('fwd_bwd_ms', 11)}"
+        if graphs:
+            line += f" {cell('fwd_graph_ms', 10)} {cell('fwd_bwd_graph_ms', 10)}"
+        print(line)
+    print(f"x = {BASELINE} time / this time (higher is faster than {BASELINE}); forward+backward after")
+    print("zero_grad(set_to_none=True); graph: replayed from a CUDA graph, the GPU's time without the host's")
     if not result["timings_meaningful"]:
         print("(smoke run: the timings mean nothing)")
 

@@ -15,8 +15,9 @@
 #      in the JSON, for a rerun with --only), and writes its JSON after every row, so a kill loses nothing.
 #   3. benchmarks/bench_hf_experts.py (when transformers is installed): Mixtral-8x7B and Qwen3-30B-A3B experts
 #      modules through experts_implementation="mixcompile" against transformers' grouped_mm and batched_mm,
-#      checked against grouped_mm first, then each size's forward+backward profiled kernel by kernel (168 s
-#      on an H100), in the time left of the 8 minutes.
+#      checked against grouped_mm first (decode sizes timed in turn over five rounds, and replayed from a CUDA
+#      graph), then each size's forward+backward profiled kernel by kernel (168 s on an H100 before the rounds
+#      and graphs, which add about 10 s), in the time left of the 8 minutes.
 #   4. benchmarks/bench_checks.py, if 40 seconds are left: what the blocks' per-call checks cost, and forwards
 #      queued back to back with and without the range check's read back to the host (which waits for the GPU).
 # Exits non-zero if a test or a correctness check fails, or a stage runs out of its time.

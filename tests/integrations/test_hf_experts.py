@@ -1010,6 +1010,52 @@ def test_benchmark_only_runs_the_shapes_and_sizes_named(tmp_path: Path) -> None:
         assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
+def test_benchmark_times_decode_sizes_in_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At decode sizes on a GPU the implementations are timed in turn, round after round, and each row is the
+    median of its rounds (the host's time drifts over a run; timed one after the other, a drift favoured
+    whichever came first); a failing implementation is a row with its error, not timed again; a skipped one
+    is never run. Training-sized rows are timed once. (Measurements stubbed: no GPU needed.)"""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("bench_hf_experts")
+    calls: list[tuple[str, bool]] = []
+    clock = iter(range(1, 1000))
+
+    class FakeRunner:
+        module = nn.Linear(2, 2)
+
+        def forward(self, name: str, grad: bool) -> None:
+            calls.append((name, grad))
+            if name == "batched_mm":
+                raise RuntimeError("out of memory")
+
+    def measure(fn: Any, device: torch.device, rep: int = 50) -> tuple[float, float]:
+        fn()
+        return float(next(clock)), 0.5
+
+    monkeypatch.setattr(bench, "measure", measure)
+    shape = bench.FULL_SHAPES[1]
+    skips = {"mixcompile (pre-split)": "skipped: not this time"}
+    rows = bench.timed_rows(FakeRunner(), shape, 8, skips, torch.device("cuda"))
+    timed = ["mixcompile", "grouped_mm"]
+    one_round = [("mixcompile", False), ("mixcompile", True), ("grouped_mm", False), ("grouped_mm", True)]
+    assert calls == one_round + [("batched_mm", False)] + one_round * (bench.DECODE_ROUNDS - 1)
+    by_name = {r.implementation: r for r in rows}
+    assert [r.implementation for r in rows] == list(bench.IMPLEMENTATIONS)
+    failed = by_name["batched_mm"]
+    assert failed.error == "RuntimeError: out of memory" and failed.fwd_ms is None
+    assert by_name["mixcompile (pre-split)"].error == skips["mixcompile (pre-split)"]
+    # the clock ticks once per measurement: round i gives mixcompile 4i+1 / 4i+2 and grouped_mm 4i+3 / 4i+4
+    middle = (bench.DECODE_ROUNDS - 1) // 2 * 4
+    assert [(by_name[n].fwd_ms, by_name[n].fwd_bwd_ms) for n in timed] == [
+        (middle + 1, middle + 2),
+        (middle + 3, middle + 4),
+    ]
+    calls.clear()
+    rows = bench.timed_rows(FakeRunner(), shape, 16384, skips, torch.device("cuda"))
+    assert calls == [("mixcompile", False), ("mixcompile", True), ("grouped_mm", False), ("grouped_mm", True),
+                     ("batched_mm", False)]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ table
 
 
