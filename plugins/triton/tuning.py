@@ -136,10 +136,10 @@ class Autotuner(triton.runtime.Autotuner):  # type: ignore[misc]  # Triton ships
     def _launch_key(self, args: tuple, kwargs: dict) -> tuple:
         """What decides Triton's key (the key arguments' values, every argument's dtype), cheaply: the
         fast path's look-up key."""
-        n = len(args)
-        values = tuple(args[i] if i < n else kwargs.get(name) for name, i in self._key_at)
-        dtypes = tuple(getattr(a, "dtype", None) for a in args)
-        return values, dtypes, tuple(getattr(v, "dtype", None) for v in kwargs.values())
+        n = len(args)  # list comprehensions: about half the time of generators at these lengths
+        values = tuple([args[i] if i < n else kwargs.get(name) for name, i in self._key_at])
+        dtypes = tuple([getattr(a, "dtype", None) for a in args])
+        return values, dtypes, tuple([getattr(v, "dtype", None) for v in kwargs.values()])
 
     def run(self, *args, **kwargs):
         launch_key = self._launch_key(args, kwargs)
