@@ -206,14 +206,23 @@ def _copy(model: ModelT) -> ModelT:
 def _warn_if_not_causal(model: nn.Module, recipe: Recipe) -> None:
     """Expert choice routes a position by the tokens after it: fine for an encoder, not for a model that
     generates (a decoded token then goes to every expert with room: a function training never computed)."""
-    can_generate = getattr(model, "can_generate", None)
-    if recipe.router == "expert_choice" and callable(can_generate) and can_generate():
+    if recipe.router == "expert_choice" and _generates(model):
         warnings.warn(
             f"router 'expert_choice' is not causal: in {type(model).__name__}, which generates, a position's "
             "routing depends on the positions after it, and generate() computes what training never saw. "
             "Use a token-choice router (topk, switch, hash) for decoders.",
             stacklevel=3,
         )
+
+
+def _generates(model: nn.Module) -> bool:
+    """Whether ``model`` decodes token by token: transformers says so with ``can_generate()`` (its models
+    without a head have none that works), any other model by having a ``generate`` method (the tiny GPT
+    mixcompile builds, a user's own decoder)."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate):
+        return bool(can_generate())
+    return callable(getattr(model, "generate", None))
 
 
 class _Probe:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from zoo import ZOO, build
 
+from mixcompile import build_tiny_gpt
 from mixcompile.compiler import Recipe, convert, convert_with_report, inspect, recipes_of
 from mixcompile.errors import ConfigError
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
@@ -202,6 +204,13 @@ def test_expert_choice_on_a_model_that_generates_is_warned_about() -> None:
     """Expert choice is not causal: on a decoder, generate() would compute what training never saw."""
     with pytest.warns(UserWarning, match=r"router 'expert_choice' is not causal: in LlamaForCausalLM"):
         convert(build("llama"), strategy="moe", num_experts=4, top_k=2, router="expert_choice")
+    # not only transformers' models: any with a generate method (mixcompile's own tiny GPT, say)
+    with pytest.warns(UserWarning, match=r"router 'expert_choice' is not causal: in TinyGPT"):
+        convert(build_tiny_gpt(), strategy="moe", num_experts=4, top_k=2, router="expert_choice")
+    encoder = build("bert")  # an encoder: nothing generates, so nothing to warn about
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is not causal")
+        convert(encoder, strategy="moe", num_experts=4, top_k=2, router="expert_choice")
 
 
 def test_expert_choice_flops_count_the_pairs_its_capacity_gives() -> None:
