@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -147,8 +148,9 @@ def poisoned() -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
-    """Median milliseconds and the peak memory (GiB) above what was allocated before the call.
+def measure(fn: Callable[[], object], device: torch.device, rep: int = 100) -> tuple[float, float | None]:
+    """Median milliseconds over ``rep`` ms of calls and the peak memory (GiB) above what was allocated before
+    the call.
 
     On CPU (the smoke run, in the interpreter) one call is timed and memory is not tracked.
     """
@@ -165,17 +167,41 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
     fn()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    ms = triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
     return ms, peak
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float | None, float | None]:
+def timed(
+    fn: Callable[[], object], device: torch.device, rep: int = 100
+) -> tuple[float | None, float | None]:
     """``measure``, or no figure where an implementation cannot run here (``_grouped_mm`` before Hopper)."""
     try:
-        return measure(fn, device)
+        return measure(fn, device, rep)
     except (RuntimeError, NotImplementedError) as exc:
         print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
         return None, None
+
+
+ROUNDS = 5  # host-bound rows: implementations timed in turn, this many rounds
+
+
+def timed_in_turn(
+    steps: dict[str, Callable[[], object]], device: torch.device
+) -> dict[str, tuple[float | None, float | None]]:
+    """``timed`` for each step, host-bound ones: on a GPU they take turns for ``ROUNDS`` rounds and each
+    figure is the median of its rounds, as the host's time drifts over a run (by up to 0.45 ms on the same
+    row 15 minutes apart, 2026-11-27); timed one after the other, a drift favoured whichever came first."""
+    rounds = ROUNDS if device.type == "cuda" else 1
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, float | None] = {}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if name in peaks and not times[name]:
+                continue  # could not run here: said once
+            ms, peaks[name] = timed(step, device, 100 // rounds)
+            if ms is not None:
+                times[name].append(ms)
+    return {name: (statistics.median(t) if t else None, peaks[name]) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------- MoE
@@ -325,8 +351,8 @@ def decode_rows(report: Report, sizes: Sizes, device: torch.device, impls: dict[
                 worst = check(name, [y], [y_ref], ["output without grad"], sizes.tol)
             print(f"check {name}: relative error (output) {worst:.1e}", flush=True)
             flops = 4.0 * tokens * top_k * sizes.d * hidden
-            for impl_name, impl in impls.items():
-                ms, peak = timed(partial(problem.run, impl, False, impl_name == "triton"), device)
+            steps = {n: partial(problem.run, impl, False, n == "triton") for n, impl in impls.items()}
+            for impl_name, (ms, peak) in timed_in_turn(steps, device).items():
                 report.row(Row(name, "fwd", impl_name, ms, flops, peak))
             for impl_name in ("triton", "torch._grouped_mm"):  # the decode target's pair, captured
                 if device.type == "cuda" and impl_name in impls:

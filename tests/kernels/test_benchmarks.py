@@ -101,3 +101,31 @@ def test_tuned_configs_name_the_tile_each_key_chose(monkeypatch, capsys) -> None
     assert by_n == {"64": "128x256x64 w8 s3", "4": "64x64x64 w4 s4"}
     bench_profile.print_tuned(chosen)
     assert "tuned _k: 128x256x64 w8 s3 x1, 64x64x64 w4 s4 x1" in capsys.readouterr().out
+
+
+def test_host_bound_rows_are_timed_in_turn(monkeypatch) -> None:
+    """Decode rows are host time, which drifts over a run: on a GPU the implementations take turns, round
+    after round, and each figure is the median of its rounds; one that cannot run here is said once and not
+    timed again. (Timings stubbed: no GPU needed.)"""
+    import torch
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_kernels
+
+    calls: list[str] = []
+    clock = iter(range(1, 1000))
+
+    def timed(fn, device, rep=100):
+        calls.append(fn())
+        return (None, None) if calls[-1] == "grouped_mm" else (float(next(clock)), 0.25)
+
+    monkeypatch.setattr(bench_kernels, "timed", timed)
+    steps = {name: (lambda name=name: name) for name in ("triton", "grouped_mm", "torch")}
+    got = bench_kernels.timed_in_turn(steps, torch.device("cuda"))
+    rounds = bench_kernels.ROUNDS
+    assert calls == ["triton", "grouped_mm", "torch"] + ["triton", "torch"] * (rounds - 1)
+    middle = (rounds - 1) // 2 * 2  # round i gives triton 2i+1 and torch 2i+2
+    assert got == {"triton": (middle + 1, 0.25), "grouped_mm": (None, None), "torch": (middle + 2, 0.25)}
+    calls.clear()
+    bench_kernels.timed_in_turn(steps, torch.device("cpu"))  # the smoke run: once each
+    assert calls == ["triton", "grouped_mm", "torch"]
