@@ -73,6 +73,15 @@ def check_positive_int(
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Validate an on/off option, naming it in the error: a string such as ``"false"`` or ``"no"`` (a
+    hand-written recipe, ``--router-option renormalize=False``) is truthy, so it would turn the option on."""
+    if isinstance(value, bool):
+        return value
+    hint = " In JSON true or false, unquoted; in Python True or False." if isinstance(value, str) else ""
+    raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).{hint}")
+
+
 def _sp(hint: str) -> str:
     return f" {hint}" if hint else ""
 

@@ -48,9 +48,11 @@ def upcycle(
     """
     dense = _need_dense("upcycle", dense)
     if experts.d_hidden != dense.d_hidden:
+        e, h = experts.num_experts, dense.d_hidden
+        fill = "init='split' or init='random'" if e * experts.d_hidden == h else "init='random'"
         raise ConfigError(
             f"upcycle copies the dense FFN, so the expert hidden size ({experts.d_hidden}) must equal "
-            f"the dense one ({dense.d_hidden}); use init='split' for hidden size h / num_experts."
+            f"the dense one ({h}); for experts of {experts.d_hidden}, use {fill}."
         )
     if isinstance(noise, bool) or not isinstance(noise, int | float) or not 0 <= noise < math.inf:
         raise ConfigError(f"noise must be a number >= 0, got {noise!r}.")

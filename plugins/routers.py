@@ -9,6 +9,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 
 from mixcompile import ConfigError, Kernel, LearnedRouter, RouterBase, RouterRegister, RoutingPlan, hookimpl
+from mixcompile.errors import check_bool, check_positive_int
 
 TopKOrder: TypeAlias = Literal["softmax_topk", "topk_softmax"]
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")
@@ -30,6 +31,7 @@ class TopKRouter(LearnedRouter):
         **options: Any,
     ) -> None:
         super().__init__(d_model, num_experts, top_k, **options)
+        check_bool("renormalize", renormalize)
         if order not in TOPK_ORDERS:
             raise ConfigError(f"order must be one of {TOPK_ORDERS}, got {order!r}.")
         if order == "topk_softmax" and not renormalize:
@@ -82,7 +84,7 @@ class ExpertChoiceRouter(LearnedRouter):
         options.setdefault("balance_loss_weight", 0.0)
         if options["capacity_factor"] is None:
             raise ConfigError("router 'expert_choice' needs a capacity_factor (it has no dropless mode).")
-        if options.get("bias_balancing"):
+        if options.get("bias_balancing") is True:  # a value not a bool is LearnedRouter's to refuse
             raise ConfigError(
                 "router 'expert_choice' is balanced by construction; bias_balancing does not apply."
             )
@@ -117,6 +119,8 @@ class HashRouter(RouterBase):
         super().__init__(d_model, num_experts, top_k, **options)
         # From torch's RNG by default, which a conversion seeds per site from the recipe's seed (as every
         # learned router's weights); ``seed=`` fixes the projection itself.
+        if seed is not None:  # the range torch.Generator.manual_seed takes
+            check_positive_int("seed", seed, minimum=-(2**63), maximum=2**64 - 1)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         projection = torch.randn(num_experts, d_model, generator=generator) / math.sqrt(d_model)
         self.register_buffer("projection", projection)

@@ -9,6 +9,7 @@ parameter counts, no memory, no weights.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,11 +149,19 @@ def site_seed(seed: int, site: FFNSite) -> int:
 
 def active_experts(recipe: Recipe) -> float:
     """Experts a token runs on average: ``top_k`` (``capacity_factor * top_k`` pairs per token under expert
-    choice, whose experts each take that share of the tokens) plus the shared ones, which run for all."""
+    choice, whose experts each take that share of the tokens) plus the shared ones, which run for all.
+
+    A capacity_factor the router will refuse (None, a string, NaN, ...) counts as its default 1 here, so
+    that the router's own message, when the block is built, is what the user sees (not a TypeError)."""
     k = float(recipe.top_k)
-    if recipe.router == "expert_choice":
-        k *= recipe.router_options.get("capacity_factor", 1.0)
+    factor = recipe.router_options.get("capacity_factor", 1.0)
+    if recipe.router == "expert_choice" and _positive_number(factor):
+        k *= factor
     return k + recipe.num_shared_experts
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
@@ -162,13 +171,34 @@ def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
             f"sizing 'flop' divides the hidden size among the experts a token runs, {active:g} here "
             "(expert choice runs capacity_factor * top_k): choose a capacity_factor that makes it whole."
         )
-    return expert_hidden(
+    d_hidden = expert_hidden(
         recipe.strategy,
         d_ff,
         sizing=recipe.resolved_sizing(),
         num_experts=recipe.num_experts,
         top_k=int(active),
         group_size=recipe.group_size,
+    )
+    _check_init_fits_sizing(d_ff, d_hidden, recipe)
+    return d_hidden
+
+
+def _check_init_fits_sizing(d_ff: int, d_hidden: int, recipe: Recipe) -> None:
+    """The built-in copying initializers need one expert size: ``upcycle`` the dense one (sizing ``same``),
+    ``split`` ``d_ff / num_experts`` (sizing ``split``). Checked here, where both are known, so that the
+    hint names the sizing too (the initializer, which sees sizes only, could suggest a second misfit)."""
+    if recipe.init == "upcycle":
+        fits, size, sizing = d_hidden == d_ff, f"{d_ff}, the dense one", "same"
+    elif recipe.init == "split":
+        fits, size, sizing = d_hidden * recipe.num_experts == d_ff, f"{d_ff} / {recipe.num_experts}", "split"
+    else:
+        return
+    if fits:
+        return
+    raise ConfigError(
+        f"init={recipe.init!r} needs experts of hidden size {size} (sizing={sizing!r}), but "
+        f"sizing={recipe.resolved_sizing()!r} gives {d_hidden}. Combinations that work: init='upcycle' with "
+        "sizing='same', init='split' with sizing='split', init='random' with any sizing."
     )
 
 

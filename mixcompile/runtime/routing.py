@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.errors import ConfigError, check_bool, check_positive_int
 
 if TYPE_CHECKING:
     from mixcompile.runtime.kernels import Kernel
@@ -185,8 +185,9 @@ class LearnedRouter(RouterBase):
     - ``jitter``: multiplicative uniform noise ``x * U(1-jitter, 1+jitter)`` on the router input in training
       (Switch Transformer).
     - ``bias_balancing``: DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to the scores
-      for *selection only*; :func:`mixcompile.update_routing_bias` nudges it by ``bias_update_rate`` toward
-      balance after each optimiser step.
+      for *selection only*; :func:`mixcompile.update_routing_bias` nudges it by ``bias_update_rate``
+      (default 1e-3; refused without ``bias_balancing=True``, where it would do nothing) toward balance
+      after each optimiser step.
     - ``init_std``: the gate's initial weights are ``N(0, init_std)``; 0 gives a zero router (uniform
       weights; ties broken by expert index).
     """
@@ -201,7 +202,7 @@ class LearnedRouter(RouterBase):
         *,
         jitter: float = 0.0,
         bias_balancing: bool = False,
-        bias_update_rate: float = 1e-3,
+        bias_update_rate: float | None = None,
         init_std: float = 0.02,
         capacity_factor: float | None = None,
         balance_loss_weight: float = 0.01,
@@ -215,17 +216,23 @@ class LearnedRouter(RouterBase):
             balance_loss_weight=balance_loss_weight,
             z_loss_weight=z_loss_weight,
         )
-        _check_non_negative(jitter=jitter, bias_update_rate=bias_update_rate, init_std=init_std)
+        rate = 1e-3 if bias_update_rate is None else bias_update_rate
+        _check_non_negative(jitter=jitter, bias_update_rate=rate, init_std=init_std)
         if jitter >= 1:
             raise ConfigError(
                 f"jitter must be < 1 (it scales inputs by U(1-jitter, 1+jitter)), got {jitter}."
             )
+        self.bias_balancing = check_bool("bias_balancing", bias_balancing)
+        if bias_update_rate is not None and not self.bias_balancing:
+            raise ConfigError(
+                f"bias_update_rate={bias_update_rate!r} only applies with bias_balancing=True (it is the "
+                "step of the balancing bias); set bias_balancing=True, or leave bias_update_rate out."
+            )
         self.jitter = float(jitter)
-        self.bias_update_rate = float(bias_update_rate)
+        self.bias_update_rate = float(rate)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         with torch.no_grad():
             self.gate.weight.normal_(0.0, init_std) if init_std > 0 else self.gate.weight.zero_()
-        self.bias_balancing = bool(bias_balancing)
         if self.bias_balancing:
             self.register_buffer("selection_bias", torch.zeros(num_experts))
             self.register_buffer("load_since_update", torch.zeros(num_experts))
@@ -336,5 +343,5 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def _check_non_negative(**values: object) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"{name} must be a number >= 0, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}.")

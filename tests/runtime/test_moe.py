@@ -1,5 +1,6 @@
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -332,12 +333,43 @@ def test_kernel_auto_resolves_to_torch_on_cpu():
         ({"router": "expert_choice", "router_options": {"capacity_factor": float("inf")}}, "capacity_factor"),
         ({"router": "switch", "top_k": 2}, "top_k must be 1"),
         ({"num_shared_experts": -1}, "num_shared_experts must be >= 0"),
+        ({"router_options": {"jitter": float("nan")}}, "jitter must be a finite number >= 0, got nan"),
+        ({"router": "hash", "router_options": {"seed": "3"}}, "seed must be an integer, got '3'"),
     ],
 )
 def test_bad_configuration_names_the_argument(kwargs, match):
     args = {"d_model": 4, "d_hidden": 8, "num_experts": 4, **kwargs}
     with pytest.raises(mc.ConfigError, match=match):
         mc.MoEBlock(**args)
+
+
+@pytest.mark.parametrize(
+    ("router", "option"),
+    [
+        ("topk", "renormalize"),
+        ("topk", "bias_balancing"),
+        ("switch", "bias_balancing"),
+        ("expert_choice", "bias_balancing"),
+    ],
+)
+@pytest.mark.parametrize("value", ["false", "False", "true", 0, 1, None])
+def test_on_off_router_options_must_be_bools(router, option, value):
+    """A string such as "false" (--router-option renormalize=False) is truthy: it turned the option on."""
+    with pytest.raises(
+        mc.ConfigError, match=rf"{option} must be True or False, got {re.escape(repr(value))}"
+    ):
+        mc.MoEBlock(4, 8, 4, top_k=1, router=router, router_options={option: value})
+
+
+def test_bias_update_rate_is_refused_without_bias_balancing():
+    """It did nothing without bias_balancing=True, silently; the default still applies with it."""
+    for options in ({"bias_update_rate": 0.5}, {"bias_update_rate": 0.5, "bias_balancing": False}):
+        with pytest.raises(
+            mc.ConfigError, match=r"bias_update_rate=0.5 only applies with bias_balancing=True"
+        ):
+            mc.MoEBlock(4, 8, 4, router_options=options)
+    assert mc.MoEBlock(4, 8, 4, router_options={"bias_balancing": True}).router.bias_update_rate == 1e-3
+    assert mc.MoEBlock(4, 8, 4).router.bias_update_rate == 1e-3
 
 
 def test_token_ids_are_refused_as_what_they_are():
@@ -382,6 +414,16 @@ def test_load_dense_checks_fit_and_initializer_names():
         block.load_dense(dense(), init="upcycel")
     with pytest.raises(mc.ConfigError, match="hidden size must be 20 / 4"):
         block.load_dense(dense(), init="split")
+
+
+@pytest.mark.parametrize(("d_hidden", "hint"), [(5, "init='split' or init='random'"), (10, "init='random'")])
+def test_upcycle_into_experts_of_another_size_suggests_an_initializer_that_fits(d_hidden, hint):
+    """It said init='split' whatever the size, which then failed too unless the size was h / num_experts."""
+    block = mc.MoEBlock(12, d_hidden, 4)
+    with pytest.raises(
+        mc.ConfigError, match=rf"must equal the dense one \(20\); for experts of {d_hidden}, use {hint}\.$"
+    ):
+        block.load_dense(dense(), init="upcycle")
 
 
 def test_a_model_deep_copies_after_a_training_forward():
