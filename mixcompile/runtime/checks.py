@@ -12,6 +12,8 @@ Three levels, by cost:
   each tensor and a sort, so only under the debug switch: ``MIXCOMPILE_DEBUG_CHECKS=1`` or
   :func:`mixcompile.debug_checks`. A NaN in a block's *input* is then reported as coming from upstream,
   not blamed on the router that received it.
+
+A forward on the meta device (shape inference) has no values to read: it gets the structure checks only.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _can_read_back() -> bool:
 
 def check_input(x: torch.Tensor, where: Source) -> None:
     """Debug switch: a non-finite block input is upstream's fault, said before any plugin sees it."""
-    if debug_checks_enabled() and not torch.isfinite(x).all():
+    if debug_checks_enabled() and not x.is_meta and not torch.isfinite(x).all():
         raise ShapeError(
             f"the input of {source_text(where)} has NaN or inf: it comes from the layers before the block, "
             "not from the block's plugins."
@@ -104,7 +106,12 @@ def check_routing_plan(
                 f"got {plan.token_index.shape[0]} (leave it None when pairs are dropped)"
             )
     debug = debug_checks_enabled()
-    if not _can_read_back() or plan.token_index.numel() == 0 or (in_range and not debug):
+    if (
+        not _can_read_back()
+        or plan.token_index.is_meta
+        or plan.token_index.numel() == 0
+        or (in_range and not debug)
+    ):
         return plan
     tokens, experts = plan.token_index, plan.expert_index
     # Few ops, as every eager forward pays for them: one min-max pass per index tensor, and none over the
@@ -191,9 +198,9 @@ def check_mix_plan(
                 f"{source_text(source)} returned MixPlan.{name} of dtype {tensor.dtype}, expected floating "
                 "point."
             )
-        if debug_checks_enabled() and not torch.isfinite(tensor).all():
+        if debug_checks_enabled() and not tensor.is_meta and not torch.isfinite(tensor).all():
             raise PluginError(f"{source_text(source)} returned MixPlan.{name} with NaN or inf.")
-    if present is not None and debug_checks_enabled():
+    if present is not None and not present.is_meta and debug_checks_enabled():
         absent = ~present.bool().unsqueeze(-1)  # [T or 1, n, G, 1]
         for name in ("merge", "emit"):
             tensor = getattr(plan, name)
@@ -214,6 +221,6 @@ def check_output(y: object, like: torch.Tensor, source: Source) -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or y.shape != like.shape or y.dtype != like.dtype:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise PluginError(f"{source_text(source)} returned {got}, expected {tuple(like.shape)} {like.dtype}.")
-    if debug_checks_enabled() and not torch.isfinite(y).all():
+    if debug_checks_enabled() and not y.is_meta and not torch.isfinite(y).all():
         raise PluginError(f"{source_text(source)} returned NaN or inf from finite inputs.")
     return y

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.errors import ConfigError, check_bool, check_positive_int
 from mixcompile.runtime.activations import activation_fn
 
 _deferred = False
@@ -128,6 +128,7 @@ class StackedExperts(ExpertMath, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        _check_factory_kwargs(device, dtype)
         if isinstance(hidden_dropout, bool) or not isinstance(hidden_dropout, int | float):
             raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
         if not 0 <= hidden_dropout <= 1:
@@ -138,8 +139,8 @@ class StackedExperts(ExpertMath, nn.Module):
         self.d_hidden = check_positive_int("d_hidden", d_hidden)
         activation_fn(activation)
         self.activation = activation
-        self.gated = bool(gated)
-        self.bias = bool(bias)
+        self.gated = check_bool("gated", gated)
+        self.bias = check_bool("bias", bias)
         if _deferred:  # see deferred_init: allocated and filled later, where the model lives
             device = "meta"
         e, d, h = num_experts, d_model, d_hidden
@@ -177,6 +178,23 @@ class StackedExperts(ExpertMath, nn.Module):
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"{kind}, activation={self.activation!r}, bias={self.bias}"
             + (f", hidden_dropout={self.hidden_dropout}" if self.hidden_dropout else "")
+        )
+
+
+def _check_factory_kwargs(device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+    """``device`` and ``dtype`` as ``torch.empty`` takes them, refused naming the argument (torch's errors
+    name neither)."""
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(
+                f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}."
+            ) from exc
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(
+            f"dtype must be a floating-point torch.dtype such as torch.float16 (experts are trained "
+            f"weights), got {dtype!r}."
         )
 
 

@@ -8,6 +8,7 @@ mixed, so a causal model stays causal.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -80,7 +81,10 @@ class ControllerMixer(nn.Module):
         # scores are put back in order.
         order = _memory_order(x_g)
         x = x_g if order is None else x_g.permute(order)
-        with torch.autocast(x_g.device.type, enabled=False):
+        device = x_g.device.type
+        # the meta device (shape inference) has no autocast to turn off: torch.autocast("meta") raises
+        autocast = torch.amp.is_autocast_available(device)
+        with torch.autocast(device, enabled=False) if autocast else nullcontext():
             scores = nn.functional.linear(x.to(dtype), weight.to(dtype), bias)
         if order is None:
             return scores

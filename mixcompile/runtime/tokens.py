@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.autograd import Variable
 
+from mixcompile.errors import ConfigError, check_positive_int
+
 if TYPE_CHECKING:
     from mixcompile.runtime.blocks.mot import MoTBlock
 
@@ -316,12 +318,23 @@ def token_mask(model: nn.Module, mask: torch.Tensor | None, *, batch: int | None
     its own tokens: the context entered last applies."""
     from mixcompile.runtime.blocks.mot import MoTBlock
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"token_mask expects a torch.nn.Module (the model or block whose MoT blocks the mask is for), "
+            f"got {type(model).__name__}."
+        )
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         raise TypeError(f"mask must be a [batch, seq] tensor, got {getattr(mask, 'shape', type(mask))}.")
+    if batch is not None:
+        check_positive_int("batch", batch, hint="It is the number of sequences B of the [B*T, d] tokens.")
+        if mask is not None and batch != mask.shape[0]:
+            raise ConfigError(
+                f"batch={batch} contradicts the mask's {mask.shape[0]} sequences; give one of them."
+            )
     if mask is not None:
         sized = mask
     elif batch is not None:
-        sized = torch.empty(int(batch), 0)  # a tensor, so that a compiled forward reads a symbolic size
+        sized = torch.empty(batch, 0)  # a tensor, so that a compiled forward reads a symbolic size
     else:
         raise TypeError("token_mask needs a mask or a batch size.")
     # A given mask is trusted like one given with a cache: a longer mask's last columns are used.

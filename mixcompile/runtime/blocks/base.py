@@ -7,7 +7,7 @@ dropout, so a forward only looks its choice up: no registry walk inside ``torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +169,7 @@ class Block(nn.Module):
         """``x`` in the autocast dtype when autocast is on: the block then computes in, and returns, the
         dtype the dense FFN's linears would have, and its kernel sees one dtype for inputs and weights."""
         device_type = x.device.type
-        if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        if x.is_floating_point() and _autocast_on(device_type):
             return x.to(torch.get_autocast_dtype(device_type))
         return x
 
@@ -181,13 +181,14 @@ class Block(nn.Module):
                 f"{self._name()} expects inputs of shape {ranks} with d={self.experts.d_model} features, "
                 f"got {tuple(x.shape)}."
             )
+        self._check_device(x)
         weights = self.experts.w_in.dtype
         if not x.is_floating_point():
             raise ShapeError(
                 f"{self._name()} got a {x.dtype} input; it computes on floating-point features (an FFN's "
                 f"input, [..., {self.experts.d_model}]), not on token ids: embed the tokens first."
             )
-        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weights and not _autocast_on(x.device.type):
             raise ShapeError(
                 f"{self._name()} holds {weights} weights and got a {x.dtype} input (as a dense nn.Linear, it "
                 f"computes in one dtype): pass {weights} inputs, move the block or model with "
@@ -195,6 +196,24 @@ class Block(nn.Module):
                 "parallelism, autocast: the expert shards are ignored by FSDP, so it does not cast them)."
             )
         check_input(x, lambda: f"the block at {self.site}" if self.site else type(self).__name__)
+
+    def _check_device(self, x: torch.Tensor) -> None:
+        """Input and expert weights on one device, compared from metadata (no sync): the kernels would
+        otherwise compute on a meta skeleton's uninitialised memory and return it, or fail inside torch."""
+        weights = self.experts.w_in.device
+        if x.device == weights:
+            return
+        if weights.type == "meta":
+            raise ConfigError(
+                f"{self._name()} got an input on {x.device}, but its expert weights are on the meta device "
+                "(a skeleton, without values): load or materialise them first (load_state_dict(state, "
+                "assign=True) with the converted model's weights, or to_empty(device=...) and an "
+                "initialisation)."
+            )
+        raise ShapeError(
+            f"{self._name()} got an input on {x.device}, but its expert weights are on {weights}: move the "
+            f"input or the model (.to({str(x.device)!r})) so that both are on one device."
+        )
 
     def _name(self) -> str:
         return f"{type(self).__name__} at {self.site}" if self.site else type(self).__name__
@@ -243,6 +262,22 @@ class Block(nn.Module):
                 f"{source} left experts.{', experts.'.join(unfilled)} unfilled or not finite (the experts "
                 "are NaN until it fills them): an initializer must set every tensor of the block's experts."
             )
+
+
+def check_plugin_options(name: str, options: object) -> None:
+    """``router_options`` / ``mixer_options``: keyword arguments for the plugin's factory."""
+    if options is not None and not (
+        isinstance(options, Mapping) and all(isinstance(k, str) for k in options)
+    ):
+        raise ConfigError(
+            f"{name} must be a dict of keyword options for the plugin (name -> value), got {options!r}."
+        )
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False where it has no autocast (the meta device, whose
+    forwards infer shapes: ``torch.is_autocast_enabled("meta")`` raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _to_host(value: Any) -> Any:

@@ -10,7 +10,7 @@ from torch import nn
 
 from mixcompile.errors import ConfigError, PluginError, check_positive_int
 from mixcompile.plugins.build import Source, build_plugin, call_plugin, source_text
-from mixcompile.runtime.blocks.base import Block, Describe
+from mixcompile.runtime.blocks.base import Block, Describe, check_plugin_options
 from mixcompile.runtime.checks import check_output, check_routing_plan
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
@@ -64,6 +64,7 @@ class MoEBlock(Block):
         check_positive_int("num_experts", num_experts)
         check_positive_int("top_k", top_k)
         check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
+        check_plugin_options("router_options", router_options)
         self.top_k = top_k
         spec: dict[str, Any] = {
             "activation": activation,

@@ -15,9 +15,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, ShapeError, check_positive_int
+from mixcompile.errors import ConfigError, ShapeError, check_bool, check_positive_int
 from mixcompile.plugins.build import build_plugin, call_plugin
-from mixcompile.runtime.blocks.base import Block, Describe
+from mixcompile.runtime.blocks.base import Block, Describe, check_plugin_options
 from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.mixing import Mixer
@@ -76,8 +76,10 @@ class MoTBlock(Block):
         self.group_size = check_positive_int(
             "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
         )
+        check_plugin_options("mixer_options", mixer_options)
         self.mode = mode  # the setters check both
         self.small_batch = small_batch
+        check_bool("batch_first", batch_first)
         if layout is None:
             layout = "batch_first" if batch_first else "seq_first"
         _check_choice("layout", layout, LAYOUTS)
