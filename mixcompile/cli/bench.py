@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from mixcompile.cli.probe import example_inputs, output_tensor
-from mixcompile.errors import ConfigError
+from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.io.bases import build_base
 from mixcompile.io.reading import LoadedModel
+
+CONVERTED_ALREADY = "this model is converted already; bench it without recipe options."
 
 
 def bench_models(
@@ -36,7 +38,7 @@ def bench_models(
 
     if loaded.kind == "mixcompile":
         if recipe is not None:
-            raise ConfigError("this model is converted already; bench it without recipe options.")
+            raise ConfigError(CONVERTED_ALREADY)
         base = build_base(loaded.base, trust_pickle=trust_pickle, trust_code=trust_code)
         assert base is not None  # only a meta build gives None
         converted = loaded.model
@@ -51,10 +53,13 @@ def bench_models(
     rows = []
     for name, model in (("base", base), ("converted", converted)):
         model = model.to(device)
-        inputs = example_inputs(model, batch=batch, seq=seq, device=device)
+        try:
+            inputs = example_inputs(model, batch=batch, seq=seq, device=device)
+            fwd = _median_ms(functools.partial(_forward, model, inputs), steps, device)
+            train = _median_ms(functools.partial(_train_step, model, inputs), steps, device)
+        except ConfigError as exc:  # no inputs or no output tensor: the model's problem (exit 1), no usage's
+            raise MixcompileError(str(exc)) from exc
         params = sum(p.numel() for p in model.parameters())
-        fwd = _median_ms(functools.partial(_forward, model, inputs), steps, device)
-        train = _median_ms(functools.partial(_train_step, model, inputs), steps, device)
         dtype_name = str(main_dtype(model)).removeprefix("torch.")
         rows.append((name, dtype_name, params, fwd, train))
     base_row = rows[0]

@@ -62,6 +62,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with mixcompile's one-line errors (``mixcompile: error: ...``, exit code 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message == "argument --layers: expected one argument":  # "-2,-1" was taken for an option
+            message += " (negative indices need '=': --layers=-2,-1)"
         print(f"mixcompile: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         sys.exit(2)
 
@@ -454,8 +456,28 @@ RECIPE_FLAGS = (
 def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strategy: str | None = None) -> Any:
     """The recipe file (if any) with the flags laid over it; ``None`` when nothing was asked. Without a
     strategy, ``default_strategy`` (inspect's: what its report of no flags describes) or a usage error."""
-    from mixcompile.compiler import Recipe
+    data, from_file = recipe_options(args)
+    if not data:
+        if required:
+            raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")
+        return None
+    if "strategy" not in data and default_strategy is not None:
+        data["strategy"] = default_strategy
+    if "strategy" not in data:
+        raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
+    recipe = _recipe(data, from_file, args.recipe)
+    if recipe.strategy == "moe" and recipe.top_k > recipe.num_experts:
+        top_k = _named(args, from_file, "top_k", "--top-k", recipe.top_k)
+        experts = _named(args, from_file, "num_experts", "--experts", recipe.num_experts)
+        raise UsageError(
+            f"{top_k} is more than {experts} (top_k must be <= num_experts: a token cannot use an expert "
+            "twice)."
+        )
+    return recipe
 
+
+def recipe_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe options asked for, the flags laid over the recipe file's; and the file's alone."""
     data: dict[str, Any] = {}
     if args.recipe is not None:
         try:
@@ -467,6 +489,7 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strate
                 f"--recipe {args.recipe} is a saved model's manifest; pass one recipe, an object like "
                 '{"strategy": "moe", "num_experts": 8} (one of the manifest\'s "recipes", say).'
             )
+    from_file = dict(data)
     for flag in RECIPE_FLAGS:
         value = getattr(args, flag)
         if value is not None:
@@ -478,27 +501,43 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strate
         if pairs:
             options = data.get(f"{kind}_options")
             data[f"{kind}_options"] = {**(options if isinstance(options, dict) else {}), **dict(pairs)}
-    if not data:
-        if required:
-            raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")
-        return None
-    if "strategy" not in data and default_strategy is not None:
-        data["strategy"] = default_strategy
-    if "strategy" not in data:
-        raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
-    recipe = Recipe.from_dict(data)
-    if recipe.strategy == "moe" and recipe.top_k > recipe.num_experts:
-        raise UsageError(
-            f"--top-k {recipe.top_k} is more than --experts {recipe.num_experts} (top_k must be <= "
-            "num_experts: a token cannot use an expert twice)."
-        )
-    return recipe
+    return data, from_file
+
+
+def _recipe(data: dict[str, Any], from_file: dict[str, Any], file: Path | None) -> Any:
+    """The recipe of ``data``. An error the recipe file's options give on their own too (with the strategy
+    in force, where that one is valid) names the file; one only the flags over it give does not."""
+    from mixcompile.compiler import Recipe
+    from mixcompile.compiler.recipe import STRATEGIES
+
+    try:
+        return Recipe.from_dict(data)
+    except ConfigError:
+        if file is None:
+            raise
+        alone = {**from_file, "strategy": data["strategy"]} if data["strategy"] in STRATEGIES else from_file
+        try:
+            Recipe.from_dict(alone)
+        except ConfigError as exc:
+            raise exc.prefixed(f"--recipe {file}") from None
+        raise
+
+
+def _named(args: argparse.Namespace, from_file: dict[str, Any], name: str, flag: str, value: int) -> str:
+    """An option as a message names it: the flag typed, the recipe file's field, or the default."""
+    if getattr(args, name) is not None:
+        return f"{flag} {value}"
+    if name in from_file:
+        return f"{name} {value} (from {args.recipe})"
+    return f"{flag} (default {value})"
 
 
 def parse_layers(text: str) -> str | list[int]:
-    text = text.strip().lower().replace("_", "-")
-    if text in ("all", "last-half") or text.startswith("every:"):
-        return text.replace("-", "_")
+    word = text.strip().lower().replace("_", "-")
+    if word in ("all", "last-half"):
+        return word.replace("-", "_")
+    if word.startswith("every:"):
+        return "every:" + text.strip()[len("every:") :]  # as typed: an error quotes what the user wrote
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -520,7 +559,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from mixcompile.compiler import convert_with_report, inspect
+    from mixcompile.compiler import convert_with_report, find_sites
     from mixcompile.io.saving import write_model
     from mixcompile.io.tokenizer_files import copy_tokenizer_files
 
@@ -539,8 +578,10 @@ def _run_convert(args: argparse.Namespace) -> int:
         bar = stack.enter_context(_progress(4, "convert"))
         loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
         bar.update()
-        report = inspect(loaded.model, recipe)
-        if not report.sites:
+        # Looked for without the recipe: --layers picks among the dense FFNs, so where none is left it is the
+        # same nothing to convert as without it (not an index out of range of none); and no MoT layout is
+        # decided (and warned about) twice.
+        if not find_sites(loaded.model).sites:
             print(f"nothing to convert: no dense FFN found in {args.path}; no output written.")
             return 0
         started = time.perf_counter()
@@ -593,9 +634,13 @@ def _run_plugins(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from mixcompile.cli.bench import bench_models
+    from mixcompile.cli.bench import CONVERTED_ALREADY, bench_models
     from mixcompile.cli.probe import max_sequence_length
+    from mixcompile.io.manifest import is_saved_model
 
+    # refused as such before a recipe option is checked (which would ask for the --strategy it lacks)
+    if args.path.is_dir() and is_saved_model(args.path) and recipe_options(args)[0]:
+        raise ConfigError(CONVERTED_ALREADY)
     recipe = recipe_from_args(args, required=False)
     loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     limit = max_sequence_length(loaded.model)

@@ -44,7 +44,14 @@ from mixcompile.compiler.verify import (
     random_probe,
     run_model,
 )
-from mixcompile.errors import ConfigError, MixcompileError, ShapeError, VerificationError, first_line
+from mixcompile.errors import (
+    ConfigError,
+    MixcompileError,
+    ShapeError,
+    VerificationError,
+    check_bool,
+    first_line,
+)
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.calls import install_forward_scope
 from mixcompile.runtime.introspect import sparse_blocks
@@ -70,7 +77,8 @@ def inspect(model: nn.Module, recipe: Recipe | Mapping[str, Any] | None = None, 
     _check_model(model)
     recipe = make_recipe(recipe, options, where="inspect")
     scan = find_sites(model)
-    selected = select_sites(recipe, scan.sites)
+    # no dense FFN left: nothing for ``sites`` to pick from, the same empty report as without it
+    selected = select_sites(recipe, scan.sites) if scan.sites else []
     rewritable = [site for site in selected if site.rewrite is not None]
     layouts, notes = _inspect_layouts(model, recipe, rewritable)
     plans = [
@@ -131,6 +139,8 @@ def convert_with_report(
 ) -> tuple[ModelT, Report]:
     """:func:`convert`, also returning the report (with the verification errors per site)."""
     _check_model(model)
+    check_bool("inplace", inplace)  # "no" is truthy: it would convert the caller's model in place
+    check_bool("verify", verify)
     recipe = make_recipe(recipe, options)
     target = model if inplace else _copy(model)
     scan = _scan(target)

@@ -79,9 +79,9 @@ class Recipe:
             if not isinstance(getattr(self, name), str):  # from_dict reads untrusted files
                 raise ConfigError(f"{name} must be a name (a string), got {getattr(self, name)!r}.")
         if self.strategy not in STRATEGIES:
-            raise UnknownNameError("strategy", str(self.strategy), STRATEGIES)
+            raise _unknown("strategy", self.strategy, STRATEGIES)
         if self.sizing not in SIZINGS:
-            raise UnknownNameError("sizing", str(self.sizing), SIZINGS)
+            raise _unknown("sizing", self.sizing, SIZINGS)
         check_positive_int("num_experts", self.num_experts, maximum=MAX_EXPERTS)
         check_positive_int("top_k", self.top_k, maximum=MAX_EXPERTS)
         check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
@@ -91,7 +91,7 @@ class Recipe:
         for name, choices in mot_options:
             value = getattr(self, name)
             if value not in choices:
-                raise UnknownNameError(name, str(value), choices)
+                raise _unknown(name, value, choices)
             if self.strategy == "moe" and value != choices[0]:
                 raise ConfigError(
                     f"{name}={value!r} is a MoT option; a MoE recipe leaves it at {choices[0]!r}."
@@ -162,8 +162,22 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        if not isinstance(data, Mapping):  # read from untrusted files: a string would be read as its letters
+            raise ConfigError(f"a recipe must be a mapping of options, got {type(data).__name__}.")
         check_option_names(data, "Recipe.from_dict")
         return cls(**dict(data))
+
+
+def _unknown(kind: str, name: str, known: Sequence[str]) -> UnknownNameError:
+    """:class:`UnknownNameError`, suggesting also the known name spelt in other case (``'MoE'``), which its
+    closeness measure, being case-sensitive, misses."""
+    error = UnknownNameError(kind, name, known)
+    same = [k for k in known if k.lower() == name.lower()]
+    if error.suggestion is None and same:
+        error.suggestion = same[0]
+        listing = ", ".join(repr(k) for k in error.known)
+        error.args = (f"unknown {kind} {name!r}. Did you mean {same[0]!r}? Known: {listing}.",)
+    return error
 
 
 def recipes_of(model: nn.Module) -> list[Recipe]:
@@ -196,7 +210,7 @@ def check_option_names(options: Mapping[str, Any], where: str) -> None:
     valid = option_names()
     for name in options:
         if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
+            close = difflib.get_close_matches(name, valid, n=1) if isinstance(name, str) else []
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: unknown option {name!r}.{hint} Valid options: {', '.join(valid)}.")
 

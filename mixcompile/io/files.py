@@ -28,12 +28,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mixcompile.errors import LoadError, first_line
+from mixcompile.errors import ConfigError, LoadError, first_line
 
 MAX_JSON_BYTES = 16 << 20  # manifests and configs are small; anything larger is not one of ours
 STAGING_SUFFIX = ".mixcompile-staging"
 _OWNER = "owner.json"
 _NEW, _OLD, _REPLACED = "new", "old", "replaced"
+
+
+def path_argument(value: object, name: str, what: str) -> Path:
+    """A path given to the API, refused by name when it is not one or is empty: ``Path("")`` is the current
+    directory, which an empty string never meant (the CLI refuses it as well)."""
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(value).__name__}.")
+    if os.fspath(value) == "":
+        raise ConfigError(f"{name} is empty (Path('') would be the current directory); give {what}.")
+    return Path(value)
 
 
 def check_regular_file(path: Path, what: str = "file") -> os.stat_result:
@@ -449,6 +459,9 @@ def output_directory(
     """
     path = Path(path)
     check_output(path, overwrite=overwrite, flag=flag)
+    # "." and ".." name no directory of their own (Path(".").name is ""): the staging directory, named
+    # after the target, would land inside it. check_output refused a symlink there, so this is the same one.
+    path = path.resolve()
     guard = _SignalGuard()
     guard.install()
     try:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
 
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
 from mixcompile.io.bases import build_base, meta_copy
+from mixcompile.io.files import path_argument
 from mixcompile.io.hf import install_save_pretrained, read_generation_config
 from mixcompile.io.manifest import Manifest, read_manifest
 from mixcompile.io.weights import check_fits, load_weights, read_shapes
@@ -39,9 +39,9 @@ def load(
     the manifest's base spec is used: a registered builder or a Hugging Face config (nothing runs but
     installed code), an imported function (``trust_code``) or a pickled module (``trust_pickle``).
     """
-    return load_manifest(
-        read_manifest(Path(path)), base=base, trust_pickle=trust_pickle, trust_code=trust_code
-    )
+    directory = path_argument(path, "path", "the directory mixcompile.save wrote")
+    manifest = read_manifest(directory)
+    return load_manifest(manifest, base=base, trust_pickle=trust_pickle, trust_code=trust_code)
 
 
 def load_manifest(

@@ -63,10 +63,16 @@ def read_model(path: Path, *, trust_pickle: bool = False, trust_code: bool = Fal
             "with no modules left to swap. Convert the Python nn.Module (torch.save it, or save_pretrained), "
             "then script the result."
         )
-    if path.suffix in PICKLE_SUFFIXES or _looks_pickled(path):
+    if _looks_pickled(path):
         model = read_pickle(path, trust_pickle=trust_pickle)
         spec = {"kind": "pickle", "path": str(path.resolve()), "sha256": sha256(path)}
         return LoadedModel(model, spec, "pickle")
+    if path.suffix in PICKLE_SUFFIXES:  # not a pickle by its first bytes: no trust to ask for
+        what = "empty" if path.stat().st_size == 0 else "not a PyTorch file"
+        raise LoadError(
+            f"{path} is {what}: torch.save writes a zip archive holding data.pkl (or, before torch 1.6, a "
+            "pickle); expected a torch.save'd nn.Module."
+        )
     raise LoadError(
         f"{path} is not a model: expected a mixcompile or Hugging Face directory, or a torch.save'd module."
     )
@@ -97,20 +103,30 @@ def read_transformers_dir(directory: Path, *, trust_code: bool = False) -> nn.Mo
             local_files_only=True,
             trust_remote_code=trust_code,
             output_loading_info=True,
+            # transformers 5 raises for a mismatch pointing at a report the CLI silences: have it reported
+            # in ``info`` instead, and refused below, naming the tensor and both shapes
+            ignore_mismatched_sizes=True,
             **{_dtype_keyword(transformers): "auto"},  # the saved dtype, not float32
         )
     except Exception as exc:  # noqa: BLE001 - transformers raises anything for a bad folder
         raise LoadError(f"{directory} could not be loaded by transformers: {first_line(exc)}") from exc
     missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
-    mismatched = info.get("mismatched_keys") or []
+    mismatched = info.get("mismatched_keys") or []  # (name, shape in the file, shape in the model)
     if missing or unexpected or mismatched:
         parts = [
             f"{label} {len(names)}, first {sorted(names)[0]!r}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("misshapen", mismatched))
+            for label, names in (("missing", missing), ("unexpected", unexpected))
             if names
         ]
+        if mismatched:
+            name, saved, expected = sorted(mismatched, key=lambda entry: str(entry[0]))[0]
+            parts.append(
+                f"misshapen {len(mismatched)}, first {name!r}: {list(saved)} in the file, "
+                f"{list(expected)} in the model its config.json describes"
+            )
         hint = ""
-        if any(".experts." in str(name) or "router" in str(name) for name in [*unexpected, *mismatched]):
+        names = [*unexpected, *(entry[0] for entry in mismatched)]
+        if any(".experts." in str(name) or "router" in str(name) for name in names):
             hint = (
                 " It looks like a converted model saved with save_pretrained: read it with mixcompile.load."
             )
@@ -152,6 +168,8 @@ _WEIGHTS_READ_FIRST = (
 
 
 def _looks_pickled(path: Path) -> bool:
+    """What ``torch.load`` can read: a pickle of protocol 2 or later (torch.save's legacy format) or a zip
+    archive holding ``data.pkl``."""
     with open(path, "rb") as handle:
         head = handle.read(2)
     return head[:1] == b"\x80" or (zipfile.is_zipfile(path) and _zip_has_pickle(path))

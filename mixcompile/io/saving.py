@@ -25,7 +25,7 @@ from torch import nn
 
 from mixcompile.errors import ConfigError
 from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
-from mixcompile.io.files import output_directory
+from mixcompile.io.files import output_directory, path_argument
 from mixcompile.io.hf import write_generation_config, write_hf_files
 from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
 from mixcompile.runtime.introspect import sparse_blocks, unwrapped
@@ -47,15 +47,16 @@ def save(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}.")
+    directory = path_argument(path, "path", "the directory to write the model to")
     model = unwrapped(model)  # a compiled model is saved as the model it compiles
     spec = base or base_spec_of(model)
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ConfigError(f"base must be a base spec with a 'kind' in {KINDS}, got {spec!r}.")
     recipes_to_save(model)  # refuse before touching the file system
-    with output_directory(Path(path), overwrite=overwrite) as out:
+    with output_directory(directory, overwrite=overwrite) as out:
         write_model(model, out.path, spec)
         out.commit()
-    return Path(path)
+    return directory
 
 
 def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None:

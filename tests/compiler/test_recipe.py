@@ -78,7 +78,13 @@ def test_bad_recipe_values(options: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "typo", "suggestion"), [("strategy", "mox", "mot"), ("sizing", "flops", "flop")]
+    ("field", "typo", "suggestion"),
+    [
+        ("strategy", "mox", "mot"),
+        ("sizing", "flops", "flop"),
+        ("strategy", "MoE", "moe"),
+        ("layout", "FLAT", "flat"),
+    ],
 )
 def test_misspelt_strategy_or_sizing_suggests_the_closest(field: str, typo: str, suggestion: str) -> None:
     with pytest.raises(ConfigError, match=rf"unknown {field} '{typo}'. Did you mean '{suggestion}'"):
@@ -138,6 +144,35 @@ def test_inplace_conversion_returns_the_same_object() -> None:
     model = build("llama")
     assert convert(model, inplace=True, num_experts=4) is model
     assert isinstance(model.model.layers[0].mlp, MoEBlock)
+
+
+@pytest.mark.parametrize("function", [convert, convert_with_report])
+@pytest.mark.parametrize("keyword", ["inplace", "verify"])
+def test_flag_keywords_must_be_bools(function, keyword: str) -> None:
+    """inplace="no" is truthy: taken as given, it converted the caller's model in place."""
+    model = build("llama")
+    with pytest.raises(ConfigError, match=rf"{keyword} must be True or False, got 'no' \(str\)"):
+        function(model, num_experts=4, **{keyword: "no"})
+    assert not isinstance(model.model.layers[0].mlp, MoEBlock)
+
+
+@pytest.mark.parametrize("data", [[1], None, "moe", 3])
+def test_a_recipe_that_is_not_a_mapping_is_refused_naming_its_type(data: object) -> None:
+    with pytest.raises(
+        ConfigError, match=f"a recipe must be a mapping of options, got {type(data).__name__}"
+    ):
+        Recipe.from_dict(data)  # type: ignore[arg-type]
+
+
+def test_an_option_name_that_is_not_a_string_is_an_unknown_option() -> None:
+    with pytest.raises(ConfigError, match="unknown option 1. Valid options"):
+        Recipe.from_dict({1: "moe"})  # type: ignore[dict-item]
+
+
+def test_inspect_of_a_model_without_dense_ffns_has_no_sites_whatever_sites_says() -> None:
+    """As with no ``sites``: nothing is left to select from, which is no error."""
+    converted = convert(build("llama"), num_experts=4)
+    assert inspect(converted, sites=[0]).sites == []
 
 
 def test_recorded_recipe_replays_the_same_sites() -> None:

@@ -214,6 +214,22 @@ def test_what_save_pretrained_the_tokenizer_and_a_model_card_leave_is_replaced(t
     assert (path / "mixcompile.json").is_file() and not (path / "vocab.json").exists()
 
 
+def test_the_current_directory_is_replaced_when_named_dot(tmp_path, monkeypatch) -> None:
+    """Path(".").name is "": the staging directory was put inside the target, which then held a
+    subdirectory and was refused, blaming a folder mixcompile had made itself."""
+    model_directory(tmp_path / "out", "old")
+    monkeypatch.chdir(tmp_path / "out")
+    with output_directory(Path("."), overwrite=True) as out:
+        fill(out)
+        out.commit()
+    assert contents(tmp_path / "out")["model.safetensors"] == "new" and beside(tmp_path) == []
+    model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1)
+    monkeypatch.chdir(tmp_path / "out")  # the directory replaced just now, by the same name
+    mc.save(model, ".", overwrite=True)
+    assert (tmp_path / "out" / "mixcompile.json").is_file() and beside(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # ---- a write that writes nothing creates nothing -----------------------------------------------------------
 
 

@@ -170,6 +170,18 @@ def test_weights_that_do_not_cover_the_model_are_refused_by_name(tmp_path, capsy
     assert "missing 1, first 'model.layers.1.mlp.up_proj.weight'" in err and "model.layers.1.mlp.extra" in err
 
 
+def test_weights_the_config_sizes_disagree_with_are_refused_with_both_shapes(tmp_path, capsys) -> None:
+    """transformers 5 raises for a size mismatch pointing at a report the CLI silences: the user must see
+    the tensor and both shapes, and no re-initialised weight may be kept."""
+    llama().save_pretrained(tmp_path / "dense")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    (tmp_path / "dense" / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    assert main(["inspect", str(tmp_path / "dense")]) == 1
+    err = capsys.readouterr().err
+    assert "misshapen 6, first 'model.layers.0.mlp.down_proj.weight'" in err, err
+    assert "[32, 64] in the file, [32, 96] in the model" in err and "refused" in err, err
+
+
 # ---- dtypes ----------------------------------------------------------------------------------------------
 
 

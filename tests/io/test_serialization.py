@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import mixcompile as mc
-from mixcompile import LoadError, build_tiny_gpt
+from mixcompile import ConfigError, LoadError, build_tiny_gpt
 
 TINY = {"d_model": 32, "n_layer": 4, "n_head": 2, "d_ff": 64, "max_seq": 16}
 
@@ -146,3 +146,23 @@ def test_a_compiled_model_is_saved_as_the_model_it_compiles(tmp_path: Path) -> N
     with torch.no_grad():
         assert torch.equal(mc.load(tmp_path / "m").eval()(tokens), model(tokens))
     assert list(mc.sparse_blocks(compiled)) == list(mc.sparse_blocks(model))  # paths without the prefix
+
+
+@pytest.mark.parametrize("call", ["load", "save"])
+def test_a_path_that_is_none_or_empty_is_refused_naming_it(tmp_path: Path, monkeypatch, call: str) -> None:
+    """Path("") is the current directory: an empty string was read (or, overwrite=True, replaced) as it."""
+    model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1)
+    mc.save(model, tmp_path / "cwd")
+    before = sorted(p.name for p in (tmp_path / "cwd").iterdir())
+    monkeypatch.chdir(tmp_path / "cwd")
+    use = (
+        (lambda path: mc.load(path))
+        if call == "load"
+        else (lambda path: mc.save(model, path, overwrite=True))
+    )
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
+        use(None)
+    with pytest.raises(ConfigError, match="path is empty"):
+        use("")
+    assert sorted(p.name for p in (tmp_path / "cwd").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]

@@ -373,3 +373,20 @@ def test_a_hugging_face_directory_that_loads_code_needs_trust(tmp_path, capsys) 
     (tmp_path / "hf" / "config.json").write_text(json.dumps(data))
     assert main(["inspect", str(tmp_path / "hf")]) == 1
     assert "no model class 'pipeline'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"", "is empty"),
+        (b"\x00garbage", "not a PyTorch file"),
+        (b"PK\x05\x06" + bytes(18), "not a PyTorch file"),  # an empty zip archive: no data.pkl
+    ],
+)
+@pytest.mark.parametrize("trust", [[], ["--trust-pickle"]])
+def test_a_pt_file_that_is_no_pickle_is_called_what_it_is(tmp_path, capsys, content, fragment, trust) -> None:
+    """Not "a pickle: pass --trust-pickle", then "Ran out of input" once trusted: told without unpickling."""
+    (tmp_path / "model.pt").write_bytes(content)
+    assert main(["inspect", str(tmp_path / "model.pt"), *trust]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "--trust-pickle" not in err[0], err
