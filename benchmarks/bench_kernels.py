@@ -198,9 +198,12 @@ def timed_in_turn(
         for name, step in steps.items():
             if name in peaks and not times[name]:
                 continue  # could not run here: said once
-            ms, peaks[name] = timed(step, device, 100 // rounds)
+            ms, peak = timed(step, device, 100 // rounds)
             if ms is not None:
                 times[name].append(ms)
+                peaks[name] = peak
+            else:
+                peaks.setdefault(name, None)
     return {name: (statistics.median(t) if t else None, peaks[name]) for name, t in times.items()}
 
 

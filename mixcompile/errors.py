@@ -78,6 +78,8 @@ def check_bool(name: str, value: object) -> bool:
     hand-written recipe, ``--router-option renormalize=False``) is truthy, so it would turn the option on."""
     if isinstance(value, bool):
         return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)  # numpy's booleans (a config read with numpy, a sweep's grid)
     hint = " In JSON true or false, unquoted; in Python True or False." if isinstance(value, str) else ""
     raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).{hint}")
 

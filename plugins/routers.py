@@ -84,9 +84,10 @@ class ExpertChoiceRouter(LearnedRouter):
         options.setdefault("balance_loss_weight", 0.0)
         if options["capacity_factor"] is None:
             raise ConfigError("router 'expert_choice' needs a capacity_factor (it has no dropless mode).")
-        if options.get("bias_balancing") is True:  # a value not a bool is LearnedRouter's to refuse
+        if options.get("bias_balancing") is True or "bias_update_rate" in options:  # other values: the base's
             raise ConfigError(
-                "router 'expert_choice' is balanced by construction; bias_balancing does not apply."
+                "router 'expert_choice' is balanced by construction; bias_balancing and bias_update_rate do "
+                "not apply."
             )
         super().__init__(d_model, num_experts, top_k, **options)
 

@@ -512,14 +512,15 @@ def _recipe(data: dict[str, Any], from_file: dict[str, Any], file: Path | None) 
 
     try:
         return Recipe.from_dict(data)
-    except ConfigError:
+    except ConfigError as error:
         if file is None:
             raise
         alone = {**from_file, "strategy": data["strategy"]} if data["strategy"] in STRATEGIES else from_file
         try:
             Recipe.from_dict(alone)
         except ConfigError as exc:
-            raise exc.prefixed(f"--recipe {file}") from None
+            if str(exc) == str(error):  # the file's own error, not one a flag over it hides or causes
+                raise exc.prefixed(f"--recipe {file}") from None
         raise
 
 

@@ -445,6 +445,22 @@ class OutputDirectory:
             _remove_created(self._created)
 
 
+def _check_not_current(path: Path) -> None:
+    """Replacing the directory this process runs in (or one holding it) would leave the process, and a shell
+    started there, in a deleted directory."""
+    try:
+        here = path.resolve() if path.exists() else None
+    except OSError:  # an impossible path: check_output says what is wrong with it
+        return
+    cwd = Path.cwd()
+    if here is not None and here in (cwd, *cwd.parents):
+        raise ConfigError(
+            f"{path} is the current directory or holds it: replacing it would leave this process (and a "
+            "shell started there) in a deleted directory. Change to another directory first, or write the "
+            "output elsewhere."
+        )
+
+
 @contextlib.contextmanager
 def output_directory(
     path: Path, *, overwrite: bool, flag: str = "overwrite=True"
@@ -458,10 +474,12 @@ def output_directory(
     interrupt there would leave a half-removed directory blocking the output, or no output at all).
     """
     path = Path(path)
+    _check_not_current(path)
     check_output(path, overwrite=overwrite, flag=flag)
-    # "." and ".." name no directory of their own (Path(".").name is ""): the staging directory, named
-    # after the target, would land inside it. check_output refused a symlink there, so this is the same one.
-    path = path.resolve()
+    # ".." names no directory of its own (its name is ".."): the staging directory, named after the target,
+    # would land inside it. check_output refused a symlink there, so the resolved path is the same one.
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
     guard = _SignalGuard()
     guard.install()
     try:

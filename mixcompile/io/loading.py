@@ -104,7 +104,8 @@ def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
             ) from None
         except MixcompileError as exc:
             raise LoadError(
-                f"{manifest.directory}: recipe {number} of the manifest does not fit its base model: {exc}"
+                f"{manifest.directory}: recipe {number} of the manifest could not be applied to its base "
+                f"model: {exc}"
             ) from None
     for path, settings in manifest.blocks.items():
         if "token_choice" in settings:

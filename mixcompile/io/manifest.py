@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,7 @@ def parse_manifest(data: dict[str, Any], directory: Path, where: str, weights: l
         if "filter_fn" in recipe:
             raise LoadError(f"{where}: recipe {number} has a 'filter_fn', which is code and never stored.")
         try:
-            parsed.append(Recipe.from_dict(recipe))
+            parsed.append(Recipe.from_dict(_saved_router_options(recipe, f"{where}: recipe {number}")))
         except (MixcompileError, TypeError, ValueError) as exc:
             raise LoadError(f"{where}: recipe {number} is invalid: {exc}") from None
     if not isinstance(data.get("base"), dict):
@@ -152,6 +153,32 @@ def parse_manifest(data: dict[str, Any], directory: Path, where: str, weights: l
     base = check_base_spec(data["base"], directory, where=f"{where}: base")
     blocks = _check_blocks(data.get("blocks", {}), where)
     return Manifest(directory, parsed, base, weights, blocks, _check_plugins(data.get("plugins", {}), where))
+
+
+# The built-in learned routers' on/off options, which mixcompile before e8ab23c took by truthiness.
+_LEARNED_ROUTERS = ("topk", "switch", "expert_choice")
+_ON_OFF = ("renormalize", "bias_balancing")
+
+
+def _saved_router_options(recipe: dict[str, Any], where: str) -> dict[str, Any]:
+    """A saved recipe's router options as the mixcompile that saved them read them. Earlier versions took
+    on/off options by truthiness (``--router-option renormalize=False`` saved the string "False", read as
+    on) and ignored ``bias_update_rate`` without balancing; both are refused now for new recipes, so a
+    model saved then loads as it computed, with a warning saying what was read (saving it again writes the
+    options as they are meant)."""
+    options = recipe.get("router_options")
+    if recipe.get("router", "topk") not in _LEARNED_ROUTERS or not isinstance(options, dict):
+        return recipe
+    read = dict(options)
+    for name in _ON_OFF:
+        if name in read and not isinstance(read[name], bool):
+            read[name] = bool(read[name])
+            said = f"router option {name}={options[name]!r} read as {read[name]}"
+            warnings.warn(f"{where}: {said}, as the mixcompile that saved it did.", stacklevel=4)
+    if "bias_update_rate" in read and not read.get("bias_balancing", False):
+        said = f"router option bias_update_rate={read.pop('bias_update_rate')!r} ignored without balancing"
+        warnings.warn(f"{where}: {said}, as the mixcompile that saved it did.", stacklevel=4)
+    return {**recipe, "router_options": read}
 
 
 def _check_plugins(plugins: object, where: str) -> dict[str, dict[str, str]]:

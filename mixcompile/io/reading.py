@@ -168,11 +168,12 @@ _WEIGHTS_READ_FIRST = (
 
 
 def _looks_pickled(path: Path) -> bool:
-    """What ``torch.load`` can read: a pickle of protocol 2 or later (torch.save's legacy format) or a zip
-    archive holding ``data.pkl``."""
+    """What ``torch.load`` can read: a zip archive holding ``data.pkl``, or torch.save's legacy format, a
+    pickle of protocol 2 or later (``\x80``) or of protocol 1, whose first object, torch's magic number,
+    is a long (``L``)."""
     with open(path, "rb") as handle:
         head = handle.read(2)
-    return head[:1] == b"\x80" or (zipfile.is_zipfile(path) and _zip_has_pickle(path))
+    return head[:1] in (b"\x80", b"L") or (zipfile.is_zipfile(path) and _zip_has_pickle(path))
 
 
 def _is_torchscript(path: Path) -> bool:

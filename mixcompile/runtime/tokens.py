@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -306,6 +307,18 @@ def _is_token_hook(hook: object) -> bool:
     return isinstance(hook, TokenContextHook) or isinstance(getattr(hook, "__self__", None), TokenContextHook)
 
 
+def _batch_size(batch: object) -> int | torch.SymInt:
+    """``batch`` as a count: an int or integer-like (a numpy integer, a 0-d integer tensor), a symbolic size
+    while tracing; never a bool or a float (``int(3.7)`` is 3)."""
+    if isinstance(batch, torch.SymInt):
+        return batch
+    if not isinstance(batch, bool) and hasattr(batch, "__index__"):
+        with contextlib.suppress(TypeError):
+            batch = operator.index(batch)
+    hint = "It is the number of sequences B of the [B*T, d] tokens."
+    return check_positive_int("batch", batch, hint=hint)
+
+
 @contextlib.contextmanager
 def token_mask(model: nn.Module, mask: torch.Tensor | None, *, batch: int | None = None) -> Iterator[None]:
     """For hand-written models: every MoT block of ``model`` treats the positions where ``mask [B, T]`` is
@@ -325,16 +338,13 @@ def token_mask(model: nn.Module, mask: torch.Tensor | None, *, batch: int | None
         )
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         raise TypeError(f"mask must be a [batch, seq] tensor, got {getattr(mask, 'shape', type(mask))}.")
-    if batch is not None:
-        check_positive_int("batch", batch, hint="It is the number of sequences B of the [B*T, d] tokens.")
-        if mask is not None and batch != mask.shape[0]:
-            raise ConfigError(
-                f"batch={batch} contradicts the mask's {mask.shape[0]} sequences; give one of them."
-            )
+    size = None if batch is None else _batch_size(batch)
+    if size is not None and mask is not None and size != mask.shape[0]:
+        raise ConfigError(f"batch={size} contradicts the mask's {mask.shape[0]} sequences; give one of them.")
     if mask is not None:
         sized = mask
-    elif batch is not None:
-        sized = torch.empty(batch, 0)  # a tensor, so that a compiled forward reads a symbolic size
+    elif size is not None:
+        sized = torch.empty(size, 0)  # a tensor, so that a compiled forward reads a symbolic size
     else:
         raise TypeError("token_mask needs a mask or a batch size.")
     # A given mask is trusted like one given with a cache: a longer mask's last columns are used.

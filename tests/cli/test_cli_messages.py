@@ -87,6 +87,11 @@ def test_a_flag_error_over_a_recipe_file_is_not_blamed_on_the_file(converted, tm
     code, _, err = command([*argv, "--group-size", "2"], capsys)
     one_error(code, err, 2, "group_size=2 is a mot option")
     assert str(recipe) not in err
+    # a value of the file's that a flag overrides is not the error: the flag's own mistake is
+    recipe.write_text(json.dumps({"strategy": "moe", "num_experts": 0}))
+    code, _, err = command([*argv, "--experts", "4", "--mode", "sparse"], capsys)
+    one_error(code, err, 2, "mode='sparse' is a MoT option")
+    assert str(recipe) not in err
 
 
 def test_layers_are_echoed_as_typed(converted, tmp_path, capsys) -> None:

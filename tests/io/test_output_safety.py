@@ -214,20 +214,25 @@ def test_what_save_pretrained_the_tokenizer_and_a_model_card_leave_is_replaced(t
     assert (path / "mixcompile.json").is_file() and not (path / "vocab.json").exists()
 
 
-def test_the_current_directory_is_replaced_when_named_dot(tmp_path, monkeypatch) -> None:
-    """Path(".").name is "": the staging directory was put inside the target, which then held a
-    subdirectory and was refused, blaming a folder mixcompile had made itself."""
+def test_the_current_directory_or_one_holding_it_is_refused(tmp_path, monkeypatch) -> None:
+    """Replacing the directory a process runs in (".", or ".." from inside) leaves it, and the shell it
+    was started from, in a deleted directory: refused before anything is written (the staging directory,
+    named after ".", also landed inside the target before)."""
     model_directory(tmp_path / "out", "old")
-    monkeypatch.chdir(tmp_path / "out")
-    with output_directory(Path("."), overwrite=True) as out:
-        fill(out)
-        out.commit()
-    assert contents(tmp_path / "out")["model.safetensors"] == "new" and beside(tmp_path) == []
+    (tmp_path / "out" / "sub").mkdir()
     model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1)
-    monkeypatch.chdir(tmp_path / "out")  # the directory replaced just now, by the same name
-    mc.save(model, ".", overwrite=True)
+    for cwd, target in (("out", "."), ("out/sub", ".."), ("out", str(tmp_path / "out"))):
+        monkeypatch.chdir(tmp_path / cwd)
+        refused = pytest.raises(mc.ConfigError, match="is the current directory or holds it")
+        with refused, output_directory(Path(target), overwrite=True):
+            pass
+        with pytest.raises(mc.ConfigError, match="is the current directory or holds it"):
+            mc.save(model, target, overwrite=True)
+    (tmp_path / "out" / "sub").rmdir()
+    assert contents(tmp_path / "out")["model.safetensors"] == "old" and beside(tmp_path) == []
+    monkeypatch.chdir(tmp_path)
+    mc.save(model, "out/sub/..", overwrite=True)  # ".." from elsewhere: staged beside the target
     assert (tmp_path / "out" / "mixcompile.json").is_file() and beside(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ---- a write that writes nothing creates nothing -----------------------------------------------------------

@@ -125,6 +125,41 @@ def test_a_manifest_without_recipes_is_a_clear_error(tmp_path: Path) -> None:
         mc.load(tmp_path / "m")
 
 
+@pytest.mark.parametrize(
+    ("saved", "meant"),
+    [
+        ({"renormalize": "False"}, {"renormalize": True}),  # what --router-option renormalize=False wrote
+        ({"renormalize": 0}, {"renormalize": False}),
+        (
+            {"bias_balancing": "yes", "bias_update_rate": 0.01},
+            {"bias_balancing": True, "bias_update_rate": 0.01},
+        ),
+        ({"bias_update_rate": 0.01}, {}),  # ignored without balancing
+    ],
+)
+def test_router_options_an_earlier_version_saved_load_as_it_read_them(
+    tmp_path: Path, saved: dict, meant: dict
+) -> None:
+    """Options refused for new recipes since e8ab23c (on/off options not bools; a balancing rate without
+    balancing) were read by truthiness, or ignored, by the version that saved them: such a model loads
+    computing what it computed, with a warning saying what was read."""
+    recipe = {"strategy": "moe", "num_experts": 2, "top_k": 2, "router": "topk", "seed": 3}
+    mc.save(mc.convert(build_tiny_gpt(**TINY), **recipe, router_options=meant), tmp_path / "m")
+    manifest_file = tmp_path / "m" / "mixcompile.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["recipes"][0]["router_options"] = saved  # as an earlier version wrote it
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="as the mixcompile that saved it did"):
+        loaded = mc.load(tmp_path / "m")
+    want = mc.convert(build_tiny_gpt(**TINY), **recipe, router_options=meant)
+    want.load_state_dict(loaded.state_dict())
+    ids = torch.randint(0, 256, (2, 5))
+    torch.testing.assert_close(loaded(ids), want(ids), rtol=0, atol=0)
+    router = next(m for m in loaded.modules() if isinstance(m, mc.MoEBlock)).router
+    assert router.renormalize is meant.get("renormalize", True)
+    assert router.bias_balancing is meant.get("bias_balancing", False)
+
+
 def test_a_path_that_is_not_a_saved_model_says_what_it_is(tmp_path: Path) -> None:
     with pytest.raises(LoadError, match="nothing_here does not exist"):
         mc.load(tmp_path / "nothing_here")

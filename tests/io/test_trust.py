@@ -202,7 +202,7 @@ TAMPERED = {
     "hf-auto-map": (_hf(auto_map={"AutoModel": "evil_payload.Model"}), "load code"),
     "hf-hub-attention": (_hf(attn_implementation="kernels-community/flash-attn"), "from the Hub"),
     "hf-absurd-layers": (_hf(num_hidden_layers=10**9), "sane layer count"),
-    "hf-other-structure": (_hf(), "does not fit"),
+    "hf-other-structure": (_hf(), "could not be applied to its base model"),
     # weights
     "weights-parent": (_field("weights", "../../etc/passwd"), "not a plain file name"),
     "weights-absolute": (_field("weights", "/etc/passwd"), "not a plain file name"),
@@ -390,3 +390,15 @@ def test_a_pt_file_that_is_no_pickle_is_called_what_it_is(tmp_path, capsys, cont
     assert main(["inspect", str(tmp_path / "model.pt"), *trust]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0] and "--trust-pickle" not in err[0], err
+
+
+@pytest.mark.parametrize("protocol", [1, 2])  # torch.load cannot read protocol 0 (its persistent ids)
+def test_a_legacy_torch_save_is_a_pickle_needing_trust(tmp_path, capsys, protocol) -> None:
+    """torch.save's format before torch 1.6, in any pickle protocol torch.load reads, is a pickle: refused
+    without the trust flag, read with it (protocol 1 was called "not a PyTorch file")."""
+    path = tmp_path / "legacy.pt"
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    torch.save(model, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    assert main(["inspect", str(path)]) == 1
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["inspect", str(path), "--trust-pickle"]) == 0

@@ -1,6 +1,7 @@
 """Bad inputs and arguments of the blocks and of token_mask get an error naming them, never a result computed
 from the wrong thing (a meta skeleton's uninitialised memory) nor an error from deep inside torch."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -104,6 +105,20 @@ def test_token_mask_checks_the_batch_size(batch):
     block = mc.MoTBlock(16, 32, 4, group_size=2, layout="flat")
     with pytest.raises(mc.ConfigError, match=r"^batch must be"), mc.token_mask(block, None, batch=batch):
         block(torch.randn(15, 16))
+
+
+@pytest.mark.parametrize("batch", [3, np.int64(3), torch.tensor(3)], ids=["int", "numpy", "tensor"])
+def test_token_mask_takes_an_integer_like_batch_size(batch):
+    """Integer-like counts worked before the checks above (a numpy integer, a 0-d integer tensor): still."""
+    block = mc.MoTBlock(16, 32, 4, group_size=2, layout="flat")
+    with mc.token_mask(block, None, batch=batch):
+        assert block(torch.randn(15, 16)).shape == (15, 16)
+
+
+@pytest.mark.parametrize(("cls", "flag"), [("MoEBlock", "gated"), ("MoTBlock", "batch_first")])
+def test_numpy_booleans_are_booleans(cls, flag):
+    """A flag read from a numpy array or a sweep's grid is a numpy bool: taken as the bool it is."""
+    assert CONSTRUCTORS[cls](**{flag: np.False_}) is not None
 
 
 def test_token_mask_refuses_a_batch_size_that_contradicts_its_mask():

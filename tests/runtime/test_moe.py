@@ -370,6 +370,9 @@ def test_bias_update_rate_is_refused_without_bias_balancing():
             mc.MoEBlock(4, 8, 4, router_options=options)
     assert mc.MoEBlock(4, 8, 4, router_options={"bias_balancing": True}).router.bias_update_rate == 1e-3
     assert mc.MoEBlock(4, 8, 4).router.bias_update_rate == 1e-3
+    # expert choice has no balancing bias: its refusal does not point at bias_balancing=True
+    with pytest.raises(mc.ConfigError, match="balanced by construction; bias_balancing and bias_update_rate"):
+        mc.MoEBlock(4, 8, 4, router="expert_choice", router_options={"bias_update_rate": 0.5})
 
 
 def test_token_ids_are_refused_as_what_they_are():
