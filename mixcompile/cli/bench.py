@@ -17,8 +17,6 @@ from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.io.bases import build_base
 from mixcompile.io.reading import LoadedModel
 
-CONVERTED_ALREADY = "this model is converted already; bench it without recipe options."
-
 
 def bench_models(
     loaded: LoadedModel,
@@ -33,12 +31,12 @@ def bench_models(
 ) -> str:
     """A table of forward and forward+backward times, base vs converted, measured in the same run.
 
-    Rebuilding a saved model's base obeys the same trust flags as reading the model did."""
+    Rebuilding a saved model's base obeys the same trust flags as reading the model did; a converted model
+    comes without a recipe (the command refuses recipe options for one before reading it)."""
     from mixcompile.compiler import convert
 
     if loaded.kind == "mixcompile":
-        if recipe is not None:
-            raise ConfigError(CONVERTED_ALREADY)
+        assert recipe is None  # refused by the command
         base = build_base(loaded.base, trust_pickle=trust_pickle, trust_code=trust_code)
         assert base is not None  # only a meta build gives None
         converted = loaded.model

@@ -635,13 +635,13 @@ def _run_plugins(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from mixcompile.cli.bench import CONVERTED_ALREADY, bench_models
+    from mixcompile.cli.bench import bench_models
     from mixcompile.cli.probe import max_sequence_length
     from mixcompile.io.manifest import is_saved_model
 
     # refused as such before a recipe option is checked (which would ask for the --strategy it lacks)
     if args.path.is_dir() and is_saved_model(args.path) and recipe_options(args)[0]:
-        raise ConfigError(CONVERTED_ALREADY)
+        raise ConfigError("this model is converted already; bench it without recipe options.")
     recipe = recipe_from_args(args, required=False)
     loaded = read_model(args.path, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
     limit = max_sequence_length(loaded.model)
