@@ -8,6 +8,9 @@ They subclass the built-in exception a user would catch anyway (``ValueError`` f
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -82,6 +85,23 @@ def check_bool(name: str, value: object) -> bool:
         return bool(value)  # numpy's booleans (a config read with numpy, a sweep's grid)
     hint = " In JSON true or false, unquoted; in Python True or False." if isinstance(value, str) else ""
     raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).{hint}")
+
+
+def warn(message: str) -> None:
+    """``warnings.warn`` pointed at the user's line: the first caller outside mixcompile, its built-in
+    plugins, pluggy and torch. A fixed ``stacklevel`` is wrong for a warning given inside a forward (it
+    points into torch's module-call machinery) or reached by more than one path (``convert`` from Python
+    and from the CLI)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_internal_dirs()):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _internal_dirs() -> tuple[str, ...]:
+    modules = [sys.modules.get(name) for name in ("mixcompile_plugins", "pluggy", "torch")]
+    here = os.path.dirname(__file__)
+    return tuple(d + os.sep for d in [here, *(os.path.dirname(m.__file__ or "") for m in modules if m)] if d)
 
 
 def _sp(hint: str) -> str:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal, TypeAlias
 
 import torch
 
 from mixcompile import ConfigError, Kernel, LearnedRouter, RouterBase, RouterRegister, RoutingPlan, hookimpl
-from mixcompile.errors import check_bool, check_positive_int
+from mixcompile.errors import check_bool, check_positive_int, warn
 
 TopKOrder: TypeAlias = Literal["softmax_topk", "topk_softmax"]
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")
@@ -42,12 +41,11 @@ class TopKRouter(LearnedRouter):
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         if self.training and self.top_k == 1 and self.renormalize and not torch.compiler.is_compiling():
             # Said when it matters, in training (not when a saved model is loaded for inference).
-            warnings.warn(
+            warn(
                 f"a top-k router with top_k=1 (order={self.order!r}, renormalised) gives every token weight "
                 "1: the task loss sends its gate no gradient, only the balancing and z losses train it. For "
                 "a gate the loss trains, use router='switch' or renormalize=False (weights p, so an "
-                "upcycled FFN is no longer reproduced exactly at the start).",
-                stacklevel=2,
+                "upcycled FFN is no longer reproduced exactly at the start)."
             )
         logits = self.logits(x)
         if self.order == "softmax_topk":

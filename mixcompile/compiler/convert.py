@@ -12,7 +12,6 @@ probed and verified with inputs built from themselves when the user gives none.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -51,6 +50,7 @@ from mixcompile.errors import (
     VerificationError,
     check_bool,
     first_line,
+    warn,
 )
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.calls import install_forward_scope
@@ -159,9 +159,7 @@ def convert_with_report(
         )
     for site in selected:
         if site.rewrite is None:
-            warnings.warn(
-                f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}", stacklevel=2
-            )
+            warn(f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}")
     _warn_if_not_causal(target, recipe)
     mot = recipe.strategy == "mot"
     # A replay with verification off and the layout recorded (mixcompile.load) needs no probe forward.
@@ -217,11 +215,10 @@ def _warn_if_not_causal(model: nn.Module, recipe: Recipe) -> None:
     """Expert choice routes a position by the tokens after it: fine for an encoder, not for a model that
     generates (a decoded token then goes to every expert with room: a function training never computed)."""
     if recipe.router == "expert_choice" and _generates(model):
-        warnings.warn(
+        warn(
             f"router 'expert_choice' is not causal: in {type(model).__name__}, which generates, a position's "
             "routing depends on the positions after it, and generate() computes what training never saw. "
-            "Use a token-choice router (topk, switch, hash) for decoders.",
-            stacklevel=3,
+            "Use a token-choice router (topk, switch, hash) for decoders."
         )
 
 

@@ -19,7 +19,6 @@ would mix tokens across positions).
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import nn
 
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
-from mixcompile.errors import ConfigError
+from mixcompile.errors import ConfigError, warn
 from mixcompile.runtime.tokens import covered_by_token_hooks
 from mixcompile.types import TokenLayout
 
@@ -99,12 +98,11 @@ def decide_layout(
         break
     layout = layout or stated
     if layout is None:
-        warnings.warn(
+        warn(
             f"{where}: nothing says which axis of its FFN input is the batch (no nn.Transformer* layer, no "
             "keyword example input such as input_ids=); taken as batch-first [B, T, d]. A sequence-first "
             f"model converted so would mix tokens across positions{_attention_hint(model, site.path)}: pass "
             "layout='batch_first' or 'seq_first' to state it.",
-            stacklevel=3,
         )
         layout = "batch_first"
     if layout == "flat" and stated != "flat" and not covered_by_token_hooks(model, site.path):

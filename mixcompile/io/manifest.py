@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
+from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, warn
 from mixcompile.io.bases import check_base_spec
 from mixcompile.io.files import confined_file, read_json_object
 from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP
@@ -174,10 +173,10 @@ def _saved_router_options(recipe: dict[str, Any], where: str) -> dict[str, Any]:
         if name in read and not isinstance(read[name], bool):
             read[name] = bool(read[name])
             said = f"router option {name}={options[name]!r} read as {read[name]}"
-            warnings.warn(f"{where}: {said}, as the mixcompile that saved it did.", stacklevel=4)
+            warn(f"{where}: {said}, as the mixcompile that saved it did.")
     if "bias_update_rate" in read and not read.get("bias_balancing", False):
         said = f"router option bias_update_rate={read.pop('bias_update_rate')!r} ignored without balancing"
-        warnings.warn(f"{where}: {said}, as the mixcompile that saved it did.", stacklevel=4)
+        warn(f"{where}: {said}, as the mixcompile that saved it did.")
     return {**recipe, "router_options": read}
 
 

@@ -156,8 +156,9 @@ def test_unrewritable_site_is_reported_and_left_whole() -> None:
     assert [s.status for s in report.sites] == ["cannot rewrite", "planned"]
     assert "Sites that cannot be rewritten" in str(report)
 
-    with pytest.warns(UserWarning, match="left dense"):
+    with pytest.warns(UserWarning, match="left dense") as said:
         converted, report = convert_with_report(model, num_experts=4)
+    assert {w.filename for w in said} == {__file__}  # the caller's line
     assert isinstance(converted.fc, nn.Linear) and isinstance(converted.proj, nn.Linear)
     assert isinstance(converted.block.ffn, MoEBlock)
     assert report.sites[0].status == "cannot rewrite" and report.sites[1].status == "converted"

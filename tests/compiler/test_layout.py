@@ -83,8 +83,10 @@ def test_sequence_first_is_seen_in_a_forward_or_stated_in_the_recipe():
     stated = mc.convert(model, **MOT, layout="seq_first")
     assert [b.layout for b in _blocks(stated)] == ["seq_first", "seq_first"]
     assert stated(x).shape == x.shape
-    with pytest.warns(UserWarning, match=r"FFN site 0 at '0'.*nothing says which axis.*taken as batch-first"):
+    guess = r"FFN site 0 at '0'.*nothing says which axis.*taken as batch-first"
+    with pytest.warns(UserWarning, match=guess) as w:
         guessed = mc.convert(model, **MOT)  # nothing says so: a guess, said out loud
+    assert {said.filename for said in w} == {__file__}  # the caller's line
     assert [b.layout for b in _blocks(guessed)] == ["batch_first"] * 2
 
 

@@ -240,8 +240,9 @@ def test_expert_choice_on_a_model_that_generates_is_warned_about() -> None:
     with pytest.warns(UserWarning, match=r"router 'expert_choice' is not causal: in LlamaForCausalLM"):
         convert(build("llama"), strategy="moe", num_experts=4, top_k=2, router="expert_choice")
     # not only transformers' models: any with a generate method (mixcompile's own tiny GPT, say)
-    with pytest.warns(UserWarning, match=r"router 'expert_choice' is not causal: in TinyGPT"):
+    with pytest.warns(UserWarning, match=r"router 'expert_choice' is not causal: in TinyGPT") as said:
         convert(build_tiny_gpt(), strategy="moe", num_experts=4, top_k=2, router="expert_choice")
+    assert [w.filename for w in said] == [__file__]  # the caller's line, not convert's
     encoder = build("bert")  # an encoder: nothing generates, so nothing to warn about
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*is not causal")

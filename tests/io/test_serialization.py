@@ -149,8 +149,9 @@ def test_router_options_an_earlier_version_saved_load_as_it_read_them(
     manifest = json.loads(manifest_file.read_text())
     manifest["recipes"][0]["router_options"] = saved  # as an earlier version wrote it
     manifest_file.write_text(json.dumps(manifest))
-    with pytest.warns(UserWarning, match="as the mixcompile that saved it did"):
+    with pytest.warns(UserWarning, match="as the mixcompile that saved it did") as said:
         loaded = mc.load(tmp_path / "m")
+    assert {w.filename for w in said} == {__file__}  # the line calling load
     want = mc.convert(build_tiny_gpt(**TINY), **recipe, router_options=meant)
     want.load_state_dict(loaded.state_dict())
     ids = torch.randint(0, 256, (2, 5))

@@ -390,8 +390,10 @@ def test_a_top1_router_whose_weight_is_always_one_says_so_in_training(order):
         warnings.simplefilter("error")
         block = mc.MoEBlock(4, 8, 2, top_k=1, router_options={"order": order})
         block.eval()(x)
-    with pytest.warns(UserWarning, match="top_k=1 .* weight 1: the task loss sends its gate no gradient"):
+    no_gradient = "top_k=1 .* weight 1: the task loss sends its gate no gradient"
+    with pytest.warns(UserWarning, match=no_gradient) as said:
         y = block.train()(x)
+    assert [w.filename for w in said] == [__file__]  # the line calling the block, not torch's module.py
     (grad,) = torch.autograd.grad(y.square().sum(), block.router.gate.weight, allow_unused=True)
     assert grad is None or grad.abs().max() < 1e-6  # p / p: rounding only
     for options in ({"router": "switch"}, {"router_options": {"renormalize": False}}):
