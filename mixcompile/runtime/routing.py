@@ -153,6 +153,8 @@ class RouterBase(nn.Module):
             if not torch.compiler.is_compiling():  # read by eager forwards only
                 plan.listed_from = (chosen, token, expert, (chosen._version, token._version, expert._version))
             return plan
+        if expert.is_meta:  # shape inference: how many pairs fit is a value, which a meta tensor lacks
+            return RoutingPlan(token, expert, weight, n, self.num_experts, probs, 0, losses)
         keep = _within_capacity(expert, weight.detach(), capacity, self.num_experts)
         kept = keep.nonzero().squeeze(1)  # the one data-dependent size (a graph break under compile)
         dropped = keep.numel() - kept.numel()

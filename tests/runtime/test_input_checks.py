@@ -20,7 +20,21 @@ BLOCKS = {
 def test_a_block_whose_experts_are_on_meta_refuses_a_real_input(kind):
     """It returned uninitialised memory (MoE), a meta tensor (MoT), or blamed the kernel as a plugin bug."""
     block = BLOCKS[kind](device="meta")
-    with pytest.raises(mc.ConfigError, match=r"input on cpu, but its expert weights are on the meta device"):
+    with pytest.raises(mc.ConfigError, match=r"input on cpu, but experts.w_in, .* are on the meta device"):
+        block(torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_a_block_whose_router_or_mixer_alone_is_on_meta_refuses_a_real_input(kind):
+    """Experts loaded into a meta skeleton, the router's (or mixer's) weights not: torch multiplied the CPU
+    input by the meta weight without a word and the block returned what uninitialised memory routed."""
+    real = BLOCKS[kind]()
+    block = BLOCKS[kind](device="meta")
+    experts = {k: v for k, v in real.state_dict().items() if k.startswith("experts.")}
+    missing = block.load_state_dict(experts, strict=False, assign=True).missing_keys
+    assert missing == ["mixer.controller.weight" if kind == "mot" else "router.gate.weight"]
+    block.choose_kernels()
+    with pytest.raises(mc.ConfigError, match=rf"input on cpu, but {missing[0]} is on the meta device"):
         block(torch.randn(2, 5, 16))
 
 
@@ -36,20 +50,29 @@ def test_a_model_converted_on_meta_with_only_the_dense_weights_loaded_refuses_a_
 @pytest.mark.parametrize("kind", BLOCKS)
 def test_an_input_on_another_device_than_the_experts_is_refused_naming_both(kind):
     block = BLOCKS[kind]()
-    with pytest.raises(mc.ShapeError, match=r"input on meta, but its expert weights are on cpu"):
+    with pytest.raises(
+        mc.ShapeError, match=r"input on meta, but experts.w_in, .* are on cpu: move the input"
+    ):
         block(torch.randn(2, 5, 16, device="meta"))
 
 
 @pytest.mark.parametrize("debug", [False, True])
-@pytest.mark.parametrize("router", ["topk", "switch", "hash", "expert_choice"])
+@pytest.mark.parametrize("router", ["topk", "topk capacity", "switch", "hash", "expert_choice"])
 def test_a_moe_block_on_meta_infers_shapes_from_a_meta_input(router, debug):
-    """As a dense model on meta does; the autocast query raised for the meta device, and the checks read
-    values a meta tensor does not have."""
+    """As a dense model on meta does; the autocast query raised for the meta device, the checks read
+    values a meta tensor does not have, and so did the capacity's drop (torch.nonzero); its statistics are
+    None, not torch's "cannot copy out of meta tensor"."""
     top_k = 1 if router == "switch" else 2
-    block = mc.MoEBlock(16, 32, 4, top_k=top_k, router=router, bias=True, num_shared_experts=1, device="meta")
+    options = {"capacity_factor": 1.0} if router == "topk capacity" else {}
+    block = mc.MoEBlock(
+        16, 32, 4, top_k=top_k, router=router.split()[0], router_options=options, bias=True,
+        num_shared_experts=1, device="meta",
+    )  # fmt: skip
     with mc.debug_checks(debug):
         y = block(torch.randn(2, 5, 16, device="meta"))
     assert y.is_meta and y.shape == (2, 5, 16)
+    assert block.last_stats["tokens"] == 10 and block.last_stats["expert_load"] is None
+    assert mc.stats(nn.Sequential(block))["0"]["routing_entropy"] is None
 
 
 def test_a_model_converted_on_meta_infers_shapes_from_a_meta_input():
@@ -140,5 +163,7 @@ def test_token_mask_refuses_what_is_not_a_module(model):
 def test_a_mot_block_on_meta_infers_shapes_from_a_meta_input() -> None:
     """As a dense FFN does: a meta forward gives the output's shape (the mixer's float32 scores turn off an
     autocast the meta device does not have)."""
-    y = mc.MoTBlock(16, 32, 4, group_size=2, device="meta")(torch.randn(3, 5, 16, device="meta"))
+    block = mc.MoTBlock(16, 32, 4, group_size=2, device="meta")
+    y = block(torch.randn(3, 5, 16, device="meta"))
     assert y.is_meta and y.shape == (3, 5, 16)
+    assert block.last_stats["merge_entropy"] is None and block.last_stats["groups"] == 2  # of 2 sequences

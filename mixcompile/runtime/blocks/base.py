@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -97,7 +97,8 @@ class Block(nn.Module):
 
     @property
     def last_stats(self) -> dict[str, Any]:
-        """Statistics of the last forward as Python numbers (``expert_load`` a CPU tensor).
+        """Statistics of the last forward as Python numbers (``expert_load`` a CPU tensor; None for what a
+        forward on the meta device computed, which has a shape and no value).
 
         The forward keeps them as tensors where it computed them, so it neither waits for the device nor
         breaks a ``torch.compile`` graph; they are read back here, when asked for.
@@ -198,21 +199,36 @@ class Block(nn.Module):
         check_input(x, lambda: f"the block at {self.site}" if self.site else type(self).__name__)
 
     def _check_device(self, x: torch.Tensor) -> None:
-        """Input and expert weights on one device, compared from metadata (no sync): the kernels would
-        otherwise compute on a meta skeleton's uninitialised memory and return it, or fail inside torch."""
-        weights = self.experts.w_in.device
-        if x.device == weights:
-            return
-        if weights.type == "meta":
+        """Input and every tensor of the block (experts, router or mixer, any plugin's) on one device,
+        compared from metadata (no sync): the kernels would otherwise compute on a meta skeleton's
+        uninitialised memory and return it (torch multiplies a CPU input by a meta weight without a word), or
+        fail inside torch."""
+        device = x.device
+        for module in self.modules():
+            for tensor in (*module._parameters.values(), *module._buffers.values()):
+                if tensor is not None and tensor.device != device:
+                    self._refuse_device(x)
+
+    def _refuse_device(self, x: torch.Tensor) -> NoReturn:
+        elsewhere = [
+            (name, tensor.device)
+            for name, tensor in (*self.named_parameters(), *self.named_buffers())
+            if tensor.device != x.device
+        ]
+        names = ", ".join(name for name, _ in elsewhere[:3]) + (", ..." if len(elsewhere) > 3 else "")
+        where = (
+            f"{self._name()} got an input on {x.device}, but {names} {'are' if len(elsewhere) > 1 else 'is'}"
+        )
+        if x.device.type != "meta" and any(device.type == "meta" for _, device in elsewhere):
             raise ConfigError(
-                f"{self._name()} got an input on {x.device}, but its expert weights are on the meta device "
-                "(a skeleton, without values): load or materialise them first (load_state_dict(state, "
-                "assign=True) with the converted model's weights, or to_empty(device=...) and an "
-                "initialisation)."
+                f"{where} on the meta device (a skeleton, without values): load or materialise them first "
+                "(load_state_dict(state, assign=True) with the converted model's weights, or "
+                "to_empty(device=...) and an initialisation)."
             )
+        devices = ", ".join(sorted({str(device) for _, device in elsewhere}))
         raise ShapeError(
-            f"{self._name()} got an input on {x.device}, but its expert weights are on {weights}: move the "
-            f"input or the model (.to({str(x.device)!r})) so that both are on one device."
+            f"{where} on {devices}: move the input or the model (.to({str(x.device)!r})) so that both are on "
+            "one device."
         )
 
     def _name(self) -> str:
@@ -281,9 +297,12 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _to_host(value: Any) -> Any:
-    """A statistic as :func:`mixcompile.stats` gives it: scalars as Python numbers, vectors on the CPU."""
+    """A statistic as :func:`mixcompile.stats` gives it: scalars as Python numbers, vectors on the CPU;
+    None after a forward on the meta device (shapes, no values)."""
     if not isinstance(value, torch.Tensor):
         return value
+    if value.is_meta:
+        return None
     return value.item() if value.ndim == 0 else value.cpu()
 
 
