@@ -44,6 +44,14 @@ class Registration:
     plugin: str
     description: str = ""
 
+    @property
+    def builtin(self) -> bool:
+        """Registered by mixcompile's own plugins (``mixcompile_plugins``), whose results the blocks may
+        take as correct by construction where a third party's are checked."""
+        import mixcompile_plugins
+
+        return self.plugin in {module.__name__ for module in mixcompile_plugins.BUILTIN_PLUGINS}
+
 
 class Registry:
     """Everything the loaded plugins registered, by kind and name."""

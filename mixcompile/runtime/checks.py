@@ -58,6 +58,19 @@ def _can_read_back() -> bool:
     return not torch.compiler.is_compiling() and not _capturing()
 
 
+def check_picks(experts: torch.Tensor, num_experts: int, kernel: Source) -> None:
+    """A third-party kernel's top-k picks in ``[0, num_experts)``, checked where they are made so that the
+    kernel is named (one read back; a plan listing them is not read back again)."""
+    if not _can_read_back() or experts.is_meta or experts.numel() == 0:
+        return
+    low, high = torch.aminmax(experts)
+    if bool((low < 0) | (high >= num_experts)):
+        raise PluginError(
+            f"{source_text(kernel)}: topk_routing returned experts from {int(low)} to {int(high)}; expected "
+            f"indices in [0, {num_experts})."
+        )
+
+
 def check_input(x: torch.Tensor, where: Source) -> None:
     """Debug switch: a non-finite block input is upstream's fault, said before any plugin sees it."""
     if debug_checks_enabled() and not x.is_meta and not torch.isfinite(x).all():

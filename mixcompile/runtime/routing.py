@@ -150,7 +150,8 @@ class RouterBase(nn.Module):
             plan = RoutingPlan(
                 token, expert, weight, n, self.num_experts, probs, 0, losses, pairs_per_token=k
             )
-            if not torch.compiler.is_compiling():  # read by eager forwards only
+            # Read by eager forwards only; an inference tensor (torch.inference_mode) has no version to read.
+            if not torch.compiler.is_compiling() and not chosen.is_inference():
                 plan.listed_from = (chosen, token, expert, (chosen._version, token._version, expert._version))
             return plan
         if expert.is_meta:  # shape inference: how many pairs fit is a value, which a meta tensor lacks

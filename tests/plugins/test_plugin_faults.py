@@ -55,6 +55,10 @@ class _Kernel(mc.Kernel):
     def supports(self, kind, device, dtype):
         return True
 
+    def topk_routing(self, logits, top_k, *, bias=None, renormalize=True):
+        probs, experts, weights = super().topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
+        return probs, experts + 1 if self.fault == "off_by_one" else experts, weights
+
     def moe(self, x, plan, experts):
         if self.fault == "crash":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -183,6 +187,32 @@ def test_kernel_faults_name_the_kernel_and_site(flaky) -> None:
         _Kernel.fault = ""
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_third_party_kernels_picks_out_of_range_name_the_kernel(flaky, training) -> None:
+    """Listed as they came out by a built-in router, they were taken as in range by construction: the
+    block failed in its statistics (eval) or blamed the built-in router (training)."""
+    block = _block(router="topk", kernel="flaky").train(training)
+    _Kernel.fault = "off_by_one"
+    try:
+        with pytest.raises(
+            mc.PluginError,
+            match=r"kernel 'flaky' \(plugin 'flaky_plugin'\) at mlp: topk_routing returned experts from 1 to "
+            r"4; expected indices in \[0, 4\)",
+        ):
+            block(torch.randn(64, 8))
+    finally:
+        _Kernel.fault = ""
+
+
+def test_a_router_returning_something_else_than_a_plan_is_told_so(flaky) -> None:
+    block = _block()
+    block.router.forward = lambda x, kernel: x  # a tensor, not a RoutingPlan
+    with pytest.raises(
+        mc.PluginError, match=r"router 'flaky' .* returned a malformed RoutingPlan: expected a"
+    ):
+        block(torch.randn(5, 8))
+
+
 def test_nan_from_a_router_is_found_under_the_debug_switch(flaky) -> None:
     block = _block()
     block.router.fault = "nan"
@@ -296,14 +326,16 @@ def _read_backs(block: mc.MoEBlock, x: torch.Tensor, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("kernel", ["torch", "flaky"])
 def test_a_routing_steps_own_picks_are_not_read_back(flaky, kernel, monkeypatch) -> None:
-    """A plan listing the kernel's top-k picks as they came out (the built-in top-k routers) is in range by
-    construction: no read back (on an H100 the wait cost a third of a 16K-token forward). A router's own
-    picks are checked (one read back), and the debug switch checks everything."""
+    """A plan listing a built-in kernel's top-k picks as they came out (the built-in top-k routers) is in
+    range by construction: no read back (on an H100 the wait cost a third of a 16K-token forward). A third
+    party's picks are checked where they are made, a router's own picks in the plan (one read back each),
+    and the debug switch checks everything."""
     x = torch.randn(5, 8)
+    picks = 0 if kernel == "torch" else 1
     for training in (True, False):
-        assert _read_backs(_block(router="topk", kernel=kernel).train(training), x, monkeypatch) == 0
+        assert _read_backs(_block(router="topk", kernel=kernel).train(training), x, monkeypatch) == picks
     assert _read_backs(_block(router="expert_choice", kernel=kernel), x, monkeypatch) == 1
-    assert _read_backs(_block(kernel=kernel), x, monkeypatch) == 0  # the faulty router, behaving
+    assert _read_backs(_block(kernel=kernel), x, monkeypatch) == picks  # the faulty router, behaving
     with mc.debug_checks():
         assert _read_backs(_block(router="topk", kernel=kernel), x, monkeypatch) > 1
 

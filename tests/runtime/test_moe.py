@@ -557,3 +557,17 @@ def test_a_fault_in_the_kernels_routing_step_names_the_kernel(contract_plugin, k
     block = mc.MoEBlock(16, 32, 4, top_k=2, router="topk", kernel=kernel)
     with pytest.raises(mc.PluginError, match=rf"kernel '{kernel}' \(plugin 'contract_plugin'\).*{fragment}"):
         block(torch.randn(2, 3, 16))
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "hash", "expert_choice"])
+def test_a_block_runs_under_inference_mode_as_under_no_grad(router):
+    """Serving code runs models under torch.inference_mode, whose tensors have no version counter: the
+    check that a plan lists the routing step's picks unchanged read one, and blamed the router as a bug."""
+    top_k = 1 if router == "switch" else 2
+    block = mc.MoEBlock(16, 32, 4, top_k=top_k, router=router).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        want = block(x)
+    with torch.inference_mode():
+        got = block(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -48,6 +48,7 @@ class KernelChoice:
     name: str
     kernel: Kernel
     source: Source
+    builtin: bool  # a built-in kernel's routing picks are in range by construction; a third party's checked
 
 
 # A case no kernel serves keeps the reason (a str) instead of a choice, for the forward that meets it.
@@ -152,7 +153,7 @@ class Block(nn.Module):
             raise  # a broken kernel plugin: now, not as a ConfigError at the forward that meets it
         except MixcompileError as exc:
             return str(exc)
-        return KernelChoice(name, kernel, Describe(self, "kernel", name))
+        return KernelChoice(name, kernel, Describe(self, "kernel", name), lookup("kernel", name).builtin)
 
     def _kernel(self, x: torch.Tensor) -> KernelChoice:
         """This block's kernel for ``x`` (chosen in advance; resolved here only for a device or dtype the

@@ -11,7 +11,7 @@ from torch import nn
 from mixcompile.errors import ConfigError, PluginError, check_positive_int
 from mixcompile.plugins.build import Source, build_plugin, call_plugin, source_text
 from mixcompile.runtime.blocks.base import Block, Describe, check_plugin_options
-from mixcompile.runtime.checks import check_output, check_routing_plan
+from mixcompile.runtime.checks import check_output, check_picks, check_routing_plan
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel
@@ -108,7 +108,10 @@ class MoEBlock(Block):
         flat = self._compute_input(x.reshape(-1, x.shape[-1]))
         choice = self._kernel(flat)
         kernel = choice.kernel
-        routing_kernel = kernel if torch.compiler.is_compiling() else _RoutingKernel(kernel, choice.source)
+        if torch.compiler.is_compiling():
+            routing_kernel: Kernel = kernel
+        else:
+            routing_kernel = _RoutingKernel(kernel, choice.source, trusted=choice.builtin)
         plan = call_plugin(self._router_source, self.router, flat, routing_kernel)
         runner = self.expert_parallel  # sharded, the block holds this rank's experts: plans name all of them
         experts = runner.num_experts if runner is not None else self.experts.num_experts
@@ -200,11 +203,13 @@ def _routing_stats(plan: Any, kernel_name: str) -> dict[str, Any]:
 class _RoutingKernel:
     """The kernel as a router sees it (eager forwards): a fault in the kernel's routing step
     (``topk_routing``) names the kernel, not the router that called it, and its results are checked where
-    they are made."""
+    they are made: their shapes and dtypes always, and the picks' range for a third party's kernel (one read
+    back; a built-in's are in range by construction)."""
 
-    def __init__(self, kernel: Kernel, source: Source) -> None:
+    def __init__(self, kernel: Kernel, source: Source, *, trusted: bool) -> None:
         self._kernel = kernel
         self._source = source
+        self._trusted = trusted
         self._picked: tuple[torch.Tensor, int] | None = None  # the experts tensor returned, its version
 
     def listed(self, plan: RoutingPlan) -> bool:
@@ -212,7 +217,7 @@ class _RoutingKernel:
         :meth:`RouterBase.token_choice_plan`, nothing since written into them or its token index: its
         indices are in range by construction, so the block need not read them back to the host (a wait for
         the GPU's queue that cost a third of a 16K-token forward's time on an H100)."""
-        listed, picked = plan.listed_from, self._picked
+        listed, picked = getattr(plan, "listed_from", None), self._picked  # a router may return anything
         if listed is None or picked is None:
             return False
         chosen, token, expert, versions = listed
@@ -247,7 +252,11 @@ class _RoutingKernel:
                 f"{source_text(self._source)}: topk_routing returned {what}; expected (probs [N, E], experts "
                 f"[N, top_k] int64, weights [N, top_k]) for N={n}, E={logits.shape[1]}, top_k={top_k}."
             )
-        self._picked = (parts[1], parts[1]._version)
+        experts = parts[1]
+        if not self._trusted:
+            check_picks(experts, logits.shape[1], self._source)
+        if not experts.is_inference():  # an inference tensor has no version counter: the plan is checked
+            self._picked = (experts, experts._version)
         return parts
 
     def __getattr__(self, name: str) -> Any:
