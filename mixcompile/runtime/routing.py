@@ -139,7 +139,7 @@ class RouterBase(nn.Module):
         if probs is None:
             probs = torch.softmax(logits, dim=-1)
         losses = self.losses(logits, probs, expert)
-        if self.bias_balancing and self.training:
+        if self.bias_balancing and self.training and not _recomputing():
             with torch.no_grad():
                 self.load_since_update += fixed_bincount(expert, self.num_experts).float()
         # Capacity is a training device (balanced expert loads): in eval every token is routed, so a
@@ -175,6 +175,12 @@ class RouterBase(nn.Module):
         if self.z_loss_weight > 0:
             losses["z"] = self.z_loss_weight * router_z_loss(logits)
         return losses
+
+
+def _recomputing() -> bool:
+    """Whether this forward runs inside backward: activation checkpointing recomputing it, whose tokens the
+    first run counted already."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 _BALANCING_STATE = ("selection_bias", "load_since_update")  # kept in float32 or wider (LearnedRouter._apply)

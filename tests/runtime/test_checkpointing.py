@@ -204,3 +204,18 @@ def test_a_loss_on_an_inner_hidden_state_keeps_the_padding_mask() -> None:
 
     for got, want in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_bias_balancing_counts_each_token_once_under_checkpointing(reentrant) -> None:
+    """The recomputation in backward ran in training mode and counted every token again: the load buffer,
+    saved in checkpoints and read as each rank's load, held twice the tokens routed."""
+    torch.manual_seed(0)
+    block = mc.MoEBlock(8, 16, 4, top_k=2, router_options={"bias_balancing": True})
+    x = torch.randn(16, 8, requires_grad=True)
+    checkpoint(block, x, use_reentrant=reentrant).square().sum().backward()
+    counted = block.router.load_since_update
+    assert counted.sum().item() == 16 * 2
+    block.router.load_since_update.zero_()
+    block(x)
+    torch.testing.assert_close(block.router.load_since_update, counted, rtol=0, atol=0)
