@@ -15,6 +15,9 @@ from mixcompile.errors import (
     ShapeError,
     UnknownNameError,
     VerificationError,
+    check_bool,
+    check_positive_int,
+    warn,
 )
 from mixcompile.integrations.transformers_experts import register_transformers_experts
 from mixcompile.io import load, save
@@ -101,6 +104,8 @@ __all__ = [
     "VerificationError",
     "aux_loss",
     "build_tiny_gpt",
+    "check_bool",
+    "check_positive_int",
     "convert",
     "convert_with_report",
     "flop_matched_hidden",
@@ -118,5 +123,6 @@ __all__ = [
     "to_token_choice",
     "token_mask",
     "unregister_plugin",
+    "warn",
     "update_routing_bias",
 ]

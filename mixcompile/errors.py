@@ -88,20 +88,30 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def warn(message: str) -> None:
-    """``warnings.warn`` pointed at the user's line: the first caller outside mixcompile, its built-in
-    plugins, pluggy and torch. A fixed ``stacklevel`` is wrong for a warning given inside a forward (it
-    points into torch's module-call machinery) or reached by more than one path (``convert`` from Python
-    and from the CLI)."""
+    """``warnings.warn`` pointed at the user's line: the first caller outside the calling package (a
+    plugin's), mixcompile, its built-in plugins, pluggy and torch. A fixed ``stacklevel`` is wrong for a
+    warning given inside a forward (it points into torch's module-call machinery) or reached by more than
+    one path (``convert`` from Python and from the CLI)."""
     frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_internal_dirs()):
+    internal = (*_internal_paths(), *_package_path(frame.f_globals.get("__name__", "")))
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
 
 
-def _internal_dirs() -> tuple[str, ...]:
-    modules = [sys.modules.get(name) for name in ("mixcompile_plugins", "pluggy", "torch")]
-    here = os.path.dirname(__file__)
-    return tuple(d + os.sep for d in [here, *(os.path.dirname(m.__file__ or "") for m in modules if m)] if d)
+def _internal_paths() -> tuple[str, ...]:
+    names = ("mixcompile", "mixcompile_plugins", "pluggy", "torch")
+    return tuple(path for name in names for path in _package_path(name))
+
+
+def _package_path(module_name: str) -> tuple[str, ...]:
+    """The folder of ``module_name``'s top-level package (its file for a lone module; nothing for a script
+    run as ``__main__``, which is the user's)."""
+    top = module_name.split(".")[0]
+    file = getattr(sys.modules.get(top), "__file__", None)
+    if not file or top == "__main__":
+        return ()
+    return (os.path.dirname(file) + os.sep,) if os.path.basename(file) == "__init__.py" else (file,)
 
 
 def _sp(hint: str) -> str:

@@ -7,8 +7,18 @@ from typing import Any, Literal, TypeAlias
 
 import torch
 
-from mixcompile import ConfigError, Kernel, LearnedRouter, RouterBase, RouterRegister, RoutingPlan, hookimpl
-from mixcompile.errors import check_bool, check_positive_int, warn
+from mixcompile import (
+    ConfigError,
+    Kernel,
+    LearnedRouter,
+    RouterBase,
+    RouterRegister,
+    RoutingPlan,
+    check_bool,
+    check_positive_int,
+    hookimpl,
+    warn,
+)
 
 TopKOrder: TypeAlias = Literal["softmax_topk", "topk_softmax"]
 TOPK_ORDERS = ("softmax_topk", "topk_softmax")

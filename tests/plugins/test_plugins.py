@@ -240,3 +240,36 @@ def test_kernel_that_does_not_support_the_input(fresh_registry):
     with pytest.raises(mc.ConfigError, match="kernel 'gpu_only' does not support moe blocks on cpu"):
         block(torch.randn(3, 4))
     assert mc.MoEBlock(4, 8, 2, top_k=1).kernel_for("cpu", torch.float32) == "torch"
+
+
+def test_a_plugins_warning_points_at_the_users_line(fresh_registry, tmp_path, monkeypatch):
+    """mc.warn, which the built-ins use, skips the warning plugin's own package as it skips mixcompile's and
+    torch's frames: the user sees the line that called the model, not the plugin's nor torch's module.py."""
+    package = tmp_path / "noisy_router"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            import mixcompile as mc
+
+            class Noisy(mc.LearnedRouter):
+                def forward(self, x, kernel):
+                    mc.warn("noisy router says hello")
+                    probs, chosen, weights = kernel.topk_routing(self.logits(x), self.top_k)
+                    return self.token_choice_plan(self.logits(x), chosen, weights, probs)
+
+            class Plugin:
+                @mc.hookimpl
+                def register_routers(self, register):
+                    register("noisy", Noisy)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import noisy_router
+
+    mc.register_plugin(noisy_router.Plugin(), name="tests.noisy")
+    block = mc.MoEBlock(4, 8, 3, top_k=2, router="noisy")
+    with pytest.warns(UserWarning, match="noisy router says hello") as said:
+        block(torch.randn(5, 4))
+    assert [w.filename for w in said] == [__file__]
