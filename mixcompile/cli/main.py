@@ -461,10 +461,12 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strate
         if required:
             raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")
         return None
-    if "strategy" not in data and default_strategy is not None:
+    stated = "strategy" in data
+    if not stated and default_strategy is not None:
         data["strategy"] = default_strategy
     if "strategy" not in data:
         raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
+    _refuse_other_strategys_flags(args, data["strategy"], stated=stated)
     recipe = _recipe(data, from_file, args.recipe)
     if recipe.strategy == "moe" and recipe.top_k > recipe.num_experts:
         top_k = _named(args, from_file, "top_k", "--top-k", recipe.top_k)
@@ -474,6 +476,38 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strate
             "twice)."
         )
     return recipe
+
+
+# Flags of one strategy: typed with the other, they would do nothing (the recipe refuses values other than
+# the defaults, but cannot tell a default typed, `--strategy mot --top-k 2`, from one left alone).
+STRATEGY_FLAGS = {
+    "moe": {
+        "top_k": "--top-k",
+        "router": "--router",
+        "router_options": "--router-option",
+        "num_shared_experts": "--shared-experts",
+    },
+    "mot": {
+        "group_size": "--group-size",
+        "mixer": "--mixer",
+        "mixer_options": "--mixer-option",
+        "mode": "--mode",
+        "small_batch": "--small-batch",
+        "layout": "--layout",
+    },
+}
+
+
+def _refuse_other_strategys_flags(args: argparse.Namespace, strategy: object, *, stated: bool) -> None:
+    for other, flags in STRATEGY_FLAGS.items():
+        typed = [flag for name, flag in flags.items() if getattr(args, name) not in (None, [])]
+        if other == strategy or strategy not in STRATEGY_FLAGS or not typed:
+            continue
+        one = len(typed) == 1
+        them = "it" if one else "them"
+        fix = f"drop {them} for --strategy {strategy}" if stated else f"add --strategy {other}"
+        verb = "applies" if one else "apply"
+        raise UsageError(f"{', '.join(typed)} {verb} to --strategy {other} only; {fix}.")
 
 
 def recipe_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -85,12 +85,12 @@ def test_a_flag_error_over_a_recipe_file_is_not_blamed_on_the_file(converted, tm
     recipe.write_text(json.dumps({"num_experts": 2}))
     argv = ["convert", converted, "-o", tmp_path / "out", "--recipe", recipe, "--strategy", "moe"]
     code, _, err = command([*argv, "--group-size", "2"], capsys)
-    one_error(code, err, 2, "group_size=2 is a mot option")
+    one_error(code, err, 2, "--group-size applies to --strategy mot only")
     assert str(recipe) not in err
     # a value of the file's that a flag overrides is not the error: the flag's own mistake is
     recipe.write_text(json.dumps({"strategy": "moe", "num_experts": 0}))
     code, _, err = command([*argv, "--experts", "4", "--mode", "sparse"], capsys)
-    one_error(code, err, 2, "mode='sparse' is a MoT option")
+    one_error(code, err, 2, "--mode applies to --strategy mot only")
     assert str(recipe) not in err
 
 
@@ -126,3 +126,33 @@ def test_a_layout_warning_is_printed_once_per_convert(dense, tmp_path, capsys) -
         code, _, err = command([*argv, "--experts", "2", "--group-size", "2"], capsys)
     assert code == 0, err
     assert err.count("mixcompile: warning:") == 1 and "batch-first" in err, err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--strategy", "mot", "--top-k", "2"],
+            "--top-k applies to --strategy moe only; drop it for --strategy mot",
+        ),
+        (["--strategy", "moe", "--group-size", "4", "--mixer", "softmax"], "--group-size, --mixer apply to"),
+        (
+            ["--strategy", "mot", "--router-option", "capacity_factor=1"],
+            "--router-option applies to --strategy",
+        ),
+        (["--strategy", "moe", "--small-batch", "group"], "--small-batch applies to --strategy mot only"),
+    ],
+)
+def test_a_flag_of_the_other_strategy_is_refused_even_at_its_default(
+    converted, tmp_path, capsys, flags, message
+):
+    """`--strategy mot --top-k 2` converted without a word: the recipe refuses another strategy's options
+    only away from their defaults, and cannot tell a default typed from one left alone."""
+    code, _, err = command(["convert", converted, "-o", tmp_path / "out", *flags], capsys)
+    one_error(code, err, 2, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_without_a_strategy_is_told_which_one_a_flag_needs(converted, capsys) -> None:
+    code, _, err = command(["inspect", converted, "--group-size", "4"], capsys)
+    one_error(code, err, 2, "--group-size applies to --strategy mot only; add --strategy mot")
