@@ -2,9 +2,8 @@
 
 - :func:`parallelize`: expert parallelism, each rank keeps a slice of every MoE block's experts.
 - :func:`data_parallel` / :func:`rank_local_state`: DDP and FSDP2 over converted (and parallelized) models.
-- :func:`all_reduce_stats`: routing statistics summed over ranks (aux-loss-free balancing over ranks is
-  :func:`mixcompile.update_routing_bias` with ``group=``)
-  over all ranks' tokens.
+- :func:`all_reduce_stats`: routing statistics over all ranks' tokens (aux-loss-free balancing over ranks
+  is :func:`mixcompile.update_routing_bias` with ``group=``).
 
 MoT blocks need nothing here: their groups are formed within each rank's batch.
 """

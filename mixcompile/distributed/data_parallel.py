@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -11,6 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mixcompile.distributed.expert_parallel import expert_parallel_runner
 from mixcompile.runtime.introspect import balancing_routers, sparse_blocks
+
+# Every module that data_parallel wrapped, and each module inside it, to its (weakly held) DDP wrapper:
+# parallelize must refuse them, and DDP leaves no mark of its own on the module it wraps.
+_WRAPPED_BY: weakref.WeakKeyDictionary[nn.Module, weakref.ref[DistributedDataParallel]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def rank_local_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,4 +56,33 @@ def data_parallel(
 ) -> DistributedDataParallel:
     """``DistributedDataParallel(model)`` leaving :func:`rank_local_state` alone; options pass on to DDP."""
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(rank_local_state(model)))
-    return DistributedDataParallel(model, process_group=group, **ddp_options)
+    wrapper = DistributedDataParallel(model, process_group=group, **ddp_options)
+    for module in model.modules():
+        _WRAPPED_BY[module] = weakref.ref(wrapper)
+    return wrapper
+
+
+def data_parallel_wrapping(model: nn.Module) -> str | None:
+    """Where ``model`` is already under data parallelism, in words, else ``None``: a DDP or
+    ``nn.DataParallel`` (or FSDP2 ``fully_shard``) module in it, or a live :func:`data_parallel` wrapper
+    around it or around one of its modules."""
+    fsdp_module = _fsdp_module_class()
+    for path, module in model.named_modules():
+        where = f"the module at {path!r}" if path else f"the model ({type(module).__name__})"
+        if isinstance(module, DistributedDataParallel | nn.DataParallel):
+            return f"{where} is a {type(module).__name__}"
+        if fsdp_module is not None and isinstance(module, fsdp_module):
+            return f"{where} is sharded by FSDP2's fully_shard"
+        wrapper = _WRAPPED_BY.get(module)
+        if wrapper is not None and wrapper() is not None:
+            return f"{where} is wrapped by the DistributedDataParallel that data_parallel made"
+    return None
+
+
+def _fsdp_module_class() -> type | None:
+    """FSDP2's ``FSDPModule`` (the class ``fully_shard`` mixes in), where this torch has it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule

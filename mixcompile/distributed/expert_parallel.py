@@ -122,9 +122,14 @@ def parallelize(
     they are then the gradient of the mean of the ranks' losses, as DDP and FSDP average the replicated
     parameters'; with ``False`` they are the gradient of the sum. MoT blocks are left alone (they shard
     over nothing).
+
+    Call it before data parallelism (:func:`mixcompile.distributed.data_parallel`, FSDP2's ``fully_shard``),
+    which is refused afterwards, and build the optimizer after it: it replaces the expert parameters, so an
+    optimizer built before would hold (and step) the old, full ones.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("parallelize needs torch.distributed initialised first (init_process_group).")
+    _check_not_data_parallel(model)
     blocks = {path: b for path, b in sparse_blocks(model).items() if isinstance(b, MoEBlock)}
     world = dist.get_world_size(ep_group)  # -1 on a rank outside the group
     if world != dist.get_world_size():
@@ -246,6 +251,22 @@ def _record_for_ddp(model: nn.Module) -> None:
     names |= {f"_orig_mod.{name}" for name in names}  # DDP(torch.compile(model)) reads model's list
     names |= set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
+
+
+def _check_not_data_parallel(model: nn.Module) -> None:
+    """Refuse a model already under data parallelism: DDP (or FSDP2) registered the full expert parameters
+    that parallelize replaces, and failed only at the second step, with a misleading "Expected to have
+    finished reduction in the prior iteration" about find_unused_parameters."""
+    from mixcompile.distributed.data_parallel import data_parallel_wrapping
+
+    wrapping = data_parallel_wrapping(model)
+    if wrapping is not None:
+        raise ConfigError(
+            f"parallelize: {wrapping}. That wrapper holds the full expert parameters, which parallelize "
+            "would replace with this rank's slice (DDP then fails at the second step, asking for "
+            "find_unused_parameters). Call parallelize first on the bare model, then "
+            "mixcompile.distributed.data_parallel (or fully_shard), and build the optimizer after both."
+        )
 
 
 def _check_shardable(path: str, block: MoEBlock, world: int) -> None:

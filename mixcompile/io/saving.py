@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_model
 from torch import nn
 
@@ -48,7 +49,7 @@ def save(
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}.")
     directory = path_argument(path, "path", "the directory to write the model to")
-    model = unwrapped(model)  # a compiled model is saved as the model it compiles
+    model = unwrapped(model)  # a compiled or data-parallel model is saved as the model it wraps
     spec = base or base_spec_of(model)
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ConfigError(f"base must be a base spec with a 'kind' in {KINDS}, got {spec!r}.")
@@ -91,6 +92,14 @@ def recipes_to_save(model: nn.Module) -> list[Any]:
         raise ConfigError(
             "this model was not converted by mixcompile (no recipe recorded); convert it first."
         )
+    refuse_sharded_experts(model)
+    refuse_distributed_tensors(model)
+    refuse_meta_tensors(model)
+    return recipes
+
+
+def refuse_sharded_experts(model: nn.Module) -> None:
+    """A block sharded by expert parallelism holds E/W experts: a directory of it would not load."""
     for path, block in sparse_blocks(model).items():
         runner = getattr(block, "expert_parallel", None)
         if runner is not None:
@@ -100,6 +109,36 @@ def recipes_to_save(model: nn.Module) -> list[Any]:
                 "parallelize, or save each rank's torch.save(model.state_dict()) and load it into a model "
                 "parallelized the same way."
             )
+
+
+def refuse_distributed_tensors(model: nn.Module) -> None:
+    """A DTensor (an FSDP2 shard) holds only this rank's part, and safetensors cannot read its storage
+    (it failed with "Attempted to access the data pointer on an invalid python storage")."""
+    names = distributed_tensor_names(model)
+    if names:
+        raise ConfigError(
+            f"{type(model).__name__} has {len(names)} parameters or buffers that are sharded DTensors "
+            f"({names[0]!r} first; FSDP2's fully_shard makes them), each holding only this rank's shard, and "
+            "a saved directory needs full tensors. Save before fully_shard, or gather a full state dict on "
+            "every rank (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)); rank 0 gets the tensors), "
+            "load it into an unsharded copy of the converted model (the same convert of the same base) and "
+            "save that on rank 0."
+        )
+
+
+def distributed_tensor_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters and buffers that are ``torch.distributed`` DTensors."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.tensor import DTensor
+
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in tensors if isinstance(tensor, DTensor)]
+
+
+def refuse_meta_tensors(model: nn.Module) -> None:
+    """Tensors on the meta device have no values to write."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
     skeleton = [name for name, tensor in tensors if tensor.is_meta]
     if skeleton:
@@ -108,4 +147,3 @@ def recipes_to_save(model: nn.Module) -> list[Any]:
             "a structure without values, nothing to save. Fill them first (load_state_dict(state, "
             "assign=True), or to_empty(device=...) and an initialisation), then save."
         )
-    return recipes

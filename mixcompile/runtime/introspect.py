@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def sparse_blocks(model: nn.Module) -> dict[str, Block]:
-    """Every MoE / MoT block in ``model``, by module path (a ``torch.compile`` wrapper's model's paths)."""
+    """Every MoE / MoT block in ``model``, by module path (for a wrapper, the paths in the model it wraps:
+    see :func:`unwrapped`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}.")
     modules = unwrapped(model).named_modules()
@@ -24,9 +25,25 @@ def sparse_blocks(model: nn.Module) -> dict[str, Block]:
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The model a ``torch.compile`` wrapper compiles: its parameters, and the paths a save records."""
-    compiled = torch._dynamo.eval_frame.OptimizedModule
-    return model._orig_mod if isinstance(model, compiled) else model
+    """The model inside ``torch.compile``, ``DistributedDataParallel`` and ``nn.DataParallel`` wrappers (in
+    any nesting): a wrapper runs that model unchanged, so its blocks, the paths a save records and the saved
+    weights are that model's."""
+    while True:
+        inner = _wrapped_model(model)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _wrapped_model(model: nn.Module) -> nn.Module | None:
+    """The model one wrapper holds, or ``None`` when ``model`` is not a wrapper."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        inner = model._orig_mod
+    elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        inner = model.module
+    else:
+        return None
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
