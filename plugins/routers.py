@@ -48,6 +48,11 @@ class TopKRouter(LearnedRouter):
         self.order = order
         self.renormalize = renormalize
 
+    @property
+    def weights_sum_to_one(self) -> bool:
+        """Renormalised (or softmax over the k picks) and dropless: an upcycled block computes the FFN."""
+        return (self.renormalize or self.order == "topk_softmax") and self.capacity_factor is None
+
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         if self.training and self.top_k == 1 and self.renormalize and not torch.compiler.is_compiling():
             # Said when it matters, in training (not when a saved model is loaded for inference).
@@ -133,6 +138,11 @@ class HashRouter(RouterBase):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         projection = torch.randn(num_experts, d_model, generator=generator) / math.sqrt(d_model)
         self.register_buffer("projection", projection)
+
+    @property
+    def weights_sum_to_one(self) -> bool:
+        """Weights 1/k for each of the k picks, and dropless without a capacity."""
+        return self.capacity_factor is None
 
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         scores = (x @ self.projection.to(x.dtype).t()).float()

@@ -19,6 +19,7 @@ from torch import nn
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError, MixcompileError
+from mixcompile.plugins.build import call_plugin_method, describe_plugin
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock
 from mixcompile.runtime.blocks.sizing import expert_hidden, sparse_flops
 from mixcompile.runtime.experts import StackedExperts, deferred_init
@@ -250,18 +251,59 @@ def build_block(
     return block
 
 
-def function_preserving(recipe: Recipe) -> bool:
-    """Whether the converted model should equal the dense one at step 0 (upcycled experts, weights summing
-    to 1 per token, nothing dropped; shared experts start with a zero output)."""
-    options = recipe.router_options
+def function_preserving(plan: Replacement) -> bool:
+    """Whether the block built for ``plan`` should compute its dense FFN at step 0, read from the built
+    block (not from plugin names, so a third party's router or initializer is held to it too): a MoE block
+    whose router's weights sum to 1 per token with nothing dropped (``weights_sum_to_one``), whose experts
+    are each an exact copy of the FFN, and whose shared experts, if any, start with a zero output."""
+    block = plan.block
     return (
-        recipe.strategy == "moe"
-        and recipe.init == "upcycle"
-        and not recipe.init_options.get("noise")
-        and recipe.router in ("topk", "hash")
-        and options.get("capacity_factor") is None
-        and options.get("renormalize", True)
+        isinstance(block, MoEBlock)
+        and _router_weights_sum_to_one(block)
+        and experts_copy_dense(block.experts, plan.site.ffn)
+        and (block.shared_experts is None or outputs_zero(block.shared_experts))
     )
+
+
+def _router_weights_sum_to_one(block: MoEBlock) -> bool:
+    """The router's ``weights_sum_to_one`` (False when it has none, or anything but True); a property
+    that raises is its plugin's bug, named."""
+
+    def source() -> str:  # built only for an error
+        return describe_plugin("router", block.router_name, block.site)
+
+    when = "when weights_sum_to_one was read"
+    declared = call_plugin_method(source, when, getattr, block.router, "weights_sum_to_one", False)
+    return declared is True
+
+
+def experts_copy_dense(experts: StackedExperts, dense: DenseFFN) -> bool:
+    """Whether every expert holds the dense FFN's tensors (in the experts' dtype, as an initializer copies
+    them), a bias the FFN lacks being zero."""
+    pairs = (
+        (experts.w_in, dense.w_in),
+        (experts.w_gate, dense.w_gate),
+        (experts.w_out, dense.w_out),
+        (experts.b_in, dense.b_in),
+        (experts.b_gate, dense.b_gate),
+        (experts.b_out, dense.b_out),
+    )
+    return all(_every_expert_equals(stacked, single) for stacked, single in pairs)
+
+
+def _every_expert_equals(stacked: torch.Tensor | None, single: torch.Tensor | None) -> bool:
+    if stacked is None:
+        return single is None
+    if single is None:
+        return not bool(stacked.any())
+    if stacked.shape[1:] != single.shape:  # experts of another size (split, random)
+        return False
+    return torch.equal(stacked, single.to(stacked).unsqueeze(0).expand_as(stacked))
+
+
+def outputs_zero(experts: StackedExperts) -> bool:
+    """Whether ``experts`` add nothing to a block's output (a zero output projection and bias)."""
+    return not bool(experts.w_out.any()) and (experts.b_out is None or not bool(experts.b_out.any()))
 
 
 def dense_params(ffn: DenseFFN) -> int:

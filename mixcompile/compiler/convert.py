@@ -30,7 +30,7 @@ from mixcompile.compiler.choose import select_sites
 from mixcompile.compiler.find import FFNSite, Scan, find_ffns
 from mixcompile.compiler.layout import AUTO_BATCH, auto_inputs, batch_size, decide_layout, observed_layout
 from mixcompile.compiler.pattern import Pattern
-from mixcompile.compiler.recipe import Recipe, make_recipe, record
+from mixcompile.compiler.recipe import Recipe, make_recipe, recipes_of, record
 from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
 from mixcompile.compiler.rewrite import Assignment, apply, assignments, choose_rewrites
 from mixcompile.compiler.verify import (
@@ -52,6 +52,8 @@ from mixcompile.errors import (
     first_line,
     warn,
 )
+from mixcompile.plugins.build import build_plugin
+from mixcompile.plugins.manager import registry
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.calls import install_forward_scope
 from mixcompile.runtime.introspect import sparse_blocks
@@ -143,7 +145,7 @@ def convert_with_report(
     check_bool("verify", verify)
     recipe = make_recipe(recipe, options)
     target = model if inplace else _copy(model)
-    scan = _scan(target)
+    scan, pattern_of = _scan(target)
     selected = select_sites(recipe, scan.sites)
     rewritable = [site for site in selected if site.rewrite is not None]
     if not selected:
@@ -194,6 +196,7 @@ def convert_with_report(
     report.model_max_error = model_error
     report.notes.extend(probe.notes)
     record(target, recipe, [plan.site.index for plan in plans], [layouts[i] for i in sorted(layouts)])
+    _remember_patterns(target, {pattern_of[plan.site.index] for plan in plans})
     from mixcompile.io.hf import install_save_pretrained  # io depends on the compiler, not the reverse
 
     install_save_pretrained(target)  # so save_pretrained writes a directory nothing reads as the dense model
@@ -274,11 +277,13 @@ class _Probe:
 def _verify(
     model: nn.Module, recipe: Recipe, plans: list[Replacement], probe: _Probe, verify: bool
 ) -> tuple[dict[int, SiteCheck], float | None, str | None]:
-    """Each site's check, the converted model's largest output difference from the dense one, and, for a
-    function-preserving recipe, how the outputs disagree beyond rounding (``None`` if they agree)."""
+    """Each site's check, the converted model's largest output difference from the dense one, and, when
+    every block preserves its FFN's function, how the outputs disagree beyond rounding (``None`` if they
+    agree)."""
     if not verify or any(plan.site.ffn.w_in.is_meta for plan in plans):
         return {}, None, None  # a model on the meta device has structure, no values: nothing to run
-    preserving = function_preserving(recipe)
+    preserved = {plan.site.index: function_preserving(plan) for plan in plans}
+    preserving = all(preserved.values())
     checks = {}
     for plan in plans:
         index = plan.site.index
@@ -289,7 +294,7 @@ def _verify(
             batch = x.shape[0]
             if getattr(plan.block, "layout", None) == "flat":
                 x = x.reshape(-1, x.shape[-1])
-        checks[index] = check_site(plan, x, preserving=preserving, source=source, batch=batch)
+        checks[index] = check_site(plan, x, preserving=preserved[index], source=source, batch=batch)
     if probe.inputs is None:
         return checks, None, None
     try:
@@ -337,7 +342,7 @@ def _confirm_mismatch(
             f"{plan.site.index} ({plan.site.rewrite.describe()})" for plan in plans if plan.site.rewrite
         )
         raise VerificationError(
-            f"converting {type(model).__name__} changed more than its FFNs: the recipe preserves the dense "
+            f"converting {type(model).__name__} changed more than its FFNs: the blocks preserve the dense "
             f"model's function (every block alone computes its FFN), but on {probe.source} the converted "
             f"model's {mismatch}. A rewrite also changed something the FFN shares with other code. Sites: "
             f"{sites}. Convert fewer sites (sites=[...]) to find it; verify=False keeps the result unchecked."
@@ -388,17 +393,43 @@ def _check_model(model: object) -> None:
     raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}; {hint}.")
 
 
-def _scan(model: nn.Module) -> Scan:
-    scan = find_sites(model)
+def _scan(model: nn.Module) -> tuple[Scan, dict[int, str]]:
+    """The model's FFN sites, and the registered name of the pattern that found each (by site index)."""
+    patterns = registered_patterns()
+    scan = find_sites(model, list(patterns.values()))
     if not scan.sites:
         untraced = f" {len(scan.trace.failures)} modules could not be traced." if scan.trace.failures else ""
         raise ConfigError(
             f"no FFN found in {type(model).__name__}: nothing matched the registered patterns "
-            f"(linear -> activation -> linear, gated, fused gate-up).{untraced} "
+            f"({', '.join(patterns) or 'none'}).{untraced} "
             "print(mixcompile.inspect(model)) lists the modules that could not be traced and why; a custom "
-            "FFN shape can be taught with a pattern plugin."
+            "FFN shape can be taught with a pattern plugin (`mixcompile plugins` lists the registered ones)."
         )
-    return scan
+    name_of = {id(pattern): name for name, pattern in patterns.items()}
+    return scan, {site.index: name_of[id(site.finder)] for site in scan.sites}
+
+
+def registered_patterns() -> dict[str, Pattern]:
+    """Every registered pattern, built, by the name it is registered under (which a save records: a
+    pattern's own ``name`` attribute may differ)."""
+    return {name: build_plugin("pattern", name, expected=Pattern) for name in registry().names("pattern")}
+
+
+_PATTERNS = "_mixcompile_patterns"  # on a recorded recipe: the patterns that found the sites it converted
+
+
+def matched_patterns(recipe: Recipe) -> tuple[str, ...]:
+    """The registered patterns that found the FFNs ``recipe`` converted, as :func:`convert` recorded them
+    (empty for a recipe it did not record), so that a save names their plugins: without one, a load finds
+    other FFNs or none."""
+    names = getattr(recipe, _PATTERNS, ())
+    return names if isinstance(names, tuple) else ()
+
+
+def _remember_patterns(model: nn.Module, names: set[str]) -> None:
+    """Keep the patterns that found the converted sites on the recipe just recorded for ``model``: what
+    the conversion relied on, not a recipe option (a replay finds its sites with the patterns registered)."""
+    setattr(recipes_of(model)[-1], _PATTERNS, tuple(sorted(names)))
 
 
 def _describe_blocks(model: nn.Module) -> list[tuple[BlockReport, int]]:

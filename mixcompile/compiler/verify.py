@@ -27,7 +27,7 @@ from mixcompile.runtime.tokens import token_mask
 
 @dataclass
 class SiteCheck:
-    max_error: float | None  # max |block - dense| where the function should be preserved
+    max_error: float | None  # max |block - dense| where the block should preserve the FFN's function
     source: str  # "example_inputs" or "random"
 
 
@@ -103,7 +103,8 @@ def check_site(
     plan: Replacement, x: torch.Tensor, *, preserving: bool, source: str, batch: int | None = None
 ) -> SiteCheck:
     """Run the block and the dense FFN on ``x`` (``batch`` sequences, which a block on flattened tokens
-    needs told); shapes must agree, values are compared when preserving."""
+    needs told); shapes must agree, values are compared when ``preserving`` (see
+    :func:`mixcompile.compiler.build.function_preserving`)."""
     site = plan.site
     with evaluation(plan.block), token_mask(plan.block, None, batch=batch or 1):
         try:
@@ -129,8 +130,8 @@ def check_site(
     if mismatch is not None:
         raise VerificationError(
             f"FFN site {site.index} at {site.label!r}: the block built for it should compute the dense FFN "
-            f"(the recipe preserves the function), but on a probe of shape {tuple(x.shape)} its output "
-            f"{mismatch}."
+            f"(its experts are copies of the FFN and its router's weights sum to 1 per token), but on a "
+            f"probe of shape {tuple(x.shape)} its output {mismatch}."
         )
     return SiteCheck(float((y - reference).abs().max()) if y.numel() else None, source)
 

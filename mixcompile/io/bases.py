@@ -15,7 +15,9 @@ A base spec, as ``mixcompile.json`` stores it under ``"base"``:
 - ``{"kind": "external"}``: the model was built in Python; pass ``base=`` to load it.
 
 In memory (``model.mixcompile_base``) a pickle spec holds the absolute ``path`` of its file instead of
-``file``; :func:`stored_spec` copies that file into the directory being written.
+``file``; :func:`stored_spec` copies that file into the directory being written. A builder spec read from a
+manifest also holds, in memory only, the package its ``plugins`` section says provided the builder
+(``provided_by``), so that loading where it is missing names what to install.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from mixcompile.io.files import check_regular_file, confined_file
 from mixcompile.plugins.build import build_plugin
 
 PICKLED_BASE = "base.pt"
+PROVIDED_BY = "provided_by"  # in memory only (see the module docstring)
 KINDS = ("builder", "transformers", "pickle", "import", "external")
 # Directories written before builders were registered name the demo model's builder by import path.
 LEGACY_TARGETS = {"mixcompile.toy:build_tiny_gpt": "tiny_gpt"}
@@ -90,6 +93,16 @@ def check_base_spec(spec: dict[str, Any], directory: Path, *, where: str) -> dic
     return dict(spec)
 
 
+def with_provider(spec: dict[str, Any], provider: str) -> dict[str, Any]:
+    """``spec`` noting, in words, the package that provided its builder when it was saved (or as it was)."""
+    return {**spec, PROVIDED_BY: provider} if provider else spec
+
+
+def without_provider(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` as a manifest writes it: the provider goes to the manifest's ``plugins``, looked up anew."""
+    return {key: value for key, value in spec.items() if key != PROVIDED_BY}
+
+
 def stored_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
     """The form of ``spec`` written into ``directory`` (a pickled base is copied in beside the weights)."""
     if spec.get("kind") != "pickle":
@@ -110,7 +123,8 @@ def build_base(
     built in Python)."""
     kind = spec["kind"]
     if kind == "builder":
-        return _on_device(meta, lambda: call_builder(spec["name"], spec.get("kwargs", {})))
+        provider = spec.get(PROVIDED_BY, "")
+        return _on_device(meta, lambda: call_builder(spec["name"], spec.get("kwargs", {}), provider=provider))
     if kind == "import":
         name = LEGACY_TARGETS.get(spec["target"])
         if name is not None:
@@ -135,16 +149,30 @@ def build_base(
     )
 
 
-def call_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def call_builder(name: str, kwargs: dict[str, Any], *, provider: str = "") -> nn.Module:
+    """The base model the registered builder ``name`` builds; ``provider`` (in words: ``package 'revplug'
+    0.3.1``) is the package that provided it when the model was saved, named should it be missing."""
     try:
         model: nn.Module = build_plugin("builder", name, options=kwargs, expected=nn.Module)
     except UnknownNameError as exc:
+        known = ", ".join(repr(k) for k in exc.known) or "none"
         raise LoadError(
-            f"the base builder {name!r} is not registered ({exc}); install the plugin that provides it."
+            f"the base builder {name!r} is not registered here (known: {known}). {install_hint(provider)}"
         ) from None
     except MixcompileError as exc:
         raise LoadError(f"the base model could not be rebuilt: {exc}") from None
     return model
+
+
+def install_hint(provider: str) -> str:
+    """What to do about a plugin a saved model needs and no installed one registers, ``provider`` being
+    the package that provided it then, in words (or "")."""
+    install = (
+        f"It was provided by {provider} when the model was saved: install that"
+        if provider
+        else "If a plugin package provides it, install it"
+    )
+    return f"{install} (`mixcompile plugins` lists what is loaded; MIXCOMPILE_PLUGINS may be leaving it out)."
 
 
 def build_transformers(

@@ -9,6 +9,7 @@ validates names and bounds) before anything is built.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 from collections.abc import Mapping
@@ -18,10 +19,10 @@ from types import ModuleType
 from typing import Any
 
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, warn
-from mixcompile.io.bases import check_base_spec
+from mixcompile.io.bases import check_base_spec, install_hint, with_provider, without_provider
 from mixcompile.io.files import confined_file, read_json_object
 from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP
-from mixcompile.plugins.manager import lookup, plugin_manager
+from mixcompile.plugins.manager import lookup, plugin_manager, registry
 from mixcompile.types import PluginKind
 
 MANIFEST = "mixcompile.json"
@@ -51,15 +52,20 @@ class Manifest:
     base: dict[str, Any]  # how to rebuild the unconverted model (see mixcompile.io.bases)
     weights: list[Path]
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings changed after conversion
-    # "router:cosine" -> {"package": "revplug", "version": "0.1"}: who provided the plugins the recipes name
+    # "router:cosine" -> {"package": "revplug", "version": "0.1"}: who provided the plugins the recipes name,
+    # the patterns that found the converted FFNs ({} for one no installed package provided) and the builder
     plugins: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def provider(self, kind: str, name: str) -> str:
         """The package that provided plugin ``name`` when the model was saved, in words (or "")."""
-        found = self.plugins.get(f"{kind}:{name}")
-        if found is None:
-            return ""
-        return f"package {found['package']!r}" + (f" {found['version']}" if found.get("version") else "")
+        return provider_words(self.plugins.get(f"{kind}:{name}"))
+
+
+def provider_words(found: Mapping[str, str] | None) -> str:
+    """``package 'revplug' 0.3.1`` for a recorded provider, "" for none."""
+    if not found or "package" not in found:
+        return ""
+    return f"package {found['package']!r}" + (f" {found['version']}" if found.get("version") else "")
 
 
 def is_saved_model(directory: Path) -> bool:
@@ -149,9 +155,28 @@ def parse_manifest(data: dict[str, Any], directory: Path, where: str, weights: l
             raise LoadError(f"{where}: recipe {number} is invalid: {exc}") from None
     if not isinstance(data.get("base"), dict):
         raise LoadError(f"{where} has no 'base' section.")
+    plugins = _check_plugins(data.get("plugins", {}), where)
     base = check_base_spec(data["base"], directory, where=f"{where}: base")
+    if base["kind"] == "builder":  # for the error naming its package, should the builder be missing
+        base = with_provider(base, provider_words(plugins.get(f"builder:{base['name']}")))
     blocks = _check_blocks(data.get("blocks", {}), where)
-    return Manifest(directory, parsed, base, weights, blocks, _check_plugins(data.get("plugins", {}), where))
+    _check_patterns_registered(plugins, directory)
+    return Manifest(directory, parsed, base, weights, blocks, plugins)
+
+
+def _check_patterns_registered(plugins: dict[str, dict[str, str]], directory: Path) -> None:
+    """Every pattern that found the saved model's FFNs must be registered here: without it a replay finds
+    other FFNs, or none, and could not say which plugin is missing."""
+    recorded = sorted(key.partition(":")[2] for key in plugins if key.startswith("pattern:"))
+    known = registry().names("pattern") if recorded else []
+    for name in recorded:
+        if name in known:
+            continue
+        raise LoadError(
+            f"{directory} was converted with FFNs found by the pattern {name!r}, which no installed plugin "
+            f"registers here (known: {', '.join(known) or 'none'}). "
+            + install_hint(provider_words(plugins[f"pattern:{name}"]))
+        )
 
 
 # The built-in learned routers' on/off options, which mixcompile before e8ab23c took by truthiness.
@@ -184,15 +209,16 @@ def _check_plugins(plugins: object, where: str) -> dict[str, dict[str, str]]:
     if not isinstance(plugins, dict):
         raise LoadError(f"{where}: 'plugins' must be an object of plugin names to their packages.")
     for key, provider in plugins.items():
-        fields = provider.keys() if isinstance(provider, dict) else ()
+        fields = set(provider) if isinstance(provider, dict) else {"not an object"}
         if (
             not isinstance(provider, dict)
-            or not {"package"} <= set(fields) <= {"package", "version"}
+            or not (fields == set() or {"package"} <= fields <= {"package", "version"})
             or not all(isinstance(v, str) and _PROVIDER.fullmatch(v) for v in provider.values())
         ):
             raise LoadError(
                 f"{where}: plugins[{key!r}] must be an object with a 'package' name and, optionally, its "
-                "'version' (a distribution's name and version: letters, digits and . _ - + !)."
+                "'version' (a distribution's name and version: letters, digits and . _ - + !), or {} for a "
+                "plugin no installed package provided."
             )
     return plugins
 
@@ -224,48 +250,74 @@ def manifest_data(
         "format_version": FORMAT_VERSION,
         "mixcompile_version": version,
         "recipes": [recipe.to_dict() for recipe in recipes],
-        "base": base,
+        "base": without_provider(base),
         "weights": WEIGHTS,
     }
     if blocks:
         data["blocks"] = blocks
-    plugins = plugin_providers(recipes)
+    plugins = plugin_providers(recipes, base)
     if plugins:
         data["plugins"] = plugins
     return data
 
 
-def plugin_providers(recipes: list[Any]) -> dict[str, dict[str, str]]:
-    """The installed package (and its version) behind each plugin the recipes name, so that loading where
-    one is missing can say what to install: the distribution of the entry point that loaded its plugin,
-    else of the module holding the plugin (built-in, or registered in-process); the package a factory's
-    class comes from may be another (a plugin may register a class it imports)."""
-    used: dict[str, tuple[PluginKind, str]] = {}
-    for recipe in recipes:
-        named: list[tuple[PluginKind, str]] = [("initializer", recipe.init), ("kernel", recipe.kernel)]
-        named.append(("router", recipe.router) if recipe.strategy == "moe" else ("mixer", recipe.mixer))
-        used |= {f"{kind}:{name}": (kind, name) for kind, name in named if name != "auto"}
-    entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    by_entry_point = {ep.name: ep.dist for ep in entry_points if ep.dist is not None}
-    by_module: Mapping[str, list[str]] | None = None
+def plugin_providers(recipes: list[Any], base: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:
+    """The installed package (and its version) behind each plugin the recipes name, each pattern that
+    found their FFNs and the builder of ``base``, so that loading where one is missing can say what to
+    install (see :class:`_Distributions`). A pattern no package provided is recorded as ``{}``: no recipe
+    names it, so the record is all a load has to name it by."""
+    distributions = _Distributions()
     providers = {}
-    for key, (kind, name) in sorted(used.items()):
+    for key, (kind, name) in sorted(_plugins_used(recipes, base).items()):
         try:
             plugin = lookup(kind, name).plugin
         except UnknownNameError:
             continue
-        dist = by_entry_point.get(plugin)
+        provider = distributions.provider(plugin)
+        if provider or kind == "pattern":
+            providers[key] = provider
+    return providers
+
+
+def _plugins_used(recipes: list[Any], base: dict[str, Any] | None) -> dict[str, tuple[PluginKind, str]]:
+    """``{"router:topk": ("router", "topk"), ...}``: the plugins a saved model needs to be rebuilt."""
+    from mixcompile.compiler.convert import matched_patterns
+
+    named: list[tuple[PluginKind, str]] = []
+    for recipe in recipes:
+        named += [("initializer", recipe.init), ("kernel", recipe.kernel)]
+        named.append(("router", recipe.router) if recipe.strategy == "moe" else ("mixer", recipe.mixer))
+        named += [("pattern", name) for name in matched_patterns(recipe)]
+    if base is not None and base.get("kind") == "builder":
+        named.append(("builder", base["name"]))
+    return {f"{kind}:{name}": (kind, name) for kind, name in named if name != "auto"}
+
+
+class _Distributions:
+    """Which installed distribution provided a loaded plugin: the one of the entry point that loaded it,
+    else the one holding its module (built-in, or registered in-process); the package a factory's class
+    comes from may be another (a plugin may register a class it imports). Each listing is read once."""
+
+    def __init__(self) -> None:
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        self.by_entry_point = {ep.name: ep.dist for ep in entry_points if ep.dist is not None}
+
+    @functools.cached_property
+    def by_module(self) -> Mapping[str, list[str]]:
+        return importlib.metadata.packages_distributions()
+
+    def provider(self, plugin: str) -> dict[str, str]:
+        """``{"package": ..., "version": ...}`` for the plugin registered as ``plugin``, or {}."""
+        dist = self.by_entry_point.get(plugin)
         if dist is not None:
-            providers[key] = {"package": dist.name, "version": dist.version}
-            continue
+            return {"package": dist.name, "version": dist.version}
         held = plugin_manager().get_plugin(plugin)
         module = held.__name__ if isinstance(held, ModuleType) else type(held).__module__
-        by_module = by_module if by_module is not None else importlib.metadata.packages_distributions()
-        packages = by_module.get(module.split(".")[0], [])
-        if packages:
-            try:
-                version = importlib.metadata.version(packages[0])
-            except importlib.metadata.PackageNotFoundError:
-                version = ""
-            providers[key] = {"package": packages[0], **({"version": version} if version else {})}
-    return providers
+        packages = self.by_module.get(module.split(".")[0], [])
+        if not packages:
+            return {}
+        try:
+            version = importlib.metadata.version(packages[0])
+        except importlib.metadata.PackageNotFoundError:
+            version = ""
+        return {"package": packages[0], **({"version": version} if version else {})}

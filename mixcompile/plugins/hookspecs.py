@@ -15,7 +15,8 @@ mixcompile registers what it names: that module must not call ``register_plugin`
 What each ``factory`` must return:
 
 - router: ``factory(d_model, num_experts, top_k, **options) -> mixcompile.Router`` (an ``nn.Module``
-  returning a :class:`~mixcompile.RoutingPlan`).
+  returning a :class:`~mixcompile.RoutingPlan`; ``weights_sum_to_one`` True, where it holds, lets ``convert``
+  check upcycled blocks against their dense FFN).
 - mixer: ``factory(d_model, num_experts, group_size, **options) -> mixcompile.Mixer`` (an ``nn.Module``
   returning a :class:`~mixcompile.MixPlan`).
 - kernel: ``factory() -> mixcompile.Kernel``.

@@ -60,7 +60,11 @@ def fixed_bincount(index: torch.Tensor, length: int) -> torch.Tensor:
 class Router(Protocol):
     """What a MoE block needs of a router plugin (which must also be an ``nn.Module``, so its parameters
     train with the model): ``router(x [N, d], kernel) -> RoutingPlan``. The kernel is the block's, so a
-    router runs its device work (the top-k step) through it: ``kernel.topk_routing(...)``."""
+    router runs its device work (the top-k step) through it: ``kernel.topk_routing(...)``.
+
+    Optionally, ``weights_sum_to_one`` (a bool, False when absent; see :attr:`RouterBase.weights_sum_to_one`):
+    True promises that every token's weights sum to 1 and none is dropped, so that ``convert`` compares the
+    blocks whose experts start as copies of the dense FFN with that FFN."""
 
     num_experts: int
     top_k: int
@@ -117,6 +121,15 @@ class RouterBase(nn.Module):
         self.capacity_factor = capacity_factor
         self.balance_loss_weight = float(balance_loss_weight)
         self.z_loss_weight = float(z_loss_weight)
+
+    @property
+    def weights_sum_to_one(self) -> bool:
+        """Whether every token's weights sum to 1 and none of its pairs is dropped (no capacity), for every
+        input: then a block whose experts are copies of one FFN computes that FFN, and ``convert`` checks
+        each such block, and the converted model, against the dense one. False unless a router says so; a
+        router that overrides it must keep the promise (a wrong True fails conversion with a
+        ``VerificationError``)."""
+        return False
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:

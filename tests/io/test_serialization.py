@@ -202,3 +202,46 @@ def test_a_path_that_is_none_or_empty_is_refused_naming_it(tmp_path: Path, monke
         use("")
     assert sorted(p.name for p in (tmp_path / "cwd").iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]
+
+
+class _TemperedRouter(mc.LearnedRouter):
+    """A plugin's router with state changed after conversion: a persistent buffer and a plain attribute."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, **options: object) -> None:
+        super().__init__(d_model, num_experts, top_k, **options)
+        self.register_buffer("temperature", torch.ones(()))  # persistent: saved with the weights
+        self.sharpness = 1.0  # a plain attribute: not saved
+
+    def forward(self, x: torch.Tensor, kernel: mc.Kernel) -> mc.RoutingPlan:
+        logits = self.logits(x) * self.sharpness / self.temperature
+        probs, chosen, weights = kernel.topk_routing(logits, self.top_k, renormalize=False)
+        return self.token_choice_plan(logits, chosen, weights, probs)
+
+
+class _TemperedPlugin:
+    @mc.hookimpl
+    def register_routers(self, register: mc.RouterRegister) -> None:
+        register("tempered", _TemperedRouter)
+
+
+def test_plugin_state_changed_after_conversion_is_saved_in_buffers_not_attributes(
+    fresh_registry, tmp_path: Path
+) -> None:
+    """What the README tells plugin authors: a value changed after construction is saved when it lives in
+    a parameter or persistent buffer; a plain attribute comes back as the options made it."""
+    mc.register_plugin(_TemperedPlugin(), name="tests.tempered")
+    x = tokens()
+    model = mc.convert(build_tiny_gpt(**TINY), num_experts=4, router="tempered").eval()
+    for block in mc.sparse_blocks(model).values():
+        block.router.temperature.fill_(0.25)
+    mc.save(model, tmp_path / "buffer")
+    loaded = mc.load(tmp_path / "buffer").eval()
+    assert all(float(b.router.temperature) == 0.25 for b in mc.sparse_blocks(loaded).values())
+    assert_same_outputs(loaded, model, x)
+    for block in mc.sparse_blocks(model).values():
+        block.router.sharpness = 3.0
+    mc.save(model, tmp_path / "attribute")
+    lost = mc.load(tmp_path / "attribute").eval()
+    assert all(b.router.sharpness == 1.0 for b in mc.sparse_blocks(lost).values())
+    with torch.no_grad():
+        assert not torch.equal(lost(x), model(x))  # silently another model

@@ -4,6 +4,8 @@ its kind (``mc.RouterRegister``, ``mc.InitializerRegister``, ...). Runs mypy on 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +97,39 @@ def test_mypy_strict_sees_factories_of_the_wrong_shape(tmp_path) -> None:
     assert '"RouterRegister" has incompatible type "type[NotARouter]"' in errors[0]
     assert '"RouterRegister" has incompatible type "type[Kernel]"' in errors[1]
     assert 'expected "Initializer"' in errors[2]
+
+
+def test_the_readmes_mypy_command_checks_its_plugin_example_from_outside_the_checkout(tmp_path) -> None:
+    """The command the README gives plugin authors, run as written (checkout paths filled in) from a
+    directory of their own on the README's plugin example: mixcompile's own files, read through MYPYPATH,
+    are checked under the author's settings, not the project's, and must stay out of the report."""
+    readme = (ROOT / "README.md").read_text()
+    plugins = readme[readme.index("## Plugins") : readme.index("## Saving and loading")]
+    command = re.search(r"`(MYPYPATH=\S+ mypy [^`]+)`", plugins)
+    example = re.search(r"```python\n(.*?)```", plugins, flags=re.DOTALL)
+    assert command is not None and example is not None
+    (tmp_path / "your_plugin.py").write_text(example.group(1))
+    assignment, program, *arguments = shlex.split(command.group(1).replace("/path/to/mixcompile", str(ROOT)))
+    assert program == "mypy"
+    variable, _, value = assignment.partition("=")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", *arguments],
+        cwd=tmp_path,
+        env={**os.environ, variable: value},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Success: no issues found in 1 source file" in done.stdout
+    # and the example plugin package the README points to (examples/third_party_plugin)
+    example_plugin = ROOT / "examples" / "third_party_plugin" / "mixcompile_cosine" / "__init__.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", *arguments[:-1], str(example_plugin)],
+        cwd=tmp_path,
+        env={**os.environ, variable: value},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

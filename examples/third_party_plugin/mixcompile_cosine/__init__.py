@@ -8,6 +8,7 @@ counters the representation collapse of dot-product routers.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ class CosineRouter(mc.LearnedRouter):
         *,
         d_route: int = 16,
         temperature: float = 0.07,
-        **options: object,
+        **options: Any,
     ) -> None:
         super().__init__(d_model, num_experts, top_k, **options)  # capacity, losses, jitter, ...
         if not temperature > 0:
