@@ -6,9 +6,20 @@ inference with fewer sequences than a group and after transition tuning.
     python examples/train_lm.py --preset gpu --out DIR # one H100 or H200, 7.5-9 min: the paper's setup
     python examples/train_lm.py --set steps=20 --set d_model=32 ...   # override any Config field
 
-Writes under ``--out``: ``log.csv`` (validation loss at regular steps, every phase), ``curves.png``
-(validation loss against steps and against wall-clock time), ``small_batch.csv`` and ``summary.txt`` (the
-two printed tables).
+Writes under ``--out``: ``log.csv`` (validation loss at regular steps, every phase, with each phase's
+training FLOPs per token relative to dense's, ``flops_vs_dense``: a phase's compute up to ``step`` is ``step x
+flops_vs_dense`` dense steps, counted from the phase's start), ``curves.png`` (validation loss against steps,
+against training compute and against wall-clock time), ``small_batch.csv`` and ``summary.txt`` (the two
+printed tables).
+
+**FLOPs per token.** ``sizing="flop"`` makes the *experts'* FLOPs per token equal the dense FFN's; each MoT
+layer also spends ``3 * E * d`` multiply-adds per token on its controller, mixing and redistribution (a MoE
+layer ``E * d`` on its router), so the sparse models train at more FLOPs per token than dense: 1.027x (MoT)
+and 1.009x (MoE) on the smoke preset, 1.214x and 1.071x on ``cpu-long`` (64 experts for a d_ff of 256: the MoT
+mixing is 1.5 * E / d_ff = 37.5% of the dense FFN's multiply-adds), 1.030x and 1.010x on ``gpu``. The results
+table prints that ratio ("vs dense") and, besides the step at which each model first reaches dense's final
+loss, the training compute spent by then: that step times the ratio, in dense steps (dense's own run is 100%;
+above 100%, dense reached that loss with less compute).
 
 **What the paper did** (Antoniak et al. 2023, "Mixture of Tokens: Continuous MoE through Cross-Example
 Aggregation", arXiv 2310.15961; read in the authors' post "Mixture of Tokens" of 2023-10-06 on
@@ -20,7 +31,7 @@ deep-diver/neurips2024 ``posters/0zFVhMBZHJ``):
   Transformer-Medium = 8 blocks, d_model 512, d_ff 2048, 8 heads (Base: 12 blocks, 768).
 - *Every* feed-forward layer replaced by a MoT layer; group size 32 (tokens at one position in 32
   sequences); flop-matched experts: expert size ``d_ff * G / E`` (the post's model: 512 experts of 64 for
-  d_ff 1024), so parameters grow ``G`` times (32x) while FLOPs per token stay the dense model's.
+  d_ff 1024), so parameters grow ``G`` times (32x) while the experts' FLOPs per token stay the dense FFN's.
 - 250K steps, batch 256 x 256 tokens, cosine schedule with warmup over the first 1% (2,500 steps) down to
   10% of the peak rate, gradient clipping 0.5; peak rate tuned per model (4e-3 dense, 2e-3 MoT).
 - Claim: MoT reaches the dense model's final loss in about a third (v2) to a quarter (post) of the steps;
@@ -36,8 +47,9 @@ deep-diver/neurips2024 ``posters/0zFVhMBZHJ``):
   tokenizer are not available offline.
 - Same sizes as Transformer-Medium on the GPU (8 x 512, d_ff 2048, 8 heads), MoT G=32 in every layer with
   E=64 flop-matched experts of 1024 (32x the FFN parameters, the paper's scaling), and the MoE baseline with
-  the same experts (64 of 1024, top-2: same parameters, same FLOPs per token). E = 2G keeps the transition
-  a top-2 router (a top-1 router with renormalised weights gets no gradient).
+  the same experts (64 of 1024, top-2: same parameters, same expert FLOPs per token; the totals differ by
+  the MoT mixing and the MoE router, see above). E = 2G keeps the transition a top-2 router (a top-1 router
+  with renormalised weights gets no gradient).
 - Steps: a few thousand, not 250K, at batch 64 x 256 (the GPU call has 9 minutes for everything): the
   claim is tested at the start of training only. Every model sees the same windows of text in the same
   order (non-overlapping, shuffled once with a fixed seed). The stdlib's size varies: 30 MB here is about
@@ -237,7 +249,9 @@ def build_models(cfg: Config) -> dict[str, torch.nn.Module]:
 def train_flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
     """Training FLOPs per token, ``6 x`` the forward multiply-adds (forward 1x, backward 2x): the matmuls of
     attention, FFNs or their experts (only those a token uses), the MoT mixing (controller, merge and emit,
-    ``E * d`` each) and the output layer; the causal attention itself averages ``seq * d`` per layer."""
+    ``E * d`` each), the MoE router (``E * d``) and the output layer; the causal attention itself averages
+    ``seq * d`` per layer. Flop sizing equalises the experts' share only, so the mixing and routers make the
+    sparse models' total larger than dense's (see the module docstring)."""
     d, macs = cfg.d_model, cfg.d_model * 256 + cfg.n_layer * (4 * cfg.d_model**2 + cfg.seq * cfg.d_model)
     blocks = mixcompile.sparse_blocks(model)
     for block in blocks.values():
@@ -297,16 +311,19 @@ def train(
     *,
     first_batch: int = 0,
     before_step: Callable[[int], None] | None = None,
+    flops_vs_dense: float | None = None,
 ) -> dict:
     """Train for ``cfg.steps`` steps on batches ``first_batch ..`` of the shared order, with the paper's
     schedule (``before_step(step)`` runs before each). The validation loss before training is kept apart
-    from the curve (it would squash the plot)."""
+    from the curve (it would squash the plot). ``flops_vs_dense`` (the model's training FLOPs per token over
+    dense's), when given, is only recorded: a last column of each row of the log."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     windows, val = Windows(corpus.train, cfg.seq, seed=0), held_out(corpus, cfg)
     reset_peak_memory(device)
     initial_val = evaluate(model, val, cfg.batch, device)
-    log.writerow([name, 0, "", f"{initial_val:.4f}", "0.00"])
+    ratio = [] if flops_vs_dense is None else [f"{flops_vs_dense:.4f}"]
+    log.writerow([name, 0, "", f"{initial_val:.4f}", "0.00", *ratio])
     curve, elapsed = [], 0.0
     for step in tqdm(range(1, cfg.steps + 1), desc=name, disable=None):
         chunk = windows.batch(first_batch + step - 1, cfg.batch, device)
@@ -327,7 +344,7 @@ def train(
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val_loss = evaluate(model, val, cfg.batch, device)
             curve.append((step, elapsed, val_loss))
-            log.writerow([name, step, f"{loss.item():.4f}", f"{val_loss:.4f}", f"{elapsed:.2f}"])
+            log.writerow([name, step, f"{loss.item():.4f}", f"{val_loss:.4f}", f"{elapsed:.2f}", *ratio])
     timed_tokens = (cfg.steps - 1) * cfg.batch * cfg.seq
     return {
         "initial_val": initial_val,
@@ -367,24 +384,40 @@ def first_reaching(curve: list[tuple[int, float, float]], target: float) -> tupl
     return next(((step, seconds) for step, seconds, val in curve if val <= target), None)
 
 
+def compute_to_reach(step: int | None, flops_vs_dense: float, cfg: Config) -> str:
+    """The training compute of ``step`` steps of a model at ``flops_vs_dense`` times dense's FLOPs per token
+    (every model trains on the same tokens per step), in dense steps and as a share of dense's run."""
+    if step is None:
+        return "not reached"
+    dense_steps = step * flops_vs_dense
+    return f"{dense_steps:,.0f} ({dense_steps / cfg.steps:.0%})"
+
+
 def results_table(results: dict[str, dict], cfg: Config, device: str) -> str:
-    target = results["dense"]["curve"][-1][2]
+    target, dense_flops = results["dense"]["curve"][-1][2], results["dense"]["flops"]
     head = (
-        f"{'model':<6} {'params':>11} {'GFLOP/tok':>9} {'final val':>9} {'reaches dense final at':>26} "
-        f"{'tokens/s':>10} {'peak MiB':>9}"
+        f"{'model':<6} {'params':>11} {'GFLOP/tok':>9} {'vs dense':>8} {'final val':>9} "
+        f"{'reaches dense final at':>26} {'compute to reach it':>19} {'tokens/s':>10} {'peak MiB':>9}"
     )
     lines = [head]
     for name, r in results.items():
         hit = first_reaching(r["curve"], target)
         reach = "not reached" if hit is None else f"step {hit[0]} ({hit[0] / cfg.steps:.0%}), {hit[1]:.0f} s"
+        ratio = r["flops"] / dense_flops
+        compute = compute_to_reach(None if hit is None else hit[0], ratio, cfg)
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f}"
         lines.append(
-            f"{name:<6} {r['params']:>11,} {r['flops'] / 1e9:>9.3f} {r['curve'][-1][2]:>9.4f} {reach:>26} "
-            f"{r['tokens_per_s']:>10,.0f} {peak:>9}"
+            f"{name:<6} {r['params']:>11,} {r['flops'] / 1e9:>9.3f} {ratio:>7.3f}x {r['curve'][-1][2]:>9.4f} "
+            f"{reach:>26} {compute:>19} {r['tokens_per_s']:>10,.0f} {peak:>9}"
         )
     lines.append(
         f"(validation every {cfg.eval_every} steps, so a step is known to within {cfg.eval_every}; seconds "
         f"are training time to that evaluation; {results['dense']['passes']:.2f} passes over the text)"
+    )
+    lines.append(
+        "(vs dense: training FLOPs per token over dense's, MoT mixing and routers included; compute to reach "
+        "it: the equal-compute view, that step x vs dense, in dense steps and as a share of dense's run; "
+        "over 100%: dense reached its final loss with less compute)"
     )
     if not device.startswith("cuda"):
         lines.append("(peak MiB on CPU: the whole process's resident set while that model trained)")
@@ -410,19 +443,21 @@ def small_batch_rows(model: torch.nn.Module, val: torch.Tensor, cfg: Config, dev
 
 
 def transition_phases(
-    mot: torch.nn.Module, corpus: Corpus, cfg: Config, device: str, log: csv.writer
+    mot: torch.nn.Module, corpus: Corpus, cfg: Config, device: str, log: csv.writer, dense_flops: float
 ) -> list[tuple]:
     """Continue the trained MoT model for ``transition * steps`` steps on new text three ways: unchanged
     (the control: what the extra steps alone give), with the temperature annealed 1 -> 0.01, and as a Token
     Choice MoE (the paper's transition tuning). Each phase re-warms to the peak rate over 10% of its steps,
     then decays as before (the paper's rate here is not stated where we read; on ``cpu-long`` the Token
-    Choice model held at the final rate stood at 2.39 after 100 steps, re-warmed at 1.62)."""
+    Choice model held at the final rate stood at 2.39 after 100 steps, re-warmed at 1.62). ``dense_flops``:
+    the dense model's training FLOPs per token, for the log's ``flops_vs_dense``."""
     steps = max(1, round(cfg.transition * cfg.steps))
     tune = dataclasses.replace(cfg, steps=steps, eval_every=max(1, min(cfg.eval_every, steps)), warmup=0.1)
     val = held_out(corpus, cfg, cfg.small_batch_batches)
 
+    mot_ratio = train_flops_per_token(mot, cfg) / dense_flops
     control = copy.deepcopy(mot).to(device)
-    train("mot-more", control, corpus, tune, device, log, first_batch=cfg.steps)
+    train("mot-more", control, corpus, tune, device, log, first_batch=cfg.steps, flops_vs_dense=mot_ratio)
     rows = [
         (
             f"MoT trained on (+{steps} steps, control), batch G",
@@ -446,6 +481,7 @@ def transition_phases(
         log,
         first_batch=cfg.steps,
         before_step=anneal,
+        flops_vs_dense=mot_ratio,
     )
     mixcompile.set_mot_temperature(annealed, 0.01)
     label = f"annealed to tau 0.01 (+{steps} steps)"
@@ -458,7 +494,8 @@ def transition_phases(
     chosen = copy.deepcopy(mot).to(device)
     mixcompile.to_token_choice(chosen)
     rows.append(("token choice, before tuning, batch 1", 1, evaluate(chosen, val, 1, device)))
-    train("mot-to-tc", chosen, corpus, tune, device, log, first_batch=cfg.steps)
+    chosen_ratio = train_flops_per_token(chosen, cfg) / dense_flops
+    train("mot-to-tc", chosen, corpus, tune, device, log, first_batch=cfg.steps, flops_vs_dense=chosen_ratio)
     label = f"token choice, tuned (+{steps} steps)"
     rows += [(f"{label}, batch {b}", b, evaluate(chosen, val, b, device)) for b in (1, cfg.batch)]
     chosen.cpu()
@@ -496,14 +533,27 @@ def plot(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    # Against training compute too where every result has its FLOPs per token (examples/upcycle_finetune.py
+    # plots with this function and counts none).
+    with_compute = all("flops" in result for result in results.values())
+    fig, axes = plt.subplots(1, 3 if with_compute else 2, figsize=(16 if with_compute else 11, 4))
+    by_step, by_time = axes[0], axes[-1]
     for name, result in results.items():
         steps, seconds, vals = zip(*result["curve"], strict=True)
         by_step.plot(steps, vals, label=name, marker=".")
         by_time.plot(seconds, vals, label=name, marker=".")
+        if with_compute:
+            ratio = result["flops"] / results["dense"]["flops"]
+            axes[1].plot([s * ratio for s in steps], vals, label=f"{name} ({ratio:.3f}x)", marker=".")
     by_step.set(xlabel="training step", ylabel="validation loss (nats/byte)", title="loss vs steps")
+    if with_compute:
+        axes[1].set(
+            xlabel="training compute (dense steps: step x FLOPs per token vs dense)",
+            ylabel="validation loss (nats/byte)",
+            title="loss vs training compute",
+        )
     by_time.set(xlabel="training time (s)", ylabel="validation loss (nats/byte)", title="loss vs wall-clock")
-    for axis in (by_step, by_time):
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()
@@ -582,13 +632,18 @@ def main(argv: list[str] | None = None) -> None:
     tokens, tune_steps = cfg.batch * cfg.seq, max(1, round(cfg.transition * cfg.steps))
     total = tokens * (cfg.steps * sum(flops.values()) + 3 * tune_steps * flops["mot"])
     print(f"training compute: {total / 1e15:.3f} PFLOP (6 x forward multiply-adds; evaluations not counted)")
+    ratios = ", ".join(f"{name} {flop / flops['dense']:.3f}x" for name, flop in flops.items())
+    print(f"training FLOPs per token vs dense: {ratios} (flop sizing equalises the experts' share only)")
     results = {}
     # Line-buffered: a run cut short (a time limit) keeps every evaluation it made.
     with open(args.out / "log.csv", "w", newline="", buffering=1) as handle:
         log = csv.writer(handle)
-        log.writerow(["model", "step", "train_loss", "val_loss", "seconds"])
+        log.writerow(["model", "step", "train_loss", "val_loss", "seconds", "flops_vs_dense"])
         for name, model in models.items():
-            results[name] = train(name, model.to(args.device), corpus, cfg, args.device, log)
+            ratio = flops[name] / flops["dense"]
+            results[name] = train(
+                name, model.to(args.device), corpus, cfg, args.device, log, flops_vs_dense=ratio
+            )
             results[name]["flops"] = flops[name]
             if name != "mot":
                 model.cpu()
@@ -601,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
         mot = models["mot"]
         rows = small_batch_rows(mot, held_out(corpus, cfg, cfg.small_batch_batches), cfg, args.device)
         clock.lap("small batch")
-        rows += transition_phases(mot, corpus, cfg, args.device, log)
+        rows += transition_phases(mot, corpus, cfg, args.device, log, flops["dense"])
         mot.cpu()
         clock.lap("transition")
     with open(args.out / "small_batch.csv", "w", newline="") as handle:

@@ -40,8 +40,11 @@ class Recipe:
     """How to convert. MoT blocks take ``mode`` (``"soft"``, the paper; ``"sparse"``: each expert keeps its
     top group member) and ``small_batch`` (``"group"`` or ``"sparse"`` at inference with fewer than G
     sequences); see :class:`mixcompile.MoTBlock`. Sizing: ``same`` keeps the dense hidden size per expert,
-    ``split`` gives each expert ``hidden / num_experts`` (MoEfication), ``flop`` keeps FLOPs per token
-    equal to dense, ``auto`` is ``split`` for the ``split`` initializer and ``same`` otherwise.
+    ``split`` gives each expert ``hidden / num_experts`` (MoEfication), ``flop`` sizes the experts so that
+    *their* FLOPs per token equal the dense FFN's (the block adds its own on top: a MoT block's controller,
+    mixing and redistribution, ``3 * E * d`` multiply-adds per token, a MoE block's router, ``E * d``;
+    :func:`mixcompile.inspect` and the conversion report count them in "FFN FLOPs per token: a -> b"),
+    ``auto`` is ``split`` for the ``split`` initializer and ``same`` otherwise.
 
     Sites: ``"all"``, ``"last_half"`` (as in the MoT paper), ``"every:N"`` (the N-th, 2N-th, ... FFN, i.e.
     indices N-1, 2N-1, ...), or a list of site indices (model order, as ``inspect`` numbers them);

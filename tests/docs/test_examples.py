@@ -4,7 +4,9 @@ reach every code path: training, evaluation, the CSV log, the plot and the print
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +47,30 @@ def small_batch_losses(path: Path) -> dict[str, float]:
 
 
 TRAIN_LM_PHASES = {"dense", "moe", "mot", "mot-more", "mot-anneal", "mot-to-tc"}
+# A row of train_lm.py's results table: model, params, GFLOP/tok, FLOPs per token vs dense, final loss, the
+# step reaching dense's final loss and the compute to get there (dense steps, share of dense's run).
+TRAIN_LM_ROW = re.compile(
+    r"^(?P<model>dense|mot|moe) +[\d,]+ +[\d.]+ +(?P<ratio>[\d.]+)x +(?P<final>[\d.]+) +"
+    r"(?:step (?P<step>\d+) \(\d+%\), \d+ s|not reached) +"
+    r"(?:(?P<compute>[\d,]+) \((?P<share>\d+)%\)|not reached) ",
+    flags=re.MULTILINE,
+)
+
+
+def train_lm_rows(table: str) -> dict[str, re.Match]:
+    return {match["model"]: match for match in TRAIN_LM_ROW.finditer(table)}
+
+
+def load_train_lm():
+    """examples/train_lm.py as a module (its functions, without running it; registered, as its dataclasses
+    need)."""
+    name = "mixcompile_example_train_lm"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "train_lm.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def check_train_lm_outputs(out: Path, stdout: str) -> None:
@@ -57,6 +83,25 @@ def check_train_lm_outputs(out: Path, stdout: str) -> None:
     assert table_rows(stdout) >= {"dense", "moe", "mot"}
     summary = (out / "summary.txt").read_text()
     assert "reaches dense final at" in summary and "MoT, held-out loss" in summary
+    assert "vs dense" in summary and "compute to reach it" in summary and "equal-compute" in summary
+    # The equal-compute figure: the step reaching dense's final loss times the model's FLOPs per token over
+    # dense's, which the log records for every phase.
+    with open(out / "log.csv", newline="") as handle:
+        logged = {row["model"]: float(row["flops_vs_dense"]) for row in csv.DictReader(handle)}
+    assert logged["dense"] == 1.0 and logged["mot"] > 1.0 and logged["moe"] > 1.0  # mixing, routers
+    assert logged["mot-more"] == logged["mot-anneal"] == logged["mot"]
+    rows = train_lm_rows(summary)
+    assert set(rows) == {"dense", "mot", "moe"}
+    assert {name: row.groupdict() for name, row in train_lm_rows(stdout).items()} == {
+        name: row.groupdict() for name, row in rows.items()
+    }
+    for name, row in rows.items():
+        assert float(row["ratio"]) == round(logged[name], 3)
+        assert (row["step"] is None) == (row["compute"] is None)
+        if row["step"] is not None:
+            compute = int(row["step"]) * logged[name]
+            assert abs(int(row["compute"].replace(",", "")) - compute) <= 0.5 + 1e-3 * compute
+    assert rows["dense"]["step"] is not None  # dense reaches its own final loss, at 100% of its compute
     losses = small_batch_losses(out / "small_batch.csv")
     assert abs(losses['batch 1, small_batch="group"'] - losses['batch 1, small_batch="sparse"']) < 2e-4
     tuned = [loss for what, loss in losses.items() if what.startswith("token choice, tuned")]
@@ -66,6 +111,47 @@ def check_train_lm_outputs(out: Path, stdout: str) -> None:
 def test_train_lm(tmp_path: Path) -> None:
     stdout = run_example("train_lm.py", "--steps", "4", "--eval-every", "2", "--out", tmp_path, cwd=tmp_path)
     check_train_lm_outputs(tmp_path, stdout)
+    # The smoke preset's training FLOPs per token, by hand (multiply-adds; d=64, 4 layers, d_ff 256, seq 64,
+    # vocabulary 256): 64*256 + 4*(4*64**2 + 64*64) = 98,304 outside the FFNs, plus 4 FFNs of 2*64*256 =
+    # 32,768 (dense: 229,376); the flop-sized experts match that, and each layer adds the MoT mixing,
+    # 3*E*d = 1,536 (235,520: 1.027x), or the MoE router, E*d = 512 (231,424: 1.009x).
+    rows = train_lm_rows(stdout)
+    assert (rows["dense"]["ratio"], rows["mot"]["ratio"], rows["moe"]["ratio"]) == ("1.000", "1.027", "1.009")
+    assert rows["dense"]["compute"] == rows["dense"]["step"] == "4" and rows["dense"]["share"] == "100"
+
+
+def test_train_lm_equal_compute_of_the_committed_cpu_long_run() -> None:
+    """README's equal-compute figures for ``--preset cpu-long`` follow from its committed log: MoT first
+    reaches dense's final loss at step 1800, which at 1.214x dense's FLOPs per token is 2,186 dense steps
+    (109%: dense got there with less compute); the MoE at step 1200, 1,286 dense steps (64%)."""
+    train_lm = load_train_lm()
+    cfg = train_lm.PRESETS["cpu-long"]
+    curves: dict[str, list] = {}
+    with open(EXAMPLES.parent / "docs" / "results" / "cpu-long-log.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["model"] in ("dense", "mot", "moe") and int(row["step"]) > 0:
+                curves.setdefault(row["model"], []).append(
+                    (int(row["step"]), float(row["seconds"]), float(row["val_loss"]))
+                )
+    models = train_lm.build_models(cfg)
+    results = {
+        name: {
+            "curve": curves[name],
+            "flops": train_lm.train_flops_per_token(model, cfg),
+            "params": 0,
+            "tokens_per_s": 0.0,
+            "peak_bytes": None,
+            "passes": 0.0,
+        }
+        for name, model in models.items()
+    }
+    rows = train_lm_rows(train_lm.results_table(results, cfg, "cpu"))
+    figures = {name: (r["ratio"], r["step"], r["compute"], r["share"]) for name, r in rows.items()}
+    assert figures == {
+        "dense": ("1.000", "2000", "2,000", "100"),
+        "mot": ("1.214", "1800", "2,186", "109"),
+        "moe": ("1.071", "1200", "1,286", "64"),
+    }
 
 
 def test_train_lm_gpu_preset_runs_shrunk(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ def expert_hidden(
     strategy: Strategy, d_ff: int, *, sizing: Sizing, num_experts: int, top_k: int, group_size: int
 ) -> int:
     """The hidden size of each expert replacing a dense FFN of width ``d_ff``: ``same`` keeps it, ``split``
-    divides it among the experts (MoEfication), ``flop`` keeps FLOPs per token equal to dense."""
+    divides it among the experts (MoEfication), ``flop`` keeps the experts' FLOPs per token equal to dense
+    (the block's router or mixing adds its own: see :func:`sparse_flops`)."""
     if sizing == "same":
         return d_ff
     if sizing == "split":
