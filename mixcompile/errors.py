@@ -88,14 +88,17 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def warn(message: str) -> None:
-    """``warnings.warn`` pointed at the user's line: the first caller outside the calling package (a
-    plugin's), mixcompile, its built-in plugins, pluggy and torch. A fixed ``stacklevel`` is wrong for a
-    warning given inside a forward (it points into torch's module-call machinery) or reached by more than
-    one path (``convert`` from Python and from the CLI)."""
+    """``warnings.warn`` pointed at the user's line: the first caller past the calling package's innermost
+    frames (a plugin's) and mixcompile's, its built-in plugins', pluggy's and torch's. A fixed
+    ``stacklevel`` is wrong for a warning given inside a forward (it points into torch's module-call
+    machinery) or reached by more than one path (``convert`` from Python and from the CLI)."""
     frame, level = sys._getframe(1), 2
-    internal = (*_internal_paths(), *_package_path(frame.f_globals.get("__name__", "")))
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
+    caller = _package_path(frame.f_globals.get("__name__", ""))
+    # The calling package's innermost frames, then mixcompile's and torch's: the user's own package may
+    # hold the plugin too, and its line calling the model is the one to show.
+    for skipped in (caller, _internal_paths()):
+        while skipped and frame.f_back is not None and frame.f_code.co_filename.startswith(skipped):
+            frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
 
 

@@ -56,15 +56,7 @@ def upcycle(
         )
     if isinstance(noise, bool) or not isinstance(noise, int | float) or not 0 <= noise < math.inf:
         raise ConfigError(f"noise must be a number >= 0, got {noise!r}.")
-    pairs = (
-        (experts.w_in, dense.w_in),
-        (experts.w_gate, dense.w_gate),
-        (experts.w_out, dense.w_out),
-        (experts.b_in, dense.b_in),
-        (experts.b_gate, dense.b_gate),
-        (experts.b_out, dense.b_out),
-    )
-    for param, value in pairs:
+    for param, value in zip(experts.tensors, dense.tensors, strict=True):
         if param is None:
             continue  # a weight the experts lack, and so does the dense FFN (load_dense checks they fit)
         _copy(param, None if value is None else value.unsqueeze(0).expand_as(param))

@@ -461,7 +461,13 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strate
         if required:
             raise UsageError("say what to convert to: --strategy moe|mot (or --recipe FILE).")
         return None
-    stated = "strategy" in data
+    stated = (
+        f"--strategy {args.strategy}"
+        if args.strategy is not None
+        else f"the strategy {data['strategy']!r} of {args.recipe}"
+        if "strategy" in data
+        else ""
+    )
     if not stated and default_strategy is not None:
         data["strategy"] = default_strategy
     if "strategy" not in data:
@@ -498,14 +504,16 @@ STRATEGY_FLAGS = {
 }
 
 
-def _refuse_other_strategys_flags(args: argparse.Namespace, strategy: object, *, stated: bool) -> None:
+def _refuse_other_strategys_flags(args: argparse.Namespace, strategy: object, *, stated: str) -> None:
+    """``stated``: where the strategy came from, in words ("--strategy mot", "the recipe file's strategy
+    'mot'"), or "" when it is the command's default."""
     for other, flags in STRATEGY_FLAGS.items():
         typed = [flag for name, flag in flags.items() if getattr(args, name) not in (None, [])]
         if other == strategy or strategy not in STRATEGY_FLAGS or not typed:
             continue
         one = len(typed) == 1
         them = "it" if one else "them"
-        fix = f"drop {them} for --strategy {strategy}" if stated else f"add --strategy {other}"
+        fix = f"drop {them} for {stated}" if stated else f"add --strategy {other}"
         verb = "applies" if one else "apply"
         raise UsageError(f"{', '.join(typed)} {verb} to --strategy {other} only; {fix}.")
 

@@ -280,14 +280,7 @@ def _router_weights_sum_to_one(block: MoEBlock) -> bool:
 def experts_copy_dense(experts: StackedExperts, dense: DenseFFN) -> bool:
     """Whether every expert holds the dense FFN's tensors (in the experts' dtype, as an initializer copies
     them), a bias the FFN lacks being zero."""
-    pairs = (
-        (experts.w_in, dense.w_in),
-        (experts.w_gate, dense.w_gate),
-        (experts.w_out, dense.w_out),
-        (experts.b_in, dense.b_in),
-        (experts.b_gate, dense.b_gate),
-        (experts.b_out, dense.b_out),
-    )
+    pairs = zip(experts.tensors, dense.tensors, strict=True)
     return all(_every_expert_equals(stacked, single) for stacked, single in pairs)
 
 

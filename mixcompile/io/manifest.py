@@ -53,7 +53,7 @@ class Manifest:
     weights: list[Path]
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # settings changed after conversion
     # "router:cosine" -> {"package": "revplug", "version": "0.1"}: who provided the plugins the recipes name,
-    # the patterns that found the converted FFNs ({} for one no installed package provided) and the builder
+    # the patterns that found the converted FFNs and the builder
     plugins: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def provider(self, kind: str, name: str) -> str:
@@ -209,16 +209,15 @@ def _check_plugins(plugins: object, where: str) -> dict[str, dict[str, str]]:
     if not isinstance(plugins, dict):
         raise LoadError(f"{where}: 'plugins' must be an object of plugin names to their packages.")
     for key, provider in plugins.items():
-        fields = set(provider) if isinstance(provider, dict) else {"not an object"}
+        fields = provider.keys() if isinstance(provider, dict) else ()
         if (
             not isinstance(provider, dict)
-            or not (fields == set() or {"package"} <= fields <= {"package", "version"})
+            or not {"package"} <= set(fields) <= {"package", "version"}
             or not all(isinstance(v, str) and _PROVIDER.fullmatch(v) for v in provider.values())
         ):
             raise LoadError(
                 f"{where}: plugins[{key!r}] must be an object with a 'package' name and, optionally, its "
-                "'version' (a distribution's name and version: letters, digits and . _ - + !), or {} for a "
-                "plugin no installed package provided."
+                "'version' (a distribution's name and version: letters, digits and . _ - + !)."
             )
     return plugins
 
@@ -264,8 +263,8 @@ def manifest_data(
 def plugin_providers(recipes: list[Any], base: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:
     """The installed package (and its version) behind each plugin the recipes name, each pattern that
     found their FFNs and the builder of ``base``, so that loading where one is missing can say what to
-    install (see :class:`_Distributions`). A pattern no package provided is recorded as ``{}``: no recipe
-    names it, so the record is all a load has to name it by."""
+    install (see :class:`_Distributions`). A plugin no installed package provided (registered in-process)
+    is left out: an entry without a package would be refused by the mixcompile versions before this one."""
     distributions = _Distributions()
     providers = {}
     for key, (kind, name) in sorted(_plugins_used(recipes, base).items()):
@@ -274,7 +273,7 @@ def plugin_providers(recipes: list[Any], base: dict[str, Any] | None = None) -> 
         except UnknownNameError:
             continue
         provider = distributions.provider(plugin)
-        if provider or kind == "pattern":
+        if provider:
             providers[key] = provider
     return providers
 

@@ -38,7 +38,8 @@ def deferred_init() -> Iterator[None]:
 
 
 class ExpertTensors(NamedTuple):
-    """The stacked tensors as one value (None for those a block does not have), for kernels to pass around."""
+    """The stacked tensors as one value (None for those a block does not have), for kernels to pass around;
+    also a dense FFN's (:attr:`DenseFFN.tensors`), unstacked, in the same order."""
 
     w_in: torch.Tensor
     w_gate: torch.Tensor | None

@@ -16,6 +16,7 @@ import torch
 
 from mixcompile.errors import ShapeError
 from mixcompile.runtime.activations import activation_fn
+from mixcompile.runtime.experts import ExpertTensors
 
 
 @dataclass
@@ -65,6 +66,12 @@ class DenseFFN:
     @property
     def has_bias(self) -> bool:
         return self.b_in is not None or self.b_gate is not None or self.b_out is not None
+
+    @property
+    def tensors(self) -> ExpertTensors:
+        """Its tensors in the order of :attr:`StackedExperts.tensors`, so that the two pair up by ``zip``
+        (each expert tensor is ``[E, *shape]`` of the one here)."""
+        return ExpertTensors(self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dense function itself: the reference an upcycled block must reproduce."""

@@ -39,9 +39,9 @@ class RoutingPlan:
     # Checked against token_index in every eager forward; None says nothing.
     pairs_per_token: int | None = None
     # Set by RouterBase.token_choice_plan: the picks it was given, the index tensors it made of them, and
-    # the three's versions then, so a block can tell that the indices are a routing step's own, untouched
-    # since. Not part of a plan's value.
-    listed_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]] | None = field(
+    # the three's versions then (None for inference tensors, which have none), so a block can tell that the
+    # indices are a routing step's own, untouched since. Not part of a plan's value.
+    listed_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int] | None] | None = field(
         default=None, repr=False, compare=False
     )
 
@@ -163,9 +163,10 @@ class RouterBase(nn.Module):
             plan = RoutingPlan(
                 token, expert, weight, n, self.num_experts, probs, 0, losses, pairs_per_token=k
             )
-            # Read by eager forwards only; an inference tensor (torch.inference_mode) has no version to read.
-            if not torch.compiler.is_compiling() and not chosen.is_inference():
-                plan.listed_from = (chosen, token, expert, (chosen._version, token._version, expert._version))
+            if not torch.compiler.is_compiling():  # read by eager forwards only
+                inference = chosen.is_inference()  # torch.inference_mode: no version to read
+                versions = None if inference else (chosen._version, token._version, expert._version)
+                plan.listed_from = (chosen, token, expert, versions)
             return plan
         if expert.is_meta:  # shape inference: how many pairs fit is a value, which a meta tensor lacks
             return RoutingPlan(token, expert, weight, n, self.num_experts, probs, 0, losses)

@@ -153,6 +153,10 @@ def test_a_flag_of_the_other_strategy_is_refused_even_at_its_default(
     assert not (tmp_path / "out").exists()
 
 
-def test_inspect_without_a_strategy_is_told_which_one_a_flag_needs(converted, capsys) -> None:
+def test_inspect_without_a_strategy_is_told_which_one_a_flag_needs(converted, tmp_path, capsys) -> None:
     code, _, err = command(["inspect", converted, "--group-size", "4"], capsys)
     one_error(code, err, 2, "--group-size applies to --strategy mot only; add --strategy mot")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"strategy": "mot"}))
+    code, _, err = command(["inspect", converted, "--recipe", recipe, "--top-k", "2"], capsys)
+    one_error(code, err, 2, "--top-k applies to --strategy moe only", f"for the strategy 'mot' of {recipe}")

@@ -340,6 +340,24 @@ def test_a_routing_steps_own_picks_are_not_read_back(flaky, kernel, monkeypatch)
         assert _read_backs(_block(router="topk", kernel=kernel), x, monkeypatch) > 1
 
 
+def test_under_inference_mode_only_a_built_in_routers_picks_skip_the_read_back(flaky, monkeypatch) -> None:
+    """Inference tensors have no version counter to show the picks unchanged: a built-in router's class,
+    which writes into nothing it lists, is trusted by identity (serving code runs under
+    torch.inference_mode, where a read back per block would stall every decoded token); a third party's
+    router, or a subclass of a built-in, is checked, and caught when it wrote into the picks."""
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        assert _read_backs(_block(router="topk").eval(), x, monkeypatch) == 0
+        assert _read_backs(_block().eval(), x, monkeypatch) == 1  # the faulty router, behaving
+        subclassed = _block(router="topk").eval()
+        subclassed.router.__class__ = type("Sub", (type(subclassed.router),), {})
+        assert _read_backs(subclassed, x, monkeypatch) == 1
+        block = _block().eval()
+        block.router.fault = "picks_written"
+        with pytest.raises(mc.PluginError, match=r"flaky.* returned a malformed RoutingPlan: .*expert_index"):
+            block(x)
+
+
 def test_no_value_is_read_back_while_a_cuda_graph_is_captured(monkeypatch) -> None:
     """Reading a value back to the host is not allowed during CUDA-graph capture (found on an H100): the
     range and debug checks stand aside then, the structure checks stay."""

@@ -112,24 +112,16 @@ def test_the_readmes_mypy_command_checks_its_plugin_example_from_outside_the_che
     assignment, program, *arguments = shlex.split(command.group(1).replace("/path/to/mixcompile", str(ROOT)))
     assert program == "mypy"
     variable, _, value = assignment.partition("=")
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", *arguments],
-        cwd=tmp_path,
-        env={**os.environ, variable: value},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def mypy(*command_line: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, variable: value}
+        run = [sys.executable, "-m", "mypy", *command_line]
+        return subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    done = mypy(*arguments)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Success: no issues found in 1 source file" in done.stdout
     # and the example plugin package the README points to (examples/third_party_plugin)
-    example_plugin = ROOT / "examples" / "third_party_plugin" / "mixcompile_cosine" / "__init__.py"
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", *arguments[:-1], str(example_plugin)],
-        cwd=tmp_path,
-        env={**os.environ, variable: value},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    package = ROOT / "examples" / "third_party_plugin" / "mixcompile_cosine"
+    done = mypy(*arguments[:-1], str(package / "__init__.py"))
     assert done.returncode == 0, done.stdout + done.stderr

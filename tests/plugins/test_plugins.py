@@ -266,10 +266,18 @@ def test_a_plugins_warning_points_at_the_users_line(fresh_registry, tmp_path, mo
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    (package / "main.py").write_text(  # the user's code in the plugin's own package
+        "import torch\nimport mixcompile as mc\n\ndef run():\n"
+        "    mc.MoEBlock(4, 8, 3, top_k=2, router='noisy')(torch.randn(5, 4))\n"
+    )
     import noisy_router
+    import noisy_router.main
 
     mc.register_plugin(noisy_router.Plugin(), name="tests.noisy")
     block = mc.MoEBlock(4, 8, 3, top_k=2, router="noisy")
     with pytest.warns(UserWarning, match="noisy router says hello") as said:
         block(torch.randn(5, 4))
     assert [w.filename for w in said] == [__file__]
+    with pytest.warns(UserWarning, match="noisy router says hello") as said:
+        noisy_router.main.run()
+    assert [w.filename for w in said] == [str(package / "main.py")]

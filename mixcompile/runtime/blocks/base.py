@@ -48,7 +48,9 @@ class KernelChoice:
     name: str
     kernel: Kernel
     source: Source
-    builtin: bool  # a built-in kernel's routing picks are in range by construction; a third party's checked
+    # A built-in kernel's routing picks are in range by construction, a third party's are checked (False,
+    # the safe side, for a block pickled before this field existed).
+    builtin: bool = False
 
 
 # A case no kernel serves keeps the reason (a str) instead of a choice, for the forward that meets it.

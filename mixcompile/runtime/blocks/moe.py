@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, PluginError, check_positive_int
+from mixcompile.errors import ConfigError, PluginError, UnknownNameError, check_positive_int
 from mixcompile.plugins.build import Source, build_plugin, call_plugin, source_text
+from mixcompile.plugins.manager import lookup
 from mixcompile.runtime.blocks.base import Block, Describe, check_plugin_options
 from mixcompile.runtime.checks import check_output, check_picks, check_routing_plan
 from mixcompile.runtime.experts import StackedExperts
@@ -103,6 +104,14 @@ class MoEBlock(Block):
         self.from_mot = False  # made from a MoT block by mixcompile.to_token_choice (a save records it)
         self.choose_kernels()
 
+    def _router_is_builtin(self) -> bool:
+        """Whether the router is a built-in plugin's own class (not a subclass of it), as registered."""
+        try:
+            registration = lookup("router", self.router_name)
+        except UnknownNameError:  # its plugin unregistered since the block was built
+            return False
+        return registration.builtin and type(self.router) is registration.factory
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, "[..., d]", ok_rank=isinstance(x, torch.Tensor) and x.ndim >= 2)
         flat = self._compute_input(x.reshape(-1, x.shape[-1]))
@@ -111,7 +120,9 @@ class MoEBlock(Block):
         if torch.compiler.is_compiling():
             routing_kernel: Kernel = kernel
         else:
-            routing_kernel = _RoutingKernel(kernel, choice.source, trusted=choice.builtin)
+            routing_kernel = _RoutingKernel(
+                kernel, choice.source, trusted=choice.builtin, router_is_builtin=self._router_is_builtin
+            )
         plan = call_plugin(self._router_source, self.router, flat, routing_kernel)
         runner = self.expert_parallel  # sharded, the block holds this rank's experts: plans name all of them
         experts = runner.num_experts if runner is not None else self.experts.num_experts
@@ -206,28 +217,33 @@ class _RoutingKernel:
     they are made: their shapes and dtypes always, and the picks' range for a third party's kernel (one read
     back; a built-in's are in range by construction)."""
 
-    def __init__(self, kernel: Kernel, source: Source, *, trusted: bool) -> None:
+    def __init__(
+        self, kernel: Kernel, source: Source, *, trusted: bool, router_is_builtin: Callable[[], bool]
+    ) -> None:
         self._kernel = kernel
         self._source = source
         self._trusted = trusted
-        self._picked: tuple[torch.Tensor, int] | None = None  # the experts tensor returned, its version
+        self._router_is_builtin = router_is_builtin
+        # The experts tensor returned, and its version (None for an inference tensor, which has none).
+        self._picked: tuple[torch.Tensor, int | None] | None = None
 
     def listed(self, plan: RoutingPlan) -> bool:
         """Whether ``plan`` lists this forward's routing step's picks as they came out, through
         :meth:`RouterBase.token_choice_plan`, nothing since written into them or its token index: its
         indices are in range by construction, so the block need not read them back to the host (a wait for
-        the GPU's queue that cost a third of a 16K-token forward's time on an H100)."""
+        the GPU's queue that cost a third of a 16K-token forward's time on an H100). Under
+        ``torch.inference_mode`` the tensors have no versions to show that: a built-in router, which writes
+        into nothing it lists, is trusted by the tensors' identity alone."""
         listed, picked = getattr(plan, "listed_from", None), self._picked  # a router may return anything
         if listed is None or picked is None:
             return False
         chosen, token, expert, versions = listed
-        return (
-            chosen is picked[0]
-            and picked[1] == versions[0]
-            and plan.token_index is token
-            and plan.expert_index is expert
-            and (chosen._version, token._version, expert._version) == versions
-        )
+        if not (chosen is picked[0] and plan.token_index is token and plan.expert_index is expert):
+            return False
+        if versions is None or picked[1] is None:
+            return versions is None and picked[1] is None and self._router_is_builtin()
+        unchanged: bool = (chosen._version, token._version, expert._version) == versions
+        return picked[1] == versions[0] and unchanged
 
     def topk_routing(
         self, logits: torch.Tensor, top_k: int, *, bias: torch.Tensor | None = None, renormalize: bool = True
@@ -255,8 +271,7 @@ class _RoutingKernel:
         experts = parts[1]
         if not self._trusted:
             check_picks(experts, logits.shape[1], self._source)
-        if not experts.is_inference():  # an inference tensor has no version counter: the plan is checked
-            self._picked = (experts, experts._version)
+        self._picked = (experts, None if experts.is_inference() else experts._version)
         return parts
 
     def __getattr__(self, name: str) -> Any:
