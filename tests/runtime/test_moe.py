@@ -571,3 +571,18 @@ def test_a_block_runs_under_inference_mode_as_under_no_grad(router):
     with torch.inference_mode():
         got = block(x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_block_pickled_before_kernel_choices_said_builtin_still_runs():
+    """A whole-model pickle keeps the block's chosen kernels; one made before KernelChoice.builtin existed
+    has none, and the forward read it (AttributeError): it reads as False, the side that checks the picks."""
+    from mixcompile.runtime.blocks.base import KernelChoice
+
+    block = mc.MoEBlock(16, 32, 4, top_k=2).eval()
+    x = torch.randn(5, 16)
+    want = block(x)
+    for key, choice in block._kernels.items():
+        old = KernelChoice.__new__(KernelChoice)
+        old.__dict__.update(name=choice.name, kernel=choice.kernel, source=choice.source)  # no "builtin"
+        block._kernels[key] = old
+    torch.testing.assert_close(block(x), want, rtol=0, atol=0)
