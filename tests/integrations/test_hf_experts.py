@@ -118,6 +118,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 0},
     "gemma4": {"enable_moe_block": True},
+    "glm4v_moe": {  # mrope sections that fit the tiny head
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        "partial_rotary_factor": 1.0,
+    },
+    "mistral4": {
+        "head_dim": 16,
+        "qk_head_dim": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+    },
     "glm5_next": {"index_topk": 16},
     "zaya": {"num_experts_per_tok": 1},
 }
@@ -143,12 +154,10 @@ UNBUILDABLE: dict[str, str] = {
     "ernie4_5_vl_moe": "its experts class does not build",
     "glm5_next": "its experts class does not build",
     "hy_v4_vl": "its experts class does not build",
-    "glm4v_moe": "split_with_sizes",  # the tiny head_dim does not fit the default mrope sections
     "inkling": "must match the size",  # attention shapes need family-specific head settings
     "inkling2": "must match the size",
     "inkling2_loop": "must match the size",
     "mimo_v2_flash": "must match the size",
-    "mistral4": "must match the size",
     "qwen4_exp": "unsupported operand",  # its sparse-attention indexer needs token_budget settings
 }
 # Experts classes that cannot be built from any tiny config of their family (error substring).
