@@ -43,8 +43,11 @@ def to_token_choice(model: nn.Module, *, top_k: int | None = None) -> list[str]:
     the loss). The block holds the MoT block's own expert and controller parameters (not copies), so an
     optimizer built before the switch keeps training them. Expert weights are kept unscaled: on a trained
     model (``cpu-long`` in ``examples/train_lm.py``) scaling the outputs by ``top_k``, to match a token's
-    MoT weights (which sum to ``E / G`` on average), started further from the MoT loss. The result no
-    longer mixes sequences, so its output for a sequence does not depend on the batch.
+    MoT weights (which sum to ``E / G`` on average), started further from the MoT loss. The router scores
+    with the controller's weights at temperature 1: a temperature the MoT mixer was annealed to (see
+    :func:`set_mot_temperature`) is not carried over (it scaled a softmax over a group's members, not over
+    experts). The result no longer mixes sequences, so its output for a sequence does not depend on the
+    batch.
 
     Call it on the converted model itself (what ``convert`` returned): its forward's scope then lists the
     new blocks, so a block the forward calls several times adds up its router losses (see
