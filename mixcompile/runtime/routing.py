@@ -193,7 +193,7 @@ class RouterBase(nn.Module):
 
 def _recomputing() -> bool:
     """Whether this forward runs inside backward: activation checkpointing recomputing it, whose tokens the
-    first run counted already."""
+    first run counted already (so does any forward a backward hook runs, which is not counted either)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
