@@ -71,8 +71,14 @@ def test_a_moe_block_on_meta_infers_shapes_from_a_meta_input(router, debug):
     with mc.debug_checks(debug):
         y = block(torch.randn(2, 5, 16, device="meta"))
     assert y.is_meta and y.shape == (2, 5, 16)
-    assert block.last_stats["tokens"] == 10 and block.last_stats["expert_load"] is None
+    stats = block.last_stats
+    assert stats["tokens"] == 10 and stats["expert_load"] is None
     assert mc.stats(nn.Sequential(block))["0"]["routing_entropy"] is None
+    # Whether a capacity drops a pick is a value: unknown on meta, not 0. A dropless plan drops none.
+    if router in ("topk capacity", "expert_choice"):
+        assert stats["dropped_assignments"] is None and stats["dropped_tokens"] is None
+    else:
+        assert stats["dropped_assignments"] == 0
 
 
 def test_a_model_converted_on_meta_infers_shapes_from_a_meta_input():

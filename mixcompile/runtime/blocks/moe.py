@@ -194,8 +194,11 @@ class MoEBlock(Block):
 def _routing_stats(plan: Any, kernel_name: str) -> dict[str, Any]:
     """Tensors on the plan's device; :attr:`Block.last_stats` reads them back. Few ops: every forward pays
     for them, a decoded token included (a plan with ``pairs_per_token`` drops no token)."""
+    assignments: Any = plan.dropped_assignments
     if plan.pairs_per_token is None:
         dropped: Any = (fixed_bincount(plan.token_index, plan.num_tokens) == 0).sum()
+        if dropped.is_meta:  # which picks fit a capacity is a value, which a meta forward lacks: unknown
+            assignments = dropped
     else:
         dropped = 0
     stats: dict[str, Any] = {
@@ -204,7 +207,7 @@ def _routing_stats(plan: Any, kernel_name: str) -> dict[str, Any]:
         "tokens": plan.num_tokens,
         "expert_load": fixed_bincount(plan.expert_index, plan.num_experts),
         "dropped_tokens": dropped,
-        "dropped_assignments": plan.dropped_assignments,
+        "dropped_assignments": assignments,
     }
     if plan.probs is not None:  # -sum p log p, 0 where p is 0
         stats["routing_entropy"] = torch.special.entr(plan.probs.float()).sum(-1).mean()
