@@ -125,6 +125,15 @@ class Report:
         if self.hf_experts:
             lines += ["", "Hugging Face experts modules (experts_implementation):"]
             lines += [f"  {line}" for line in _experts_lines(self.hf_experts)]
+            lines.append(
+                "  They are sparse already: a conversion rewrites the dense FFN sites listed above (shared "
+                "experts, dense layers), not them."
+            )
+            if any(m.mixcompile_supported and m.implementation != "mixcompile" for m in self.hf_experts):
+                lines.append(
+                    '  To run them on mixcompile\'s kernels instead: experts_implementation="mixcompile" '
+                    "(README: Speeding up an existing MoE model)."
+                )
         if self.unrewritable:
             lines += ["", "Sites that cannot be rewritten:"]
             lines += [f"  {s.index} {s.path}: {s.reason}" for s in self.unrewritable]

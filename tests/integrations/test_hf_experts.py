@@ -955,10 +955,11 @@ def test_cli_inspect_reports_a_saved_hf_moe_model(tmp_path: Path, capsys: pytest
         r["implementation"] == "grouped_mm" and r["mixcompile_supported"] for r in rows
     )
     assert main(["inspect", str(tmp_path / "mixtral")]) == 0
-    assert (
-        "MixtralExperts x2, 4 experts, implementation 'grouped_mm'; mixcompile supported"
-        in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert "MixtralExperts x2, 4 experts, implementation 'grouped_mm'; mixcompile supported" in out
+    # what a conversion would rewrite (not the experts), and how to run the experts on mixcompile instead
+    assert "a conversion rewrites the dense FFN sites listed above" in out
+    assert 'experts_implementation="mixcompile"' in out
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
