@@ -30,7 +30,7 @@ from mixcompile.compiler.choose import select_sites
 from mixcompile.compiler.find import FFNSite, Scan, find_ffns
 from mixcompile.compiler.layout import AUTO_BATCH, auto_inputs, batch_size, decide_layout, observed_layout
 from mixcompile.compiler.pattern import Pattern
-from mixcompile.compiler.recipe import Recipe, make_recipe, recipes_of, record
+from mixcompile.compiler.recipe import Recipe, make_recipe, record
 from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
 from mixcompile.compiler.rewrite import Assignment, apply, assignments, choose_rewrites
 from mixcompile.compiler.verify import (
@@ -195,8 +195,9 @@ def convert_with_report(
     )
     report.model_max_error = model_error
     report.notes.extend(probe.notes)
-    record(target, recipe, [plan.site.index for plan in plans], [layouts[i] for i in sorted(layouts)])
-    _remember_patterns(target, {pattern_of[plan.site.index] for plan in plans})
+    converted = [plan.site.index for plan in plans]
+    patterns = [pattern_of[index] for index in converted]
+    record(target, recipe, converted, [layouts[i] for i in sorted(layouts)], patterns)
     from mixcompile.io.hf import install_save_pretrained  # io depends on the compiler, not the reverse
 
     install_save_pretrained(target)  # so save_pretrained writes a directory nothing reads as the dense model
@@ -413,23 +414,6 @@ def registered_patterns() -> dict[str, Pattern]:
     """Every registered pattern, built, by the name it is registered under (which a save records: a
     pattern's own ``name`` attribute may differ)."""
     return {name: build_plugin("pattern", name, expected=Pattern) for name in registry().names("pattern")}
-
-
-_PATTERNS = "_mixcompile_patterns"  # on a recorded recipe: the patterns that found the sites it converted
-
-
-def matched_patterns(recipe: Recipe) -> tuple[str, ...]:
-    """The registered patterns that found the FFNs ``recipe`` converted, as :func:`convert` recorded them
-    (empty for a recipe it did not record), so that a save names their plugins: without one, a load finds
-    other FFNs or none."""
-    names = getattr(recipe, _PATTERNS, ())
-    return names if isinstance(names, tuple) else ()
-
-
-def _remember_patterns(model: nn.Module, names: set[str]) -> None:
-    """Keep the patterns that found the converted sites on the recipe just recorded for ``model``: what
-    the conversion relied on, not a recipe option (a replay finds its sites with the patterns registered)."""
-    setattr(recipes_of(model)[-1], _PATTERNS, tuple(sorted(names)))
 
 
 def _describe_blocks(model: nn.Module) -> list[tuple[BlockReport, int]]:

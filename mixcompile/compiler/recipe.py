@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo
 MAX_GROUP_SIZE = 1 << 16
 _EVERY = re.compile(r"^every:(\d+)$")
 _RECORD = "_mixcompile_recipes"
+_PATTERNS = "_mixcompile_patterns"  # on a recorded recipe: the patterns that found its sites
 # Options one strategy's blocks take and the other's ignore (mode, small_batch, layout: checked with values)
 _MOT_ONLY = ("group_size", "mixer", "mixer_options")
 _MOE_ONLY = ("top_k", "router", "router_options", "num_shared_experts")
@@ -195,13 +196,28 @@ def recipes_of(model: nn.Module) -> list[Recipe]:
 
 
 def record(
-    model: nn.Module, recipe: Recipe, converted: list[int], layouts: Sequence[TokenLayout] = ()
+    model: nn.Module,
+    recipe: Recipe,
+    converted: list[int],
+    layouts: Sequence[TokenLayout] = (),
+    patterns: Iterable[str] = (),
 ) -> None:
     """Remember ``recipe`` as replayable: its converted sites as indices, and the MoT layout it found when
-    every converted site has the same one (so a replay without inputs builds the same blocks)."""
+    every converted site has the same one (so a replay without inputs builds the same blocks). ``patterns``:
+    the registered names of the patterns that found those sites (see :func:`matched_patterns`)."""
     layout: Layout = layouts[0] if len(set(layouts)) == 1 else recipe.layout
     replayable = dataclasses.replace(recipe, sites=sorted(converted), filter_fn=None, layout=layout)
+    setattr(replayable, _PATTERNS, tuple(sorted(set(patterns))))
     object.__setattr__(model, _RECORD, [*recipes_of(model), replayable])
+
+
+def matched_patterns(recipe: Recipe) -> tuple[str, ...]:
+    """The registered patterns that found the FFNs a recorded ``recipe`` converted (empty for a recipe
+    :func:`record` did not make), so that a save names their plugins: without one, a load finds other FFNs
+    or none. Kept beside the recipe's fields, not as one: what the conversion relied on, not an option (a
+    replay finds its sites with the patterns registered then)."""
+    names = getattr(recipe, _PATTERNS, ())
+    return names if isinstance(names, tuple) else ()
 
 
 def option_names() -> list[str]:

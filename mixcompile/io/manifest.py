@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from mixcompile.compiler.recipe import matched_patterns
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, warn
 from mixcompile.io.bases import check_base_spec, install_hint, with_provider, without_provider
 from mixcompile.io.files import confined_file, read_json_object
@@ -280,8 +281,6 @@ def plugin_providers(recipes: list[Any], base: dict[str, Any] | None = None) -> 
 
 def _plugins_used(recipes: list[Any], base: dict[str, Any] | None) -> dict[str, tuple[PluginKind, str]]:
     """``{"router:topk": ("router", "topk"), ...}``: the plugins a saved model needs to be rebuilt."""
-    from mixcompile.compiler.convert import matched_patterns
-
     named: list[tuple[PluginKind, str]] = []
     for recipe in recipes:
         named += [("initializer", recipe.init), ("kernel", recipe.kernel)]
