@@ -15,9 +15,7 @@ A base spec, as ``mixcompile.json`` stores it under ``"base"``:
 - ``{"kind": "external"}``: the model was built in Python; pass ``base=`` to load it.
 
 In memory (``model.mixcompile_base``) a pickle spec holds the absolute ``path`` of its file instead of
-``file``; :func:`stored_spec` copies that file into the directory being written. A builder spec read from a
-manifest also holds, in memory only, the package its ``plugins`` section says provided the builder
-(``provided_by``), so that loading where it is missing names what to install.
+``file``; :func:`stored_spec` copies that file into the directory being written.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ from mixcompile.io.files import check_regular_file, confined_file
 from mixcompile.plugins.build import build_plugin
 
 PICKLED_BASE = "base.pt"
-PROVIDED_BY = "provided_by"  # in memory only (see the module docstring)
 KINDS = ("builder", "transformers", "pickle", "import", "external")
 # Directories written before builders were registered name the demo model's builder by import path.
 LEGACY_TARGETS = {"mixcompile.toy:build_tiny_gpt": "tiny_gpt"}
@@ -93,16 +90,6 @@ def check_base_spec(spec: dict[str, Any], directory: Path, *, where: str) -> dic
     return dict(spec)
 
 
-def with_provider(spec: dict[str, Any], provider: str) -> dict[str, Any]:
-    """``spec`` noting, in words, the package that provided its builder when it was saved (or as it was)."""
-    return {**spec, PROVIDED_BY: provider} if provider else spec
-
-
-def without_provider(spec: dict[str, Any]) -> dict[str, Any]:
-    """``spec`` as a manifest writes it: the provider goes to the manifest's ``plugins``, looked up anew."""
-    return {key: value for key, value in spec.items() if key != PROVIDED_BY}
-
-
 def stored_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
     """The form of ``spec`` written into ``directory`` (a pickled base is copied in beside the weights)."""
     if spec.get("kind") != "pickle":
@@ -116,14 +103,13 @@ def stored_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
 
 
 def build_base(
-    spec: dict[str, Any], *, trust_pickle: bool, trust_code: bool, meta: bool = False
+    spec: dict[str, Any], *, trust_pickle: bool, trust_code: bool, meta: bool = False, provider: str = ""
 ) -> nn.Module | None:
     """The base model ``spec`` describes. ``meta=True`` builds a skeleton (parameters on the meta device,
     see :func:`parameters_on_meta`), or gives ``None`` for kinds that cannot be built so (a pickle, a model
-    built in Python)."""
+    built in Python). ``provider``: see :func:`call_builder`."""
     kind = spec["kind"]
     if kind == "builder":
-        provider = spec.get(PROVIDED_BY, "")
         return _on_device(meta, lambda: call_builder(spec["name"], spec.get("kwargs", {}), provider=provider))
     if kind == "import":
         name = LEGACY_TARGETS.get(spec["target"])

@@ -49,7 +49,11 @@ def load_manifest(
 ) -> nn.Module:
     shapes = read_shapes(manifest.weights)
     if base is None:
-        model = build_base(manifest.base, trust_pickle=trust_pickle, trust_code=trust_code, meta=True)
+        # the package that provided a builder base when the model was saved: named should it be missing
+        provider = manifest.provider("builder", manifest.base.get("name", ""))
+        model = build_base(
+            manifest.base, trust_pickle=trust_pickle, trust_code=trust_code, meta=True, provider=provider
+        )
         if model is None:  # a pickled base: unpickled for real (trust_pickle), checked on a meta copy
             model = build_base(manifest.base, trust_pickle=trust_pickle, trust_code=trust_code)
             assert model is not None

@@ -20,7 +20,7 @@ from typing import Any
 
 from mixcompile.compiler.recipe import matched_patterns
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, warn
-from mixcompile.io.bases import check_base_spec, install_hint, with_provider, without_provider
+from mixcompile.io.bases import check_base_spec, install_hint
 from mixcompile.io.files import confined_file, read_json_object
 from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP
 from mixcompile.plugins.manager import lookup, plugin_manager, registry
@@ -158,8 +158,6 @@ def parse_manifest(data: dict[str, Any], directory: Path, where: str, weights: l
         raise LoadError(f"{where} has no 'base' section.")
     plugins = _check_plugins(data.get("plugins", {}), where)
     base = check_base_spec(data["base"], directory, where=f"{where}: base")
-    if base["kind"] == "builder":  # for the error naming its package, should the builder be missing
-        base = with_provider(base, provider_words(plugins.get(f"builder:{base['name']}")))
     blocks = _check_blocks(data.get("blocks", {}), where)
     _check_patterns_registered(plugins, directory)
     return Manifest(directory, parsed, base, weights, blocks, plugins)
@@ -250,7 +248,7 @@ def manifest_data(
         "format_version": FORMAT_VERSION,
         "mixcompile_version": version,
         "recipes": [recipe.to_dict() for recipe in recipes],
-        "base": without_provider(base),
+        "base": base,
         "weights": WEIGHTS,
     }
     if blocks:
