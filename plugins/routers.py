@@ -104,6 +104,12 @@ class ExpertChoiceRouter(LearnedRouter):
             )
         super().__init__(d_model, num_experts, top_k, **options)
 
+    @property
+    def experts_per_token(self) -> float:
+        """Each expert takes ``capacity_factor * k / E`` of the tokens: a token runs that many on average."""
+        assert self.capacity_factor is not None  # refused above
+        return self.capacity_factor * self.top_k
+
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         logits = self.logits(x)
         probs = torch.softmax(logits, dim=-1)

@@ -21,7 +21,7 @@ from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.plugins.build import call_plugin_method, describe_plugin
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock
-from mixcompile.runtime.blocks.sizing import expert_hidden, sparse_flops
+from mixcompile.runtime.blocks.sizing import expert_hidden, ffn_flops, sparse_flops
 from mixcompile.runtime.experts import StackedExperts, deferred_init
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.types import TokenLayout
@@ -306,7 +306,7 @@ def dense_params(ffn: DenseFFN) -> int:
 
 def dense_flops(ffn: DenseFFN) -> int:
     """FLOPs per token (a multiply-add is 2) of the dense FFN's matrix products."""
-    return 2 * ffn.d_model * ffn.d_hidden * (3 if ffn.gated else 2)
+    return ffn_flops(ffn.d_model, ffn.d_hidden, gated=ffn.gated)
 
 
 def block_flops(ffn: DenseFFN, d_hidden: int, recipe: Recipe) -> int:
@@ -327,9 +327,10 @@ def existing_block_flops(block: MoEBlock | MoTBlock) -> int:
     experts = block.experts
     if isinstance(block, MoEBlock):
         shared = block.shared_experts.num_experts if block.shared_experts is not None else 0
-        top_k, group_size = block.top_k + shared, 1
+        routed: float = getattr(block.router, "experts_per_token", block.top_k)  # expert choice: c * k
+        top_k, group_size = routed + shared, 1
     else:
-        top_k, group_size = 0, block.group_size
+        top_k, group_size = 0.0, block.group_size
     return sparse_flops(
         block.kind,
         experts.d_model,

@@ -64,7 +64,8 @@ class Router(Protocol):
 
     Optionally, ``weights_sum_to_one`` (a bool, False when absent; see :attr:`RouterBase.weights_sum_to_one`):
     True promises that every token's weights sum to 1 and none is dropped, so that ``convert`` compares the
-    blocks whose experts start as copies of the dense FFN with that FFN."""
+    blocks whose experts start as copies of the dense FFN with that FFN. Optionally ``experts_per_token``
+    (a float, ``top_k`` when absent; see :attr:`RouterBase.experts_per_token`), for FLOP counts."""
 
     num_experts: int
     top_k: int
@@ -130,6 +131,12 @@ class RouterBase(nn.Module):
         router that overrides it must keep the promise (a wrong True fails conversion with a
         ``VerificationError``)."""
         return False
+
+    @property
+    def experts_per_token(self) -> float:
+        """How many experts a token runs on average, for FLOP counts: ``top_k`` (at most: a capacity may drop
+        some) unless a router says otherwise (expert choice: ``capacity_factor * top_k``)."""
+        return float(self.top_k)
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:

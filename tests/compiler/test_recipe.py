@@ -258,6 +258,9 @@ def test_expert_choice_flops_count_the_pairs_its_capacity_gives() -> None:
     )
     expert = 2 * 16 * 64 * 2
     assert two - one == expert
+    # the converted model's report counts its existing block as the plan did (it counted top_k)
+    converted = convert(model, **options, router_options={"capacity_factor": 2.0})
+    assert inspect(converted).ffn_flops_before == two
     with pytest.raises(ConfigError, match=r"sizing 'flop' divides .* 1.5 here"):
         inspect(model, **options, sizing="flop", router_options={"capacity_factor": 1.5})
 

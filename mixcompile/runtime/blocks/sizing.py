@@ -71,7 +71,12 @@ def sparse_flops(
     included; expert choice runs ``capacity_factor * k``) and a router; MoT mixes each group of G tokens
     into one token per expert, runs every expert once per group, and unmixes."""
     e = num_experts
-    expert = 2 * d * d_hidden * (3 if gated else 2)
+    expert = ffn_flops(d, d_hidden, gated=gated)
     if strategy == "moe":
         return 2 * d * e + round(top_k * expert)
     return 2 * d * e + 2 * (2 * e * d) + e * expert // group_size
+
+
+def ffn_flops(d: int, d_hidden: int, *, gated: bool) -> int:
+    """FLOPs per token (a multiply-add is 2) of one FFN's matrix products: a dense FFN's, or one expert's."""
+    return 2 * d * d_hidden * (3 if gated else 2)
