@@ -24,6 +24,7 @@ import contextlib
 import copy
 import hashlib
 import importlib
+import inspect
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -278,6 +279,12 @@ def _call_imported(target: str, kwargs: dict[str, Any]) -> nn.Module:
         builder = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise LoadError(f"cannot import the base builder {target!r}: {exc}") from exc
+    try:
+        inspect.signature(builder).bind(**kwargs)
+    except TypeError as exc:  # the manifest's kwargs, not the builder's code
+        raise LoadError(f"the base builder {target!r} does not take the kwargs {kwargs}: {exc}.") from None
+    except ValueError:  # no signature to check (a builtin): the call says
+        pass
     model = builder(**kwargs)
     if not isinstance(model, nn.Module):
         raise LoadError(f"the base builder {target!r} returned {type(model).__name__}, not an nn.Module.")

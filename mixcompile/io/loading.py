@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -71,6 +72,16 @@ def load_manifest(
     model.mixcompile_base = manifest.base  # type: ignore[assignment]  # torch types __setattr__'s value too narrowly
     install_save_pretrained(model)
     return model
+
+
+def check_rebuilds(directory: Path) -> None:
+    """Whether ``directory``'s manifest rebuilds, as a skeleton, a model its weights fit: what :func:`load`
+    checks before reading a weight. For a base spec a caller of :func:`mixcompile.save` wrote themselves
+    (its code is theirs: imported and called on the meta device)."""
+    manifest = read_manifest(directory)
+    model = build_base(manifest.base, trust_pickle=False, trust_code=True, meta=True)
+    if model is not None:  # None: a pickled or external base, which the save itself recorded
+        check_fits(_replay(model, manifest), read_shapes(manifest.weights), directory)
 
 
 def _apply_block_settings(model: nn.Module, manifest: Manifest) -> None:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from mixcompile.errors import ConfigError
+from mixcompile.errors import ConfigError, LoadError
 from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
 from mixcompile.io.files import output_directory, path_argument
 from mixcompile.io.hf import write_generation_config, write_hf_files
@@ -56,8 +56,22 @@ def save(
     recipes_to_save(model)  # refuse before touching the file system
     with output_directory(directory, overwrite=overwrite) as out:
         write_model(model, out.path, spec)
+        if base is not None:  # a spec the caller wrote: refused now if a load would refuse it
+            _check_rebuilds(out.path, base)
         out.commit()
     return directory
+
+
+def _check_rebuilds(directory: Path, base: dict[str, Any]) -> None:
+    from mixcompile.io.loading import check_rebuilds  # loading replays recipes through the compiler
+
+    try:
+        check_rebuilds(directory)
+    except LoadError as exc:
+        message = str(exc).replace(str(directory), "the saved directory")
+        raise ConfigError(
+            f"base={base!r} does not rebuild this model (a load would fail): {message}"
+        ) from None
 
 
 def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None:

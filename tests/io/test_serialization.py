@@ -84,10 +84,50 @@ def test_a_model_built_in_python_needs_its_base(tmp_path: Path) -> None:
 
 
 def test_an_imported_builder_outside_mixcompile_needs_trust_code(tmp_path: Path) -> None:
-    model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1)
+    from zoo import plain_mlp
+
+    model = mc.convert(plain_mlp(), strategy="moe", num_experts=2, top_k=1)
     mc.save(model, tmp_path / "m", base={"kind": "import", "target": "zoo:plain_mlp", "kwargs": {}})
     with pytest.raises(LoadError, match="trust_code=True"):
         mc.load(tmp_path / "m")
+    x = torch.randn(3, 5, 32)
+    model.eval()
+    torch.testing.assert_close(mc.load(tmp_path / "m", trust_code=True).eval()(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("target", "kwargs", "said"),
+    [
+        ("zoo.plain_mlp", {}, "'target' must look like 'package.module:function'"),
+        ("zoo:no_such_builder", {}, "cannot import the base builder 'zoo:no_such_builder'"),
+        ("zoo:plain_mlp", {"width": 4}, r"does not take the kwargs \{'width': 4\}: .*unexpected keyword"),
+        ("zoo:gated_mlp", {}, "do not fit the model its manifest describes"),  # another model
+    ],
+)
+def test_a_base_spec_that_would_not_load_is_refused_by_save(tmp_path: Path, target, kwargs, said) -> None:
+    """Each of these was written, and only the load failed (a misspelt kwarg with a bare TypeError)."""
+    from zoo import plain_mlp
+
+    model = mc.convert(plain_mlp(), strategy="moe", num_experts=2, top_k=1)
+    base = {"kind": "import", "target": target, "kwargs": kwargs}
+    with pytest.raises(
+        ConfigError, match=rf"^base=.* does not rebuild this model \(a load would fail\): .*{said}"
+    ):
+        mc.save(model, tmp_path / "m", base=base)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_misspelt_kwarg_of_an_imported_builder_is_a_load_error(tmp_path: Path) -> None:
+    """A manifest edited (or written by an older save) to pass a kwarg its builder lacks."""
+    from zoo import plain_mlp
+
+    model = mc.convert(plain_mlp(), strategy="moe", num_experts=2, top_k=1)
+    mc.save(model, tmp_path / "m", base={"kind": "import", "target": "zoo:plain_mlp", "kwargs": {}})
+    manifest = json.loads((tmp_path / "m" / "mixcompile.json").read_text())
+    manifest["base"]["kwargs"] = {"widht": 4}
+    (tmp_path / "m" / "mixcompile.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoadError, match=r"'zoo:plain_mlp' does not take the kwargs \{'widht': 4\}"):
+        mc.load(tmp_path / "m", trust_code=True)
 
 
 def test_existing_directory_is_refused_and_left_intact(tmp_path: Path) -> None:
