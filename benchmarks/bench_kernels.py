@@ -692,14 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import triton
 
-    from mixcompile.plugins.manager import registry
     from mixcompile.runtime.kernels import get_kernel
 
-    if "triton" not in registry().names("kernel"):
-        import mixcompile_plugins.triton.plugin
-        from mixcompile import register_plugin
-
-        register_plugin(mixcompile_plugins.triton_kernels)
     sizes = SMOKE if args.smoke else FULL
     device = torch.device("cuda" if cuda else "cpu")
     triton_kernel, torch_kernel = get_kernel("triton"), get_kernel("torch")

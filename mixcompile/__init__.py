@@ -5,7 +5,11 @@ The public face. Everything a user or a plugin author needs is importable from h
 "How it works").
 """
 
-from mixcompile.cli.tiny_gpt import TinyGPT, build_tiny_gpt
+from mixcompile.startup import guard_imports
+
+guard_imports()  # first: what follows imports torch (a no-op unless this process is the command)
+# ruff: noqa: E402
+
 from mixcompile.compiler import Recipe, convert, convert_with_report, inspect
 from mixcompile.errors import (
     ConfigError,
@@ -16,11 +20,14 @@ from mixcompile.errors import (
     UnknownNameError,
     VerificationError,
     check_bool,
+    check_choice,
+    check_number,
     check_positive_int,
     warn,
 )
 from mixcompile.integrations.transformers_experts import register_transformers_experts
 from mixcompile.io import load, save
+from mixcompile.models import TinyGPT, build_tiny_gpt
 from mixcompile.plugins import (
     BuilderRegister,
     Initializer,
@@ -28,7 +35,6 @@ from mixcompile.plugins import (
     KernelRegister,
     MixerRegister,
     PatternRegister,
-    Register,
     RouterRegister,
     hookimpl,
     register_plugin,
@@ -41,11 +47,12 @@ from mixcompile.runtime.experts import ExpertTensors, StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.introspect import aux_loss, sparse_blocks, stats, update_routing_bias
 from mixcompile.runtime.kernels import Kernel
-from mixcompile.runtime.mixing import ControllerMixer, Mixer, MixPlan
+from mixcompile.runtime.mixing import MIN_TEMPERATURE, ControllerMixer, Mixer, MixPlan
 from mixcompile.runtime.routing import LearnedRouter, Router, RouterBase, RoutingPlan, topk_routing
 from mixcompile.runtime.tokens import token_mask
 from mixcompile.runtime.transition import set_mot_temperature, temperature_schedule, to_token_choice
 from mixcompile.types import (
+    Activation,
     BlockKind,
     Layout,
     MoTMode,
@@ -66,6 +73,7 @@ __all__ = [
     "RouterBase",
     "LearnedRouter",
     "ControllerMixer",
+    "Activation",
     "Block",
     "BlockKind",
     "ConfigError",
@@ -73,6 +81,7 @@ __all__ = [
     "Kernel",
     "Layout",
     "LoadError",
+    "MIN_TEMPERATURE",
     "MixPlan",
     "MixcompileError",
     "Mixer",
@@ -82,7 +91,6 @@ __all__ = [
     "PluginError",
     "PluginKind",
     "Recipe",
-    "Register",
     "RouterRegister",
     "MixerRegister",
     "KernelRegister",
@@ -105,6 +113,8 @@ __all__ = [
     "aux_loss",
     "build_tiny_gpt",
     "check_bool",
+    "check_choice",
+    "check_number",
     "check_positive_int",
     "convert",
     "convert_with_report",

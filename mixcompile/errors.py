@@ -8,10 +8,13 @@ They subclass the built-in exception a user would catch anyway (``ValueError`` f
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
+import operator
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 _E = TypeVar("_E", bound="MixcompileError")
@@ -52,15 +55,28 @@ class LoadError(MixcompileError):
 
 
 class UnknownNameError(ConfigError):
-    """A router / mixer / kernel / initializer / pattern name that no plugin registered."""
+    """A router / mixer / kernel / initializer / pattern name that no plugin registered, or a value outside
+    an option's fixed set (``kind`` is then the option: ``mode``, ``sizing``, ...)."""
 
     def __init__(self, kind: str, name: str, known: Iterable[str] = ()) -> None:
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        close = close or [k for k in known if k.lower() == name.lower()]  # 'MoE': closeness is case-sensitive
         hint = f" Did you mean {close[0]!r}?" if close else ""
         listing = ", ".join(repr(k) for k in known) or "(none registered)"
         super().__init__(f"unknown {kind} {name!r}.{hint} Known: {listing}.")
         self.kind, self.name, self.known, self.suggestion = kind, name, known, close[0] if close else None
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    """Validate an option with a fixed set of values, naming it: anything else raises
+    :class:`UnknownNameError` with the closest value."""
+    choices = tuple(choices)
+    if isinstance(value, str) and value in choices:
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r} ({type(value).__name__}).")
+    raise UnknownNameError(name, value, choices)
 
 
 def check_positive_int(
@@ -74,6 +90,39 @@ def check_positive_int(
     if maximum is not None and value > maximum:
         raise ConfigError(f"{name} must be <= {maximum}, got {value}.{_sp(hint)}")
     return value
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    hint: str = "",
+) -> float:
+    """Validate a real-valued option against inclusive (``minimum``, ``maximum``) and exclusive (``above``,
+    ``below``) bounds, naming it and its range in the error. Always finite (an inf or NaN weight spreads NaN
+    through the model) and never a bool (``True`` is not a temperature)."""
+    bounds = {">=": minimum, ">": above, "<=": maximum, "<": below}
+    stated = {sign: bound for sign, bound in bounds.items() if bound is not None}
+    try:
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number) or not all(_COMPARE[sign](number, bound) for sign, bound in stated.items()):
+        limits = " and ".join(f"{sign} {bound}" for sign, bound in stated.items())
+        raise ConfigError(f"{name} must be a finite number{_sp(limits)}, got {value!r}.{_sp(hint)}")
+    return number
+
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+}
 
 
 def check_bool(name: str, value: object) -> bool:

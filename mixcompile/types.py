@@ -2,9 +2,10 @@
 
 A bottom layer like :mod:`mixcompile.errors`: it imports nothing from mixcompile. These aliases only
 inform type checkers and editors; every option is still checked at run time (with a "did you mean"), so a
-value read from a file or a command line is refused the same way whether or not its caller was checked.
-Names that plugins register (routers, mixers, kernels, initializers, activations) are open sets: they stay
-``str``.
+value read from a file or a command line is refused the same way whether or not its caller was checked:
+the checks read the allowed values from these aliases (``typing.get_args``), so each set is written once.
+Names that plugins register (routers, mixers, kernels, initializers, patterns, builders) are open sets:
+they stay ``str``.
 """
 
 from __future__ import annotations
@@ -37,13 +38,22 @@ SmallBatchPolicy: TypeAlias = Literal["group", "sparse"]
 #: ``[T, B, d]`` (``seq_first``) or ``[B*T, d]`` (``flat``, the batch size coming from the model's inputs).
 TokenLayout: TypeAlias = Literal["batch_first", "seq_first", "flat"]
 
-#: ``Recipe.layout``: a :data:`TokenLayout`, or ``auto`` (decided from the model at conversion time).
-Layout: TypeAlias = Literal["auto", "batch_first", "seq_first", "flat"]
+#: ``Recipe.layout``: ``auto`` (decided from the model at conversion time; first, the default) or a
+#: :data:`TokenLayout`.
+Layout: TypeAlias = Literal["auto", TokenLayout]
+
+#: The activations of experts and dense FFNs (``StackedExperts(activation=...)``): a fixed set, the
+#: functions every kernel computes (whatever spelling a model used, ``nn.GELU(approximate="tanh")``, HF
+#: ``NewGELUActivation``, ... is normalised to one of these).
+Activation: TypeAlias = Literal[
+    "relu", "gelu", "gelu_tanh", "quick_gelu", "silu", "squared_relu", "sigmoid", "tanh", "identity"
+]
 
 #: The kinds of things plugins register (``mc.registry().names(kind)``).
 PluginKind: TypeAlias = Literal["router", "mixer", "kernel", "initializer", "pattern", "builder"]
 
 __all__ = [
+    "Activation",
     "BlockKind",
     "Layout",
     "MoTMode",

@@ -6,15 +6,22 @@ canonical :class:`~mixcompile.DenseFFN` view, whatever the FFN looked like in th
 
 from __future__ import annotations
 
-import math
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, get_args
 
 import torch
 
-from mixcompile import ConfigError, DenseFFN, InitializerRegister, StackedExperts, hookimpl
+from mixcompile import (
+    ConfigError,
+    DenseFFN,
+    InitializerRegister,
+    StackedExperts,
+    check_choice,
+    check_number,
+    hookimpl,
+)
 
 SplitMethod: TypeAlias = Literal["random", "balanced"]
-SPLIT_METHODS = ("random", "balanced")
+SPLIT_METHODS: tuple[SplitMethod, ...] = get_args(SplitMethod)
 
 
 def _need_dense(name: str, dense: DenseFFN | None) -> DenseFFN:
@@ -54,8 +61,7 @@ def upcycle(
             f"upcycle copies the dense FFN, so the expert hidden size ({experts.d_hidden}) must equal "
             f"the dense one ({h}); for experts of {experts.d_hidden}, use {fill}."
         )
-    if isinstance(noise, bool) or not isinstance(noise, int | float) or not 0 <= noise < math.inf:
-        raise ConfigError(f"noise must be a number >= 0, got {noise!r}.")
+    check_number("noise", noise, minimum=0)
     for param, value in zip(experts.tensors, dense.tensors, strict=True):
         if param is None:
             continue  # a weight the experts lack, and so does the dense FFN (load_dense checks they fit)
@@ -86,10 +92,8 @@ def split(
             f"split partitions the dense hidden size {h} into {e} experts, so the expert hidden size must be "
             f"{h} / {e}; got {experts.d_hidden}." + ("" if h % e == 0 else f" {h} is not divisible by {e}.")
         )
-    if method not in SPLIT_METHODS:
-        raise ConfigError(f"method must be one of {SPLIT_METHODS}, got {method!r}.")
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise ConfigError(f"scale must be a finite number, got {scale!r}.")
+    check_choice("method", method, SPLIT_METHODS)
+    check_number("scale", scale)
     if method == "random":
         groups = torch.randperm(h, generator=generator).reshape(e, experts.d_hidden)
     else:
@@ -107,9 +111,9 @@ def split(
 
 
 def balanced_clusters(
-    rows: torch.Tensor, num_clusters: int, *, generator: torch.Generator | None = None, iterations: int = 10
+    rows: torch.Tensor, num_clusters: int, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Balanced k-means: ``[num_clusters, n / num_clusters]`` row indices, similar rows together.
+    """Balanced k-means, ten rounds: ``[num_clusters, n / num_clusters]`` row indices, similar rows together.
 
     Each round assigns (row, centroid) pairs greedily from the closest, skipping full clusters, so every
     cluster ends with exactly ``n / num_clusters`` rows.
@@ -118,7 +122,7 @@ def balanced_clusters(
     size = n // num_clusters
     rows = torch.nn.functional.normalize(rows, dim=1)
     centroids = rows[torch.randperm(n, generator=generator)[:num_clusters]]
-    for _ in range(iterations):
+    for _ in range(10):
         distances = torch.cdist(rows, centroids)  # [n, C]
         fill = [0] * num_clusters
         chosen = [-1] * n
@@ -141,19 +145,7 @@ def random_init(
     experts: StackedExperts, dense: DenseFFN | None, *, generator: torch.Generator | None = None
 ) -> None:
     """Fresh ``nn.Linear``-style init for training from scratch; the dense FFN, if any, is ignored."""
-    for name, fan_in in (
-        ("w_in", experts.d_model),
-        ("w_gate", experts.d_model),
-        ("w_out", experts.d_hidden),
-        ("b_in", experts.d_model),
-        ("b_gate", experts.d_model),
-        ("b_out", experts.d_hidden),
-    ):
-        param = getattr(experts, name)
-        if param is not None:
-            bound = 1.0 / math.sqrt(fan_in)
-            values = torch.rand(param.shape, generator=generator) * 2 * bound - bound
-            param.copy_(values.to(param))
+    experts.reset_parameters(generator)
 
 
 @hookimpl

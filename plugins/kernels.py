@@ -18,20 +18,20 @@ from typing import Any
 
 import torch
 
-from mixcompile import KernelRegister, MixPlan, RoutingPlan, StackedExperts, hookimpl, topk_routing
+from mixcompile import BlockKind, Kernel, KernelRegister, MixPlan, RoutingPlan, StackedExperts, hookimpl
 
 Tensor = torch.Tensor
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _grouped_mm_runs: dict[tuple[str, torch.dtype], bool] = {}
 
 
-class TorchKernel:
-    """Implements :class:`mixcompile.Kernel` in plain PyTorch."""
+class TorchKernel(Kernel):
+    """:class:`mixcompile.Kernel` in plain PyTorch (its routing step is the one ``Kernel`` has)."""
 
     priority = 0
     hidden_dropout = True  # experts.activate applies it on every path
 
-    def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    def supports(self, kind: BlockKind, device: torch.device, dtype: torch.dtype) -> bool:
         return kind in ("moe", "mot") and dtype.is_floating_point
 
     def moe(self, x: Tensor, plan: RoutingPlan, experts: StackedExperts) -> Tensor:
@@ -52,11 +52,6 @@ class TorchKernel:
         out = project(experts.activate(up, gate), experts.w_out, experts.b_out)
         weights = plan.weight[order].to(x.dtype)
         return torch.zeros_like(x).index_add(0, tokens, out * weights[:, None])
-
-    def topk_routing(
-        self, logits: Tensor, top_k: int, *, bias: Tensor | None = None, renormalize: bool = True
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return topk_routing(logits, top_k, bias=bias, renormalize=renormalize)
 
     def mot(self, x_g: Tensor, plan: MixPlan, experts: StackedExperts) -> Tensor:
         t, n, g, d = x_g.shape

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import math
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, get_args
 
 import torch
 
-from mixcompile import ConfigError, ControllerMixer, MixerRegister, MixPlan, hookimpl
+from mixcompile import (
+    MIN_TEMPERATURE,
+    ControllerMixer,
+    MixerRegister,
+    MixPlan,
+    check_choice,
+    check_number,
+    hookimpl,
+)
 
 EmitMode: TypeAlias = Literal["merge", "experts"]
-EMIT_MODES = ("merge", "experts")
-MIN_TEMPERATURE = 1e-6
+EMIT_MODES: tuple[EmitMode, ...] = get_args(EmitMode)
 
 
 class SoftmaxMixer(ControllerMixer):
@@ -38,8 +44,7 @@ class SoftmaxMixer(ControllerMixer):
         init_std: float = 0.02,
     ) -> None:
         super().__init__(d_model, num_experts, group_size, init_std=init_std)
-        if emit not in EMIT_MODES:
-            raise ConfigError(f"emit must be one of {EMIT_MODES}, got {emit!r}.")
+        check_choice("emit", emit, EMIT_MODES)
         self.temperature = temperature
         self.emit = emit
 
@@ -51,16 +56,9 @@ class SoftmaxMixer(ControllerMixer):
     def temperature(self, value: float) -> None:
         """Checked whenever set (annealing sets it every step): below ``MIN_TEMPERATURE`` the logits
         overflow to inf and the mix is NaN; ``mode="sparse"`` is the limit towards 0."""
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not MIN_TEMPERATURE <= value < math.inf
-        ):
-            raise ConfigError(
-                f"temperature must be a number >= {MIN_TEMPERATURE:g} (mode='sparse' is the limit towards "
-                f"0), got {value!r}."
-            )
-        self._temperature = float(value)
+        self._temperature = check_number(
+            "temperature", value, minimum=MIN_TEMPERATURE, hint="mode='sparse' is the limit towards 0."
+        )
 
     def forward(self, x_g: torch.Tensor, present: torch.Tensor, *, sparse: bool) -> MixPlan:
         scores = self.logits(x_g)  # [T, n, G, E]

@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from mixcompile import DenseFFN, PatternRegister, hookimpl
+from mixcompile import Activation, DenseFFN, PatternRegister, hookimpl
 from mixcompile.compiler import (
     ACT,
     ANY,
@@ -51,7 +51,7 @@ def _ffn(
     h, d = w_in.shape
     if w_out.shape != (d, h) or (w_gate is not None and w_gate.shape != (h, d)):
         return None
-    activation = cast(str, view.activation(act))  # an activation node always has its activation's name
+    activation = cast(Activation, view.activation(act))  # an activation node always has its activation's name
     return DenseFFN(w_in, w_out, activation, w_gate=w_gate, b_in=b_in, b_gate=b_gate, b_out=b_out)
 
 

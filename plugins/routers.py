@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import torch
 
@@ -15,13 +15,14 @@ from mixcompile import (
     RouterRegister,
     RoutingPlan,
     check_bool,
+    check_choice,
     check_positive_int,
     hookimpl,
     warn,
 )
 
 TopKOrder: TypeAlias = Literal["softmax_topk", "topk_softmax"]
-TOPK_ORDERS = ("softmax_topk", "topk_softmax")
+TOPK_ORDERS: tuple[TopKOrder, ...] = get_args(TopKOrder)
 
 
 class TopKRouter(LearnedRouter):
@@ -41,8 +42,7 @@ class TopKRouter(LearnedRouter):
     ) -> None:
         super().__init__(d_model, num_experts, top_k, **options)
         check_bool("renormalize", renormalize)
-        if order not in TOPK_ORDERS:
-            raise ConfigError(f"order must be one of {TOPK_ORDERS}, got {order!r}.")
+        check_choice("order", order, TOPK_ORDERS)
         if order == "topk_softmax" and not renormalize:
             raise ConfigError("renormalize=False only applies to order='softmax_topk'.")
         self.order = order
@@ -103,6 +103,11 @@ class ExpertChoiceRouter(LearnedRouter):
                 "not apply."
             )
         super().__init__(d_model, num_experts, top_k, **options)
+
+    @property
+    def causal(self) -> bool:
+        """An expert takes its best tokens of the whole batch: a position's routing depends on later ones."""
+        return False
 
     @property
     def experts_per_token(self) -> float:

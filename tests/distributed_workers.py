@@ -1,4 +1,5 @@
-"""Jobs for tests/test_distributed.py, run in spawned processes, and the models and data both sides build.
+"""Jobs for tests/distributed/test_distributed.py, run in spawned processes, and the models and data both
+sides build.
 
 Everything is built from fixed seeds, so the parent computes its single-process reference from the same
 weights and data as the ranks.

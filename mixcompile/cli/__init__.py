@@ -1,9 +1,8 @@
-"""The ``mixcompile`` command and what only it needs: the benchmark, the demo and its tiny GPT."""
+"""The ``mixcompile`` command and what only it needs: the benchmark, the demo and what it reads off models.
 
-from mixcompile.cli.startup import guard_imports
+``import mixcompile`` does not import this package (its import guard, :mod:`mixcompile.startup`, is
+installed by the package root, before torch)."""
 
-guard_imports()  # first: what follows imports torch, and `import mixcompile` starts here
-
-from mixcompile.cli.main import entry_point, main  # noqa: E402
+from mixcompile.cli.main import entry_point, main
 
 __all__ = ["entry_point", "main"]

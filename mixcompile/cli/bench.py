@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixcompile.cli.probe import example_inputs, output_tensor
+from mixcompile.cli.probe import output_tensor
+from mixcompile.compiler.probe import example_inputs
 from mixcompile.errors import ConfigError, MixcompileError
 from mixcompile.io.bases import build_base
 from mixcompile.io.reading import LoadedModel

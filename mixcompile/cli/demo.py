@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixcompile.cli.tiny_gpt import build_tiny_gpt
 from mixcompile.compiler import convert_with_report, inspect
+from mixcompile.models.tiny_gpt import build_tiny_gpt
 from mixcompile.runtime.introspect import aux_loss, stats
 
 DEMO_CONFIG = {"d_model": 64, "n_layer": 4, "n_head": 4, "d_ff": 256, "max_seq": 64}

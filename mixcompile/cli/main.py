@@ -22,12 +22,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mixcompile.cli.startup import end_import_guard
-from mixcompile.compiler.recipe import MAX_EXPERTS, MAX_GROUP_SIZE
+from mixcompile.compiler.recipe import MAX_EXPERTS, MAX_GROUP_SIZE, STRATEGY_OPTIONS
 from mixcompile.errors import ConfigError, LoadError, MixcompileError
 from mixcompile.io.files import (
     OutputDirectory,
-    Terminated,
     check_not_overlapping,
     check_output,
     describe_os_error,
@@ -37,6 +35,8 @@ from mixcompile.io.files import (
     read_json_object,
 )
 from mixcompile.io.reading import read_model
+from mixcompile.runtime.routing import top_k_above_experts
+from mixcompile.startup import Terminated, end_import_guard
 
 EPILOG = """examples:
   mixcompile demo
@@ -196,7 +196,7 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # a closed pipe fails here, where it is handled, not at the interpreter's exit
         return code
     except (UsageError, ConfigError) as exc:
-        return _fail(exc, 2)
+        return _fail(_as_typed(exc, args), 2)
     except _StdoutFailed as exc:
         return _fail(RuntimeError(_stdout_failed(exc, args)), 1)
     except BrokenPipeError:  # `mixcompile inspect ... | head`: the reader has what it wanted
@@ -212,6 +212,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(RuntimeError(_interrupted(str(exc), args)), 128 + exc.signum)
     except Exception as exc:  # an unexpected failure still gets one line, not a wall of torch internals
         return _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1)
+
+
+def _as_typed(exc: Exception, args: argparse.Namespace) -> Exception:
+    """``exc`` naming the flag the user typed: the recipe's ``sites`` are ``--layers`` here."""
+    layers = getattr(args, "layers", None)
+    if layers is not None and str(exc).startswith("sites ") and "out of range" in str(exc):
+        return UsageError(f"--layers {layers}: {str(exc).removeprefix('sites ')}")
+    return exc
 
 
 def _interrupted(what: str, args: argparse.Namespace) -> str:
@@ -474,33 +482,31 @@ def recipe_from_args(args: argparse.Namespace, *, required: bool, default_strate
         raise UsageError("--strategy moe|mot is required (or a recipe file that has one).")
     _refuse_other_strategys_flags(args, data["strategy"], stated=stated)
     recipe = _recipe(data, from_file, args.recipe)
-    if recipe.strategy == "moe" and recipe.top_k > recipe.num_experts:
+    if recipe.strategy == "moe" and recipe.top_k > recipe.num_experts:  # refused before loading the model
         top_k = _named(args, from_file, "top_k", "--top-k", recipe.top_k)
         experts = _named(args, from_file, "num_experts", "--experts", recipe.num_experts)
-        raise UsageError(
-            f"{top_k} is more than {experts} (top_k must be <= num_experts: a token cannot use an expert "
-            "twice)."
-        )
+        raise UsageError(top_k_above_experts(top_k, experts))
     return recipe
 
 
+# The flag of each option only one strategy takes (the recipe's STRATEGY_OPTIONS).
+_STRATEGY_OPTION_FLAGS = {
+    "top_k": "--top-k",
+    "router": "--router",
+    "router_options": "--router-option",
+    "num_shared_experts": "--shared-experts",
+    "group_size": "--group-size",
+    "mixer": "--mixer",
+    "mixer_options": "--mixer-option",
+    "mode": "--mode",
+    "small_batch": "--small-batch",
+    "layout": "--layout",
+}
 # Flags of one strategy: typed with the other, they would do nothing (the recipe refuses values other than
 # the defaults, but cannot tell a default typed, `--strategy mot --top-k 2`, from one left alone).
 STRATEGY_FLAGS = {
-    "moe": {
-        "top_k": "--top-k",
-        "router": "--router",
-        "router_options": "--router-option",
-        "num_shared_experts": "--shared-experts",
-    },
-    "mot": {
-        "group_size": "--group-size",
-        "mixer": "--mixer",
-        "mixer_options": "--mixer-option",
-        "mode": "--mode",
-        "small_batch": "--small-batch",
-        "layout": "--layout",
-    },
+    strategy: {name: _STRATEGY_OPTION_FLAGS[name] for name in names}
+    for strategy, names in STRATEGY_OPTIONS.items()
 }
 
 
@@ -580,7 +586,12 @@ def parse_layers(text: str) -> str | list[int]:
     if word in ("all", "last-half"):
         return word.replace("-", "_")
     if word.startswith("every:"):
-        return "every:" + text.strip()[len("every:") :]  # as typed: an error quotes what the user wrote
+        every = text.strip()[len("every:") :]
+        if not every.isdigit() or int(every) < 1:
+            raise UsageError(
+                f"--layers {text!r}: every:N takes a whole N >= 1 (every:2 converts every second FFN)."
+            )
+        return f"every:{int(every)}"
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -712,12 +723,17 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def entry_point() -> None:
-    """The console script. Once the command is done, Ctrl-C is ignored while Python shuts down (which
-    takes torch a moment): the command's exit status stands, instead of a death by SIGINT."""
+    """The console script. Once the command is done, Ctrl-C, SIGTERM and SIGHUP are ignored while Python
+    shuts down (which takes torch a moment): the command's exit status stands, instead of a death by the
+    signal."""
     try:
         code = main()
     except KeyboardInterrupt:  # the instant between main's own handling and this
         code = 130
+    except Terminated as exc:
+        code = 128 + exc.signum
     with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
     sys.exit(code)

@@ -1,4 +1,5 @@
-"""Name the activation a graph node or module computes, in :data:`mixcompile.activations.ACTIVATIONS` terms.
+"""Name the activation a graph node or module computes, in the terms of
+:data:`mixcompile.runtime.activations.ACTIVATIONS`.
 
 Models spell activations as modules (``nn.GELU``, HF ``NewGELUActivation``), as ``F.*`` / ``torch.*``
 functions, as tensor methods, or as attributes holding a function (``nn.TransformerEncoderLayer.activation``,

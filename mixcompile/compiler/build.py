@@ -8,8 +8,8 @@ parameter counts, no memory, no weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
-from mixcompile.errors import ConfigError, MixcompileError
+from mixcompile.errors import ConfigError, MixcompileError, check_number
 from mixcompile.plugins.build import call_plugin_method, describe_plugin
 from mixcompile.runtime.blocks import Block, MoEBlock, MoTBlock
 from mixcompile.runtime.blocks.sizing import expert_hidden, ffn_flops, sparse_flops
@@ -88,7 +88,7 @@ def seeded_block(
     seed = site_seed(recipe.seed, site)
     with torch.random.fork_rng(devices=[]), deferred_init():
         torch.manual_seed(seed)
-        block = build_block(site, recipe, d_hidden, device="cpu", layout=layout)
+        block = build_block(site, recipe, d_hidden, layout=layout)
     generator = torch.Generator().manual_seed(seed)
     computed = _computed_buffers(block)
     for experts in block.modules():
@@ -156,13 +156,10 @@ def active_experts(recipe: Recipe) -> float:
     that the router's own message, when the block is built, is what the user sees (not a TypeError)."""
     k = float(recipe.top_k)
     factor = recipe.router_options.get("capacity_factor", 1.0)
-    if recipe.router == "expert_choice" and _positive_number(factor):
-        k *= factor
+    if recipe.router == "expert_choice":
+        with contextlib.suppress(ConfigError):
+            k *= check_number("capacity_factor", factor, above=0)
     return k + recipe.num_shared_experts
-
-
-def _positive_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _expert_hidden(d_ff: int, recipe: Recipe) -> int:
@@ -203,14 +200,8 @@ def _check_init_fits_sizing(d_ff: int, d_hidden: int, recipe: Recipe) -> None:
     )
 
 
-def build_block(
-    site: FFNSite,
-    recipe: Recipe,
-    d_hidden: int,
-    *,
-    device: torch.device | str,
-    layout: TokenLayout | None = None,
-) -> Block:
+def build_block(site: FFNSite, recipe: Recipe, d_hidden: int, *, layout: TokenLayout | None = None) -> Block:
+    """The block for ``site``, built on the CPU (:func:`seeded_block` moves it where the model lives)."""
     ffn = site.ffn
     shape: dict[str, Any] = {
         "activation": ffn.activation,
@@ -219,12 +210,10 @@ def build_block(
         "hidden_dropout": site.hidden_dropout,
         "kernel": recipe.kernel,
         "site": site.label,
-        "device": device,
+        "device": "cpu",
         "dtype": ffn.w_in.dtype,
     }
     if recipe.strategy == "moe":
-        if recipe.top_k > recipe.num_experts:
-            raise ConfigError(f"top_k={recipe.top_k} is more than num_experts={recipe.num_experts}.")
         block: Block = MoEBlock(
             ffn.d_model,
             d_hidden,

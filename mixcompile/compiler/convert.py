@@ -31,7 +31,14 @@ from mixcompile.compiler.find import FFNSite, Scan, find_ffns
 from mixcompile.compiler.layout import AUTO_BATCH, auto_inputs, batch_size, decide_layout, observed_layout
 from mixcompile.compiler.pattern import Pattern
 from mixcompile.compiler.recipe import Recipe, make_recipe, record
-from mixcompile.compiler.report import BlockReport, ExpertsModuleReport, Report, SiteReport
+from mixcompile.compiler.report import (
+    BlockReport,
+    ExpertsModuleReport,
+    ProbeSource,
+    Report,
+    SiteReport,
+    SiteStatus,
+)
 from mixcompile.compiler.rewrite import Assignment, apply, assignments, choose_rewrites
 from mixcompile.compiler.verify import (
     SiteCheck,
@@ -162,7 +169,6 @@ def convert_with_report(
     for site in selected:
         if site.rewrite is None:
             warn(f"FFN site {site.index} at {site.label!r} is left dense: {site.reason}")
-    _warn_if_not_causal(target, recipe)
     mot = recipe.strategy == "mot"
     # A replay with verification off and the layout recorded (mixcompile.load) needs no probe forward.
     probe = _Probe(target, rewritable, example_inputs, needed=verify or (mot and recipe.layout == "auto"))
@@ -175,6 +181,7 @@ def convert_with_report(
     plans = [build_replacement(site, recipe, layout=layouts.get(site.index)) for site in progress]
     for plan in plans:
         plan.block.train(plan.site.unit.module.training)
+    _warn_if_not_causal(target, recipe, plans)
     before = _count_params(target)
     existing = _describe_blocks(target)
     changes = assignments(target, [(plan.site, plan.block) for plan in plans])
@@ -215,14 +222,16 @@ def _copy(model: ModelT) -> ModelT:
         ) from exc
 
 
-def _warn_if_not_causal(model: nn.Module, recipe: Recipe) -> None:
-    """Expert choice routes a position by the tokens after it: fine for an encoder, not for a model that
-    generates (a decoded token then goes to every expert with room: a function training never computed)."""
-    if recipe.router == "expert_choice" and _generates(model):
+def _warn_if_not_causal(model: nn.Module, recipe: Recipe, plans: list[Replacement]) -> None:
+    """A router that says it is not causal (expert choice) routes a position by the tokens after it: fine for
+    an encoder, not for a model that generates (a decoded token then goes to every expert with room: a
+    function training never computed)."""
+    routers = [getattr(plan.block, "router", None) for plan in plans]
+    if any(not getattr(router, "causal", True) for router in routers) and _generates(model):
         warn(
-            f"router 'expert_choice' is not causal: in {type(model).__name__}, which generates, a position's "
-            "routing depends on the positions after it, and generate() computes what training never saw. "
-            "Use a token-choice router (topk, switch, hash) for decoders."
+            f"router {recipe.router!r} is not causal: in {type(model).__name__}, which generates, a "
+            "position's routing depends on the positions after it, and generate() computes what training "
+            "never saw. Use a token-choice router (topk, switch, hash) for decoders."
         )
 
 
@@ -243,7 +252,8 @@ class _Probe:
     inputs it only means no forward verification, which the report says."""
 
     def __init__(self, model: nn.Module, sites: list[FFNSite], example_inputs: Any, *, needed: bool) -> None:
-        self.inputs, self.source = example_inputs, "example_inputs"
+        self.inputs = example_inputs
+        self.source: ProbeSource = "example_inputs"
         self.captured: dict[int, Any] = {}
         self.calls: dict[int, int] = {}  # how many times each site's module ran in the forward
         self.reference: Any = None
@@ -498,6 +508,7 @@ def _report(
     rows = []
     for site in scan.sites:
         plan, check = by_site.get(site.index), checks.get(site.index)
+        status: SiteStatus
         if site.rewrite is None:
             status = "cannot rewrite"
         elif plan is not None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mixcompile.compiler.find import FFNSite
+from mixcompile.compiler.probe import example_inputs
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.errors import ConfigError, warn
 from mixcompile.runtime.tokens import covered_by_token_hooks
@@ -39,8 +40,6 @@ def auto_inputs(model: nn.Module) -> dict[str, Any] | None:
     """Inputs built from the model itself (a Hugging Face config, or mixcompile's tiny GPT), with an
     attention mask that pads the last sequence's last position where the model takes one; ``None`` for a
     model that does not say what it takes."""
-    from mixcompile.cli.probe import example_inputs  # the CLI's builder, shared so both agree
-
     try:
         inputs = example_inputs(model, batch=AUTO_BATCH, seq=AUTO_SEQ)
     except ConfigError:

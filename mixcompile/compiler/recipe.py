@@ -13,26 +13,35 @@ import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from torch import nn
 
-from mixcompile.errors import ConfigError, UnknownNameError, check_positive_int
+from mixcompile.errors import ConfigError, check_choice, check_positive_int
 from mixcompile.types import Layout, MoTMode, Sites, Sizing, SmallBatchPolicy, Strategy, TokenLayout
 
-STRATEGIES = ("moe", "mot")
-SIZINGS = ("auto", "same", "split", "flop")
-LAYOUTS = ("auto", "batch_first", "seq_first", "flat")  # first the default
-MOT_MODES = ("soft", "sparse")  # MoTBlock's, first the default
-SMALL_BATCH_POLICIES = ("group", "sparse")
+# The values each option takes, from its Literal; the MoT options' first value is their default.
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+SIZINGS: tuple[Sizing, ...] = get_args(Sizing)
+LAYOUTS: tuple[Layout, ...] = get_args(Layout)
+MOT_MODES: tuple[MoTMode, ...] = get_args(MoTMode)
+SMALL_BATCH_POLICIES: tuple[SmallBatchPolicy, ...] = get_args(SmallBatchPolicy)
 MAX_EXPERTS = 1 << 16  # far beyond any published MoE; a larger number is a typo or a tampered file
 MAX_GROUP_SIZE = 1 << 16
 _EVERY = re.compile(r"^every:(\d+)$")
 _RECORD = "_mixcompile_recipes"
 _PATTERNS = "_mixcompile_patterns"  # on a recorded recipe: the patterns that found its sites
-# Options one strategy's blocks take and the other's ignore (mode, small_batch, layout: checked with values)
+# Options one strategy's blocks take and the other's ignore, which a recipe of the other leaves at their
+# defaults; the MoT options of _MOT_VALUES are checked with their values.
 _MOT_ONLY = ("group_size", "mixer", "mixer_options")
 _MOE_ONLY = ("top_k", "router", "router_options", "num_shared_experts")
+_MOT_VALUES: dict[str, tuple[str, ...]] = {
+    "mode": MOT_MODES,
+    "small_batch": SMALL_BATCH_POLICIES,
+    "layout": LAYOUTS,
+}
+#: The options only one strategy's blocks take, by strategy (the command line refuses the other's flags).
+STRATEGY_OPTIONS: dict[Strategy, tuple[str, ...]] = {"moe": _MOE_ONLY, "mot": (*_MOT_ONLY, *_MOT_VALUES)}
 _NAMES = ("strategy", "router", "mixer", "kernel", "init", "sizing", "mode", "small_batch", "layout")
 
 
@@ -82,20 +91,15 @@ class Recipe:
         for name in _NAMES:
             if not isinstance(getattr(self, name), str):  # from_dict reads untrusted files
                 raise ConfigError(f"{name} must be a name (a string), got {getattr(self, name)!r}.")
-        if self.strategy not in STRATEGIES:
-            raise _unknown("strategy", self.strategy, STRATEGIES)
-        if self.sizing not in SIZINGS:
-            raise _unknown("sizing", self.sizing, SIZINGS)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("sizing", self.sizing, SIZINGS)
         check_positive_int("num_experts", self.num_experts, maximum=MAX_EXPERTS)
         check_positive_int("top_k", self.top_k, maximum=MAX_EXPERTS)
         check_positive_int("group_size", self.group_size, maximum=MAX_GROUP_SIZE)
         check_positive_int("num_shared_experts", self.num_shared_experts, minimum=0, maximum=MAX_EXPERTS)
         check_positive_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
-        mot_options = (("mode", MOT_MODES), ("small_batch", SMALL_BATCH_POLICIES), ("layout", LAYOUTS))
-        for name, choices in mot_options:
-            value = getattr(self, name)
-            if value not in choices:
-                raise _unknown(name, value, choices)
+        for name, choices in _MOT_VALUES.items():
+            value = check_choice(name, getattr(self, name), choices)
             if self.strategy == "moe" and value != choices[0]:
                 raise ConfigError(
                     f"{name}={value!r} is a MoT option; a MoE recipe leaves it at {choices[0]!r}."
@@ -170,18 +174,6 @@ class Recipe:
             raise ConfigError(f"a recipe must be a mapping of options, got {type(data).__name__}.")
         check_option_names(data, "Recipe.from_dict")
         return cls(**dict(data))
-
-
-def _unknown(kind: str, name: str, known: Sequence[str]) -> UnknownNameError:
-    """:class:`UnknownNameError`, suggesting also the known name spelt in other case (``'MoE'``), which its
-    closeness measure, being case-sensitive, misses."""
-    error = UnknownNameError(kind, name, known)
-    same = [k for k in known if k.lower() == name.lower()]
-    if error.suggestion is None and same:
-        error.suggestion = same[0]
-        listing = ", ".join(repr(k) for k in error.known)
-        error.args = (f"unknown {kind} {name!r}. Did you mean {same[0]!r}? Known: {listing}.",)
-    return error
 
 
 def recipes_of(model: nn.Module) -> list[Recipe]:

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
+
+from mixcompile.types import BlockKind, TokenLayout
+
+#: What became of an FFN site: ``planned`` (inspect), ``converted``, ``not selected`` by the recipe, or
+#: ``cannot rewrite`` (``SiteReport.reason`` says why).
+SiteStatus: TypeAlias = Literal["converted", "planned", "not selected", "cannot rewrite"]
+
+#: Where a site's verification input came from: the FFN's real input on the user's ``example_inputs`` or
+#: on inputs built from the model, else ``random`` tensors of its feature size.
+ProbeSource: TypeAlias = Literal["example_inputs", "inputs built from the model", "random"]
 
 
 @dataclass
@@ -23,15 +33,15 @@ class SiteReport:
     bias: bool
     activation: str
     rewrite: str | None
-    status: str  # "converted", "planned", "not selected", "cannot rewrite"
+    status: SiteStatus
     reason: str | None = None
     expert_hidden: int | None = None
     kernel: str | None = None
     notes: list[str] = field(default_factory=list)
     max_error: float | None = None
-    probe: str | None = None  # where the verification input came from
+    probe: ProbeSource | None = None  # where the verification input came from
     hidden_dropout: float = 0.0  # the dropout between the projections, applied inside the block
-    layout: str | None = None  # MoT: the token layout of the FFN input ([B, T, d], [T, B, d], [B*T, d])
+    layout: TokenLayout | None = None  # MoT: the token layout of the FFN input
 
 
 @dataclass
@@ -39,7 +49,7 @@ class BlockReport:
     """A sparse block the model already had when it was inspected or converted."""
 
     path: str
-    kind: str  # "moe" or "mot"
+    kind: BlockKind
     d_model: int
     expert_hidden: int
     num_experts: int

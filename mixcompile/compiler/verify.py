@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 from mixcompile.compiler.build import Replacement
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
+from mixcompile.compiler.report import ProbeSource
 from mixcompile.errors import MixcompileError, ShapeError, VerificationError
 from mixcompile.runtime.tokens import token_mask
 
@@ -28,7 +29,7 @@ from mixcompile.runtime.tokens import token_mask
 @dataclass
 class SiteCheck:
     max_error: float | None  # max |block - dense| where the block should preserve the FFN's function
-    source: str  # "example_inputs" or "random"
+    source: ProbeSource
 
 
 @contextmanager
@@ -100,7 +101,7 @@ def random_probe(plan: Replacement, recipe: Recipe) -> torch.Tensor:
 
 
 def check_site(
-    plan: Replacement, x: torch.Tensor, *, preserving: bool, source: str, batch: int | None = None
+    plan: Replacement, x: torch.Tensor, *, preserving: bool, source: ProbeSource, batch: int | None = None
 ) -> SiteCheck:
     """Run the block and the dense FFN on ``x`` (``batch`` sequences, which a block on flattened tokens
     needs told); shapes must agree, values are compared when ``preserving`` (see
@@ -128,10 +129,11 @@ def check_site(
         return SiteCheck(None, source)
     mismatch = tensor_disagreement(reference, y)
     if mismatch is not None:
+        rewrite = f" ({site.rewrite.describe()})" if site.rewrite is not None else ""
         raise VerificationError(
-            f"FFN site {site.index} at {site.label!r}: the block built for it should compute the dense FFN "
-            f"(its experts are copies of the FFN and its router's weights sum to 1 per token), but on a "
-            f"probe of shape {tuple(x.shape)} its output {mismatch}."
+            f"FFN site {site.index} at {site.label!r}{rewrite}: the block built for it should compute the "
+            f"dense FFN (its experts are copies of the FFN and its router's weights sum to 1 per token), but "
+            f"on a probe of shape {tuple(x.shape)} its output {mismatch}."
         )
     return SiteCheck(float((y - reference).abs().max()) if y.numel() else None, source)
 

@@ -21,6 +21,7 @@ from torch import fx, nn
 from mixcompile.compiler.activation_names import node_activation
 from mixcompile.compiler.linears import is_linear_like, linear_weights, weight_identity
 from mixcompile.compiler.trace import TracedUnit
+from mixcompile.types import Activation
 
 LINEAR, ACT, DROPOUT, MUL, CHUNK, GETITEM, OTHER = (
     "linear",
@@ -48,8 +49,8 @@ class GraphView:
         kind: str = self.graph.nodes[node]["kind"]
         return kind
 
-    def activation(self, node: fx.Node) -> str | None:
-        activation: str | None = self.graph.nodes[node].get("activation")
+    def activation(self, node: fx.Node) -> Activation | None:
+        activation: Activation | None = self.graph.nodes[node].get("activation")
         return activation
 
     def dropout(self, node: fx.Node) -> tuple[float, str | None]:

@@ -22,7 +22,7 @@ import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from mixcompile.errors import ConfigError, MixcompileError, ShapeError
 from mixcompile.runtime.experts import ExpertMath
 from mixcompile.runtime.kernels import Kernel, get_kernel, resolve_kernel
 from mixcompile.runtime.routing import RoutingPlan
+from mixcompile.types import Activation
 
 IMPLEMENTATION = "mixcompile"
 _MOE_MODULE = "transformers.integrations.moe"
@@ -64,7 +65,7 @@ class ExpertsLayout:
     concatenated: bool  # ``is_concatenated``: [gate; up] halves, else interleaved rows gate0, up0, ...
     transposed: bool  # ``is_transposed``: weights stored [E, in, out] instead of nn.Linear's [E, out, in]
     bias: bool  # ``has_bias``
-    activation: str  # mixcompile's name for ``act_fn``
+    activation: Activation  # mixcompile's name for ``act_fn``
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,7 +207,7 @@ def _weight(module: nn.Module, name: str) -> torch.Tensor:
 _PROBED = "_mixcompile_activation"
 
 
-def _activation(module: nn.Module) -> str:
+def _activation(module: nn.Module) -> Activation:
     act = getattr(module, "act_fn", None)
     name: str | None = None
     if isinstance(act, nn.Module):
@@ -236,9 +237,9 @@ def _activation(module: nn.Module) -> str:
         raise _refuse(
             module,
             f"its activation `act_fn` ({type(act).__name__}) is not one mixcompile's kernels compute "
-            "(relu, gelu, gelu_tanh, quick_gelu, silu, squared_relu, sigmoid, tanh, identity).",
+            f"({', '.join(get_args(Activation))}).",
         )
-    return name
+    return cast(Activation, name)  # the names found are normalised ones
 
 
 # ------------------------------------------------------------------------------------------------ the view
@@ -250,7 +251,7 @@ class ExpertsView(ExpertMath):
     Holds views (slices, transposes) of the module's own tensors, so nothing is copied and autograd
     carries gradients back to the module's parameters. It offers what kernels read from
     ``StackedExperts``: the tensors, ``num_experts / d_model / d_hidden / activation / gated / bias`` and
-    ``expert_forward`` / ``batched_forward``.
+    ``batched_forward``.
     """
 
     def __init__(
@@ -261,7 +262,7 @@ class ExpertsView(ExpertMath):
         b_in: torch.Tensor | None,
         b_gate: torch.Tensor | None,
         b_out: torch.Tensor | None,
-        activation: str,
+        activation: Activation,
     ) -> None:
         self.w_in, self.w_gate, self.w_out = w_in, w_gate, w_out
         self.b_in, self.b_gate, self.b_out = b_in, b_gate, b_out

@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 from mixcompile.errors import ConfigError, LoadError, first_line
+from mixcompile.startup import Terminated, raise_terminated
 
 MAX_JSON_BYTES = 16 << 20  # manifests and configs are small; anything larger is not one of ours
 STAGING_SUFFIX = ".mixcompile-staging"
@@ -262,19 +263,13 @@ def _refusal(path: Path) -> tuple[str, bool] | None:
 def _foreign_files(path: Path, names: list[str], config: dict[str, Any]) -> list[str]:
     """The entries of ``path`` that neither mixcompile, ``save_pretrained`` nor the tokenizer writes; the
     tokenizer class's own vocabulary names (which import transformers) are looked up only if needed."""
-    from mixcompile.io.tokenizer_files import _TOKENIZER_FILES, _TOKENIZER_PATTERNS, _vocab_files_of
+    from mixcompile.io.tokenizer_files import tokenizer_file_names  # it reads JSON with this module
 
-    known = _MODEL_FILES | set(_TOKENIZER_FILES)
-    known |= _code_files(path, config) | _code_files(path, _small_json(path / "tokenizer_config.json"))
-    patterns = (*_MODEL_PATTERNS, *_TOKENIZER_PATTERNS)
-    others = sorted(n for n in names if n not in known and not any(fnmatchcase(n, p) for p in patterns))
-    if others and (path / "tokenizer_config.json").is_file():
-        try:
-            vocabulary = _vocab_files_of(path)
-        except ImportError:  # no transformers: no tokenizer class to ask
-            vocabulary = set()
-        others = [name for name in others if name not in vocabulary]
-    return others
+    known = _MODEL_FILES | _code_files(path, config)
+    known |= _code_files(path, _small_json(path / "tokenizer_config.json"))
+    others = [n for n in names if n not in known and not any(fnmatchcase(n, p) for p in _MODEL_PATTERNS)]
+    tokenizer = tokenizer_file_names(path, others)
+    return sorted(name for name in others if name not in tokenizer)
 
 
 def _chat_templates(entry: Path) -> bool:
@@ -679,14 +674,6 @@ def _trash_name(staging: Path) -> Path:
     return staging.parent / f"{staging.name}.{uuid.uuid4().hex[:12]}.trash"
 
 
-class Terminated(BaseException):
-    """SIGTERM / SIGHUP received while writing: unwinds like KeyboardInterrupt, so cleanup runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"terminated by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
 _GUARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -704,8 +691,10 @@ class _SignalGuard:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in _GUARDED:
-            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-            if signal.getsignal(signum) is default:
+            # Python's defaults, or the command's (which raise too, but hold nothing back)
+            sigint = signum == signal.SIGINT
+            defaults = (signal.default_int_handler,) if sigint else (signal.SIG_DFL, raise_terminated)
+            if signal.getsignal(signum) in defaults:
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:

@@ -9,21 +9,18 @@ validates names and bounds) before anything is built.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from mixcompile.compiler.recipe import matched_patterns
-from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, warn
+from mixcompile.errors import LoadError, MixcompileError, warn
 from mixcompile.io.bases import check_base_spec, install_hint
 from mixcompile.io.files import confined_file, read_json_object
-from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP
-from mixcompile.plugins.manager import lookup, plugin_manager, registry
+from mixcompile.plugins.manager import registry
+from mixcompile.plugins.providers import installed_providers
 from mixcompile.types import PluginKind
 
 MANIFEST = "mixcompile.json"
@@ -262,19 +259,10 @@ def manifest_data(
 def plugin_providers(recipes: list[Any], base: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:
     """The installed package (and its version) behind each plugin the recipes name, each pattern that
     found their FFNs and the builder of ``base``, so that loading where one is missing can say what to
-    install (see :class:`_Distributions`). A plugin no installed package provided (registered in-process)
-    is left out: an entry without a package would be refused by the mixcompile versions before this one."""
-    distributions = _Distributions()
-    providers = {}
-    for key, (kind, name) in sorted(_plugins_used(recipes, base).items()):
-        try:
-            plugin = lookup(kind, name).plugin
-        except UnknownNameError:
-            continue
-        provider = distributions.provider(plugin)
-        if provider:
-            providers[key] = provider
-    return providers
+    install (:mod:`mixcompile.plugins.providers`). A plugin no installed package provided (registered
+    in-process) is left out: an entry without a package would be refused by the mixcompile versions before
+    this one."""
+    return installed_providers(_plugins_used(recipes, base))
 
 
 def _plugins_used(recipes: list[Any], base: dict[str, Any] | None) -> dict[str, tuple[PluginKind, str]]:
@@ -287,33 +275,3 @@ def _plugins_used(recipes: list[Any], base: dict[str, Any] | None) -> dict[str, 
     if base is not None and base.get("kind") == "builder":
         named.append(("builder", base["name"]))
     return {f"{kind}:{name}": (kind, name) for kind, name in named if name != "auto"}
-
-
-class _Distributions:
-    """Which installed distribution provided a loaded plugin: the one of the entry point that loaded it,
-    else the one holding its module (built-in, or registered in-process); the package a factory's class
-    comes from may be another (a plugin may register a class it imports). Each listing is read once."""
-
-    def __init__(self) -> None:
-        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        self.by_entry_point = {ep.name: ep.dist for ep in entry_points if ep.dist is not None}
-
-    @functools.cached_property
-    def by_module(self) -> Mapping[str, list[str]]:
-        return importlib.metadata.packages_distributions()
-
-    def provider(self, plugin: str) -> dict[str, str]:
-        """``{"package": ..., "version": ...}`` for the plugin registered as ``plugin``, or {}."""
-        dist = self.by_entry_point.get(plugin)
-        if dist is not None:
-            return {"package": dist.name, "version": dist.version}
-        held = plugin_manager().get_plugin(plugin)
-        module = held.__name__ if isinstance(held, ModuleType) else type(held).__module__
-        packages = self.by_module.get(module.split(".")[0], [])
-        if not packages:
-            return {}
-        try:
-            version = importlib.metadata.version(packages[0])
-        except importlib.metadata.PackageNotFoundError:
-            version = ""
-        return {"package": packages[0], **({"version": version} if version else {})}

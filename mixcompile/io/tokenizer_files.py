@@ -4,8 +4,11 @@ on it too)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from mixcompile.errors import LoadError, first_line
@@ -37,14 +40,9 @@ def copy_tokenizer_files(source: Path, target: Path) -> tuple[list[str], list[st
     symlinks followed as transformers follows them (the Hub cache is made of them; the model's own config
     and weights are read the same way), and only a regular file of at most ``MAX_TOKENIZER_BYTES`` (a FIFO
     or a device is skipped, never waited on). Nothing in ``target`` is overwritten."""
-    names = set(_TOKENIZER_FILES) | _vocab_files_of(source)
-    for pattern in _TOKENIZER_PATTERNS:
-        names |= {entry.name for entry in source.glob(pattern)}
     copied, skipped = [], []
-    for name in sorted(names):
+    for name in sorted(tokenizer_file_names(source, [entry.name for entry in source.iterdir()])):
         file = source / name
-        if not (file.exists() or file.is_symlink()):
-            continue
         try:
             _copy_new(file, target / name)
         except (LoadError, OSError) as exc:
@@ -52,6 +50,19 @@ def copy_tokenizer_files(source: Path, target: Path) -> tuple[list[str], list[st
         else:
             copied.append(name)
     return copied, skipped
+
+
+def tokenizer_file_names(directory: Path, names: Iterable[str]) -> set[str]:
+    """Which of ``names`` (entries of ``directory``) a tokenizer or processor reads: the usual names and
+    patterns, and the ``vocab_files_names`` of the tokenizer class its ``tokenizer_config.json`` names,
+    looked up (importing transformers) only for names left over, and none without transformers."""
+    names = set(names)
+    found = {n for n in names if n in _TOKENIZER_FILES or any(fnmatchcase(n, p) for p in _TOKENIZER_PATTERNS)}
+    others = names - found
+    if others and (directory / "tokenizer_config.json").is_file():
+        with contextlib.suppress(ImportError):  # no transformers: no tokenizer class to ask
+            found |= others & _vocab_files_of(directory)
+    return found
 
 
 def _vocab_files_of(source: Path) -> set[str]:

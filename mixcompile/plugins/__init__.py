@@ -12,7 +12,6 @@ from mixcompile.plugins.hookspecs import (
     KernelRegister,
     MixerRegister,
     PatternRegister,
-    Register,
     RouterRegister,
     hookimpl,
 )
@@ -25,7 +24,6 @@ __all__ = [
     "KernelRegister",
     "MixerRegister",
     "PatternRegister",
-    "Register",
     "RouterRegister",
     "Registration",
     "Registry",

@@ -51,14 +51,9 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-class Register(Protocol):
-    """What a registration hook is handed: ``register(name, factory, description=...)``. The protocols
-    below are the same callback typed for one kind, so that a type checker sees a factory of the wrong
-    shape (``def register_routers(self, register: mc.RouterRegister)``)."""
-
-    def __call__(self, name: str, factory: Callable[..., object], *, description: str = "") -> None: ...
-
-
+# What a registration hook is handed, ``register(name, factory, *, description="")``, typed for its kind,
+# so that a type checker sees a factory of the wrong shape (``def register_routers(register:
+# mc.RouterRegister)``).
 class RouterRegister(Protocol):
     def __call__(
         self, name: str, factory: Callable[[int, int, int], Router], *, description: str = ""

@@ -2,7 +2,7 @@
 
 Models spell the same function many ways (``nn.GELU(approximate="tanh")``, HF ``NewGELUActivation``,
 ``F.gelu``, ``torch.nn.functional.silu``, a ``.relu()`` method). Blocks and kernels only ever see the
-normalised names below, so one kernel epilogue serves all of them.
+normalised names of :data:`mixcompile.types.Activation`, so one kernel epilogue serves all of them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+#: The function of each :data:`~mixcompile.types.Activation` (a test holds the two to the same names).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,

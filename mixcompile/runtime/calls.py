@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from mixcompile.runtime.hooks import remove_forward_hooks
+
 if TYPE_CHECKING:
     from mixcompile.runtime.blocks.base import Block
 
@@ -68,11 +70,7 @@ def install_forward_scope(model: nn.Module) -> None:
     from mixcompile.runtime.blocks.base import Block
 
     for module in model.modules():  # a scope inside would reopen the blocks in the middle of this forward
-        for key in [k for k, hook in module._forward_pre_hooks.items() if isinstance(hook, ForwardScope)]:
-            del module._forward_pre_hooks[key]
-        for key in [k for k, hook in module._forward_hooks.items() if _is_scope_hook(hook)]:
-            del module._forward_hooks[key]
-            module._forward_hooks_always_called.pop(key, None)
+        remove_forward_hooks(module, _is_scope_hook)
     blocks = list(dict.fromkeys(m for m in model.modules() if isinstance(m, Block)))
     if blocks:
         scope = ForwardScope(blocks)
@@ -91,4 +89,5 @@ def replace_in_forward_scopes(model: nn.Module, old: nn.Module, new: Block) -> N
 
 
 def _is_scope_hook(hook: object) -> bool:
-    return isinstance(getattr(hook, "__self__", None), ForwardScope)
+    """A scope's pre-hook (the scope) or post-hook (its bound ``done``)."""
+    return isinstance(hook, ForwardScope) or isinstance(getattr(hook, "__self__", None), ForwardScope)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_bool, check_positive_int
+from mixcompile.errors import ConfigError, check_bool, check_number, check_positive_int
 from mixcompile.runtime.activations import activation_fn
+from mixcompile.types import Activation
 
 _deferred = False
 
@@ -66,7 +67,7 @@ class ExpertMath:
     b_in: torch.Tensor | None
     b_gate: torch.Tensor | None
     b_out: torch.Tensor | None
-    activation: str
+    activation: Activation
     #: Dropout on the hidden activations in training (the dense FFN's dropout between its two linears).
     hidden_dropout: float = 0.0
     training: bool
@@ -76,30 +77,14 @@ class ExpertMath:
         """The stacked tensors as one value, as kernels take them."""
         return ExpertTensors(self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on rows ``x [n, d]``."""
-        weights = (self.w_in[e], None if self.w_gate is None else self.w_gate[e], self.w_out[e])
-        biases = (None if b is None else b[e] for b in (self.b_in, self.b_gate, self.b_out))
-        return self._ffn(x, *weights, *biases)
-
     def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own rows at once: ``x [E, n, d] -> [E, n, d]``."""
-        biases = (None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out))
-        return self._ffn(x, self.w_in, self.w_gate, self.w_out, *biases)
-
-    def _ffn(
-        self,
-        x: torch.Tensor,
-        w_in: torch.Tensor,
-        w_gate: torch.Tensor | None,
-        w_out: torch.Tensor,
-        b_in: torch.Tensor | None,
-        b_gate: torch.Tensor | None,
-        b_out: torch.Tensor | None,
-    ) -> torch.Tensor:
-        up = _plus_bias(x @ w_in.mT, b_in)
-        gate = None if w_gate is None else _plus_bias(x @ w_gate.mT, b_gate)
-        return _plus_bias(self.activate(up, gate) @ w_out.mT, b_out)
+        b_in, b_gate, b_out = (
+            None if b is None else b.unsqueeze(1) for b in (self.b_in, self.b_gate, self.b_out)
+        )
+        up = _plus_bias(x @ self.w_in.mT, b_in)
+        gate = None if self.w_gate is None else _plus_bias(x @ self.w_gate.mT, b_gate)
+        return _plus_bias(self.activate(up, gate) @ self.w_out.mT, b_out)
 
     def activate(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """The hidden activations from the pre-activations: ``act(up)`` or ``act(gate) * up``, then the
@@ -121,7 +106,7 @@ class StackedExperts(ExpertMath, nn.Module):
         d_model: int,
         d_hidden: int,
         *,
-        activation: str = "gelu",
+        activation: Activation = "gelu",
         gated: bool = False,
         bias: bool = False,
         hidden_dropout: float = 0.0,
@@ -130,11 +115,7 @@ class StackedExperts(ExpertMath, nn.Module):
     ) -> None:
         super().__init__()
         _check_factory_kwargs(device, dtype)
-        if isinstance(hidden_dropout, bool) or not isinstance(hidden_dropout, int | float):
-            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
-        if not 0 <= hidden_dropout <= 1:
-            raise ConfigError(f"hidden_dropout must be a probability in [0, 1], got {hidden_dropout!r}.")
-        self.hidden_dropout = float(hidden_dropout)
+        self.hidden_dropout = check_number("hidden_dropout", hidden_dropout, minimum=0, maximum=1)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.d_model = check_positive_int("d_model", d_model)
         self.d_hidden = check_positive_int("d_hidden", d_hidden)

@@ -17,6 +17,7 @@ import torch
 from mixcompile.errors import ShapeError
 from mixcompile.runtime.activations import activation_fn
 from mixcompile.runtime.experts import ExpertTensors
+from mixcompile.types import Activation
 
 
 @dataclass
@@ -26,7 +27,7 @@ class DenseFFN:
 
     w_in: torch.Tensor  # [h, d]
     w_out: torch.Tensor  # [d, h]
-    activation: str
+    activation: Activation
     w_gate: torch.Tensor | None = None  # [h, d]
     b_in: torch.Tensor | None = None  # [h]
     b_gate: torch.Tensor | None = None  # [h]

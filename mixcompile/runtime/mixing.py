@@ -15,7 +15,13 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.errors import check_positive_int
+from mixcompile.runtime.routing import gate_layer
+
+#: The lowest softmax temperature of a mixer (the checks of ``set_mot_temperature``, saved settings and the
+#: built-in mixer): below it the scaled scores overflow to inf and the mix is NaN (``mode="sparse"`` is the
+#: limit towards 0).
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -55,11 +61,7 @@ class ControllerMixer(nn.Module):
         self.group_size = check_positive_int(
             "group_size", group_size, hint="A group is G tokens at one position from G sequences; use G >= 1."
         )
-        if isinstance(init_std, bool) or not isinstance(init_std, int | float) or not init_std >= 0:
-            raise ConfigError(f"init_std must be a number >= 0, got {init_std!r}.")
-        self.controller = nn.Linear(d_model, num_experts, bias=False)
-        with torch.no_grad():
-            self.controller.weight.normal_(0.0, init_std) if init_std > 0 else self.controller.weight.zero_()
+        self.controller = gate_layer(d_model, num_experts, init_std)
 
     def logits(self, x_g: torch.Tensor) -> torch.Tensor:
         """In float32 or wider: a softmax over bf16 scores loses the weights' small differences, and a

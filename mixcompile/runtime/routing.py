@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_bool, check_positive_int
+from mixcompile.errors import ConfigError, check_bool, check_number, check_positive_int
 
 if TYPE_CHECKING:
     from mixcompile.runtime.kernels import Kernel
@@ -64,8 +64,10 @@ class Router(Protocol):
 
     Optionally, ``weights_sum_to_one`` (a bool, False when absent; see :attr:`RouterBase.weights_sum_to_one`):
     True promises that every token's weights sum to 1 and none is dropped, so that ``convert`` compares the
-    blocks whose experts start as copies of the dense FFN with that FFN. Optionally ``experts_per_token``
-    (a float, ``top_k`` when absent; see :attr:`RouterBase.experts_per_token`), for FLOP counts."""
+    blocks whose experts start as copies of the dense FFN with that FFN. Optionally ``causal`` (a bool, True
+    when absent; see :attr:`RouterBase.causal`): False warns where a converted model generates. Optionally
+    ``experts_per_token`` (a float, ``top_k`` when absent; see :attr:`RouterBase.experts_per_token`), for
+    FLOP counts."""
 
     num_experts: int
     top_k: int
@@ -107,21 +109,12 @@ class RouterBase(nn.Module):
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.top_k = check_positive_int("top_k", top_k)
         if top_k > num_experts:
-            raise ConfigError(
-                f"top_k ({top_k}) must be <= num_experts ({num_experts}): a token cannot use an expert twice."
-            )
-        if capacity_factor is not None and not (
-            isinstance(capacity_factor, int | float)
-            and not isinstance(capacity_factor, bool)
-            and 0 < capacity_factor < math.inf
-        ):
-            raise ConfigError(
-                f"capacity_factor must be a finite number > 0, or None (dropless), got {capacity_factor!r}."
-            )
-        _check_non_negative(balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
+            raise ConfigError(top_k_above_experts(f"top_k={top_k}", f"num_experts={num_experts}"))
+        if capacity_factor is not None:
+            check_number("capacity_factor", capacity_factor, above=0, hint="None is dropless.")
         self.capacity_factor = capacity_factor
-        self.balance_loss_weight = float(balance_loss_weight)
-        self.z_loss_weight = float(z_loss_weight)
+        self.balance_loss_weight = check_number("balance_loss_weight", balance_loss_weight, minimum=0)
+        self.z_loss_weight = check_number("z_loss_weight", z_loss_weight, minimum=0)
 
     @property
     def weights_sum_to_one(self) -> bool:
@@ -131,6 +124,13 @@ class RouterBase(nn.Module):
         router that overrides it must keep the promise (a wrong True fails conversion with a
         ``VerificationError``)."""
         return False
+
+    @property
+    def causal(self) -> bool:
+        """Whether a token's routing depends only on that token (and the batch before it), so that a model
+        that generates routes a decoded token as training routed it. True unless a router says otherwise
+        (expert choice ranks each expert's tokens over the whole batch)."""
+        return True
 
     @property
     def experts_per_token(self) -> float:
@@ -246,23 +246,18 @@ class LearnedRouter(RouterBase):
             balance_loss_weight=balance_loss_weight,
             z_loss_weight=z_loss_weight,
         )
+        self.jitter = check_number(
+            "jitter", jitter, minimum=0, below=1, hint="It scales inputs by U(1-jitter, 1+jitter)."
+        )
         rate = 1e-3 if bias_update_rate is None else bias_update_rate
-        _check_non_negative(jitter=jitter, bias_update_rate=rate, init_std=init_std)
-        if jitter >= 1:
-            raise ConfigError(
-                f"jitter must be < 1 (it scales inputs by U(1-jitter, 1+jitter)), got {jitter}."
-            )
+        self.bias_update_rate = check_number("bias_update_rate", rate, minimum=0)
         self.bias_balancing = check_bool("bias_balancing", bias_balancing)
         if bias_update_rate is not None and not self.bias_balancing:
             raise ConfigError(
                 f"bias_update_rate={bias_update_rate!r} only applies with bias_balancing=True (it is the "
                 "step of the balancing bias); set bias_balancing=True, or leave bias_update_rate out."
             )
-        self.jitter = float(jitter)
-        self.bias_update_rate = float(rate)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        with torch.no_grad():
-            self.gate.weight.normal_(0.0, init_std) if init_std > 0 else self.gate.weight.zero_()
+        self.gate = gate_layer(d_model, num_experts, init_std)
         if self.bias_balancing:
             self.register_buffer("selection_bias", torch.zeros(num_experts))
             self.register_buffer("load_since_update", torch.zeros(num_experts))
@@ -371,7 +366,18 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
-def _check_non_negative(**values: object) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-            raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}.")
+def gate_layer(d_model: int, num_experts: int, init_std: float) -> nn.Linear:
+    """A bias-free ``d_model -> num_experts`` scoring layer (a router's gate, a mixer's controller) with
+    ``N(0, init_std)`` weights; 0 gives all-zero weights (uniform scores)."""
+    std = check_number("init_std", init_std, minimum=0)
+    layer = nn.Linear(d_model, num_experts, bias=False)
+    with torch.no_grad():
+        layer.weight.normal_(0.0, std) if std > 0 else layer.weight.zero_()
+    return layer
+
+
+def top_k_above_experts(top_k: str, num_experts: str) -> str:
+    """The one wording of ``top_k > num_experts``: the router's, and the command line's (naming its flags),
+    which refuses it before loading a model."""
+    why = "top_k must be <= num_experts (a token cannot use an expert twice)"
+    return f"{top_k} is more than {num_experts}: {why}."

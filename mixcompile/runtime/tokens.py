@@ -38,6 +38,7 @@ from torch import nn
 from torch.autograd import Variable
 
 from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.runtime.hooks import remove_forward_hooks
 
 if TYPE_CHECKING:
     from mixcompile.runtime.blocks.mot import MoTBlock
@@ -277,24 +278,13 @@ def install_token_hooks(model: nn.Module) -> None:
     from mixcompile.runtime.blocks.mot import MoTBlock
 
     for module in model.modules():
-        _remove_token_hooks(module)
+        remove_forward_hooks(module, _is_token_hook)
         spec = _spec(module)
         blocks = [m for m in module.modules() if isinstance(m, MoTBlock)]
         if spec is not None and blocks:
             hook = TokenContextHook(module, _parts(module, spec, blocks))
             module.register_forward_pre_hook(hook, with_kwargs=True)
             module.register_forward_hook(hook.done, with_kwargs=True, always_call=True)
-
-
-def _remove_token_hooks(module: nn.Module) -> None:
-    """Drop this module's token hooks and their flags (by key: handles would not survive a deep copy)."""
-    for key in [k for k, hook in module._forward_pre_hooks.items() if _is_token_hook(hook)]:
-        del module._forward_pre_hooks[key]
-        module._forward_pre_hooks_with_kwargs.pop(key, None)
-    for key in [k for k, hook in module._forward_hooks.items() if _is_token_hook(hook)]:
-        del module._forward_hooks[key]
-        module._forward_hooks_with_kwargs.pop(key, None)
-        module._forward_hooks_always_called.pop(key, None)
 
 
 def covered_by_token_hooks(model: nn.Module, path: str) -> bool:

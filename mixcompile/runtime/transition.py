@@ -20,14 +20,13 @@ that use (no mixing at batch ``G``) and for comparison.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, check_positive_int
+from mixcompile.errors import ConfigError, check_number, check_positive_int
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.calls import replace_in_forward_scopes
+from mixcompile.runtime.mixing import MIN_TEMPERATURE
 from mixcompile.runtime.rewritten import carry_keyword_hooks
 
 
@@ -139,24 +138,22 @@ def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
 
 def temperature_schedule(step: int, steps: int, *, start: float = 1.0, end: float = 0.01) -> float:
     """Geometric annealing from ``start`` (at step 0) to ``end`` (at ``steps`` and after): the temperature
-    falls by the same factor every step, so each halving of it gets as many steps as the last."""
+    falls by the same factor every step, so each halving of it gets as many steps as the last. Both are
+    temperatures, held to :func:`set_mot_temperature`'s range (finite, at least ``1e-6``)."""
     check_positive_int("steps", steps)
     check_positive_int("step", step, minimum=0)
-    for name, value in (("start", start), ("end", end)):
-        if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-            raise ConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+    start = check_number("start", start, minimum=MIN_TEMPERATURE)
+    end = check_number("end", end, minimum=MIN_TEMPERATURE)
     fraction = min(step, steps) / steps
     return float(start * (end / start) ** fraction)
 
 
 def set_mot_temperature(model: nn.Module, temperature: float) -> int:
     """Set the softmax temperature of every MoT block's mixer; returns how many were set. Works for any
-    mixer with a ``temperature`` attribute, as the built-in ``softmax`` mixer has."""
+    mixer with a ``temperature`` attribute, as the built-in ``softmax`` mixer has. ``temperature`` is finite
+    and at least ``MIN_TEMPERATURE`` (1e-6), where a softmax's scaled scores still fit a float."""
     _check_module("set_mot_temperature", model)
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-        raise ConfigError(f"temperature must be a number, got {temperature!r}.")
-    if not temperature > 0 or math.isinf(temperature):
-        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    temperature = check_number("temperature", temperature, minimum=MIN_TEMPERATURE)
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, MoTBlock)]
     for path, block in blocks:  # check every mixer before changing any
         if not hasattr(block.mixer, "temperature"):
@@ -171,9 +168,9 @@ def set_mot_temperature(model: nn.Module, temperature: float) -> int:
         current = block.mixer.temperature
         if isinstance(current, torch.Tensor):  # a buffer or parameter (saved with the weights): in place
             with torch.no_grad():
-                current.fill_(float(temperature))
+                current.fill_(temperature)
         else:
-            block.mixer.temperature = float(temperature)
+            block.mixer.temperature = temperature
     return len(blocks)
 
 

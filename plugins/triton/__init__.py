@@ -5,7 +5,7 @@ by Triton's CPU interpreter: set ``TRITON_INTERPRET=1`` *before* importing them 
 This package itself imports nothing heavy, so ``mixcompile`` stays importable without Triton.
 
 - ``activations``: the activation epilogues (value and derivative) for every name in
-  :data:`mixcompile.activations.ACTIVATIONS`.
+  :data:`mixcompile.runtime.activations.ACTIVATIONS`.
 - ``grouped``: grouped GEMMs over rows sorted by expert, shared by the MoE and MoT kernels.
 - ``moe_kernels`` / ``mot_kernels``: the forward and backward passes built from them.
 - ``routing_kernels``: the fused top-k routing step (softmax, selection bias, top-k, renormalisation).

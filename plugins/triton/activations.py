@@ -7,29 +7,24 @@ stand to the right of tensors: the interpreter cannot multiply a ``constexpr`` b
 
 from __future__ import annotations
 
+from typing import get_args
+
 import triton
 import triton.language as tl
 
-CODES: dict[str, int] = {
-    "relu": 0,
-    "gelu": 1,
-    "gelu_tanh": 2,
-    "quick_gelu": 3,
-    "silu": 4,
-    "squared_relu": 5,
-    "sigmoid": 6,
-    "tanh": 7,
-    "identity": 8,
-}
+from mixcompile import Activation
 
-_RELU = tl.constexpr(0)
-_GELU = tl.constexpr(1)
-_GELU_TANH = tl.constexpr(2)
-_QUICK_GELU = tl.constexpr(3)
-_SILU = tl.constexpr(4)
-_SQUARED_RELU = tl.constexpr(5)
-_SIGMOID = tl.constexpr(6)
-_TANH = tl.constexpr(7)
+# The constexpr code of each activation: its place in mixcompile's one list (identity: no epilogue).
+CODES: dict[str, int] = {name: code for code, name in enumerate(get_args(Activation))}
+
+_RELU = tl.constexpr(CODES["relu"])
+_GELU = tl.constexpr(CODES["gelu"])
+_GELU_TANH = tl.constexpr(CODES["gelu_tanh"])
+_QUICK_GELU = tl.constexpr(CODES["quick_gelu"])
+_SILU = tl.constexpr(CODES["silu"])
+_SQUARED_RELU = tl.constexpr(CODES["squared_relu"])
+_SIGMOID = tl.constexpr(CODES["sigmoid"])
+_TANH = tl.constexpr(CODES["tanh"])
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

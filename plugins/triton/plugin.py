@@ -11,24 +11,33 @@ import importlib.util
 
 import torch
 
-from mixcompile import KernelRegister, MixPlan, RoutingPlan, StackedExperts, hookimpl, topk_routing
+from mixcompile import (
+    BlockKind,
+    Kernel,
+    KernelRegister,
+    MixPlan,
+    RoutingPlan,
+    StackedExperts,
+    hookimpl,
+    topk_routing,
+)
 from mixcompile_plugins.triton import MAX_ROUTED_EXPERTS, interpreting
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class TritonKernel:
-    """Implements :class:`mixcompile.Kernel` with fused Triton kernels; Triton is imported on first use."""
+class TritonKernel(Kernel):
+    """:class:`mixcompile.Kernel` with fused Triton kernels; Triton is imported on first use."""
 
     priority = 10
 
-    def supports(self, kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    def supports(self, kind: BlockKind, device: torch.device, dtype: torch.dtype) -> bool:
         if kind not in ("moe", "mot") or dtype not in _DTYPES or not _HAS_TRITON:
             return False
         return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
-    def auto_priority(self, kind: str, device: torch.device, dtype: torch.dtype) -> int:
+    def auto_priority(self, kind: BlockKind, device: torch.device, dtype: torch.dtype) -> int:
         """Below the torch kernel (0) for MoT blocks on CUDA, so ``auto`` picks the einsum path there: on an
         H100 (2026-11-26, ``benchmarks/bench_kernels.py``) the fused MoT training step took 3.5 ms (G16) and
         3.3 ms (G32) against the einsum's 1.8 and 2.2 ms, with 1.7-2x its memory. ``kernel="triton"`` still

@@ -1,8 +1,9 @@
 """Autotuning that fits the GPU it runs on and never benchmarks inside a CUDA graph capture.
 
-- Configs whose shared memory (estimated from the tile shapes, an upper bound of what Triton allocates, as
-  ``tests/test_kernel_resources.py`` checks against real compiles) exceeds the per-block limit of the GPU a
-  launch runs on are pruned before Triton tries them, so no launch can fail with ``OutOfResources``.
+- Configs whose shared memory (estimated from the tile shapes, an upper bound of what Triton allocates,
+  as ``tests/kernels/test_kernel_resources.py`` checks against real compiles) exceeds the per-block limit
+  of the GPU a launch runs on are pruned before Triton tries them, so no launch can fail with
+  ``OutOfResources``.
 - So are configs that would hold more than ``MAX_LIVE_VALUES`` fp32 tile values per thread at once
   (accumulators, the epilogue's loaded tiles, an FMA dot's operands): past that, ptxas spills to local memory
   (the same test compiles every variant and asserts no spills on sm_90). A kernel whose live values are one

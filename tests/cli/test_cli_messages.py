@@ -67,7 +67,8 @@ def test_a_default_top_k_is_called_the_default(converted, tmp_path, capsys) -> N
     code, _, err = command(
         ["convert", converted, "-o", tmp_path / "out", "--strategy", "moe", "--experts", "1"], capsys
     )
-    one_error(code, err, 2, "--top-k (default 2) is more than --experts 1")
+    # the router's wording (mixcompile.convert's), with the flags named
+    one_error(code, err, 2, "--top-k (default 2) is more than --experts 1: top_k must be <= num_experts (a")
 
 
 def test_a_recipe_file_value_is_named_with_its_file(converted, tmp_path, capsys) -> None:
@@ -98,6 +99,20 @@ def test_layers_are_echoed_as_typed(converted, tmp_path, capsys) -> None:
     argv = ["convert", converted, "-o", tmp_path / "out", "--strategy", "moe"]
     one_error(*command([*argv, "--layers=every:-1"], capsys)[::2], 2, "'every:-1'")
     one_error(*command([*argv, "--layers=0,one_two"], capsys)[::2], 2, "--layers '0,one_two'")
+
+
+def test_layers_errors_name_the_flag(tmp_path, capsys) -> None:
+    """They named the recipe option the flag sets: "N in sites='every:N' must be >= 1", "sites [9] ..."."""
+    partly = tmp_path / "partly"  # dense FFNs left to pick among
+    mc.save(mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1, sites=[0]), partly)
+    argv = ["convert", partly, "-o", tmp_path / "out", "--strategy", "moe"]
+    code, _, err = command([*argv, "--layers=every:0"], capsys)
+    one_error(code, err, 2, "--layers 'every:0': every:N takes a whole N >= 1")
+    code, _, err = command([*argv, "--layers=0,9"], capsys)
+    one_error(code, err, 2, "--layers 0,9: [9] out of range: the model has")
+    code, _, err = command(["inspect", partly, "--layers=9"], capsys)
+    one_error(code, err, 2, "--layers 9: [9] out of range")
+    assert not (tmp_path / "out").exists()
 
 
 def test_negative_layers_without_an_equals_sign_are_told_how_to_write_them(converted, capsys) -> None:

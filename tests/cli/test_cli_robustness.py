@@ -49,7 +49,7 @@ import os, signal, sys
 class Interrupt:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
         return None
 sys.meta_path.insert(0, Interrupt())
 from mixcompile.cli import entry_point
@@ -59,7 +59,7 @@ entry_point()
 # The console script, with Ctrl-C arriving once the command is done, while Python shuts down.
 INTERRUPT_AT_EXIT = """
 import atexit, os, signal
-atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))
+atexit.register(lambda: os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"])))
 from mixcompile.cli import entry_point
 entry_point()
 """
@@ -87,12 +87,17 @@ def beside(parent: Path) -> list[str]:
 
 
 def run_script(
-    script: str, tmp_path: Path, *args: str, name: str = "script.py"
+    script: str, tmp_path: Path, *args: str, name: str = "script.py", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     path = tmp_path / name
     path.write_text(script)
     return subprocess.run(
-        [sys.executable, str(path), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [sys.executable, str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -126,19 +131,44 @@ def test_sigterm_while_cleaning_up_leaves_nothing_blocking_the_output(source, tm
     assert main(convert_args(source, tmp_path / "out", "--force")) == 0, capsys.readouterr().err
 
 
-def test_ctrl_c_while_torch_is_imported_is_one_line_and_130(tmp_path) -> None:
-    done = run_script(INTERRUPT_WHILE_IMPORTING, tmp_path, "plugins", name="mixcompile")
-    assert done.returncode == 130, done.stderr
-    assert done.stderr == "mixcompile: error: interrupted; nothing was written\n"
+SIGNALS = [
+    ("SIGINT", "interrupted"),
+    ("SIGTERM", "terminated by SIGTERM"),
+    ("SIGHUP", "terminated by SIGHUP"),
+]
 
 
-def test_importing_mixcompile_leaves_ctrl_c_alone() -> None:
-    """Only the command exits on Ctrl-C while importing; a program importing mixcompile keeps its own."""
+@pytest.mark.parametrize(("name", "said"), SIGNALS)
+def test_a_signal_while_torch_is_imported_is_one_line_and_its_exit_code(tmp_path, name, said) -> None:
+    """SIGTERM and SIGHUP killed the command silently (exit -15) until it had imported torch."""
+    done = run_script(INTERRUPT_WHILE_IMPORTING, tmp_path, "plugins", name="mixcompile", env={"SIGNAL": name})
+    assert done.returncode == 128 + getattr(signal, name), done.stderr
+    assert done.stderr == f"mixcompile: error: {said}; nothing was written\n"
+
+
+def test_importing_mixcompile_leaves_the_signals_alone() -> None:
+    """Only the command exits on a signal while importing; a program importing mixcompile keeps its own."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
 
-def test_ctrl_c_while_python_shuts_down_keeps_the_commands_exit_status(tmp_path) -> None:
-    done = run_script(INTERRUPT_AT_EXIT, tmp_path, "plugins", "--json", name="mixcompile")
+def test_importing_mixcompile_leaves_the_cli_unloaded() -> None:
+    """The library does not depend on its command: ``import mixcompile`` loads neither the CLI nor argparse
+    (torch imports argparse itself, so it is dropped first and must not come back)."""
+    script = (
+        "import sys, torch; sys.modules.pop('argparse', None); import mixcompile; "
+        "print(sorted(m for m in sys.modules if m == 'argparse' or m.startswith('mixcompile.cli')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+@pytest.mark.parametrize("name", [name for name, _ in SIGNALS])
+def test_a_signal_while_python_shuts_down_keeps_the_commands_exit_status(tmp_path, name) -> None:
+    env = {"SIGNAL": name}
+    done = run_script(INTERRUPT_AT_EXIT, tmp_path, "plugins", "--json", name="mixcompile", env=env)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert json.loads(done.stdout)
 

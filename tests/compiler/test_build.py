@@ -4,6 +4,7 @@ which built blocks are compared with their dense FFN."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -84,11 +85,18 @@ def _copy_dense(experts, dense, *, generator=None) -> None:
         getattr(experts, name).copy_(getattr(dense, name).unsqueeze(0).expand_as(getattr(experts, name)))
 
 
+class _LooksAhead(_SumsToOne):
+    """Says its routing depends on later positions, as expert choice's does."""
+
+    causal = False
+
+
 class _Plugins:
     @mc.hookimpl
     def register_routers(self, register: mc.RouterRegister) -> None:
         register("sums_to_one", _SumsToOne)
         register("broken_promise", _BrokenPromise)
+        register("looks_ahead", _LooksAhead)
 
     @mc.hookimpl
     def register_initializers(self, register: mc.InitializerRegister) -> None:
@@ -108,10 +116,24 @@ def test_a_third_party_router_promising_weights_that_sum_to_one_is_verified(fres
         assert report.model_max_error is not None and report.model_max_error < 1e-5, recipe
 
 
+def test_a_third_party_router_that_is_not_causal_is_warned_about_on_a_model_that_generates(
+    fresh_registry,
+) -> None:
+    """The warning was for the router named 'expert_choice'; now for any router whose ``causal`` is False."""
+    mc.register_plugin(_Plugins(), name="tests.verify")
+    with pytest.warns(UserWarning, match=r"router 'looks_ahead' is not causal: in TinyGPT"):
+        mc.convert(mc.build_tiny_gpt(), num_experts=4, router="looks_ahead")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is not causal")
+        mc.convert(mc.build_tiny_gpt(), num_experts=4, router="sums_to_one")
+        mc.convert(mlp(), num_experts=4, router="looks_ahead")  # generates nothing
+
+
 def test_a_router_breaking_its_promise_is_refused_and_the_model_left_as_it_was(fresh_registry) -> None:
     mc.register_plugin(_Plugins(), name="tests.verify")
     model, x = mlp(), torch.randn(2, 5, 16)
-    with pytest.raises(VerificationError, match=r"FFN site 0 .* should compute the dense FFN .* differs by"):
+    said = r"FFN site 0 at '<root>' \(chain_collapse: 0 <- block; identity: 1, 2\): .* should compute"
+    with pytest.raises(VerificationError, match=said):  # the site and its rewrite
         mc.convert(model, num_experts=4, router="broken_promise", example_inputs=x, inplace=True)
     assert isinstance(model[0], torch.nn.Linear)
 

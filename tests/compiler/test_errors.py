@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,10 @@ def test_top_k_above_num_experts_names_the_site() -> None:
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp.*top_k=4 is more than num_experts=2"):
         convert(model, num_experts=2, top_k=4, inplace=True)
     assert _same(model, snapshot)
+    # inspect too, in the one wording (the router's; the command line names its flags in it)
+    rule = "top_k=4 is more than num_experts=2: top_k must be <= num_experts (a token cannot use an expert"
+    with pytest.raises(ConfigError, match=re.escape(rule)):
+        inspect(model, num_experts=2, top_k=4)
 
 
 @pytest.mark.parametrize(

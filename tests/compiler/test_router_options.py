@@ -28,10 +28,10 @@ def test_an_on_off_option_that_is_not_a_bool_is_refused(value) -> None:
     ("factor", "message"),
     [
         (None, "router 'expert_choice' needs a capacity_factor"),
-        ("2", "capacity_factor must be a finite number > 0, or None (dropless), got '2'"),
-        (True, "capacity_factor must be a finite number > 0, or None (dropless), got True"),
-        (-1.0, "capacity_factor must be a finite number > 0, or None (dropless), got -1.0"),
-        (math.nan, "capacity_factor must be a finite number > 0, or None (dropless), got nan"),
+        ("2", "capacity_factor must be a finite number > 0, got '2'. None is dropless."),
+        (True, "capacity_factor must be a finite number > 0, got True. None is dropless."),
+        (-1.0, "capacity_factor must be a finite number > 0, got -1.0. None is dropless."),
+        (math.nan, "capacity_factor must be a finite number > 0, got nan. None is dropless."),
     ],
 )
 @pytest.mark.parametrize("sizing", [{}, {"sizing": "flop", "init": "random"}])

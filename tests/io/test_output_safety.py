@@ -15,7 +15,8 @@ import pytest
 
 import mixcompile as mc
 from mixcompile import build_tiny_gpt
-from mixcompile.io.files import STAGING_SUFFIX, Terminated, is_model_directory, output_directory
+from mixcompile.io.files import STAGING_SUFFIX, is_model_directory, output_directory
+from mixcompile.startup import Terminated
 
 TINY = {"d_model": 16, "n_layer": 1, "n_head": 2, "d_ff": 32, "max_seq": 8}
 INTERRUPTS = [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)]

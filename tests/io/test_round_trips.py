@@ -364,6 +364,21 @@ def test_a_token_choice_switch_is_saved_and_replayed(tmp_path) -> None:
         mc.load(tmp_path / "saved")
 
 
+def test_a_tiny_gpt_pickled_before_it_left_the_cli_package_still_unpickles(tmp_path) -> None:
+    """TinyGPT lived in mixcompile.cli.tiny_gpt, and a pickle names its classes by module."""
+    model = mc.build_tiny_gpt(**TINY)
+    torch.save(model, tmp_path / "new.pt", _use_new_zipfile_serialization=False)  # plain pickle bytes
+    pickled = (tmp_path / "new.pt").read_bytes()
+    assert pickled.count(b"cmixcompile.models.tiny_gpt\n") == 3  # TinyGPT, Block, MLP
+    (tmp_path / "old.pt").write_bytes(
+        pickled.replace(b"cmixcompile.models.tiny_gpt\n", b"cmixcompile.cli.tiny_gpt\n")
+    )
+    loaded = torch.load(tmp_path / "old.pt", weights_only=False)
+    assert type(loaded) is mc.TinyGPT
+    want = model.state_dict()
+    assert all(torch.equal(value, want[key]) for key, value in loaded.state_dict().items())
+
+
 def test_cli_flags_reach_every_block_option(tmp_path) -> None:
     torch.save(mc.build_tiny_gpt(**TINY), tmp_path / "dense.pt")
     args = ["convert", str(tmp_path / "dense.pt"), "--trust-pickle", "--strategy"]

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import mixcompile as mc
-from mixcompile.plugins.manager import registry
 from mixcompile.runtime.routing import RoutingPlan
 
 CUDA = torch.cuda.is_available()
@@ -55,15 +54,12 @@ _import_triton()
 
 @pytest.fixture(autouse=True)
 def kernel_env(request):
-    """Interpreter mode on CPU, the Triton kernel registered, NaN-filled allocations, the precision asked."""
+    """Interpreter mode on CPU, NaN-filled allocations and the precision asked."""
     params = getattr(request.node, "callspec", None)  # a test that is not parametrized has none
     precision = PRECISIONS[params.params.get("precision", "fp32") if params else "fp32"][1]
     with pytest.MonkeyPatch.context() as mp:
         if not CUDA:
             mp.setenv("TRITON_INTERPRET", "1")
-        plugin = None
-        if "triton" not in registry().names("kernel"):
-            plugin = mc.register_plugin(importlib.import_module("mixcompile_plugins.triton_kernels"))
         mp.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
         if CUDA:  # one config per launch (the first that fits): compiling every candidate would take minutes
             from mixcompile_plugins.triton import grouped, tuning
@@ -80,8 +76,6 @@ def kernel_env(request):
         finally:
             torch.set_float32_matmul_precision(old)
             torch.use_deterministic_algorithms(deterministic)
-            if plugin is not None:
-                mc.unregister_plugin(plugin)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:

@@ -1,17 +1,18 @@
 """Every Triton kernel compiled ahead of time for real GPUs: shared memory within the arch's limit, no spills.
 
-No GPU is needed. Run as a script (``python tests/test_kernel_resources.py --help``), this file launches the
-kernels through the project's custom ops on small CPU tensors while a stand-in Triton driver reports a GPU
-target; Triton's compile hook records each compile a real launch would make on that GPU (every autotune
-config the pruner keeps for it, every constexpr variant the host code sets) and declines it. Each is then
-compiled to a cubin with the ptxas Triton ships, which reports registers and spills. Results are cached by
-Triton's cache key (a rerun compiles only what changed).
+No GPU is needed. Run as a script (``python tests/kernels/test_kernel_resources.py --help``), this file
+launches the kernels through the project's custom ops on small CPU tensors while a stand-in Triton driver
+reports a GPU target; Triton's compile hook records each compile a real launch would make on that GPU (every
+autotune config the pruner keeps for it, every constexpr variant the host code sets) and declines it. Each
+is then compiled to a cubin with the ptxas Triton ships, which reports registers and spills. Results are
+cached by Triton's cache key (a rerun compiles only what changed).
 
 The tests run the script in a subprocess (the kernels must be decorated for the GPU, not the interpreter):
 the default test compiles each kernel's heaviest variants (gated, bias, training, the activation with the
 most live values, the widest MoT tiles) in every config and dtype for sm_90, and in bf16 and fp32 for sm_80;
-the ``aot_full`` test (deselected by default: ``python -m pytest -m aot_full tests/test_kernel_resources.py``)
-compiles every variant for sm_90 and every MoT tile and router size for sm_90, sm_80 and sm_89.
+the ``aot_full`` test (deselected by default:
+``python -m pytest -m aot_full tests/kernels/test_kernel_resources.py``) compiles every variant for sm_90
+and every MoT tile and router size for sm_90, sm_80 and sm_89.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import reference as ref
 import torch
 
 import mixcompile as mc
-from mixcompile.plugins.manager import registry
 from mixcompile.runtime.activations import ACTIVATIONS
 from mixcompile.runtime.kernels import get_kernel, resolve_kernel
 from mixcompile.runtime.mixing import MixPlan
@@ -41,7 +40,7 @@ def _import_triton() -> None:
     if DEVICE == "cpu" and type(triton.language.cdiv).__name__ != "InterpretedFunction":
         pytest.skip(
             "triton was imported before this module could set TRITON_INTERPRET=1; "
-            "run it on its own: python -m pytest tests/test_triton_kernels.py",
+            "run it on its own: python -m pytest tests/kernels/test_triton_kernels.py",
             allow_module_level=True,
         )
 
@@ -58,9 +57,6 @@ def triton_env():
     with pytest.MonkeyPatch.context() as mp:
         if DEVICE == "cpu":
             mp.setenv("TRITON_INTERPRET", "1")
-        plugin = None
-        if "triton" not in registry().names("kernel"):
-            plugin = mc.register_plugin(importlib.import_module("mixcompile_plugins.triton_kernels"))
         mp.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
         if DEVICE == "cuda":  # these tests check variants, not tuning: one config per launch
             for tuner in _autotuned():
@@ -72,8 +68,6 @@ def triton_env():
             yield
         finally:
             torch.use_deterministic_algorithms(deterministic)
-            if plugin is not None:
-                mc.unregister_plugin(plugin)
 
 
 def triton_kernel():
@@ -570,7 +564,7 @@ def test_mot_backward_never_holds_three_mixed_sized_tensors(no_launches, gated):
 
 
 def test_mot_sparse_mode_and_sequence_first():
-    options = {"mode": "sparse", "batch_first": False, "mixer_options": {"init_std": 0.5}}
+    options = {"mode": "sparse", "layout": "seq_first", "mixer_options": {"init_std": 0.5}}
     block, fused = mot_blocks(4, True, True, **options)
     check_block(block, fused, torch.randn(5, 6, 24, device=DEVICE))
 

@@ -142,7 +142,7 @@ MOT_CASES = {
         {"group_size": 3, "gated": True, "bias": True, "mixer_options": {"emit": "experts"}},
         (6, 4, 16),
     ),
-    "sparse_sequence_first": ({"group_size": 2, "mode": "sparse", "batch_first": False}, (5, 4, 16)),
+    "sparse_sequence_first": ({"group_size": 2, "mode": "sparse", "layout": "seq_first"}, (5, 4, 16)),
 }
 
 

@@ -49,17 +49,19 @@ def _call(model: torch.nn.Module, name: str, ids: torch.Tensor, mask: torch.Tens
         return model(ids)
 
 
-def _graphs(model: torch.nn.Module, name: str, padded: bool) -> int:
-    """How many graphs ``torch.compile(model)`` compiles over ``BATCHES``, forward and backward; each
-    output and gradient equals an eager copy's. A function compiled a third time (a graph, or a hook's
-    frame that has none) is an error."""
+def _graphs(
+    model: torch.nn.Module, name: str, padded: bool, batches: tuple[int, ...] = BATCHES, limit: int = 2
+) -> int:
+    """How many graphs ``torch.compile(model)`` compiles over ``batches``, forward and backward; each
+    output and gradient equals an eager copy's. A function compiled more than ``limit`` times (a graph, or
+    a hook's frame that has none) is an error."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     eager = copy.deepcopy(model)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     generator = torch.Generator().manual_seed(0)
-    for batch in BATCHES:
+    for batch in batches:
         ids = torch.randint(3, 100, (batch, 6), generator=generator)
         mask = None
         if padded:  # a sequence padded on the right, one on the left
@@ -70,7 +72,7 @@ def _graphs(model: torch.nn.Module, name: str, padded: bool) -> int:
         for module in (compiled, eager):
             base = getattr(module, "_orig_mod", module)
             base.zero_grad()
-            with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
                 logits = _call(module, name, ids, mask)
             logits.square().mean().backward()
             results.append((logits.detach(), [p.grad for p in base.parameters()]))
@@ -86,6 +88,23 @@ def _graphs(model: torch.nn.Module, name: str, padded: bool) -> int:
 def test_a_compiled_mot_model_compiles_what_the_dense_one_does(name, padded):
     """OPT's FFN sees flattened [B*T, d] tokens: its blocks take the batch size from the model's forward."""
     assert _graphs(mc.convert(_model(name), **MOT).train(), name, padded) <= DENSE_GRAPHS
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padded"])
+def test_incomplete_groups_compile_no_graph_of_their_own(padded):
+    """Batch sizes that leave the last group short (by one member, by several, by none) compile what the
+    dense model does: whether members were missing, and whether exactly one, were guards (five graphs
+    over these batches where the dense model compiles two). A batch of one group (B <= G) is still one
+    graph more: the mixer's product over a groups dimension of size 1 (README, Kernels)."""
+    mot = {**MOT, "group_size": 4}
+    ragged = (8, 6, 5, 7, 9, 13, 11)
+    assert _graphs(mc.convert(_model("tiny_gpt"), **mot).train(), "tiny_gpt", padded, ragged) <= DENSE_GRAPHS
+    torch._dynamo.reset()
+    one_group = (8, 6, 5, 3, 7, 2)
+    assert _graphs(_model("tiny_gpt").train(), "tiny_gpt", padded, one_group, limit=3) == DENSE_GRAPHS
+    torch._dynamo.reset()
+    model = mc.convert(_model("tiny_gpt"), **mot).train()
+    assert _graphs(model, "tiny_gpt", padded, one_group, limit=3) == DENSE_GRAPHS + 1
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["batch_only", "padded"])

@@ -83,9 +83,9 @@ def test_a_named_kernel_without_dropout_is_refused_in_training_only(fresh_regist
         block.train()(x)
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.5, True, "0.1"])
+@pytest.mark.parametrize("p", [-0.1, 1.5, True, "0.1", float("nan")])
 def test_bad_dropout_probability_names_the_argument(p):
-    with pytest.raises(mc.ConfigError, match="hidden_dropout must be a probability"):
+    with pytest.raises(mc.ConfigError, match=r"^hidden_dropout must be a finite number >= 0 and <= 1, got"):
         mc.MoEBlock(8, 16, 4, hidden_dropout=p)
 
 

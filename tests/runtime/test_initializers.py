@@ -48,7 +48,7 @@ def test_split_partitions_the_hidden_neurons(method):
     rows = [tuple(r.tolist()) for r in experts.w_in.reshape(-1, 8)]
     assert sorted(rows) == sorted(tuple(r.tolist()) for r in dense.w_in)  # each neuron exactly once
     x = torch.randn(5, 8, dtype=torch.float64)
-    total = sum(experts.expert_forward(e, x.float()).double() for e in range(4))
+    total = experts.double().batched_forward(x.expand(4, -1, -1)).sum(0)  # every expert on x
     expected = dense.forward(x.float()).double()
     assert torch.allclose(total, expected, rtol=1e-5, atol=1e-5)
 
@@ -74,6 +74,12 @@ def test_random_ignores_the_dense_ffn_and_is_seeded():
     assert torch.equal(a.w_in, b.w_in)
     assert not torch.equal(a.w_in[0], dense.w_in)
     assert a.w_in.abs().max().item() <= 1 / 8**0.5
+    # it is the experts' own reset_parameters (nn.Linear's init), biases included
+    c = mc.StackedExperts(2, 8, 24, activation="relu", gated=True, bias=True)
+    d = mc.StackedExperts(2, 8, 24, activation="relu", gated=True, bias=True)
+    initialize("random", c, None, generator=torch.Generator().manual_seed(5))
+    d.reset_parameters(torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(c.parameters(), d.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -81,8 +87,8 @@ def test_random_ignores_the_dense_ffn_and_is_seeded():
     [
         ("upcycle", 12, {}, r"expert hidden size \(12\) must equal the dense one \(24\)"),
         ("split", 5, {}, "the expert hidden size must be 24 / 4"),
-        ("split", 6, {"method": "kmeans"}, "method must be one of"),
-        ("upcycle", 24, {"noise": -1.0}, "noise must be a number >= 0"),
+        ("split", 6, {"method": "kmeans"}, "unknown method 'kmeans'"),
+        ("upcycle", 24, {"noise": -1.0}, "noise must be a finite number >= 0"),
     ],
 )
 def test_initializer_errors(name, hidden, options, match):

@@ -16,7 +16,8 @@ from mixcompile.runtime.checks import check_output, check_picks, check_routing_p
 from mixcompile.runtime.experts import StackedExperts
 from mixcompile.runtime.ffn import DenseFFN
 from mixcompile.runtime.kernels import Kernel
-from mixcompile.runtime.routing import Router, RoutingPlan, fixed_bincount
+from mixcompile.runtime.routing import Router, RoutingPlan, fixed_bincount, top_k_above_experts
+from mixcompile.types import Activation
 
 
 class ExpertRunner(Protocol):
@@ -49,7 +50,7 @@ class MoEBlock(Block):
         num_experts: int,
         *,
         top_k: int = 2,
-        activation: str = "gelu",
+        activation: Activation = "gelu",
         gated: bool = False,
         bias: bool = False,
         router: str = "topk",
@@ -64,6 +65,8 @@ class MoEBlock(Block):
         super().__init__(kernel, site)
         check_positive_int("num_experts", num_experts)
         check_positive_int("top_k", top_k)
+        if top_k > num_experts:  # here, not only in RouterBase: a third party's router may not check it
+            raise ConfigError(top_k_above_experts(f"top_k={top_k}", f"num_experts={num_experts}"))
         check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
         check_plugin_options("router_options", router_options)
         self.top_k = top_k

@@ -7,31 +7,30 @@ tokens at the same position in one group are mixed per expert, processed, and sp
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import torch
 from torch import nn
 
-from mixcompile.errors import ConfigError, ShapeError, check_bool, check_positive_int
+from mixcompile.errors import ConfigError, ShapeError, check_choice, check_number, check_positive_int
 from mixcompile.plugins.build import build_plugin, call_plugin
 from mixcompile.runtime.blocks.base import Block, Describe, check_plugin_options
 from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
-from mixcompile.runtime.mixing import Mixer
+from mixcompile.runtime.mixing import MIN_TEMPERATURE, Mixer
 from mixcompile.runtime.tokens import TokenContext
-from mixcompile.types import MoTMode, SmallBatchPolicy, TokenLayout
+from mixcompile.types import Activation, MoTMode, SmallBatchPolicy, TokenLayout
 
-MODES = ("soft", "sparse")
-SMALL_BATCH_POLICIES = ("group", "sparse")
-LAYOUTS = ("batch_first", "seq_first", "flat")
+MODES: tuple[MoTMode, ...] = get_args(MoTMode)
+SMALL_BATCH_POLICIES: tuple[SmallBatchPolicy, ...] = get_args(SmallBatchPolicy)
+LAYOUTS: tuple[TokenLayout, ...] = get_args(TokenLayout)
 _SHAPES = {"batch_first": "[B, T, d]", "seq_first": "[T, B, d]", "flat": "[B*T, d]"}
 
 
 class MoTBlock(Block):
-    """``[B, T, d] -> [B, T, d]``; ``layout="seq_first"`` (or ``batch_first=False``) takes ``[T, B, d]``,
+    """``[B, T, d] -> [B, T, d]``; ``layout="seq_first"`` takes ``[T, B, d]``,
     ``layout="flat"`` takes the ``[B*T, d]`` tokens of ``B`` sequences flattened batch-major (OPT's FFN),
     with ``B`` from the model's forward (see :mod:`mixcompile.runtime.tokens`).
 
@@ -56,15 +55,14 @@ class MoTBlock(Block):
         num_experts: int,
         *,
         group_size: int,
-        activation: str = "gelu",
+        activation: Activation = "gelu",
         gated: bool = False,
         bias: bool = False,
         mixer: str = "softmax",
         mixer_options: Mapping[str, Any] | None = None,
         mode: MoTMode = "soft",
         small_batch: SmallBatchPolicy = "group",
-        batch_first: bool = True,
-        layout: TokenLayout | None = None,
+        layout: TokenLayout = "batch_first",
         hidden_dropout: float = 0.0,
         kernel: str = "auto",
         site: str = "",
@@ -79,13 +77,7 @@ class MoTBlock(Block):
         check_plugin_options("mixer_options", mixer_options)
         self.mode = mode  # the setters check both
         self.small_batch = small_batch
-        check_bool("batch_first", batch_first)
-        if layout is None:
-            layout = "batch_first" if batch_first else "seq_first"
-        _check_choice("layout", layout, LAYOUTS)
-        if not batch_first and layout != "seq_first":
-            raise ConfigError(f"batch_first=False contradicts layout={layout!r}; give one of them.")
-        self.layout = layout
+        self.layout = cast(TokenLayout, check_choice("layout", layout, LAYOUTS))
         # What the forwards of the model's hooked modules were given (None: nothing said how many sequences);
         # the innermost, last one applies.
         self.token_context: list[TokenContext | None] = []
@@ -126,7 +118,7 @@ class MoTBlock(Block):
     def mode(self, value: MoTMode) -> None:
         """Checked when set (transition tuning sets it on a trained block): a misspelt mode would run as
         soft and be saved."""
-        self._mode = cast(MoTMode, _check_choice("mode", value, MODES))
+        self._mode = cast(MoTMode, check_choice("mode", value, MODES))
 
     @property
     def small_batch(self) -> SmallBatchPolicy:
@@ -134,12 +126,7 @@ class MoTBlock(Block):
 
     @small_batch.setter
     def small_batch(self, value: SmallBatchPolicy) -> None:
-        self._small_batch = cast(SmallBatchPolicy, _check_choice("small_batch", value, SMALL_BATCH_POLICIES))
-
-    @property
-    def batch_first(self) -> bool:
-        """Whether the batch axis comes before the sequence axis (``flat`` tokens are batch-major)."""
-        return self.layout != "seq_first"
+        self._small_batch = cast(SmallBatchPolicy, check_choice("small_batch", value, SMALL_BATCH_POLICIES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rank = 2 if self.layout == "flat" else 3
@@ -156,7 +143,11 @@ class MoTBlock(Block):
         groups = math.ceil(batch / g)
         missing = groups * g - batch
         present = self._present(context, batch, seq, groups * g, x.device)  # [n*G, T]
-        if missing:
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # whether members are missing, and whether one, would be guards: gather, then zero
+            rows = torch.arange(groups * g, device=xb.device)
+            xb = torch.where((rows < batch)[:, None, None], xb.index_select(0, rows.clamp(max=batch - 1)), 0)
+        elif missing:
             xb = torch.cat([xb, xb.new_zeros(missing, seq, d)])
         x_g = xb.reshape(groups, g, seq, d).permute(2, 0, 1, 3)  # [T, n, G, d]
         present = present.reshape(groups, g, present.shape[-1]).permute(2, 0, 1)  # [T or 1, n, G]
@@ -169,7 +160,8 @@ class MoTBlock(Block):
             call_plugin(choice.source, choice.kernel.mot, x_g, plan, self.experts), x_g, choice.source
         )
         y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)
-        if missing:  # a slice is never free in training: its backward zero-fills a gradient of the whole
+        # eagerly sliced only where members are missing: a slice's backward zero-fills a whole-output gradient
+        if missing or compiling:
             y = y[:batch]
         self._keep_stats(_mixing_stats(plan, groups, missing, choice.name, sparse))
         if self.layout == "flat":
@@ -266,8 +258,8 @@ class MoTBlock(Block):
                 return members[:, None]
             mask = mask[:, mask.shape[1] - seq :]  # with a cache: the last seq positions are the new tokens
         mask = mask.to(device)
-        if rows > batch:
-            mask = torch.cat([mask, mask.new_zeros(rows - batch, seq)])
+        if rows > batch or torch.compiler.is_compiling():  # whether it is, is a guard there
+            mask = nn.functional.pad(mask, (0, 0, 0, rows - batch))
         return mask & members[:, None]
 
     def settings(self) -> dict[str, Any]:
@@ -291,9 +283,7 @@ class MoTBlock(Block):
             temperature = settings["temperature"]
             if not isinstance(getattr(self.mixer, "temperature", None), float):
                 raise ConfigError(f"mixer {self.mixer_name!r} has no temperature to set.")
-            if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
-                raise ConfigError(f"temperature must be a number > 0, got {temperature!r}.")
-            self.mixer.temperature = float(temperature)
+            self.mixer.temperature = check_number("temperature", temperature, minimum=MIN_TEMPERATURE)
 
     def extra_repr(self) -> str:
         return (
@@ -314,11 +304,3 @@ def _mixing_stats(plan: Any, groups: int, missing: int, kernel_name: str, sparse
         "missing_members": missing,
         "merge_entropy": entropy.mean(),
     }
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}.{hint}")
-    return str(value)
