@@ -108,11 +108,14 @@ def check_number(
     bounds = {">=": minimum, ">": above, "<=": maximum, "<": below}
     stated = {sign: bound for sign, bound in bounds.items() if bound is not None}
     try:
-        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+        # Python numbers only: a numpy float32 passes as a number and fails as JSON when a recipe is saved
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
     except OverflowError:  # an integer beyond any float
         number = math.inf
     if not math.isfinite(number) or not all(_COMPARE[sign](number, bound) for sign, bound in stated.items()):
         limits = " and ".join(f"{sign} {bound}" for sign, bound in stated.items())
+        if isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
+            hint = f"{hint} Pass a Python number (float({value!r}): options are saved as JSON).".strip()
         raise ConfigError(f"{name} must be a finite number{_sp(limits)}, got {value!r}.{_sp(hint)}")
     return number
 

@@ -113,7 +113,7 @@ class ExpertChoiceRouter(LearnedRouter):
     def experts_per_token(self) -> float:
         """Each expert takes ``capacity_factor * k / E`` of the tokens: a token runs that many on average."""
         assert self.capacity_factor is not None  # refused above
-        return self.capacity_factor * self.top_k
+        return min(self.capacity_factor * self.top_k, self.num_experts)  # an expert takes each token once
 
     def forward(self, x: torch.Tensor, kernel: Kernel) -> RoutingPlan:
         logits = self.logits(x)

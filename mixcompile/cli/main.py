@@ -587,7 +587,7 @@ def parse_layers(text: str) -> str | list[int]:
         return word.replace("-", "_")
     if word.startswith("every:"):
         every = text.strip()[len("every:") :]
-        if not every.isdigit() or int(every) < 1:
+        if not (every.isascii() and every.isdigit()) or int(every) < 1:
             raise UsageError(
                 f"--layers {text!r}: every:N takes a whole N >= 1 (every:2 converts every second FFN)."
             )

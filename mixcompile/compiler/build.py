@@ -150,7 +150,8 @@ def site_seed(seed: int, site: FFNSite) -> int:
 
 def active_experts(recipe: Recipe) -> float:
     """Experts a token runs on average: ``top_k`` (``capacity_factor * top_k`` pairs per token under expert
-    choice, whose experts each take that share of the tokens) plus the shared ones, which run for all.
+    choice, whose experts each take that share of the tokens, each token once: at most ``num_experts``) plus
+    the shared ones, which run for all.
 
     A capacity_factor the router will refuse (None, a string, NaN, ...) counts as its default 1 here, so
     that the router's own message, when the block is built, is what the user sees (not a TypeError)."""
@@ -158,7 +159,7 @@ def active_experts(recipe: Recipe) -> float:
     factor = recipe.router_options.get("capacity_factor", 1.0)
     if recipe.router == "expert_choice":
         with contextlib.suppress(ConfigError):
-            k *= check_number("capacity_factor", factor, above=0)
+            k = min(k * check_number("capacity_factor", factor, above=0), recipe.num_experts)
     return k + recipe.num_shared_experts
 
 

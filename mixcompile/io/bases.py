@@ -94,7 +94,8 @@ def check_base_spec(spec: dict[str, Any], directory: Path, *, where: str) -> dic
 def stored_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
     """The form of ``spec`` written into ``directory`` (a pickled base is copied in beside the weights)."""
     if spec.get("kind") != "pickle":
-        return spec
+        # an earlier mc.load kept the builder's package here, in memory (a pickled model still has it)
+        return {key: value for key, value in spec.items() if key != "provided_by"}
     source = Path(spec["path"])
     check_regular_file(source, "pickled base model")
     if sha256(source) != spec["sha256"]:
@@ -142,6 +143,8 @@ def call_builder(name: str, kwargs: dict[str, Any], *, provider: str = "") -> nn
     try:
         model: nn.Module = build_plugin("builder", name, options=kwargs, expected=nn.Module)
     except UnknownNameError as exc:
+        if (exc.kind, exc.name) != ("builder", name):  # an option's value the builder does not know
+            raise LoadError(f"the base model could not be rebuilt: {exc}") from None
         known = ", ".join(repr(k) for k in exc.known) or "none"
         raise LoadError(
             f"the base builder {name!r} is not registered here (known: {known}). {install_hint(provider)}"

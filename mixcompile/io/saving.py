@@ -67,8 +67,9 @@ def _check_rebuilds(directory: Path, base: dict[str, Any]) -> None:
 
     try:
         check_rebuilds(directory)
-    except LoadError as exc:
-        message = str(exc).replace(str(directory), "the saved directory")
+    except Exception as exc:  # a LoadError, or what the caller's builder raised on the meta device
+        said = str(exc) if isinstance(exc, LoadError) else f"building it raised {type(exc).__name__}: {exc}"
+        message = said.replace(str(directory), "the saved directory")
         raise ConfigError(
             f"base={base!r} does not rebuild this model (a load would fail): {message}"
         ) from None

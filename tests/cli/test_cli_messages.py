@@ -108,6 +108,8 @@ def test_layers_errors_name_the_flag(tmp_path, capsys) -> None:
     argv = ["convert", partly, "-o", tmp_path / "out", "--strategy", "moe"]
     code, _, err = command([*argv, "--layers=every:0"], capsys)
     one_error(code, err, 2, "--layers 'every:0': every:N takes a whole N >= 1")
+    code, _, err = command([*argv, "--layers=every:\u00b2"], capsys)  # a digit to isdigit, not to int
+    one_error(code, err, 2, "every:N takes a whole N >= 1")
     code, _, err = command([*argv, "--layers=0,9"], capsys)
     one_error(code, err, 2, "--layers 0,9: [9] out of range: the model has")
     code, _, err = command(["inspect", partly, "--layers=9"], capsys)

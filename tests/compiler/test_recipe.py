@@ -261,6 +261,14 @@ def test_expert_choice_flops_count_the_pairs_its_capacity_gives() -> None:
     # the converted model's report counts its existing block as the plan did (it counted top_k)
     converted = convert(model, **options, router_options={"capacity_factor": 2.0})
     assert inspect(converted).ffn_flops_before == two
+    # an expert takes a token once: at most num_experts per token, however large the capacity
+    wide = {**options, "top_k": 2, "router_options": {"capacity_factor": 3.0}}
+    capped = inspect(model, **wide).ffn_flops_after
+    assert capped == one + 3 * expert  # four experts, not six
+    assert inspect(convert(model, **wide)).ffn_flops_before == capped
+    block = convert(model, **wide)[0].train()
+    block(torch.randn(10, 16))
+    assert block.router.experts_per_token == int(block.last_stats["expert_load"].sum()) / 10 == 4
     with pytest.raises(ConfigError, match=r"sizing 'flop' divides .* 1.5 here"):
         inspect(model, **options, sizing="flop", router_options={"capacity_factor": 1.5})
 

@@ -117,6 +117,45 @@ def test_a_base_spec_that_would_not_load_is_refused_by_save(tmp_path: Path, targ
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def _meta_hostile_builder() -> nn.Module:
+    """Reads a weight's value (to log it, say): fine eagerly, not on the meta device (a skeleton)."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    print(f"built, first weight norm {float(model[0].weight.norm()):.3f}")
+    return model
+
+
+def test_a_base_spec_whose_builder_fails_on_meta_is_refused_naming_it(tmp_path: Path) -> None:
+    """It escaped save as a bare RuntimeError from inside the builder."""
+    model = mc.convert(_meta_hostile_builder(), strategy="moe", num_experts=2, top_k=1)
+    base = {"kind": "import", "target": f"{__name__}:_meta_hostile_builder", "kwargs": {}}
+    said = r"^base=.* does not rebuild this model .*building it raised RuntimeError"
+    with pytest.raises(ConfigError, match=said):
+        mc.save(model, tmp_path / "m", base=base)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checking_a_base_spec_warns_nothing_convert_warned_already(tmp_path: Path, recwarn) -> None:
+    """The check replays the recipe: convert's warnings (expert choice on a model that generates) came
+    again from save."""
+    with pytest.warns(UserWarning, match="is not causal"):
+        model = mc.convert(build_tiny_gpt(**TINY), num_experts=2, top_k=1, router="expert_choice")
+    recwarn.clear()
+    base = {"kind": "import", "target": "mixcompile:build_tiny_gpt", "kwargs": TINY}
+    mc.save(model, tmp_path / "m", base=base)
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_a_base_spec_held_by_a_model_an_earlier_load_made_is_written_without_its_provider(tmp_path) -> None:
+    """An earlier mc.load kept the builder's package in memory as 'provided_by' (a pickled model still
+    has it): written into the manifest, the directory did not load ("unexpected fields")."""
+    model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=2, top_k=1)
+    model.mixcompile_base = {**model.mixcompile_base, "provided_by": "package 'mixcompile' 0.1.0"}
+    mc.save(model, tmp_path / "m")
+    assert "provided_by" not in json.loads((tmp_path / "m" / "mixcompile.json").read_text())["base"]
+    tokens = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(mc.load(tmp_path / "m").eval()(tokens), model.eval()(tokens), rtol=0, atol=0)
+
+
 def test_a_misspelt_kwarg_of_an_imported_builder_is_a_load_error(tmp_path: Path) -> None:
     """A manifest edited (or written by an older save) to pass a kwarg its builder lacks."""
     from zoo import plain_mlp
@@ -285,3 +324,28 @@ def test_plugin_state_changed_after_conversion_is_saved_in_buffers_not_attribute
     assert all(b.router.sharpness == 1.0 for b in mc.sparse_blocks(lost).values())
     with torch.no_grad():
         assert not torch.equal(lost(x), model(x))  # silently another model
+
+
+class _SizedBuilder:
+    @mc.hookimpl
+    def register_builders(self, register: mc.BuilderRegister) -> None:
+        def sized(size: str = "small") -> nn.Module:
+            width = {"small": 16, "big": 32}[mc.check_choice("size", size, ("small", "big"))]
+            return nn.Sequential(nn.Linear(width, 64), nn.GELU(), nn.Linear(64, width))
+
+        register("sized", sized)
+
+
+def test_a_builder_refusing_an_option_value_is_not_called_missing(fresh_registry, tmp_path: Path) -> None:
+    """check_choice raises UnknownNameError: it read as 'the base builder is not registered here'."""
+    mc.register_plugin(_SizedBuilder(), name="tests.sized")
+    model = mc.convert(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)), num_experts=2, top_k=1)
+    base = {"kind": "builder", "name": "sized", "kwargs": {"size": "smal"}}
+    with pytest.raises(ConfigError) as raised:
+        mc.save(model, tmp_path / "m", base=base)
+    said = "could not be rebuilt: builder 'sized' (plugin 'tests.sized'): unknown size 'smal'. Did you mean"
+    assert said in str(raised.value)
+    assert "not registered" not in str(raised.value)
+    mc.save(model, tmp_path / "m", base={**base, "kwargs": {"size": "small"}})  # the right value saves
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(mc.load(tmp_path / "m").eval()(x), model.eval()(x), rtol=0, atol=0)

@@ -35,7 +35,10 @@ def test_check_number_refuses_naming_the_option_and_its_range(value, bounds, mes
 
 def test_check_number_gives_a_float_of_any_real_number() -> None:
     assert mc.check_number("x", 2, minimum=2) == 2.0 and isinstance(mc.check_number("x", 2), float)
-    assert mc.check_number("x", np.float32(0.5), above=0, below=1) == 0.5  # a sweep's grid
+    assert mc.check_number("x", np.float64(0.5), above=0, below=1) == 0.5  # a sweep's grid (a float)
+    # numpy's float32 is no float: it failed as JSON when the recipe holding it was saved
+    with pytest.raises(mc.ConfigError, match=r"got np.float32\(0.5\)\. Pass a Python number \(float\("):
+        mc.check_number("x", np.float32(0.5), above=0, below=1)
     with pytest.raises(mc.ConfigError, match=r"x must be a finite number > 0, got 0\. Or None\.$"):
         mc.check_number("x", 0, above=0, hint="Or None.")
 
@@ -63,7 +66,6 @@ def _plain_block() -> mc.MoTBlock:
 TEMPERATURE_SETTERS = {
     "softmax mixer": lambda t: mc.MoTBlock(8, 16, 2, group_size=2, mixer_options={"temperature": t}),
     "set_mot_temperature": lambda t: mc.set_mot_temperature(nn.Sequential(_plain_block()), t),
-    "saved settings": lambda t: _plain_block().apply_settings({"temperature": t}),
     "schedule start": lambda t: mc.temperature_schedule(0, 10, start=t),
     "schedule end": lambda t: mc.temperature_schedule(0, 10, end=t),
 }
@@ -72,8 +74,8 @@ TEMPERATURE_SETTERS = {
 @pytest.mark.parametrize("setter", TEMPERATURE_SETTERS)
 @pytest.mark.parametrize("bad", [0, 1e-7, math.inf, math.nan, True])
 def test_every_temperature_has_one_range(setter, bad) -> None:
-    """Each had its own: > 0 (saved settings), finite > 0 (set_mot_temperature, the schedule, which took
-    ``start=True``), >= 1e-6 (the softmax mixer, below which the scaled scores overflow)."""
+    """Each had its own: finite > 0 (set_mot_temperature, the schedule, which took ``start=True``), >= 1e-6
+    (the softmax mixer, below which the scaled scores overflow)."""
     name = setter.split()[-1] if setter.startswith("schedule") else "temperature"
     with pytest.raises(mc.ConfigError, match=rf"{name} must be a finite number >= 1e-06, got"):
         TEMPERATURE_SETTERS[setter](bad)
@@ -82,6 +84,19 @@ def test_every_temperature_has_one_range(setter, bad) -> None:
 @pytest.mark.parametrize("setter", TEMPERATURE_SETTERS)
 def test_the_lowest_temperature_is_taken_everywhere(setter) -> None:
     TEMPERATURE_SETTERS[setter](mc.MIN_TEMPERATURE)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan, True])
+def test_saved_settings_take_the_temperature_the_mixer_had(bad) -> None:
+    """What ``settings()`` wrote loads: a third party's mixer may run below MIN_TEMPERATURE (at 1e-7 the
+    block saved and then refused to load); only what no mixer could have had is refused."""
+    block = _plain_block()
+    block.mixer.temperature = 1e-7
+    again = _plain_block()
+    again.apply_settings(block.settings())
+    assert again.mixer.temperature == 1e-7
+    with pytest.raises(mc.ConfigError, match=r"temperature must be a finite number > 0, got"):
+        again.apply_settings({"temperature": bad})
 
 
 def test_set_temperature_keeps_a_buffer_temperature_in_range() -> None:

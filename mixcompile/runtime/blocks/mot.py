@@ -19,7 +19,7 @@ from mixcompile.plugins.build import build_plugin, call_plugin
 from mixcompile.runtime.blocks.base import Block, Describe, check_plugin_options
 from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
-from mixcompile.runtime.mixing import MIN_TEMPERATURE, Mixer
+from mixcompile.runtime.mixing import Mixer
 from mixcompile.runtime.tokens import TokenContext
 from mixcompile.types import Activation, MoTMode, SmallBatchPolicy, TokenLayout
 
@@ -161,7 +161,7 @@ class MoTBlock(Block):
         )
         y = y_g.permute(1, 2, 0, 3).reshape(groups * g, seq, d)
         # eagerly sliced only where members are missing: a slice's backward zero-fills a whole-output gradient
-        if missing or compiling:
+        if compiling or missing:  # compiling first: `missing` is symbolic there, a test of it a guard
             y = y[:batch]
         self._keep_stats(_mixing_stats(plan, groups, missing, choice.name, sparse))
         if self.layout == "flat":
@@ -258,7 +258,7 @@ class MoTBlock(Block):
                 return members[:, None]
             mask = mask[:, mask.shape[1] - seq :]  # with a cache: the last seq positions are the new tokens
         mask = mask.to(device)
-        if rows > batch or torch.compiler.is_compiling():  # whether it is, is a guard there
+        if torch.compiler.is_compiling() or rows > batch:  # compiling first: `rows > batch` would be a guard
             mask = nn.functional.pad(mask, (0, 0, 0, rows - batch))
         return mask & members[:, None]
 
@@ -283,7 +283,8 @@ class MoTBlock(Block):
             temperature = settings["temperature"]
             if not isinstance(getattr(self.mixer, "temperature", None), float):
                 raise ConfigError(f"mixer {self.mixer_name!r} has no temperature to set.")
-            self.mixer.temperature = check_number("temperature", temperature, minimum=MIN_TEMPERATURE)
+            # what settings() wrote: any temperature the mixer took (a third party's may be below 1e-6)
+            self.mixer.temperature = check_number("temperature", temperature, above=0)
 
     def extra_repr(self) -> str:
         return (
