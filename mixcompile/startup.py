@@ -1,8 +1,8 @@
 """What the ``mixcompile`` command does before it imports torch (a second or more): Ctrl-C, SIGTERM and
 SIGHUP then end it as at any other time, with one line and exit code 128 + the signal's number (130 for
-Ctrl-C), not a traceback through torch's imports nor a silent death. Standard
-library only, and outside :mod:`mixcompile.cli`: the package root installs it first (the console script and
-``python -m mixcompile`` import the root before the CLI), without loading the CLI."""
+Ctrl-C), not a traceback through torch's imports nor a silent death. Standard library only, and outside
+:mod:`mixcompile.cli`: the package root installs it first (the console script and ``python -m mixcompile``
+import the root before the CLI), without loading the CLI."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
-from mixcompile.io.bases import build_base, meta_copy
+from mixcompile.io.bases import build_base, install_hint, meta_copy
 from mixcompile.io.files import path_argument
 from mixcompile.io.hf import install_save_pretrained, read_generation_config
 from mixcompile.io.manifest import Manifest, read_manifest
@@ -109,16 +109,10 @@ def _replay(model: nn.Module, manifest: Manifest) -> nn.Module:
         except UnknownNameError as exc:
             if exc.kind not in KINDS:
                 raise LoadError(f"{manifest.directory}: recipe {number} of the manifest: {exc}") from None
-            provider = manifest.provider(exc.kind, exc.name)
-            install = (
-                f"It was provided by {provider} when the model was saved: install that"
-                if provider
-                else "If a plugin package provides it, install it"
-            )
             raise LoadError(
                 f"{manifest.directory} was converted with an unknown {exc.kind} here, {exc.name!r}: no "
-                f"installed plugin registers it (known: {', '.join(exc.known) or 'none'}). {install} "
-                "(`mixcompile plugins` lists what is loaded; MIXCOMPILE_PLUGINS may be leaving it out)."
+                f"installed plugin registers it (known: {', '.join(exc.known) or 'none'}). "
+                + install_hint(manifest.provider(exc.kind, exc.name))
             ) from None
         except MixcompileError as exc:
             raise LoadError(
