@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
 
@@ -75,16 +74,14 @@ def load_manifest(
     return model
 
 
-def check_rebuilds(directory: Path) -> None:
-    """Whether ``directory``'s manifest rebuilds, as a skeleton, a model its weights fit: what :func:`load`
-    checks before reading a weight. For a base spec a caller of :func:`mixcompile.save` wrote themselves
-    (its code is theirs: imported and called on the meta device)."""
-    manifest = read_manifest(directory)
+def skeleton(manifest: Manifest) -> nn.Module | None:
+    """The model ``manifest`` describes, as a skeleton (parameters on the meta device), rebuilt as
+    :func:`load` rebuilds it; ``None`` for a pickled base. For a base spec a caller of
+    :func:`mixcompile.save` wrote themselves: its code is theirs, so it is imported (``trust_code``)."""
     with warnings.catch_warnings():  # convert warned once already, when the model was converted
         warnings.simplefilter("ignore")
         model = build_base(manifest.base, trust_pickle=False, trust_code=True, meta=True)
-        if model is not None:  # None: a pickled or external base, which the save itself recorded
-            check_fits(_replay(model, manifest), read_shapes(manifest.weights), directory)
+        return None if model is None else _replay(model, manifest)
 
 
 def _apply_block_settings(model: nn.Module, manifest: Manifest) -> None:

@@ -28,7 +28,8 @@ from mixcompile.errors import ConfigError, LoadError
 from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
 from mixcompile.io.files import output_directory, path_argument
 from mixcompile.io.hf import write_generation_config, write_hf_files
-from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data
+from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data, parse_manifest
+from mixcompile.io.weights import misfits
 from mixcompile.runtime.introspect import sparse_blocks, unwrapped
 
 
@@ -53,26 +54,39 @@ def save(
     spec = base or base_spec_of(model)
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ConfigError(f"base must be a base spec with a 'kind' in {KINDS}, got {spec!r}.")
-    recipes_to_save(model)  # refuse before touching the file system
+    recipes = recipes_to_save(model)  # refuse before touching the file system
+    if base is not None:  # a spec the caller wrote: refused, before anything is written, if a load would be
+        _check_rebuilds(model, recipes, base, directory)
     with output_directory(directory, overwrite=overwrite) as out:
         write_model(model, out.path, spec)
-        if base is not None:  # a spec the caller wrote: refused now if a load would refuse it
-            _check_rebuilds(out.path, base)
         out.commit()
     return directory
 
 
-def _check_rebuilds(directory: Path, base: dict[str, Any]) -> None:
-    from mixcompile.io.loading import check_rebuilds  # loading replays recipes through the compiler
+def _check_rebuilds(model: nn.Module, recipes: list[Any], base: dict[str, Any], directory: Path) -> None:
+    """What :func:`mixcompile.load` would check of the directory, checked in memory: the manifest read
+    back from its JSON, the model it describes built as a skeleton and its state dict against ``model``'s."""
+    from mixcompile import __version__
+    from mixcompile.io.loading import skeleton  # loading replays recipes through the compiler
 
+    if base["kind"] == "pickle":  # the module itself is saved (trust_pickle): there is nothing to rebuild
+        return
+    data = manifest_data(recipes, stored_spec(base, directory), __version__, block_settings(model))
     try:
-        check_rebuilds(directory)
+        manifest = parse_manifest(json.loads(json.dumps(data)), directory, str(directory / MANIFEST), [])
+        rebuilt = skeleton(manifest)
     except Exception as exc:  # a LoadError, or what the caller's builder raised on the meta device
         said = str(exc) if isinstance(exc, LoadError) else f"building it raised {type(exc).__name__}: {exc}"
-        message = said.replace(str(directory), "the saved directory")
+        raise ConfigError(f"base={base!r} does not rebuild this model (a load would fail): {said}") from None
+    if rebuilt is None:  # a model built in Python (external): the load is handed it
+        return
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
+    wrong = misfits(rebuilt, shapes)
+    if wrong:
         raise ConfigError(
-            f"base={base!r} does not rebuild this model (a load would fail): {message}"
-        ) from None
+            f"base={base!r} does not rebuild this model (a load would fail): the model it builds does not "
+            f"fit this model's weights: {wrong}."
+        )
 
 
 def write_model(model: nn.Module, directory: Path, base: dict[str, Any]) -> None:

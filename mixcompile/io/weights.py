@@ -37,8 +37,19 @@ def read_shapes(files: list[Path]) -> Shapes:
 
 
 def check_fits(model: nn.Module, shapes: Shapes, where: Path) -> None:
-    """The weights (``shapes``) cover ``model`` exactly: no missing, unexpected or misshapen tensor. Tied
-    tensors need only one of their names (safetensors stores a shared tensor once)."""
+    """The weights in ``where`` (``shapes``) cover ``model`` exactly: see :func:`misfits`."""
+    wrong = misfits(model, shapes)
+    if wrong:
+        raise LoadError(
+            f"the weights in {where} do not fit the model its manifest describes: {wrong} "
+            "(was it saved by another recipe or base, or edited?)."
+        )
+
+
+def misfits(model: nn.Module, shapes: Shapes) -> str:
+    """How weights of ``shapes`` fail to cover ``model`` exactly (missing, unexpected or misshapen
+    tensors), in words; "" when they fit. Tied tensors need only one of their names (safetensors stores a
+    shared tensor once)."""
     groups = _tied_groups(model)
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     missing = [names[0] for names in groups if not any(n in shapes for n in names)]
@@ -48,18 +59,14 @@ def check_fits(model: nn.Module, shapes: Shapes, where: Path) -> None:
         for name in shapes
         if name in expected and shapes[name] != expected[name]
     ]
-    if missing or unexpected or misshapen:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors, first {missing[0]!r}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, first {unexpected[0]!r}")
-        if misshapen:
-            parts.append(f"{len(misshapen)} of another shape, first {misshapen[0]}")
-        raise LoadError(
-            f"the weights in {where} do not fit the model its manifest describes: {'; '.join(parts)} "
-            "(was it saved by another recipe or base, or edited?)."
-        )
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensors, first {missing[0]!r}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, first {unexpected[0]!r}")
+    if misshapen:
+        parts.append(f"{len(misshapen)} of another shape, first {misshapen[0]}")
+    return "; ".join(parts)
 
 
 def load_weights(model: nn.Module, files: list[Path]) -> None:
@@ -77,7 +84,7 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
                 safe_open(readable, framework="pt") as handle,
             ):
                 for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
-                    tensors[name] = handle.get_tensor(name)
+                    tensors[name] = _aligned(handle.get_tensor(name))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise LoadError(f"{file} is corrupt or truncated: {first_line(exc)}") from None
     ties = _tied_groups(model)
@@ -92,6 +99,14 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
         raise LoadError(
             f"the weights in {files[0].parent} leave {left[0]!r} (and {len(left) - 1} more) unset."
         )
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory as torch allocates it (64-byte aligned). safetensors 0.8 hands tensors back at
+    any address, and CPU BLAS takes another path, with another rounding, for some of those: a loaded
+    model's outputs differed from the saved model's in the last bit (a GEMV of Qwen2-MoE's shared-expert
+    gate). Such a tensor is copied, one at a time."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:
