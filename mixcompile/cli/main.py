@@ -216,9 +216,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _as_typed(exc: Exception, args: argparse.Namespace) -> Exception:
     """``exc`` naming the flag the user typed: the recipe's ``sites`` are ``--layers`` here."""
+    from mixcompile.compiler.choose import SitesOutOfRange
+
     layers = getattr(args, "layers", None)
-    if layers is not None and str(exc).startswith("sites ") and "out of range" in str(exc):
-        return UsageError(f"--layers {layers}: {str(exc).removeprefix('sites ')}")
+    if layers is not None and isinstance(exc, SitesOutOfRange):
+        return UsageError(f"--layers {layers}: {exc.reason}")
     return exc
 
 
