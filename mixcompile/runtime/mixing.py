@@ -18,9 +18,9 @@ from torch import nn
 from mixcompile.errors import check_positive_int
 from mixcompile.runtime.routing import gate_layer
 
-#: The lowest softmax temperature of a mixer (the checks of ``set_mot_temperature``, saved settings and the
-#: built-in mixer): below it the scaled scores overflow to inf and the mix is NaN (``mode="sparse"`` is the
-#: limit towards 0).
+#: The lowest softmax temperature of a mixer (the checks of ``set_mot_temperature``, ``temperature_schedule``
+#: and the built-in mixer): below it the scaled scores overflow to inf and the mix is NaN (``mode="sparse"``
+#: is the limit towards 0). A saved setting loads any temperature > 0: a third party's mixer may take less.
 MIN_TEMPERATURE = 1e-6
 
 
