@@ -22,7 +22,7 @@ from mixcompile.compiler.build import Replacement
 from mixcompile.compiler.find import FFNSite
 from mixcompile.compiler.recipe import Recipe
 from mixcompile.compiler.report import ProbeSource
-from mixcompile.errors import MixcompileError, ShapeError, VerificationError
+from mixcompile.errors import MixcompileError, PluginError, ShapeError, VerificationError
 from mixcompile.runtime.tokens import token_mask
 
 
@@ -125,6 +125,7 @@ def check_site(
             f"FFN site {site.index} at {site.label!r}: the block returned {got} where the dense FFN "
             f"returns {tuple(reference.shape)}."
         )
+    _check_finite(plan, x, y, reference)
     if not preserving:
         return SiteCheck(None, source)
     mismatch = tensor_disagreement(reference, y)
@@ -136,6 +137,27 @@ def check_site(
             f"on a probe of shape {tuple(x.shape)} its output {mismatch}."
         )
     return SiteCheck(float((y - reference).abs().max()) if y.numel() else None, source)
+
+
+def _check_finite(plan: Replacement, x: torch.Tensor, y: torch.Tensor, reference: torch.Tensor) -> None:
+    """A block whose output is NaN or inf where the dense FFN's is finite would make a model that computes
+    nothing; its plugins are at fault (16-bit floats may overflow to inf legitimately: only NaN there)."""
+    finite = torch.isfinite(reference)
+    bad = (~torch.isfinite(y) if y.dtype.itemsize >= 4 else torch.isnan(y)) & finite
+    if not bad.any():
+        return
+    block, site = plan.block, plan.site
+    named = [
+        f"{kind} {getattr(block, attribute)!r}"
+        for kind, attribute in (("router", "router_name"), ("mixer", "mixer_name"), ("kernel", "kernel"))
+        if hasattr(block, attribute)
+    ]
+    raise PluginError(
+        f"FFN site {site.index} at {site.label!r}: the block built for it returned NaN or inf at "
+        f"{int(bad.sum())} of {int(finite.sum())} values where the dense FFN's are finite, on a probe of "
+        f"shape {tuple(x.shape)}; one of its plugins ({', '.join(named)}, or the initializer) computes them. "
+        "Run the block under mixcompile.debug_checks() to see where they first appear."
+    )
 
 
 def output_error(before: Any, after: Any) -> float | None:

@@ -187,6 +187,22 @@ def test_kernel_faults_name_the_kernel_and_site(flaky) -> None:
         _Kernel.fault = ""
 
 
+@pytest.mark.parametrize("init", ["upcycle", "random"])
+def test_a_conversion_whose_block_computes_nan_is_refused_naming_its_plugins(flaky, init) -> None:
+    """convert ran the block on its probe and, unless it should reproduce the dense FFN, never looked at the
+    values: a model computing NaN everywhere was reported converted (and the command line wrote it)."""
+    _Kernel.fault = "nan"
+    try:
+        with pytest.raises(
+            mc.PluginError,
+            match=r"FFN site 0 at 'mlp': the block built for it returned NaN or inf at 48 of 48 values where "
+            r"the dense FFN's are finite, .*\(router 'topk', kernel 'flaky', or the initializer\)",
+        ):
+            _site_model(kernel="flaky", init=init)
+    finally:
+        _Kernel.fault = ""
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_a_third_party_kernels_picks_out_of_range_name_the_kernel(flaky, training) -> None:
     """Listed as they came out by a built-in router, they were taken as in range by construction: the
