@@ -24,10 +24,12 @@ import contextlib
 import copy
 import hashlib
 import importlib
+import importlib.metadata
 import inspect
+import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ from torch import nn
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, first_line
 from mixcompile.io.files import check_regular_file, confined_file
 from mixcompile.plugins.build import build_plugin
+from mixcompile.plugins.manager import ENV_VAR
+from mixcompile.plugins.providers import provider_words
 
 PICKLED_BASE = "base.pt"
 KINDS = ("builder", "transformers", "pickle", "import", "external")
@@ -105,7 +109,12 @@ def stored_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
 
 
 def build_base(
-    spec: dict[str, Any], *, trust_pickle: bool, trust_code: bool, meta: bool = False, provider: str = ""
+    spec: dict[str, Any],
+    *,
+    trust_pickle: bool,
+    trust_code: bool,
+    meta: bool = False,
+    provider: Mapping[str, str] | None = None,
 ) -> nn.Module | None:
     """The base model ``spec`` describes. ``meta=True`` builds a skeleton (parameters on the meta device,
     see :func:`parameters_on_meta`), or gives ``None`` for kinds that cannot be built so (a pickle, a model
@@ -137,9 +146,11 @@ def build_base(
     )
 
 
-def call_builder(name: str, kwargs: dict[str, Any], *, provider: str = "") -> nn.Module:
-    """The base model the registered builder ``name`` builds; ``provider`` (in words: ``package 'revplug'
-    0.3.1``) is the package that provided it when the model was saved, named should it be missing."""
+def call_builder(
+    name: str, kwargs: dict[str, Any], *, provider: Mapping[str, str] | None = None
+) -> nn.Module:
+    """The base model the registered builder ``name`` builds; ``provider`` is the package that provided it
+    when the model was saved, named should it be missing."""
     try:
         model: nn.Module = build_plugin("builder", name, options=kwargs, expected=nn.Module)
     except UnknownNameError as exc:
@@ -154,15 +165,27 @@ def call_builder(name: str, kwargs: dict[str, Any], *, provider: str = "") -> nn
     return model
 
 
-def install_hint(provider: str) -> str:
-    """What to do about a plugin a saved model needs and no installed one registers, ``provider`` being
-    the package that provided it then, in words (or "")."""
-    install = (
-        f"It was provided by {provider} when the model was saved: install that"
-        if provider
-        else "If a plugin package provides it, install it"
-    )
-    return f"{install} (`mixcompile plugins` lists what is loaded; MIXCOMPILE_PLUGINS may be leaving it out)."
+def install_hint(recorded: Mapping[str, str] | None) -> str:
+    """What to do about a plugin a saved model needs and no loaded one registers, ``recorded`` being the
+    package that provided it when the model was saved (see :mod:`mixcompile.plugins.providers`), if known.
+    Where that package is installed, installing it again would not help: say what else leaves it out."""
+    listing = "`mixcompile plugins` lists what is loaded"
+    if not recorded or "package" not in recorded:
+        return f"If a plugin package provides it, install it ({listing}; {ENV_VAR} may be leaving it out)."
+    said = f"It was provided by {provider_words(recorded)} when the model was saved"
+    try:
+        here = importlib.metadata.version(recorded["package"])
+    except importlib.metadata.PackageNotFoundError:
+        return f"{said}: install that ({listing}; {ENV_VAR} may be leaving it out)."
+    chosen = os.environ.get(ENV_VAR, "").strip()
+    if chosen and chosen != "all":
+        why = f"{ENV_VAR}={chosen!r} leaves its entry point out"
+    else:
+        why = (
+            "it may register the plugin only in-process, when one of its modules is imported (import it "
+            "before loading), or this version no longer has it"
+        )
+    return f"{said}; version {here} of it is installed here but does not register it: {why} ({listing})."
 
 
 def build_transformers(

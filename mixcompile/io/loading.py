@@ -15,13 +15,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from mixcompile.errors import LoadError, MixcompileError, UnknownNameError
+from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, warn
 from mixcompile.io.bases import build_base, install_hint, meta_copy
 from mixcompile.io.files import path_argument
 from mixcompile.io.hf import install_save_pretrained, read_generation_config
 from mixcompile.io.manifest import Manifest, read_manifest
 from mixcompile.io.weights import check_fits, load_weights, read_shapes
 from mixcompile.plugins.manager import KINDS
+from mixcompile.plugins.providers import changed_providers
 from mixcompile.runtime.introspect import sparse_blocks
 
 Base = nn.Module | Callable[[], nn.Module]
@@ -48,6 +49,24 @@ def load(
 def load_manifest(
     manifest: Manifest, *, base: Base | None = None, trust_pickle: bool = False, trust_code: bool = False
 ) -> nn.Module:
+    """:func:`load` of a read manifest. A plugin provided otherwise than when the model was saved (another
+    package or version) may compute something else: said in a warning, or in the error of a failed load."""
+    changes = changed_providers(manifest.plugins)
+    try:
+        model = _load(manifest, base=base, trust_pickle=trust_pickle, trust_code=trust_code)
+    except LoadError as exc:
+        if not changes:
+            raise
+        raise LoadError(f"{exc} Since the model was saved, {'; '.join(changes)}.") from None
+    if changes:
+        warn(
+            f"{manifest.directory}: since the model was saved, {'; '.join(changes)}: the loaded model may "
+            "compute something else than the saved one did."
+        )
+    return model
+
+
+def _load(manifest: Manifest, *, base: Base | None, trust_pickle: bool, trust_code: bool) -> nn.Module:
     shapes = read_shapes(manifest.weights)
     if base is None:
         # the package that provided a builder base when the model was saved: named should it be missing

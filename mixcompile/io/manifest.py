@@ -54,16 +54,9 @@ class Manifest:
     # the patterns that found the converted FFNs and the builder
     plugins: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def provider(self, kind: str, name: str) -> str:
-        """The package that provided plugin ``name`` when the model was saved, in words (or "")."""
-        return provider_words(self.plugins.get(f"{kind}:{name}"))
-
-
-def provider_words(found: Mapping[str, str] | None) -> str:
-    """``package 'revplug' 0.3.1`` for a recorded provider, "" for none."""
-    if not found or "package" not in found:
-        return ""
-    return f"package {found['package']!r}" + (f" {found['version']}" if found.get("version") else "")
+    def provider(self, kind: str, name: str) -> Mapping[str, str] | None:
+        """The package (and version) that provided plugin ``name`` when the model was saved, if recorded."""
+        return self.plugins.get(f"{kind}:{name}")
 
 
 def is_saved_model(directory: Path) -> bool:
@@ -171,7 +164,7 @@ def _check_patterns_registered(plugins: dict[str, dict[str, str]], directory: Pa
         raise LoadError(
             f"{directory} was converted with FFNs found by the pattern {name!r}, which no installed plugin "
             f"registers here (known: {', '.join(known) or 'none'}). "
-            + install_hint(provider_words(plugins[f"pattern:{name}"]))
+            + install_hint(plugins[f"pattern:{name}"])
         )
 
 

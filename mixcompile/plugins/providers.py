@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 from collections.abc import Mapping
 from types import ModuleType
+from typing import cast, get_args
 
 from mixcompile.errors import UnknownNameError
 from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP
@@ -29,6 +30,45 @@ def installed_providers(plugins: Mapping[str, tuple[PluginKind, str]]) -> dict[s
         if provider:
             providers[key] = provider
     return providers
+
+
+def changed_providers(recorded: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """How the plugins a saved model recorded (``{"router:sharp": {"package": ..., "version": ...}}``) are
+    provided here, in words, where that differs from when it was saved: another package, another version
+    of it, or a plugin registered in-process. Any of them may compute something else (a changed default, a
+    changed formula). Left out: mixcompile's own plugins (the manifest's format version covers them), the
+    initializers (a load reads the weights they made) and plugins not registered here (a load names them
+    as missing)."""
+    distributions = _Distributions()
+    changes = []
+    for key, then in sorted(recorded.items()):
+        kind, _, name = key.partition(":")
+        if kind not in get_args(PluginKind) or kind == "initializer" or then.get("package") == _MIXCOMPILE:
+            continue
+        try:
+            plugin = lookup(cast(PluginKind, kind), name).plugin
+        except UnknownNameError:
+            continue
+        now = distributions.provider(plugin)
+        if not now:
+            changes.append(f"{kind} {name!r} is registered in-process here, not by {provider_words(then)}")
+        elif now["package"] != then["package"]:
+            changes.append(f"{kind} {name!r} comes from {provider_words(now)}, not {provider_words(then)}")
+        elif now.get("version") != then.get("version"):
+            changes.append(
+                f"{kind} {name!r} comes from {provider_words(now)}, not {then.get('version', 'unversioned')}"
+            )
+    return changes
+
+
+def provider_words(found: Mapping[str, str] | None) -> str:
+    """``package 'revplug' 0.3.1`` for a recorded provider, "" for none."""
+    if not found or "package" not in found:
+        return ""
+    return f"package {found['package']!r}" + (f" {found['version']}" if found.get("version") else "")
+
+
+_MIXCOMPILE = "mixcompile"  # the distribution of mixcompile and its built-in plugins
 
 
 class _Distributions:

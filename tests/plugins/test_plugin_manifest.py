@@ -3,7 +3,9 @@ where one is missing names it and the package to install."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -122,13 +124,24 @@ def test_loading_without_the_pattern_names_it_and_its_package(scaled_plugin, tmp
     model = _saved_scaled_model(tmp_path / "m")
     base = _scaled_base()
     _without_plugins(scaled_plugin)
-    with pytest.raises(
-        mc.LoadError,
-        match=r"found by the pattern 'scaled_mlp', which no installed plugin registers here \(known: "
+    missing = (
+        r"found by the pattern 'scaled_mlp', which no installed plugin registers here \(known: "
         r"fused_gated_mlp, gated_mlp, mlp\)\. It was provided by package 'scaled-plugin' 1\.0 when the "
-        r"model was saved: install that",
+        r"model was saved"
+    )
+    with pytest.raises(
+        mc.LoadError,  # installing it would not help: it is installed, and left out
+        match=rf"{missing}; version 1\.0 of it is installed here but does not register it: "
+        r"MIXCOMPILE_PLUGINS='none' leaves its entry point out \(`mixcompile plugins` lists what is loaded\)",
     ):
         mc.load(tmp_path / "m", base=base)
+    site = sys.path[0]
+    scaled_plugin.setattr(sys, "path", sys.path[1:])  # uninstalled
+    importlib.invalidate_caches()
+    with pytest.raises(mc.LoadError, match=rf"{missing}: install that"):
+        mc.load(tmp_path / "m", base=base)
+    scaled_plugin.setattr(sys, "path", [site, *sys.path])
+    importlib.invalidate_caches()
     scaled_plugin.delenv("MIXCOMPILE_PLUGINS")
     manager.reset()
     x = torch.randn(2, 3, 16)
@@ -155,13 +168,62 @@ def test_a_missing_builder_is_named_with_its_package_when_the_patterns_are_there
         mc.load(tmp_path / "m")
     assert str(raised.value) == (
         "the base builder 'scaled' is not registered here (known: 'tiny_gpt'). It was provided by package "
-        "'scaled-plugin' 1.0 when the model was saved: install that (`mixcompile plugins` lists what is "
-        "loaded; MIXCOMPILE_PLUGINS may be leaving it out)."
+        "'scaled-plugin' 1.0 when the model was saved; version 1.0 of it is installed here but does not "
+        "register it: MIXCOMPILE_PLUGINS='none' leaves its entry point out (`mixcompile plugins` lists what "
+        "is loaded)."
     )
     loaded = mc.load(tmp_path / "m", base=plain)  # a base given by hand needs no builder
     mc.save(loaded, tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "mixcompile.json").read_text())
     assert saved["base"] == base  # what the first manifest said of the builder's package is not written
+
+
+def _reinstall(site_of: pytest.MonkeyPatch, name: str, version: str, module: str = PATTERN_MODULE) -> None:
+    """The plugin's distribution replaced by ``name`` ``version`` holding ``module``, in the fixture's
+    site folder (the first entry of sys.path)."""
+    site = Path(sys.path[0])
+    for info in site.glob("*.dist-info"):
+        shutil.rmtree(info)
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("[mixcompile]\nscaled = scaled_plugin\n")
+    (site / "scaled_plugin.py").write_text(textwrap.dedent(module))
+    sys.modules.pop("scaled_plugin", None)
+    importlib.invalidate_caches()
+    manager.reset()
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "said"),
+    [
+        ("scaled-plugin", "1.1", "comes from package 'scaled-plugin' 1.1, not 1.0"),
+        ("other-plugin", "2.0", "comes from package 'other-plugin' 2.0, not package 'scaled-plugin' 1.0"),
+    ],
+)
+def test_a_plugin_provided_otherwise_than_at_the_save_is_said_at_load(
+    scaled_plugin, tmp_path, name, version, said
+) -> None:
+    """The same names from another package, or another version of it, loaded without a word: what they
+    compute may differ (a changed default), and an error of the load did not say what had changed."""
+    model = _saved_scaled_model(tmp_path / "m")
+    _reinstall(scaled_plugin, name, version)
+    with pytest.warns(
+        UserWarning,
+        match=rf"since the model was saved, builder 'scaled' {said}; pattern "
+        rf"'scaled_mlp' {said}: the loaded model may compute something else",
+    ):
+        loaded = mc.load(tmp_path / "m")
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)  # here, nothing did
+    wider = PATTERN_MODULE.replace("Linear(d, h)", "Linear(d, 2 * h)").replace(
+        "Linear(h, d)", "Linear(2 * h, d)"
+    )
+    _reinstall(scaled_plugin, name, version, wider)
+    with pytest.raises(
+        mc.LoadError, match=rf"of another shape.* Since the model was saved, builder 'scaled' {said}"
+    ):
+        mc.load(tmp_path / "m")
 
 
 def _run_in_process() -> dict[str, Any]:
