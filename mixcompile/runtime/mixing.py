@@ -24,6 +24,14 @@ from mixcompile.runtime.routing import gate_layer
 MIN_TEMPERATURE = 1e-6
 
 
+def settable_temperature(mixer: object) -> bool:
+    """Whether ``mixer`` has a float ``temperature`` that can be set (not a read-only property: a mixer
+    that computes its own has nothing for :func:`~mixcompile.set_mot_temperature` or a load to set)."""
+    declared = getattr(type(mixer), "temperature", None)
+    writable = not isinstance(declared, property) or declared.fset is not None
+    return writable and isinstance(getattr(mixer, "temperature", None), float)
+
+
 @dataclass
 class MixPlan:
     """What a mixer returns for one MoT forward: per expert, how each group's members are merged into its

@@ -158,6 +158,12 @@ def set_mot_temperature(model: nn.Module, temperature: float) -> int:
     for path, block in blocks:  # check every mixer before changing any
         if not hasattr(block.mixer, "temperature"):
             raise ConfigError(f"the mixer at {path!r} ({block.mixer_name!r}) has no temperature.")
+        declared = getattr(type(block.mixer), "temperature", None)
+        if isinstance(declared, property) and declared.fset is None:
+            raise ConfigError(
+                f"the mixer at {path!r} ({block.mixer_name!r}) computes its temperature itself (a read-only "
+                "property): there is none to set."
+            )
         current = block.mixer.temperature
         if isinstance(current, torch.Tensor) and not current.is_floating_point():
             raise ConfigError(

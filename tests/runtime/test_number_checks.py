@@ -99,6 +99,26 @@ def test_saved_settings_take_the_temperature_the_mixer_had(bad) -> None:
         again.apply_settings({"temperature": bad})
 
 
+class _OwnTemperatureMixer(PlainMixer):
+    """Computes its temperature itself: a read-only property."""
+
+    @property
+    def temperature(self) -> float:
+        return 0.5
+
+
+def test_a_mixer_computing_its_own_temperature_saves_none_and_is_not_set() -> None:
+    """Its temperature was saved as a setting, and the load then failed with a bare AttributeError (no
+    setter); set_mot_temperature failed the same way."""
+    block = mc.MoTBlock(8, 16, 2, group_size=2)
+    block.mixer = _OwnTemperatureMixer()
+    assert "temperature" not in block.settings()
+    with pytest.raises(mc.ConfigError, match=r"mixer 'softmax' has no temperature to set"):
+        block.apply_settings({"temperature": 0.5})
+    with pytest.raises(mc.ConfigError, match=r"computes its temperature itself \(a read-only property\)"):
+        mc.set_mot_temperature(nn.Sequential(block), 0.1)
+
+
 def test_set_temperature_keeps_a_buffer_temperature_in_range() -> None:
     """A temperature kept in a tensor is filled in place, past any setter: the range is checked first."""
     block = _plain_block()

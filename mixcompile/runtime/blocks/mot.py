@@ -19,7 +19,7 @@ from mixcompile.plugins.build import build_plugin, call_plugin
 from mixcompile.runtime.blocks.base import Block, Describe, check_plugin_options
 from mixcompile.runtime.checks import check_mix_plan, check_output
 from mixcompile.runtime.experts import StackedExperts
-from mixcompile.runtime.mixing import Mixer
+from mixcompile.runtime.mixing import Mixer, settable_temperature
 from mixcompile.runtime.tokens import TokenContext
 from mixcompile.types import Activation, MoTMode, SmallBatchPolicy, TokenLayout
 
@@ -266,9 +266,8 @@ class MoTBlock(Block):
         """Mode, small-batch policy and the mixer's temperature: what transition tuning and inference
         set on a trained block, which a save must keep."""
         settings: dict[str, Any] = {"mode": self.mode, "small_batch": self.small_batch}
-        temperature = getattr(self.mixer, "temperature", None)
-        if isinstance(temperature, float):
-            settings["temperature"] = temperature
+        if settable_temperature(self.mixer):
+            settings["temperature"] = self.mixer.temperature
         return settings
 
     def apply_settings(self, settings: dict[str, Any]) -> None:
@@ -281,7 +280,7 @@ class MoTBlock(Block):
             self.small_batch = settings["small_batch"]
         if "temperature" in settings:
             temperature = settings["temperature"]
-            if not isinstance(getattr(self.mixer, "temperature", None), float):
+            if not settable_temperature(self.mixer):
                 raise ConfigError(f"mixer {self.mixer_name!r} has no temperature to set.")
             # what settings() wrote: any temperature the mixer took (a third party's may be below 1e-6)
             self.mixer.temperature = check_number("temperature", temperature, above=0)
