@@ -40,7 +40,7 @@ _FIELDS = {
     "plugins",
 }
 # MoT blocks' settings, and "token_choice" (top_k) where mixcompile.to_token_choice replaced a MoT block
-_BLOCK_SETTINGS = {"mode": str, "small_batch": str, "temperature": float, "token_choice": int}
+_BLOCK_SETTINGS = {"mode": str, "small_batch": str, "temperature": float, "token_choice": int, "kernel": str}
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
         gated=experts.gated,
         bias=experts.bias,
         hidden_dropout=experts.hidden_dropout,
-        kernel=mot.kernel,
+        kernel=mot.recipe_kernel,  # what a load's replay builds it with; the kernel set since follows
         site=mot.site,
         device=experts.w_in.device,
         dtype=experts.w_in.dtype,
@@ -133,6 +133,7 @@ def _token_choice_block(mot: MoTBlock, k: int) -> MoEBlock:
     moe.experts = experts
     moe.router.gate.weight = mot.mixer.controller.weight
     moe.from_mot = True
+    moe.kernel = mot.kernel
     return moe.train(mot.training)
 
 

@@ -47,6 +47,41 @@ def test_loaded_weights_lie_where_torch_would_allocate_them(tmp_path: Path) -> N
     assert_same_outputs(model, loaded, tokens())
 
 
+@pytest.mark.parametrize("strategy", ["moe", "mot"])
+def test_a_kernel_set_after_conversion_is_saved(tmp_path: Path, strategy: str) -> None:
+    """``block.kernel = ...`` was not saved: the loaded blocks ran the recipe's kernel again."""
+    options = {"group_size": 2} if strategy == "mot" else {"top_k": 1}
+    model = mc.convert(build_tiny_gpt(**TINY), strategy=strategy, num_experts=4, kernel="torch", **options)
+    mc.save(model, tmp_path / "as_converted")
+    saved = json.loads((tmp_path / "as_converted" / "mixcompile.json").read_text()).get("blocks", {})
+    assert all("kernel" not in settings for settings in saved.values())  # unchanged: not a setting
+    first, *_ = mc.sparse_blocks(model).values()
+    first.kernel = "auto"
+    mc.save(model, tmp_path / "m")
+    loaded = mc.load(tmp_path / "m")
+    assert [block.kernel for block in mc.sparse_blocks(loaded).values()] == [
+        "auto",
+        "torch",
+        "torch",
+        "torch",
+    ]
+    assert_same_outputs(model, loaded, tokens())
+
+
+def test_a_kernel_set_before_a_token_choice_switch_is_saved(tmp_path: Path) -> None:
+    model = mc.convert(build_tiny_gpt(**TINY), strategy="mot", num_experts=4, group_size=2, kernel="torch")
+    first, *_ = mc.sparse_blocks(model).values()
+    first.kernel = "auto"
+    mc.to_token_choice(model, top_k=2)
+    mc.save(model, tmp_path / "m")
+    loaded = mc.load(tmp_path / "m")
+    blocks = mc.sparse_blocks(loaded).values()
+    assert [(type(b).__name__, b.kernel) for b in blocks] == [("MoEBlock", "auto")] + [
+        ("MoEBlock", "torch")
+    ] * 3
+    assert_same_outputs(model, loaded, tokens())
+
+
 def test_a_model_converted_twice_round_trips(tmp_path: Path) -> None:
     moe = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=1, sites=[0, 1])
     hybrid = mc.convert(moe, strategy="mot", num_experts=4, group_size=2, init="random", sites="all")

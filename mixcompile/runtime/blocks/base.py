@@ -71,19 +71,30 @@ class Block(nn.Module):
         self.site = site  # where the block sits in its model (convert sets it): errors name it
         self._kernels: dict[tuple[str, torch.dtype, bool], _Choice] = {}
         self.kernel = kernel
+        self._recipe_kernel = kernel
         self._stats: dict[str, Any] = {}
         # Whether the converted model's current forward called the block yet; None outside such a forward
         # (set by mixcompile.runtime.calls.ForwardScope). Calls within one forward add up what they keep.
         self.called_in_forward: bool | None = None
 
     def settings(self) -> dict[str, Any]:
-        """The block's settings that can change after it is built (JSON-safe), for a save to keep."""
-        return {}
+        """The block's settings that can change after it is built (JSON-safe), for a save to keep: here its
+        kernel, where set since (a load builds the block with :attr:`recipe_kernel`, then sets it)."""
+        return {"kernel": self.kernel} if self.kernel != self.recipe_kernel else {}
 
     def apply_settings(self, settings: dict[str, Any]) -> None:
-        """Restore :meth:`settings` (as a load does); unknown names and bad values raise ``ConfigError``."""
-        if settings:
-            raise ConfigError(f"{type(self).__name__} has no settings {sorted(settings)}.")
+        """Restore :meth:`settings` (as a load does); unknown names and bad values raise ``ConfigError``.
+        Subclasses pass on the kernel."""
+        unknown = sorted(set(settings) - {"kernel"})
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} has no settings {unknown}.")
+        if "kernel" in settings:
+            self.kernel = settings["kernel"]
+
+    @property
+    def recipe_kernel(self) -> str:
+        """The kernel the block was built with, which a load's replay of its recipe builds it with."""
+        return getattr(self, "_recipe_kernel", self.kernel)  # a block pickled before it was kept
 
     @property
     def kernel(self) -> str:

@@ -180,14 +180,19 @@ class MoEBlock(Block):
 
     def settings(self) -> dict[str, Any]:
         """``{"token_choice": top_k}`` for a block :func:`mixcompile.to_token_choice` made, so that a load
-        replays the switch (``mixcompile.io.loading``); nothing otherwise."""
-        return {"token_choice": self.top_k} if self.from_mot else {}
+        replays the switch (``mixcompile.io.loading``), and a kernel set since the block was built."""
+        return {**super().settings(), **self._switch()}
 
     def apply_settings(self, settings: dict[str, Any]) -> None:
-        if settings != self.settings():
+        own = {key: value for key, value in settings.items() if key != "kernel"}
+        if own != self._switch():
             raise ConfigError(
-                f"MoEBlock settings {settings} do not match this block ({self.settings() or 'no settings'})."
+                f"MoEBlock settings {own} do not match this block ({self._switch() or 'no settings'})."
             )
+        super().apply_settings({key: value for key, value in settings.items() if key == "kernel"})
+
+    def _switch(self) -> dict[str, Any]:
+        return {"token_choice": self.top_k} if self.from_mot else {}
 
     def extra_repr(self) -> str:
         return f"router={self.router_name!r}, top_k={self.top_k}, kernel={self.kernel!r}"

@@ -264,16 +264,19 @@ class MoTBlock(Block):
 
     def settings(self) -> dict[str, Any]:
         """Mode, small-batch policy and the mixer's temperature: what transition tuning and inference
-        set on a trained block, which a save must keep."""
-        settings: dict[str, Any] = {"mode": self.mode, "small_batch": self.small_batch}
+        set on a trained block, which a save must keep (and a kernel set since it was built)."""
+        settings: dict[str, Any] = {**super().settings(), "mode": self.mode, "small_batch": self.small_batch}
         if settable_temperature(self.mixer):
             settings["temperature"] = self.mixer.temperature
         return settings
 
     def apply_settings(self, settings: dict[str, Any]) -> None:
-        unknown = sorted(set(settings) - {"mode", "small_batch", "temperature"})
+        unknown = sorted(set(settings) - {"kernel", "mode", "small_batch", "temperature"})
         if unknown:
-            raise ConfigError(f"MoTBlock has no settings {unknown}; it has mode, small_batch, temperature.")
+            raise ConfigError(
+                f"MoTBlock has no settings {unknown}; it has kernel, mode, small_batch, temperature."
+            )
+        super().apply_settings({key: value for key, value in settings.items() if key == "kernel"})
         if "mode" in settings:
             self.mode = settings["mode"]
         if "small_batch" in settings:
