@@ -444,6 +444,8 @@ def _describe_blocks(model: nn.Module) -> list[tuple[BlockReport, int]]:
             kernel=block.kernel_for(experts.w_in.device, experts.w_in.dtype),
             top_k=block.top_k if isinstance(block, MoEBlock) else None,
             group_size=block.group_size if isinstance(block, MoTBlock) else None,
+            router=block.router_name if isinstance(block, MoEBlock) else None,
+            mixer=block.mixer_name if isinstance(block, MoTBlock) else None,
         )
         described.append((report, existing_block_flops(block)))
     return described

@@ -58,6 +58,8 @@ class BlockReport:
     kernel: str
     top_k: int | None = None  # MoE
     group_size: int | None = None  # MoT
+    router: str | None = None  # MoE: the router plugin's name
+    mixer: str | None = None  # MoT: the mixer plugin's name
 
 
 @dataclass
@@ -127,7 +129,11 @@ class Report:
             lines += ["", "Sparse blocks already in the model:"]
             for b in self.sparse_blocks:
                 shape = f"{b.d_model}x{b.expert_hidden}" + ("g" if b.gated else "")
-                routing = f"top-{b.top_k}" if b.kind == "moe" else f"groups of {b.group_size}"
+                routing = (
+                    f"router {b.router}, top-{b.top_k}"
+                    if b.kind == "moe"
+                    else f"mixer {b.mixer}, groups of {b.group_size}"
+                )
                 lines.append(
                     f"  {b.path:<44} {b.kind:<4} {b.num_experts} experts {shape}, {routing}, {b.activation}, "
                     f"kernel {b.kernel}"
