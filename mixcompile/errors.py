@@ -160,12 +160,16 @@ def _internal_paths() -> tuple[str, ...]:
 
 
 def _package_path(module_name: str) -> tuple[str, ...]:
-    """The folder of ``module_name``'s top-level package (its file for a lone module; nothing for a script
-    run as ``__main__``, which is the user's)."""
+    """The folder of ``module_name``'s top-level package (its file for a lone module; each of its folders for
+    a namespace package, which has no ``__init__.py`` and so no file; nothing for a script run as
+    ``__main__``, which is the user's)."""
     top = module_name.split(".")[0]
-    file = getattr(sys.modules.get(top), "__file__", None)
-    if not file or top == "__main__":
+    module = sys.modules.get(top)
+    file = getattr(module, "__file__", None)
+    if top == "__main__":
         return ()
+    if not file:
+        return tuple(os.path.join(folder, "") for folder in getattr(module, "__path__", ()))
     return (os.path.dirname(file) + os.sep,) if os.path.basename(file) == "__init__.py" else (file,)
 
 

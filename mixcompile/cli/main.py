@@ -671,21 +671,37 @@ def _reserve_output(stack: contextlib.ExitStack, args: argparse.Namespace) -> Ou
 
 
 def _run_plugins(args: argparse.Namespace) -> int:
+    """Everything the loaded plugins register, and the package providing each (what to upgrade or
+    uninstall). A plugin that fails to load fails the command with the manager's one-line error, naming its
+    package and the MIXCOMPILE_PLUGINS value that leaves it out: a listing without it would look complete."""
     from mixcompile.plugins.manager import registry
+    from mixcompile.plugins.providers import installed_providers
 
-    entries = [
-        {"kind": r.kind, "name": r.name, "plugin": r.plugin, "description": r.description}
-        for r in registry().all()
-    ]
+    registrations = registry().all()
+    providers = installed_providers({f"{r.kind}:{r.name}": (r.kind, r.name) for r in registrations})
+    found = [providers.get(f"{r.kind}:{r.name}", {}) for r in registrations]  # {} for an in-process plugin
     if args.json:
+        entries = [
+            {
+                "kind": r.kind,
+                "name": r.name,
+                "plugin": r.plugin,
+                "package": provider.get("package"),
+                "version": provider.get("version"),
+                "description": r.description,
+            }
+            for r, provider in zip(registrations, found, strict=True)
+        ]
         print(json.dumps(entries, indent=2))
         return 0
-    widths = [max(len(e[key]) for e in entries) for key in ("kind", "name", "plugin")]
-    for e in entries:
-        kind, name, plugin = (
-            e[key].ljust(width) for key, width in zip(("kind", "name", "plugin"), widths, strict=True)
-        )
-        print(f"{kind}  {name}  {plugin}  {e['description']}")
+    rows = [("KIND", "NAME", "PLUGIN", "PACKAGE")] + [
+        (r.kind, r.name, r.plugin, f"{p['package']} {p.get('version', '')}".rstrip() if p else "-")
+        for r, p in zip(registrations, found, strict=True)
+    ]
+    descriptions = ["DESCRIPTION"] + [r.description for r in registrations]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row, description in zip(rows, descriptions, strict=True):
+        print("  ".join([cell.ljust(width) for cell, width in zip(row, widths, strict=True)] + [description]))
     return 0
 
 

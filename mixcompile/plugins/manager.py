@@ -10,12 +10,15 @@ registers something malformed is named in the error instead of hiding behind plu
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+import inspect
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import cast
 
 import pluggy
@@ -34,6 +37,7 @@ KINDS: dict[PluginKind, str] = {
     "builder": "register_builders",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_MARKER = f"{hookspecs.PROJECT}_impl"  # what @hookimpl sets on a function
 
 
 @dataclass(frozen=True)
@@ -81,20 +85,24 @@ class Registry:
             existing = self._entries[kind].get(name)
             if existing is not None:
                 raise PluginError(
-                    f"plugin {plugin!r} registered {kind} {name!r}, which plugin {existing.plugin!r} "
-                    f"already registered; rename one of them or disable a plugin with {ENV_VAR}."
+                    f"{_plugin_words(plugin)} registered {kind} {name!r}, which "
+                    f"{_plugin_words(existing.plugin)} already registered: rename one of them."
+                    f"{_way_out(plugin)}"
                 )
             self._entries[kind][name] = Registration(kind, name, factory, plugin, str(description))
 
+        _in_hook.running = (plugin, hook_name)
         try:
             impl.function(register=register)
         except PluginError:
             raise
         except Exception as exc:
             raise PluginError(
-                f"plugin {plugin!r} raised in hook {hook_name}: {type(exc).__name__}: {exception_text(exc)}. "
-                f"Fix the plugin, or leave it out with {ENV_VAR}."
+                f"{_plugin_words(plugin)} raised in hook {hook_name}: {type(exc).__name__}: "
+                f"{exception_text(exc)}.{_way_out(plugin)}"
             ) from exc
+        finally:
+            _in_hook.running = None
 
     def get(self, kind: PluginKind, name: str) -> Registration:
         try:
@@ -112,6 +120,18 @@ class Registry:
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
 _importing: str | None = None  # the entry point whose module is being imported, while entry points load
+# The selected entry points, by plugin name: errors name the package a user must fix, uninstall or leave out.
+_entry_points: dict[str, importlib.metadata.EntryPoint] = {}
+
+
+class _InHook(threading.local):
+    """The plugin and hook this thread is running while it builds a registry (per thread: another thread
+    looking the registry up meanwhile is not inside a hook)."""
+
+    running: tuple[str, str] | None = None
+
+
+_in_hook = _InHook()
 
 
 def exception_text(exc: BaseException) -> str:
@@ -142,6 +162,7 @@ def plugin_manager() -> pluggy.PluginManager:
 def registry() -> Registry:
     """Every router, mixer, kernel, initializer, pattern and builder the loaded plugins register."""
     global _registry
+    _refuse_inside_a_hook("looked the registry up (mixcompile.registry(), a look-up, a block built)")
     if _registry is None:
         _registry = Registry(plugin_manager())
     return _registry
@@ -152,6 +173,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     its name. Everything it registers is checked at once (names, factories, clashes with the plugins
     already there): a plugin that is refused leaves the registry as it was."""
     global _registry
+    _refuse_inside_a_hook("called mixcompile.register_plugin")
     pm = plugin_manager()
     registered = _checked_register(pm, plugin, name)
     try:
@@ -170,6 +192,7 @@ def unregister_plugin(name: str) -> None:
     if pm.get_plugin(name) is None:
         raise PluginError(f"no plugin named {name!r} is registered; known: {sorted(_plugin_names(pm))}.")
     pm.unregister(name=name)
+    _entry_points.pop(name, None)  # a plugin registered under its name later is another one
     _registry = None
 
 
@@ -184,6 +207,18 @@ def lookup(kind: PluginKind, name: str) -> Registration:
     return registry().get(kind, name)
 
 
+def _refuse_inside_a_hook(what: str) -> None:
+    """A hook runs while the registry is being built: looking the registry up from it would build it again,
+    from inside itself, without end (a bare RecursionError)."""
+    if _in_hook.running is not None:
+        plugin, hook_name = _in_hook.running
+        raise PluginError(
+            f"{_plugin_words(plugin)} {what} inside its hook {hook_name}: hooks run while the registry is "
+            "being built, so the other plugins are not there to find yet. Look them up when the registered "
+            "factory is called, not while registering it."
+        )
+
+
 def _plugin_names(pm: pluggy.PluginManager) -> list[str]:
     return [n for n, _ in pm.list_name_plugin()]
 
@@ -196,7 +231,7 @@ def _register_builtins(pm: pluggy.PluginManager) -> None:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    global _importing
+    global _importing, _entry_points
     selection = os.environ.get(ENV_VAR, "all").strip()
     found: dict[str, list[importlib.metadata.EntryPoint]] = {}
     for ep in importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
@@ -210,6 +245,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         for name in wanted:
             if name not in found:
                 raise UnknownNameError(f"entry point (in {ENV_VAR})", name, found)
+    _entry_points = {name: found[name][0] for name in wanted}
     for name in wanted:
         if len(found[name]) > 1:
             listing = " and ".join(_describe_entry_point(ep) for ep in found[name])
@@ -228,47 +264,89 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                 f"[project.entry-points.mixcompile] table), or leave it out with {ENV_VAR}."
             )
         _importing = _describe_entry_point(ep)
+        who = f"plugin {name!r} (entry point {ep.value!r} of {_package(ep)})"
         try:
             module: ModuleType | object = ep.load()
         except PluginError:
             raise
         except Exception as exc:
             raise PluginError(
-                f"plugin {name!r} (entry point {ep.value!r}) failed to import: {type(exc).__name__}: "
-                f"{exception_text(exc)}. Fix or uninstall it, or leave it out with {ENV_VAR}."
+                f"{who} failed to import: {type(exc).__name__}: {exception_text(exc)}.{_way_out(name)}"
             ) from exc
         finally:
             _importing = None
+        if isinstance(module, type) and _has_hook_methods(module):
+            raise PluginError(
+                f"{who} names class {module.__qualname__}, whose hooks are methods: they need an instance. "
+                f"Point the entry point at one: add 'PLUGIN = {module.__qualname__}()' to module "
+                f'{module.__module__} and declare {name} = "{module.__module__}:PLUGIN".{_way_out(name)}'
+            )
         classes = _classes_with_hooks(module)
         if classes:
             raise PluginError(
-                f"plugin {name!r} (entry point {ep.value!r}) implements no mixcompile hook itself: its hooks "
-                f"are methods of class {classes[0]}. Point the entry point at an instance: add "
-                f"'PLUGIN = {classes[0]}()' to the module and declare {name} = \"{ep.value}:PLUGIN\"."
+                f"{who} implements no mixcompile hook itself: its hooks are methods of class {classes[0]}. "
+                f"Point the entry point at an instance: add 'PLUGIN = {classes[0]}()' to the module and "
+                f'declare {name} = "{ep.value}:PLUGIN".{_way_out(name)}'
             )
         _checked_register(pm, module, name)
 
 
 def _describe_entry_point(ep: importlib.metadata.EntryPoint) -> str:
-    """``'name' = 'module:attr' (distribution dist 1.0)``, for errors."""
+    """``'name' = 'module:attr' (package 'dist' 1.0)``, for errors."""
+    return f"{ep.name!r} = {ep.value!r} ({_package(ep)})"
+
+
+def _package(ep: importlib.metadata.EntryPoint) -> str:
+    """``package 'dist' 1.0``: the installed distribution declaring ``ep``, which a user can uninstall."""
     dist = getattr(ep, "dist", None)
-    where = f"distribution {dist.name} {dist.version}" if dist is not None else "an unnamed distribution"
-    return f"{ep.name!r} = {ep.value!r} ({where})"
+    return f"package {dist.name!r} {dist.version}" if dist is not None else "an unnamed package"
+
+
+def _plugin_words(name: str) -> str:
+    """``plugin 'acme' (package 'acme-moe-tools' 0.1)``, the package where an entry point loaded it: the
+    entry point's name alone does not say what to fix or uninstall."""
+    ep = _entry_points.get(name)
+    return f"plugin {name!r}" + (f" ({_package(ep)})" if ep is not None else "")
+
+
+def _way_out(name: str) -> str:
+    """For a broken installed plugin, what its user can do until its author fixes it: uninstall its package,
+    or leave it out (``MIXCOMPILE_PLUGINS`` set to the other selected entry points). "" for a plugin
+    registered in-process, which its caller fixes."""
+    ep = _entry_points.get(name)
+    if ep is None:
+        return ""
+    others = ",".join(other for other in _entry_points if other != name) or "none"
+    return f" Until it is fixed, uninstall {_package(ep)}, or leave it out with {ENV_VAR}={others}."
+
+
+def _has_hook_methods(cls: type) -> bool:
+    """Whether ``cls`` defines hooks as (plain) methods, which only an instance of it can call."""
+    methods = (inspect.getattr_static(cls, hook, None) for hook in KINDS.values())
+    return any(isinstance(method, FunctionType) and hasattr(method, _MARKER) for method in methods)
 
 
 def _classes_with_hooks(module: object) -> list[str]:
     """The classes a module without module-level hooks defines with hook methods: an entry point naming
     the module (not an instance of one of them) registers nothing."""
-    marker = f"{hookspecs.PROJECT}_impl"  # what @hookimpl sets on a function
-    if not isinstance(module, ModuleType) or any(hasattr(value, marker) for value in vars(module).values()):
+    if not isinstance(module, ModuleType) or any(hasattr(value, _MARKER) for value in vars(module).values()):
         return []
     return [
         name
         for name, value in vars(module).items()
-        if isinstance(value, type)
-        and value.__module__ == module.__name__
-        and any(hasattr(getattr(value, hook, None), marker) for hook in KINDS.values())
+        if isinstance(value, type) and value.__module__ == module.__name__ and _has_hook_methods(value)
     ]
+
+
+def _misspelt_hook(plugin: object) -> str:
+    """`` Did you mean 'register_routers' (not 'register_router')?`` for a hook of ``plugin`` that no hook
+    spec has, where one is close; else ""."""
+    for attr in dir(plugin):
+        if attr not in KINDS.values() and hasattr(getattr(plugin, attr, None), _MARKER):
+            close = difflib.get_close_matches(attr, KINDS.values(), n=1)
+            if close:
+                return f" Did you mean {close[0]!r} (not {attr!r})?"
+    return ""
 
 
 def _checked_register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> str:
@@ -293,14 +371,14 @@ def _checked_register(pm: pluggy.PluginManager, plugin: object, name: str | None
         if pm.get_plugin(label) is plugin:
             pm.unregister(name=label)
         raise PluginError(
-            f"plugin {label!r} is malformed: {exc}. Hooks are: {hooks}, each taking one argument named "
-            "'register'."
+            f"{_plugin_words(label)} is malformed: {exception_text(exc)}.{_misspelt_hook(plugin)} Hooks are: "
+            f"{hooks}, each taking one argument named 'register'.{_way_out(label)}"
         ) from exc
     registered = registered or label
     if not pm.get_hookcallers(plugin):
         pm.unregister(name=registered)
         raise PluginError(
-            f"plugin {label!r} implements no mixcompile hook: it needs at least one of {hooks} (marked with "
-            "@mixcompile.hookimpl), each taking one argument named 'register'."
+            f"{_plugin_words(label)} implements no mixcompile hook: it needs at least one of {hooks} (marked "
+            f"with @mixcompile.hookimpl), each taking one argument named 'register'.{_way_out(label)}"
         )
     return registered

@@ -207,8 +207,8 @@ def test_two_distributions_with_one_entry_point_name_are_refused_naming_both(sit
         mc.registry()
     message = str(raised.value)
     assert "2 installed distributions declare a mixcompile entry point named 'routers'" in message, message
-    assert "'contract_ep_one' (distribution contract-one 1.0)" in message, message
-    assert "'contract_ep_two' (distribution contract-two 1.0)" in message, message
+    assert "'contract_ep_one' (package 'contract-one' 1.0)" in message, message
+    assert "'contract_ep_two' (package 'contract-two' 1.0)" in message, message
     assert "Uninstall one, or ask its author to rename the entry point" in message, message
     fresh_registry.setenv("MIXCOMPILE_PLUGINS", "none")  # left out: nothing to choose between
     mc.plugins.manager.reset()
@@ -228,8 +228,8 @@ def test_an_entry_point_named_like_a_registered_plugin_is_refused(site, fresh_re
     fresh_registry.setenv("MIXCOMPILE_PLUGINS", selection)
     with pytest.raises(
         mc.PluginError,
-        match=r"entry point 'mixcompile_plugins.routers' = 'contract_ep_shadow' \(distribution "
-        r"contract-shadow 1.0\) has the name of plugin 'mixcompile_plugins.routers', which is already "
+        match=r"entry point 'mixcompile_plugins.routers' = 'contract_ep_shadow' \(package "
+        r"'contract-shadow' 1.0\) has the name of plugin 'mixcompile_plugins.routers', which is already "
         r"registered.*rename",
     ):
         mc.registry()
@@ -250,8 +250,9 @@ def test_an_entry_point_naming_a_module_whose_hooks_are_methods_says_to_name_an_
     _distribution(site, "contract-cls", "my_plugin = contract_ep_cls", "contract_ep_cls", README_STYLE)
     with pytest.raises(
         mc.PluginError,
-        match=r"plugin 'my_plugin' \(entry point 'contract_ep_cls'\) implements no mixcompile hook itself: "
-        r"its hooks are methods of class MyPlugin\. .*'PLUGIN = MyPlugin\(\)'"
+        match=r"plugin 'my_plugin' \(entry point 'contract_ep_cls' of package 'contract-cls' 1.0\) "
+        r"implements no mixcompile hook itself: its hooks are methods of class MyPlugin\. "
+        r".*'PLUGIN = MyPlugin\(\)'"
         r".*my_plugin = \"contract_ep_cls:PLUGIN\"",
     ):
         mc.registry()

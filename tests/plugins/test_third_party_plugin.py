@@ -11,6 +11,7 @@ import torch
 
 import mixcompile as mc
 import mixcompile.plugins.manager as registry
+from mixcompile.cli.main import main
 
 PACKAGE = Path(__file__).resolve().parents[2] / "examples" / "third_party_plugin"
 
@@ -119,3 +120,12 @@ def test_the_manifest_names_the_plugins_package_not_its_factorys(tmp_path) -> No
     plugins = json.loads((tmp_path / "m" / "mixcompile.json").read_text())["plugins"]
     assert "router:topk_alias" not in plugins  # not 'mixcompile', whose TopKRouter it registered
     assert plugins["initializer:upcycle"]["package"] == "mixcompile"
+
+
+def test_its_readme_shows_what_mixcompile_plugins_prints(installed_plugin, capsys) -> None:
+    readme = (PACKAGE / "README.md").read_text()
+    shown = readme.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert main(["plugins"]) == 0
+    listed = [line.split() for line in shown if line != "..."]  # the first lines, as far as spacing goes
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert printed[: len(listed)] == listed
