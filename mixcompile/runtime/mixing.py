@@ -93,7 +93,8 @@ class ControllerMixer(nn.Module):
         x = x_g if order is None else x_g.permute(order)
         device = x_g.device.type
         # the meta device (shape inference) has no autocast to turn off: torch.autocast("meta") raises
-        autocast = torch.amp.is_autocast_available(device)
+        # (not asked with torch.amp.is_autocast_available, which torch 2.11's Dynamo cannot trace)
+        autocast = device != "meta"
         with torch.autocast(device, enabled=False) if autocast else nullcontext():
             scores = nn.functional.linear(x.to(dtype), weight.to(dtype), bias)
         if order is None:

@@ -305,9 +305,10 @@ def check_plugin_options(name: str, options: object) -> None:
 
 
 def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type``; False where it has no autocast (the meta device, whose
-    forwards infer shapes: ``torch.is_autocast_enabled("meta")`` raises)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether autocast is on for ``device_type``; False on the meta device, which has no autocast (its
+    forwards infer shapes: ``torch.is_autocast_enabled("meta")`` raises). Not asked with
+    ``torch.amp.is_autocast_available``: torch 2.11's Dynamo cannot trace it (fullgraph compiles failed)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def _to_host(value: Any) -> Any:
