@@ -118,9 +118,10 @@ def _unmix_kernel(
 
 
 def _tile_sizes(g: int, e: int, d: int, has_dw: bool, precision: str) -> tuple[int, int, int, int, int]:
-    """Padded G and E (``tl.dot`` needs 16+), the widest d tile (up to 128) and then the fewest warps that
-    keep the live tiles (weights ``[G, E]``, the group ``[G, d]``, the mixes ``[E, d]``; the weight gradient
-    and the other operand with ``has_dw``; twice as many for three-product fp32 dots) within
+    """Padded G and E (``tl.dot`` needs 16+), the widest d tile (16 to 128: it is the K of the weight
+    gradient's dot, so a smaller d is padded too, the masks zeroing the padding) and then the fewest warps
+    that keep the live tiles (weights ``[G, E]``, the group ``[G, d]``, the mixes ``[E, d]``; the weight
+    gradient and the other operand with ``has_dw``; twice as many for three-product fp32 dots) within
     ``MAX_LIVE_VALUES`` per thread, as far as 8 warps and a d tile of 16 allow (G=32 with E=256); and the
     pipeline's stages: two for three-product fp32 dots over 256 experts, whose split operands also take
     shared memory (at three, G=32 with the weight gradient needed 106,496 bytes, over sm_86/89's 101,376)."""
@@ -132,7 +133,7 @@ def _tile_sizes(g: int, e: int, d: int, has_dw: bool, precision: str) -> tuple[i
         return (1 + (precision == "tf32x3")) * values // (32 * warps)
 
     for warps in (4, 8):  # 16 warps cap a thread at 128 registers: they spilled where 8 did not
-        block_d = min(next_power_of_2(d), 128)
+        block_d = max(16, min(next_power_of_2(d), 128))
         while block_d > 16 and live(block_d, warps) > MAX_LIVE_VALUES:
             block_d //= 2
         if live(block_d, warps) <= MAX_LIVE_VALUES:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from mixcompile import ExpertTensors, MixPlan, RoutingPlan, StackedExperts
+from mixcompile import ConfigError, ExpertTensors, MixPlan, RoutingPlan, StackedExperts
 from mixcompile_plugins.triton.moe_kernels import moe_backward, moe_forward, route, unpack
 from mixcompile_plugins.triton.mot_kernels import mot_backward, mot_forward
 from mixcompile_plugins.triton.routing_kernels import topk_route, topk_route_backward
@@ -80,7 +80,12 @@ def _returned(grads: ExpertTensors, like: Tensor) -> tuple[Tensor, ...]:
 def _eager_function(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """An op's forward, ``setup_context`` and backward as an ``autograd.Function``'s ``apply``; a call that
     autograd will not record (no grad mode, or no input that requires grad: inference) runs the forward
-    alone, without the ``Function``'s bookkeeping (host time, which decode steps are made of)."""
+    alone, without the ``Function``'s bookkeeping (host time, which decode steps are made of).
+
+    The backward launches kernels that autograd does not see through, so a backward that builds a graph
+    (grad mode on inside it: ``create_graph=True``) is refused, naming the kernel that can, rather than giving
+    wrong second-order gradients or an unrelated error. Through the ops (compiled, or tensor subclasses)
+    torch refuses it itself: AOTAutograd has no double backward, and the backward ops no autograd formula."""
 
     class Eager(torch.autograd.Function):
         @staticmethod
@@ -92,6 +97,12 @@ def _eager_function(forward: Callable, setup_context: Callable, backward: Callab
 
         @staticmethod
         def backward(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise ConfigError(
+                    "the Triton kernels' backward is not differentiable, so second-order gradients "
+                    "(create_graph=True: gradient penalties, Hessian-vector products, MAML) cannot go "
+                    'through it; kernel="torch" supports them.'
+                )
             return backward(ctx, *grads)
 
     def call(*inputs):

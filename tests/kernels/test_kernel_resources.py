@@ -9,10 +9,10 @@ cached by Triton's cache key (a rerun compiles only what changed).
 
 The tests run the script in a subprocess (the kernels must be decorated for the GPU, not the interpreter):
 the default test compiles each kernel's heaviest variants (gated, bias, training, the activation with the
-most live values, the widest MoT tiles) in every config and dtype for sm_90, and in bf16 and fp32 for sm_80;
-the ``aot_full`` test (deselected by default:
-``python -m pytest -m aot_full tests/kernels/test_kernel_resources.py``) compiles every variant for sm_90
-and every MoT tile and router size for sm_90, sm_80 and sm_89.
+most live values, the widest MoT tiles and the narrowest, d < 16) in every config and dtype for sm_90, and in
+bf16 and fp32 for sm_80; a quick one only the narrowest MoT tiles, for sm_90; the ``aot_full`` test
+(deselected by default: ``python -m pytest -m aot_full tests/kernels/test_kernel_resources.py``) compiles
+every variant for sm_90 and every MoT tile and router size for sm_90, sm_80 and sm_89.
 """
 
 from __future__ import annotations
@@ -127,6 +127,16 @@ def test_heaviest_variants_fit_hopper_and_ampere(tmp_path, aot_cache):
             assert len(configs) > (dtype in ("bf16", "fp16")), (kernel, dtype, configs)
 
 
+def test_mot_kernels_compile_for_a_tiny_d_model(tmp_path, aot_cache):
+    """At d < 16 the MoT mixing kernels' weight-gradient dots (HAS_DW) still get a K of 16: a d tile of d
+    (down to 1) compiled in the interpreter but not for a GPU. Sixteen small compiles: a few seconds."""
+    rows = _sweep(tmp_path, aot_cache, "--archs", "90", "--dtypes", "bf16,fp32", "--scenarios", "d_model=")
+    _check(rows, [90])
+    with_dw = {(r["kernel"], r["dtype"]) for r in rows if "HAS_DW=1" in r["variant"]}
+    assert with_dw == {(k, d) for k in ("_mix_kernel", "_unmix_kernel") for d in ("bf16", "fp32")}
+    assert set(re.findall(r"BLOCK_D=(\d+)", " ".join(r["variant"] for r in rows))) == {"16"}
+
+
 @pytest.mark.aot_full
 def test_every_variant_fits(tmp_path, aot_cache):
     rows = _sweep(tmp_path, aot_cache, "--archs", "90,80,89", "--full")
@@ -231,6 +241,10 @@ def _scenarios(variants: bool, sweep: bool, dtypes: list[str]) -> list[tuple[str
             call = {"fn": "mot", "gated": False, "bias": False, "act": "gelu", "train": True,
                     "experts": experts, "group": group, "tiles_only": True}  # fmt: skip
             out.append((f"mot tiles G={group} E={experts}", dtype, call))
+        for d in (1, 3):  # d < 16: the d tile is still the weight gradient's K, which tl.dot needs 16+ of
+            call = {"fn": "mot", "gated": False, "bias": False, "act": "gelu", "train": True,
+                    "experts": 8, "group": 4, "d": d, "tiles_only": True}  # fmt: skip
+            out.append((f"mot tiles d_model={d}", dtype, call))
     routes = (
         [(e, k) for e in (2, 8, 64, 256, 4096) for k in (1, 2, 8) if k <= e]
         if sweep
@@ -261,7 +275,7 @@ def _run_scenario(call: dict, dtype) -> None:
                 sort_by_expert(pairs // k, pairs * 7 % e, torch.rand(tokens * k), tokens, e, per_token)
         return
     e = call["experts"]
-    d, h = (256, 128)
+    d, h = call.get("d", 256), 128
     experts = StackedExperts(
         e, d, h, activation=call["act"], gated=call["gated"], bias=call["bias"], dtype=dtype
     )
@@ -355,7 +369,7 @@ def _dtypes_for(arch: int, dtypes: list[str]) -> list[str]:
     return dtypes if arch == 90 else [d for d in dtypes if d in ("bf16", "fp32")]
 
 
-def _trace(archs: list[int], full: bool, dtypes: list[str]) -> dict[str, dict]:
+def _trace(archs: list[int], full: bool, dtypes: list[str], only: str | None = None) -> dict[str, dict]:
     import torch
     from triton import knobs
     from triton.runtime import driver
@@ -397,7 +411,9 @@ def _trace(archs: list[int], full: bool, dtypes: list[str]) -> dict[str, dict]:
     for arch in archs:
         recorder.arch = arch
         driver.set_active(_stand_in_driver(arch))
-        for _label, dtype, call in _scenarios(full and arch == 90, full, _dtypes_for(arch, dtypes)):
+        for label, dtype, call in _scenarios(full and arch == 90, full, _dtypes_for(arch, dtypes)):
+            if only and only not in label:
+                continue
             recorder.dtype, recorder.tiles_only = dtype, call.get("tiles_only", False)
             torch_dtype, precision = DTYPES[dtype]
             torch.set_float32_matmul_precision(precision)
@@ -458,13 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="90,80", help="compute capabilities, comma-separated")
     parser.add_argument("--full", action="store_true", help="every variant, not only the heaviest")
     parser.add_argument("--kernels", help="only these kernels (comma-separated names), while iterating")
+    parser.add_argument("--scenarios", help="only the launches whose scenario label contains this text")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"from {','.join(DTYPES)}")
     parser.add_argument("--json", required=True, help="where to write one row per compile")
     parser.add_argument("--cache", help="a JSON file of earlier results, keyed by Triton's cache key")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     _setup_triton()
-    requests = _trace([int(a) for a in args.archs.split(",")], args.full, args.dtypes.split(","))
+    archs = [int(a) for a in args.archs.split(",")]
+    requests = _trace(archs, args.full, args.dtypes.split(","), args.scenarios)
     if args.kernels:
         requests = {k: r for k, r in requests.items() if r["kernel"] in args.kernels.split(",")}
     cache = {}

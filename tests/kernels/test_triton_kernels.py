@@ -178,6 +178,34 @@ def test_moe_every_activation(act, gated, bias):
     check_moe(x, topk_plan(37, 4, 2, seed=len(act)), experts)
 
 
+class _TanhFloat64:
+    """A plain tanh MoE in float64 (the reference's activations have no tanh), as :func:`moe_run` calls a
+    kernel: its gradients reach the float32 inputs rounded once."""
+
+    @staticmethod
+    def moe(x, plan, experts):
+        tokens, chosen = plan.token_index, plan.expert_index
+        pre = torch.einsum("pd,phd->ph", x.double()[tokens], experts.w_in.double()[chosen])
+        out = torch.einsum("ph,pdh->pd", torch.tanh(pre), experts.w_out.double()[chosen])
+        out = out * plan.weight.double()[:, None]
+        return torch.zeros(x.shape, dtype=torch.float64, device=x.device).index_add(0, tokens, out)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-1, 1e-2, 1e-4, 1e-6])
+def test_tanh_keeps_its_relative_accuracy_for_small_pre_activations(scale):
+    """Triton's tanh is built from exp, whose ``(1 - e^{-2|x|}) / (1 + e^{-2|x|})`` cancels as x -> 0 (fp32
+    relative errors of 4e-4 at pre-activations of 1e-4, 3e-2 at 1e-6). Output and every gradient against
+    float64, at pre-activation scales from 1 (the exp form) to 1e-6 (the series; 0.1 takes both)."""
+    experts = make_experts(act="tanh")
+    x = torch.randn(37, 24, device=DEVICE) * scale
+    plan = topk_plan(37, 4, 2)
+    y, grads = moe_run(triton_kernel(), x, plan, experts)
+    y_ref, grads_ref = moe_run(_TanhFloat64(), x, plan, experts)
+    assert_close(y, y_ref, 1e-5, "output")
+    for name, g in grads_ref.items():
+        assert_close(grads[name], g, 1e-5, f"grad {name}")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_moe_plain_gated_bias(gated, bias):
@@ -327,9 +355,10 @@ def test_counting_sort_by_expert(experts, pairs, k):
     assert torch.equal(got.expert, expert_index[order])
     assert torch.equal(got.rows, token_index[order].int())
     assert torch.equal(got.weight, weight[order].float())
-    assert torch.equal(got.offsets, torch.searchsorted(expert_index[order], torch.arange(experts + 1)).int())
+    bounds = torch.arange(experts + 1, device=DEVICE)  # on the GPU too (searchsorted refused a CPU one)
+    assert torch.equal(got.offsets, torch.searchsorted(expert_index[order], bounds).int())
     if k:
-        assert torch.equal(got.order[got.by_token.long()], torch.arange(pairs))
+        assert torch.equal(got.order[got.by_token.long()], torch.arange(pairs, device=DEVICE))
         assert torch.equal(got.token_offsets, torch.arange(0, pairs + 1, k, dtype=torch.int32))
         return
     by_token = torch.argsort(got.rows, stable=True)
@@ -434,10 +463,11 @@ def mot_blocks(group, gated, bias, **kwargs):
 
 
 def check_block(block, fused, x, tol=TOL):
-    """A block against its fused copy: output and all gradients (a MoT controller's only where it has one)."""
+    """A block against its fused copy: output and all gradients (a MoT controller's only where it has one).
+    The reference block may be in float64 (``x`` goes to each block in its dtype)."""
     outs = []
     for b in (block, fused):
-        xi = x.clone().requires_grad_()
+        xi = x.to(next(b.parameters()).dtype, copy=True).requires_grad_()
         y = b(xi)
         (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape)).sum().backward()
         outs.append((y, xi.grad, {n: p.grad for n, p in b.named_parameters()}))
@@ -467,6 +497,20 @@ def test_mot_block_end_to_end(batch, group, gated, bias, emit):
     block, fused = mot_blocks(group, gated, bias, mixer_options={"emit": emit, "init_std": 0.5})
     grads = check_block(block, fused, torch.randn(batch, 6, 24, device=DEVICE))
     assert (grads["mixer.controller.weight"].abs().sum() > 0) == (min(batch, group) > 1)
+
+
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_mot_with_a_tiny_d_model_matches_float64(d):
+    """d below the mixing kernels' d tile, which is at least 16 wide (the K of their weight gradients' dots):
+    the masks zero the padding. Output and every gradient against the torch kernel in float64."""
+    torch.manual_seed(d)
+    fused = mc.MoTBlock(
+        d, 40, 3, group_size=4, gated=True, bias=True, kernel="triton", device=DEVICE,
+        mixer_options={"init_std": 0.5},
+    )  # fmt: skip
+    exact = copy.deepcopy(fused)
+    exact.kernel = "torch"
+    check_block(exact.double(), fused, torch.randn(7, 6, d, device=DEVICE), tol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 24), (0, 3, 24)])
@@ -567,6 +611,26 @@ def test_mot_sparse_mode_and_sequence_first():
     options = {"mode": "sparse", "layout": "seq_first", "mixer_options": {"init_std": 0.5}}
     block, fused = mot_blocks(4, True, True, **options)
     check_block(block, fused, torch.randn(5, 6, 24, device=DEVICE))
+
+
+@pytest.mark.parametrize("kind", ["moe", "mot"])
+def test_second_order_gradients_are_refused(kind):
+    """The kernels' backward is not differentiable: a backward that builds a graph (create_graph=True) raises
+    naming the torch kernel, instead of the wrong second-order gradients it gave. A plain backward and
+    checkpointing (which runs the forward again inside backward, not the backward in grad mode) still run."""
+    if kind == "moe":
+        torch.manual_seed(0)
+        block = mc.MoEBlock(24, 40, 4, top_k=2, gated=True, kernel="triton", device=DEVICE)
+    else:
+        block = mot_blocks(2, False, True, mixer_options={"init_std": 0.5})[1]
+    x = torch.randn(4, 5, 24, device=DEVICE, requires_grad=True)
+    with pytest.raises(mc.ConfigError, match='backward is not differentiable.*kernel="torch" supports them'):
+        torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    (dx,) = torch.autograd.grad(block(x).square().sum(), x)
+    for reentrant in (False, True):
+        x.grad = None
+        torch.utils.checkpoint.checkpoint(block, x, use_reentrant=reentrant).square().sum().backward()
+        assert_close(x.grad, dx, 1e-6, f"checkpointed, use_reentrant={reentrant}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
