@@ -359,11 +359,11 @@ def test_counting_sort_by_expert(experts, pairs, k):
     assert torch.equal(got.offsets, torch.searchsorted(expert_index[order], bounds).int())
     if k:
         assert torch.equal(got.order[got.by_token.long()], torch.arange(pairs, device=DEVICE))
-        assert torch.equal(got.token_offsets, torch.arange(0, pairs + 1, k, dtype=torch.int32))
+        assert torch.equal(got.token_offsets, torch.arange(0, pairs + 1, k, dtype=torch.int32, device=DEVICE))
         return
     by_token = torch.argsort(got.rows, stable=True)
     assert torch.equal(got.by_token, by_token.int())
-    starts = torch.searchsorted(got.rows[by_token], torch.arange(tokens + 1, dtype=torch.int32))
+    starts = torch.searchsorted(got.rows[by_token], torch.arange(tokens + 1, dtype=torch.int32, device=DEVICE))
     assert torch.equal(got.token_offsets, starts.int())
 
 
