@@ -1,9 +1,9 @@
 """Train a dense GPT, its MoE conversion and its MoT conversion on real text, compare them, then measure MoT
 inference with fewer sequences than a group and after transition tuning.
 
-    python examples/train_lm.py                        # CPU smoke run, about 65 CPU-seconds
+    python examples/train_lm.py                        # CPU smoke run, about 35 s at one thread
     python examples/train_lm.py --preset cpu-long      # CPU, about 17 CPU-minutes: an ordering shows
-    python examples/train_lm.py --preset gpu --out DIR # one H100 or H200, 7.5-9 min: the paper's setup
+    python examples/train_lm.py --preset gpu --out DIR # H200 7.4 min, H100 over 8.75: the paper's setup
     python examples/train_lm.py --set steps=20 --set d_model=32 ...   # override any Config field
 
 Writes under ``--out``: ``log.csv`` (validation loss at regular steps, every phase, with each phase's
@@ -50,7 +50,7 @@ deep-diver/neurips2024 ``posters/0zFVhMBZHJ``):
   the same experts (64 of 1024, top-2: same parameters, same expert FLOPs per token; the totals differ by
   the MoT mixing and the MoE router, see above). E = 2G keeps the transition a top-2 router (a top-1 router
   with renormalised weights gets no gradient).
-- Steps: a few thousand, not 250K, at batch 64 x 256 (the GPU call has 9 minutes for everything): the
+- Steps: about two thousand, not 250K, at batch 64 x 256 (the GPU call has 9 minutes for everything): the
   claim is tested at the start of training only. Every model sees the same windows of text in the same
   order (non-overlapping, shuffled once with a fixed seed). The stdlib's size varies: 30 MB here is about
   one pass of the GPU preset, the 10 MB of the GPU machine's Python 2.9 passes, so that run repeats text

@@ -107,7 +107,7 @@ def test_inspect_describes_the_blocks_a_model_already_has() -> None:
     moe_block = 2 * 32 * 4 + dense_ffn  # router + one expert of the same size
     assert report.ffn_flops_before == 2 * moe_block + 2 * dense_ffn
     assert "Sparse blocks already in the model" in str(report)
-    assert "blocks.0.mlp                                 moe  4 experts 32x64, router topk, top-1" in str(report)
+    assert "blocks.0.mlp" + " " * 33 + "moe  4 experts 32x64, router topk, top-1" in str(report)
     mot = mc.inspect(mc.convert(build_tiny_gpt(**TINY), strategy="mot", num_experts=4, group_size=2))
     assert {(b.kind, b.mixer, b.router) for b in mot.sparse_blocks} == {("mot", "softmax", None)}
     assert "mixer softmax, groups of 2" in str(mot)

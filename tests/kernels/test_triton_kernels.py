@@ -363,7 +363,8 @@ def test_counting_sort_by_expert(experts, pairs, k):
         return
     by_token = torch.argsort(got.rows, stable=True)
     assert torch.equal(got.by_token, by_token.int())
-    starts = torch.searchsorted(got.rows[by_token], torch.arange(tokens + 1, dtype=torch.int32, device=DEVICE))
+    bounds = torch.arange(tokens + 1, dtype=torch.int32, device=DEVICE)
+    starts = torch.searchsorted(got.rows[by_token], bounds)
     assert torch.equal(got.token_offsets, starts.int())
 
 
