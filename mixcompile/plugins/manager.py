@@ -241,7 +241,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     elif selection.lower() in ("none", ""):
         wanted = []
     else:
-        wanted = [part.strip() for part in selection.split(",") if part.strip()]
+        wanted = list(dict.fromkeys(part.strip() for part in selection.split(",") if part.strip()))
         for name in wanted:
             if name not in found:
                 raise UnknownNameError(f"entry point (in {ENV_VAR})", name, found)
@@ -300,6 +300,12 @@ def _package(ep: importlib.metadata.EntryPoint) -> str:
     """``package 'dist' 1.0``: the installed distribution declaring ``ep``, which a user can uninstall."""
     dist = getattr(ep, "dist", None)
     return f"package {dist.name!r} {dist.version}" if dist is not None else "an unnamed package"
+
+
+def entry_point_of(name: str) -> importlib.metadata.EntryPoint | None:
+    """The installed entry point that loaded plugin ``name``, if one did (not one left out by
+    ``MIXCOMPILE_PLUGINS``, nor a plugin registered in-process under its name)."""
+    return _entry_points.get(name)
 
 
 def _plugin_words(name: str) -> str:

@@ -10,8 +10,7 @@ from types import ModuleType
 from typing import cast, get_args
 
 from mixcompile.errors import UnknownNameError
-from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP
-from mixcompile.plugins.manager import lookup, plugin_manager
+from mixcompile.plugins.manager import entry_point_of, lookup, plugin_manager
 from mixcompile.types import PluginKind
 
 
@@ -76,17 +75,13 @@ class _Distributions:
     else the one holding its module (built-in, or registered in-process); the package a factory's class
     comes from may be another (a plugin may register a class it imports). Each listing is read once."""
 
-    def __init__(self) -> None:
-        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        self.by_entry_point = {ep.name: ep.dist for ep in entry_points if ep.dist is not None}
-
     @functools.cached_property
     def by_module(self) -> Mapping[str, list[str]]:
         return importlib.metadata.packages_distributions()
 
     def provider(self, plugin: str) -> dict[str, str]:
         """``{"package": ..., "version": ...}`` for the plugin registered as ``plugin``, or {}."""
-        dist = self.by_entry_point.get(plugin)
+        dist = getattr(entry_point_of(plugin), "dist", None)
         if dist is not None:
             return {"package": dist.name, "version": dist.version}
         held = plugin_manager().get_plugin(plugin)

@@ -14,6 +14,7 @@ import torch
 
 import mixcompile as mc
 from mixcompile.cli.main import main
+from mixcompile.plugins import manager
 from mixcompile.plugins.manager import plugin_manager
 
 GOOD = """
@@ -353,3 +354,34 @@ def test_a_warning_from_a_plugin_in_a_namespace_package_points_at_the_users_line
         for name in [m for m in sys.modules if m.startswith("diag_ns")]:
             del sys.modules[name]
     assert [w.filename for w in said] == [__file__]
+
+
+def test_an_entry_point_named_twice_in_the_selection_loads_once(site, fresh_registry) -> None:
+    """MIXCOMPILE_PLUGINS=acme,acme loaded it twice, and the second time blamed it for registering its own
+    names again ("already registered")."""
+    _install(site, GOOD)
+    fresh_registry.setenv("MIXCOMPILE_PLUGINS", "acme, acme")
+    manager.reset()
+    assert "sharp" in mc.registry().names("router")
+
+
+def test_a_plugin_left_out_by_the_selection_is_not_credited_to_its_package(site, fresh_registry) -> None:
+    """A plugin registered in-process under the name of an installed entry point that MIXCOMPILE_PLUGINS
+    left out was recorded (and listed) as that package's."""
+    from mixcompile.plugins.providers import installed_providers
+
+    _install(site, GOOD)
+    fresh_registry.setenv("MIXCOMPILE_PLUGINS", "none")
+    manager.reset()
+
+    class Mine:
+        @mc.hookimpl
+        def register_routers(self, register):
+            register("mine", mc.LearnedRouter)
+
+    mc.register_plugin(Mine(), name="acme")
+    try:
+        provided = installed_providers({"router:mine": ("router", "mine")})
+        assert provided.get("router:mine", {}).get("package") != "acme-moe-tools"
+    finally:
+        mc.unregister_plugin("acme")
