@@ -31,11 +31,11 @@ TINY = {"d_model": 16, "n_layer": 2, "n_head": 2, "d_ff": 32, "max_seq": 8}
 
 # SIGTERM once the staging directory's owner file is deleted: while the new output's staging is removed.
 TERM_DURING_CLEANUP = """
-import os, signal, sys
+import os, shutil, signal, sys
 real = os.unlink
 def unlink(path, *args, **kwargs):
     real(path, *args, **kwargs)
-    if str(path) == "owner.json":
+    if os.path.basename(path) == "owner.json":
         os.unlink = real
         os.kill(os.getpid(), signal.SIGTERM)
 os.unlink = unlink
