@@ -39,6 +39,7 @@ from torch import nn
 from mixcompile.errors import LoadError, MixcompileError, UnknownNameError, first_line
 from mixcompile.io.files import check_regular_file, confined_file
 from mixcompile.plugins.build import build_plugin
+from mixcompile.plugins.hookspecs import ENTRY_POINT_GROUP as GROUP
 from mixcompile.plugins.manager import ENV_VAR
 from mixcompile.plugins.providers import provider_words
 
@@ -178,7 +179,10 @@ def install_hint(recorded: Mapping[str, str] | None) -> str:
     except importlib.metadata.PackageNotFoundError:
         return f"{said}: install that ({listing}; {ENV_VAR} may be leaving it out)."
     chosen = os.environ.get(ENV_VAR, "").strip()
-    if chosen and chosen != "all":
+    selected = {name.strip() for name in chosen.split(",")}
+    declared = importlib.metadata.distribution(recorded["package"]).entry_points
+    entry_points = {ep.name for ep in declared if ep.group == GROUP}
+    if chosen and chosen.lower() != "all" and not entry_points & selected:
         why = f"{ENV_VAR}={chosen!r} leaves its entry point out"
     else:
         why = (

@@ -110,6 +110,9 @@ def _apply_block_settings(model: nn.Module, manifest: Manifest) -> None:
             raise LoadError(f"{manifest.directory}: the manifest sets block {path!r}, which the model lacks.")
         try:
             blocks[path].apply_settings(settings)
+        except UnknownNameError as exc:
+            hint = f" {install_hint(manifest.provider(exc.kind, exc.name))}" if exc.kind == "kernel" else ""
+            raise LoadError(f"{manifest.directory}: the settings of block {path!r}: {exc}{hint}") from None
         except MixcompileError as exc:
             raise LoadError(f"{manifest.directory}: the settings of block {path!r}: {exc}") from None
 

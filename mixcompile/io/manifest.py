@@ -243,22 +243,26 @@ def manifest_data(
     }
     if blocks:
         data["blocks"] = blocks
-    plugins = plugin_providers(recipes, base)
+    plugins = plugin_providers(recipes, base, blocks)
     if plugins:
         data["plugins"] = plugins
     return data
 
 
-def plugin_providers(recipes: list[Any], base: dict[str, Any] | None = None) -> dict[str, dict[str, str]]:
+def plugin_providers(
+    recipes: list[Any], base: dict[str, Any] | None = None, blocks: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, str]]:
     """The installed package (and its version) behind each plugin the recipes name, each pattern that
-    found their FFNs and the builder of ``base``, so that loading where one is missing can say what to
-    install (:mod:`mixcompile.plugins.providers`). A plugin no installed package provided (registered
-    in-process) is left out: an entry without a package would be refused by the mixcompile versions before
-    this one."""
-    return installed_providers(_plugins_used(recipes, base))
+    found their FFNs, the builder of ``base`` and each kernel set on a block since (``blocks``), so that
+    loading where one is missing can say what to install (:mod:`mixcompile.plugins.providers`). A plugin
+    no installed package provided (registered in-process) is left out: an entry without a package would be
+    refused by the mixcompile versions before this one."""
+    return installed_providers(_plugins_used(recipes, base, blocks or {}))
 
 
-def _plugins_used(recipes: list[Any], base: dict[str, Any] | None) -> dict[str, tuple[PluginKind, str]]:
+def _plugins_used(
+    recipes: list[Any], base: dict[str, Any] | None, blocks: dict[str, dict[str, Any]]
+) -> dict[str, tuple[PluginKind, str]]:
     """``{"router:topk": ("router", "topk"), ...}``: the plugins a saved model needs to be rebuilt."""
     named: list[tuple[PluginKind, str]] = []
     for recipe in recipes:
@@ -267,4 +271,5 @@ def _plugins_used(recipes: list[Any], base: dict[str, Any] | None) -> dict[str, 
         named += [("pattern", name) for name in matched_patterns(recipe)]
     if base is not None and base.get("kind") == "builder":
         named.append(("builder", base["name"]))
+    named += [("kernel", settings["kernel"]) for settings in blocks.values() if "kernel" in settings]
     return {f"{kind}:{name}": (kind, name) for kind, name in named if name != "auto"}

@@ -29,7 +29,7 @@ from mixcompile.io.bases import KINDS, base_spec_of, stored_spec
 from mixcompile.io.files import output_directory, path_argument
 from mixcompile.io.hf import write_generation_config, write_hf_files
 from mixcompile.io.manifest import MANIFEST, WEIGHTS, manifest_data, parse_manifest
-from mixcompile.io.weights import misfits
+from mixcompile.io.weights import misfits, stored_shapes
 from mixcompile.runtime.introspect import sparse_blocks, unwrapped
 
 
@@ -73,15 +73,20 @@ def _check_rebuilds(model: nn.Module, recipes: list[Any], base: dict[str, Any], 
         return
     data = manifest_data(recipes, stored_spec(base, directory), __version__, block_settings(model))
     try:
-        manifest = parse_manifest(json.loads(json.dumps(data)), directory, str(directory / MANIFEST), [])
+        written = json.loads(json.dumps(data))
+    except (TypeError, ValueError) as exc:  # the recipes are checked at convert: the base's kwargs
+        raise ConfigError(
+            f"base={base!r}: its kwargs must be JSON values (a manifest holds them): {exc}."
+        ) from None
+    try:
+        manifest = parse_manifest(written, directory, "its manifest", [])
         rebuilt = skeleton(manifest)
     except Exception as exc:  # a LoadError, or what the caller's builder raised on the meta device
         said = str(exc) if isinstance(exc, LoadError) else f"building it raised {type(exc).__name__}: {exc}"
         raise ConfigError(f"base={base!r} does not rebuild this model (a load would fail): {said}") from None
     if rebuilt is None:  # a model built in Python (external): the load is handed it
         return
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
-    wrong = misfits(rebuilt, shapes)
+    wrong = misfits(rebuilt, stored_shapes(model))
     if wrong:
         raise ConfigError(
             f"base={base!r} does not rebuild this model (a load would fail): the model it builds does not "

@@ -101,6 +101,13 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
         )
 
 
+def stored_shapes(model: nn.Module) -> Shapes:
+    """The tensor names and shapes a save of ``model`` writes: one name per group of tied tensors
+    (safetensors stores a shared tensor once), which is what a load checks the model it rebuilds against."""
+    state = model.state_dict(keep_vars=True)
+    return {names[0]: tuple(state[names[0]].shape) for names in _tied_groups(model)}
+
+
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in memory as torch allocates it (64-byte aligned). safetensors 0.8 hands tensors back at
     any address, and CPU BLAS takes another path, with another rounding, for some of those: a loaded

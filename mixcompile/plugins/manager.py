@@ -72,15 +72,18 @@ class Registry:
         def register(name: str, factory: Callable[..., object], *, description: str = "") -> None:
             if not isinstance(name, str) or not _NAME.match(name):
                 raise PluginError(
-                    f"plugin {plugin!r} registered a {kind} with an invalid name {name!r}: "
-                    "use letters, digits, '_', '-' or '.'."
+                    f"{_plugin_words(plugin)} registered a {kind} with an invalid name {name!r}: "
+                    f"use letters, digits, '_', '-' or '.'.{_way_out(plugin)}"
                 )
             if name == "auto":
-                raise PluginError(f"plugin {plugin!r} registered a {kind} named 'auto', which is reserved.")
+                raise PluginError(
+                    f"{_plugin_words(plugin)} registered a {kind} named 'auto', which is reserved."
+                    f"{_way_out(plugin)}"
+                )
             if not callable(factory):
                 raise PluginError(
-                    f"plugin {plugin!r} registered {kind} {name!r} with a non-callable factory "
-                    f"{factory!r}; pass a class or function."
+                    f"{_plugin_words(plugin)} registered {kind} {name!r} with a non-callable factory "
+                    f"{factory!r}; pass a class or function.{_way_out(plugin)}"
                 )
             existing = self._entries[kind].get(name)
             if existing is not None:

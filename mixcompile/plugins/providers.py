@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import re
 from collections.abc import Mapping
 from types import ModuleType
 from typing import cast, get_args
@@ -51,13 +52,18 @@ def changed_providers(recorded: Mapping[str, Mapping[str, str]]) -> list[str]:
         now = distributions.provider(plugin)
         if not now:
             changes.append(f"{kind} {name!r} is registered in-process here, not by {provider_words(then)}")
-        elif now["package"] != then["package"]:
+        elif _normalized(now["package"]) != _normalized(then["package"]):
             changes.append(f"{kind} {name!r} comes from {provider_words(now)}, not {provider_words(then)}")
         elif now.get("version") != then.get("version"):
             changes.append(
                 f"{kind} {name!r} comes from {provider_words(now)}, not {then.get('version', 'unversioned')}"
             )
     return changes
+
+
+def _normalized(package: str) -> str:
+    """A distribution's name as packaging compares it (``Extk_Pkg`` is ``extk-pkg``)."""
+    return re.sub(r"[-_.]+", "-", package).lower()
 
 
 def provider_words(found: Mapping[str, str] | None) -> str:

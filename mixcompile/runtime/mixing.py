@@ -24,12 +24,16 @@ from mixcompile.runtime.routing import gate_layer
 MIN_TEMPERATURE = 1e-6
 
 
-def settable_temperature(mixer: object) -> bool:
-    """Whether ``mixer`` has a float ``temperature`` that can be set (not a read-only property: a mixer
-    that computes its own has nothing for :func:`~mixcompile.set_mot_temperature` or a load to set)."""
+def read_only_temperature(mixer: object) -> bool:
+    """Whether ``mixer`` computes its temperature itself (a property without a setter): there is nothing
+    for :func:`~mixcompile.set_mot_temperature` or a load to set."""
     declared = getattr(type(mixer), "temperature", None)
-    writable = not isinstance(declared, property) or declared.fset is not None
-    return writable and isinstance(getattr(mixer, "temperature", None), float)
+    return isinstance(declared, property) and declared.fset is None
+
+
+def settable_temperature(mixer: object) -> bool:
+    """Whether ``mixer`` has a float ``temperature`` that can be set."""
+    return not read_only_temperature(mixer) and isinstance(getattr(mixer, "temperature", None), float)
 
 
 @dataclass

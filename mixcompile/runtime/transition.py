@@ -26,7 +26,7 @@ from torch import nn
 from mixcompile.errors import ConfigError, check_number, check_positive_int
 from mixcompile.runtime.blocks import MoEBlock, MoTBlock
 from mixcompile.runtime.calls import replace_in_forward_scopes
-from mixcompile.runtime.mixing import MIN_TEMPERATURE
+from mixcompile.runtime.mixing import MIN_TEMPERATURE, read_only_temperature
 from mixcompile.runtime.rewritten import carry_keyword_hooks
 
 
@@ -159,8 +159,7 @@ def set_mot_temperature(model: nn.Module, temperature: float) -> int:
     for path, block in blocks:  # check every mixer before changing any
         if not hasattr(block.mixer, "temperature"):
             raise ConfigError(f"the mixer at {path!r} ({block.mixer_name!r}) has no temperature.")
-        declared = getattr(type(block.mixer), "temperature", None)
-        if isinstance(declared, property) and declared.fset is None:
+        if read_only_temperature(block.mixer):
             raise ConfigError(
                 f"the mixer at {path!r} ({block.mixer_name!r}) computes its temperature itself (a read-only "
                 "property): there is none to set."

@@ -68,6 +68,15 @@ def test_a_kernel_set_after_conversion_is_saved(tmp_path: Path, strategy: str) -
     assert_same_outputs(model, loaded, tokens())
 
 
+def test_a_block_pickled_before_its_recipes_kernel_was_kept_saves_its_kernel() -> None:
+    """Its recipe's kernel is unknown: the kernel it runs is saved whatever it is (it was never saved)."""
+    model = mc.convert(build_tiny_gpt(**TINY), strategy="moe", num_experts=4, top_k=1, kernel="torch")
+    first, *_ = mc.sparse_blocks(model).values()
+    del first._recipe_kernel  # as unpickled from before it existed
+    first.kernel = "auto"
+    assert first.settings() == {"kernel": "auto"}
+
+
 def test_a_kernel_set_before_a_token_choice_switch_is_saved(tmp_path: Path) -> None:
     model = mc.convert(build_tiny_gpt(**TINY), strategy="mot", num_experts=4, group_size=2, kernel="torch")
     first, *_ = mc.sparse_blocks(model).values()
@@ -185,6 +194,34 @@ def test_a_base_spec_whose_builder_fails_on_meta_is_refused_naming_it(tmp_path: 
     base = {"kind": "import", "target": f"{__name__}:_meta_hostile_builder", "kwargs": {}}
     said = r"^base=.* does not rebuild this model .*building it raised RuntimeError"
     with pytest.raises(ConfigError, match=said):
+        mc.save(model, tmp_path / "m", base=base)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _TiedNet(nn.Module):
+    def __init__(self, tie: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        self.head = nn.Linear(8, 10, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.head(h + self.mlp(h))
+
+
+def _untied_net() -> nn.Module:
+    return _TiedNet(tie=False)
+
+
+def test_a_base_spec_that_unties_the_models_tied_weights_is_refused_by_save(tmp_path: Path) -> None:
+    """The file keeps one name of a tied tensor, so a load of a base that unties it misses the other; the
+    check in memory compared every name the model has and let it through."""
+    model = mc.convert(_TiedNet(tie=True), strategy="moe", num_experts=2, top_k=1)
+    base = {"kind": "import", "target": f"{__name__}:_untied_net", "kwargs": {}}
+    with pytest.raises(ConfigError, match=r"does not fit this model's weights: missing 1 tensors, first"):
         mc.save(model, tmp_path / "m", base=base)
     assert list(tmp_path.iterdir()) == []
 

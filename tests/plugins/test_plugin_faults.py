@@ -188,7 +188,8 @@ def test_kernel_faults_name_the_kernel_and_site(flaky) -> None:
 
 
 @pytest.mark.parametrize("init", ["upcycle", "random"])
-def test_a_conversion_whose_block_computes_nan_is_refused_naming_its_plugins(flaky, init) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_conversion_whose_block_computes_nan_is_refused_naming_its_plugins(flaky, init, dtype) -> None:
     """convert ran the block on its probe and, unless it should reproduce the dense FFN, never looked at the
     values: a model computing NaN everywhere was reported converted (and the command line wrote it)."""
     _Kernel.fault = "nan"
@@ -198,9 +199,26 @@ def test_a_conversion_whose_block_computes_nan_is_refused_naming_its_plugins(fla
             match=r"FFN site 0 at 'mlp': the block built for it returned NaN or inf at 48 of 48 values where "
             r"the dense FFN's are finite, .*\(router 'topk', kernel 'flaky', or the initializer\)",
         ):
-            _site_model(kernel="flaky", init=init)
+            mc.convert(_Net().to(dtype), strategy="moe", num_experts=4, top_k=2, kernel="flaky", init=init)
     finally:
         _Kernel.fault = ""
+
+
+def test_a_probe_holding_nan_is_not_blamed_on_the_plugins() -> None:
+    """A NaN in one position of the FFN's input (a fully masked row's attention output): the MoT block's
+    mixing spreads it to the row's group-mates, where the dense FFN keeps it to its row."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+
+        def forward(self, x):
+            x = x.clone()
+            x[-1, -1] = float("nan")
+            return x + self.mlp(x)
+
+    mc.convert(Net(), strategy="mot", num_experts=4, group_size=2, example_inputs=torch.randn(2, 3, 8))
 
 
 @pytest.mark.parametrize("training", [True, False])

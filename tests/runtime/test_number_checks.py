@@ -113,8 +113,9 @@ def test_a_mixer_computing_its_own_temperature_saves_none_and_is_not_set() -> No
     block = mc.MoTBlock(8, 16, 2, group_size=2)
     block.mixer = _OwnTemperatureMixer()
     assert "temperature" not in block.settings()
+    block.apply_settings({"temperature": 0.5})  # what be3301f saved of it: its own value, nothing to set
     with pytest.raises(mc.ConfigError, match=r"mixer 'softmax' has no temperature to set"):
-        block.apply_settings({"temperature": 0.5})
+        block.apply_settings({"temperature": 0.7})
     with pytest.raises(mc.ConfigError, match=r"computes its temperature itself \(a read-only property\)"):
         mc.set_mot_temperature(nn.Sequential(block), 0.1)
 

@@ -80,7 +80,8 @@ class Block(nn.Module):
     def settings(self) -> dict[str, Any]:
         """The block's settings that can change after it is built (JSON-safe), for a save to keep: here its
         kernel, where set since (a load builds the block with :attr:`recipe_kernel`, then sets it)."""
-        return {"kernel": self.kernel} if self.kernel != self.recipe_kernel else {}
+        # a block pickled before the recipe's kernel was kept saves its kernel whatever it is
+        return {"kernel": self.kernel} if self.kernel != getattr(self, "_recipe_kernel", None) else {}
 
     def apply_settings(self, settings: dict[str, Any]) -> None:
         """Restore :meth:`settings` (as a load does); unknown names and bad values raise ``ConfigError``.

@@ -284,6 +284,8 @@ class MoTBlock(Block):
         if "temperature" in settings:
             temperature = settings["temperature"]
             if not settable_temperature(self.mixer):
+                if getattr(self.mixer, "temperature", None) == temperature:  # read-only, saved as it was
+                    return
                 raise ConfigError(f"mixer {self.mixer_name!r} has no temperature to set.")
             # what settings() wrote: any temperature the mixer took (a third party's may be below 1e-6)
             self.mixer.temperature = check_number("temperature", temperature, above=0)
