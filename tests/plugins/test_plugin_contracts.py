@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from distributions import write_distribution
 
 import mixcompile as mc
 from mixcompile.runtime.checks import check_mix_plan
@@ -172,15 +173,6 @@ def test_a_crash_message_ending_in_a_full_stop_is_not_doubled() -> None:
 # -- 2, 3. entry-point names ------------------------------------------------------------------------------
 
 
-def _distribution(root, dist: str, entry: str, module: str, source: str) -> None:
-    """A real (unzipped) distribution under ``root``: metadata, a ``mixcompile`` entry point, its module."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[mixcompile]\n{entry}\n")
-
-
 def _router_module(router: str) -> str:
     return f"""
         import mixcompile as mc
@@ -201,8 +193,12 @@ def site(fresh_registry, tmp_path):
 
 
 def test_two_distributions_with_one_entry_point_name_are_refused_naming_both(site, fresh_registry) -> None:
-    _distribution(site, "contract-one", "routers = contract_ep_one", "contract_ep_one", _router_module("one"))
-    _distribution(site, "contract-two", "routers = contract_ep_two", "contract_ep_two", _router_module("two"))
+    write_distribution(
+        site, "contract-one", "routers = contract_ep_one", "contract_ep_one", _router_module("one")
+    )
+    write_distribution(
+        site, "contract-two", "routers = contract_ep_two", "contract_ep_two", _router_module("two")
+    )
     with pytest.raises(mc.PluginError) as raised:
         mc.registry()
     message = str(raised.value)
@@ -218,7 +214,7 @@ def test_two_distributions_with_one_entry_point_name_are_refused_naming_both(sit
 @pytest.mark.parametrize("selection", ["all", "mixcompile_plugins.routers"])
 def test_an_entry_point_named_like_a_registered_plugin_is_refused(site, fresh_registry, selection) -> None:
     """It was skipped without a word (its router never appeared), even when MIXCOMPILE_PLUGINS named it."""
-    _distribution(
+    write_distribution(
         site,
         "contract-shadow",
         "mixcompile_plugins.routers = contract_ep_shadow",
@@ -247,7 +243,7 @@ README_STYLE = textwrap.dedent("""
 
 
 def test_an_entry_point_naming_a_module_whose_hooks_are_methods_says_to_name_an_instance(site) -> None:
-    _distribution(site, "contract-cls", "my_plugin = contract_ep_cls", "contract_ep_cls", README_STYLE)
+    write_distribution(site, "contract-cls", "my_plugin = contract_ep_cls", "contract_ep_cls", README_STYLE)
     with pytest.raises(
         mc.PluginError,
         match=r"plugin 'my_plugin' \(entry point 'contract_ep_cls' of package 'contract-cls' 1.0\) "
@@ -259,7 +255,7 @@ def test_an_entry_point_naming_a_module_whose_hooks_are_methods_says_to_name_an_
 
 
 def test_an_entry_point_naming_an_instance_loads(site) -> None:
-    _distribution(
+    write_distribution(
         site,
         "contract-inst",
         "my_plugin = contract_ep_inst:PLUGIN",
@@ -273,7 +269,7 @@ def test_an_entry_point_module_registering_itself_at_import_is_told_why_it_fails
     """The README example verbatim as the entry point's module: register_plugin at import time re-entered
     the loading of entry points and failed with 'implements no hook' and a doubled full stop."""
     source = README_STYLE + '\nmc.register_plugin(MyPlugin(), name="my_plugin")\n'
-    _distribution(site, "contract-self", "my_plugin = contract_ep_self", "contract_ep_self", source)
+    write_distribution(site, "contract-self", "my_plugin = contract_ep_self", "contract_ep_self", source)
     with pytest.raises(mc.PluginError) as raised:
         mc.registry()
     message = str(raised.value)

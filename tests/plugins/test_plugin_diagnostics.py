@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+from distributions import write_distribution
 
 import mixcompile as mc
 from mixcompile.cli.main import main
@@ -39,12 +40,7 @@ def _install(
     site, source: str, *, entry: str = "acme", value: str = "diag_acme", dist: str = "acme-moe-tools"
 ):
     """A real (unzipped) distribution ``dist`` 1.0 declaring ``entry = value``, its module from ``source``."""
-    module = value.partition(":")[0]
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[mixcompile]\n{entry} = {value}\n")
+    write_distribution(site, dist, f"{entry} = {value}", value.partition(":")[0], source)
 
 
 BROKEN = {
@@ -94,6 +90,16 @@ BROKEN = {
             pass
         """,
         "implements no mixcompile hook",
+    ),
+    "registers an invalid name": (
+        """
+        import mixcompile as mc
+
+        @mc.hookimpl
+        def register_routers(register):
+            register("my router", mc.LearnedRouter)
+        """,
+        "registered a router with an invalid name 'my router': use letters, digits, '_', '-' or '.'.",
     ),
     "fails to import": (
         "raise RuntimeError('boom at import')\n",
@@ -385,3 +391,50 @@ def test_a_plugin_left_out_by_the_selection_is_not_credited_to_its_package(site,
         assert provided.get("router:mine", {}).get("package") != "acme-moe-tools"
     finally:
         mc.unregister_plugin("acme")
+
+
+KERNEL = """
+    import mixcompile as mc
+
+    class Loop(mc.Kernel):
+        def supports(self, kind, device, dtype):
+            return True
+
+        def moe(self, x, plan, experts):
+            return mc.registry().get("kernel", "torch").factory().moe(x, plan, experts)
+
+    @mc.hookimpl
+    def register_kernels(register):
+        register("loop", Loop)
+"""
+
+
+def test_a_kernel_set_on_a_block_is_recorded_with_its_package(site, fresh_registry, tmp_path) -> None:
+    """Saved as a block setting, the kernel was not among the manifest's plugins: a load without it said
+    "unknown kernel" with no package to install."""
+    _install(site, KERNEL)
+    model = mc.convert(mc.build_tiny_gpt(d_model=16, n_layer=1, n_head=2, d_ff=32, max_seq=8), num_experts=2)
+    first, *_ = mc.sparse_blocks(model).values()
+    first.kernel = "loop"
+    mc.save(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "mixcompile.json").read_text())
+    assert saved["plugins"]["kernel:loop"] == {"package": "acme-moe-tools", "version": "1.0"}
+    fresh_registry.setenv("MIXCOMPILE_PLUGINS", "none")
+    manager.reset()
+    with pytest.raises(
+        mc.LoadError,
+        match=r"unknown kernel 'loop'.* It was provided by package 'acme-moe-tools' 1\.0 when the model was "
+        r"saved; version 1\.0 of it is installed here but does not register it: MIXCOMPILE_PLUGINS='none'",
+    ):
+        mc.load(tmp_path / "m")
+
+
+def test_a_package_named_otherwise_in_its_record_is_the_same_package(site, fresh_registry) -> None:
+    """Distribution names compare as packaging compares them: 'Acme_Moe_Tools' is 'acme-moe-tools'."""
+    from mixcompile.plugins.providers import changed_providers
+
+    _install(site, GOOD)
+    assert changed_providers({"router:sharp": {"package": "Acme_Moe_Tools", "version": "1.0"}}) == []
+    assert changed_providers({"router:sharp": {"package": "Acme_Moe_Tools", "version": "0.9"}}) == [
+        "router 'sharp' comes from package 'acme-moe-tools' 1.0, not 0.9"
+    ]

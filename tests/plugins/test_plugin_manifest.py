@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from distributions import write_distribution
 from torch import nn
 
 import mixcompile as mc
@@ -75,11 +76,7 @@ def scaled_plugin(fresh_registry, tmp_path):
     is its module."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "scaled_plugin.py").write_text(textwrap.dedent(PATTERN_MODULE))
-    info = site / "scaled_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: scaled-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[mixcompile]\nscaled = scaled_plugin\n")
+    write_distribution(site, "scaled-plugin", "scaled = scaled_plugin", "scaled_plugin", PATTERN_MODULE)
     fresh_registry.syspath_prepend(str(site))
     yield fresh_registry
     sys.modules.pop("scaled_plugin", None)
@@ -184,11 +181,7 @@ def _reinstall(site_of: pytest.MonkeyPatch, name: str, version: str, module: str
     site = Path(sys.path[0])
     for info in site.glob("*.dist-info"):
         shutil.rmtree(info)
-    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text("[mixcompile]\nscaled = scaled_plugin\n")
-    (site / "scaled_plugin.py").write_text(textwrap.dedent(module))
+    write_distribution(site, name, "scaled = scaled_plugin", "scaled_plugin", module, version)
     sys.modules.pop("scaled_plugin", None)
     importlib.invalidate_caches()
     manager.reset()

@@ -3,6 +3,7 @@ import textwrap
 
 import pytest
 import torch
+from distributions import write_distribution
 
 import mixcompile as mc
 from mixcompile.plugins.manager import plugin_manager
@@ -54,12 +55,8 @@ def test_a_saved_model_whose_plugin_is_gone_says_to_install_it(fresh_registry, t
 
 def _install_distribution(tmp_path, monkeypatch, module_source, entry_name="cosine_test"):
     """A real (unzipped) distribution on sys.path: metadata plus a `mixcompile` entry point."""
-    pkg = tmp_path / "thirdparty_router.py"
-    pkg.write_text(textwrap.dedent(module_source))
-    info = tmp_path / "thirdparty_router-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-router\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[mixcompile]\n{entry_name} = thirdparty_router\n")
+    entry_points = f"{entry_name} = thirdparty_router"
+    write_distribution(tmp_path, "thirdparty-router", entry_points, "thirdparty_router", module_source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "thirdparty_router", raising=False)
 
