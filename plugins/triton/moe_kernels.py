@@ -90,6 +90,31 @@ def combine(src: torch.Tensor, pairs: ByExpert, num_tokens: int, *, weighted: bo
     return out
 
 
+@triton.jit
+def _scaled_rows_kernel(src_ptr, rows_ptr, scale_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
+    """out[p] = src[rows[p]] * scale[p], multiplied in fp32 and rounded once."""
+    p = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    r = tl.load(rows_ptr + p).to(tl.int64)
+    row = tl.load(src_ptr + r * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    row = row * tl.load(scale_ptr + p)
+    tl.store(out_ptr + p.to(tl.int64) * D + offs_d, row.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def scaled_rows(src: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``src[rows] * scale[:, None]`` in ``src``'s dtype, the product in fp32 rounded once: the gather and
+    the scaling in one pass. PyTorch's multiply of a bf16 tensor by fp32 weights takes its unvectorised
+    mixed-dtype path: 0.58 ms of the E64 top-8 training step on an H200 (16K tokens), after a gather."""
+    src = src.contiguous()
+    p, d = rows.numel(), src.shape[1]
+    out = src.new_empty(p, d)
+    if p and d:
+        block_d = min(next_power_of_2(d), 1024)
+        _scaled_rows_kernel[(p, cdiv(d, block_d))](src, rows, scale, out, d, BLOCK_D=block_d)
+    return out
+
+
 def moe_forward(
     x: torch.Tensor, pairs: ByExpert, experts: ExpertTensors, activation: str, save: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -135,8 +160,7 @@ def moe_backward(
     dweight[pairs.order] = dweight_sorted
     wdt, has_bias = w_in.dtype, b_out is not None
     # The weight gradients read rows in sorted order (so their loops pipeline): one gathered copy at a time.
-    dy_sorted = torch.index_select(dy, 0, groups.rows)
-    torch.mul(dy_sorted, pairs.weight[:, None], out=dy_sorted)  # in fp32, rounded once
+    dy_sorted = scaled_rows(dy, groups.rows, pairs.weight)
     dw_out, db_out = weight_grad(dy_sorted, hidden, groups, bias=has_bias, dtype=wdt)
     del dy_sorted, hidden  # [P, h]: not alive with the other weight gradients (Mixtral at 16K: 0.9 GiB)
     x_sorted = torch.index_select(x, 0, groups.rows)

@@ -368,6 +368,26 @@ def test_counting_sort_by_expert(experts, pairs, k):
     assert torch.equal(got.token_offsets, starts.int())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("pairs,d", [(0, 24), (7, 1), (37, 24), (300, 1030)])
+def test_scaled_rows_gather_and_scale_in_one_rounding(dtype, pairs, d):
+    """The backward's sorted output gradient: ``src[rows] * scale`` in fp32, rounded once to src's dtype
+    (rows repeat, as a token's pairs do; d spans a partial block and several)."""
+    from mixcompile_plugins.triton.moe_kernels import scaled_rows
+
+    g = torch.Generator().manual_seed(pairs * 31 + d)
+    src = torch.randn(23, d, generator=g).to(DEVICE, dtype)
+    rows = torch.randint(0, 23, (pairs,), generator=g).to(DEVICE, torch.int32)
+    scale = torch.rand(pairs, generator=g).to(DEVICE)
+    got = scaled_rows(src, rows, scale)
+    expected = (src.double()[rows.long()] * scale.double()[:, None]).to(dtype)
+    assert got.dtype == dtype and got.shape == (pairs, d)
+    if DEVICE == "cpu" and dtype == torch.bfloat16:  # Triton's interpreter rounds to bf16 toward zero
+        torch.testing.assert_close(got, expected, rtol=2**-7, atol=0)
+    else:  # one rounding of an exact fp32 product (fp16's and bf16's values times an fp32 one)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cells", ["counted", "argsort"])
 def test_a_token_routed_twice_to_one_expert_still_gets_every_pair(monkeypatch, cells):
     """A malformed plan (only the debug checks look for it) that routes a token to an expert twice: each
@@ -1098,7 +1118,14 @@ def test_routing_is_sorted_once_per_training_step(monkeypatch, pairs_per_token, 
     if not pairs_per_token:
         sort += ["_token_ranks_kernel", "_list_by_token_kernel"]
     assert forward[1] == [*sort, "_up_kernel", "_mm_kernel", "_combine_kernel"]
-    kernels = ["_up_backward_kernel", "_wgrad_kernel", "_wgrad_kernel", "_wgrad_kernel", "_mm_kernel"]
+    kernels = [
+        "_up_backward_kernel",
+        "_scaled_rows_kernel",
+        "_wgrad_kernel",
+        "_wgrad_kernel",
+        "_wgrad_kernel",
+    ]
+    kernels.append("_mm_kernel")
     assert sorted(backward[1]) == sorted([*kernels, "_combine_kernel"])
 
 
