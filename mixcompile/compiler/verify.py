@@ -175,7 +175,8 @@ def output_error(before: Any, after: Any) -> float | None:
         or any(a.shape != b.shape for a, b in zip(left, right, strict=True))
     ):
         return None
-    return max(float((a - b).abs().max()) for a, b in zip(left, right, strict=True))
+    gaps = [float((a - b).abs().max()) for a, b in zip(left, right, strict=True) if a.numel()]
+    return max(gaps) if gaps else None  # an empty batch: nothing to compare
 
 
 def disagreement(reference: Any, output: Any) -> str | None:

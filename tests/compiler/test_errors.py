@@ -253,3 +253,15 @@ def test_a_plugin_error_names_the_site_once() -> None:
 def test_a_generator_in_init_options_is_refused_in_words() -> None:
     with pytest.raises(ConfigError, match="init_options: 'generator' is mixcompile's to give.*seed="):
         convert(build("llama"), strategy="moe", init_options={"generator": torch.Generator()})
+
+
+@pytest.mark.parametrize("strategy", ["moe", "mot"])
+def test_an_empty_example_batch_converts_without_a_comparison(strategy) -> None:
+    """Comparing the model's output before and after on a batch of 0 sequences raised a bare RuntimeError
+    (a max over no values)."""
+    model, report = convert_with_report(
+        Residual(PlainMLP()), strategy=strategy, num_experts=4, example_inputs=torch.randn(0, 3, D_MODEL)
+    )
+    assert report.model_max_error is None and len(report.sites) == 1
+    x = torch.randn(4, 3, D_MODEL)
+    assert model(x).shape == x.shape
