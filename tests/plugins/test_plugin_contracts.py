@@ -5,7 +5,6 @@ an error naming the plugin, saying whose bug it is, with a hint."""
 from __future__ import annotations
 
 import re
-import sys
 import textwrap
 
 import pytest
@@ -182,14 +181,6 @@ def _router_module(router: str) -> str:
         def register_routers(register):
             register({router!r}, TopKRouter)
     """
-
-
-@pytest.fixture
-def site(fresh_registry, tmp_path):
-    fresh_registry.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for name in [m for m in sys.modules if m.startswith("contract_ep_")]:
-        del sys.modules[name]
 
 
 def test_two_distributions_with_one_entry_point_name_are_refused_naming_both(site, fresh_registry) -> None:

@@ -27,15 +27,6 @@ GOOD = """
 """
 
 
-@pytest.fixture
-def site(fresh_registry, tmp_path):
-    """A folder on sys.path to put distributions in (see :func:`_install`); their modules are forgotten."""
-    fresh_registry.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for name in [m for m in sys.modules if m.startswith("diag_")]:
-        del sys.modules[name]
-
-
 def _install(
     site, source: str, *, entry: str = "acme", value: str = "diag_acme", dist: str = "acme-moe-tools"
 ):
