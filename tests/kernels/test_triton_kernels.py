@@ -1105,6 +1105,8 @@ def test_routing_is_sorted_once_per_training_step(monkeypatch, pairs_per_token, 
     x, plan, experts, _ = moe_op_args(n=tokens)
     if not pairs_per_token:
         plan = dataclasses.replace(plan, pairs_per_token=None)
+    if DEVICE == "cuda":  # a first call at new sizes tunes there (each config launched, timed): not counted
+        ops.moe(x, plan, experts).sum().backward()
     count = _Launches(monkeypatch)
     out = []
     forward = count(lambda: out.append(ops.moe(x, plan, experts)))
